@@ -1,0 +1,78 @@
+"""Dense inference (spec step 5): reference match x dense CLIP, full-resolution label maps."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+
+def reference_similarity(features: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    """cos(f, ref_c) for every token and concept.
+
+    Args:
+        features: (B, D, h, w) dense features.
+        references: (C, D) reference embeddings.
+    Returns:
+        (B, C, h, w) cosine similarities.
+    """
+    return torch.einsum(
+        "bdhw,cd->bchw", F.normalize(features.float(), dim=1), F.normalize(references.float(), dim=1)
+    )
+
+
+def calibrate(similarity: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+    """Standardise similarities per concept: (cos - mean_c) / std_c.
+
+    Args:
+        similarity: (B, C, h, w).
+        stats: (C, 2) per-concept (mean, std) of cos(f, ref_c) over a calibration pool.
+    """
+    mean = stats[:, 0].view(1, -1, 1, 1).to(similarity)
+    std = stats[:, 1].clamp_min(1e-6).view(1, -1, 1, 1).to(similarity)
+    return (similarity - mean) / std
+
+
+def text_similarity(dense_clip: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """cos(denseCLIP(pixel), text_c): (B, E, h', w') x (C, E) -> (B, C, h', w')."""
+    return torch.einsum(
+        "behw,ce->bchw", F.normalize(dense_clip.float(), dim=1), F.normalize(text.float(), dim=1)
+    )
+
+
+def combine_scores(
+    ref_logits: torch.Tensor,
+    out_size: Tuple[int, int],
+    text_sim: Optional[torch.Tensor] = None,
+    text_temperature: float = 10.0,
+) -> torch.Tensor:
+    """s_c = up(sigmoid(ref_logits)) * up(sigmoid(T * text_sim)) (the second factor optional).
+
+    Args:
+        ref_logits: (B, C, h, w) reference similarity (raw cosine or calibrated).
+        out_size: (H, W) output resolution.
+        text_sim: (B, C, h', w') dense-CLIP text similarity or None.
+    Returns:
+        (B, C, H, W) scores in (0, 1).
+    """
+    s = F.interpolate(torch.sigmoid(ref_logits), size=out_size, mode="bilinear", align_corners=False)
+    if text_sim is not None:
+        t = torch.sigmoid(text_temperature * text_sim)
+        s = s * F.interpolate(t, size=out_size, mode="bilinear", align_corners=False)
+    return s
+
+
+def labels_from_scores(
+    scores: torch.Tensor, background_threshold: Optional[float] = None, background_index: int = 0
+) -> torch.Tensor:
+    """argmax over concepts; optionally pixels whose best score < threshold -> background.
+
+    Args:
+        scores: (B, C, H, W).
+    Returns:
+        (B, H, W) int64 concept indices (or ``background_index``).
+    """
+    best, labels = scores.max(dim=1)
+    if background_threshold is not None:
+        labels = torch.where(best < background_threshold, torch.full_like(labels, background_index), labels)
+    return labels
