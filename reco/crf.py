@@ -34,7 +34,7 @@ def dense_crf(image: np.ndarray, scores: torch.Tensor, config: CRFConfig = CRFCo
     crf.addPairwiseBilateral(
         sxy=config.bilateral_sxy,
         srgb=config.bilateral_srgb,
-        rgbim=np.ascontiguousarray(image),
+        rgbim=np.array(image, dtype=np.uint8, order="C", copy=True),
         compat=config.bilateral_compat,
     )
     q = np.array(crf.inference(config.iterations), dtype=np.float32).reshape(c, h, w)

@@ -328,11 +328,13 @@ def create_clip(
         logger.warning("CLIP %s: random init (no weights given)", name)
     try:
         model = open_clip.create_model(name, pretrained=pretrained, device=device, **model_kwargs)
-    except RuntimeError as exc:
-        msg = _short(exc)
-        if "Error(s) in loading state_dict" in msg or "size mismatch" in msg or "Missing key" in msg:
-            raise WeightsMismatchError(f"CLIP weights {label} do not fit open_clip {name}: {msg}") from exc
-        raise WeightsNotFoundError(f"could not load CLIP {name} weights {label}: {msg}") from exc
+    except (RuntimeError, AssertionError, KeyError, ValueError, OSError) as exc:
+        local_file = pretrained is not None and Path(pretrained).is_file()
+        if local_file or is_local_dir:
+            raise WeightsMismatchError(f"CLIP weights {label} do not fit open_clip {name}: {_short(exc)}") from exc
+        raise WeightsNotFoundError(
+            f"could not get CLIP {name} weights {label} ({_short(exc)}); without network access pass a local file"
+        ) from exc
     tokenizer = open_clip.get_tokenizer(name)
     clip = ClipModel(model.eval(), tokenizer, name, label).to(device)
     logger.info("CLIP %s loaded from %s", name, label)

@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny random-init encoders saved and loaded through the real loaders."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+TINY_VIT = dict(embed_dim=32, depth=2, num_heads=2, img_size=64)
+TINY_CLIP_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_dense_path(tmp_path_factory) -> Path:
+    from safetensors.torch import save_file
+
+    from reco.encoders import create_dense_encoder
+
+    torch.manual_seed(0)
+    enc = create_dense_encoder("dino_vits16", None, **TINY_VIT)
+    path = tmp_path_factory.mktemp("weights") / "tiny_dino.safetensors"
+    save_file({k: v.contiguous() for k, v in enc.model.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dense(tiny_dense_path):
+    from reco.encoders import create_dense_encoder
+
+    return create_dense_encoder("dino_vits16", tiny_dense_path, **TINY_VIT)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    import open_clip
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny_clip")
+    model = open_clip.create_model("ViT-B-32", pretrained=None, **TINY_CLIP_CFG)
+    (d / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP_CFG, "preprocess_cfg": {}}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "open_clip_model.safetensors"))
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tiny_clip_dir):
+    from reco.encoders import create_clip
+
+    return create_clip(f"local-dir:{tiny_clip_dir}")
+
+
+def make_image(seed: int, size=(48, 40)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8), "RGB")
+
+
+@pytest.fixture
+def images():
+    return [make_image(i) for i in range(4)]
