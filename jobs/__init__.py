@@ -1,0 +1,1 @@
+"""Thin ``main(argv)`` entry points behind the ``reco`` console script."""

