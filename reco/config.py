@@ -55,7 +55,7 @@ class BankConfig:
     # better estimate of "how well does this token match the *other* images".
     exclude_own_image: bool = False
     # Rows of the k*hw x k*hw affinity computed at once; memory is O(block_size * k * hw).
-    block_size: int = 1024
+    block_size: int = 256
     batch_size: int = 16
 
     def __post_init__(self) -> None:

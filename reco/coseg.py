@@ -45,7 +45,7 @@ def _flatten(features: torch.Tensor) -> torch.Tensor:
 def coseg_scores(
     features: torch.Tensor,
     weights: Optional[torch.Tensor] = None,
-    block_size: int = 1024,
+    block_size: int = 256,
     exclude_own_image: bool = False,
 ) -> torch.Tensor:
     """Blockwise co-segmentation scores.
@@ -108,7 +108,7 @@ def coseg_scores_dense(
 def cosegment(
     features: torch.Tensor,
     weights: Optional[torch.Tensor] = None,
-    block_size: int = 1024,
+    block_size: int = 256,
     exclude_own_image: bool = False,
 ) -> CosegResult:
     """Seeds and reference embedding of one concept's archive.
