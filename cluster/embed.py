@@ -1,80 +1,246 @@
-"""Ray Data CLIP image embedding (used for text->image retrieval of concept archives)."""
+"""Ray Data CLIP image embedding into an :class:`index.store.EmbeddingStore`.
+
+Pipeline: ``from_items(pending items)`` -> ``map_batches(decode_batch)`` (CPU tasks: fetch bytes,
+decode, centre-crop to CLIP's input size, count failures) -> ``map_batches(ClipEmbedUDF)``
+(an actor pool: the model is loaded once per actor; CUDA + bf16 autocast where the actor has a
+GPU). The driver streams results, groups them by shard and commits every complete shard
+atomically, so an interrupted job loses at most the shards in flight and a rerun redoes only
+those (exactly-once ids).
+"""
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from reco.errors import ImageDecodeError
-from reco.image import resize_center_crop
+from reco.image import decode_image, resize_center_crop
 
 from .config import ActorConfig
 from .models import EncoderSpec, autocast_for
 
 logger = logging.getLogger(__name__)
 
+# Fault-injection knob for tests and benchmarks: seconds to sleep per embedded batch.
+DELAY_ENV = "RECO_EMBED_DELAY_S"
+
+
+def decode_batch(batch: Mapping[str, np.ndarray], image_size: int,
+                 storage_options: Optional[Mapping[str, Any]] = None) -> Dict[str, np.ndarray]:
+    """Fetch + decode + centre-crop a batch. Bad inputs get status 'skipped' and a reason."""
+    from index.sources import ParquetRowReader, fetch_bytes
+
+    pq_reader = ParquetRowReader(storage_options)
+    n = len(batch["id"])
+    pixels = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
+    width = np.zeros(n, np.int32)
+    height = np.zeros(n, np.int32)
+    status = np.empty(n, dtype=object)
+    error = np.empty(n, dtype=object)
+    t0 = time.perf_counter()
+    for i, uri in enumerate(batch["uri"]):
+        uri = str(uri)
+        try:
+            img = decode_image(fetch_bytes(uri, storage_options, pq_reader), source=uri)
+            width[i], height[i] = img.size
+            pixels[i] = (resize_center_crop(img, image_size) * 255.0).round().byte().permute(1, 2, 0).numpy()
+            status[i], error[i] = "ok", ""
+        except ImageDecodeError as exc:
+            status[i], error[i] = "skipped", f"decode: {exc}"
+        except (OSError, ValueError) as exc:
+            status[i], error[i] = "skipped", f"io: {exc}"
+    out = {k: np.asarray(batch[k]) for k in ("id", "uri", "shard")}
+    out.update(pixels=pixels, width=width, height=height, status=status, error=error,
+               decode_s=np.full(n, (time.perf_counter() - t0) / max(n, 1)))
+    return out
+
 
 class ClipEmbedUDF:
-    """``map_batches`` callable class: rows {uri} -> {uri, embedding (E,) float32, status, error}."""
+    """Actor: (B, S, S, 3) uint8 crops -> (B, E) L2-normalised CLIP image embeddings."""
 
     def __init__(self, encoders: EncoderSpec, threads: Optional[int] = None):
         if not encoders.has_clip:
             raise ValueError("CLIP embedding needs encoders.clip_model")
-        torch.set_num_threads(threads or 1)
+        if threads:
+            torch.set_num_threads(threads)
         from reco.encoders import create_clip
 
         self.device = encoders.resolve_device()
         self.clip = create_clip(encoders.clip_model, encoders.clip_weights, device=self.device)
+        self.delay = float(os.environ.get(DELAY_ENV, "0") or 0)
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        from index.readers import read_image
-
-        uris = [str(u) for u in batch["uri"]]
-        tensors, ok, errors = [], [], []
-        for uri in uris:
-            try:
-                tensors.append(resize_center_crop(read_image(uri), self.clip.image_size))
-                ok.append(True)
-                errors.append("")
-            except (ImageDecodeError, OSError) as exc:
-                ok.append(False)
-                errors.append(f"{type(exc).__name__}: {exc}")
-        emb = np.zeros((len(uris), self.clip.embed_dim), dtype=np.float32)
-        if tensors:
-            x = self.clip.normalize(torch.stack(tensors).to(self.device))
-            with autocast_for(self.device):
-                e = self.clip.encode_image(x).float().cpu().numpy()
-            emb[np.array(ok)] = e
-        return {
-            "uri": np.array(uris, dtype=object),
-            "embedding": emb,
-            "status": np.array(["ok" if o else "skipped" for o in ok], dtype=object),
-            "error": np.array(errors, dtype=object),
-        }
+        ok = np.asarray(batch["status"]) == "ok"
+        n = len(ok)
+        emb = np.zeros((n, self.clip.embed_dim), dtype=np.float32)
+        t0 = time.perf_counter()
+        if ok.any():
+            x = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])).to(self.device, non_blocking=True)
+            x = self.clip.normalize(x.permute(0, 3, 1, 2).float().div_(255.0))
+            with torch.inference_mode(), autocast_for(self.device):
+                emb[ok] = self.clip.encode_image(x).float().cpu().numpy()
+        if self.delay:
+            time.sleep(self.delay)
+        out = {k: np.asarray(batch[k]) for k in ("id", "uri", "shard", "width", "height", "status", "error", "decode_s")}
+        out["embedding"] = emb
+        out["model_s"] = np.full(n, (time.perf_counter() - t0) / max(n, 1))
+        return out
 
 
-def embed_images(
-    uris: Sequence[str], encoders: EncoderSpec, actors: ActorConfig = ActorConfig()
-) -> Tuple[np.ndarray, List[str], Dict[str, str]]:
-    """Embed images with an actor pool; returns (embeddings (N, E), kept uris, skipped {uri: why})."""
+@dataclass
+class EmbedReport:
+    listed: int = 0
+    already_done: int = 0
+    embedded: int = 0
+    skipped: Dict[str, str] = field(default_factory=dict)
+    shards_committed: List[int] = field(default_factory=list)
+    seconds: float = 0.0
+    decode_seconds_per_image: float = 0.0
+    model_seconds_per_image: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return (self.embedded + len(self.skipped)) / self.seconds if self.seconds else 0.0
+
+    def as_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d["skipped_count"] = len(self.skipped)
+        d["images_per_second"] = self.images_per_second
+        return d
+
+
+def model_identity(encoders: EncoderSpec) -> Dict[str, Any]:
+    return {"clip_model": encoders.clip_model, "clip_weights": encoders.clip_weights}
+
+
+def run_embed(
+    items: Sequence[Any],
+    store,
+    encoders: EncoderSpec,
+    actors: ActorConfig = ActorConfig(),
+    shard_size: int = 10_000,
+    storage_options: Optional[Mapping[str, Any]] = None,
+    decode_cpus: float = 0.5,
+    image_size: Optional[int] = None,
+) -> EmbedReport:
+    """Embed every item not yet in ``store`` (Ray must be initialised)."""
     import ray.data
+    from tqdm import tqdm
 
-    ds = ray.data.from_items([{"uri": u} for u in uris]).map_batches(
-        ClipEmbedUDF,
-        fn_constructor_kwargs=dict(encoders=encoders, threads=actors.torch_threads),
-        batch_size=actors.batch_size,
-        batch_format="numpy",
+    if shard_size < 1:
+        raise ValueError("shard_size must be >= 1")
+    t_start = time.perf_counter()
+    report = EmbedReport(listed=len(items))
+    ids = [it.id for it in items]
+    if len(set(ids)) != len(ids):
+        raise ValueError("item ids must be unique")
+    model = model_identity(encoders)
+    if store.exists and store.manifest()["model"] != model:
+        raise ValueError(f"{store.root} holds embeddings of {store.manifest()['model']}, not {model}")
+    done = store.committed_ids() if store.exists else set()
+    pending = [it for it in items if it.id not in done]
+    report.already_done = len(items) - len(pending)
+    if not pending:
+        logger.info("nothing to embed: all %d items are already in %s", len(items), store.root)
+        report.seconds = time.perf_counter() - t_start
+        return report
+    clip_size, dim = clip_dims(encoders)
+    store.create_or_check(model, dim)
+    first = store.next_shard_index()
+    rows = [{"id": it.id, "uri": it.uri, "shard": first + i // shard_size} for i, it in enumerate(pending)]
+    expected: Dict[int, int] = {}
+    for r in rows:
+        expected[r["shard"]] = expected.get(r["shard"], 0) + 1
+    size = image_size or clip_size
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // max(actors.batch_size, 1), 512)))
+    ds = ds.map_batches(decode_batch, fn_kwargs=dict(image_size=size, storage_options=dict(storage_options or {})),
+                        batch_size=actors.batch_size, batch_format="numpy", num_cpus=decode_cpus)
+    ds = ds.map_batches(
+        ClipEmbedUDF, fn_constructor_kwargs=dict(encoders=encoders, threads=actors.torch_threads),
+        batch_size=actors.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors.num_actors),
-        num_cpus=actors.cpus_per_actor,
-        num_gpus=actors.gpus_per_actor or None,
+        num_cpus=actors.cpus_per_actor, num_gpus=actors.gpus_per_actor or None,
     )
-    rows = ds.take_all()
-    kept = [r for r in rows if r["status"] == "ok"]
-    skipped = {str(r["uri"]): str(r["error"]) for r in rows if r["status"] != "ok"}
-    if not kept:
+    buffers: Dict[int, Dict[str, list]] = {}
+    decode_s = model_s = 0.0
+    bar = tqdm(total=len(rows), desc="embed", unit="img")
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for i in range(len(batch["id"])):
+            s = int(batch["shard"][i])
+            b = buffers.setdefault(s, {"ok": [], "skipped": []})
+            if batch["status"][i] == "ok":
+                b["ok"].append((str(batch["id"][i]), str(batch["uri"][i]), batch["embedding"][i],
+                                int(batch["width"][i]), int(batch["height"][i])))
+            else:
+                b["skipped"].append((str(batch["id"][i]), str(batch["uri"][i]), str(batch["error"][i])))
+            decode_s += float(batch["decode_s"][i])
+            model_s += float(batch["model_s"][i])
+            if len(b["ok"]) + len(b["skipped"]) == expected[s]:
+                _commit(store, s, b, report)
+                del buffers[s]
+        bar.update(len(batch["id"]))
+    bar.close()
+    if buffers:  # pragma: no cover - would mean rows were lost by the pipeline
+        raise RuntimeError(f"incomplete shards after the pipeline finished: {sorted(buffers)}")
+    n = report.embedded + len(report.skipped)
+    report.decode_seconds_per_image = decode_s / max(n, 1)
+    report.model_seconds_per_image = model_s / max(n, 1)
+    report.seconds = time.perf_counter() - t_start
+    return report
+
+
+def _commit(store, shard: int, buf: Dict[str, list], report: EmbedReport) -> None:
+    ok = sorted(buf["ok"], key=lambda r: r[0])
+    emb = np.stack([r[2] for r in ok]) if ok else np.zeros((0, store.dim), np.float32)
+    store.commit_shard(
+        shard, [r[0] for r in ok], [r[1] for r in ok], emb,
+        [r[3] for r in ok], [r[4] for r in ok], buf["skipped"],
+    )
+    report.embedded += len(ok)
+    report.skipped.update({s[0]: s[2] for s in buf["skipped"]})
+    report.shards_committed.append(shard)
+    logger.debug("committed shard %d (%d embedded, %d skipped)", shard, len(ok), len(buf["skipped"]))
+
+
+def clip_dims(encoders: EncoderSpec) -> Tuple[int, int]:
+    """(input size, embedding dim) from the open_clip config, without building the model."""
+    import json
+    from pathlib import Path
+
+    name = encoders.clip_model or ""
+    if name.startswith("local-dir:"):
+        cfg = json.loads((Path(name[len("local-dir:"):]) / "open_clip_config.json").read_text())
+        cfg = cfg["model_cfg"]
+    else:
+        import open_clip
+
+        cfg = open_clip.get_model_config(name)
+        if cfg is None:
+            raise ValueError(f"unknown open_clip model {name!r}")
+    size = cfg["vision_cfg"].get("image_size", 224)
+    return int(size[0] if isinstance(size, (list, tuple)) else size), int(cfg["embed_dim"])
+
+
+def embed_images(uris: Sequence[str], encoders: EncoderSpec, actors: ActorConfig = ActorConfig(),
+                 store_dir: Optional[str] = None) -> Tuple[np.ndarray, List[str], Dict[str, str]]:
+    """Embed plain file paths into a (temporary) store; returns (embeddings, uris, skipped)."""
+    import tempfile
+
+    from index.sources import Item
+    from index.store import EmbeddingStore
+
+    root = store_dir or tempfile.mkdtemp(prefix="reco-embed-")
+    store = EmbeddingStore(root)
+    run_embed([Item(u, u) for u in uris], store, encoders, actors, shard_size=max(len(uris), 1))
+    emb, ids, stored_uris = store.load_all()
+    if not ids:
         raise ValueError(f"no image of {len(uris)} could be embedded")
-    order = sorted(range(len(kept)), key=lambda i: str(kept[i]["uri"]))
-    emb = np.stack([np.asarray(kept[i]["embedding"], dtype=np.float32) for i in order])
-    return emb, [str(kept[i]["uri"]) for i in order], skipped
+    return emb, stored_uris, store.skipped()
