@@ -227,20 +227,3 @@ def clip_dims(encoders: EncoderSpec) -> Tuple[int, int]:
             raise ValueError(f"unknown open_clip model {name!r}")
     size = cfg["vision_cfg"].get("image_size", 224)
     return int(size[0] if isinstance(size, (list, tuple)) else size), int(cfg["embed_dim"])
-
-
-def embed_images(uris: Sequence[str], encoders: EncoderSpec, actors: ActorConfig = ActorConfig(),
-                 store_dir: Optional[str] = None) -> Tuple[np.ndarray, List[str], Dict[str, str]]:
-    """Embed plain file paths into a (temporary) store; returns (embeddings, uris, skipped)."""
-    import tempfile
-
-    from index.sources import Item
-    from index.store import EmbeddingStore
-
-    root = store_dir or tempfile.mkdtemp(prefix="reco-embed-")
-    store = EmbeddingStore(root)
-    run_embed([Item(u, u) for u in uris], store, encoders, actors, shard_size=max(len(uris), 1))
-    emb, ids, stored_uris = store.load_all()
-    if not ids:
-        raise ValueError(f"no image of {len(uris)} could be embedded")
-    return emb, stored_uris, store.skipped()

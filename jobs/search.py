@@ -1,0 +1,74 @@
+"""``reco search "a photo of a fire extinguisher" -k 20 --index DIR``: text -> image top-k."""
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+logger = logging.getLogger(__name__)
+_PROMPT_PREFIX = re.compile(r"^(a|an|the)?\s*(photo|picture|image) of (a |an |the )?", re.IGNORECASE)
+
+
+def concept_name(query: str) -> str:
+    """The concept inside a prompt-like query ("a photo of a fire extinguisher" -> "fire extinguisher")."""
+    return _PROMPT_PREFIX.sub("", query.strip()).rstrip(".").strip() or query.strip()
+
+
+def contact_sheet(paths_scores, out: Path, thumb: int = 160, cols: int = 5, storage_options=None) -> Path:
+    from PIL import Image, ImageDraw
+
+    from index.sources import fetch_bytes
+    from reco.image import decode_image
+
+    rows = (len(paths_scores) + cols - 1) // cols
+    sheet = Image.new("RGB", (cols * thumb, rows * (thumb + 16)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (uri, score) in enumerate(paths_scores):
+        x, y = (i % cols) * thumb, (i // cols) * (thumb + 16)
+        try:
+            im = decode_image(fetch_bytes(uri, storage_options), uri)
+            im.thumbnail((thumb, thumb))
+            sheet.paste(im, (x + (thumb - im.width) // 2, y + (thumb - im.height) // 2))
+        except Exception as exc:  # a missing image must not lose the rest of the sheet
+            draw.text((x + 4, y + 4), f"unreadable: {type(exc).__name__}", fill="red")
+        draw.text((x + 4, y + thumb + 2), f"#{i + 1} {score:.3f}", fill="black")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out)
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="reco search", description=__doc__)
+    p.add_argument("query")
+    p.add_argument("-k", type=int, default=20)
+    p.add_argument("--index", required=True, help="index directory from `reco build-index`")
+    p.add_argument("--exact", action="store_true", help="exact search over the store instead of FAISS")
+    p.add_argument("--raw", action="store_true", help="embed the query text as is (default: 85-template ensemble)")
+    p.add_argument("--clip-model", help="override the CLIP recorded in the store")
+    p.add_argument("--clip-weights")
+    p.add_argument("--contact-sheet", help="write a PNG grid of the hits here")
+    args = p.parse_args(argv)
+
+    from index.catalog import open_retriever
+    from reco.encoders import create_clip
+    from reco.text import text_embeddings
+
+    retriever, uris, meta = open_retriever(args.index, exact=args.exact)
+    model = meta.get("model", {})
+    clip = create_clip(args.clip_model or model.get("clip_model"), args.clip_weights or model.get("clip_weights"))
+    if args.raw:
+        q = clip.encode_text([args.query]).numpy()
+    else:
+        q = text_embeddings(clip.encode_text, [concept_name(args.query)]).numpy()
+    hit = retriever.search(q, args.k)[0]
+    out = sys.stdout
+    out.write(f"# {args.query!r}: top {len(hit.ids)} of {len(retriever)} ({'exact' if args.exact else meta['report']['factory']})\n")
+    for rank, (i, s) in enumerate(zip(hit.ids, hit.scores), 1):
+        out.write(f"{rank:>3}  {float(s):.4f}  {i}  {uris[i]}\n")
+    if args.contact_sheet:
+        path = contact_sheet([(uris[i], float(s)) for i, s in zip(hit.ids, hit.scores)], Path(args.contact_sheet))
+        logger.info("contact sheet: %s", path)
+    return 0

@@ -1,0 +1,164 @@
+"""Ray Data embedding into the store: folder, Parquet and S3 inputs, bad files, resume, CLI."""
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cluster.config import ActorConfig
+from cluster.embed import run_embed
+from conftest import REPO, make_image, write_corrupt_files
+from index.sources import list_folder, list_parquet, list_source
+from index.store import EmbeddingStore
+from jobs.cli import main
+
+pytestmark = pytest.mark.slow
+ACTORS = ActorConfig(num_actors=1, cpus_per_actor=0.5, batch_size=4)
+
+
+def _folder(root, n, start=0, size=(40, 30)):
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(start, start + n):
+        sub = root / ("sub" if i % 2 else "")
+        sub.mkdir(exist_ok=True)
+        make_image(i, size).save(sub / f"img_{i:03d}.jpg")
+    return root
+
+
+def test_folder_with_bad_files_counts_every_skip(ray_local, tiny_clip_spec, tmp_path):
+    src = _folder(tmp_path / "src", 9)
+    bad = write_corrupt_files(src / "bad")
+    from PIL import Image
+
+    Image.new("CMYK", (30, 20)).save(src / "cmyk.jpg")
+    Image.new("L", (3, 2)).save(src / "tiny_grey.png")
+    items = list_folder(str(src))
+    store = EmbeddingStore(tmp_path / "store")
+    rep = run_embed(items, store, tiny_clip_spec, ACTORS, shard_size=4)
+    assert rep.embedded == 11 and set(rep.skipped) == {f"bad/{b.name}" for b in bad}
+    assert all(r.startswith("decode:") for r in rep.skipped.values())
+    emb, ids, _ = store.load_all()
+    assert emb.shape == (11, 32) and len(set(ids)) == 11
+    assert store.committed_ids() == {i.id for i in items}  # every input is accounted for
+    assert rep.shards_committed == [0, 1, 2, 3]
+    # a rerun has nothing to do; an incremental add embeds only the new files
+    assert run_embed(items, store, tiny_clip_spec, ACTORS, shard_size=4).embedded == 0
+    _folder(src, 3, start=100)
+    rep2 = run_embed(list_folder(str(src)), store, tiny_clip_spec, ACTORS, shard_size=4)
+    assert rep2.embedded == 3 and rep2.already_done == len(items) and rep2.shards_committed == [4]
+    assert len(store) == 14 and len(set(store.load_all()[1])) == 14
+
+
+def test_parquet_source_with_embedded_bytes(ray_local, tiny_clip_spec, tmp_path):
+    blobs = []
+    for i in range(6):
+        b = io.BytesIO()
+        make_image(i).save(b, format="JPEG")
+        blobs.append(b.getvalue())
+    blobs[4] = b"corrupt"
+    pq.write_table(pa.table({"id": [f"row{i}" for i in range(6)], "jpg": blobs}), tmp_path / "c.parquet",
+                   row_group_size=4)
+    store = EmbeddingStore(tmp_path / "store")
+    rep = run_embed(list_source(str(tmp_path / "c.parquet")), store, tiny_clip_spec, ACTORS, shard_size=10)
+    assert rep.embedded == 5 and list(rep.skipped) == ["row4"]
+    assert sorted(store.load_all()[1]) == ["row0", "row1", "row2", "row3", "row5"]
+
+
+def test_s3_source_through_a_local_endpoint(ray_local, tiny_clip_spec, s3_server, tmp_path):
+    import s3fs
+
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_server["endpoint_url"], aws_access_key_id="testing",
+                 aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket="corpus-bucket")
+    fs = s3fs.S3FileSystem(**s3_server)
+    for i in range(5):
+        b = io.BytesIO()
+        make_image(i).save(b, format="PNG")
+        fs.pipe(f"corpus-bucket/imgs/{i}.png", b.getvalue())
+    fs.pipe("corpus-bucket/imgs/broken.png", b"\x89PNG broken")
+    items = list_folder("s3://corpus-bucket/imgs", s3_server)
+    assert [i.id for i in items] == ["0.png", "1.png", "2.png", "3.png", "4.png", "broken.png"]
+    store = EmbeddingStore(tmp_path / "store")
+    rep = run_embed(items, store, tiny_clip_spec, ACTORS, shard_size=3, storage_options=s3_server)
+    assert rep.embedded == 5 and list(rep.skipped) == ["broken.png"]
+    with pytest.raises(FileNotFoundError):
+        list_folder("s3://corpus-bucket/nothing", s3_server)
+    with pytest.raises(OSError, match="cannot list"):
+        list_folder("s3://no-such-bucket-xyz/imgs", dict(s3_server, key="wrong", secret="wrong",
+                                                          endpoint_url="http://127.0.0.1:9"))
+
+
+def test_cli_embed_build_index_search(ray_local, tiny_clip_dir, tmp_path, capsys):
+    src = _folder(tmp_path / "src", 12)
+    store, index = tmp_path / "store", tmp_path / "index"
+    clip = f"local-dir:{tiny_clip_dir}"
+    assert main(["embed", str(src), "--store", str(store), "--clip-model", clip, "--shard-size", "5"]) == 0
+    report = json.loads((store / "embed_report.json").read_text())
+    assert report["embedded"] == 12 and report["shards_committed"] == [0, 1, 2]
+    assert main(["build-index", "--store", str(store), "--index", str(index)]) == 0
+    meta = json.loads((index / "index.json").read_text())
+    assert meta["report"]["factory"] == "Flat" and meta["report"]["recall_at_10"] == 1.0
+    capsys.readouterr()
+    sheet = tmp_path / "sheet.png"
+    assert main(["search", "a photo of a fire extinguisher", "-k", "5", "--index", str(index),
+                 "--contact-sheet", str(sheet)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 6 and "top 5 of 12" in lines[0]
+    faiss_hits = [ln.split()[2] for ln in lines[1:]]
+    assert main(["search", "a photo of a fire extinguisher", "-k", "5", "--index", str(index), "--exact"]) == 0
+    exact_hits = [ln.split()[2] for ln in capsys.readouterr().out.strip().splitlines()[1:]]
+    assert faiss_hits == exact_hits
+    from PIL import Image
+
+    assert Image.open(sheet).size == (800, 176)
+
+
+def test_killed_job_resumes_with_exactly_once_ids(tiny_clip_dir, tmp_path):
+    """SIGKILL the embedding job part-way (a separate process with its own Ray), rerun it, and
+    check every id is stored exactly once."""
+    src = _folder(tmp_path / "src", 40)
+    store = tmp_path / "store"
+    cfg = tmp_path / "ray.yaml"
+    cfg.write_text("ray:\n  num_cpus: 2\n  object_store_memory_mb: 256\n"
+                   "embed:\n  num_actors: 1\n  cpus_per_actor: 0.5\n  batch_size: 2\n")
+    cmd = [sys.executable, "-m", "jobs.cli", "embed", str(src), "--store", str(store), "--clip-model",
+           f"local-dir:{tiny_clip_dir}", "--shard-size", "4", "--ray-config", str(cfg)]
+    env = dict(os.environ, RECO_EMBED_DELAY_S="0.3", PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    manifest = store / "manifest.json"
+    deadline = time.time() + 180
+    committed = 0
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if manifest.is_file():
+                try:
+                    committed = len(json.loads(manifest.read_text())["shards"])
+                except (json.JSONDecodeError, KeyError):
+                    committed = 0
+                if committed >= 2:
+                    break
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    partial = EmbeddingStore(store)
+    assert 2 <= len(partial.shards) < 10, "the job must have been killed part-way"
+    done_before = partial.committed_ids()
+    env.pop("RECO_EMBED_DELAY_S")
+    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    final = EmbeddingStore(store)
+    emb, ids, _ = final.load_all()
+    assert sorted(ids) == sorted(i.id for i in list_folder(str(src)))
+    assert len(ids) == len(set(ids)) == 40 and emb.shape == (40, 32)
+    assert done_before <= set(ids)
+    assert [s.index for s in final.shards] == list(range(len(final.shards)))
