@@ -22,7 +22,7 @@ from reco.errors import ImageDecodeError
 from reco.image import decode_image, resize_center_crop
 
 from .config import ActorConfig
-from .models import EncoderSpec, autocast_for
+from .models import EncoderSpec
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ class ClipEmbedUDF:
 
         self.device = encoders.resolve_device()
         self.clip = create_clip(encoders.clip_model, encoders.clip_weights, device=self.device)
+        self.clip.set_precision(encoders.clip_precision)
         self.delay = float(os.environ.get(DELAY_ENV, "0") or 0)
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
@@ -82,7 +83,7 @@ class ClipEmbedUDF:
         if ok.any():
             x = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])).to(self.device, non_blocking=True)
             x = self.clip.normalize(x.permute(0, 3, 1, 2).float().div_(255.0))
-            with torch.inference_mode(), autocast_for(self.device):
+            with torch.inference_mode():
                 emb[ok] = self.clip.encode_image(x).float().cpu().numpy()
         if self.delay:
             time.sleep(self.delay)

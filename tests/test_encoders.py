@@ -80,3 +80,19 @@ def test_clip_weight_errors(tmp_path, tiny_clip_dir):
         create_clip("NoSuchModel-42")
     with pytest.raises(WeightsNotFoundError, match="open_clip_config.json"):
         create_clip(f"local-dir:{tmp_path}")
+
+
+def test_bf16_precision_keeps_embeddings(tiny_clip_dir):
+    from reco.encoders import create_clip
+
+    clip = create_clip(f"local-dir:{tiny_clip_dir}")
+    x = clip.normalize(torch.rand(3, 3, 32, 32))
+    ref = clip.encode_image(x)
+    clip.set_precision("bf16")
+    assert clip.dtype == torch.bfloat16
+    out = clip.encode_image(x)
+    assert out.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(ref, out).min() > 0.99
+    assert clip.set_precision("fp32").dtype == torch.float32
+    with pytest.raises(ConfigError):
+        clip.set_precision("fp8")
