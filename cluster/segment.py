@@ -14,7 +14,7 @@ from reco.config import SegmenterConfig
 from reco.errors import ImageDecodeError
 from reco.metrics import ConfusionMatrix
 from reco.segmenter import Segmenter
-from reco.visualize import colorize, overlay, side_by_side
+from reco.visualize import overlay, side_by_side
 
 from .config import ActorConfig
 from .models import EncoderSpec, autocast_for

@@ -2,13 +2,11 @@
 as a :class:`Retriever` (FAISS, or exact search over the same store for checking)."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
-import numpy as np
 
 from .faiss_index import FaissRetriever, IndexReport, build_index, load_index, save_index
 from .retriever import ExactRetriever, Retriever

@@ -132,7 +132,6 @@ class EmbeddingStore:
         (id, uri, reason) of inputs that could not be decoded.
         """
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         m = self.manifest()
         if any(s["index"] == index for s in m["shards"]):

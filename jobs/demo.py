@@ -233,7 +233,7 @@ def _retrieve(archive_dir, targets, encoders, bank_cfg, cluster_cfg, out: Path, 
 
     if index_dir is None:
         store = EmbeddingStore(out / "store")
-        rep = run_embed(list_folder(str(archive_dir)), store, encoders, cluster_cfg.embed, shard_size=10_000)
+        run_embed(list_folder(str(archive_dir)), store, encoders, cluster_cfg.embed, shard_size=10_000)
         skipped = store.skipped()
         index_dir = str(out / "store" / "index")
         build_index_dir(store, index_dir)

@@ -33,7 +33,7 @@ from .segmenter import SegmentationOutput, Segmenter
 __version__ = "0.1.0"
 
 __all__ = [
-    "BankConfig", "CRFConfig", "ClipModel", "ClipUnavailableError", "ConceptBank", "ConceptBuilder",
+    "BankConfig", "CRFConfig", "SegmenterConfig", "ClipModel", "ClipUnavailableError", "ConceptBank", "ConceptBuilder",
     "ConceptReference", "ConfigError", "ConfusionMatrix", "CosegResult", "DENSE_ENCODERS", "DenseEncoder",
     "EmptyArchiveError", "ImageDecodeError", "ReCoError", "SegMetrics", "SegmentationOutput", "Segmenter",
     "UnknownConceptError", "WeightsError", "WeightsMismatchError", "WeightsNotFoundError", "coseg_scores",

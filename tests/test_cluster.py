@@ -1,6 +1,4 @@
 """Ray glue: distributed bank building and Ray Data segmentation with tiny models."""
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,9 +7,9 @@ import torch
 from cluster.bank import BankWorker, build_bank_distributed
 from cluster.config import ActorConfig, load_cluster_config
 from cluster.models import EncoderSpec
-from cluster.segment import SegmentUDF, run_segmentation
+from cluster.segment import run_segmentation
 from conftest import REPO, TINY_VIT, make_image, write_corrupt_files
-from reco import BankConfig, ConceptBank, SegmenterConfig
+from reco import BankConfig, SegmenterConfig
 from reco.errors import ConfigError
 
 

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -15,7 +14,7 @@ import pytest
 from cluster.config import ActorConfig
 from cluster.embed import run_embed
 from conftest import REPO, make_image, write_corrupt_files
-from index.sources import list_folder, list_parquet, list_source
+from index.sources import list_folder, list_source
 from index.store import EmbeddingStore
 from jobs.cli import main
 

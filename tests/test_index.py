@@ -1,13 +1,12 @@
 """index/: sources, embedding store, FAISS vs exact retrieval."""
 import io
-import json
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import make_image, write_corrupt_files
+from conftest import make_image
 from index.faiss_index import FaissRetriever, build_index, choose_factory, load_index, recall_at, save_index
 from index.retriever import ExactRetriever
 from index.sources import ParquetRowReader, fetch_bytes, list_folder, list_parquet, list_source
