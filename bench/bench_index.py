@@ -48,11 +48,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--dim", type=int, default=512)
-    ap.add_argument("--factories", default=",IVF4096,Flat;OPQ64,IVF4096,PQ64;Flat")
+    ap.add_argument("--factories", default="auto;OPQ64,IVF4096,PQ64;Flat",
+                    help="';'-separated FAISS factory strings; 'auto' = choose_factory's choice")
     args = ap.parse_args()
     rows = []
     for f in args.factories.split(";"):
-        f = f.strip(",")
+        f = "" if f.strip() == "auto" else f.strip()
         try:
             rows.append(run_isolated(CODE.format(n=args.n, dim=args.dim, factory=f)))
         except Exception as exc:  # report a failed build, do not hide it

@@ -116,7 +116,7 @@ def test_store_ignores_files_not_in_the_manifest(tmp_path):
 
 def test_choose_factory_by_size_and_budget():
     assert choose_factory(50_000, 512) == "Flat"
-    assert choose_factory(1_000_000, 512) == "HNSW32,Flat"
+    assert choose_factory(1_000_000, 512) == "IVF4096,Flat"
     assert choose_factory(1_000_000, 512, 1 << 30).startswith("OPQ64,IVF")
     assert choose_factory(5_000_000, 512, 32 << 30).startswith("IVF") and choose_factory(5_000_000, 512, 32 << 30).endswith(",Flat")
     assert "_HNSW32" in choose_factory(200_000_000, 768, 64 << 30)
