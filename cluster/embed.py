@@ -31,13 +31,20 @@ DELAY_ENV = "RECO_EMBED_DELAY_S"
 
 
 def decode_batch(batch: Mapping[str, np.ndarray], image_size: int,
-                 storage_options: Optional[Mapping[str, Any]] = None) -> Dict[str, np.ndarray]:
-    """Fetch + decode + centre-crop a batch. Bad inputs get status 'skipped' and a reason."""
+                 storage_options: Optional[Mapping[str, Any]] = None,
+                 bytes_only: bool = False) -> Dict[str, np.ndarray]:
+    """Fetch + decode + centre-crop a batch. Bad inputs get status 'skipped' and a reason.
+
+    ``bytes_only``: only fetch the encoded bytes (column ``data``); the actor decodes them on its
+    device (nvJPEG on GPUs), the plan for GPU hosts where CPU decode cannot keep up.
+    """
     from index.sources import ParquetRowReader, fetch_bytes
 
     pq_reader = ParquetRowReader(storage_options)
     n = len(batch["id"])
-    pixels = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
+    side = 1 if bytes_only else image_size  # bytes_only: a placeholder column of the right length
+    pixels = np.zeros((n, side, side, 3), dtype=np.uint8)
+    data = np.empty(n, dtype=object)
     width = np.zeros(n, np.int32)
     height = np.zeros(n, np.int32)
     status = np.empty(n, dtype=object)
@@ -46,7 +53,13 @@ def decode_batch(batch: Mapping[str, np.ndarray], image_size: int,
     for i, uri in enumerate(batch["uri"]):
         uri = str(uri)
         try:
-            img = decode_image(fetch_bytes(uri, storage_options, pq_reader), source=uri)
+            raw = fetch_bytes(uri, storage_options, pq_reader)
+            if bytes_only:
+                if not raw:
+                    raise ImageDecodeError(f"{uri}: empty file")
+                data[i], status[i], error[i] = raw, "ok", ""
+                continue
+            img = decode_image(raw, source=uri)
             width[i], height[i] = img.size
             pixels[i] = (resize_center_crop(img, image_size) * 255.0).round().byte().permute(1, 2, 0).numpy()
             status[i], error[i] = "ok", ""
@@ -55,7 +68,7 @@ def decode_batch(batch: Mapping[str, np.ndarray], image_size: int,
         except (OSError, ValueError) as exc:
             status[i], error[i] = "skipped", f"io: {exc}"
     out = {k: np.asarray(batch[k]) for k in ("id", "uri", "shard")}
-    out.update(pixels=pixels, width=width, height=height, status=status, error=error,
+    out.update(pixels=pixels, width=width, height=height, status=status, error=error, data=data,
                decode_s=np.full(n, (time.perf_counter() - t0) / max(n, 1)))
     return out
 
@@ -63,7 +76,8 @@ def decode_batch(batch: Mapping[str, np.ndarray], image_size: int,
 class ClipEmbedUDF:
     """Actor: (B, S, S, 3) uint8 crops -> (B, E) L2-normalised CLIP image embeddings."""
 
-    def __init__(self, encoders: EncoderSpec, threads: Optional[int] = None):
+    def __init__(self, encoders: EncoderSpec, threads: Optional[int] = None, device_decode: bool = False):
+        self.device_decode = device_decode
         if not encoders.has_clip:
             raise ValueError("CLIP embedding needs encoders.clip_model")
         if threads:
@@ -75,7 +89,40 @@ class ClipEmbedUDF:
         self.clip.set_precision(encoders.clip_precision)
         self.delay = float(os.environ.get(DELAY_ENV, "0") or 0)
 
+    def _decode_on_device(self, batch: Dict[str, np.ndarray]) -> np.ndarray:
+        """Decode the ``data`` column on this actor's device (torchvision/nvJPEG), falling back to
+        PIL for non-JPEG inputs; returns (B, S, S, 3) uint8 and updates status/size columns."""
+        from torchvision.io import decode_jpeg
+
+        size = self.clip.image_size
+        status, error = batch["status"], batch["error"]
+        n = len(status)
+        pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
+        for i in range(n):
+            if status[i] != "ok":
+                continue
+            raw = batch["data"][i]
+            try:
+                try:
+                    t = decode_jpeg(torch.frombuffer(bytearray(raw), dtype=torch.uint8), device=self.device)
+                    if t.shape[0] == 1:
+                        t = t.expand(3, -1, -1)
+                    if t.shape[0] != 3:
+                        raise RuntimeError("not 3-channel")
+                except RuntimeError:  # PNG, CMYK, progressive oddities: the CPU decoder handles them
+                    img = decode_image(raw, source=str(batch["uri"][i]))
+                    t = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).to(self.device)
+                batch["height"][i], batch["width"][i] = int(t.shape[1]), int(t.shape[2])
+                pixels[i] = _crop_tensor(t, size).permute(1, 2, 0).cpu().numpy()
+            except (ImageDecodeError, OSError, ValueError) as exc:
+                status[i], error[i] = "skipped", f"decode: {exc}"
+        return pixels
+
     def __call__(self, batch: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        batch = {k: np.array(v, copy=True) if k in ("status", "error", "width", "height") else v
+                 for k, v in batch.items()}
+        if self.device_decode:
+            batch["pixels"] = self._decode_on_device(batch)
         ok = np.asarray(batch["status"]) == "ok"
         n = len(ok)
         emb = np.zeros((n, self.clip.embed_dim), dtype=np.float32)
@@ -91,6 +138,19 @@ class ClipEmbedUDF:
         out["embedding"] = emb
         out["model_s"] = np.full(n, (time.perf_counter() - t0) / max(n, 1))
         return out
+
+
+def _crop_tensor(t: torch.Tensor, size: int) -> torch.Tensor:
+    """(3, H, W) uint8 on any device -> (3, size, size) uint8: shorter side to ``size``
+    (bicubic, antialiased), centre crop; the tensor twin of :func:`reco.image.resize_center_crop`."""
+    import torch.nn.functional as F
+
+    h, w = t.shape[1:]
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    x = F.interpolate(t[None].float(), size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)[0]
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return x[:, top:top + size, left:left + size].round().clamp(0, 255).to(torch.uint8)
 
 
 @dataclass
@@ -128,6 +188,7 @@ def run_embed(
     storage_options: Optional[Mapping[str, Any]] = None,
     decode_cpus: float = 0.5,
     image_size: Optional[int] = None,
+    device_decode: bool = False,
 ) -> EmbedReport:
     """Embed every item not yet in ``store`` (Ray must be initialised)."""
     import ray.data
@@ -162,10 +223,12 @@ def run_embed(
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // max(actors.batch_size, 1), 512)))
-    ds = ds.map_batches(decode_batch, fn_kwargs=dict(image_size=size, storage_options=dict(storage_options or {})),
+    ds = ds.map_batches(decode_batch, fn_kwargs=dict(image_size=size, storage_options=dict(storage_options or {}),
+                                                     bytes_only=device_decode),
                         batch_size=actors.batch_size, batch_format="numpy", num_cpus=decode_cpus)
     ds = ds.map_batches(
-        ClipEmbedUDF, fn_constructor_kwargs=dict(encoders=encoders, threads=actors.torch_threads),
+        ClipEmbedUDF, fn_constructor_kwargs=dict(encoders=encoders, threads=actors.torch_threads,
+                                                 device_decode=device_decode),
         batch_size=actors.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors.num_actors),
         num_cpus=actors.cpus_per_actor, num_gpus=actors.gpus_per_actor or None,

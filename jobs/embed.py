@@ -43,6 +43,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="CLIP weights precision (auto: bf16 on GPUs and AMX/AVX512-BF16 CPUs)")
     p.add_argument("--shard-size", type=int, default=10_000)
+    p.add_argument("--device-decode", action="store_true",
+                   help="decode JPEGs inside the embedding actors on their device (nvJPEG on GPUs)")
     p.add_argument("--decode-cpus", type=float, default=0.5, help="CPUs per decode task")
     add_cluster_args(p)
     args = p.parse_args(argv)
@@ -62,7 +64,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     logger.info("%d images listed in %s", len(items), args.source)
     init_ray(cluster.ray)
     store = EmbeddingStore(args.store)
-    report = run_embed(items, store, encoders, cluster.embed, args.shard_size, storage, args.decode_cpus)
+    report = run_embed(items, store, encoders, cluster.embed, args.shard_size, storage, args.decode_cpus,
+                       device_decode=args.device_decode)
     out = Path(args.store)
     (out / "embed_report.json").write_text(json.dumps(report.as_dict(), indent=2))
     (out / "embed_config.yaml").write_text(yaml.safe_dump(
