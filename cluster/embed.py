@@ -119,9 +119,10 @@ class ClipEmbedUDF:
         return pixels
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        batch = {k: np.array(v, copy=True) if k in ("status", "error", "width", "height") else v
-                 for k, v in batch.items()}
         if self.device_decode:
+            # decoding here updates status/size columns: work on writable copies of those only
+            batch = {k: np.array(v, copy=True) if k in ("status", "error", "width", "height") else v
+                     for k, v in batch.items()}
             batch["pixels"] = self._decode_on_device(batch)
         ok = np.asarray(batch["status"]) == "ok"
         n = len(ok)

@@ -62,7 +62,8 @@ class SegmentUDF:
             (self.out / "overlays").mkdir(parents=True, exist_ok=True)
 
     def _one(self, uri: str, mask_uri: str) -> Dict[str, object]:
-        from index.readers import read_bytes, read_image
+        from index.readers import read_image
+        from index.sources import fetch_bytes
 
         t0 = time.perf_counter()
         img = read_image(uri)
@@ -76,7 +77,7 @@ class SegmentUDF:
 
             from PIL import Image
 
-            gt = np.array(Image.open(io.BytesIO(read_bytes(mask_uri))))
+            gt = np.array(Image.open(io.BytesIO(fetch_bytes(mask_uri))))
             if gt.ndim == 3:
                 raise ValueError(f"{mask_uri}: masks must be single-channel class ids")
             if gt.shape != pred.shape:

@@ -1,6 +1,7 @@
 """Corpus access, embedding store and retrieval (FAISS lives here, never in ``reco``)."""
-from .readers import IMAGE_EXTENSIONS, ReadReport, list_images, read_bytes, read_image
+from .readers import ReadReport, list_images, read_image, read_images
+from .sources import IMAGE_EXTENSIONS, Item, fetch_bytes, list_source
 from .retriever import ExactRetriever, Retriever, SearchResult
 
-__all__ = ["IMAGE_EXTENSIONS", "ReadReport", "list_images", "read_bytes", "read_image",
+__all__ = ["IMAGE_EXTENSIONS", "Item", "ReadReport", "fetch_bytes", "list_images", "list_source", "read_image", "read_images",
            "ExactRetriever", "Retriever", "SearchResult"]

@@ -6,20 +6,18 @@ Bad files never crash a job: :func:`read_images` returns the decoded images and 
 from __future__ import annotations
 
 import logging
-import os
-from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from PIL import Image
 
 from reco.errors import ImageDecodeError
 from reco.image import decode_image
 
+from .sources import fetch_bytes, list_folder
+
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 @dataclass
@@ -33,51 +31,19 @@ class ReadReport:
         self.skipped[uri] = reason
         logger.warning("skipped %s: %s", uri, reason)
 
-    def reasons(self) -> Dict[str, int]:
-        return dict(Counter(r.split(":")[0] for r in self.skipped.values()))
-
     def as_dict(self) -> Dict[str, object]:
         return {"ok": self.ok, "skipped": len(self.skipped), "skipped_files": dict(self.skipped)}
 
 
-def _is_url(uri: str) -> bool:
-    return "://" in uri and not uri.startswith("file://")
+def list_images(root: str, storage_options: Optional[Mapping[str, Any]] = None) -> List[str]:
+    """Sorted image uris under a local folder or fsspec URL (see :func:`index.sources.list_folder`)."""
+    return [item.uri for item in list_folder(root, storage_options)]
 
 
-def list_images(root: str, recursive: bool = True, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> List[str]:
-    """Sorted image files under a local folder or fsspec URL. Raises if ``root`` does not exist."""
-    exts = tuple(e.lower() for e in extensions)
-    if _is_url(root):
-        import fsspec
-
-        fs, path = fsspec.core.url_to_fs(root)
-        if not fs.exists(path):
-            raise FileNotFoundError(f"{root} does not exist")
-        files = fs.find(path) if recursive else fs.ls(path, detail=False)
-        proto = root.split("://", 1)[0]
-        return sorted(f"{proto}://{f}" for f in files if f.lower().endswith(exts))
-    p = Path(root.removeprefix("file://")).expanduser()
-    if not p.is_dir():
-        raise FileNotFoundError(f"image folder {p} does not exist")
-    it = p.rglob("*") if recursive else p.iterdir()
-    return sorted(str(f) for f in it if f.is_file() and f.suffix.lower() in exts)
-
-
-def read_bytes(uri: str) -> bytes:
-    """Bytes of a local path or fsspec URL."""
-    if _is_url(uri):
-        import fsspec
-
-        with fsspec.open(uri, "rb") as f:
-            return f.read()
-    with open(uri.removeprefix("file://"), "rb") as f:
-        return f.read()
-
-
-def read_image(uri: str) -> Image.Image:
+def read_image(uri: str, storage_options: Optional[Mapping[str, Any]] = None) -> Image.Image:
     """Decode one image; raises :class:`ImageDecodeError` or ``OSError`` naming ``uri``."""
     try:
-        data = read_bytes(uri)
+        data = fetch_bytes(uri, storage_options)
     except FileNotFoundError:
         raise
     except OSError as exc:
@@ -99,7 +65,3 @@ def read_images(uris: Sequence[str], report: ReadReport | None = None) -> Tuple[
         except OSError as exc:
             report.skip(uri, f"io: {exc}")
     return images, kept, report
-
-
-def relative_name(uri: str, root: str) -> str:
-    return os.path.relpath(uri, root) if not _is_url(uri) else uri

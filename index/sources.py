@@ -15,15 +15,19 @@ import logging
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
-
-from .readers import IMAGE_EXTENSIONS, _is_url
+from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 BYTES_COLUMNS = ("image", "jpg", "bytes", "image_bytes", "img")
 PATH_COLUMNS = ("path", "uri", "url", "file", "filepath", "image_path")
 ID_COLUMNS = ("id", "key", "image_id")
+
+
+def _is_url(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
 
 
 @dataclass(frozen=True)
@@ -205,7 +209,3 @@ def fetch_bytes(uri: str, storage_options: Optional[Mapping[str, Any]] = None,
             raise OSError(f"{uri}: {type(exc).__name__}: {exc}") from exc
     with open(uri.removeprefix("file://"), "rb") as fh:
         return fh.read()
-
-
-def items_as_rows(items: Sequence[Item]) -> List[Dict[str, str]]:
-    return [{"id": i.id, "uri": i.uri} for i in items]

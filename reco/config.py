@@ -82,9 +82,9 @@ class SegmenterConfig:
     # in the bank before the sigmoid, so concepts whose references match everything do not
     # win the argmax. Off by default (the paper has no calibration).
     calibrate: bool = False
-    # If set, pixels whose best score is below this value get ``background_index``.
+    # If set, a constant "background" class with this score is put first in the label space,
+    # so pixels whose best concept score is below it become background (and CRF sees it too).
     background_threshold: Optional[float] = None
-    background_index: int = 0
     crf: Optional[CRFConfig] = None
     batch_size: int = 4
 

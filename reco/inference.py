@@ -60,19 +60,3 @@ def combine_scores(
         t = torch.sigmoid(text_temperature * text_sim)
         s = s * F.interpolate(t, size=out_size, mode="bilinear", align_corners=False)
     return s
-
-
-def labels_from_scores(
-    scores: torch.Tensor, background_threshold: Optional[float] = None, background_index: int = 0
-) -> torch.Tensor:
-    """argmax over concepts; optionally pixels whose best score < threshold -> background.
-
-    Args:
-        scores: (B, C, H, W).
-    Returns:
-        (B, H, W) int64 concept indices (or ``background_index``).
-    """
-    best, labels = scores.max(dim=1)
-    if background_threshold is not None:
-        labels = torch.where(best < background_threshold, torch.full_like(labels, background_index), labels)
-    return labels

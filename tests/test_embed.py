@@ -1,14 +1,13 @@
 """Ray Data embedding into the store: folder, Parquet and S3 inputs, bad files, resume, CLI."""
 import io
 import json
-
-import numpy as np
 import os
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -195,4 +194,4 @@ def test_tensor_crop_matches_pil_crop():
     pil = (resize_center_crop(img, 32) * 255).round()
     t = _crop_tensor(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), 32).float()
     assert t.shape == (3, 32, 32)
-    assert (pil - t).abs().mean() < 12  # random-noise images are the worst case for resampler differences
+    assert (pil - t).abs().mean() < 1.0  # grey levels; measured 0.16 (PIL vs torch antialiased bicubic)
