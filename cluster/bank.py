@@ -96,52 +96,54 @@ def build_bank_distributed(
     workers = [
         Remote.options(**opts).remote(encoders, config, actors.torch_threads) for _ in range(actors.num_actors)
     ]
-    report = BankBuildReport()
-    names = list(archives)
-    texts: Dict[str, torch.Tensor] = {}
-    if encoders.has_clip:
-        all_names = names + [c for c in config.context_concepts if c not in names]
-        emb = ray.get(workers[0].text_embeddings.remote(all_names))
-        texts = {n: emb[i] for i, n in enumerate(all_names)}
+    try:
+        report = BankBuildReport()
+        names = list(archives)
+        texts: Dict[str, torch.Tensor] = {}
+        if encoders.has_clip:
+            all_names = names + [c for c in config.context_concepts if c not in names]
+            emb = ray.get(workers[0].text_embeddings.remote(all_names))
+            texts = {n: emb[i] for i, n in enumerate(all_names)}
 
-    context: Dict[str, torch.Tensor] = {}
-    if config.context_elimination and config.context_concepts:
-        for c in config.context_concepts:
-            uris = (context_archives or {}).get(c)
-            if not uris:
-                raise EmptyArchiveError(f"no archive given for context concept {c!r}")
-            ref, info = ray.get(workers[0].build.remote(c, uris, texts.get(c), dict(context)))
+        context: Dict[str, torch.Tensor] = {}
+        if config.context_elimination and config.context_concepts:
+            for c in config.context_concepts:
+                uris = (context_archives or {}).get(c)
+                if not uris:
+                    raise EmptyArchiveError(f"no archive given for context concept {c!r}")
+                ref, info = ray.get(workers[0].build.remote(c, uris, texts.get(c), dict(context)))
+                report.images_skipped.update(info["read"]["skipped_files"])
+                if ref is None:
+                    raise EmptyArchiveError(f"context concept {c!r}: {info.get('error')}")
+                context[c] = ref.reference
+
+        pool = ActorPool(workers)
+        refs: Dict[str, ConceptReference] = {}
+        infos: Dict[str, Dict[str, object]] = {}
+        jobs = pool.map_unordered(
+            lambda w, n: w.build.remote(n, archives[n], texts.get(n), context), names
+        )
+        for ref, info in tqdm(jobs, total=len(names), desc="concepts", unit="concept"):
             report.images_skipped.update(info["read"]["skipped_files"])
+            name = str(info["name"])
+            infos[name] = info
             if ref is None:
-                raise EmptyArchiveError(f"context concept {c!r}: {info.get('error')}")
-            context[c] = ref.reference
-
-    pool = ActorPool(workers)
-    refs: Dict[str, ConceptReference] = {}
-    infos: Dict[str, Dict[str, object]] = {}
-    jobs = pool.map_unordered(
-        lambda w, n: w.build.remote(n, archives[n], texts.get(n), context), names
-    )
-    for ref, info in tqdm(jobs, total=len(names), desc="concepts", unit="concept"):
-        report.images_skipped.update(info["read"]["skipped_files"])
-        name = str(info["name"])
-        infos[name] = info
-        if ref is None:
-            report.concepts_failed[name] = str(info.get("error"))
-            logger.warning("concept %s skipped: %s", name, info.get("error"))
-            continue
-        refs[name] = ref
-    ordered = [refs[n] for n in names if n in refs]
-    if not ordered:
-        raise EmptyArchiveError(f"no concept could be built: {report.concepts_failed}")
-    report.concepts_ok = [r.name for r in ordered]
-    meta = ray.get(workers[0].metadata.remote(archive_mode))
-    meta["concepts"] = {n: {"archive": infos[n]["archive"]} for n in report.concepts_ok}
-    text = torch.stack([texts[r.name] for r in ordered]) if texts else None
-    bank = ConceptBank.from_references(ordered, text, meta)
-    if calibration_pool:
-        feats = ray.get(workers[0].features.remote(list(calibration_pool)))
-        bank.calibrate(feats)
-    for w in workers:
-        ray.kill(w)
+                report.concepts_failed[name] = str(info.get("error"))
+                logger.warning("concept %s skipped: %s", name, info.get("error"))
+                continue
+            refs[name] = ref
+        ordered = [refs[n] for n in names if n in refs]
+        if not ordered:
+            raise EmptyArchiveError(f"no concept could be built: {report.concepts_failed}")
+        report.concepts_ok = [r.name for r in ordered]
+        meta = ray.get(workers[0].metadata.remote(archive_mode))
+        meta["concepts"] = {n: {"archive": infos[n]["archive"]} for n in report.concepts_ok}
+        text = torch.stack([texts[r.name] for r in ordered]) if texts else None
+        bank = ConceptBank.from_references(ordered, text, meta)
+        if calibration_pool:
+            feats = ray.get(workers[0].features.remote(list(calibration_pool)))
+            bank.calibrate(feats)
+    finally:  # actors hold models: never leak them, also when a build raises
+        for w in workers:
+            ray.kill(w)
     return bank, report

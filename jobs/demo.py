@@ -74,7 +74,8 @@ def _voc(data_root: Path, limit: Optional[int]):
         raise FileNotFoundError(f"{classes_file} not found: pass --data-root pointing at shared/data")
     classes = [c.strip() for c in classes_file.read_text().splitlines() if c.strip()]
     images = sorted((voc / "images").glob("*.jpg"))[: limit or None]
-    items = [{"uri": str(i), "mask_uri": str(voc / "masks" / f"{i.stem}.png")} for i in images]
+    items = [{"id": i.relative_to(voc / "images").as_posix(), "uri": str(i),
+              "mask_uri": str(voc / "masks" / f"{i.stem}.png")} for i in images]
     missing = [it["mask_uri"] for it in items if not Path(it["mask_uri"]).is_file()]
     if missing:
         raise FileNotFoundError(f"missing ground-truth masks: {missing[:3]}")
@@ -160,7 +161,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         cm.matrix += np.asarray(r["confusion"], dtype=np.int64).reshape(len(classes), -1)
     metrics = cm.compute(classes)
     ok = [r for r in rows if r["status"] == "ok"]
-    skipped = {str(r["uri"]): str(r["error"]) for r in rows if r["status"] != "ok"}
+    skipped = {str(r["uri"]): str(r["error"]) for r in rows if r["status"] == "skipped"}
+    failed = {str(r["uri"]): str(r["error"]) for r in rows if r["status"] == "failed"}
     mode = str(ok[0]["mode"]) if ok else "n/a"
     protocol = (
         f"VOC sample ({len(ok)} images), 21 classes, full resolution, shorter side {seg_cfg.image_size}px "
@@ -181,7 +183,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         "miou": metrics.miou,
         "pixel_accuracy": metrics.pixel_accuracy,
         "iou": metrics.as_dict()["iou"],
-        "images": {"segmented": len(ok), "skipped": skipped},
+        "images": {"segmented": len(ok), "skipped": skipped, "failed_transient": failed},
+        "per_image": [{"id": str(r["id"]), "uri": str(r["uri"]), "label": str(r["label"]),
+                       "overlay": str(r["overlay"]), "seconds": float(r["seconds"])} for r in ok],
         "bank": {**bank_report.as_dict(), "seconds": bank_seconds, "concepts": list(bank.names)},
         "segment_seconds": seg_seconds,
         "seconds_per_image": float(np.mean([r["seconds"] for r in ok])) if ok else None,
@@ -197,8 +201,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     _write_html(out, report, rows, classes)
     logger.info("mode: archives=%s; inference=%s", archive_mode, mode)
     logger.info("protocol: %s", protocol)
-    logger.info("mIoU %.2f%%  pixel accuracy %.2f%%  (%d images, %d skipped)",
-                100 * metrics.miou, 100 * metrics.pixel_accuracy, len(ok), len(skipped))
+    logger.info("mIoU %.2f%%  pixel accuracy %.2f%%  (%d images, %d skipped, %d failed: rerun to retry)",
+                100 * metrics.miou, 100 * metrics.pixel_accuracy, len(ok), len(skipped), len(failed))
     logger.info("report: %s  |  page: %s", out / "report.json", out / "index.html")
     return 0
 

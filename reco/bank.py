@@ -21,7 +21,8 @@ from .weighting import context_weights, language_weights
 
 logger = logging.getLogger(__name__)
 
-BANK_FORMAT_VERSION = 1
+BANK_FORMAT_VERSION = 2  # 2: names + metadata inside the safetensors header
+_HEADER_KEY = "reco_bank"
 _TENSORS_FILE = "bank.safetensors"
 _META_FILE = "bank.json"
 
@@ -259,41 +260,104 @@ class ConceptBank:
         self.metadata["calibration_pool_tokens"] = int(feats.shape[0])
 
     # -- persistence: safetensors + JSON, never pickle -------------------------------------
-    def save(self, directory: Union[str, os.PathLike]) -> Path:
-        from safetensors.torch import save_file
+    def to_bytes(self) -> bytes:
+        """The whole bank as one safetensors blob; names and metadata ride in its header.
 
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
+        One blob is one commit: a reader can never pair tensors with another save's names.
+        """
+        from safetensors.torch import save
+
         tensors = {"references": self.references.float().contiguous()}
         if self.text_embeddings is not None:
             tensors["text_embeddings"] = self.text_embeddings.float().contiguous()
         if self.calibration is not None:
             tensors["calibration"] = self.calibration.float().contiguous()
-        meta = {"format_version": BANK_FORMAT_VERSION, "names": list(self.names), "metadata": self.metadata}
-        tmp_t, tmp_m = d / (_TENSORS_FILE + ".tmp"), d / (_META_FILE + ".tmp")
-        save_file(tensors, str(tmp_t))
-        tmp_m.write_text(json.dumps(meta, indent=2, sort_keys=True))
-        os.replace(tmp_t, d / _TENSORS_FILE)
-        os.replace(tmp_m, d / _META_FILE)
+        return save(tensors, metadata={_HEADER_KEY: json.dumps(self._header(), sort_keys=True)})
+
+    def _header(self) -> Dict[str, Any]:
+        return {"format_version": BANK_FORMAT_VERSION, "names": list(self.names), "metadata": self.metadata}
+
+    @classmethod
+    def from_bytes(cls, data: bytes, source: str = "<bytes>") -> "ConceptBank":
+        """Inverse of :meth:`to_bytes`; ``source`` names the origin in error messages."""
+        from safetensors.torch import load
+
+        try:
+            header = _safetensors_metadata(data).get(_HEADER_KEY)
+            tensors = load(data)
+        except Exception as exc:
+            raise ReCoError(f"concept bank at {source} is unreadable: {exc}") from exc
+        if header is None:
+            raise ReCoError(f"concept bank at {source} has no {_HEADER_KEY!r} header (not written by reco-cluster >= 2)")
+        return cls._from_parts(json.loads(header), tensors, source)
+
+    @classmethod
+    def _from_parts(cls, meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], source: str) -> "ConceptBank":
+        if meta.get("format_version") not in (1, BANK_FORMAT_VERSION):
+            raise ReCoError(
+                f"concept bank at {source} has format {meta.get('format_version')}, expected {BANK_FORMAT_VERSION}"
+            )
+        if "references" not in tensors:
+            raise ReCoError(f"concept bank at {source} holds no 'references' tensor")
+        return cls(tuple(meta["names"]), tensors["references"], tensors.get("text_embeddings"),
+                   tensors.get("calibration"), dict(meta.get("metadata", {})))
+
+    def save(self, directory: Union[str, os.PathLike]) -> Path:
+        """Write ``bank.safetensors`` (the commit point: tensors + names + metadata, replaced
+        atomically) and ``bank.json`` (a readable copy of the header, written after it)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        _atomic_write(d / _TENSORS_FILE, self.to_bytes())
+        _atomic_write(d / _META_FILE, bank_json_bytes(self))
         return d
 
     @classmethod
     def load(cls, directory: Union[str, os.PathLike]) -> "ConceptBank":
-        from safetensors.torch import load_file
-
+        """Load a bank directory. Only ``bank.safetensors`` is read (``bank.json`` is a copy),
+        except for format-1 banks, whose header lived in ``bank.json`` alone."""
         d = Path(directory)
         tpath, mpath = d / _TENSORS_FILE, d / _META_FILE
-        if not tpath.is_file() or not mpath.is_file():
-            raise FileNotFoundError(f"{d} is not a concept bank (needs {_TENSORS_FILE} and {_META_FILE})")
+        if not tpath.is_file():
+            raise FileNotFoundError(f"{d} is not a concept bank (needs {_TENSORS_FILE})")
+        data = tpath.read_bytes()
         try:
-            meta = json.loads(mpath.read_text())
-            tensors = load_file(str(tpath))
+            has_header = _HEADER_KEY in _safetensors_metadata(data)
         except Exception as exc:
             raise ReCoError(f"concept bank at {d} is unreadable: {exc}") from exc
-        if meta.get("format_version") != BANK_FORMAT_VERSION:
-            raise ReCoError(f"concept bank at {d} has format {meta.get('format_version')}, expected {BANK_FORMAT_VERSION}")
-        return cls(tuple(meta["names"]), tensors["references"], tensors.get("text_embeddings"),
-                   tensors.get("calibration"), meta.get("metadata", {}))
+        if has_header or not mpath.is_file():
+            return cls.from_bytes(data, str(d))
+        try:  # format 1: tensors in safetensors, names + metadata in bank.json
+            from safetensors.torch import load
+
+            return cls._from_parts(json.loads(mpath.read_text()), load(data), str(d))
+        except ReCoError:
+            raise
+        except Exception as exc:
+            raise ReCoError(f"concept bank at {d} is unreadable: {exc}") from exc
+
+
+def bank_json_bytes(bank: "ConceptBank") -> bytes:
+    """The readable ``bank.json`` copy of a bank's header (names, format, metadata)."""
+    return json.dumps(bank._header(), indent=2, sort_keys=True).encode()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _safetensors_metadata(data: bytes) -> Dict[str, str]:
+    """The ``__metadata__`` of a safetensors blob (8-byte little-endian header size, JSON header)."""
+    if len(data) < 8:
+        raise ValueError("file too short for safetensors")
+    n = int.from_bytes(data[:8], "little")
+    if n <= 0 or 8 + n > len(data):
+        raise ValueError("corrupt safetensors header")
+    return dict(json.loads(data[8 : 8 + n].decode("utf-8")).get("__metadata__") or {})
 
 
 def bank_metadata(
@@ -303,11 +367,21 @@ def bank_metadata(
     return {
         "dense_encoder": builder.dense.name,
         "dense_weights": builder.dense.weights,
+        "dense_weights_id": weights_id(builder.dense),
         "clip": None if builder.clip is None else builder.clip.name,
         "clip_weights": None if builder.clip is None else builder.clip.weights,
+        "clip_weights_id": None if builder.clip is None else weights_id(builder.clip),
+        "clip_dense_head": None if builder.clip is None else getattr(builder.clip, "dense_head", "maskclip"),
         "archive_mode": archive_mode,
         "language_guidance": builder.uses_language,
         "context_elimination": list(builder.config.context_concepts) if builder.config.context_elimination else [],
         "config": to_dict(builder.config),
         "concepts": {n: {"archive": list(ids)} for n, ids in (archive_ids or {}).items()},
     }
+
+
+def weights_id(encoder: Union[DenseEncoder, ClipModel]) -> str:
+    """Portable identity of an encoder's weights: the content digest the loader recorded where
+    there is one (the same file at another path on another node compares equal), else the
+    weights label (a hub tag, "random-init")."""
+    return str(getattr(encoder, "weights_id", None) or encoder.weights)

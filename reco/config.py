@@ -86,7 +86,11 @@ class SegmenterConfig:
     # so pixels whose best concept score is below it become background (and CRF sees it too).
     background_threshold: Optional[float] = None
     crf: Optional[CRFConfig] = None
+    # Images per encoder forward pass (images with the same inference size are batched).
     batch_size: int = 4
+    # A bank is refused on encoders other than the ones it was built with (name and weights);
+    # experts who know two checkpoints are interchangeable may allow it (logged as a warning).
+    allow_encoder_mismatch: bool = False
 
     def __post_init__(self) -> None:
         if self.image_size < 14:

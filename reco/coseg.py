@@ -19,6 +19,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .precision import fp32
+
 
 @dataclass(frozen=True)
 class CosegResult:
@@ -42,6 +44,7 @@ def _flatten(features: torch.Tensor) -> torch.Tensor:
     return F.normalize(features.float().permute(0, 2, 3, 1).reshape(k, h * w, d), dim=-1)
 
 
+@fp32
 def coseg_scores(
     features: torch.Tensor,
     weights: Optional[torch.Tensor] = None,
@@ -84,6 +87,7 @@ def coseg_scores(
     return out.reshape(k, h, w)
 
 
+@fp32
 def coseg_scores_dense(
     features: torch.Tensor, weights: Optional[torch.Tensor] = None, exclude_own_image: bool = False
 ) -> torch.Tensor:
@@ -105,6 +109,7 @@ def coseg_scores_dense(
     return grid.mean(dim=1).reshape(k, h, w)
 
 
+@fp32
 def cosegment(
     features: torch.Tensor,
     weights: Optional[torch.Tensor] = None,

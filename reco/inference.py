@@ -1,4 +1,8 @@
-"""Dense inference (spec step 5): reference match x dense CLIP, full-resolution label maps."""
+"""Dense inference (spec step 5): reference match x dense CLIP, full-resolution label maps.
+
+Every function here computes in float32 with autocast disabled (:mod:`reco.precision`), so
+encoders may run in bf16 without changing which concept wins a pixel.
+"""
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -6,7 +10,10 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .precision import fp32
 
+
+@fp32
 def reference_similarity(features: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
     """cos(f, ref_c) for every token and concept.
 
@@ -21,6 +28,7 @@ def reference_similarity(features: torch.Tensor, references: torch.Tensor) -> to
     )
 
 
+@fp32
 def calibrate(similarity: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
     """Standardise similarities per concept: (cos - mean_c) / std_c.
 
@@ -33,6 +41,7 @@ def calibrate(similarity: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
     return (similarity - mean) / std
 
 
+@fp32
 def text_similarity(dense_clip: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """cos(denseCLIP(pixel), text_c): (B, E, h', w') x (C, E) -> (B, C, h', w')."""
     return torch.einsum(
@@ -40,6 +49,7 @@ def text_similarity(dense_clip: torch.Tensor, text: torch.Tensor) -> torch.Tenso
     )
 
 
+@fp32
 def combine_scores(
     ref_logits: torch.Tensor,
     out_size: Tuple[int, int],

@@ -10,7 +10,10 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
+from .precision import fp32
 
+
+@fp32
 def language_weights(
     dense_clip: torch.Tensor, text: torch.Tensor, size: Tuple[int, int], temperature: float = 10.0
 ) -> torch.Tensor:
@@ -31,6 +34,7 @@ def language_weights(
     return w[:, 0].clamp(0.0, 1.0)
 
 
+@fp32
 def context_weights(features: torch.Tensor, context_refs: torch.Tensor) -> torch.Tensor:
     """Context elimination: prod_c (1 - sigmoid(cos(f, ref_c))) over the context references.
 

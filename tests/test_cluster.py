@@ -94,29 +94,36 @@ def test_ray_data_segmentation_writes_labels_and_counts_bad_inputs(ray_local, ar
     from PIL import Image
 
     items = []
-    for i, u in enumerate(uris["cat"][:2]):
+    # two inputs with the same file name in different folders: outputs must not collide
+    for i, (u, item_id) in enumerate(zip(uris["cat"][:2], ["a/cat.png", "b/cat.png"])):
         m = masks / f"{i}.png"
         gt = np.zeros((64, 64), np.uint8)
         gt[:, 32:] = 2
         gt[0, 0] = 255
         Image.fromarray(gt).save(m)
-        items.append({"uri": u, "mask_uri": str(m)})
-    items.append({"uri": bad[1], "mask_uri": ""})
+        items.append({"id": item_id, "uri": u, "mask_uri": str(m)})
+    items.append({"id": "bad.png", "uri": bad[1], "mask_uri": ""})
+    items.append({"id": "gone.png", "uri": str(tmp_path / "vanished.png"), "mask_uri": ""})
     out = tmp_path / "out"
     rows = run_segmentation(items, str(bank_dir), spec, SegmenterConfig(image_size=64), [1, 2], 3, 255,
                             str(out), ActorConfig(num_actors=1, cpus_per_actor=0.5, batch_size=2))
-    by_uri = {r["uri"]: r for r in rows}
-    assert len(rows) == 3
-    assert by_uri[bad[1]]["status"] == "skipped" and "ImageDecodeError" in by_uri[bad[1]]["error"]
+    by_id = {r["id"]: r for r in rows}
+    assert len(rows) == 4
+    assert by_id["bad.png"]["status"] == "skipped" and "ImageDecodeError" in by_id["bad.png"]["error"]
+    # an unreadable (missing) input is a transient failure, not a bad input
+    assert by_id["gone.png"]["status"] == "failed"
     for it in items[:2]:
-        r = by_uri[it["uri"]]
+        r = by_id[it["id"]]
         assert r["status"] == "ok"
         cm = np.asarray(r["confusion"]).reshape(3, 3)
         assert cm.sum() == 64 * 64 - 1  # the ignore pixel is excluded
         assert cm.sum(axis=1).tolist() == [32 * 64 - 1, 0, 32 * 64]  # truth rows
         assert cm[:, 0].sum() == 0  # the label map never writes class 0
-    labels = sorted(p.name for p in (out / "labels").iterdir())
-    assert labels == ["cat_1.png", "cat_2.png"]
-    lab = np.array(Image.open(out / "labels" / "cat_1.png"))
+    labels = sorted(p.relative_to(out / "labels").as_posix() for p in (out / "labels").rglob("*.png"))
+    assert labels == ["a/cat.png.png", "b/cat.png.png"]
+    assert by_id["a/cat.png"]["label"] == "labels/a/cat.png.png"
+    lab_img = Image.open(out / "labels" / "a" / "cat.png.png")
+    assert lab_img.mode == "P"  # 8-bit palette PNG for <= 256 classes
+    lab = np.array(lab_img)
     assert lab.shape == (64, 64) and set(np.unique(lab)) <= {1, 2}
-    assert (out / "overlays" / "cat_1.png").is_file()
+    assert (out / "overlays" / "b" / "cat.png.png").is_file()
