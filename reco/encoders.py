@@ -18,6 +18,35 @@ Builders follow the timm/open_clip convention ``create_*(name, weights=...)``:
 
 Output shapes are documented on each ``forward``; all encoders take images already normalised
 with their own ``mean``/``std`` (see :meth:`normalize`).
+
+Dense CLIP heads (``create_clip(..., dense_head=...)``, listed in :data:`DENSE_CLIP_HEADS`)
+    Both turn a CLIP image tower into per-location embeddings in the joint (text) space,
+    ``ClipModel.dense``: (B, 3, H, W) -> (B, E, H/p, W/p), L2-normalised float32.
+
+    ``"maskclip"`` (default; MaskCLIP, Zhou et al., ECCV 2022, as used by ReCo)
+        ViT tower (width W, tokens x of shape (B, 1 + h*w, W) entering the last block): the last
+        block's query-key attention is replaced by its value path, everything else is kept::
+
+            a = ls_1(out_proj(v_proj(ln_1(x))))        # (B, 1+hw, W), no softmax(q k^T)
+            x = x + a                                  # the block's residual
+            x = x + ls_2(mlp(ln_2(x)))                 # and its MLP
+            f = ln_post(x[:, 1:]) @ proj               # (B, hw, E)
+
+        ModifiedResNet tower (RN50, RN50x16, ...; feature map z = layer4(...) of shape
+        (B, C, H/32, W/32)): the attention pool's value and output projections are applied at
+        every location as 1x1 convolutions, without the pool's positional embedding and without
+        query-key attention (as MaskCLIP's ``MaskClipHead`` and ReCo's ``DenseCLIP`` do)::
+
+            f = c_proj(v_proj(z))                      # (B, E, H/32, W/32)
+
+    ``"maskclip-noresidual"`` (ViT only)
+        The last block is reduced to its value branch, dropping the residual and the MLP (close to
+        ClearCLIP's / SCLIP's finding that this helps)::
+
+            f = ln_post(ls_1(out_proj(v_proj(ln_1(x))))[:, 1:]) @ proj
+
+        A ResNet attention pool has no residual or MLP to drop, so asking for it there is a
+        :class:`~reco.errors.ConfigError`.
 """
 from __future__ import annotations
 
@@ -189,19 +218,56 @@ def _short(exc: BaseException, limit: int = 600) -> str:
 # CLIP
 
 
-class ClipModel(_Normalizing):
-    """open_clip model + tokenizer with text, image and MaskCLIP dense heads.
+#: Dense CLIP heads ``create_clip`` accepts; the first is the default (see the module docstring).
+DENSE_CLIP_HEADS: Tuple[str, ...] = ("maskclip", "maskclip-noresidual")
 
-    All outputs are L2-normalised in the joint space of dimension ``embed_dim``.
+#: Total stride of open_clip's ModifiedResNet: stride-2 stem conv, 2x2 stem avg-pool, and one
+#: stride-2 stage in each of layer2, layer3 and layer4 (2 * 2 * 2 * 2 * 2 = 32).
+RESNET_CLIP_STRIDE = 32
+
+
+def _tower_kind(visual: nn.Module) -> str:
+    """``"vit"``, ``"resnet"`` or ``"other"`` for an open_clip image tower."""
+    from open_clip.modified_resnet import ModifiedResNet
+    from open_clip.transformer import VisionTransformer
+
+    if isinstance(visual, VisionTransformer):
+        return "vit"
+    if isinstance(visual, ModifiedResNet):
+        return "resnet"
+    return "other"
+
+
+def check_dense_head(dense_head: str, visual: Optional[nn.Module] = None) -> str:
+    """Validate a dense CLIP head name (and, given the image tower, that the tower has it)."""
+    if dense_head not in DENSE_CLIP_HEADS:
+        raise ConfigError(
+            f"unknown dense CLIP head {dense_head!r}; valid heads: {', '.join(DENSE_CLIP_HEADS)}"
+        )
+    if visual is not None and dense_head == "maskclip-noresidual" and _tower_kind(visual) == "resnet":
+        raise ConfigError(
+            "dense CLIP head 'maskclip-noresidual' is defined for ViT towers only: a ResNet CLIP's "
+            "attention pool has no residual or MLP to drop, so its MaskCLIP head c_proj(v_proj(z)) "
+            "already is residual-free; use dense_head='maskclip'"
+        )
+    return dense_head
+
+
+class ClipModel(_Normalizing):
+    """open_clip model + tokenizer with text, image and dense (MaskCLIP) heads.
+
+    All outputs are L2-normalised in the joint space of dimension ``embed_dim``. ``dense_head``
+    names the dense head :meth:`dense` runs (one of :data:`DENSE_CLIP_HEADS`, fixed at build time).
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Callable, name: str, weights: str):
+    def __init__(self, model: nn.Module, tokenizer: Callable, name: str, weights: str, dense_head: str = "maskclip"):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
         self.weights = weights
         visual = model.visual
+        self._dense_head: str = check_dense_head(dense_head, visual)
         self._set_norm(
             getattr(visual, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073),
             getattr(visual, "image_std", None) or (0.26862954, 0.26130258, 0.27577711),
@@ -211,6 +277,11 @@ class ClipModel(_Normalizing):
         self.embed_dim: int = int(model.text_projection.shape[-1]) if getattr(
             model, "text_projection", None
         ) is not None else int(visual.output_dim)
+
+    @property
+    def dense_head(self) -> str:
+        """The dense head :meth:`dense` runs: ``"maskclip"`` or ``"maskclip-noresidual"``."""
+        return self._dense_head
 
     @property
     def device(self) -> torch.device:
@@ -244,30 +315,81 @@ class ClipModel(_Normalizing):
 
     @property
     def supports_dense(self) -> bool:
-        from open_clip.transformer import VisionTransformer
+        """True for ViT towers (without an attentional pooler, e.g. not CoCa) and for
+        ModifiedResNet towers with an attention pool."""
+        visual = self.model.visual
+        kind = _tower_kind(visual)
+        if kind == "vit":
+            return getattr(visual, "attn_pool", None) is None
+        if kind == "resnet":
+            return getattr(visual, "attnpool", None) is not None
+        return False
 
-        return isinstance(self.model.visual, VisionTransformer)
+    @property
+    def patch_size(self) -> int:
+        """Side in pixels of one dense feature cell: the ViT patch size, or the ResNet's total
+        stride (32). :meth:`dense` needs H and W to be multiples of it."""
+        visual = self.model.visual
+        if _tower_kind(visual) == "resnet":
+            return RESNET_CLIP_STRIDE
+        ps = visual.conv1.kernel_size
+        return int(ps[0])
 
     @torch.no_grad()
     def dense(self, images: torch.Tensor) -> torch.Tensor:
-        """MaskCLIP dense features: (B, 3, H, W) normalised -> (B, E, H/p, W/p), normalised.
+        """Dense CLIP features: (B, 3, H, W) normalised, H and W multiples of ``patch_size`` (p)
+        -> (B, E, H/p, W/p), L2-normalised along E, float32.
 
-        The last transformer block's attention is replaced by its value path (no query-key
-        attention): out_proj(v_proj(ln_1(x))), then the visual tower's ``ln_post`` and ``proj``
-        map every patch token into the joint space.
+        The computation is the head named by ``dense_head``. With x (B, 1 + hw, W) the tokens
+        entering a ViT's last block (h = H/p, w = W/p; the position embedding resampled bicubically
+        to the h x w grid) and z (B, C, h, w) a ModifiedResNet's layer4 output (p = 32):
+
+        ``"maskclip"``, ViT::
+
+            a = ls_1(out_proj(v_proj(ln_1(x))))     # value path, no softmax(q k^T): (B, 1+hw, W)
+            x = x + a                               # residual kept
+            x = x + ls_2(mlp(ln_2(x)))              # MLP kept
+            f = ln_post(x[:, 1:]) @ proj            # (B, hw, E) -> (B, E, h, w)
+
+        ``"maskclip"``, ModifiedResNet (the attention pool's projections as 1x1 convolutions; its
+        positional embedding, mean token and q/k projections are not used)::
+
+            f = c_proj(v_proj(z))                   # (B, C, h, w) -> (B, E, h, w)
+
+        ``"maskclip-noresidual"``, ViT only::
+
+            f = ln_post(ls_1(out_proj(v_proj(ln_1(x))))[:, 1:]) @ proj
+
+        ``ls_1``/``ls_2`` are the block's layer scales (identity when it has none); blocks with
+        NormFormer-style extras apply them on the value path too (per-head ``head_scale`` and
+        ``ln_inner`` before ``out_proj``, ``ln_attn`` after it). Inputs are cast to the weights'
+        dtype (bf16 works); the output is float32.
         """
         if not self.supports_dense:
             raise ClipUnavailableError(
-                f"dense CLIP (MaskCLIP) is implemented for ViT CLIP towers, not {type(self.model.visual).__name__}"
+                "dense CLIP (MaskCLIP) is implemented for ViT (without attentional pooler) and "
+                f"ModifiedResNet CLIP towers, not {type(self.model.visual).__name__}"
             )
+        h, w = images.shape[-2:]
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(f"image size {h}x{w} is not a multiple of the dense CLIP cell size {p}")
+        if _tower_kind(self.model.visual) == "resnet":
+            feats = self._dense_resnet(images)
+        else:
+            feats = self._dense_vit(images)
+        return F.normalize(feats.float(), dim=1).contiguous()
+
+    def _dense_vit(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, E, h, w), not normalised, in the weights' dtype."""
         v = self.model.visual
         b = images.shape[0]
-        x = v.conv1(images.to(v.conv1.weight.dtype))  # (B, W, gh, gw)
+        x = v.conv1(images.to(v.conv1.weight.dtype))  # (B, W, h, w)
         gh, gw = x.shape[-2:]
-        x = x.flatten(2).transpose(1, 2)
+        x = x.flatten(2).transpose(1, 2)  # (B, hw, W)
         cls = v.class_embedding.to(x.dtype).view(1, 1, -1).expand(b, 1, -1)
         x = torch.cat([cls, x], dim=1) + _resample_pos(v.positional_embedding, gh, gw).to(x.dtype)
-        x = v.ln_pre(x)
+        x = v.ln_pre(x)  # (B, 1+hw, W)
         tr = v.transformer
         batch_first = getattr(tr, "batch_first", True)
         if not batch_first:
@@ -277,22 +399,59 @@ class ClipModel(_Normalizing):
         if not batch_first:
             x = x.transpose(0, 1)
         last = tr.resblocks[-1]
-        attn: nn.MultiheadAttention = last.attn
-        width = x.shape[-1]
-        y = last.ln_1(x)
-        w_v = attn.in_proj_weight[2 * width :]
-        b_v = attn.in_proj_bias[2 * width :] if attn.in_proj_bias is not None else None
-        y = attn.out_proj(F.linear(y, w_v, b_v))
-        y = v.ln_post(y[:, 1:])
-        if v.proj is not None:
-            y = y @ v.proj
-        y = F.normalize(y.float(), dim=-1)
-        return y.reshape(b, gh, gw, -1).permute(0, 3, 1, 2).contiguous()
+        branch = _value_path(last.attn, last.ln_1(x))  # (B, 1+hw, W)
+        ln_attn = getattr(last, "ln_attn", None)
+        if ln_attn is not None:
+            branch = ln_attn(branch)
+        branch = last.ls_1(branch)
+        if self._dense_head == "maskclip":
+            x = x + branch
+            x = x + last.ls_2(last.mlp(last.ln_2(x)))
+        else:  # "maskclip-noresidual"
+            x = branch
+        y = v.ln_post(x[:, 1:])  # (B, hw, W)
+        proj = v.proj
+        if isinstance(proj, nn.Module):
+            y = proj(y)
+        elif proj is not None:
+            y = y @ proj  # (B, hw, E)
+        return y.reshape(b, gh, gw, -1).permute(0, 3, 1, 2)
 
-    @property
-    def patch_size(self) -> int:
-        ps = self.model.visual.conv1.kernel_size
-        return int(ps[0])
+    def _dense_resnet(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, E, H/32, W/32), not normalised, in the weights' dtype."""
+        r = self.model.visual
+        z = r.stem(images.to(r.conv1.weight.dtype))  # (B, width, H/4, W/4)
+        for layer in (r.layer1, r.layer2, r.layer3, r.layer4):
+            z = layer(z)  # layer4: (B, C = 32*width, H/32, W/32)
+        pool = r.attnpool
+        z = z.permute(0, 2, 3, 1)  # (B, h, w, C): a Linear on channels-last = a 1x1 convolution
+        f = pool.c_proj(pool.v_proj(z))  # (B, h, w, E)
+        return f.permute(0, 3, 1, 2)
+
+
+def _value_path(attn: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """An attention module's output when every token attends only to itself: (B, L, W) -> (B, L, W).
+
+    Works for ``nn.MultiheadAttention`` and open_clip's ``Attention`` (whose optional per-head
+    ``head_scale`` and ``ln_inner`` act on the attended values before ``out_proj``).
+    """
+    width = y.shape[-1]
+    w_in = getattr(attn, "in_proj_weight", None)
+    if w_in is not None:
+        w_v = w_in[2 * width :]
+    else:  # nn.MultiheadAttention with separate q/k/v projections
+        w_v = attn.v_proj_weight
+    b_in = getattr(attn, "in_proj_bias", None)
+    b_v = b_in[2 * width :] if b_in is not None else None
+    v = F.linear(y, w_v, b_v)  # (B, L, W)
+    head_scale = getattr(attn, "head_scale", None)
+    if head_scale is not None:  # (heads, 1, 1)
+        heads = head_scale.shape[0]
+        v = (v.unflatten(-1, (heads, width // heads)) * head_scale.view(heads, 1).to(v.dtype)).flatten(-2)
+    ln_inner = getattr(attn, "ln_inner", None)
+    if ln_inner is not None:
+        v = ln_inner(v)
+    return attn.out_proj(v)
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -320,10 +479,21 @@ def _resample_pos(pos: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
 
 
 def create_clip(
-    name: str, weights: WeightsSpec = None, device: Union[str, torch.device] = "cpu", **model_kwargs
+    name: str,
+    weights: WeightsSpec = None,
+    device: Union[str, torch.device] = "cpu",
+    dense_head: str = "maskclip",
+    **model_kwargs,
 ) -> ClipModel:
-    """Build an open_clip model by name (``"ViT-B-16"``, or ``"local-dir:/path"``)."""
+    """Build an open_clip model by name (``"ViT-B-16"``, ``"RN50x16"``, or ``"local-dir:/path"``).
+
+    ``dense_head`` picks what :meth:`ClipModel.dense` computes (one of :data:`DENSE_CLIP_HEADS`;
+    an unknown name, or ``"maskclip-noresidual"`` on a ResNet tower, is a ``ConfigError``).
+    Extra keyword arguments go to ``open_clip.create_model``.
+    """
     import open_clip
+
+    check_dense_head(dense_head)
 
     is_local_dir = name.startswith("local-dir:")
     if not is_local_dir and name.replace("/", "-") not in open_clip.list_models():
@@ -361,15 +531,23 @@ def create_clip(
             f"could not get CLIP {name} weights {label} ({_short(exc)}); without network access pass a local file"
         ) from exc
     tokenizer = open_clip.get_tokenizer(name)
-    clip = ClipModel(model.eval(), tokenizer, name, label).to(device)
-    logger.info("CLIP %s loaded from %s", name, label)
+    clip = ClipModel(model.eval(), tokenizer, name, label, dense_head=dense_head).to(device)
+    logger.info("CLIP %s loaded from %s (dense head %s)", name, label, dense_head)
     return clip
 
 
-def create_encoder(name: str, weights: WeightsSpec = None, **kwargs) -> Union[DenseEncoder, ClipModel]:
-    """One entry point for every encoder: registered dense ViTs, else open_clip names."""
+def create_encoder(
+    name: str, weights: WeightsSpec = None, *, dense_head: Optional[str] = None, **kwargs
+) -> Union[DenseEncoder, ClipModel]:
+    """One entry point for every encoder: registered dense ViTs, else open_clip names.
+
+    ``dense_head`` goes to :func:`create_clip` (default ``"maskclip"``); it means nothing for a
+    registered dense ViT, so naming one there is a ``ConfigError``.
+    """
     if name in DENSE_ENCODERS:
+        if dense_head is not None:
+            raise ConfigError(f"dense_head={dense_head!r} applies to CLIP encoders only, not {name!r}")
         return create_dense_encoder(name, weights, **kwargs)
     if name.startswith("clip:"):
         name = name[len("clip:") :]
-    return create_clip(name, weights, **kwargs)
+    return create_clip(name, weights, dense_head=DENSE_CLIP_HEADS[0] if dense_head is None else dense_head, **kwargs)

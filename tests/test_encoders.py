@@ -48,6 +48,7 @@ def test_clip_local_dir_loads_and_maskclip_shapes(tiny_clip):
     assert t.shape == (2, 32) and torch.allclose(t.norm(dim=-1), torch.ones(2), atol=1e-5)
     x = tiny_clip.normalize(torch.rand(2, 3, 32, 48))
     d = tiny_clip.dense(x)
+    assert tiny_clip.dense_head == "maskclip" and tiny_clip.patch_size == 8
     assert d.shape == (2, 32, 4, 6)
     assert torch.allclose(d.norm(dim=1), torch.ones(2, 4, 6), atol=1e-4)
     assert tiny_clip.encode_image(tiny_clip.normalize(torch.rand(1, 3, 32, 32))).shape == (1, 32)
