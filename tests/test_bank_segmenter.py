@@ -234,3 +234,31 @@ def test_format1_banks_still_load(tmp_path):
     (tmp_path / "bank.json").write_text(json.dumps({"format_version": 1, "names": ["a", "b"], "metadata": {}}))
     back = ConceptBank.load(tmp_path)
     assert back.names == ("a", "b") and torch.equal(back.references, refs)
+
+
+def test_weights_identity_is_the_file_content_not_its_path(tmp_path, tiny_dense_path, images):
+    """The same checkpoint at another path (another node's cache) is the same encoder; another
+    checkpoint of the same architecture under the same name is not."""
+    import shutil
+
+    from conftest import TINY_VIT
+    from reco.encoders import create_dense_encoder
+
+    a = create_dense_encoder("dino_vits16", tiny_dense_path, **TINY_VIT)
+    copy = tmp_path / "elsewhere" / tiny_dense_path.name
+    copy.parent.mkdir()
+    shutil.copy(tiny_dense_path, copy)
+    b = create_dense_encoder("dino_vits16", copy, **TINY_VIT)
+    assert a.weights_id == b.weights_id and a.weights_id.startswith("sha256:")
+    bank = ConceptBank.build({"cat": images[:2], "dog": images[2:]}, ConceptBuilder(a, None, _cfg()))
+    assert bank.metadata["dense_weights_spec"] == str(tiny_dense_path)
+    Segmenter(bank, b)  # same bytes, other path: accepted
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(tiny_dense_path))
+    sd = {k: v + 0.01 for k, v in sd.items()}
+    other = tmp_path / "other.safetensors"
+    save_file(sd, str(other))
+    c = create_dense_encoder("dino_vits16", other, **TINY_VIT)
+    with pytest.raises(ConfigError, match="dense weights"):
+        Segmenter(bank, c)
