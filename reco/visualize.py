@@ -22,7 +22,7 @@ def palette(n: int = 256) -> np.ndarray:
 def colorize(labels: np.ndarray, ignore_index: int | None = 255) -> Image.Image:
     """(H, W) integer labels -> RGB image in the VOC palette (ignore pixels white)."""
     lab = np.asarray(labels).astype(np.int64)
-    rgb = palette()[np.clip(lab, 0, 255)]
+    rgb = palette(max(256, int(lab.max(initial=0)) + 1))[np.clip(lab, 0, None)]
     if ignore_index is not None:
         rgb[lab == ignore_index] = 255
     return Image.fromarray(rgb, "RGB")
@@ -43,3 +43,36 @@ def side_by_side(*panels: Image.Image) -> Image.Image:
         out.paste(p, (x, 0))
         x += p.width
     return out
+
+
+def legend(class_names, ids=None, swatch: int = 14) -> Image.Image:
+    """A colour legend: one row per class, its VOC-map colour beside its name.
+
+    ``ids`` are the label ids of ``class_names`` (default 0..C-1)."""
+    from PIL import ImageDraw
+
+    ids = list(range(len(class_names))) if ids is None else list(ids)
+    cmap = palette(max(256, max(ids, default=0) + 1))
+    row = swatch + 4
+    width = 12 + swatch + 8 * max((len(str(n)) for n in class_names), default=1) + 8
+    img = Image.new("RGB", (width, max(1, row * len(class_names)) + 4), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    for r, (i, name) in enumerate(zip(ids, class_names)):
+        y = 2 + r * row
+        draw.rectangle([4, y, 4 + swatch, y + swatch], fill=tuple(int(c) for c in cmap[i]), outline=(0, 0, 0))
+        draw.text((10 + swatch, y + 1), str(name), fill=(0, 0, 0))
+    return img
+
+
+def legend_html(class_names, ids=None) -> str:
+    """The same legend as HTML (for report pages)."""
+    import html
+
+    ids = list(range(len(class_names))) if ids is None else list(ids)
+    cmap = palette(max(256, max(ids, default=0) + 1))
+    items = "".join(
+        f"<li><span style='display:inline-block;width:1em;height:1em;border:1px solid #000;"
+        f"background:rgb({cmap[i][0]},{cmap[i][1]},{cmap[i][2]})'></span> {html.escape(str(n))}</li>"
+        for i, n in zip(ids, class_names)
+    )
+    return f"<ul class='legend' style='list-style:none;columns:4'>{items}</ul>"

@@ -1,4 +1,5 @@
 """Ray glue: distributed bank building and Ray Data segmentation with tiny models."""
+import json
 
 import numpy as np
 import pytest
@@ -109,9 +110,14 @@ def test_ray_data_segmentation_writes_labels_and_counts_bad_inputs(ray_local, ar
                             str(out), ActorConfig(num_actors=1, cpus_per_actor=0.5, batch_size=2))
     by_id = {r["id"]: r for r in rows}
     assert len(rows) == 4
-    assert by_id["bad.png"]["status"] == "skipped" and "ImageDecodeError" in by_id["bad.png"]["error"]
+    assert by_id["bad.png"]["status"] == "skipped" and "not an image" in by_id["bad.png"]["error"]
     # an unreadable (missing) input is a transient failure, not a bad input
     assert by_id["gone.png"]["status"] == "failed"
+    ok = by_id["a/cat.png"]
+    assert (ok["width"], ok["height"]) == (64, 64)
+    shares = dict(zip(json.loads(ok["classes"]), json.loads(ok["shares"])))
+    assert set(shares) <= {1, 2} and sum(shares.values()) == pytest.approx(1.0, abs=1e-4)
+    assert 0.0 < ok["mean_confidence"] < 1.0
     for it in items[:2]:
         r = by_id[it["id"]]
         assert r["status"] == "ok"
