@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -33,6 +34,7 @@ class BankWorker:
     ) -> Tuple[Optional[ConceptReference], Dict[str, object]]:
         from index.readers import read_images
 
+        t0 = time.perf_counter()
         images, kept, report = read_images(list(uris))
         info: Dict[str, object] = {"name": name, "archive": kept, "read": report.as_dict()}
         try:
@@ -40,7 +42,8 @@ class BankWorker:
                 ref = self.builder.build(name, images, text, context)
         except (EmptyArchiveError, ReCoError) as exc:
             info["error"] = str(exc)
-            return None, info
+            ref = None
+        info["seconds"] = time.perf_counter() - t0
         return ref, info
 
     def features(self, uris: Sequence[str]) -> torch.Tensor:

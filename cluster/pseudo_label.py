@@ -101,31 +101,6 @@ def _commit(out_uri: str, rows: List[Dict[str, Any]], storage_options, seq: int)
     write_bytes(join(out_uri, MANIFEST_DIR, name), buf.getvalue(), storage_options)
 
 
-def _lock(out_uri: str):
-    import contextlib
-
-    from index.storage import is_url, local_path
-
-    if is_url(out_uri):
-        logger.warning("%s is an object store: no writer lock is possible there; run one pseudo-label job "
-                       "per output at a time", out_uri)
-        return contextlib.nullcontext()
-    from index.store import StoreLock
-
-    root = local_path(out_uri)
-    root.mkdir(parents=True, exist_ok=True)
-
-    @contextlib.contextmanager
-    def held():
-        lock = StoreLock(root / "writer.lock", job="pseudo-label").acquire()
-        try:
-            yield lock
-        finally:
-            lock.release()
-
-    return held()
-
-
 def run_pseudo_label(
     items: Sequence[Any],
     bank_uri: str,
@@ -166,7 +141,9 @@ def run_pseudo_label(
     report = PseudoLabelReport(listed=len(items))
     settings_uri = join(out_uri, SETTINGS_FILE)
 
-    with _lock(out_uri):
+    from index.storage import writer_lock
+
+    with writer_lock(out_uri, "pseudo-label"):
         if exists(settings_uri, storage_options):
             have = json.loads(read_bytes(settings_uri, storage_options))
             if have.get("config_hash") != want["config_hash"] and not overwrite:
@@ -250,16 +227,9 @@ def _next_seq(out_uri: str, storage_options) -> int:
 
 def _clear_manifest(out_uri: str, storage_options) -> None:
     """Forget every committed row (``--overwrite``): the manifest parts are removed."""
-    import fsspec
+    from index.storage import join, list_files, remove_files
 
-    from index.storage import is_url, join, list_files, local_path
-
-    for part in list_files(join(out_uri, MANIFEST_DIR), storage_options, suffix=".parquet"):
-        if is_url(part):
-            fs, path = fsspec.core.url_to_fs(part, **dict(storage_options or {}))
-            fs.rm(path)
-        else:
-            local_path(part).unlink()
+    remove_files(list_files(join(out_uri, MANIFEST_DIR), storage_options, suffix=".parquet"), storage_options)
     logger.warning("--overwrite: forgot the committed pseudo-labels under %s", out_uri)
 
 

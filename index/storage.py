@@ -154,3 +154,42 @@ def list_files(prefix: str, storage_options: StorageOptions = None, suffix: str 
     if not p.is_dir():
         return []
     return sorted(str(f) for f in p.iterdir() if f.is_file() and f.name.endswith(suffix) and not f.name.startswith("."))
+
+
+def writer_lock(uri: str, job: str):
+    """A context manager holding the exclusive writer lock of the output folder ``uri``
+    (``URI/writer.lock``, :class:`index.store.StoreLock`). Object stores cannot be locked this
+    way: there it logs a warning and holds nothing (run one job per output)."""
+    import contextlib
+
+    if is_url(uri):
+        logger.warning("%s is an object store: no writer lock is possible there; run one %s job per output "
+                       "at a time", uri, job)
+        return contextlib.nullcontext()
+    from index.store import StoreLock
+
+    root = local_path(uri)
+    root.mkdir(parents=True, exist_ok=True)
+
+    @contextlib.contextmanager
+    def held():
+        lock = StoreLock(root / "writer.lock", job=job).acquire()
+        try:
+            yield lock
+        finally:
+            lock.release()
+
+    return held()
+
+
+def remove_files(uris, storage_options: StorageOptions = None) -> int:
+    """Delete the given files (local or object store); returns how many were removed."""
+    n = 0
+    for uri in uris:
+        if is_url(uri):
+            fs, path = _fs(uri, storage_options)
+            fs.rm(path)
+        else:
+            local_path(uri).unlink(missing_ok=True)
+        n += 1
+    return n

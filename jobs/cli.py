@@ -13,6 +13,7 @@ logger = logging.getLogger("reco")
 COMMANDS = {
     "demo": ("jobs.demo", "build a VOC concept bank from the real archive, segment, score, report"),
     "embed": ("jobs.embed", "CLIP-embed a corpus (folder, Parquet, s3://) into a sharded store, resumable"),
+    "build-bank": ("jobs.build_bank", "concept bank for a vocabulary (exemplars and/or CLIP retrieval), resumable"),
     "build-index": ("jobs.build_index", "build a FAISS index over a store and report its recall"),
     "search": ("jobs.search", "text -> image top-k over an index (prints ids/paths/scores, contact sheet)"),
     "pseudo-label": ("jobs.pseudo_label", "label a folder/Parquet/s3:// set with a bank (Ray Data, resumable, exactly once)"),

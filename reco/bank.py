@@ -33,6 +33,7 @@ class ConceptReference:
 
     reference:  (D,) L2-normalised reference embedding
     seed_index: (k,) seed token of each archive image (row-major in the h x w grid)
+    seed_scores: (k,) co-segmentation score of each seed (None for a reused context reference)
     grid:       (h, w) token grid of the archive features
     """
 
@@ -44,6 +45,7 @@ class ConceptReference:
     language_guidance: bool
     context: Tuple[str, ...]
     reused_context: bool = False
+    seed_scores: Optional[torch.Tensor] = None  # (k,) co-segmentation score of each seed
 
 
 class ConceptBuilder:
@@ -135,7 +137,9 @@ class ConceptBuilder:
             used_ctx = tuple(context)
             weights = weights * context_weights(feats, torch.stack([context[c] for c in used_ctx]))
         res = cosegment(feats, weights, self.config.block_size, self.config.exclude_own_image)
-        return ConceptReference(name, res.reference, res.seed_index, (h, w), k, use_lang, used_ctx)
+        seed_scores = res.scores.reshape(k, -1).gather(1, res.seed_index[:, None])[:, 0]
+        return ConceptReference(name, res.reference, res.seed_index, (h, w), k, use_lang, used_ctx,
+                                seed_scores=seed_scores)
 
     def build_context(
         self,

@@ -1,0 +1,317 @@
+"""Vocabulary-scale concept banks: a pool of Ray actors, committed in batches, resumable.
+
+Output layout under ``OUT`` (a storage URI, :mod:`index.storage`)::
+
+    OUT/build.json                         config hash + what it covers (bank config, encoders, mode)
+    OUT/parts/part-00004-9f1c2a7b.safetensors   one commit: the references of a batch of concepts
+                                           with their table rows in the safetensors header
+    OUT/bank.safetensors, OUT/bank.json    the assembled bank (vocabulary order), written at the end
+    OUT/concepts.parquet                   one row per concept: name, status, error, archive ids,
+                                           seed token and seed score per archive image, language /
+                                           context flags, image counts, seconds, config hash
+
+**Commit rule.** Context concepts are built first, in order, each with the earlier ones
+eliminated, and committed as one part; then target concepts are co-segmented in parallel and
+committed every ``commit_every`` concepts. A part is one file written atomically, so it holds
+references and rows of the same concepts or does not exist. A concept whose archive is empty or
+unusable (bad input) is committed as ``failed`` with its reason; a concept with an image that
+failed *transiently* is not committed, so the next run redoes it. A rerun with the same config
+hash skips every committed concept; another config is refused unless ``overwrite``. Local
+outputs take ``OUT/writer.lock``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from reco.bank import ConceptBank, ConceptReference
+from reco.config import BankConfig, to_dict
+from reco.errors import ConfigError, EmptyArchiveError
+
+from .config import ActorConfig
+from .models import EncoderSpec
+
+logger = logging.getLogger(__name__)
+
+PARTS_DIR = "parts"
+BUILD_FILE = "build.json"
+_HEADER = "reco_bank_part"
+
+
+@dataclass(frozen=True)
+class ConceptTask:
+    """One concept to build: its archive (image URIs) and, with CLIP, its text embedding."""
+
+    name: str
+    uris: Tuple[str, ...]
+    text: Optional[torch.Tensor] = None
+    source: str = "exemplars"  # "exemplars" or "retrieval"
+
+
+@dataclass
+class BankJobReport:
+    concepts: int = 0
+    already_done: int = 0
+    built: int = 0
+    failed: Dict[str, str] = field(default_factory=dict)
+    failed_transient: Dict[str, str] = field(default_factory=dict)
+    parts_committed: int = 0
+    seconds: float = 0.0
+    concept_seconds: float = 0.0
+
+    @property
+    def concepts_per_minute(self) -> float:
+        return 60.0 * (self.built + len(self.failed)) / self.seconds if self.seconds else 0.0
+
+    def as_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d["concepts_per_minute"] = self.concepts_per_minute
+        return d
+
+
+def config_hash(config: BankConfig, encoders: EncoderSpec, archive_mode: str) -> Tuple[str, Dict[str, Any]]:
+    covered = {"bank": to_dict(config), "dense_encoder": encoders.dense_encoder,
+               "dense_weights": encoders.dense_weights, "clip": encoders.clip_model,
+               "clip_weights": encoders.clip_weights, "clip_dense_head": encoders.clip_dense_head,
+               "archive_mode": archive_mode}
+    return hashlib.sha256(json.dumps(covered, sort_keys=True).encode()).hexdigest()[:16], covered
+
+
+def _row(name: str, kind: str, ref: Optional[ConceptReference], info: Mapping[str, Any], task: ConceptTask,
+         digest: str) -> Dict[str, Any]:
+    read = info.get("read", {})
+    return {
+        "name": name, "kind": kind, "status": "ok" if ref is not None else "failed",
+        "error": "" if ref is not None else str(info.get("error", "")), "source": task.source,
+        "archive": [str(u) for u in info.get("archive", [])], "requested": len(task.uris),
+        "images_skipped": dict(read.get("skipped_files", {})),
+        "seed_index": [] if ref is None else ref.seed_index.tolist(),
+        "seed_scores": [] if ref is None or ref.seed_scores is None else [round(float(v), 6) for v in ref.seed_scores],
+        "grid": [0, 0] if ref is None else list(ref.grid),
+        "language_guidance": bool(ref.language_guidance) if ref is not None else False,
+        "context_eliminated": [] if ref is None else list(ref.context),
+        "reused_context_reference": bool(ref.reused_context) if ref is not None else False,
+        "seconds": float(info.get("seconds", 0.0)), "config_hash": digest,
+    }
+
+
+def _commit(out_uri: str, rows: List[Dict[str, Any]], refs: List[torch.Tensor], seq: int, storage_options) -> None:
+    """One atomic part: references (n_ok, D) + all rows (ok and failed) in the header."""
+    from safetensors.torch import save
+
+    from index.storage import join, write_bytes
+
+    tensors = {"references": torch.stack(refs).float().contiguous()} if refs else {"empty": torch.zeros(1)}
+    blob = save(tensors, metadata={_HEADER: json.dumps(rows)})
+    write_bytes(join(out_uri, PARTS_DIR, f"part-{seq:05d}-{secrets.token_hex(4)}.safetensors"), blob, storage_options)
+
+
+def committed(out_uri: str, storage_options=None) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, torch.Tensor], int]:
+    """({name: row}, {name: reference}, next part number) of every committed part. A concept
+    committed twice (never by this code) would raise."""
+    from safetensors.torch import load
+
+    from index.storage import join, list_files, read_bytes
+    from reco.bank import _safetensors_metadata
+
+    rows: Dict[str, Dict[str, Any]] = {}
+    refs: Dict[str, torch.Tensor] = {}
+    parts = list_files(join(out_uri, PARTS_DIR), storage_options, suffix=".safetensors")
+    for part in parts:
+        data = read_bytes(part, storage_options)
+        part_rows = json.loads(_safetensors_metadata(data)[_HEADER])
+        tensors = load(data)
+        k = 0
+        for r in part_rows:
+            key = f"{r['kind']}:{r['name']}"
+            if key in rows:
+                raise RuntimeError(f"concept {r['name']!r} committed twice ({part})")
+            rows[key] = r
+            if r["status"] == "ok":
+                refs[key] = tensors["references"][k]
+                k += 1
+    seq = max((int(p.rsplit("/", 1)[-1].split("-")[1]) for p in parts), default=-1) + 1
+    return rows, refs, seq
+
+
+def run_build_bank(
+    tasks: Sequence[ConceptTask],
+    encoders: EncoderSpec,
+    config: BankConfig,
+    out_uri: str,
+    actors: ActorConfig = ActorConfig(),
+    context_tasks: Sequence[ConceptTask] = (),
+    archive_mode: str = "exemplar",
+    commit_every: int = 16,
+    overwrite: bool = False,
+    storage_options: Optional[Mapping[str, Any]] = None,
+) -> Tuple[Optional[ConceptBank], BankJobReport]:
+    """Build (or finish building) the bank of ``tasks`` into ``out_uri`` (Ray must be running).
+
+    Returns the assembled bank (None when some concepts are left for a rerun) and a report."""
+    import ray
+    from ray.util import ActorPool
+    from tqdm import tqdm
+
+    from index.storage import exists, join, read_bytes, write_bytes, writer_lock
+
+    from .bank import BankWorker
+
+    if commit_every < 1:
+        raise ConfigError("commit_every must be >= 1")
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise ConfigError("concept names must be unique")
+    t_start = time.perf_counter()
+    digest, covered = config_hash(config, encoders, archive_mode)
+    report = BankJobReport(concepts=len(tasks))
+    use_context = bool(config.context_elimination and config.context_concepts)
+    if use_context:
+        have = {t.name for t in context_tasks if t.uris}
+        missing = [c for c in config.context_concepts if c not in have]
+        if missing:
+            raise ConfigError(f"context elimination needs archives for the context concepts {missing}: give them "
+                              "(exemplar folders or an index), change bank.context_concepts, or set "
+                              "bank.context_elimination: false")
+    with writer_lock(out_uri, "build-bank"):
+        build_uri = join(out_uri, BUILD_FILE)
+        if exists(build_uri, storage_options):
+            prev = json.loads(read_bytes(build_uri, storage_options))
+            if prev.get("config_hash") != digest:
+                if not overwrite:
+                    raise ConfigError(f"{out_uri} was built with another configuration (config hash "
+                                      f"{prev.get('config_hash')}, now {digest}): use another --out, or --overwrite")
+                _forget_parts(out_uri, storage_options)
+        write_bytes(build_uri, json.dumps({"config_hash": digest, **covered}, indent=2).encode(), storage_options)
+        rows, refs, seq = committed(out_uri, storage_options)
+        todo = [t for t in tasks if f"target:{t.name}" not in rows]
+        report.already_done = len(tasks) - len(todo)
+        ctx_names = list(config.context_concepts) if use_context else []
+        need_context = use_context and any(f"context:{c}" not in rows for c in ctx_names)
+        opts = dict(num_cpus=actors.cpus_per_actor, num_gpus=actors.gpus_per_actor)
+        n_workers = min(actors.num_actors, max(1, len(todo)))
+        workers = [ray.remote(BankWorker).options(**opts).remote(encoders, config, actors.torch_threads)
+                   for _ in range(n_workers if (todo or need_context) else 0)]
+        try:
+            if workers:  # provenance of the encoders as the actors built them (digests included)
+                enc_meta = ray.get(workers[0].metadata.remote(archive_mode))
+                enc_meta.pop("concepts", None)
+                write_bytes(build_uri, json.dumps({"config_hash": digest, **covered, "encoder_metadata": enc_meta},
+                                                  indent=2).encode(), storage_options)
+            if need_context:  # the chain is rebuilt whole: each step depends on the earlier ones
+                by_name = {t.name: t for t in context_tasks}
+                chain: Dict[str, torch.Tensor] = {}
+                ctx_rows, ctx_refs = [], []
+                for c in ctx_names:
+                    t = by_name[c]
+                    ref, info = ray.get(workers[0].build.remote(c, list(t.uris), t.text, dict(chain)))
+                    if ref is None or info["read"].get("failed"):
+                        raise EmptyArchiveError(f"context concept {c!r} could not be built: "
+                                                f"{info.get('error') or info['read'].get('failed_files')}")
+                    chain[c] = ref.reference
+                    ctx_rows.append(_row(c, "context", ref, info, t, digest))
+                    ctx_refs.append(ref.reference)
+                _commit(out_uri, ctx_rows, ctx_refs, seq, storage_options)
+                seq += 1
+                report.parts_committed += 1
+                rows, refs, _ = committed(out_uri, storage_options)
+            context = {c: refs[f"context:{c}"] for c in ctx_names}
+            buf_rows: List[Dict[str, Any]] = []
+            buf_refs: List[torch.Tensor] = []
+            by_task = {t.name: t for t in todo}
+            jobs = ActorPool(workers).map_unordered(
+                lambda w, t: w.build.remote(t.name, list(t.uris), t.text, context), todo) if todo else []
+            for ref, info in tqdm(jobs, total=len(todo), desc="concepts", unit="concept"):
+                name = str(info["name"])
+                report.concept_seconds += float(info.get("seconds", 0.0))
+                if info["read"].get("failed"):
+                    report.failed_transient[name] = f"{info['read']['failed']} archive image(s) unreadable now: " + \
+                        "; ".join(f"{u}: {r}" for u, r in list(info["read"]["failed_files"].items())[:3])
+                    logger.warning("concept %s left for a rerun: %s", name, report.failed_transient[name])
+                    continue
+                row = _row(name, "target", ref, info, by_task[name], digest)
+                if ref is not None and ref.reused_context:  # keep the context build's seeds and archive
+                    ctx_row = rows[f"context:{name}"]
+                    row.update({k: ctx_row[k] for k in ("archive", "seed_index", "seed_scores", "grid",
+                                                        "images_skipped", "language_guidance")})
+                if ref is None:
+                    report.failed[name] = row["error"]
+                    logger.warning("concept %s failed: %s", name, row["error"])
+                else:
+                    report.built += 1
+                    buf_refs.append(ref.reference)
+                buf_rows.append(row)
+                if len(buf_rows) >= commit_every:
+                    _commit(out_uri, buf_rows, buf_refs, seq, storage_options)
+                    seq, buf_rows, buf_refs = seq + 1, [], []
+                    report.parts_committed += 1
+            if buf_rows:
+                _commit(out_uri, buf_rows, buf_refs, seq, storage_options)
+                report.parts_committed += 1
+        finally:
+            for w in workers:
+                ray.kill(w)
+        rows, refs, _ = committed(out_uri, storage_options)
+        report.seconds = time.perf_counter() - t_start
+        if report.failed_transient:
+            logger.warning("%d concepts left for a rerun (transient read failures); the bank is not assembled yet",
+                           len(report.failed_transient))
+            return None, report
+        enc_meta = json.loads(read_bytes(build_uri, storage_options)).get("encoder_metadata") or {}
+        bank = _assemble(tasks, rows, refs, enc_meta, config, archive_mode, digest)
+        _write_outputs(out_uri, bank, tasks, rows, storage_options)
+    return bank, report
+
+
+def _assemble(tasks, rows, refs, enc_meta: Mapping[str, Any], config: BankConfig, archive_mode: str,
+              digest: str) -> ConceptBank:
+    ok = [t for t in tasks if rows[f"target:{t.name}"]["status"] == "ok"]
+    if not ok:
+        raise EmptyArchiveError("no concept could be built: " + "; ".join(
+            f"{t.name}: {rows[f'target:{t.name}']['error']}" for t in tasks[:5]))
+    texts = [t.text for t in ok]
+    text = torch.stack(texts).float() if all(x is not None for x in texts) else None
+    meta: Dict[str, Any] = dict(enc_meta)
+    meta.update({
+        "archive_mode": archive_mode,
+        "language_guidance": any(rows[f"target:{t.name}"]["language_guidance"] for t in ok),
+        "context_elimination": list(config.context_concepts) if config.context_elimination else [],
+        "config": to_dict(config), "config_hash": digest,
+        "concepts": {t.name: {k: rows[f"target:{t.name}"][k] for k in
+                              ("archive", "seed_index", "seed_scores", "grid", "language_guidance",
+                               "context_eliminated", "reused_context_reference")} for t in ok},
+    })
+    return ConceptBank(tuple(t.name for t in ok), torch.stack([refs[f"target:{t.name}"] for t in ok]).float(),
+                       text, None, meta)
+
+
+def _write_outputs(out_uri, bank: ConceptBank, tasks, rows, storage_options) -> None:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from index.storage import join, save_bank, write_bytes
+
+    save_bank(bank, out_uri, storage_options)
+    table_rows = [rows[f"target:{t.name}"] for t in tasks] + [r for k, r in rows.items() if k.startswith("context:")]
+    cols = ["name", "kind", "status", "error", "source", "archive", "requested", "seed_index", "seed_scores",
+            "language_guidance", "context_eliminated", "reused_context_reference", "seconds", "config_hash"]
+    table = pa.table({c: [r[c] for r in table_rows] for c in cols})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    write_bytes(join(out_uri, "concepts.parquet"), buf.getvalue(), storage_options)
+
+
+def _forget_parts(out_uri: str, storage_options) -> None:
+    from index.storage import join, list_files, remove_files
+
+    remove_files(list_files(join(out_uri, PARTS_DIR), storage_options, suffix=".safetensors"), storage_options)
+    logger.warning("--overwrite: forgot the committed concepts under %s", out_uri)

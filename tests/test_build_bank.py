@@ -1,0 +1,183 @@
+"""`reco build-bank`: vocabulary validation, Ray == sequential, crash + rerun exactly once."""
+import json
+
+import pytest
+import torch
+
+from conftest import TINY_VIT, make_image, write_corrupt_files
+from reco.errors import ConfigError
+
+
+# -- vocabulary files --------------------------------------------------------------------
+
+@pytest.mark.parametrize("content,needle", [
+    (b"cat\n\ndog\n", ":2: blank concept name"),
+    (b"cat\ndog\n  Cat \n", ":3: duplicate concept 'Cat' (first on line 1)"),
+    (b"cat\ncaf\xe9\n", ":2: not valid UTF-8"),
+    (b"cat\n" + b"x" * 101 + b"\n", ":2: concept name longer than 100"),
+    (b"# only a comment\n", "no concept names"),
+])
+def test_bad_vocabulary_files_name_the_line(tmp_path, content, needle):
+    from jobs.vocab import read_vocabulary
+
+    f = tmp_path / "names.txt"
+    f.write_bytes(content)
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        read_vocabulary(str(f))
+
+
+def test_vocabulary_text_and_yaml(tmp_path):
+    from jobs.vocab import read_vocabulary
+
+    f = tmp_path / "names.txt"
+    f.write_text("# animals\ncat\nhot  dog\n")
+    assert read_vocabulary(str(f)).names == ["cat", "hot dog"]
+    y = tmp_path / "v.yaml"
+    y.write_text("cat:\n  synonyms: [kitten]\n  exemplars: ex/cat\ndog:\nCAT:\n")
+    with pytest.raises(ConfigError, match=":5: duplicate concept 'CAT'"):
+        read_vocabulary(str(y))
+    y.write_text("cat:\n  synonyms: [kitten]\n  exemplars: ex/cat\ndog:\n")
+    v = read_vocabulary(str(y))
+    assert v.names == ["cat", "dog"] and v.concepts[0].synonyms == ("kitten",)
+    assert v.concepts[0].exemplars == str((tmp_path / "ex" / "cat").resolve())
+    y.write_text("cat:\n  colour: red\n")
+    with pytest.raises(ConfigError, match=":1: unknown key"):
+        read_vocabulary(str(y))
+    y.write_text("- cat\n- ''\n")
+    with pytest.raises(ConfigError, match=":2: blank"):
+        read_vocabulary(str(y))
+
+
+# -- the Ray job -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def exemplars(tmp_path_factory):
+    root = tmp_path_factory.mktemp("exemplars")
+    seeds = {"cat": [1, 2, 3], "dog": [4, 5], "hot dog": [6, 7], "tree": [8, 9], "sky": [10], "bird": [11, 12]}
+    for name, ss in seeds.items():
+        d = root / name
+        d.mkdir()
+        for s in ss:
+            make_image(s, (64, 64)).save(d / f"{s}.png")
+    write_corrupt_files(root / "ghost")  # a concept whose archive holds only bad files
+    return root
+
+
+def _spec(tiny_dense_path):
+    from cluster.models import EncoderSpec
+
+    return EncoderSpec("dino_vits16", str(tiny_dense_path), dense_kwargs=TINY_VIT)
+
+
+def _tasks(root, names):
+    from cluster.bank_job import ConceptTask
+    from index.readers import list_images
+
+    return [ConceptTask(n, tuple(list_images(str(root / n)))) for n in names]
+
+
+@pytest.mark.slow
+def test_two_actors_equal_sequential_and_failures_stay_alone(ray_local, exemplars, tiny_dense_path, tmp_path):
+    import pyarrow.parquet as pq
+
+    from cluster.bank_job import run_build_bank
+    from cluster.config import ActorConfig
+    from index.readers import read_images
+    from reco import BankConfig, ConceptBank, ConceptBuilder
+    from reco.encoders import create_dense_encoder
+
+    cfg = BankConfig(image_size=64, block_size=64, context_concepts=("tree", "sky"))
+    names = ["cat", "dog", "ghost", "hot dog", "sky"]
+    bank, rep = run_build_bank(_tasks(exemplars, names), _spec(tiny_dense_path), cfg, str(tmp_path / "bank"),
+                               ActorConfig(num_actors=2, cpus_per_actor=0.5), _tasks(exemplars, ["tree", "sky"]),
+                               commit_every=2)
+    assert rep.built == 4 and list(rep.failed) == ["ghost"] and "no usable image" in rep.failed["ghost"]
+    assert bank.names == ("cat", "dog", "hot dog", "sky")
+    # the same computation in one process
+    dense = create_dense_encoder("dino_vits16", tiny_dense_path, **TINY_VIT)
+    builder = ConceptBuilder(dense, None, cfg)
+    imgs = {n: read_images([str(p) for p in sorted((exemplars / n).iterdir())])[0]
+            for n in ["cat", "dog", "hot dog", "sky", "tree"]}
+    local = ConceptBank.build({n: imgs[n] for n in bank.names}, builder,
+                              context_archives={"tree": imgs["tree"], "sky": imgs["sky"]})
+    assert torch.allclose(bank.references, local.references, atol=1e-5)
+    table = pq.read_table(tmp_path / "bank" / "concepts.parquet").to_pylist()
+    rows = {r["name"]: r for r in table if r["kind"] == "target"}
+    assert rows["ghost"]["status"] == "failed" and rows["ghost"]["seed_index"] == []
+    assert len(rows["cat"]["seed_index"]) == 3 and len(rows["cat"]["seed_scores"]) == 3
+    assert rows["cat"]["context_eliminated"] == ["tree", "sky"]
+    # sky is also a context concept: its seeds come from the context build, not lost
+    assert rows["sky"]["reused_context_reference"] and len(rows["sky"]["seed_index"]) == 1
+    assert bank.metadata["concepts"]["sky"]["seed_index"] == rows["sky"]["seed_index"]
+    assert json.loads((tmp_path / "bank" / "build.json").read_text())["config_hash"] == rows["cat"]["config_hash"]
+    # the assembled bank loads like any other
+    again = ConceptBank.load(tmp_path / "bank")
+    assert again.names == bank.names
+
+
+@pytest.mark.slow
+def test_crash_then_rerun_builds_every_concept_exactly_once(ray_local, exemplars, tiny_dense_path, tmp_path,
+                                                            monkeypatch):
+    import cluster.bank_job as bj
+    from cluster.config import ActorConfig
+    from reco import BankConfig
+
+    cfg = BankConfig(image_size=64, block_size=64, context_elimination=False)
+    names = ["cat", "dog", "hot dog", "bird", "sky", "tree"]
+    out = str(tmp_path / "bank")
+    real, calls = bj._commit, []
+
+    def crash_on_third(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated crash")
+        return real(*a, **k)
+
+    monkeypatch.setattr(bj, "_commit", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        bj.run_build_bank(_tasks(exemplars, names), _spec(tiny_dense_path), cfg, out,
+                          ActorConfig(num_actors=2, cpus_per_actor=0.5), commit_every=1)
+    rows, _, _ = bj.committed(out)
+    assert len(rows) == 2
+    monkeypatch.setattr(bj, "_commit", real)
+    bank, rep = bj.run_build_bank(_tasks(exemplars, names), _spec(tiny_dense_path), cfg, out,
+                                  ActorConfig(num_actors=2, cpus_per_actor=0.5), commit_every=1)
+    assert rep.already_done == 2 and rep.built == 4
+    rows, refs, _ = bj.committed(out)  # raises if any concept were committed twice
+    assert sorted(r["name"] for r in rows.values()) == sorted(names)
+    assert bank.names == tuple(names)
+    with pytest.raises(ConfigError, match="another configuration"):
+        bj.run_build_bank(_tasks(exemplars, names), _spec(tiny_dense_path),
+                          BankConfig(image_size=64, context_elimination=False, k=7), out)
+
+
+@pytest.mark.slow
+def test_cli_build_bank_then_pseudo_label(ray_local, exemplars, tiny_dense_path, tmp_path, caplog):
+    from jobs.cli import main
+
+    vocab = tmp_path / "names.txt"
+    vocab.write_text("cat\ndog\nunicorn\n")
+    cfg = tmp_path / "bank.yaml"
+    cfg.write_text("bank:\n  image_size: 64\n  context_elimination: false\n")
+    enc = ["--dense-encoder", "dino_vits16", "--dense-weights", str(tiny_dense_path),
+           "--dense-kwargs", json.dumps(TINY_VIT)]
+    out = tmp_path / "bank"
+    assert main(["build-bank", "--vocab", str(vocab), "--exemplars", str(exemplars), "--out", str(out),
+                 "--config", str(cfg), "--actors", "1", *enc]) == 0
+    import pyarrow.parquet as pq
+
+    rows = {r["name"]: r for r in pq.read_table(out / "concepts.parquet").to_pylist()}
+    assert rows["unicorn"]["status"] == "failed" and "no usable image" in rows["unicorn"]["error"]
+    assert rows["cat"]["status"] == "ok"
+    # default config needs context archives: a clear error, before any work
+    caplog.clear()
+    assert main(["build-bank", "--vocab", str(vocab), "--exemplars", str(exemplars), "--out",
+                 str(tmp_path / "b2"), *enc]) == 2
+    assert "context concepts" in caplog.text
+    # the bank feeds pseudo-labelling directly (encoders read from its metadata)
+    src = tmp_path / "src"
+    src.mkdir()
+    make_image(30, (64, 48)).save(src / "x.png")
+    assert main(["pseudo-label", str(src), "--bank", str(out), "--out", str(tmp_path / "pl"),
+                 "--dense-kwargs", json.dumps(TINY_VIT)]) == 0
+    assert json.loads((tmp_path / "pl" / "pseudo_label.json").read_text())["classes"] == ["cat", "dog"]
