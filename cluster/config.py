@@ -78,3 +78,26 @@ def load_cluster_config(source: Union[str, Path, Mapping[str, Any], None]) -> Cl
     rt = from_dict(RayRuntimeConfig, ray_section, "ray")
     rt = RayRuntimeConfig(**{**rt.__dict__, "env_vars": {str(k): str(v) for k, v in env.items()}})
     return ClusterConfig(ray=rt, bank=cfg.bank, segment=cfg.segment, embed=cfg.embed)
+
+
+#: the repository's Ray settings, used when no ``--ray-config`` is given
+DEFAULT_RAY_CONFIG = Path(__file__).resolve().parents[1] / "ray_config.yaml"
+
+
+def cluster_config_path(arg: Union[str, Path, None] = None) -> Optional[Path]:
+    """The Ray settings file a job uses: ``arg`` when given (it must exist: a path the user typed
+    is never silently replaced by defaults), else the repository's ``ray_config.yaml`` when
+    present, else None (built-in defaults). Raises :class:`ConfigError`."""
+    if arg is None or str(arg) == "":
+        return DEFAULT_RAY_CONFIG if DEFAULT_RAY_CONFIG.is_file() else None
+    p = Path(arg).expanduser()
+    if not p.exists():
+        raise ConfigError(f"--ray-config {arg}: no such file")
+    if not p.is_file():
+        raise ConfigError(f"--ray-config {arg}: not a file")
+    return p
+
+
+def resolve_cluster_config(arg: Union[str, Path, None] = None) -> ClusterConfig:
+    """The one rule for a job's ``--ray-config`` (default None): see :func:`cluster_config_path`."""
+    return load_cluster_config(cluster_config_path(arg))

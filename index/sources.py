@@ -8,14 +8,40 @@
 
 Items carry no pixels: workers fetch bytes themselves (:func:`fetch_bytes`), so the driver never
 holds the corpus.
+
+**Failure classification** (the one rule, used by ``reco embed``, bank building and segmentation):
+
+* *bad input*, skipped for good with a reason: undecodable / corrupt / truncated / empty / too
+  large / not an image (:class:`reco.errors.ImageDecodeError`), a broken symlink, a directory,
+  a file name that is not valid UTF-8 (:class:`reco.errors.BadInputError`), malformed data
+  (``ValueError``, e.g. a Parquet row out of range);
+* *transient failure*, never recorded: any ``OSError`` while fetching (a listed file missing on
+  this node, permission or I/O error, S3 timeout / throttling / 5xx, connection error).
+  :func:`fetch_bytes` retries those with exponential back-off (:class:`RetryPolicy`, overridable
+  with ``RECO_FETCH_ATTEMPTS`` / ``RECO_FETCH_BACKOFF_S`` / ``RECO_FETCH_MAX_BACKOFF_S``), then
+  raises :class:`reco.errors.TransientIOError`; the caller leaves the input unprocessed so that
+  a rerun retries it. An unexpected exception type is treated as transient too (never committed).
+
+:func:`classify_failure` maps an exception to ``(kind, reason)``.
+
+**File names that are not valid UTF-8** (e.g. ``caf\\xe9.jpg`` written in Latin-1) cannot be
+stored in the Parquet metadata nor handed to Ray Data as strings. Such a file is listed with its
+undecodable bytes written ``%XX`` (id ``caf%E9.jpg``) and a :attr:`Item.problem`, so it is
+recorded as skipped (reason: the name is not valid UTF-8, rename it) instead of crashing the job.
 """
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import posixpath
+import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+from reco.errors import BadInputError, ConfigError, ImageDecodeError, TransientIOError
 
 logger = logging.getLogger(__name__)
 
@@ -32,10 +58,55 @@ def _is_url(uri: str) -> bool:
 
 @dataclass(frozen=True)
 class Item:
-    """One corpus image. ``uri`` is a file/URL, or ``parquet://<file>#<row>`` for embedded bytes."""
+    """One corpus image. ``uri`` is a file/URL, or ``parquet://<file>#<row>`` for embedded bytes.
+
+    ``problem``: why the item is bad input already at listing time ("" when it is not), e.g. a
+    file name that is not valid UTF-8; such an item is recorded as skipped, never fetched."""
 
     id: str
     uri: str
+    problem: str = ""
+
+
+def printable(text: str) -> str:
+    """``text`` as valid UTF-8: bytes that ``os.fsdecode`` could not decode (lone surrogates
+    U+DC80..U+DCFF) become ``%XX``, any other lone surrogate ``\\uXXXX``. Valid text is returned
+    unchanged."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    out = []
+    for ch in text:
+        o = ord(ch)
+        if 0xDC80 <= o <= 0xDCFF:
+            out.append(f"%{o - 0xDC00:02X}")
+        elif 0xD800 <= o <= 0xDFFF:
+            out.append(f"\\u{o:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def is_representable(text: str) -> bool:
+    """True when ``text`` can be stored as a UTF-8 string (Parquet, Arrow, JSON)."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _local_item(path: Path, root: Path) -> Item:
+    rel = path.relative_to(root).as_posix()
+    full = str(path)
+    if is_representable(rel) and is_representable(full):
+        return Item(rel, full)
+    raw = os.fsencode(full)
+    return Item(printable(rel), printable(full),
+                problem=f"file name is not valid UTF-8 ({raw!r}): rename it to UTF-8 "
+                        f"(e.g. convmv -f latin1 -t utf-8) and rerun")
 
 
 def _fs(url: str, storage_options: Optional[Mapping[str, Any]] = None):
@@ -63,8 +134,17 @@ def list_folder(root: str, storage_options: Optional[Mapping[str, Any]] = None,
     p = Path(root.removeprefix("file://")).expanduser()
     if not p.is_dir():
         raise FileNotFoundError(f"image folder {p} does not exist")
-    files = [f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in exts]
-    return sorted((Item(f.relative_to(p).as_posix(), str(f)) for f in files), key=lambda i: i.id)
+    # broken symlinks are listed too (fetching them says why they are skipped)
+    files = [f for f in p.rglob("*") if (f.is_file() or (f.is_symlink() and not f.exists()))
+             and f.suffix.lower() in exts]
+    items = sorted((_local_item(f, p) for f in files), key=lambda i: i.id)
+    seen = set()
+    for it in items:
+        if it.id in seen:  # only possible when an escaped non-UTF-8 name equals a real one
+            raise ConfigError(f"{root}: two files have the id {it.id!r} (one of them has a name that is "
+                              f"not valid UTF-8, written with %XX): rename it")
+        seen.add(it.id)
+    return items
 
 
 def _pick(names: Iterable[str], wanted: Sequence[str]) -> Optional[str]:
@@ -109,7 +189,7 @@ def list_parquet(source: str, storage_options: Optional[Mapping[str, Any]] = Non
         pf = pq.ParquetFile(fs.open(path, "rb") if fs is not None else path)
         id_col, bytes_col, path_col = parquet_columns(pf.schema_arrow)
         if bytes_col is None and path_col is None:
-            raise ValueError(
+            raise ConfigError(
                 f"{f}: no image column (a binary {'/'.join(BYTES_COLUMNS)} column or a "
                 f"{'/'.join(PATH_COLUMNS)} column); columns are {pf.schema_arrow.names}"
             )
@@ -124,7 +204,7 @@ def list_parquet(source: str, storage_options: Optional[Mapping[str, Any]] = Non
         items += [Item(i, u) for i, u in zip(ids, uris)]
     dup = len(items) - len({i.id for i in items})
     if dup:
-        raise ValueError(f"{source}: {dup} duplicate ids; ids must be unique across the corpus")
+        raise ConfigError(f"{source}: {dup} duplicate ids; ids must be unique across the corpus")
     return sorted(items, key=lambda i: i.id)
 
 
@@ -143,7 +223,7 @@ def list_source(source: str, kind: str = "auto", storage_options: Optional[Mappi
         return list_folder(source, storage_options)
     if kind == "parquet":
         return list_parquet(source, storage_options)
-    raise ValueError(f"unknown source kind {kind!r} (folder, parquet, auto)")
+    raise ConfigError(f"unknown source kind {kind!r} (folder, parquet, auto)")
 
 
 class ParquetRowReader:
@@ -169,7 +249,7 @@ class ParquetRowReader:
             self._pf = pq.ParquetFile(f)
         _, self._bytes_col, _ = parquet_columns(self._pf.schema_arrow)
         if self._bytes_col is None:
-            raise ValueError(f"{f}: no image bytes column")
+            raise BadInputError(f"{f}: no image bytes column")
         offs, acc = [], 0
         for g in range(self._pf.num_row_groups):
             offs.append(acc)
@@ -184,7 +264,7 @@ class ParquetRowReader:
         self._open(f)
         g = bisect.bisect_right(self._offsets, row) - 1
         if g < 0 or row >= self._offsets[-1]:
-            raise OSError(f"{uri}: row out of range")
+            raise BadInputError(f"{uri}: row out of range")
         if self._group[0] != g:
             self._group = (g, self._pf.read_row_group(g, columns=[self._bytes_col]).column(0))
         value = self._group[1][row - self._offsets[g]].as_py()
@@ -193,9 +273,77 @@ class ParquetRowReader:
         return value or b""
 
 
-def fetch_bytes(uri: str, storage_options: Optional[Mapping[str, Any]] = None,
-                parquet: Optional[ParquetRowReader] = None) -> bytes:
-    """Bytes of an item's uri: a local path, an fsspec URL, or ``parquet://file#row``."""
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries of transient fetch failures: ``attempts`` tries in all, waiting
+    ``backoff_s * 2**k`` (capped at ``max_backoff_s``, with jitter in [50%, 100%]) before try k+2."""
+
+    attempts: int = 3
+    backoff_s: float = 0.5
+    max_backoff_s: float = 8.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ConfigError(f"retry attempts must be >= 1, got {self.attempts}")
+        if self.backoff_s < 0 or self.max_backoff_s < 0:
+            raise ConfigError("retry back-off must be >= 0")
+
+    def delay(self, retry: int) -> float:
+        """Seconds to wait before retry number ``retry`` (0-based)."""
+        d = min(self.max_backoff_s, self.backoff_s * (2 ** retry))
+        return d * (0.5 + 0.5 * random.random())
+
+    @classmethod
+    def from_env(cls) -> "RetryPolicy":
+        """Defaults, overridden by ``RECO_FETCH_ATTEMPTS``, ``RECO_FETCH_BACKOFF_S``, ``RECO_FETCH_MAX_BACKOFF_S``."""
+        d = cls()
+        try:
+            return cls(int(os.environ.get("RECO_FETCH_ATTEMPTS", d.attempts)),
+                       float(os.environ.get("RECO_FETCH_BACKOFF_S", d.backoff_s)),
+                       float(os.environ.get("RECO_FETCH_MAX_BACKOFF_S", d.max_backoff_s)))
+        except ValueError as exc:
+            raise ConfigError(f"bad RECO_FETCH_* environment variable: {exc}") from exc
+
+
+BAD = "skipped"
+TRANSIENT = "transient"
+
+
+def classify_failure(exc: BaseException) -> Tuple[str, str]:
+    """``(kind, reason)`` of a failure to fetch + decode one input: ``kind`` is :data:`BAD`
+    (skip for good, record the reason) or :data:`TRANSIENT` (leave uncommitted, a rerun retries)."""
+    if isinstance(exc, TransientIOError):
+        return TRANSIENT, f"io: {exc}"
+    if isinstance(exc, ImageDecodeError):
+        return BAD, f"decode: {exc}"
+    if isinstance(exc, BadInputError):
+        return BAD, f"bad input: {exc}"
+    if isinstance(exc, ValueError):  # malformed data (Arrow, row index, ...), not fixed by a retry
+        return BAD, f"bad input: {type(exc).__name__}: {exc}"
+    if isinstance(exc, OSError):  # an I/O error that did not go through fetch_bytes' retries
+        return TRANSIENT, f"io: {type(exc).__name__}: {exc}"
+    return TRANSIENT, f"unexpected {type(exc).__name__}: {exc}"
+
+
+def _fetch_local(uri: str) -> bytes:
+    path = uri.removeprefix("file://")
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except IsADirectoryError as exc:
+        raise BadInputError(f"{uri}: is a directory, not an image file") from exc
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise BadInputError(f"{uri}: broken symlink (its target {os.readlink(path)} does not exist)") from None
+        raise  # a listed file missing on this node: transient
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise BadInputError(f"{uri}: symlink loop") from exc
+        raise
+
+
+def _fetch_once(uri: str, storage_options: Optional[Mapping[str, Any]],
+                parquet: Optional[ParquetRowReader]) -> bytes:
     if uri.startswith("parquet://"):
         return (parquet or ParquetRowReader(storage_options)).read(uri)
     if _is_url(uri):
@@ -203,9 +351,31 @@ def fetch_bytes(uri: str, storage_options: Optional[Mapping[str, Any]] = None,
         try:
             with fs.open(path, "rb") as fh:
                 return fh.read()
-        except FileNotFoundError:
+        except OSError:
             raise
-        except Exception as exc:  # S3 errors surface with many types
-            raise OSError(f"{uri}: {type(exc).__name__}: {exc}") from exc
-    with open(uri.removeprefix("file://"), "rb") as fh:
-        return fh.read()
+        except Exception as exc:  # S3 errors surface with many types (botocore, aiohttp, ...)
+            raise OSError(f"{type(exc).__name__}: {exc}") from exc
+    return _fetch_local(uri)
+
+
+def fetch_bytes(uri: str, storage_options: Optional[Mapping[str, Any]] = None,
+                parquet: Optional[ParquetRowReader] = None, retry: Optional[RetryPolicy] = None) -> bytes:
+    """Bytes of an item's uri: a local path, an fsspec URL, or ``parquet://file#row``.
+
+    Bad input raises :class:`BadInputError` (or ``ValueError``) at once; an ``OSError`` is retried
+    per ``retry`` (default :meth:`RetryPolicy.from_env`) and then raised as
+    :class:`TransientIOError` naming ``uri``, the attempts and the last error."""
+    policy = retry or RetryPolicy.from_env()
+    last: Optional[BaseException] = None
+    for attempt in range(policy.attempts):
+        if attempt:
+            time.sleep(policy.delay(attempt - 1))
+        try:
+            return _fetch_once(uri, storage_options, parquet)
+        except (BadInputError, TransientIOError):
+            raise
+        except OSError as exc:
+            last = exc
+            logger.debug("fetch %s failed (attempt %d/%d): %s", uri, attempt + 1, policy.attempts, exc)
+    what = f"{type(last).__name__}: {last}" if last is not None else "unknown error"
+    raise TransientIOError(f"{uri}: cannot read ({what}; {policy.attempts} attempt(s))") from last

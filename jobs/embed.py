@@ -1,4 +1,11 @@
-"""``reco embed SOURCE --store DIR``: CLIP-embed a corpus into a sharded store (resumable)."""
+"""``reco embed SOURCE --store DIR``: CLIP-embed a corpus into a sharded store (resumable).
+
+Arguments, the store and the model are checked before Ray starts (a mistake is one line, exit 2).
+Exit status: 0 when every listed input is embedded or skipped as bad input; 3 when some inputs
+failed transiently (I/O errors, timeouts, files missing on a node, after retries): they are not
+committed, a WARNING names them, and rerunning the same command retries them. Another job
+writing the same store is refused (exit 2, naming it).
+"""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +16,7 @@ from typing import List, Optional
 
 import yaml
 
-from cluster.config import load_cluster_config
+from cluster.config import cluster_config_path, resolve_cluster_config
 from cluster.models import EncoderSpec
 from reco.config import to_dict
 from reco.errors import ConfigError
@@ -18,7 +25,9 @@ logger = logging.getLogger(__name__)
 
 
 def add_cluster_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ray-config", default="ray_config.yaml", help="Ray settings (missing file: defaults)")
+    p.add_argument("--ray-config", default=None,
+                   help="Ray settings YAML (default: the repository's ray_config.yaml if present, else built-in "
+                        "defaults); a file named here must exist")
     p.add_argument("--storage-options", default="{}",
                    help='JSON fsspec options, e.g. \'{"endpoint_url": "http://127.0.0.1:9000", "key": "..", "secret": ".."}\'')
 
@@ -33,8 +42,13 @@ def parse_storage_options(text: str) -> dict:
     return opts
 
 
+#: exit status when some inputs failed transiently and a rerun should retry them
+EXIT_RERUN = 3
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="reco embed", description=__doc__)
+    p = argparse.ArgumentParser(prog="reco embed", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="image folder, fsspec URL (s3://bucket/prefix) or Parquet file/folder")
     p.add_argument("--store", required=True, help="embedding store directory (created or resumed)")
     p.add_argument("--kind", default="auto", choices=("auto", "folder", "parquet"))
@@ -49,28 +63,45 @@ def main(argv: Optional[List[str]] = None) -> int:
     add_cluster_args(p)
     args = p.parse_args(argv)
 
-    from cluster.embed import run_embed
-    from cluster.runtime import init_ray
-    from index.sources import list_source
+    from cluster import runtime
+    from cluster.embed import clip_dims, model_identity, run_embed
+    from index.sources import RetryPolicy, list_source
     from index.store import EmbeddingStore
 
+    # everything a user can get wrong is checked here, before Ray starts
+    if args.shard_size < 1:
+        raise ConfigError(f"--shard-size must be >= 1, got {args.shard_size}")
+    if args.decode_cpus <= 0:
+        raise ConfigError(f"--decode-cpus must be > 0, got {args.decode_cpus}")
     storage = parse_storage_options(args.storage_options)
-    cfg_path = Path(args.ray_config)
-    cluster = load_cluster_config(cfg_path if cfg_path.is_file() else None)
+    cfg_path = cluster_config_path(args.ray_config)
+    cluster = resolve_cluster_config(args.ray_config)
+    logger.info("Ray settings: %s", cfg_path or "built-in defaults")
+    retry = RetryPolicy.from_env()
     encoders = EncoderSpec(clip_model=args.clip_model, clip_weights=args.clip_weights, clip_precision=args.precision)
-    items = list_source(args.source, args.kind, storage)
-    if not items:
-        raise FileNotFoundError(f"{args.source} holds no images")
-    logger.info("%d images listed in %s", len(items), args.source)
-    init_ray(cluster.ray)
+    _, dim = clip_dims(encoders)
     store = EmbeddingStore(args.store)
-    report = run_embed(items, store, encoders, cluster.embed, args.shard_size, storage, args.decode_cpus,
-                       device_decode=args.device_decode)
-    out = Path(args.store)
-    (out / "embed_report.json").write_text(json.dumps(report.as_dict(), indent=2))
-    (out / "embed_config.yaml").write_text(yaml.safe_dump(
-        {"args": vars(args), "encoders": to_dict(encoders), "cluster": to_dict(cluster)}, sort_keys=False))
-    logger.info("embedded %d, skipped %d (reasons in %s), %d already in the store; %d shards committed; "
-                "%.1f img/s; store now holds %d", report.embedded, len(report.skipped), out / "skipped",
-                report.already_done, len(report.shards_committed), report.images_per_second, len(store))
+    store.check_location()
+    store.check_compatible(model_identity(encoders), dim)
+    with store.writer(job="embed"):  # a second job on this store is refused here, before listing and Ray
+        items = list_source(args.source, args.kind, storage)
+        if not items:
+            raise FileNotFoundError(f"{args.source} holds no images")
+        logger.info("%d images listed in %s", len(items), args.source)
+        runtime.init_ray(cluster.ray)
+        report = run_embed(items, store, encoders, cluster.embed, args.shard_size, storage, args.decode_cpus,
+                           device_decode=args.device_decode, retry=retry)
+        out = Path(args.store)
+        (out / "embed_report.json").write_text(json.dumps(report.as_dict(), indent=2))
+        (out / "embed_config.yaml").write_text(yaml.safe_dump(
+            {"args": vars(args), "encoders": to_dict(encoders), "cluster": to_dict(cluster)}, sort_keys=False))
+    logger.info("embedded %d, skipped %d (reasons in %s), failed transiently %d, %d already in the store; "
+                "%d shards committed; %.1f img/s; store now holds %d", report.embedded, len(report.skipped),
+                out / "skipped", len(report.failed_transient), report.already_done,
+                len(report.shards_committed), report.images_per_second, len(store))
+    if report.failed_transient:
+        logger.warning("%d input(s) failed transiently and were NOT committed (see failed_transient in %s): "
+                       "rerun the same command to retry them", len(report.failed_transient),
+                       out / "embed_report.json")
+        return EXIT_RERUN
     return 0

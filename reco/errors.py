@@ -43,3 +43,15 @@ class UnknownConceptError(ReCoError, KeyError):
 
 class ClipUnavailableError(ReCoError, RuntimeError):
     """A step needs CLIP but the pipeline was built without CLIP weights."""
+
+
+class BadInputError(ReCoError, ValueError):
+    """An input that can never be read as an image, whatever the retries: a broken symlink, a
+    directory or special file, a name that is not valid UTF-8. Skipped for good, with a reason."""
+
+
+class TransientIOError(ReCoError, OSError):
+    """Reading an input failed in a way a retry may fix (I/O error, a listed file missing on this
+    node, S3 timeout / throttling / 5xx, connection error), after the reader's own retries.
+
+    Never recorded as skipped: the input stays unprocessed so that a rerun tries it again."""

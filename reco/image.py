@@ -7,7 +7,7 @@ from typing import Tuple, Union
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .errors import ImageDecodeError
 
@@ -22,7 +22,7 @@ def decode_image(data: bytes, source: str = "<bytes>", max_pixels: int = MAX_PIX
 
     Greyscale, palette, CMYK, 16-bit and alpha images are converted to RGB (alpha is composited
     on white). Raises :class:`ImageDecodeError` (naming ``source``) for empty, corrupt, truncated
-    or oversized inputs.
+    or oversized inputs, and for bytes that are not an image at all ("not an image").
     """
     if not data:
         raise ImageDecodeError(f"{source}: empty file")
@@ -40,6 +40,9 @@ def decode_image(data: bytes, source: str = "<bytes>", max_pixels: int = MAX_PIX
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(f"{source}: too large to decode safely ({exc})") from exc
+    except UnidentifiedImageError as exc:  # its message names an anonymous BytesIO: say what it means
+        raise ImageDecodeError(f"{source}: not an image (no known image format in its "
+                               f"{len(data)} bytes, starting {data[:8]!r})") from exc
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... on bad data
         raise ImageDecodeError(f"{source}: cannot decode image ({type(exc).__name__}: {exc})") from exc
     return to_rgb(img)

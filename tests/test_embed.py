@@ -1,6 +1,7 @@
 """Ray Data embedding into the store: folder, Parquet and S3 inputs, bad files, resume, CLI."""
 import io
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -195,3 +196,147 @@ def test_tensor_crop_matches_pil_crop():
     t = _crop_tensor(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), 32).float()
     assert t.shape == (3, 32, 32)
     assert (pil - t).abs().mean() < 1.0  # grey levels; measured 0.16 (PIL vs torch antialiased bicubic)
+
+
+# -- issue #8: transient failures, bad inputs, argument checks ---------------------------
+
+def test_transient_failures_are_not_committed_and_a_rerun_picks_them_up(ray_local, tiny_clip_spec, tmp_path,
+                                                                        monkeypatch):
+    """Files listed but unreadable at embed time (here: moved away, as on a node that lacks them)
+    are retried, reported as transient and NOT committed; the group's other rows are; a rerun
+    embeds them into a new shard. The old code committed them as 'skipped' for good."""
+    monkeypatch.setenv("RECO_FETCH_ATTEMPTS", "2")
+    monkeypatch.setenv("RECO_FETCH_BACKOFF_S", "0.01")
+    src = _folder(tmp_path / "src", 9)
+    (src / "bad.jpg").write_bytes(b"not an image")
+    items = list_folder(str(src))  # 10 items in groups of 3: [0-2] [3-5] [6-8] [9]
+    ids = [i.id for i in items]
+    away = tmp_path / "away"
+    away.mkdir()
+    gone = [items[k] for k in (1, 3, 4, 5)]  # one row of group 0 and all of group 1
+    for it in gone:
+        os.rename(it.uri, away / it.id.replace("/", "_"))
+    store = EmbeddingStore(tmp_path / "store")
+    rep = run_embed(items, store, tiny_clip_spec, ACTORS, shard_size=3)
+    assert store.committed_ids() == set(ids) - {it.id for it in gone}  # the old code: committed as skipped
+    assert set(rep.skipped) == {"bad.jpg"} and rep.embedded == 5
+    assert set(rep.failed_transient) == {it.id for it in gone}
+    assert all(r.startswith("io: ") and "cannot read" in r for r in rep.failed_transient.values())
+    assert rep.shards_committed == [0, 1, 2]  # the all-transient group commits nothing; indices stay contiguous
+    assert rep.as_dict()["failed_transient_count"] == 4
+    for it in gone:
+        os.rename(away / it.id.replace("/", "_"), it.uri)
+    rep2 = run_embed(items, store, tiny_clip_spec, ACTORS, shard_size=3)
+    assert rep2.embedded == 4 and not rep2.failed_transient and rep2.already_done == 6
+    assert rep2.shards_committed == [3, 4]
+    final = EmbeddingStore(tmp_path / "store")
+    _, stored, _ = final.load_all()
+    assert sorted(stored) == sorted(set(ids) - {"bad.jpg"}) and len(stored) == len(set(stored))
+    assert final.committed_ids() == set(ids) and set(final.skipped()) == {"bad.jpg"}
+
+
+def _latin1_jpeg(folder, seed=5):
+    buf = io.BytesIO()
+    make_image(seed).save(buf, format="JPEG")
+    fd = os.open(os.fsencode(folder) + b"/caf\xe9.jpg", os.O_CREAT | os.O_WRONLY, 0o644)
+    os.write(fd, buf.getvalue())
+    os.close(fd)
+
+
+def test_cli_bad_inputs_are_skipped_with_reasons_and_transient_ones_exit_3(ray_local, tiny_clip_dir, tmp_path,
+                                                                           monkeypatch, caplog):
+    """A folder of bad files through `reco embed`: a Latin-1 file name (crashed every run with
+    UnicodeEncodeError), a broken symlink (silently dropped), a text file (reason named a BytesIO),
+    plus a file missing at embed time (transient: exit 3, WARNING, rerun embeds it)."""
+    monkeypatch.setenv("RECO_FETCH_ATTEMPTS", "2")
+    monkeypatch.setenv("RECO_FETCH_BACKOFF_S", "0.01")
+    src = _folder(tmp_path / "src", 4)
+    _latin1_jpeg(src)
+    os.symlink(src / "deleted_target.jpg", src / "dangling.jpg")
+    (src / "notes.jpg").write_text("shopping list: milk, eggs\n")
+    store = tmp_path / "store"
+    argv = ["embed", str(src), "--store", str(store), "--clip-model", f"local-dir:{tiny_clip_dir}", "--shard-size", "3"]
+    real_listing = list_source
+
+    def listing_then_file_vanishes(*a, **kw):  # listed, then missing on the node that reads it
+        items = real_listing(*a, **kw)
+        os.rename(src / "img_000.jpg", tmp_path / "img_000.jpg")
+        return items
+
+    monkeypatch.setattr("index.sources.list_source", listing_then_file_vanishes)
+    caplog.set_level(logging.INFO)
+    assert main(argv) == 3
+    report = json.loads((store / "embed_report.json").read_text())
+    assert list(report["failed_transient"]) == ["img_000.jpg"] and report["failed_transient_count"] == 1
+    assert any(r.levelno == logging.WARNING and "rerun" in r.getMessage() for r in caplog.records)
+    skipped = EmbeddingStore(store).skipped()
+    assert set(skipped) == {"caf%E9.jpg", "dangling.jpg", "notes.jpg"}
+    assert "not valid UTF-8" in skipped["caf%E9.jpg"]
+    assert "broken symlink" in skipped["dangling.jpg"]
+    assert "notes.jpg: not an image" in skipped["notes.jpg"] and "BytesIO" not in skipped["notes.jpg"]
+    assert EmbeddingStore(store).committed_ids() == {"sub/img_001.jpg", "img_002.jpg", "sub/img_003.jpg",
+                                                     "caf%E9.jpg", "dangling.jpg", "notes.jpg"}
+    monkeypatch.setattr("index.sources.list_source", real_listing)
+    os.rename(tmp_path / "img_000.jpg", src / "img_000.jpg")
+    assert main(argv) == 0
+    final = EmbeddingStore(store)
+    assert sorted(final.load_all()[1]) == ["img_000.jpg", "img_002.jpg", "sub/img_001.jpg", "sub/img_003.jpg"]
+    assert final.committed_ids() == {i.id for i in list_folder(str(src))}
+    assert main(argv) == 0 and json.loads((store / "embed_report.json").read_text())["embedded"] == 0
+
+
+def test_cli_refuses_bad_arguments_in_one_line_before_ray_starts(tiny_clip_dir, tmp_path, monkeypatch, caplog):
+    import cluster.runtime
+
+    def no_ray(*a, **kw):
+        raise AssertionError("Ray must not start for a bad command line")
+
+    monkeypatch.setattr(cluster.runtime, "init_ray", no_ray)
+    src = _folder(tmp_path / "src", 2)
+    clip = f"local-dir:{tiny_clip_dir}"
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    other = EmbeddingStore(tmp_path / "other_model")
+    other.create_or_check({"clip_model": "ViT-B-16", "clip_weights": "/w.bin"}, 32)
+    locked = EmbeddingStore(tmp_path / "locked")
+    cases = [
+        (["--store", str(a_file)], "is a file, not a directory"),
+        (["--store", str(a_file / "store")], "is a file, not a directory"),
+        (["--store", str(tmp_path / "s"), "--shard-size", "0"], "--shard-size must be >= 1"),
+        (["--store", str(tmp_path / "other_model")], "refusing to add"),
+        (["--store", str(tmp_path / "s"), "--ray-config", str(tmp_path / "missing.yaml")], "no such file"),
+        (["--store", str(tmp_path / "locked")], "locked by another writer: job 'someone-else'"),
+    ]
+
+    def check(extra, message):
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            rc = main(["embed", str(src), "--clip-model", clip, *extra])
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert rc == 2 and len(errors) == 1 and message in errors[0], (extra, rc, errors)
+
+    for extra, message in cases[:-1]:
+        check(extra, message)
+    with locked.writer(job="someone-else"):  # another job is writing this store
+        check(*cases[-1])
+    caplog.clear()
+    assert main(["embed", str(src), "--store", str(tmp_path / "s"), "--clip-model", "local-dir:/no/such/clip"]) == 2
+    assert "open_clip_config.json does not exist" in caplog.text
+    assert not (tmp_path / "s" / "manifest.json").exists()
+
+
+def test_ray_config_resolution(tmp_path, monkeypatch):
+    from cluster import config as cc
+    from reco.errors import ConfigError
+
+    assert cc.resolve_cluster_config(None) == cc.load_cluster_config(REPO / "ray_config.yaml")
+    assert cc.cluster_config_path(None) == REPO / "ray_config.yaml"
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("embed:\n  num_actors: 3\n")
+    assert cc.resolve_cluster_config(str(mine)).embed.num_actors == 3
+    with pytest.raises(ConfigError, match="no such file"):
+        cc.resolve_cluster_config(str(tmp_path / "typo.yaml"))
+    with pytest.raises(ConfigError, match="not a file"):
+        cc.resolve_cluster_config(str(tmp_path))
+    monkeypatch.setattr(cc, "DEFAULT_RAY_CONFIG", tmp_path / "absent.yaml")
+    assert cc.resolve_cluster_config(None) == cc.ClusterConfig()

@@ -31,11 +31,20 @@ def test_decodes_common_modes_to_rgb():
 
 @pytest.mark.parametrize(
     "data, why",
-    [(b"", "empty"), (b"not an image at all", "cannot decode"), (b"\xff\xd8\xff\xe0" + b"\x00" * 20, "cannot decode")],
+    [(b"", "empty"), (b"not an image at all", "not an image"),
+     (b"\xff\xd8\xff\xe0" + b"\x00" * 20, "not an image|cannot decode")],
 )
 def test_bad_bytes_raise_clear_errors(data, why):
     with pytest.raises(ImageDecodeError, match=why):
         decode_image(data, source="x.jpg")
+
+
+def test_text_file_is_named_and_called_not_an_image():
+    """Issue #8/12: the reason read ``cannot identify image file <_io.BytesIO object at 0x...>``."""
+    with pytest.raises(ImageDecodeError) as info:
+        decode_image(b"just some notes\n", source="/data/notes.jpg")
+    msg = str(info.value)
+    assert msg.startswith("/data/notes.jpg: not an image") and "BytesIO" not in msg and "0x" not in msg
 
 
 def test_truncated_jpeg_is_an_error_naming_the_source():
