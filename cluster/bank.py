@@ -55,6 +55,12 @@ class BankWorker:
         with autocast_for(self.device):
             return self.builder.archive_features(images)
 
+    def peak_rss_mb(self) -> float:
+        """Peak resident memory of this actor's process (MiB), for reports and benchmarks."""
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
     def metadata(self, archive_mode: str) -> Dict[str, object]:
         return bank_metadata(self.builder, archive_mode)
 

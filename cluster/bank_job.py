@@ -65,6 +65,7 @@ class BankJobReport:
     parts_committed: int = 0
     seconds: float = 0.0
     concept_seconds: float = 0.0
+    actor_peak_rss_mb: List[float] = field(default_factory=list)
 
     @property
     def concepts_per_minute(self) -> float:
@@ -255,6 +256,8 @@ def run_build_bank(
             if buf_rows:
                 _commit(out_uri, buf_rows, buf_refs, seq, storage_options)
                 report.parts_committed += 1
+            if workers:
+                report.actor_peak_rss_mb = [round(float(m), 1) for m in ray.get([w.peak_rss_mb.remote() for w in workers])]
         finally:
             for w in workers:
                 ray.kill(w)

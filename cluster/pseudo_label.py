@@ -29,6 +29,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
+import numpy as np
+
 from reco.bank import ConceptBank
 from reco.config import SegmenterConfig, to_dict
 from reco.errors import ConfigError
@@ -41,7 +43,7 @@ logger = logging.getLogger(__name__)
 MANIFEST_DIR = "manifest"
 SETTINGS_FILE = "pseudo_label.json"
 COLUMNS = ("id", "uri", "status", "error", "label", "confidence", "overlay", "width", "height", "classes",
-           "shares", "mean_confidence", "seconds")
+           "shares", "mean_confidence", "seconds", "mode")
 
 
 @dataclass
@@ -54,6 +56,7 @@ class PseudoLabelReport:
     parts_committed: int = 0
     seconds: float = 0.0
     model_seconds_per_image: float = 0.0
+    actor_peak_rss_mb: float = 0.0
 
     @property
     def images_per_second(self) -> float:
@@ -175,6 +178,7 @@ def run_pseudo_label(
                                       write_overlays=False, confidence_maps=confidence_maps)
             bar = tqdm(total=len(rows), desc="pseudo-label", unit="img")
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                report.actor_peak_rss_mb = max(report.actor_peak_rss_mb, float(np.max(batch["peak_rss_mb"])))
                 for i in range(len(batch["id"])):
                     row = {c: _py(batch[c][i]) for c in COLUMNS}
                     if row["status"] == "failed":
@@ -214,7 +218,7 @@ def _py(v: Any) -> Any:
 def _bad_row(it) -> Dict[str, Any]:
     return {"id": str(it.id), "uri": str(it.uri), "status": "skipped", "error": str(it.problem), "label": "",
             "confidence": "", "overlay": "", "width": 0, "height": 0, "classes": "[]", "shares": "[]",
-            "mean_confidence": float("nan"), "seconds": 0.0}
+            "mean_confidence": float("nan"), "seconds": 0.0, "mode": ""}
 
 
 def _next_seq(out_uri: str, storage_options) -> int:

@@ -184,6 +184,9 @@ class SegmentUDF:
                            ("height", np.int32)):
             out[key] = np.array([r[key] for r in done], dtype=dtype)
         out["confusion"] = np.stack([r["confusion"] for r in done]).astype(np.int64)
+        import resource
+
+        out["peak_rss_mb"] = np.full(len(done), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
         return out
 
 

@@ -107,7 +107,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     init_ray(cluster.ray)
     texts: Dict[str, object] = {}
     if args.clip_model:
-        texts = _text_embeddings(encoders, {n: (in_vocab[n].synonyms if n in in_vocab else ()) for n in all_names})
+        texts = text_embeddings_remote(encoders, {n: (in_vocab[n].synonyms if n in in_vocab else ()) for n in all_names})
     if args.index:
         from index.catalog import open_retriever
 
@@ -139,7 +139,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     return EXIT_RERUN if rep.failed_transient or bank is None else 0
 
 
-def _text_embeddings(encoders, synonyms: Dict[str, tuple]) -> Dict[str, object]:
+def text_embeddings_remote(encoders, synonyms: Dict[str, tuple]) -> Dict[str, object]:
     """Prompt-ensembled text embeddings (synonyms averaged) computed in one Ray task."""
     import ray
 

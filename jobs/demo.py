@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+import torch
 import yaml
 
 from cluster.config import load_yaml_mapping, resolve_cluster_config
 from cluster.models import EncoderSpec
 from cluster.runtime import init_ray
 from reco.config import BankConfig, CRFConfig, SegmenterConfig, from_dict, to_dict
-from reco.errors import ConfigError
+from reco.errors import ConfigError, ReCoError
 from reco.metrics import ConfusionMatrix
 
 logger = logging.getLogger(__name__)
@@ -125,45 +126,69 @@ def main(argv: Optional[List[str]] = None) -> int:
     background_concepts: List[str]
     context_archives: Dict[str, List[str]] = {}
     if clip_mode:
-        archives, background_concepts, context_archives, retrieval = _retrieve(
+        archives, background_concepts, context_archives, retrieval, texts = _retrieve(
             archive_dir, targets, encoders, bank_cfg, cluster_cfg, out, args.index
         )
         archive_mode = "clip-retrieval"
     else:
         archives, background_concepts = _exemplars(Path(args.exemplars), archive_dir, targets)
         archive_mode = "exemplar (hand-written mapping)"
-        retrieval = None
+        retrieval, texts = None, {}
 
-    # 2. concept bank (Ray actors)
-    from cluster.bank import build_bank_distributed
+    # 2. concept bank: the `reco build-bank` job (Ray actors, committed in parts, resumable)
+    from cluster.bank_job import ConceptTask, run_build_bank
 
-    rng = random.Random(0)
-    pool = rng.sample(archive, min(args.calibration_images, len(archive))) if args.calibration_images > 0 else None
     t0 = time.perf_counter()
-    bank, bank_report = build_bank_distributed(
-        archives, encoders, bank_cfg, cluster_cfg.bank, context_archives, pool, archive_mode
-    )
-    bank_seconds = time.perf_counter() - t0
     bank_dir = out / "bank"
-    bank.save(bank_dir)
+    tasks = [ConceptTask(n, tuple(u), texts.get(n)) for n, u in archives.items()]
+    ctx_tasks = [ConceptTask(n, tuple(u), texts.get(n)) for n, u in context_archives.items()]
+    bank, bank_report = run_build_bank(tasks, encoders, bank_cfg, str(bank_dir), cluster_cfg.bank, ctx_tasks,
+                                       archive_mode, overwrite=True)
+    if bank is None:
+        raise ReCoError(f"the bank is incomplete ({len(bank_report.failed_transient)} concepts could not read their "
+                        "archives now): rerun the demo")
+    if args.calibration_images > 0:
+        bank = _calibrate(bank, bank_dir, archive, args.calibration_images, encoders, cluster_cfg)
+    bank_seconds = time.perf_counter() - t0
     logger.info("concept bank: %d concepts in %.1fs -> %s", len(bank), bank_seconds, bank_dir)
 
-    # 3. segmentation (Ray Data actor pool)
-    from cluster.segment import run_segmentation
+    # 3. pseudo-labels: the `reco pseudo-label` job (Ray Data, exactly-once manifest), scored here
+    from cluster.pseudo_label import committed_rows, run_pseudo_label
+    from index.labels import decode_labels, encode_labels
+    from index.sources import Item
 
     names = (["background"] if seg_cfg.background_threshold is not None else []) + list(bank.names)
-    label_map = [0 if (n == "background" or n in background_concepts) else classes.index(n) for n in names]
+    label_map = np.array([0 if (n == "background" or n in background_concepts) else classes.index(n) for n in names])
     t0 = time.perf_counter()
-    rows = run_segmentation(items, str(bank_dir), encoders, seg_cfg, label_map, len(classes), 255, str(out),
-                            cluster_cfg.segment)
+    labels_dir = out / "pseudo_labels"
+    pl_report = run_pseudo_label([Item(i["id"], i["uri"]) for i in items], str(bank_dir), encoders, seg_cfg,
+                                 str(labels_dir), cluster_cfg.segment, overwrite=True)
     seg_seconds = time.perf_counter() - t0
+    masks = {i["id"]: i["mask_uri"] for i in items}
+    rows = [r for r in committed_rows(str(labels_dir)) if r["id"] in masks]
     cm = ConfusionMatrix(len(classes), 255)
+    from PIL import Image
+
+    from index.readers import read_image
+    from reco.visualize import overlay, side_by_side
+
+    (out / "overlays").mkdir(exist_ok=True)
     for r in rows:
-        cm.matrix += np.asarray(r["confusion"], dtype=np.int64).reshape(len(classes), -1)
+        if r["status"] != "ok":
+            continue
+        pred = label_map[decode_labels((labels_dir / r["label"]).read_bytes())]
+        gt = np.array(Image.open(masks[r["id"]])).astype(np.int64)
+        cm.update(torch.from_numpy(pred), torch.from_numpy(gt))
+        img = read_image(r["uri"])
+        r["overlay"] = f"overlays/{Path(r['label']).name}"
+        side_by_side(img, overlay(img, pred), overlay(img, gt)).save(out / r["overlay"])
+        r["label"] = f"labels/{Path(r['label']).name}"  # as VOC ids (the job's labels are bank ids)
+        (out / "labels").mkdir(exist_ok=True)
+        (out / r["label"]).write_bytes(encode_labels(pred))
     metrics = cm.compute(classes)
     ok = [r for r in rows if r["status"] == "ok"]
     skipped = {str(r["uri"]): str(r["error"]) for r in rows if r["status"] == "skipped"}
-    failed = {str(r["uri"]): str(r["error"]) for r in rows if r["status"] == "failed"}
+    failed = dict(pl_report.failed_transient)
     mode = str(ok[0]["mode"]) if ok else "n/a"
     protocol = (
         f"VOC sample ({len(ok)} images), 21 classes, full resolution, shorter side {seg_cfg.image_size}px "
@@ -187,7 +212,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         "images": {"segmented": len(ok), "skipped": skipped, "failed_transient": failed},
         "per_image": [{"id": str(r["id"]), "uri": str(r["uri"]), "label": str(r["label"]),
                        "overlay": str(r["overlay"]), "seconds": float(r["seconds"])} for r in ok],
-        "bank": {**bank_report.as_dict(), "seconds": bank_seconds, "concepts": list(bank.names)},
+        "bank": {**bank_report.as_dict(), "seconds": bank_seconds, "concepts": list(bank.names),
+                 "concepts_failed": dict(bank_report.failed)},
         "segment_seconds": seg_seconds,
         "seconds_per_image": float(np.mean([r["seconds"] for r in ok])) if ok else None,
         "total_seconds": time.perf_counter() - t_start,
@@ -206,6 +232,24 @@ def main(argv: Optional[List[str]] = None) -> int:
                 100 * metrics.miou, 100 * metrics.pixel_accuracy, len(ok), len(skipped), len(failed))
     logger.info("report: %s  |  page: %s", out / "report.json", out / "index.html")
     return 0
+
+
+def _calibrate(bank, bank_dir: Path, archive: Sequence[str], n: int, encoders: EncoderSpec, cluster_cfg):
+    """Per-concept score statistics over ``n`` random unlabelled archive images (one actor)."""
+    import ray
+
+    from cluster.bank import BankWorker
+
+    pool = random.Random(0).sample(list(archive), min(n, len(archive)))
+    worker = ray.remote(BankWorker).options(num_cpus=cluster_cfg.bank.cpus_per_actor).remote(
+        encoders, BankConfig(), cluster_cfg.bank.torch_threads)
+    try:
+        feats = ray.get(worker.features.remote(pool))
+    finally:
+        ray.kill(worker)
+    bank.calibrate(feats)
+    bank.save(bank_dir)
+    return bank
 
 
 def _exemplars(mapping_path: Path, archive_dir: Path, targets: Sequence[str]):
@@ -229,7 +273,6 @@ def _exemplars(mapping_path: Path, archive_dir: Path, targets: Sequence[str]):
 def _retrieve(archive_dir, targets, encoders, bank_cfg, cluster_cfg, out: Path, index_dir: Optional[str]):
     """CLIP mode: the archive is embedded into a store and indexed (or an existing index is used),
     then each concept's top-k images are retrieved with its prompt-ensembled text embedding."""
-    import ray
 
     from cluster.embed import run_embed
     from index.catalog import build_index_dir, open_retriever
@@ -249,22 +292,17 @@ def _retrieve(archive_dir, targets, encoders, bank_cfg, cluster_cfg, out: Path, 
     context = list(bank_cfg.context_concepts) if bank_cfg.context_elimination else []
     queries = list(dict.fromkeys(list(targets) + background + context))
 
-    @ray.remote(num_cpus=cluster_cfg.embed.cpus_per_actor)
-    def _text(spec: EncoderSpec, names):
-        from reco.encoders import create_clip
-        from reco.text import text_embeddings
+    from .build_bank import text_embeddings_remote
 
-        clip = create_clip(spec.clip_model, spec.clip_weights)
-        return text_embeddings(clip.encode_text, names).numpy()
-
-    text = ray.get(_text.remote(encoders, queries))
+    texts = text_embeddings_remote(encoders, {q: () for q in queries})
+    text = np.stack([texts[q].numpy() for q in queries])
     hits = retriever.search(text, bank_cfg.k)
     by_name = {n: [uris[i] for i in h.ids] for n, h in zip(queries, hits)}
     archives = {n: by_name[n] for n in list(targets) + background}
     ctx = {n: by_name[n] for n in context}
     info = {"archive_images": len(retriever), "skipped": skipped, "index": index_dir, "k": bank_cfg.k,
             "top": {n: [Path(u).name for u in by_name[n][:5]] for n in queries}}
-    return archives, background, ctx, info
+    return archives, background, ctx, info, texts
 
 
 def _write_html(out: Path, report: Dict, rows, classes: Sequence[str]) -> None:
@@ -279,11 +317,15 @@ def _write_html(out: Path, report: Dict, rows, classes: Sequence[str]) -> None:
         for r in rows if r["status"] == "ok" and r["overlay"]
     )
     mode = "".join(f"<li><b>{esc(k)}</b>: {esc(str(v))}</li>" for k, v in report["mode"].items())
+    from reco.visualize import legend_html
+
+    legend = legend_html(list(classes))
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>reco demo</title>
 <style>body{{font-family:sans-serif;margin:2em}}img{{max-width:100%}}figure{{margin:1em 0}}
 table{{border-collapse:collapse}}td{{border:1px solid #ccc;padding:2px 8px}}</style></head><body>
 <h1>reco-cluster demo</h1>
 <p><b>mIoU {100 * report['miou']:.2f}%</b>, pixel accuracy {100 * report['pixel_accuracy']:.2f}%</p>
 <p>Protocol: {esc(report['protocol'])}</p><ul>{mode}</ul>
-<table><tr><th>class</th><th>IoU %</th></tr>{iou_rows}</table>{imgs}</body></html>"""
+<table><tr><th>class</th><th>IoU %</th></tr>{iou_rows}</table>
+<h2>Colour legend</h2>{legend}{imgs}</body></html>"""
     (out / "index.html").write_text(page)
