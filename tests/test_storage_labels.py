@@ -134,3 +134,39 @@ def test_segmentation_reads_bank_and_writes_outputs_by_uri(ray_local, s3_server,
     assert [w.split("/labels/")[1] for w in written] == ["x/1.png.png", "y/1.png.png"]
     lab = decode_labels(read_bytes(f"{bucket}/seg/out/labels/x/1.png.png", s3_server))
     assert lab.shape == (64, 64) and set(np.unique(lab)) <= {0, 1}
+
+
+@pytest.mark.slow
+def test_pseudo_label_job_from_and_to_s3(ray_local, s3_server, bucket, tiny_dense_path):
+    """Corpus listed from S3, bank read from S3, labels + manifest written to S3; a rerun commits
+    nothing twice."""
+    from cluster.config import ActorConfig
+    from cluster.models import EncoderSpec
+    from cluster.pseudo_label import committed_rows, run_pseudo_label
+    from index.sources import list_folder
+    from reco.encoders import create_dense_encoder
+
+    dense = create_dense_encoder("dino_vits16", tiny_dense_path, **TINY_VIT)
+    imgs = [make_image(i, (64, 48)) for i in range(4)]
+    bank = ConceptBank.build({"cat": imgs[:2], "dog": imgs[2:]},
+                             ConceptBuilder(dense, None, BankConfig(image_size=64, context_elimination=False)))
+    save_bank(bank, f"{bucket}/pl/bank", s3_server)
+    for i, name in enumerate(["p/1.png", "q/1.png", "q/2.png"]):
+        b = io.BytesIO()
+        imgs[i].save(b, format="PNG")
+        write_bytes(f"{bucket}/pl/in/{name}", b.getvalue(), s3_server)
+    write_bytes(f"{bucket}/pl/in/q/broken.png", b"\x89PNG broken", s3_server)
+    items = list_folder(f"{bucket}/pl/in", s3_server)
+    spec = EncoderSpec("dino_vits16", str(tiny_dense_path), dense_kwargs=TINY_VIT)
+    out = f"{bucket}/pl/out"
+    rep = run_pseudo_label(items, f"{bucket}/pl/bank", spec, SegmenterConfig(image_size=64), out,
+                           ActorConfig(num_actors=1, cpus_per_actor=0.5), s3_server, commit_every=2)
+    assert rep.labelled == 3 and list(rep.skipped) == ["q/broken.png"]
+    rows = committed_rows(out, s3_server)
+    assert sorted(r["id"] for r in rows) == ["p/1.png", "q/1.png", "q/2.png", "q/broken.png"]
+    lab = decode_labels(read_bytes(join(out, rows[0]["label"]) if rows[0]["label"] else
+                                   join(out, "labels/p/1.png.png"), s3_server))
+    assert lab.shape == (48, 64)
+    again = run_pseudo_label(items, f"{bucket}/pl/bank", spec, SegmenterConfig(image_size=64), out,
+                             ActorConfig(num_actors=1, cpus_per_actor=0.5), s3_server)
+    assert again.already_done == 4 and len(committed_rows(out, s3_server)) == 4
