@@ -103,15 +103,25 @@ def _row(name: str, kind: str, ref: Optional[ConceptReference], info: Mapping[st
     }
 
 
-def _commit(out_uri: str, rows: List[Dict[str, Any]], refs: List[torch.Tensor], seq: int, storage_options) -> None:
-    """One atomic part: references (n_ok, D) + all rows (ok and failed) in the header."""
+def _commit(out_uri: str, rows: List[Dict[str, Any]], refs: List[torch.Tensor], seq: int, storage_options,
+            maps: Optional[Dict[str, torch.Tensor]] = None) -> None:
+    """One atomic part: references (n_ok, D) + all rows (ok and failed) in the header, and the
+    co-segmentation score maps ``scores/<kind>:<name>`` (k, h, w) float16 where the builder gave them."""
     from safetensors.torch import save
 
     from index.storage import join, write_bytes
 
     tensors = {"references": torch.stack(refs).float().contiguous()} if refs else {"empty": torch.zeros(1)}
+    for key, m in (maps or {}).items():
+        tensors[f"scores/{key}"] = m.to(torch.float16).contiguous()
     blob = save(tensors, metadata={_HEADER: json.dumps(rows)})
     write_bytes(join(out_uri, PARTS_DIR, f"part-{seq:05d}-{secrets.token_hex(4)}.safetensors"), blob, storage_options)
+
+
+def _keep_map(maps: Dict[str, torch.Tensor], key: str, ref: ConceptReference) -> None:
+    scores = getattr(ref, "scores", None)  # (k, h, w) co-segmentation scores, when the builder keeps them
+    if scores is not None and scores.numel():
+        maps[key] = scores
 
 
 def committed(out_uri: str, storage_options=None) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, torch.Tensor], int]:
@@ -209,7 +219,7 @@ def run_build_bank(
             if need_context:  # the chain is rebuilt whole: each step depends on the earlier ones
                 by_name = {t.name: t for t in context_tasks}
                 chain: Dict[str, torch.Tensor] = {}
-                ctx_rows, ctx_refs = [], []
+                ctx_rows, ctx_refs, ctx_maps = [], [], {}
                 for c in ctx_names:
                     t = by_name[c]
                     ref, info = ray.get(workers[0].build.remote(c, list(t.uris), t.text, dict(chain)))
@@ -219,13 +229,15 @@ def run_build_bank(
                     chain[c] = ref.reference
                     ctx_rows.append(_row(c, "context", ref, info, t, digest))
                     ctx_refs.append(ref.reference)
-                _commit(out_uri, ctx_rows, ctx_refs, seq, storage_options)
+                    _keep_map(ctx_maps, f"context:{c}", ref)
+                _commit(out_uri, ctx_rows, ctx_refs, seq, storage_options, ctx_maps)
                 seq += 1
                 report.parts_committed += 1
                 rows, refs, _ = committed(out_uri, storage_options)
             context = {c: refs[f"context:{c}"] for c in ctx_names}
             buf_rows: List[Dict[str, Any]] = []
             buf_refs: List[torch.Tensor] = []
+            buf_maps: Dict[str, torch.Tensor] = {}
             by_task = {t.name: t for t in todo}
             jobs = ActorPool(workers).map_unordered(
                 lambda w, t: w.build.remote(t.name, list(t.uris), t.text, context), todo) if todo else []
@@ -248,13 +260,14 @@ def run_build_bank(
                 else:
                     report.built += 1
                     buf_refs.append(ref.reference)
+                    _keep_map(buf_maps, f"target:{name}", ref)
                 buf_rows.append(row)
                 if len(buf_rows) >= commit_every:
-                    _commit(out_uri, buf_rows, buf_refs, seq, storage_options)
-                    seq, buf_rows, buf_refs = seq + 1, [], []
+                    _commit(out_uri, buf_rows, buf_refs, seq, storage_options, buf_maps)
+                    seq, buf_rows, buf_refs, buf_maps = seq + 1, [], [], {}
                     report.parts_committed += 1
             if buf_rows:
-                _commit(out_uri, buf_rows, buf_refs, seq, storage_options)
+                _commit(out_uri, buf_rows, buf_refs, seq, storage_options, buf_maps)
                 report.parts_committed += 1
             if workers:
                 report.actor_peak_rss_mb = [round(float(m), 1) for m in ray.get([w.peak_rss_mb.remote() for w in workers])]

@@ -61,6 +61,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--clip-dense-head", default="maskclip", help="dense CLIP head (maskclip, maskclip-noresidual)")
     p.add_argument("--commit-every", type=int, default=16, help="concepts per atomic commit")
     p.add_argument("--overwrite", action="store_true", help="start afresh when OUT holds another configuration")
+    p.add_argument("--report", action="store_true", help="also write the archive browser (BANK/report/index.html)")
     add_cluster_args(p)
     args = p.parse_args(argv)
 
@@ -136,6 +137,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 args.out)
     for name, why in list(rep.failed.items())[:10]:
         logger.warning("failed: %s: %s", name, why)
+    if args.report and bank is not None:
+        from .show_bank import write_report
+
+        logger.info("archive browser: %s", write_report(args.out, storage_options=storage))
     return EXIT_RERUN if rep.failed_transient or bank is None else 0
 
 

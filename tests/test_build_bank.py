@@ -163,7 +163,8 @@ def test_cli_build_bank_then_pseudo_label(ray_local, exemplars, tiny_dense_path,
            "--dense-kwargs", json.dumps(TINY_VIT)]
     out = tmp_path / "bank"
     assert main(["build-bank", "--vocab", str(vocab), "--exemplars", str(exemplars), "--out", str(out),
-                 "--config", str(cfg), "--actors", "1", *enc]) == 0
+                 "--config", str(cfg), "--actors", "1", "--report", *enc]) == 0
+    _check_browser(out / "report" / "index.html", ["cat", "dog", "unicorn"])
     import pyarrow.parquet as pq
 
     rows = {r["name"]: r for r in pq.read_table(out / "concepts.parquet").to_pylist()}
@@ -181,3 +182,37 @@ def test_cli_build_bank_then_pseudo_label(ray_local, exemplars, tiny_dense_path,
     assert main(["pseudo-label", str(src), "--bank", str(out), "--out", str(tmp_path / "pl"),
                  "--dense-kwargs", json.dumps(TINY_VIT)]) == 0
     assert json.loads((tmp_path / "pl" / "pseudo_label.json").read_text())["classes"] == ["cat", "dog"]
+
+
+def _check_browser(page, names):
+    """The archive browser parses as HTML, lists every concept, marks failures, has thumbnails."""
+    from html.parser import HTMLParser
+
+    class Collect(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.stack, self.sections, self.imgs, self.inputs = [], [], [], 0
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if tag not in ("img", "input", "meta", "br"):
+                self.stack.append(tag)
+            if tag == "section":
+                self.sections.append((a.get("data-name"), a.get("class")))
+            if tag == "img":
+                self.imgs.append(a["src"])
+            if tag == "input":
+                self.inputs += 1
+
+        def handle_endtag(self, tag):
+            assert self.stack and self.stack[-1] == tag, (tag, self.stack[-3:])
+            self.stack.pop()
+
+    c = Collect()
+    c.feed(page.read_text())
+    assert c.stack == []  # every element closed in order
+    assert c.inputs == 1  # the search box
+    assert {n for n, _ in c.sections} == set(names)
+    assert dict(c.sections)["unicorn"] == "failed" and dict(c.sections)["cat"] == "ok"
+    assert c.imgs and all((page.parent / src).is_file() for src in c.imgs)
+    assert "no usable image" in page.read_text()
