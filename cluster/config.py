@@ -1,6 +1,20 @@
-"""Frozen configuration of the Ray side, read from ``ray_config.yaml`` at the edge."""
+"""Frozen configuration of the Ray side, read from ``configs/cluster.yaml`` at the edge.
+
+Two files, two owners:
+
+* ``configs/cluster.yaml`` (this module): the project's per-stage settings -- how the embedded
+  local Ray is started (or which cluster to join), and the actors of each stage (how many, CPUs
+  and GPUs each, batch sizes). Parsed strictly: an unknown key is an error.
+* ``ray_config.yaml``: a Ray cluster-launcher config for ``ray up`` (head node, autoscaling GPU
+  workers, setup commands). Ray validates it with its own schema; this module refuses it with a
+  pointer to the right file when it is passed as ``--ray-config`` by mistake.
+
+:func:`redact` masks credentials in any mapping before it is logged or written beside outputs.
+"""
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
@@ -8,17 +22,46 @@ from typing import Any, Dict, Mapping, Optional, Union
 from reco.config import from_dict
 from reco.errors import ConfigError
 
+#: authentication modes of the embedded local Ray (the values of Ray's ``RAY_AUTH_MODE``)
+AUTH_MODES = ("token", "disabled")
+
 
 @dataclass(frozen=True)
 class RayRuntimeConfig:
-    address: Optional[str] = None  # None: start a local Ray; "auto" or "ray://host:port": join
+    """How a job gets its Ray.
+
+    ``address`` None starts an embedded single-machine Ray (unless ``RAY_ADDRESS`` names a
+    cluster, as it does inside a job submitted with ``reco submit``); ``"auto"`` or
+    ``"HOST:6379"`` joins a running cluster. The ``num_*``, ``object_store_memory_mb``,
+    ``include_dashboard``, ``dashboard_*``, ``auth_mode``, ``loopback_only`` and ``temp_dir`` keys
+    only shape the embedded local Ray.
+    """
+
+    address: Optional[str] = None
     num_cpus: Optional[int] = None  # local Ray only; None = all cores
     num_gpus: Optional[int] = None
     object_store_memory_mb: Optional[int] = 512
     include_dashboard: bool = False
-    # Token auth is on by default since Ray 2.5x; a local loopback-only cluster disables it.
-    disable_auth_for_local: bool = True
+    # The dashboard and the Jobs API it serves; loopback unless configured otherwise.
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: Optional[int] = None  # None: Ray's default (8265)
+    # Token auth for the embedded Ray: "token" (a fresh random token per process, never written to
+    # disk) or "disabled". An explicit RAY_AUTH_MODE in the environment overrides it.
+    auth_mode: str = "token"
+    # Every Ray process of the embedded Ray (GCS, raylet, workers, agents) listens on 127.0.0.1.
+    loopback_only: bool = True
+    temp_dir: Optional[str] = None  # local Ray only; None = Ray's default (/tmp/ray)
     env_vars: Dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.auth_mode not in AUTH_MODES:
+            raise ConfigError(f"ray.auth_mode must be one of {', '.join(AUTH_MODES)}, got {self.auth_mode!r}")
+        if self.dashboard_port is not None and not 0 < self.dashboard_port < 65536:
+            raise ConfigError(f"ray.dashboard_port must be in 1..65535, got {self.dashboard_port}")
+        if not self.dashboard_host:
+            raise ConfigError("ray.dashboard_host must not be empty")
+        if self.object_store_memory_mb is not None and self.object_store_memory_mb < 64:
+            raise ConfigError(f"ray.object_store_memory_mb must be >= 64, got {self.object_store_memory_mb}")
 
 
 @dataclass(frozen=True)
@@ -33,8 +76,12 @@ class ActorConfig:
     def __post_init__(self) -> None:
         if self.num_actors < 1:
             raise ConfigError(f"num_actors must be >= 1, got {self.num_actors}")
+        if self.cpus_per_actor < 0 or self.gpus_per_actor < 0:
+            raise ConfigError("cpus_per_actor and gpus_per_actor must be >= 0")
         if self.cpus_per_actor <= 0 and self.gpus_per_actor <= 0:
             raise ConfigError("an actor needs cpus_per_actor > 0 or gpus_per_actor > 0")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
 
     @property
     def torch_threads(self) -> int:
@@ -47,6 +94,8 @@ class ClusterConfig:
     bank: ActorConfig = ActorConfig()
     segment: ActorConfig = ActorConfig()
     embed: ActorConfig = ActorConfig()
+    # Ray Train workers: num_actors = workers, resources per worker, per-worker batch size.
+    train: ActorConfig = ActorConfig()
 
 
 def load_yaml_mapping(path: Union[str, Path], what: str = "config") -> Dict[str, Any]:
@@ -65,28 +114,50 @@ def load_yaml_mapping(path: Union[str, Path], what: str = "config") -> Dict[str,
     return dict(data)
 
 
+#: top-level keys of a Ray cluster-launcher config (never of the project's settings)
+_LAUNCHER_KEYS = {"cluster_name", "provider", "available_node_types", "head_node_type", "setup_commands",
+                  "head_start_ray_commands", "worker_start_ray_commands", "max_workers"}
+#: settings that moved or were renamed, with the message that says where to
+_MOVED = {
+    "disable_auth_for_local": "ray.disable_auth_for_local was replaced by ray.auth_mode (token | disabled); "
+                              "the embedded Ray now runs with token auth on 127.0.0.1",
+}
+
+
 def load_cluster_config(source: Union[str, Path, Mapping[str, Any], None]) -> ClusterConfig:
-    """Parse ``ray_config.yaml`` (path) or an already-loaded mapping; unknown keys are errors."""
+    """Parse ``configs/cluster.yaml`` (path) or an already-loaded mapping; unknown keys are errors."""
     if source is None:
         return ClusterConfig()
-    data = dict(source) if isinstance(source, Mapping) else load_yaml_mapping(source, "Ray config")
-    ray_section = dict(data.get("ray") or {})
+    data = dict(source) if isinstance(source, Mapping) else load_yaml_mapping(source, "cluster config")
+    launcher = sorted(_LAUNCHER_KEYS & set(data))
+    if launcher:
+        name = source if not isinstance(source, Mapping) else "this mapping"
+        raise ConfigError(
+            f"{name} is a Ray cluster-launcher config (keys {', '.join(launcher)}) for `ray up`, not the "
+            "project's per-stage settings: pass configs/cluster.yaml (or a copy of it) as --ray-config")
+    ray_section = data.get("ray") or {}
+    if not isinstance(ray_section, Mapping):
+        raise ConfigError("ray: expected a mapping")
+    ray_section = dict(ray_section)
+    for old, msg in _MOVED.items():
+        if old in ray_section:
+            raise ConfigError(msg)
     env = ray_section.pop("env_vars", None) or {}
     if not isinstance(env, Mapping):
         raise ConfigError("ray.env_vars must be a mapping")
     cfg = from_dict(ClusterConfig, {k: v for k, v in data.items() if k != "ray"}, "")
     rt = from_dict(RayRuntimeConfig, ray_section, "ray")
     rt = RayRuntimeConfig(**{**rt.__dict__, "env_vars": {str(k): str(v) for k, v in env.items()}})
-    return ClusterConfig(ray=rt, bank=cfg.bank, segment=cfg.segment, embed=cfg.embed)
+    return ClusterConfig(ray=rt, bank=cfg.bank, segment=cfg.segment, embed=cfg.embed, train=cfg.train)
 
 
-#: the repository's Ray settings, used when no ``--ray-config`` is given
-DEFAULT_RAY_CONFIG = Path(__file__).resolve().parents[1] / "ray_config.yaml"
+#: the repository's per-stage Ray settings, used when no ``--ray-config`` is given
+DEFAULT_RAY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cluster.yaml"
 
 
 def cluster_config_path(arg: Union[str, Path, None] = None) -> Optional[Path]:
-    """The Ray settings file a job uses: ``arg`` when given (it must exist: a path the user typed
-    is never silently replaced by defaults), else the repository's ``ray_config.yaml`` when
+    """The settings file a job uses: ``arg`` when given (it must exist: a path the user typed is
+    never silently replaced by defaults), else the repository's ``configs/cluster.yaml`` when
     present, else None (built-in defaults). Raises :class:`ConfigError`."""
     if arg is None or str(arg) == "":
         return DEFAULT_RAY_CONFIG if DEFAULT_RAY_CONFIG.is_file() else None
@@ -101,3 +172,79 @@ def cluster_config_path(arg: Union[str, Path, None] = None) -> Optional[Path]:
 def resolve_cluster_config(arg: Union[str, Path, None] = None) -> ClusterConfig:
     """The one rule for a job's ``--ray-config`` (default None): see :func:`cluster_config_path`."""
     return load_cluster_config(cluster_config_path(arg))
+
+
+# --------------------------------------------------------------------------------------------
+# Redaction: credentials never reach a log line, a report or a resolved config written to disk.
+
+REDACTED = "<redacted>"
+#: words that make a key sensitive wherever they appear in it (``aws_secret_access_key``,
+#: ``RAY_AUTH_TOKEN``, ``sessionToken``, ``db_password``, ``credentials``, ``Authorization``)
+_SENSITIVE_WORDS = {"secret", "secrets", "password", "passwd", "pwd", "passphrase", "token", "tokens",
+                    "credential", "credentials", "authorization", "cookie", "cookies", "signature"}
+_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*):(?P<pw>[^/@\s]+)@")
+
+
+def _key_words(key: str) -> list:
+    snake = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", key)  # camelCase -> camel_Case
+    return [w for w in re.split(r"[^a-z0-9]+", snake.lower()) if w]
+
+
+def is_sensitive_key(key: Any) -> bool:
+    """True for keys that name credentials: ``key``, ``secret``, ``token``, ``password`` (the
+    fsspec/s3fs ``storage_options`` names), ``*_key`` (``api_key``, ``aws_secret_access_key``,
+    ``private_key``), ``auth``, and any key containing a secret/token/password/credential word
+    (``auth_mode`` is not one: it names a mode, not a credential)."""
+    if not isinstance(key, str):
+        return False
+    words = _key_words(key)
+    if not words:
+        return False
+    if _SENSITIVE_WORDS & set(words) or words == ["auth"]:
+        return True
+    # "key", "api_key", "private_key", "sse_customer_key" -- but not "key_column" or "keys"
+    return words[-1] == "key" or words[-1] == "apikey"
+
+
+def redact_text(text: str) -> str:
+    """Mask the password of ``scheme://user:password@host`` URLs inside ``text``."""
+    return _URL_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", text)
+
+
+def redact(obj: Any) -> Any:
+    """A copy of ``obj`` (mappings, lists, tuples, scalars) fit to log or write beside outputs.
+
+    Values under sensitive keys (:func:`is_sensitive_key`) become ``"<redacted>"`` (None and empty
+    values stay as they are, so a report still shows that no credential was given); passwords in
+    ``scheme://user:password@host`` URLs are masked; strings holding a JSON object (e.g. the
+    ``--storage-options`` argument in ``vars(args)``) are parsed, redacted and dumped again.
+    Dataclasses are converted with ``reco.config.to_dict`` first; tuples and sets become lists (the
+    result is meant for JSON / YAML).
+    """
+    import dataclasses
+
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        from reco.config import to_dict
+
+        return redact(to_dict(obj))
+    if isinstance(obj, Mapping):
+        out = {}
+        for k, v in obj.items():
+            if is_sensitive_key(k) and v not in (None, "", {}, []):
+                out[k] = REDACTED
+            else:
+                out[k] = redact(v)
+        return out
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [redact(v) for v in obj]
+    if isinstance(obj, str):
+        s = obj.strip()
+        if s.startswith("{") and s.endswith("}"):
+            try:
+                parsed = json.loads(s)
+            except ValueError:
+                parsed = None
+            if isinstance(parsed, dict):
+                return json.dumps(redact(parsed))
+        return redact_text(obj)
+    return obj

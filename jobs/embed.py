@@ -16,7 +16,7 @@ from typing import List, Optional
 
 import yaml
 
-from cluster.config import cluster_config_path, resolve_cluster_config
+from cluster.config import cluster_config_path, redact, resolve_cluster_config
 from cluster.models import EncoderSpec
 from reco.config import to_dict
 from reco.errors import ConfigError
@@ -26,10 +26,12 @@ logger = logging.getLogger(__name__)
 
 def add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-config", default=None,
-                   help="Ray settings YAML (default: the repository's ray_config.yaml if present, else built-in "
-                        "defaults); a file named here must exist")
+                   help="per-stage Ray settings YAML (default: the repository's configs/cluster.yaml if present, "
+                        "else built-in defaults); a file named here must exist. Not ray_config.yaml: that one is "
+                        "the cluster-launcher config for `ray up`")
     p.add_argument("--storage-options", default="{}",
-                   help='JSON fsspec options, e.g. \'{"endpoint_url": "http://127.0.0.1:9000", "key": "..", "secret": ".."}\'')
+                   help='JSON fsspec options, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'; credentials come '
+                        'from the environment / AWS chain (keys given here are redacted from every written config)')
 
 
 def parse_storage_options(text: str) -> dict:
@@ -93,8 +95,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                            device_decode=args.device_decode, retry=retry)
         out = Path(args.store)
         (out / "embed_report.json").write_text(json.dumps(report.as_dict(), indent=2))
-        (out / "embed_config.yaml").write_text(yaml.safe_dump(
-            {"args": vars(args), "encoders": to_dict(encoders), "cluster": to_dict(cluster)}, sort_keys=False))
+        (out / "embed_config.yaml").write_text(yaml.safe_dump(redact(
+            {"args": vars(args), "encoders": to_dict(encoders), "cluster": to_dict(cluster)}), sort_keys=False))
     logger.info("embedded %d, skipped %d (reasons in %s), failed transiently %d, %d already in the store; "
                 "%d shards committed; %.1f img/s; store now holds %d", report.embedded, len(report.skipped),
                 out / "skipped", len(report.failed_transient), report.already_done,

@@ -15,7 +15,7 @@ from reco.errors import ConfigError
 
 
 def test_ray_config_file_parses_and_rejects_typos(tmp_path):
-    cfg = load_cluster_config(REPO / "ray_config.yaml")
+    cfg = load_cluster_config(REPO / "configs" / "cluster.yaml")
     assert cfg.ray.address is None and cfg.bank.num_actors >= 1
     assert cfg.ray.env_vars["HF_HUB_OFFLINE"] == "1"
     bad = tmp_path / "bad.yaml"

@@ -329,8 +329,10 @@ def test_ray_config_resolution(tmp_path, monkeypatch):
     from cluster import config as cc
     from reco.errors import ConfigError
 
-    assert cc.resolve_cluster_config(None) == cc.load_cluster_config(REPO / "ray_config.yaml")
-    assert cc.cluster_config_path(None) == REPO / "ray_config.yaml"
+    assert cc.resolve_cluster_config(None) == cc.load_cluster_config(REPO / "configs" / "cluster.yaml")
+    assert cc.cluster_config_path(None) == REPO / "configs" / "cluster.yaml"
+    with pytest.raises(ConfigError, match="cluster-launcher config"):  # ray_config.yaml is for `ray up`
+        cc.resolve_cluster_config(str(REPO / "ray_config.yaml"))
     mine = tmp_path / "mine.yaml"
     mine.write_text("embed:\n  num_actors: 3\n")
     assert cc.resolve_cluster_config(str(mine)).embed.num_actors == 3
