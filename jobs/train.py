@@ -1,0 +1,107 @@
+"""``reco train LABELS --name NAME --storage RUNS``: train ReCo+ (DeepLabV3+) on ReCo pseudo-labels.
+
+LABELS is the output URI of ``reco pseudo-label`` (its manifest rows with status ok, label PNGs,
+optional confidence PNGs; the class list of its pseudo_label.json, i.e. the bank's). Training
+runs on Ray Train (TorchTrainer, DDP, ``--num-workers`` workers, bf16 autocast on GPU) with the
+paper's recipe by default (Adam 5e-4 head / 5e-5 encoder, wd 2e-4, poly 0.9, 20k iterations,
+batch 8, 320 crops, scale 0.5-2, flip, colour jitter, blur). Checkpoints, the exported model
+(RUNS/NAME/model: model.safetensors + model.json), the report (train_report.json) and the loss
+curve (train_curve.png) go to RUNS/NAME (a local folder or s3://...). Rerunning the same command
+resumes from the latest checkpoint; a different configuration under the same name is refused.
+
+``--config`` takes YAML with a ``train:`` section (every key of cluster.train.TrainConfig,
+strictly checked); the flags below override it.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any, List, Mapping, Optional
+
+from cluster.config import load_yaml_mapping, resolve_cluster_config
+from reco.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+def load_segmodel(uri: str, storage_options: Optional[Mapping[str, Any]] = None, device: str = "cpu"):
+    """A trained ReCo+ model from a storage URI: the export folder (``RUN/model``), the run folder
+    (``RUN``), or the ``model.safetensors`` file itself. ``SegModel.predict(pil_image)`` returns
+    ``(labels (H, W) int64, class_names)``. ``FileNotFoundError`` when nothing is there."""
+    from index.storage import exists, join, read_bytes
+    from reco.segmodel import META_FILE, WEIGHTS_FILE, SegModel
+
+    uri = str(uri).rstrip("/")
+    if uri.endswith(".safetensors"):
+        folder, weights_uri = uri.rsplit("/", 1)[0] if "/" in uri else ".", uri
+    else:
+        folder = uri
+        if not exists(join(folder, WEIGHTS_FILE), storage_options) and exists(join(uri, "model", WEIGHTS_FILE),
+                                                                               storage_options):
+            folder = join(uri, "model")
+        weights_uri = join(folder, WEIGHTS_FILE)
+    try:
+        weights = read_bytes(weights_uri, storage_options)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{uri} holds no trained model ({WEIGHTS_FILE}); train one with `reco train`") from None
+    meta_uri = join(folder, META_FILE)
+    meta = read_bytes(meta_uri, storage_options) if exists(meta_uri, storage_options) else None
+    return SegModel.from_bytes(weights, meta, uri, device)
+
+
+def train_config(args):
+    from cluster.train import load_train_config
+
+    data = load_yaml_mapping(args.config, "config file") if args.config else {}
+    unknown = set(data) - {"train"}
+    if unknown:
+        raise ConfigError(f"{args.config}: unknown top-level key(s) {sorted(unknown)}; expected train")
+    return load_train_config(
+        data.get("train") or {}, encoder=args.encoder, encoder_weights=args.encoder_weights,
+        iterations=args.iterations, batch_size=args.batch_size, num_workers=args.num_workers,
+        use_gpu=True if args.use_gpu else None, cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures,
+        checkpoint_every=args.checkpoint_every, selection=args.selection,
+        confidence_threshold=args.confidence_threshold, loader_workers=args.loader_workers)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="reco train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("labels", help="output URI of `reco pseudo-label` (local folder or s3://...)")
+    p.add_argument("--name", required=True, help="run name: RUNS/NAME holds checkpoints, model, report")
+    p.add_argument("--storage", required=True, help="runs URI (local folder or s3://bucket/prefix)")
+    p.add_argument("--config", help="YAML with a `train:` section (strict keys)")
+    p.add_argument("--encoder", help="smp encoder (default resnet101; tu-<timm name> also works)")
+    p.add_argument("--encoder-weights", help="ImageNet weights of the encoder (URI of .safetensors/.pth); "
+                   "default: random init")
+    p.add_argument("--iterations", type=int)
+    p.add_argument("--batch-size", type=int, help="global batch (split over the workers)")
+    p.add_argument("--num-workers", type=int, help="Ray Train workers")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker, bf16 autocast")
+    p.add_argument("--cpus-per-worker", type=float)
+    p.add_argument("--loader-workers", type=int, help="DataLoader processes per train worker")
+    p.add_argument("--max-failures", type=int, help="worker failures to recover from (-1: unlimited)")
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--selection", choices=("last", "holdout"),
+                   help="export the last checkpoint, or the best on a held-out slice of the pseudo-labelled images")
+    p.add_argument("--confidence-threshold", type=float, help="ignore pixels whose pseudo-label confidence is below it")
+    p.add_argument("--storage-options", default="{}", help="JSON fsspec options (e.g. an S3 endpoint_url)")
+    p.add_argument("--ray-config", help="Ray settings YAML (default: the repository's ray_config.yaml)")
+    args = p.parse_args(argv)
+
+    from cluster.runtime import init_ray
+    from cluster.train import execute_training, plan_training
+
+    from .pseudo_label import parse_json_object
+
+    storage = parse_json_object(args.storage_options, "--storage-options")
+    cluster = resolve_cluster_config(args.ray_config)
+    cfg = train_config(args)
+    plan = plan_training(args.labels, args.storage, args.name, cfg, storage)  # clear errors before Ray starts
+    init_ray(cluster.ray)
+    res = execute_training(plan)
+    rep = res.report
+    logger.info("%d/%d steps, %s img/s; encoder: %s; exported %s (%s) -> %s; report %s",
+                rep["steps"], rep["iterations"], f"{rep['throughput']['images_per_s'] or 0:.2f}", rep["encoder_init"],
+                rep["selection"]["checkpoint"], rep["selection"]["mode"], res.model_uri, rep["plot"])
+    return 0
