@@ -229,6 +229,14 @@ def test_export_is_safetensors_and_json_and_reloads(tmp_path):
     for uri in (tmp_path / "model", tmp_path, tmp_path / "model" / "model.safetensors"):
         got, names2 = load_segmodel(str(uri)).predict(img)
         assert np.array_equal(got, want) and names2 == CLASSES
+    # `reco segment --model` runs the exported model like the bank path: labels, overlay, legend
+    from jobs.cli import main
+
+    img.save(tmp_path / "photo.png")
+    assert main(["segment", str(tmp_path / "photo.png"), "--model", str(tmp_path / "model"),
+                 "--out", str(tmp_path / "seg")]) == 0
+    assert np.array_equal(np.array(Image.open(tmp_path / "seg" / "photo.png.labels.png")), want)
+    assert (tmp_path / "seg" / "legend.png").is_file() and (tmp_path / "seg" / "photo.png.overlay.png").is_file()
     (tmp_path / "bare").mkdir()
     (tmp_path / "bare" / "model.safetensors").write_bytes(raw)  # the header alone is enough
     assert np.array_equal(load_segmodel(str(tmp_path / "bare")).predict(img)[0], want)
