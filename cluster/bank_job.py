@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,6 +36,7 @@ from reco.bank import ConceptBank, ConceptReference
 from reco.config import BankConfig, to_dict
 from reco.errors import ConfigError, EmptyArchiveError
 
+from .bank import BankWorker
 from .config import ActorConfig
 from .models import EncoderSpec
 
@@ -43,6 +45,15 @@ logger = logging.getLogger(__name__)
 PARTS_DIR = "parts"
 BUILD_FILE = "build.json"
 _HEADER = "reco_bank_part"
+#: Fault tolerance of the bank actors: an actor lost with its node (or killed by the OOM killer) is
+#: recreated on any node that fits it, and the concept it was building is sent again (a build is a
+#: pure function of its inputs; only the driver commits). Bounded, so that a concept that kills
+#: every actor it lands on fails the job instead of looping; the rerun resumes from the parts.
+ACTOR_MAX_RESTARTS = 4
+ACTOR_MAX_TASK_RETRIES = 4
+# Fault-injection knob for tests and benchmarks: seconds each concept build is held on its actor
+# (read in the actor's process: on a cluster, set it in the job's `ray.env_vars`).
+DELAY_ENV = "RECO_BANK_DELAY_S"
 
 
 @dataclass(frozen=True)
@@ -75,6 +86,18 @@ class BankJobReport:
         d = asdict(self)
         d["concepts_per_minute"] = self.concepts_per_minute
         return d
+
+
+class BankJobWorker(BankWorker):
+    """The bank job's actor: a :class:`cluster.bank.BankWorker` whose builds are held
+    ``RECO_BANK_DELAY_S`` seconds when that is set (fault tests kill nodes mid-build)."""
+
+    def build(self, *args, **kwargs):
+        out = super().build(*args, **kwargs)
+        delay = float(os.environ.get(DELAY_ENV, "0") or 0)
+        if delay:
+            time.sleep(delay)
+        return out
 
 
 def config_hash(config: BankConfig, encoders: EncoderSpec, archive_mode: str) -> Tuple[str, Dict[str, Any]]:
@@ -173,8 +196,6 @@ def run_build_bank(
 
     from index.storage import exists, join, read_bytes, write_bytes, writer_lock
 
-    from .bank import BankWorker
-
     if commit_every < 1:
         raise ConfigError("commit_every must be >= 1")
     names = [t.name for t in tasks]
@@ -193,6 +214,7 @@ def run_build_bank(
                               "bank.context_elimination: false")
     with writer_lock(out_uri, "build-bank"):
         build_uri = join(out_uri, BUILD_FILE)
+        build: Dict[str, Any] = {"config_hash": digest, **covered}
         if exists(build_uri, storage_options):
             prev = json.loads(read_bytes(build_uri, storage_options))
             if prev.get("config_hash") != digest:
@@ -200,15 +222,18 @@ def run_build_bank(
                     raise ConfigError(f"{out_uri} was built with another configuration (config hash "
                                       f"{prev.get('config_hash')}, now {digest}): use another --out, or --overwrite")
                 _forget_parts(out_uri, storage_options)
-        write_bytes(build_uri, json.dumps({"config_hash": digest, **covered}, indent=2).encode(), storage_options)
+            elif prev.get("encoder_metadata"):  # a rerun with nothing left to build starts no actor to
+                build["encoder_metadata"] = prev["encoder_metadata"]  # say it again: keep it
+        write_bytes(build_uri, json.dumps(build, indent=2).encode(), storage_options)
         rows, refs, seq = committed(out_uri, storage_options)
         todo = [t for t in tasks if f"target:{t.name}" not in rows]
         report.already_done = len(tasks) - len(todo)
         ctx_names = list(config.context_concepts) if use_context else []
         need_context = use_context and any(f"context:{c}" not in rows for c in ctx_names)
-        opts = dict(num_cpus=actors.cpus_per_actor, num_gpus=actors.gpus_per_actor)
+        opts = dict(num_cpus=actors.cpus_per_actor, num_gpus=actors.gpus_per_actor,
+                    max_restarts=ACTOR_MAX_RESTARTS, max_task_retries=ACTOR_MAX_TASK_RETRIES)
         n_workers = min(actors.num_actors, max(1, len(todo)))
-        workers = [ray.remote(BankWorker).options(**opts).remote(encoders, config, actors.torch_threads)
+        workers = [ray.remote(BankJobWorker).options(**opts).remote(encoders, config, actors.torch_threads)
                    for _ in range(n_workers if (todo or need_context) else 0)]
         try:
             if workers:  # provenance of the encoders as the actors built them (digests included)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -26,6 +27,10 @@ from .config import ActorConfig
 from .models import EncoderSpec, autocast_for
 
 logger = logging.getLogger(__name__)
+
+# Fault-injection knob for tests and benchmarks: seconds each segmentation actor holds every batch
+# (read in the actor's process: on a cluster, set it in the job's `ray.env_vars`).
+DELAY_ENV = "RECO_SEGMENT_DELAY_S"
 
 
 class SegmentUDF:
@@ -69,6 +74,7 @@ class SegmentUDF:
         self.write_overlays = write_overlays
         self.storage_options = dict(storage_options or {})
         self.confidence_maps = confidence_maps
+        self.delay = float(os.environ.get(DELAY_ENV, "0") or 0)
 
     def _mask(self, mask_uri: str, shape) -> np.ndarray:
         from index.labels import decode_labels
@@ -177,6 +183,8 @@ class SegmentUDF:
                                     mean_confidence=float(conf.mean()), **paths)
         done = [r for r in rows if r is not None]
         assert len(done) == len(uris)
+        if self.delay:
+            time.sleep(self.delay)
         out = {"id": np.array(ids, dtype=object), "uri": np.array(uris, dtype=object)}
         for key in ("status", "error", "label", "confidence", "overlay", "mode", "classes", "shares"):
             out[key] = np.array([r[key] for r in done], dtype=object)
