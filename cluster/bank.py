@@ -21,7 +21,9 @@ logger = logging.getLogger(__name__)
 class BankWorker:
     """Actor body (plain class so it is testable without Ray): reads archives, co-segments."""
 
-    def __init__(self, encoders: EncoderSpec, config: BankConfig, threads: Optional[int] = None):
+    def __init__(self, encoders: EncoderSpec, config: BankConfig, threads: Optional[int] = None,
+                 storage_options: Optional[Mapping[str, object]] = None):
+        self.storage_options = dict(storage_options or {})
         dense, clip, self.device = encoders.load(threads)
         self.builder = ConceptBuilder(dense, clip, config)
         self.encoders = encoders
@@ -35,7 +37,7 @@ class BankWorker:
         from index.readers import read_images
 
         t0 = time.perf_counter()
-        images, kept, report = read_images(list(uris))
+        images, kept, report = read_images(list(uris), storage_options=self.storage_options)
         info: Dict[str, object] = {"name": name, "archive": kept, "read": report.as_dict()}
         try:
             with autocast_for(self.device):
@@ -49,7 +51,7 @@ class BankWorker:
     def features(self, uris: Sequence[str]) -> torch.Tensor:
         from index.readers import read_images
 
-        images, _, _ = read_images(list(uris))
+        images, _, _ = read_images(list(uris), storage_options=self.storage_options)
         if not images:
             raise EmptyArchiveError("calibration pool holds no readable image")
         with autocast_for(self.device):

@@ -233,7 +233,8 @@ def run_build_bank(
         opts = dict(num_cpus=actors.cpus_per_actor, num_gpus=actors.gpus_per_actor,
                     max_restarts=ACTOR_MAX_RESTARTS, max_task_retries=ACTOR_MAX_TASK_RETRIES)
         n_workers = min(actors.num_actors, max(1, len(todo)))
-        workers = [ray.remote(BankJobWorker).options(**opts).remote(encoders, config, actors.torch_threads)
+        workers = [ray.remote(BankJobWorker).options(**opts).remote(encoders, config, actors.torch_threads,
+                                                                    dict(storage_options or {}))
                    for _ in range(n_workers if (todo or need_context) else 0)]
         try:
             if workers:  # provenance of the encoders as the actors built them (digests included)

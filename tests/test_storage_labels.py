@@ -170,3 +170,29 @@ def test_pseudo_label_job_from_and_to_s3(ray_local, s3_server, bucket, tiny_dens
     again = run_pseudo_label(items, f"{bucket}/pl/bank", spec, SegmenterConfig(image_size=64), out,
                              ActorConfig(num_actors=1, cpus_per_actor=0.5), s3_server)
     assert again.already_done == 4 and len(committed_rows(out, s3_server)) == 4
+
+
+@pytest.mark.slow
+def test_bank_job_reads_archives_from_s3_with_an_endpoint(ray_local, s3_server, bucket, tiny_dense_path, tmp_path):
+    """Bank actors read archive images with the job's storage options (a custom endpoint such as
+    MinIO or moto), not only through the default AWS chain."""
+    from cluster.bank_job import ConceptTask, run_build_bank
+    from cluster.config import ActorConfig
+    from cluster.models import EncoderSpec
+
+    tasks = []
+    for name, seeds in {"cat": [1, 2], "dog": [3, 4]}.items():
+        uris = []
+        for s in seeds:
+            b = io.BytesIO()
+            make_image(s, (64, 64)).save(b, format="PNG")
+            uri = f"{bucket}/archives/{name}/{s}.png"
+            write_bytes(uri, b.getvalue(), s3_server)
+            uris.append(uri)
+        tasks.append(ConceptTask(name, tuple(uris)))
+    spec = EncoderSpec("dino_vits16", str(tiny_dense_path), dense_kwargs=TINY_VIT)
+    bank, rep = run_build_bank(tasks, spec, BankConfig(image_size=64, context_elimination=False),
+                               f"{bucket}/banks/from-s3", ActorConfig(num_actors=1, cpus_per_actor=0.5),
+                               storage_options=s3_server)
+    assert rep.failed_transient == {} and bank.names == ("cat", "dog")
+    assert load_bank(f"{bucket}/banks/from-s3", s3_server).names == ("cat", "dog")
