@@ -136,6 +136,11 @@ def main() -> None:
           + (f"Sum of parts per concept (one process, all threads, mean of {args.parts_sample} concepts): "
              f"read+decode {read:.2f} s, dense features {feat:.2f} s, co-segmentation {coseg:.2f} s.\n"
              if "real_1_actors" in results else ""))
+    import os
+
+    load = os.getloadavg()
+    md += (f"\nLoad average (1/5/15 min) at the end: {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} on "
+           f"{os.cpu_count()} cores; above ~2 the machine was shared and the ratios are not reliable.\n")
     path = write_results("bank", results, md)
     print(md)
     print(f"written: {path}")
