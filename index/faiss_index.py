@@ -1,19 +1,56 @@
-"""FAISS index over an embedding store: automatic choice, build, recall report, save/load.
+"""FAISS index over an embedding store: automatic choice, streaming build, recall report, save/load.
 
-Choice by corpus size and memory budget (inner product on L2-normalised vectors = cosine):
+Choice by corpus size and memory budget (inner product on L2-normalised vectors = cosine). The
+budget is compared with :func:`estimate_index_bytes`, which counts every stored part of the
+index: vectors or codes, 8-byte ids of inverted lists, centroids, OPQ matrix, PQ codebooks and
+the re-ranking (refine) codes.
 
 * ``Flat`` (exact) while n <= ``flat_max`` and the raw vectors fit the budget;
 * ``IVF{nlist},Flat`` (nlist ~ 4 sqrt(n)) while the raw vectors fit: measured on 1M clustered
-  512-d vectors at recall@10 0.96 with 0.5 ms per single query (``bench/results/index.md``);
-  ``HNSW32,Flat`` is a good override when build time on many cores is cheap;
-* ``OPQ{m},IVF{nlist},PQ{m}`` (``IVF{nlist}_HNSW32`` coarse quantiser from 10M on) when only
-  compressed codes fit: ``m`` bytes per vector chosen from the budget (100M+ corpora).
+  512-d vectors at recall@10 0.990 (nprobe 4) with 0.7 ms per single query, 1969 MB
+  (``bench/results/index.md``); ``HNSW32,Flat`` is a good override when build time on many cores
+  is cheap;
+* ``OPQ{m},IVF{nlist},PQ{m},Refine(SQfp16)`` when only compressed codes fit
+  (``IVF{nlist}_HNSW32`` coarse quantiser from 10M on), else ``...,Refine(SQ8)``. PQ codes alone
+  cap recall far below any useful target (0.215 recall@10 for ``OPQ64,IVF4096,PQ64`` on the 1M
+  benchmark even at nprobe = nlist), so the PQ stage only proposes ``k * k_factor`` candidates
+  which are re-ranked with exact inner products against a second copy of the vectors. That copy
+  is kept as float16 (``SQfp16``: 2 bytes/dim) rather than float32 (``RFlat``: 4 bytes/dim)
+  because the store itself holds float16 embeddings, so fp16 re-ranking is lossless with respect
+  to the data at half the memory of ``RFlat``; when even that does not fit, 8-bit scalar codes
+  (``SQ8``, 1 byte/dim, near-exact) are used. Measured on the 1M benchmark:
+  ``OPQ64,IVF4096,PQ64,Refine(SQfp16)`` (1.5 GiB budget) recall@10 0.987 at nprobe 4 and k_factor
+  64, 1.0 ms per single query, 1055 MB; ``...,Refine(SQ8)`` (1 GiB) recall@10 0.955 (8-bit
+  re-ranking caps recall close to the default 0.95 target), 566 MB. Corpora for which neither
+  fits are refused with a message naming the memory needed (pass an explicit factory to
+  override).
 
-Any FAISS factory string can be given instead. IVF ``nprobe`` / HNSW ``efSearch`` are tuned on a
-held-out sample of the corpus until recall@10 against exact search reaches the target; every
-build records recall@1/@10, latency, index size and build time in ``index.json``.
-faiss-gpu is used for training/adding/search of IVF/Flat indexes when GPUs are visible
-(``faiss.get_num_gpus()``); HNSW stays on the CPU (FAISS has no GPU HNSW).
+Any FAISS factory string can be given instead; a trailing ``,RFlat`` or ``,Refine(...)`` is
+built as a :class:`faiss.IndexRefine` around the base index.
+
+Build (:func:`build_index_from_source`): the corpus is read through a :class:`VectorSource`, one
+chunk (store shard) at a time. Training uses a random sample of rows (only those rows are read
+from the float16 shard files, default ``max(100k, 50 nlist)`` rows); vectors are then added
+block by block (float16 -> float32 per block of ``BLOCK_ROWS`` rows, fewer for PQ codes whose
+encoding tables FAISS allocates per call, see ``ADD_TEMP_BYTES``), so the build's memory is the
+index plus the training sample plus one block, independent of the corpus size (measured in
+``bench/results/index.md``: 373 MB peak for a 108 MB index over 200k vectors, 486 MB for 213 MB
+over 400k; loading the store as float32 first took 920 MB and 1720 MB).
+
+Search parameters (IVF ``nprobe`` / HNSW ``efSearch``, and the refine ``k_factor``) are tuned on
+one random sample of corpus rows until recall@10 against exact search reaches the target; recall
+is then reported on a second, disjoint sample (each query's own row is excluded from both the
+exact and the approximate results). Exact ground truth is computed by streaming the corpus in
+blocks and merging per-block top-k lists. A missed target raises :class:`LowRecallError`, unless
+``allow_low_recall=True``, in which case it is logged as a WARNING and the report says
+``target_met: false``. Every build records recall@1/@10, batched throughput (ms/query and
+queries/s of one batched call), single-query latency (median and p95 of one-at-a-time searches),
+index size and build time in ``index.json``.
+
+faiss-gpu is used for training/adding/search of the IVF/Flat base index when GPUs are visible
+(``faiss.get_num_gpus()``); the refine codes and HNSW stay on the CPU (FAISS has no GPU HNSW).
+Search parameters of GPU indexes are set on the GPU object itself (``GpuIndexIVF*.nprobe``, or
+``faiss.GpuParameterSpace``): the CPU ``ParameterSpace`` rejects GPU indexes.
 """
 from __future__ import annotations
 
@@ -21,19 +58,40 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .retriever import ExactRetriever, Retriever, SearchResult
+from reco.errors import ConfigError, ReCoError
+
+from .retriever import Retriever, SearchResult
 
 logger = logging.getLogger(__name__)
 
 INDEX_FILE = "index.faiss"
 META_FILE = "index.json"
+
+#: rows converted to float32 at a time when adding / computing exact ground truth
+BLOCK_ROWS = 32768
+#: bound of FAISS's temporary buffers per add call: PQ encoding may build (rows x M x 2^nbits) float
+#: distance tables (1 GiB for 32768 rows of PQ32), so PQ indexes are added in smaller blocks
+ADD_TEMP_BYTES = 64 << 20
+#: ``k_factor`` values tried for re-ranking indexes (k * k_factor candidates are re-ranked)
+K_FACTORS = (1, 2, 4, 8, 16, 32, 64)
+#: FAISS GPU IVF indexes accept nprobe up to this
+GPU_MAX_NPROBE = 2048
+
+
+class LowRecallError(ReCoError):
+    """The index did not reach the requested recall with any search parameters tried."""
+
+    def __init__(self, message: str, report: Optional["IndexReport"] = None):
+        super().__init__(message)
+        self.report = report
 
 
 def _faiss():
@@ -53,23 +111,250 @@ def _pow2(x: float) -> int:
     return 1 << max(4, int(round(math.log2(max(x, 16)))))
 
 
+# -- factory strings -------------------------------------------------------------------------
+
+_REFINE_RE = re.compile(r"^(?P<base>.+?),(?:(?P<rflat>RFlat)|Refine\((?P<inner>.+)\))$")
+
+
+def split_refine(factory: str) -> Tuple[str, Optional[str]]:
+    """``"OPQ64,IVF4096,PQ64,Refine(SQfp16)"`` -> ``("OPQ64,IVF4096,PQ64", "SQfp16")``; ``RFlat`` -> ``"Flat"``."""
+    m = _REFINE_RE.match(factory.strip())
+    if not m:
+        return factory.strip(), None
+    return m.group("base"), ("Flat" if m.group("rflat") else m.group("inner").strip())
+
+
+def validate_factory(factory: str, dim: int) -> None:
+    """Raise :class:`ConfigError` if ``factory`` is not a FAISS factory string FAISS accepts for ``dim``."""
+    faiss = _faiss()
+    base, refine = split_refine(factory)
+    for part in (base, refine):
+        if part is None:
+            continue
+        try:
+            faiss.index_factory(dim, part, faiss.METRIC_INNER_PRODUCT)
+        except Exception as exc:  # FAISS raises RuntimeError with a C++ message
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"invalid FAISS factory string {factory!r} for dim {dim}: {first}") from None
+
+
+def _code_bytes(token: str, d: int) -> Optional[float]:
+    """Bytes per vector of a storage token (Flat, PQm[xb], SQ8, SQfp16, ...) on d dims."""
+    if token == "Flat":
+        return 4.0 * d
+    m = re.fullmatch(r"PQ(\d+)(?:x(\d+))?(?:np)?", token)
+    if m:
+        return int(m.group(1)) * int(m.group(2) or 8) / 8.0
+    sq = {"SQ8": 1.0, "SQ6": 0.75, "SQ4": 0.5, "SQfp16": 2.0, "SQbf16": 2.0, "SQ8_direct": 1.0}
+    if token in sq:
+        return sq[token] * d
+    return None
+
+
+def estimate_index_bytes(factory: str, n: int, dim: int) -> int:
+    """Memory (≈ serialized size) of ``factory`` holding ``n`` vectors of ``dim``.
+
+    Understands the strings :func:`choose_factory` produces and the common building blocks
+    (OPQ/PCA, IVF with flat or HNSW coarse quantiser, HNSW, Flat, PQ, SQ, RFlat/Refine(...)).
+    Raises ``ValueError`` for anything else.
+    """
+    base, refine = split_refine(factory)
+    total = 0.0
+    d = dim
+    stored = hnsw = False
+    for tok in [t.strip() for t in base.split(",") if t.strip()]:
+        m = re.fullmatch(r"OPQ(\d+)(?:_(\d+))?", tok)
+        if m:
+            out = int(m.group(2) or d)
+            total += 4.0 * d * out
+            d = out
+            continue
+        m = re.fullmatch(r"PCAR?(\d+)", tok)
+        if m:
+            out = int(m.group(1))
+            total += 4.0 * d * out + 4.0 * d
+            d = out
+            continue
+        if tok == "L2norm":
+            continue
+        m = re.fullmatch(r"IVF(\d+)(?:_HNSW(\d+))?", tok)
+        if m:
+            nlist = int(m.group(1))
+            total += 4.0 * nlist * d + 8.0 * n  # centroids + one 8-byte id per vector
+            if m.group(2):
+                total += nlist * (2 * int(m.group(2)) * 4 * 1.1 + 8)
+            continue
+        m = re.fullmatch(r"HNSW(\d+)(?:_(\w+))?", tok)
+        if m:  # level-0 links (2M int32) + upper levels and level table; storage follows
+            total += n * (2 * int(m.group(1)) * 4 * 1.05 + 12)
+            hnsw = True
+            if m.group(2) is None:
+                continue
+            tok = m.group(2)
+        per = _code_bytes(tok, d)
+        if per is None:
+            raise ValueError(f"cannot estimate the memory of factory component {tok!r} in {factory!r}")
+        total += per * n
+        pq = re.fullmatch(r"PQ(\d+)(?:x(\d+))?(?:np)?", tok)
+        if pq:
+            total += 4.0 * (1 << int(pq.group(2) or 8)) * d  # codebooks
+        stored = True
+    if hnsw and not stored:  # "HNSW32" alone stores flat vectors
+        total += 4.0 * d * n
+        stored = True
+    if not stored:
+        raise ValueError(f"factory {factory!r} stores no vectors")
+    if refine is not None:
+        per = _code_bytes(refine, dim)
+        if per is None:
+            raise ValueError(f"cannot estimate the memory of refine index {refine!r}")
+        total += per * n
+    return int(total)
+
+
 def choose_factory(n: int, dim: int, memory_budget_bytes: int = 8 << 30, flat_max: int = 100_000) -> str:
-    """A FAISS factory string for ``n`` vectors of ``dim`` within ``memory_budget_bytes``."""
+    """A FAISS factory string for ``n`` vectors of ``dim`` whose estimated memory fits the budget."""
     if n <= 0:
         raise ValueError("cannot index an empty corpus")
-    raw = n * dim * 4
-    if n <= flat_max and raw <= memory_budget_bytes:
+    if n <= flat_max and estimate_index_bytes("Flat", n, dim) <= memory_budget_bytes:
         return "Flat"
     nlist = _pow2(4 * math.sqrt(n))
-    if raw * 1.1 <= memory_budget_bytes:
-        return f"IVF{nlist},Flat"
-    per_vector = memory_budget_bytes / n - 8  # ids are 8 bytes
-    m = next((m for m in (64, 48, 32, 16, 8) if m <= per_vector and dim % m == 0), None)
-    if m is None:
-        raise ValueError(f"{n} vectors cannot fit {memory_budget_bytes / 2**30:.1f} GiB even as 8-byte PQ codes")
+    ivf_flat = f"IVF{nlist},Flat"
+    if estimate_index_bytes(ivf_flat, n, dim) <= memory_budget_bytes:
+        return ivf_flat
     coarse = f"IVF{nlist}_HNSW32" if n >= 10_000_000 else f"IVF{nlist}"
-    return f"OPQ{m},{coarse},PQ{m}"
+    ms = [m for m in (64, 48, 32, 16, 8) if m <= dim and dim % m == 0]
+    # a good first stage (m >= 32) matters more than fp16 vs 8-bit re-ranking codes
+    order = [(r, m) for r in ("SQfp16", "SQ8") for m in ms if m >= 32] + \
+            [(r, m) for r in ("SQfp16", "SQ8") for m in ms if m < 32]
+    for refine, m in order:
+        f = f"OPQ{m},{coarse},PQ{m},Refine({refine})"
+        if estimate_index_bytes(f, n, dim) <= memory_budget_bytes:
+            return f
+    smallest = f"OPQ{ms[-1]},{coarse},PQ{ms[-1]},Refine(SQ8)" if ms else f"{coarse},Refine(SQ8)"
+    need = estimate_index_bytes(smallest, n, dim) if ms else n * (dim + 8)
+    raise ValueError(
+        f"{n} vectors of dim {dim} do not fit {memory_budget_bytes / 2**30:.1f} GiB with re-ranking codes: "
+        f"the smallest index that can reach a recall target ({smallest}) needs {need / 2**30:.1f} GiB; "
+        "raise the memory budget or pass an explicit factory (with allow_low_recall if it may miss the target)")
 
+
+# -- corpus access ---------------------------------------------------------------------------
+
+class VectorSource:
+    """Row-ordered (n, dim) vectors stored in chunks (e.g. store shards), opened one at a time.
+
+    ``open_chunk(i)`` returns chunk i as an array (typically a float16 memory map); it is dropped
+    as soon as the chunk has been read, so no more than one chunk is mapped at a time and the
+    corpus is never materialised in float32 as a whole.
+    """
+
+    def __init__(self, sizes: Sequence[int], dim: int, open_chunk: Callable[[int], np.ndarray]):
+        self.sizes = [int(s) for s in sizes]
+        self.dim = int(dim)
+        self._open = open_chunk
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)]).astype(np.int64)
+
+    @property
+    def n(self) -> int:
+        return int(self.offsets[-1])
+
+    def __len__(self) -> int:
+        return self.n
+
+    @classmethod
+    def from_arrays(cls, arrays: Sequence[np.ndarray]) -> "VectorSource":
+        arrays = list(arrays)
+        if not arrays:
+            raise ValueError("no arrays given")
+        dims = {a.shape[1] for a in arrays}
+        if len(dims) != 1 or any(a.ndim != 2 for a in arrays):
+            raise ValueError(f"arrays must all be (n_i, E), got {[a.shape for a in arrays]}")
+        return cls([len(a) for a in arrays], dims.pop(), lambda i: arrays[i])
+
+    @classmethod
+    def from_array(cls, x: np.ndarray) -> "VectorSource":
+        x = np.asarray(x)
+        if x.ndim != 2:
+            raise ValueError(f"embeddings must be (N, E), got {x.shape}")
+        return cls.from_arrays([x])
+
+    @classmethod
+    def from_store(cls, store, shards: Optional[Sequence[Any]] = None) -> "VectorSource":
+        """The committed shards of an :class:`index.store.EmbeddingStore` (a snapshot of ``shards``)."""
+        shards = list(store.shards if shards is None else shards)
+        return cls([s.count for s in shards], store.dim, lambda i: store.shard_embeddings(shards[i]))
+
+    def _chunk(self, i: int) -> np.ndarray:
+        arr = self._open(i)
+        if arr.ndim != 2 or arr.shape != (self.sizes[i], self.dim):
+            raise ValueError(f"chunk {i} has shape {arr.shape}, expected ({self.sizes[i]}, {self.dim})")
+        return arr
+
+    def blocks(self, rows: Optional[int] = None) -> Iterator[Tuple[int, np.ndarray]]:
+        """(first row, float32 C-contiguous block of at most ``rows`` rows), in row order."""
+        rows = rows or BLOCK_ROWS
+        for i, size in enumerate(self.sizes):
+            if size == 0:
+                continue
+            arr = self._chunk(i)
+            off = int(self.offsets[i])
+            for s in range(0, size, rows):
+                yield off + s, np.ascontiguousarray(arr[s:s + rows], dtype=np.float32)
+            del arr
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """float32 (len(rows), dim) copy of the given rows (any order), reading only those rows."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.n):
+            raise IndexError("row out of range")
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        order = np.argsort(rows, kind="stable")
+        srt = rows[order]
+        bounds = np.searchsorted(srt, self.offsets)
+        for i in range(len(self.sizes)):
+            lo, hi = int(bounds[i]), int(bounds[i + 1])
+            if lo == hi:
+                continue
+            arr = self._chunk(i)
+            for a in range(lo, hi, BLOCK_ROWS):  # bounded temporaries
+                b = min(hi, a + BLOCK_ROWS)
+                out[order[a:b]] = arr[srt[a:b] - self.offsets[i]]
+            del arr
+        return out
+
+
+def exact_topk(source: VectorSource, queries: np.ndarray, k: int, exclude_rows: Optional[np.ndarray] = None,
+               block_rows: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k of ``queries`` over ``source``, streaming it block by block.
+
+    Each block's top-k comes from FAISS brute force (``faiss.knn``, exact) and is merged into the
+    running top-k, so memory is one float32 block plus (Q, k) lists whatever the corpus size.
+    Returns (scores, rows), both (Q, k), best first; rows are -1 where fewer than k exist.
+    ``exclude_rows[q]`` (a corpus row, or -1) is never returned for query q.
+    """
+    faiss = _faiss()
+    q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+    nq = q.shape[0]
+    excl = np.full(nq, -1, np.int64) if exclude_rows is None else np.asarray(exclude_rows, np.int64)
+    kk = k + 1  # one spare for the excluded row
+    best_s = np.full((nq, kk), -np.inf, dtype=np.float32)
+    best_i = np.full((nq, kk), -1, dtype=np.int64)
+    for off, blk in source.blocks(block_rows):
+        s, i = faiss.knn(q, blk, min(kk, blk.shape[0]), metric=faiss.METRIC_INNER_PRODUCT)
+        i = np.where(i >= 0, i + off, -1)
+        cat_s, cat_i = np.concatenate([best_s, s], 1), np.concatenate([best_i, i], 1)
+        top = np.argsort(-cat_s, axis=1, kind="stable")[:, :kk]
+        best_s, best_i = np.take_along_axis(cat_s, top, 1), np.take_along_axis(cat_i, top, 1)
+    drop = (best_i == excl[:, None]) | (best_i < 0)
+    keep = np.argsort(drop, axis=1, kind="stable")[:, :k]  # the rows to keep, in score order
+    best_s, best_i = np.take_along_axis(best_s, keep, 1), np.take_along_axis(best_i, keep, 1)
+    gone = np.take_along_axis(drop, keep, 1)
+    best_s[gone], best_i[gone] = -np.inf, -1
+    return best_s, best_i
+
+
+# -- report ----------------------------------------------------------------------------------
 
 @dataclass
 class IndexReport:
@@ -78,31 +363,291 @@ class IndexReport:
     dim: int
     build_seconds: float
     index_bytes: int
-    recall_at_1: float
-    recall_at_10: float
-    ms_per_query: float
-    queries: int
+    recall_at_1: float          # on the evaluation queries (disjoint from the tuning queries)
+    recall_at_10: float         # recall@k with k = min(10, n - 1), see ``k``
+    batched_ms_per_query: float  # one batched search call over the evaluation queries, per query
+    batched_qps: float          # the same call, in queries per second
+    single_query_ms: float      # median latency of one-query searches
+    single_query_p95_ms: float
+    queries: int                # evaluation queries
+    tune_queries: int = 0       # queries the search parameters were tuned on (0: nothing to tune)
+    recall_at_10_tune: float = float("nan")
+    single_queries: int = 0     # one-query searches timed
     search_params: Dict[str, int] = field(default_factory=dict)
+    target_recall: float = 0.95
+    target_met: bool = True
+    k: int = 10
+    train_size: int = 0
     gpu: bool = False
 
-
-def _set_search_param(index, name: str, value: int) -> None:
-    faiss = _faiss()
-    faiss.ParameterSpace().set_index_parameter(index, name, value)
-
-
-def _search_param_name(factory: str) -> Optional[str]:
-    if "HNSW" in factory and "IVF" not in factory:
-        return "efSearch"
-    if "IVF" in factory:
-        return "nprobe"
-    return None
+    @property
+    def ms_per_query(self) -> float:
+        """Batched ms/query (the name of the field before single-query latency was reported)."""
+        return self.batched_ms_per_query
 
 
 def recall_at(found: np.ndarray, truth: np.ndarray, k: int) -> float:
     """Mean |found[:, :k] ∩ truth[:, :k]| / k over queries."""
-    hits = [len(set(f[:k].tolist()) & set(t[:k].tolist())) for f, t in zip(found, truth)]
+    hits = [len(set(f[:k].tolist()) & set(t[:k].tolist()) - {-1}) for f, t in zip(found, truth)]
     return float(np.mean(hits)) / k
+
+
+# -- search parameters -----------------------------------------------------------------------
+
+def _is_gpu_index(index) -> bool:
+    return type(index).__name__.startswith("Gpu")
+
+
+def _set_search_param(index, name: str, value: float) -> None:
+    """Set ``nprobe`` / ``efSearch`` / ``k_factor`` on ``index`` or the sub-index it applies to.
+
+    Walks IndexRefine (``k_factor`` is its own, others go to the base) and IndexPreTransform
+    (OPQ); GPU indexes get the attribute directly (``GpuIndexIVF*.nprobe``) or through
+    ``faiss.GpuParameterSpace``, never through the CPU ``ParameterSpace`` which rejects them.
+    """
+    faiss = _faiss()
+    if _is_gpu_index(index):
+        if hasattr(index, name):
+            setattr(index, name, int(value))
+            return
+        if hasattr(faiss, "GpuParameterSpace"):
+            faiss.GpuParameterSpace().set_index_parameter(index, name, float(value))
+            return
+        raise ValueError(f"cannot set {name} on {type(index).__name__}")
+    if isinstance(index, faiss.Index):
+        index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexRefine):
+        if name == "k_factor":
+            index.k_factor = float(value)
+        else:
+            _set_search_param(index.base_index, name, value)
+        return
+    if name == "k_factor":
+        raise ValueError(f"k_factor applies to re-ranking indexes only, not {type(index).__name__}")
+    if isinstance(index, faiss.IndexPreTransform):
+        _set_search_param(index.index, name, value)
+        return
+    faiss.ParameterSpace().set_index_parameter(index, name, float(value))
+
+
+def _search_param_name(factory: str) -> Optional[str]:
+    base, _ = split_refine(factory)
+    if "IVF" in base:
+        return "nprobe"
+    if "HNSW" in base:
+        return "efSearch"
+    return None
+
+
+def _nlist(factory: str) -> int:
+    m = re.search(r"IVF(\d+)", factory)
+    return int(m.group(1)) if m else 1
+
+
+def _strip(row: np.ndarray, self_row: int, k: int) -> np.ndarray:
+    r = [int(v) for v in row if v != self_row and v >= 0][:k]
+    return np.array(r + [-1] * (k - len(r)), dtype=np.int64)
+
+
+def _evaluate(index, queries: np.ndarray, q_rows: np.ndarray, truth: np.ndarray, k: int) -> Tuple[float, float, float]:
+    """(recall@1, recall@k, seconds) of one batched search of ``queries`` (corpus rows ``q_rows``, self excluded)."""
+    t = time.perf_counter()
+    _, found = index.search(queries, k + 1)
+    sec = time.perf_counter() - t
+    found = np.stack([_strip(f, qi, k) for f, qi in zip(found, q_rows)])
+    return recall_at(found, truth, 1), recall_at(found, truth, k), sec
+
+
+def _tune(index, factory: str, queries, q_rows, truth, k: int, target: float, gpu: bool) -> Tuple[Dict[str, int], float]:
+    """Search parameters reaching ``target`` recall@k on the tuning queries.
+
+    nprobe / efSearch double from small up to the cap (nlist; 4096 for efSearch); the first value
+    at which the largest k_factor reaches the target is kept, with the smallest k_factor that
+    reaches it there. If no setting reaches the target, the best one seen is returned (the
+    caller decides what a miss means). Returns (params, tuning recall@k).
+    """
+    param = _search_param_name(factory)
+    _, refine = split_refine(factory)
+    if param == "nprobe":
+        cap = min(_nlist(factory), GPU_MAX_NPROBE) if gpu else _nlist(factory)
+        values, v = [], 1
+        while v < cap:
+            values.append(v)
+            v *= 2
+        values.append(cap)
+    elif param == "efSearch":
+        values = [16 << i for i in range(9)]  # 16 .. 4096
+    else:
+        values = [None]
+    kfs: Sequence[Optional[int]] = K_FACTORS if refine is not None else (None,)
+
+    def run(v, kf) -> float:
+        if v is not None:
+            _set_search_param(index, param, v)
+        if kf is not None:
+            _set_search_param(index, "k_factor", kf)
+        return _evaluate(index, queries, q_rows, truth, k)[1]
+
+    best: Tuple[float, Dict[str, int]] = (-1.0, {})
+    for v in values:
+        r_max = run(v, kfs[-1])
+        params = {**({param: v} if v is not None else {}), **({"k_factor": kfs[-1]} if kfs[-1] is not None else {})}
+        if r_max > best[0]:
+            best = (r_max, params)
+        if r_max >= target:
+            for kf in kfs[:-1]:
+                r = run(v, kf)
+                if r >= target:
+                    return {**({param: v} if v is not None else {}), "k_factor": kf}, r
+            return params, r_max
+    return best[1], best[0]
+
+
+def _apply_params(index, params: Dict[str, int]) -> None:
+    for name, value in params.items():
+        _set_search_param(index, name, value)
+
+
+# -- build -----------------------------------------------------------------------------------
+
+def _add_block_rows(factory: str) -> int:
+    """Rows per add call: BLOCK_ROWS, fewer for PQ codes so FAISS's encoding tables stay within ADD_TEMP_BYTES."""
+    widest = max((int(m) * (1 << int(nb or 8)) for m, nb in re.findall(r"PQ(\d+)(?:x(\d+))?", factory)), default=0)
+    if not widest:
+        return BLOCK_ROWS
+    return int(max(256, min(BLOCK_ROWS, ADD_TEMP_BYTES // (4 * widest))))
+
+
+def default_train_size(n: int, factory: str) -> int:
+    """Training sample: max(100k, 50 nlist) rows (FAISS wants >= 39 per IVF centroid), at most n."""
+    return int(min(n, max(100_000, 50 * _nlist(factory))))
+
+
+def _query_split(n: int, n_tune: int, n_eval: int, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
+    """Two disjoint random samples of corpus rows: (tuning rows, evaluation rows)."""
+    n_tune, n_eval = max(0, n_tune), max(1, n_eval)
+    if n_tune + n_eval > n:  # small corpus: split what there is
+        n_tune = (n * n_tune) // (n_tune + n_eval)
+        n_eval = n - n_tune
+    rows = rng.choice(n, size=n_tune + n_eval, replace=False)
+    return rows[:n_tune], rows[n_tune:]
+
+
+def build_index_from_source(
+    source: VectorSource,
+    factory: Optional[str] = None,
+    memory_budget_bytes: int = 8 << 30,
+    target_recall: float = 0.95,
+    num_queries: int = 1000,
+    train_size: Optional[int] = None,
+    use_gpu: Optional[bool] = None,
+    seed: int = 0,
+    allow_low_recall: bool = False,
+    tune_queries: Optional[int] = None,
+    single_queries: int = 100,
+) -> Tuple[Any, IndexReport]:
+    """Build an inner-product index over the L2-normalised vectors of ``source`` and report its quality.
+
+    See the module docstring for the streaming build, the tuning / evaluation query split and
+    what a missed recall target does. ``num_queries`` evaluation queries and ``tune_queries``
+    (default: as many) tuning queries are disjoint random corpus rows.
+    """
+    faiss = _faiss()
+    if not 0.0 < float(target_recall) <= 1.0:
+        raise ConfigError(f"target recall must be in (0, 1], got {target_recall}")
+    n, dim = source.n, source.dim
+    if n <= 0:
+        raise ValueError("cannot index an empty corpus")
+    factory = factory or choose_factory(n, dim, memory_budget_bytes)
+    base_factory, refine_factory = split_refine(factory)
+    use_gpu = (gpu_count() > 0) if use_gpu is None else use_gpu
+    rng = np.random.default_rng(seed)
+
+    t0 = time.perf_counter()
+    base = faiss.index_factory(dim, base_factory, faiss.METRIC_INNER_PRODUCT)
+    refine = faiss.index_factory(dim, refine_factory, faiss.METRIC_INNER_PRODUCT) if refine_factory else None
+    work = base
+    gpu_res = None
+    if use_gpu and "HNSW" not in base_factory:
+        try:
+            gpu_res = faiss.StandardGpuResources()
+            work = faiss.index_cpu_to_gpu(gpu_res, 0, base)
+        except Exception as exc:  # e.g. a transform FAISS cannot clone to the GPU
+            logger.warning("cannot move %s to the GPU (%s): building on the CPU", base_factory, exc)
+            work, gpu_res = base, None
+    ts = 0
+    if not work.is_trained or (refine is not None and not refine.is_trained):
+        ts = min(n, train_size or default_train_size(n, factory))
+        sample_rows = np.sort(rng.choice(n, size=ts, replace=False)) if ts < n else np.arange(n)
+        sample = source.take(sample_rows)
+        if not work.is_trained:
+            work.train(sample)
+        if refine is not None and not refine.is_trained:
+            refine.train(sample)
+        del sample
+    for _, blk in source.blocks(_add_block_rows(factory)):
+        work.add(blk)
+        if refine is not None:
+            refine.add(blk)
+    if work is not base:
+        base = faiss.index_gpu_to_cpu(work)
+    index = faiss.IndexRefine(base, refine) if refine is not None else base
+    search_index = (faiss.IndexRefine(work, refine) if refine is not None else work) if work is not base else index
+    build_s = time.perf_counter() - t0
+
+    # queries: disjoint tuning / evaluation samples of corpus rows; exact truth by streaming
+    k = min(10, n - 1) if n > 1 else 1
+    param = _search_param_name(factory)
+    has_params = param is not None or refine is not None
+    n_tune = (num_queries if tune_queries is None else tune_queries) if has_params else 0
+    tune_rows, eval_rows = _query_split(n, n_tune, num_queries, rng)
+    all_rows = np.concatenate([tune_rows, eval_rows])
+    all_q = source.take(all_rows)
+    # each query's own row is excluded from both result lists (not with a single vector: nothing else to find)
+    self_rows = all_rows if n > 1 else np.full_like(all_rows, -1)
+    _, all_truth = exact_topk(source, all_q, k, exclude_rows=self_rows)
+    nt = len(tune_rows)
+    tq, tt, eq, et = all_q[:nt], all_truth[:nt], all_q[nt:], all_truth[nt:]
+    tune_self, eval_self = self_rows[:nt], self_rows[nt:]
+
+    params: Dict[str, int] = {}
+    r10_tune = float("nan")
+    if has_params and nt:
+        params, r10_tune = _tune(search_index, factory, tq, tune_self, tt, k, target_recall, work is not base)
+        _apply_params(search_index, params)
+    r1, r10, sec = _evaluate(search_index, eq, eval_self, et, k)
+    lat = []
+    m = min(single_queries, len(eq))
+    for i in range(m):
+        t = time.perf_counter()
+        search_index.search(eq[i:i + 1], k + 1)
+        lat.append(time.perf_counter() - t)
+    _apply_params(index, params)
+    lat_ms = np.array(lat) * 1000 if lat else np.array([float("nan")])
+    rep = IndexReport(
+        factory=factory, n=n, dim=dim, build_seconds=build_s, index_bytes=_index_bytes(index),
+        recall_at_1=r1, recall_at_10=r10, batched_ms_per_query=sec * 1000 / len(eq),
+        batched_qps=len(eq) / sec if sec > 0 else float("inf"),
+        single_query_ms=float(np.median(lat_ms)), single_query_p95_ms=float(np.percentile(lat_ms, 95)),
+        queries=len(eq), tune_queries=nt, recall_at_10_tune=r10_tune, single_queries=m, search_params=params,
+        target_recall=float(target_recall), target_met=bool(r10 >= target_recall), k=k, train_size=ts,
+        gpu=work is not base,
+    )
+    summary = (f"index {factory}: n={n} recall@1 {r1:.3f} recall@{k} {r10:.3f} on {len(eq)} evaluation queries "
+               f"(params {params or 'exact'} tuned on {nt} other queries, tuning recall@{k} {r10_tune:.3f}); "
+               f"batched {rep.batched_ms_per_query:.3f} ms/query ({rep.batched_qps:.0f} queries/s), single query "
+               f"{rep.single_query_ms:.2f} ms median; built in {build_s:.1f}s, {rep.index_bytes / 2**20:.1f} MB")
+    if not rep.target_met:
+        msg = (f"{summary}: recall@{k} {r10:.3f} is below the target {target_recall:.3f} with every search setting "
+               f"tried. Use a larger memory budget or another factory, lower the target, or pass "
+               f"allow_low_recall=True (`--allow-low-recall`) to keep this index")
+        if not allow_low_recall:
+            raise LowRecallError(msg, rep)
+        logger.warning("%s", msg)
+    else:
+        logger.info("%s", summary)
+    del gpu_res
+    return index, rep
 
 
 def build_index(
@@ -114,84 +659,25 @@ def build_index(
     train_size: Optional[int] = None,
     use_gpu: Optional[bool] = None,
     seed: int = 0,
+    allow_low_recall: bool = False,
+    tune_queries: Optional[int] = None,
 ) -> Tuple[Any, IndexReport]:
-    """Build an inner-product index over (N, E) L2-normalised embeddings and report its quality.
-
-    The evaluation queries are a random sample of the corpus itself; each query's own row is
-    removed from both the exact and the approximate result lists before recall is computed.
-    """
-    faiss = _faiss()
-    x = np.ascontiguousarray(embeddings, dtype=np.float32)
-    n, dim = x.shape
-    factory = factory or choose_factory(n, dim, memory_budget_bytes)
-    use_gpu = (gpu_count() > 0) if use_gpu is None else use_gpu
-    rng = np.random.default_rng(seed)
-    t0 = time.perf_counter()
-    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    gpu_index = None
-    if use_gpu and "HNSW" not in factory:
-        res = faiss.StandardGpuResources()
-        gpu_index = faiss.index_cpu_to_gpu(res, 0, index)
-    work = gpu_index if gpu_index is not None else index
-    if not work.is_trained:
-        ts = train_size or min(n, max(256 * _nlist(factory), 100_000))
-        sample = x[rng.choice(n, size=min(ts, n), replace=False)] if ts < n else x
-        work.train(sample)
-    for start in range(0, n, 1_000_000):
-        work.add(x[start:start + 1_000_000])
-    if gpu_index is not None:
-        index = faiss.index_gpu_to_cpu(gpu_index)
-    build_s = time.perf_counter() - t0
-
-    q_idx = rng.choice(n, size=min(num_queries, n), replace=False)
-    queries = x[q_idx]
-    k_eval = min(10, n - 1) if n > 1 else 1
-    truth = _drop_self(ExactRetriever(x, [str(i) for i in range(n)]).search(queries, k_eval + 1), q_idx, k_eval)
-    param = _search_param_name(factory)
-    params: Dict[str, int] = {}
-    search_index = gpu_index if gpu_index is not None else index
-    value = 1
-    cap = _nlist(factory) if param == "nprobe" else 4096
-    while True:
-        if param:
-            _set_search_param(search_index, param, value)
-            params = {param: value}
-        t = time.perf_counter()
-        _, found = search_index.search(queries, k_eval + 1)
-        ms = (time.perf_counter() - t) * 1000 / len(queries)
-        found = np.stack([_strip(f, qi, k_eval) for f, qi in zip(found, q_idx)])
-        r10 = recall_at(found, truth, k_eval)
-        if not param or r10 >= target_recall or value >= cap:
-            break
-        value = min(value * 2, cap)
-    if param:
-        _set_search_param(index, param, value)
-    r1 = recall_at(found, truth, 1)
-    rep = IndexReport(factory, n, dim, build_s, _index_bytes(index), r1, r10, ms, len(queries), params, gpu_index is not None)
-    logger.info("index %s: n=%d recall@1 %.3f recall@10 %.3f %.2f ms/query (%s) built in %.1fs, %.1f MB",
-                factory, n, r1, r10, ms, params or "exact", build_s, rep.index_bytes / 2**20)
-    return index, rep
-
-
-def _nlist(factory: str) -> int:
-    import re
-
-    m = re.search(r"IVF(\d+)", factory)
-    return int(m.group(1)) if m else 1
-
-
-def _strip(row: np.ndarray, self_row: int, k: int) -> np.ndarray:
-    r = [int(v) for v in row if v != self_row and v >= 0][:k]
-    return np.array(r + [-1] * (k - len(r)), dtype=np.int64)
-
-
-def _drop_self(results: List[SearchResult], q_idx: np.ndarray, k: int) -> np.ndarray:
-    return np.stack([_strip(r.rows, qi, k) for r, qi in zip(results, q_idx)])
+    """:func:`build_index_from_source` over an in-memory (N, E) array (no float32 copy if it is one)."""
+    return build_index_from_source(VectorSource.from_array(embeddings), factory, memory_budget_bytes, target_recall,
+                                   num_queries, train_size, use_gpu, seed, allow_low_recall, tune_queries)
 
 
 def _index_bytes(index) -> int:
+    """Serialized size, counted through a callback writer (no copy of the index in memory)."""
     faiss = _faiss()
-    return int(faiss.serialize_index(index).nbytes)
+    total = [0]
+
+    def count(b: bytes) -> int:
+        total[0] += len(b)
+        return len(b)
+
+    faiss.write_index(index, faiss.PyCallbackIOWriter(count))
+    return int(total[0])
 
 
 def save_index(index, report: IndexReport, directory: os.PathLike | str, extra: Optional[Dict[str, Any]] = None) -> Path:
@@ -215,7 +701,7 @@ def load_index(directory: os.PathLike | str) -> Tuple[Any, Dict[str, Any]]:
     index = faiss.read_index(str(d / INDEX_FILE))
     meta = json.loads((d / META_FILE).read_text())
     for name, value in (meta["report"].get("search_params") or {}).items():
-        _set_search_param(index, name, int(value))
+        _set_search_param(index, name, value)
     return index, meta
 
 

@@ -1,4 +1,10 @@
-"""``reco build-index --store DIR``: FAISS index over a store, with a recall report."""
+"""``reco build-index --store DIR``: FAISS index over a store, with a recall report.
+
+Every argument is checked before any work starts (missing / non-store / empty store, bad
+factory string, a budget nothing fits, ``--target-recall`` outside (0, 1]) and reported as one
+line with exit code 2. Search parameters are tuned on one sample of corpus queries and recall is
+reported on another, disjoint one; a missed target is an error unless ``--allow-low-recall``.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,26 +12,77 @@ import logging
 from pathlib import Path
 from typing import List, Optional
 
+from reco.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 
+def _check_args(args) -> None:
+    """Validate everything that can be checked without building: raises ConfigError / FileNotFoundError."""
+    if not 0.0 < args.target_recall <= 1.0:
+        raise ConfigError(f"--target-recall must be in (0, 1], got {args.target_recall}")
+    if not args.memory_budget_gb > 0:
+        raise ConfigError(f"--memory-budget-gb must be > 0, got {args.memory_budget_gb}")
+    if args.num_queries < 1:
+        raise ConfigError(f"--num-queries must be >= 1, got {args.num_queries}")
+    if args.train_size is not None and args.train_size < 1:
+        raise ConfigError(f"--train-size must be >= 1, got {args.train_size}")
+    store = Path(args.store)
+    if not store.exists():
+        raise FileNotFoundError(f"--store {store}: no such directory (run `reco embed` to create a store)")
+    if not store.is_dir():
+        raise ConfigError(f"--store {store} is a file, not an embedding store directory")
+    if args.index and Path(args.index).exists() and not Path(args.index).is_dir():
+        raise ConfigError(f"--index {args.index} is a file, not a directory")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="reco build-index", description=__doc__)
+    p = argparse.ArgumentParser(prog="reco build-index", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--store", required=True)
     p.add_argument("--index", help="output directory (default: STORE/index)")
     p.add_argument("--factory", help="FAISS factory string (default: chosen from corpus size and memory budget)")
-    p.add_argument("--memory-budget-gb", type=float, default=8.0)
+    p.add_argument("--memory-budget-gb", type=float, default=8.0, help="memory the index may take (default 8)")
     p.add_argument("--target-recall", type=float, default=0.95, help="recall@10 the search parameters are tuned to")
+    p.add_argument("--allow-low-recall", action="store_true",
+                   help="keep an index that misses --target-recall (a WARNING, target_met: false in index.json)")
+    p.add_argument("--num-queries", type=int, default=1000,
+                   help="evaluation queries; as many other corpus rows are used to tune the search parameters")
+    p.add_argument("--train-size", type=int, help="training sample (default max(100k, 50 nlist) rows)")
     args = p.parse_args(argv)
+    _check_args(args)
 
     from index.catalog import build_index_dir
-    from index.store import EmbeddingStore
+    from index.faiss_index import choose_factory, validate_factory
+    from index.store import EmbeddingStore, StoreError
+
+    store = EmbeddingStore(args.store)
+    if not store.exists:
+        raise ConfigError(f"--store {args.store} is not an embedding store (no manifest.json): run `reco embed` first")
+    try:
+        n, dim = len(store), store.dim
+    except (StoreError, KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"--store {args.store}: {exc}") from None
+    if n == 0:
+        raise ConfigError(f"--store {args.store} holds no embeddings: run `reco embed` first")
+    budget = int(args.memory_budget_gb * 2**30)
+    if args.factory:
+        validate_factory(args.factory, dim)
+    else:
+        try:
+            choose_factory(n, dim, budget)
+        except ValueError as exc:
+            raise ConfigError(f"--memory-budget-gb {args.memory_budget_gb}: {exc}") from None
 
     out = args.index or str(Path(args.store) / "index")
-    rep = build_index_dir(EmbeddingStore(args.store), out, args.factory, int(args.memory_budget_gb * 2**30),
-                          args.target_recall)
-    logger.info("index %s over %d vectors: recall@1 %.3f, recall@10 %.3f (vs exact, %d held-out queries), "
-                "%.2f ms/query %s, %.1f MB, built in %.1f s -> %s", rep.factory, rep.n, rep.recall_at_1,
-                rep.recall_at_10, rep.queries, rep.ms_per_query, rep.search_params or "", rep.index_bytes / 2**20,
-                rep.build_seconds, out)
+    rep = build_index_dir(store, out, args.factory, budget, args.target_recall, allow_low_recall=args.allow_low_recall,
+                          num_queries=args.num_queries, train_size=args.train_size)
+    logger.info(
+        "index %s over %d vectors: recall@1 %.3f, recall@%d %.3f on %d evaluation queries (vs exact; search params "
+        "%s tuned on %d other queries; target %.2f %s); batched search %.3f ms/query (%.0f queries/s); single-query "
+        "latency %.2f ms median, %.2f ms p95 (%d searches); %.1f MB, built in %.1f s -> %s",
+        rep.factory, rep.n, rep.recall_at_1, rep.k, rep.recall_at_10, rep.queries, rep.search_params or "{}",
+        rep.tune_queries, rep.target_recall, "met" if rep.target_met else "NOT met", rep.batched_ms_per_query,
+        rep.batched_qps, rep.single_query_ms, rep.single_query_p95_ms, rep.single_queries, rep.index_bytes / 2**20,
+        rep.build_seconds, out)
     return 0

@@ -119,7 +119,8 @@ def test_choose_factory_by_size_and_budget():
     assert choose_factory(1_000_000, 512) == "IVF4096,Flat"
     assert choose_factory(1_000_000, 512, 1 << 30).startswith("OPQ64,IVF")
     assert choose_factory(5_000_000, 512, 32 << 30).startswith("IVF") and choose_factory(5_000_000, 512, 32 << 30).endswith(",Flat")
-    assert "_HNSW32" in choose_factory(200_000_000, 768, 64 << 30)
+    assert "_HNSW32" in choose_factory(200_000_000, 768, 256 << 30)
+    assert choose_factory(1_000_000, 512, 1 << 30).endswith(",Refine(SQ8)")  # PQ is always re-ranked
     with pytest.raises(ValueError):
         choose_factory(10**9, 512, 1 << 30)
 
