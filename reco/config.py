@@ -1,8 +1,11 @@
 """Frozen configuration dataclasses for the ReCo core.
 
-Defaults follow ``RECO_SPEC.md`` (the paper's reference values). YAML never reaches this module:
-jobs parse YAML at the edge and call :func:`from_dict`, which rejects unknown keys with a clear
-message, so a typo in a config file is an error instead of a silently ignored setting.
+Defaults are the best configuration measured on the in-domain exemplar protocol
+(``docs/results.md``: no CLIP, no context archives needed); the paper's reference values of
+``RECO_SPEC.md`` are the preset ``preset("reco-paper")`` (``reco evaluate --preset reco-paper``).
+YAML never reaches this module: jobs parse YAML at the edge and call :func:`from_dict`, which
+rejects unknown keys with a clear message, so a typo in a config file is an error instead of a
+silently ignored setting.
 """
 from __future__ import annotations
 
@@ -40,20 +43,66 @@ class CRFConfig:
                 raise ConfigError(f"crf.{name} must be > 0, got {getattr(self, name)}")
 
 
+CONTEXT_ORDERS: Tuple[str, ...] = ("given", "archive-size", "confidence")
+CALIBRATIONS: Tuple[str, ...] = ("none", "archive", "archive-threshold")
+
+
 @dataclass(frozen=True)
 class BankConfig:
-    """How reference embeddings are built from a concept's archive (spec steps 1-4)."""
+    """How reference embeddings are built from a concept's archive (spec steps 1-4).
+
+    The defaults are the best configuration measured on the in-domain exemplar protocol
+    (``docs/results.md``); they need neither CLIP nor context archives. The paper's
+    configuration is :func:`preset` ``("reco-paper")``.
+    """
 
     k: int = 50
     image_size: int = 224
     language_guidance: bool = True
     language_temperature: float = 10.0
-    context_elimination: bool = True
+    # The paper's context elimination: references of ``context_concepts`` are built first from
+    # their own archives (each with the earlier ones eliminated) and eliminated from every target.
+    context_elimination: bool = False
     context_concepts: Tuple[str, ...] = REFERENCE_CONTEXT_CONCEPTS
+    # Context taken from the vocabulary itself ("peeling"): concepts are built one after the
+    # other in ``context_order`` and each eliminates every concept built before it, so no
+    # separate context archives are needed. Orders: "given" (vocabulary order, cascades),
+    # "archive-size" (larger archives first: ubiquitous stuff before rare things), "confidence"
+    # (cascade-proof: every concept is first co-segmented alone and the concepts whose archives
+    # agree most on a region claim it first).
+    context_from_vocabulary: bool = True
+    context_order: str = "archive-size"
+    # Peeling weight of a token: prod_c (1 - sigmoid(T * (cos(f, v_c) - offset))) over the prototypes
+    # v_c of the concepts built before. The paper's elimination weight (T = 1, offset = 0, kept
+    # below for context archives) lies between 0.27 and 0.73: too flat to remove anything; a
+    # sharp weight removes what an earlier concept explains and keeps the rest.
+    peel_temperature: float = 20.0
+    peel_offset: float = 0.6
+    # The same weight for the paper's context concepts (context archives); the paper: 1 and 0.
+    context_temperature: float = 1.0
+    context_offset: float = 0.0
     # The paper averages the per-image maxima over all k images including the token's own
     # image. With tiny archives (1-3 exemplars) that term dominates; excluding it is the
     # better estimate of "how well does this token match the *other* images".
-    exclude_own_image: bool = False
+    exclude_own_image: bool = True
+    # Seeds from a region: the top ``seed_tokens`` tokens of every archive image by
+    # co-segmentation score (1 = the paper's single seed token).
+    seed_tokens: int = 1
+    # Several prototypes per concept: spherical k-means of the seed-region features (1 = the
+    # paper's single mean reference). Inference takes the best prototype of each concept.
+    prototypes: int = 1
+    # Per-concept score calibration fitted on the concept's own archive (used by
+    # ``SegmenterConfig.calibrate``): "archive" stores the mean and std of the concept's
+    # similarity over its archive tokens, so the calibrated logit is z = (cos - mean) / std;
+    # "archive-threshold" also moves z = 0 to the concept's own foreground/background boundary in
+    # its archive (the co-segmentation's foreground, split by Otsu's method, against the rest):
+    # sigmoid(z) = 0.5 then means "as similar as the boundary of the concept's own region", the
+    # natural "none of these" threshold; "none": no statistics (the paper).
+    calibration: str = "archive"
+    # Keep each archive image's contribution to the references in the bank, so an image that is
+    # also being labelled can be scored against references built without it
+    # (``SegmenterConfig.exclude_own_archive``).
+    keep_members: bool = False
     # Rows of the k*hw x k*hw affinity computed at once; memory is O(block_size * k * hw).
     block_size: int = 256
     batch_size: int = 16
@@ -67,6 +116,18 @@ class BankConfig:
             raise ConfigError(f"bank.block_size must be >= 1, got {self.block_size}")
         if self.batch_size < 1:
             raise ConfigError(f"bank.batch_size must be >= 1, got {self.batch_size}")
+        if self.seed_tokens < 1:
+            raise ConfigError(f"bank.seed_tokens must be >= 1, got {self.seed_tokens}")
+        if self.prototypes < 1:
+            raise ConfigError(f"bank.prototypes must be >= 1, got {self.prototypes}")
+        for name in ("context_temperature", "peel_temperature"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"bank.{name} must be > 0, got {getattr(self, name)}")
+        if self.context_order not in CONTEXT_ORDERS:
+            raise ConfigError(f"bank.context_order must be one of {', '.join(CONTEXT_ORDERS)}, "
+                              f"got {self.context_order!r}")
+        if self.calibration not in CALIBRATIONS:
+            raise ConfigError(f"bank.calibration must be one of {', '.join(CALIBRATIONS)}, got {self.calibration!r}")
         if not isinstance(self.context_concepts, tuple):
             object.__setattr__(self, "context_concepts", tuple(self.context_concepts))
 
@@ -78,12 +139,17 @@ class SegmenterConfig:
     image_size: int = 320
     dense_clip: bool = True
     text_temperature: float = 10.0
-    # Optional per-concept calibration: standardise cos(f, ref_c) with the statistics stored
-    # in the bank before the sigmoid, so concepts whose references match everything do not
-    # win the argmax. Off by default (the paper has no calibration).
-    calibrate: bool = False
+    # Per-concept calibration: standardise each concept's similarity with the (mean, std) stored
+    # in the bank before the sigmoid, so scores of different concepts are comparable. None
+    # (default, "auto"): calibrate when a background threshold is set and the bank has the
+    # statistics (a threshold on raw cosines means something else for every concept; without a
+    # threshold the raw argmax measured better, docs/results.md); True: always (a bank without
+    # statistics is refused); False: never (the paper's raw cosine).
+    calibrate: Optional[bool] = None
     # If set, a constant "background" class with this score is put first in the label space,
     # so pixels whose best concept score is below it become background (and CRF sees it too).
+    # Scores are sigmoid(cos) (raw) or sigmoid(z) (calibrated): with calibration, 0.5 means
+    # "below the concept's archive mean".
     background_threshold: Optional[float] = None
     crf: Optional[CRFConfig] = None
     # Images per encoder forward pass (images with the same inference size are batched).
@@ -91,6 +157,11 @@ class SegmenterConfig:
     # A bank is refused on encoders other than the ones it was built with (name and weights);
     # experts who know two checkpoints are interchangeable may allow it (logged as a warning).
     allow_encoder_mismatch: bool = False
+    # When an image being labelled is itself in a concept's archive (its id is listed there),
+    # score it against that concept's references rebuilt without its own seeds (leave-one-out),
+    # so pseudo-labelling an archive image does not reward the image for being an exemplar.
+    # Needs a bank built with ``bank.keep_members`` and image ids passed to the segmenter.
+    exclude_own_archive: bool = False
 
     def __post_init__(self) -> None:
         if self.image_size < 14:
@@ -171,7 +242,50 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def _paper_bank() -> BankConfig:
+    return BankConfig(
+        k=50, image_size=224, language_guidance=True, language_temperature=10.0, context_elimination=True,
+        context_concepts=REFERENCE_CONTEXT_CONCEPTS, context_from_vocabulary=False, context_order="given",
+        context_temperature=1.0, context_offset=0.0, exclude_own_image=False, seed_tokens=1, prototypes=1,
+        calibration="none", keep_members=False,
+    )
+
+
+def _paper_segmenter() -> SegmenterConfig:
+    return SegmenterConfig(image_size=320, dense_clip=True, text_temperature=10.0, calibrate=False,
+                           background_threshold=None, crf=None, exclude_own_archive=False)
+
+
+#: Named configurations: ``reco-paper`` is the paper's (spec defaults: context archives for
+#: tree/sky/building/road/person, one seed token, one mean reference, raw sigmoid(cos) argmax);
+#: ``default`` is ``BankConfig()`` / ``SegmenterConfig()``, the best configuration measured
+#: (``docs/results.md``).
+PRESETS = ("reco-paper", "default")
+
+
+def preset(name: str) -> Tuple[BankConfig, SegmenterConfig]:
+    """(bank config, segmenter config) of a named preset (see :data:`PRESETS`)."""
+    if name == "reco-paper":
+        return _paper_bank(), _paper_segmenter()
+    if name in ("default", "best"):
+        return BankConfig(), SegmenterConfig()
+    raise ConfigError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
+
+
+def config_hash(obj: Any) -> str:
+    """A short, stable digest of a config dataclass (or any JSON-ready value)."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(to_dict(obj), sort_keys=True).encode()).hexdigest()[:16]
+
+
 __all__ = [
+    "CALIBRATIONS",
+    "CONTEXT_ORDERS",
+    "PRESETS",
+    "preset",
+    "config_hash",
     "BankConfig",
     "CRFConfig",
     "SegmenterConfig",

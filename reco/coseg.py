@@ -26,16 +26,25 @@ from .precision import fp32
 class CosegResult:
     """Output of :func:`cosegment`.
 
-    reference:     (D,)   L2-normalised reference embedding
+    reference:     (D,)   L2-normalised reference embedding (mean of the seed region)
     seed_index:    (k,)   flat token index of each image's seed (row-major in h x w)
     seed_features: (k, D) L2-normalised seed features
     scores:        (k, h, w) co-segmentation score of every token
+    region_index:  (k, n) the n seed-region tokens of each image (n = ``seed_tokens``; column 0
+                   is the seed)
+    prototypes:    (P, D) L2-normalised prototypes (P = 1: the reference itself)
+    member_sums:   (k, P, D) each image's sum of seed-region features assigned to each prototype
+    member_counts: (k, P) how many of each image's region tokens each prototype received
     """
 
     reference: torch.Tensor
     seed_index: torch.Tensor
     seed_features: torch.Tensor
     scores: torch.Tensor
+    region_index: Optional[torch.Tensor] = None
+    prototypes: Optional[torch.Tensor] = None
+    member_sums: Optional[torch.Tensor] = None
+    member_counts: Optional[torch.Tensor] = None
 
 
 def _flatten(features: torch.Tensor) -> torch.Tensor:
@@ -115,21 +124,79 @@ def cosegment(
     weights: Optional[torch.Tensor] = None,
     block_size: int = 256,
     exclude_own_image: bool = False,
+    seed_tokens: int = 1,
+    prototypes: int = 1,
 ) -> CosegResult:
-    """Seeds and reference embedding of one concept's archive.
+    """Seeds and reference embedding(s) of one concept's archive.
 
     Args:
         features: (k, D, h, w) dense features.
         weights: (k, h, w) target-token weights in [0, 1] or None.
+        seed_tokens: tokens per image in the seed region (its top tokens by co-segmentation
+            score; 1 = the paper's single seed).
+        prototypes: number of prototypes (spherical k-means of the seed-region features; 1 =
+            the paper's mean reference).
     """
     if features.dim() != 4 or features.shape[0] < 1:
         raise ValueError(f"features must be (k, D, h, w) with k >= 1, got {tuple(features.shape)}")
     if weights is not None and (weights.min() < -1e-6 or weights.max() > 1 + 1e-6):
         raise ValueError("pixel weights must lie in [0, 1]")
-    k = features.shape[0]
+    if seed_tokens < 1 or prototypes < 1:
+        raise ValueError("seed_tokens and prototypes must be >= 1")
+    k, d, h, w = features.shape
     scores = coseg_scores(features, weights, block_size, exclude_own_image)
-    seed_index = scores.reshape(k, -1).argmax(dim=1)
+    flat_scores = scores.reshape(k, -1)
+    n = min(seed_tokens, h * w)
+    # ties broken towards the lower index, as argmax does: column 0 is always the argmax
+    region = torch.sort(flat_scores, dim=1, descending=True, stable=True).indices[:, :n]
+    seed_index = region[:, 0].contiguous()
     flat = _flatten(features)
     seeds = flat[torch.arange(k), seed_index]
-    reference = F.normalize(seeds.mean(dim=0), dim=-1)
-    return CosegResult(reference=reference, seed_index=seed_index, seed_features=seeds, scores=scores)
+    region_feats = flat[torch.arange(k)[:, None], region]  # (k, n, D)
+    reference = F.normalize(region_feats.reshape(-1, d).mean(dim=0), dim=-1)
+    tokens = region_feats.reshape(-1, d)
+    if prototypes > 1 and tokens.shape[0] > 1:
+        protos, assign = spherical_kmeans(tokens, prototypes)
+    else:
+        protos, assign = reference[None], torch.zeros(tokens.shape[0], dtype=torch.long)
+    p = protos.shape[0]
+    onehot = F.one_hot(assign, p).float().reshape(k, n, p)  # (k, n, P)
+    member_sums = torch.einsum("knp,knd->kpd", onehot, region_feats)
+    member_counts = onehot.sum(dim=1)
+    return CosegResult(reference=reference, seed_index=seed_index, seed_features=seeds, scores=scores,
+                       region_index=region, prototypes=protos, member_sums=member_sums,
+                       member_counts=member_counts)
+
+
+@fp32
+def spherical_kmeans(x: torch.Tensor, k: int, iterations: int = 30, seed: int = 0):
+    """Deterministic spherical k-means (k-means++ init from a fixed seed) of (M, D) features.
+
+    Returns ((k', D) L2-normalised centroids, (M,) assignment); k' = min(k, number of distinct
+    points). Empty clusters are dropped and the assignment re-indexed.
+    """
+    x = F.normalize(x.float(), dim=-1)
+    m = x.shape[0]
+    k = max(1, min(k, m))
+    g = torch.Generator().manual_seed(seed)
+    centres = [x[int(torch.randint(m, (1,), generator=g))]]
+    for _ in range(1, k):
+        sim = (x @ torch.stack(centres).T).max(dim=1).values
+        dist = (1.0 - sim).clamp_min(0)
+        if float(dist.sum()) <= 1e-8:
+            break  # every remaining point coincides with a centre
+        centres.append(x[int(torch.multinomial(dist, 1, generator=g))])
+    c = torch.stack(centres)
+    assign = torch.zeros(m, dtype=torch.long)
+    for _ in range(iterations):
+        new = (x @ c.T).argmax(dim=1)
+        if _ > 0 and torch.equal(new, assign):
+            break
+        assign = new
+        sums = torch.zeros_like(c).index_add_(0, assign, x)
+        keep = torch.bincount(assign, minlength=c.shape[0]) > 0
+        c = torch.where(keep[:, None], F.normalize(sums, dim=-1), c)
+    used = torch.unique(assign)
+    remap = torch.full((c.shape[0],), -1, dtype=torch.long)
+    remap[used] = torch.arange(len(used))
+    return c[used], remap[assign]

@@ -29,6 +29,36 @@ def reference_similarity(features: torch.Tensor, references: torch.Tensor) -> to
 
 
 @fp32
+def concept_similarity(
+    features: torch.Tensor, vectors: torch.Tensor, owner: Optional[torch.Tensor] = None,
+    num_concepts: Optional[int] = None,
+) -> torch.Tensor:
+    """Each concept's best cosine over its prototypes: max_{p of c} cos(f, v_p).
+
+    Args:
+        features: (B, D, h, w) dense features.
+        vectors: (P, D) prototypes (or one reference per concept).
+        owner: (P,) concept index of each vector (None: vector i is concept i).
+        num_concepts: C (default: max(owner) + 1).
+    Returns:
+        (B, C, h, w) cosine similarities (-2 for a concept whose vectors are all zero).
+    """
+    sim = reference_similarity(features, vectors)
+    zero = vectors.float().norm(dim=1) < 1e-12
+    if zero.any():
+        sim[:, zero] = -2.0
+    if owner is None:
+        return sim
+    owner = owner.to(sim.device).long()
+    c = int(num_concepts if num_concepts is not None else int(owner.max()) + 1)
+    if sim.shape[1] == c and torch.equal(owner, torch.arange(c, device=owner.device)):
+        return sim
+    out = torch.full((sim.shape[0], c) + tuple(sim.shape[2:]), -2.0, device=sim.device)
+    index = owner.view(1, -1, *([1] * (sim.dim() - 2))).expand_as(sim)
+    return out.scatter_reduce_(1, index, sim, "amax", include_self=True)
+
+
+@fp32
 def calibrate(similarity: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
     """Standardise similarities per concept: (cos - mean_c) / std_c.
 

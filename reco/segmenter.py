@@ -14,7 +14,7 @@ from .crf import dense_crf
 from .encoders import ClipModel, DenseEncoder
 from .errors import ConfigError
 from .image import ImageLike, inference_size, resize_for_inference, to_pil
-from .inference import calibrate, combine_scores, reference_similarity, text_similarity
+from .inference import calibrate, combine_scores, concept_similarity, text_similarity
 from .precision import full_precision
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -66,6 +66,9 @@ class Segmenter:
             )
         if config.calibrate and bank.calibration is None:
             raise ConfigError("segmenter.calibrate is on but the bank has no calibration statistics")
+        if config.exclude_own_archive and not bank.has_members:
+            raise ConfigError("segmenter.exclude_own_archive needs a bank that keeps its archive members "
+                              "(build it with bank.keep_members: true)")
         mismatch = encoder_mismatches(bank, dense, clip if (config.dense_clip and bank.has_text) else None)
         if mismatch:
             msg = "the bank does not fit these encoders: " + "; ".join(mismatch)
@@ -82,19 +85,25 @@ class Segmenter:
         )
         if config.dense_clip and not self.use_dense_clip:
             logger.info("dense CLIP unavailable (no CLIP weights or no text embeddings): reference matching only")
+        self.calibrated = bool(bank.calibration is not None and (
+            config.calibrate is True or (config.calibrate is None and config.background_threshold is not None)))
         names = tuple(bank.names)
         self.class_names: Tuple[str, ...] = ((BACKGROUND,) + names) if config.background_threshold is not None else names
 
     @property
     def mode(self) -> str:
-        parts = ["reference" + ("(calibrated)" if self.config.calibrate else "")]
+        parts = ["reference" + ("(calibrated)" if self.calibrated else "")]
         if self.use_dense_clip:
             parts.append("dense-clip")
+        if self.bank.prototypes is not None:
+            parts[0] += f"[{self.bank.prototypes.shape[0]} prototypes]"
         mode = " x ".join(parts)
         if self.config.background_threshold is not None:
             mode += f", background<{self.config.background_threshold:g}"
         if self.config.crf is not None:
             mode += ", crf"
+        if self.config.exclude_own_archive:
+            mode += ", leave-own-archive-out"
         return mode
 
     @property
@@ -102,34 +111,58 @@ class Segmenter:
         return next(self.dense.parameters()).device
 
     @torch.no_grad()
-    def scores(self, image: ImageLike) -> torch.Tensor:
+    def scores(self, image: ImageLike, image_id: Optional[str] = None) -> torch.Tensor:
         """One image -> (C', H, W) float32 class scores at the image's own resolution."""
-        return self.scores_batch([image])[0]
+        return self.scores_batch([image], None if image_id is None else [image_id])[0]
 
     @torch.no_grad()
-    def scores_batch(self, images: Sequence[ImageLike]) -> List[torch.Tensor]:
+    def scores_batch(self, images: Sequence[ImageLike], ids: Optional[Sequence[str]] = None) -> List[torch.Tensor]:
         """Many images -> one (C', H, W) float32 score map each, at each image's resolution.
 
         Images whose inference inputs have the same size share an encoder forward pass, in
         batches of at most ``config.batch_size``; similarities and sigmoids are float32 even
-        when the encoders run under bf16 autocast.
+        when the encoders run under bf16 autocast. ``ids`` (one per image) name the images for
+        ``exclude_own_archive``.
         """
         pils = [to_pil(im) for im in images]
+        if ids is not None and len(ids) != len(pils):
+            raise ValueError(f"{len(ids)} ids for {len(pils)} images")
         out: List[Optional[torch.Tensor]] = [None] * len(pils)
         patches = [self.dense.patch_size] + ([self.clip.patch_size] if self.use_dense_clip and self.clip else [])
         for idx in _batches(pils, self.config, patches):
-            for i, s in zip(idx, self._scores_same_size([pils[i] for i in idx])):
+            sub_ids = None if ids is None else [ids[i] for i in idx]
+            for i, s in zip(idx, self._scores_same_size([pils[i] for i in idx], sub_ids)):
                 out[i] = s
         return [s for s in out if s is not None]
 
-    def _scores_same_size(self, pils: Sequence["Image.Image"]) -> List[torch.Tensor]:
-        dev = self.device
-        x = torch.stack([resize_for_inference(p, self.config.image_size, self.dense.patch_size) for p in pils]).to(dev)
-        feats = self.dense(self.dense.normalize(x))
+    @torch.no_grad()
+    def features(self, pils: Sequence["Image.Image"]) -> torch.Tensor:
+        """(B, D, h, w) dense features of same-size images at the inference resolution."""
+        x = torch.stack([resize_for_inference(p, self.config.image_size, self.dense.patch_size) for p in pils])
+        return self.dense(self.dense.normalize(x.to(self.device)))
+
+    @torch.no_grad()
+    def concept_logits(self, feats: torch.Tensor, ids: Optional[Sequence[Optional[str]]] = None) -> torch.Tensor:
+        """(B, D, h, w) dense features -> (B, C, h, w) per-concept logits: the best prototype's
+        cosine, standardised by the bank's calibration when it is used, each image scored
+        without its own archive contributions when ``exclude_own_archive`` (and ``ids``)."""
+        dev = feats.device
         with full_precision():
-            logits = reference_similarity(feats, self.bank.references.to(dev))
-            if self.config.calibrate:
+            vectors, owner = self.bank.concept_vectors()
+            c = len(self.bank.names)
+            logits = concept_similarity(feats, vectors.to(dev), owner, c)
+            if self.config.exclude_own_archive and ids is not None:
+                for i, image_id in enumerate(ids):
+                    loo = None if image_id is None else self.bank.leave_one_out(str(image_id))
+                    if loo is not None:
+                        logits[i : i + 1] = concept_similarity(feats[i : i + 1], loo[0].to(dev), loo[1], c)
+            if self.calibrated:
+                assert self.bank.calibration is not None
                 logits = calibrate(logits, self.bank.calibration)
+        return logits
+
+    def _scores_same_size(self, pils: Sequence["Image.Image"], ids: Optional[Sequence[str]] = None) -> List[torch.Tensor]:
+        logits = self.concept_logits(self.features(pils), ids)
         text_sim = None
         if self.use_dense_clip:
             assert self.clip is not None and self.bank.text_embeddings is not None
@@ -139,25 +172,41 @@ class Segmenter:
         out = []
         for i, p in enumerate(pils):
             t = None if text_sim is None else text_sim[i : i + 1]
-            s = combine_scores(logits[i : i + 1], (p.size[1], p.size[0]), t, self.config.text_temperature)[0]
-            s = s.float().cpu()
-            if self.config.background_threshold is not None:
-                bg = torch.full((1,) + tuple(s.shape[1:]), float(self.config.background_threshold))
-                s = torch.cat([bg, s], dim=0)
-            out.append(s)
+            out.append(self.finish_scores(logits[i : i + 1], (p.size[1], p.size[0]), t)[0])
         return out
 
-    def __call__(self, images: Union[ImageLike, Sequence[ImageLike]]) -> List[SegmentationOutput]:
-        """Segment one image or a list of images (PIL, (H, W, 3) uint8 array, (3, H, W) tensor)."""
+    @torch.no_grad()
+    def finish_scores(self, logits: torch.Tensor, size: Tuple[int, int], text_sim: Optional[torch.Tensor] = None
+                      ) -> torch.Tensor:
+        """(B, C, h, w) logits -> (B, C', H, W) scores: sigmoid, upsampled, x dense CLIP when
+        given, with the constant background class first when a threshold is configured."""
+        s = combine_scores(logits, size, text_sim, self.config.text_temperature).float().cpu()
+        if self.config.background_threshold is not None:
+            bg = torch.full((s.shape[0], 1) + tuple(s.shape[2:]), float(self.config.background_threshold))
+            s = torch.cat([bg, s], dim=1)
+        return s
+
+    def labels(self, scores: torch.Tensor, image: Optional[np.ndarray] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(C', H, W) scores -> ((H, W) labels, the scores after CRF when configured)."""
+        if self.config.crf is not None:
+            if image is None:
+                raise ValueError("the CRF needs the image")
+            scores = dense_crf(image, scores, self.config.crf)
+        with full_precision():
+            labels = scores.float().argmax(dim=0)
+        return labels, scores
+
+    def __call__(self, images: Union[ImageLike, Sequence[ImageLike]],
+                 ids: Optional[Sequence[str]] = None) -> List[SegmentationOutput]:
+        """Segment one image or a list of images (PIL, (H, W, 3) uint8 array, (3, H, W) tensor).
+        ``ids`` name the images (for ``exclude_own_archive``)."""
         if not isinstance(images, (list, tuple)):
             images = [images]
+            ids = None if ids is None else ([ids] if isinstance(ids, str) else list(ids))
         pils = [to_pil(im) for im in images]
         outs = []
-        for pil, s in zip(pils, self.scores_batch(pils)):
-            if self.config.crf is not None:
-                s = dense_crf(np.asarray(pil, dtype=np.uint8), s, self.config.crf)
-            with full_precision():
-                labels = s.float().argmax(dim=0)
+        for pil, s in zip(pils, self.scores_batch(pils, ids)):
+            labels, s = self.labels(s, np.asarray(pil, dtype=np.uint8) if self.config.crf is not None else None)
             outs.append(SegmentationOutput(labels, s, self.class_names, self.mode))
         return outs
 

@@ -35,12 +35,17 @@ def language_weights(
 
 
 @fp32
-def context_weights(features: torch.Tensor, context_refs: torch.Tensor) -> torch.Tensor:
-    """Context elimination: prod_c (1 - sigmoid(cos(f, ref_c))) over the context references.
+def context_weights(
+    features: torch.Tensor, context_refs: torch.Tensor, temperature: float = 1.0, offset: float = 0.0
+) -> torch.Tensor:
+    """Context elimination: prod_c (1 - sigmoid(T * (cos(f, ref_c) - offset))) over the context references.
+
+    The paper's weight is T = 1, offset = 0 (the default here).
 
     Args:
         features: (k, D, h, w) dense features of the archive images.
-        context_refs: (M, D) reference embeddings of the context concepts (M may be 0).
+        context_refs: (M, D) reference embeddings (or prototypes) of the context concepts (M may be 0).
+        temperature, offset: sharpness and centre of the elimination in cosine units.
     Returns:
         (k, h, w) weights in (0, 1]; all ones when M == 0.
     """
@@ -50,4 +55,4 @@ def context_weights(features: torch.Tensor, context_refs: torch.Tensor) -> torch
     cos = torch.einsum(
         "kdhw,md->kmhw", F.normalize(features.float(), dim=1), F.normalize(context_refs.float(), dim=1)
     )
-    return torch.prod(1.0 - torch.sigmoid(cos), dim=1)
+    return torch.prod(1.0 - torch.sigmoid(temperature * (cos - offset)), dim=1)
