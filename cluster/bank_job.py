@@ -10,12 +10,17 @@ Output layout under ``OUT`` (a storage URI, :mod:`index.storage`)::
                                            seed token and seed score per archive image, language /
                                            context flags, image counts, seconds, config hash
 
-**Commit rule.** Context concepts are built first, in order, each with the earlier ones
-eliminated, and committed as one part; then target concepts are co-segmented in parallel and
-committed every ``commit_every`` concepts. A part is one file written atomically, so it holds
+**Commit rule.** Context concepts (the paper's context elimination) are built first, in order,
+each with the earlier ones eliminated, and committed as one part. Then the target concepts: with
+``bank.context_from_vocabulary`` (the default) they form a chain in
+:func:`reco.bank.build_order`, each peeling off every concept built before it: the actors
+read and encode archives in parallel ahead of the chain and the co-segmentations run in order
+(the same result as :meth:`reco.bank.ConceptBank.build`); without it every concept is
+co-segmented independently, in parallel. Concepts are committed every ``commit_every``. A part is one file written atomically, so it holds
 references and rows of the same concepts or does not exist. A concept whose archive is empty or
 unusable (bad input) is committed as ``failed`` with its reason; a concept with an image that
-failed *transiently* is not committed, so the next run redoes it. A rerun with the same config
+failed *transiently* is not committed, so the next run redoes it (in a peeling chain, it and
+every concept after it: they depend on it). A rerun with the same config
 hash skips every committed concept; another config is refused unless ``overwrite``. Local
 outputs take ``OUT/writer.lock``.
 """
@@ -27,7 +32,7 @@ import logging
 import os
 import secrets
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -77,6 +82,7 @@ class BankJobReport:
     seconds: float = 0.0
     concept_seconds: float = 0.0
     actor_peak_rss_mb: List[float] = field(default_factory=list)
+    left_for_rerun: int = 0  # concepts after a transient failure in the peeling chain
 
     @property
     def concepts_per_minute(self) -> float:
@@ -126,42 +132,69 @@ def _row(name: str, kind: str, ref: Optional[ConceptReference], info: Mapping[st
     }
 
 
-def _commit(out_uri: str, rows: List[Dict[str, Any]], refs: List[torch.Tensor], seq: int, storage_options,
-            maps: Optional[Dict[str, torch.Tensor]] = None) -> None:
-    """One atomic part: references (n_ok, D) + all rows (ok and failed) in the header, and the
-    co-segmentation score maps ``scores/<kind>:<name>`` (k, h, w) float16 where the builder gave them."""
+#: what a part keeps of each built concept (besides its table row): ``<kind>:<name>/<field>``
+_PART_FIELDS = ("reference", "prototypes", "calibration", "member_sums", "member_counts")
+
+
+def _commit(out_uri: str, entries: List[Tuple[Dict[str, Any], Optional[ConceptReference]]], seq: int,
+            storage_options) -> None:
+    """One atomic part: every concept's row (ok and failed) in the header; for each built
+    concept its reference, prototypes, calibration and (with ``keep_members``) archive members
+    under ``<kind>:<name>/<field>``, and its co-segmentation score maps ``scores/<kind>:<name>``
+    (k, h, w) float16 (the archive browser's heat-maps)."""
     from safetensors.torch import save
 
     from index.storage import join, write_bytes
 
-    tensors = {"references": torch.stack(refs).float().contiguous()} if refs else {"empty": torch.zeros(1)}
-    for key, m in (maps or {}).items():
-        tensors[f"scores/{key}"] = m.to(torch.float16).contiguous()
-    blob = save(tensors, metadata={_HEADER: json.dumps(rows)})
+    tensors: Dict[str, torch.Tensor] = {}
+    for row, ref in entries:
+        if ref is None:
+            continue
+        key = f"{row['kind']}:{row['name']}"
+        for f in _PART_FIELDS:
+            t = getattr(ref, f)
+            if t is not None:
+                tensors[f"{key}/{f}"] = t.float().contiguous()
+        if ref.scores is not None and ref.scores.numel():
+            tensors[f"scores/{key}"] = ref.scores.to(torch.float16).contiguous()
+    if not tensors:
+        tensors["empty"] = torch.zeros(1)
+    blob = save(tensors, metadata={_HEADER: json.dumps([row for row, _ in entries])})
     write_bytes(join(out_uri, PARTS_DIR, f"part-{seq:05d}-{secrets.token_hex(4)}.safetensors"), blob, storage_options)
 
 
-def _keep_map(maps: Dict[str, torch.Tensor], key: str, ref: ConceptReference) -> None:
-    scores = getattr(ref, "scores", None)  # (k, h, w) co-segmentation scores, when the builder keeps them
-    if scores is not None and scores.numel():
-        maps[key] = scores
+def _reference(row: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], key: str,
+               legacy: Optional[torch.Tensor] = None) -> ConceptReference:
+    """A committed concept as the builder returned it (without its score maps)."""
+    def get(f):
+        return tensors.get(f"{key}/{f}")
+
+    reference = get("reference") if legacy is None else legacy
+    return ConceptReference(
+        str(row["name"]), reference, torch.tensor(row["seed_index"], dtype=torch.long), tuple(row["grid"]),
+        len(row["archive"]), bool(row["language_guidance"]), tuple(row["context_eliminated"]),
+        bool(row["reused_context_reference"]),
+        seed_scores=torch.tensor(row["seed_scores"], dtype=torch.float32) if row["seed_scores"] else None,
+        prototypes=get("prototypes"), calibration=get("calibration"),
+        member_sums=get("member_sums"), member_counts=get("member_counts"))
 
 
-def committed(out_uri: str, storage_options=None) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, torch.Tensor], int]:
-    """({name: row}, {name: reference}, next part number) of every committed part. A concept
-    committed twice (never by this code) would raise."""
+def committed(out_uri: str, storage_options=None) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, ConceptReference], int]:
+    """({key: row}, {key: reference}, next part number) of every committed part, keyed
+    ``<kind>:<name>``. A concept committed twice (never by this code) would raise."""
     from safetensors.torch import load
 
     from index.storage import join, list_files, read_bytes
     from reco.bank import _safetensors_metadata
 
     rows: Dict[str, Dict[str, Any]] = {}
-    refs: Dict[str, torch.Tensor] = {}
+    refs: Dict[str, ConceptReference] = {}
     parts = list_files(join(out_uri, PARTS_DIR), storage_options, suffix=".safetensors")
     for part in parts:
         data = read_bytes(part, storage_options)
         part_rows = json.loads(_safetensors_metadata(data)[_HEADER])
         tensors = load(data)
+        stacked = tensors.get("references")  # parts written before per-concept tensors
         k = 0
         for r in part_rows:
             key = f"{r['kind']}:{r['name']}"
@@ -169,10 +202,34 @@ def committed(out_uri: str, storage_options=None) -> Tuple[Dict[str, Dict[str, A
                 raise RuntimeError(f"concept {r['name']!r} committed twice ({part})")
             rows[key] = r
             if r["status"] == "ok":
-                refs[key] = tensors["references"][k]
+                refs[key] = _reference(r, tensors, key, stacked[k] if stacked is not None else None)
                 k += 1
     seq = max((int(p.rsplit("/", 1)[-1].split("-")[1]) for p in parts), default=-1) + 1
     return rows, refs, seq
+
+
+class _Parts:
+    """Buffers finished concepts and commits them as parts of ``commit_every``."""
+
+    def __init__(self, out_uri: str, seq: int, commit_every: int, storage_options, report: "BankJobReport"):
+        self.out_uri, self.seq, self.every, self.options, self.report = out_uri, seq, commit_every, storage_options, report
+        self.buffer: List[Tuple[Dict[str, Any], Optional[ConceptReference]]] = []
+
+    def add(self, row: Dict[str, Any], ref: Optional[ConceptReference]) -> None:
+        self.buffer.append((row, ref))
+        if len(self.buffer) >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.buffer:
+            _commit(self.out_uri, self.buffer, self.seq, self.options)
+            self.seq, self.buffer = self.seq + 1, []
+            self.report.parts_committed += 1
+
+
+def _light(ref: ConceptReference) -> ConceptReference:
+    """What later concepts need of an earlier one (its vectors): no score maps, no members."""
+    return replace(ref, scores=None, member_sums=None, member_counts=None)
 
 
 def run_build_bank(
@@ -191,8 +248,6 @@ def run_build_bank(
 
     Returns the assembled bank (None when some concepts are left for a rerun) and a report."""
     import ray
-    from ray.util import ActorPool
-    from tqdm import tqdm
 
     from index.storage import exists, join, read_bytes, write_bytes, writer_lock
 
@@ -236,6 +291,8 @@ def run_build_bank(
         workers = [ray.remote(BankJobWorker).options(**opts).remote(encoders, config, actors.torch_threads,
                                                                     dict(storage_options or {}))
                    for _ in range(n_workers if (todo or need_context) else 0)]
+        parts = _Parts(out_uri, seq, commit_every, storage_options, report)
+        order: List[str] = list(names)
         try:
             if workers:  # provenance of the encoders as the actors built them (digests included)
                 enc_meta = ray.get(workers[0].metadata.remote(archive_mode))
@@ -244,57 +301,23 @@ def run_build_bank(
                                                   indent=2).encode(), storage_options)
             if need_context:  # the chain is rebuilt whole: each step depends on the earlier ones
                 by_name = {t.name: t for t in context_tasks}
-                chain: Dict[str, torch.Tensor] = {}
-                ctx_rows, ctx_refs, ctx_maps = [], [], {}
+                chain: Dict[str, ConceptReference] = {}
                 for c in ctx_names:
                     t = by_name[c]
                     ref, info = ray.get(workers[0].build.remote(c, list(t.uris), t.text, dict(chain)))
                     if ref is None or info["read"].get("failed"):
                         raise EmptyArchiveError(f"context concept {c!r} could not be built: "
                                                 f"{info.get('error') or info['read'].get('failed_files')}")
-                    chain[c] = ref.reference
-                    ctx_rows.append(_row(c, "context", ref, info, t, digest))
-                    ctx_refs.append(ref.reference)
-                    _keep_map(ctx_maps, f"context:{c}", ref)
-                _commit(out_uri, ctx_rows, ctx_refs, seq, storage_options, ctx_maps)
-                seq += 1
-                report.parts_committed += 1
+                    chain[c] = _light(ref)
+                    parts.buffer.append((_row(c, "context", ref, info, t, digest), ref))
+                parts.flush()  # the context chain is one part
                 rows, refs, _ = committed(out_uri, storage_options)
-            context = {c: refs[f"context:{c}"] for c in ctx_names}
-            buf_rows: List[Dict[str, Any]] = []
-            buf_refs: List[torch.Tensor] = []
-            buf_maps: Dict[str, torch.Tensor] = {}
-            by_task = {t.name: t for t in todo}
-            jobs = ActorPool(workers).map_unordered(
-                lambda w, t: w.build.remote(t.name, list(t.uris), t.text, context), todo) if todo else []
-            for ref, info in tqdm(jobs, total=len(todo), desc="concepts", unit="concept"):
-                name = str(info["name"])
-                report.concept_seconds += float(info.get("seconds", 0.0))
-                if info["read"].get("failed"):
-                    report.failed_transient[name] = f"{info['read']['failed']} archive image(s) unreadable now: " + \
-                        "; ".join(f"{u}: {r}" for u, r in list(info["read"]["failed_files"].items())[:3])
-                    logger.warning("concept %s left for a rerun: %s", name, report.failed_transient[name])
-                    continue
-                row = _row(name, "target", ref, info, by_task[name], digest)
-                if ref is not None and ref.reused_context:  # keep the context build's seeds and archive
-                    ctx_row = rows[f"context:{name}"]
-                    row.update({k: ctx_row[k] for k in ("archive", "seed_index", "seed_scores", "grid",
-                                                        "images_skipped", "language_guidance")})
-                if ref is None:
-                    report.failed[name] = row["error"]
-                    logger.warning("concept %s failed: %s", name, row["error"])
-                else:
-                    report.built += 1
-                    buf_refs.append(ref.reference)
-                    _keep_map(buf_maps, f"target:{name}", ref)
-                buf_rows.append(row)
-                if len(buf_rows) >= commit_every:
-                    _commit(out_uri, buf_rows, buf_refs, seq, storage_options, buf_maps)
-                    seq, buf_rows, buf_refs, buf_maps = seq + 1, [], [], {}
-                    report.parts_committed += 1
-            if buf_rows:
-                _commit(out_uri, buf_rows, buf_refs, seq, storage_options, buf_maps)
-                report.parts_committed += 1
+            context = {c: _light(refs[f"context:{c}"]) for c in ctx_names}
+            if config.context_from_vocabulary:
+                order = _build_chain(tasks, rows, refs, context, workers, config, digest, parts, report)
+            elif todo:
+                _build_parallel(todo, rows, context, workers, digest, parts, report)
+            parts.flush()
             if workers:
                 report.actor_peak_rss_mb = [round(float(m), 1) for m in ray.get([w.peak_rss_mb.remote() for w in workers])]
         finally:
@@ -303,17 +326,161 @@ def run_build_bank(
         rows, refs, _ = committed(out_uri, storage_options)
         report.seconds = time.perf_counter() - t_start
         if report.failed_transient:
-            logger.warning("%d concepts left for a rerun (transient read failures); the bank is not assembled yet",
-                           len(report.failed_transient))
+            logger.warning("%d concepts left for a rerun (transient read failures%s); the bank is not assembled yet",
+                           len(report.failed_transient) + report.left_for_rerun,
+                           f", and {report.left_for_rerun} later in the build order" if report.left_for_rerun else "")
             return None, report
         enc_meta = json.loads(read_bytes(build_uri, storage_options)).get("encoder_metadata") or {}
-        bank = _assemble(tasks, rows, refs, enc_meta, config, archive_mode, digest)
+        bank = _assemble(tasks, rows, refs, enc_meta, config, archive_mode, digest, order)
         _write_outputs(out_uri, bank, tasks, rows, storage_options)
     return bank, report
 
 
+def _record(name: str, ref: Optional[ConceptReference], info: Mapping[str, Any], task: ConceptTask,
+            rows: Mapping[str, Dict[str, Any]], digest: str, report: BankJobReport) -> Optional[Dict[str, Any]]:
+    """The table row of a finished concept, or None (reported) when an archive image failed
+    transiently: such a concept is not committed, the next run redoes it."""
+    report.concept_seconds += float(info.get("seconds", 0.0))
+    read = info.get("read", {})
+    if read.get("failed"):
+        report.failed_transient[name] = f"{read['failed']} archive image(s) unreadable now: " + \
+            "; ".join(f"{u}: {r}" for u, r in list(read["failed_files"].items())[:3])
+        logger.warning("concept %s left for a rerun: %s", name, report.failed_transient[name])
+        return None
+    row = _row(name, "target", ref, info, task, digest)
+    if ref is not None and ref.reused_context:  # keep the context build's seeds and archive
+        ctx_row = rows[f"context:{name}"]
+        row.update({k: ctx_row[k] for k in ("archive", "seed_index", "seed_scores", "grid",
+                                            "images_skipped", "language_guidance")})
+    if ref is None:
+        report.failed[name] = row["error"]
+        logger.warning("concept %s failed: %s", name, row["error"])
+    else:
+        report.built += 1
+    return row
+
+
+def _build_parallel(todo, rows, context, workers, digest, parts: _Parts, report: BankJobReport) -> None:
+    """Every concept independent of the others (``context_from_vocabulary`` off): co-segmented
+    in parallel by the actor pool, committed in completion order."""
+    from ray.util import ActorPool
+    from tqdm import tqdm
+
+    by_task = {t.name: t for t in todo}
+    jobs = ActorPool(workers).map_unordered(
+        lambda w, t: w.build.remote(t.name, list(t.uris), t.text, context), todo)
+    for ref, info in tqdm(jobs, total=len(todo), desc="concepts", unit="concept"):
+        name = str(info["name"])
+        row = _record(name, ref, info, by_task[name], rows, digest, report)
+        if row is not None:
+            parts.add(row, ref)
+
+
+def _build_chain(tasks, rows, refs, context, workers, config: BankConfig, digest, parts: _Parts,
+                 report: BankJobReport) -> List[str]:
+    """Sequential peeling (``context_from_vocabulary``, :func:`reco.bank.build_order`): each
+    concept eliminates every concept built before it, exactly as
+    :meth:`reco.bank.ConceptBank.build` does in one process. The actors read and encode the
+    archives in parallel, ahead of the chain (at most two per actor in flight, to bound memory);
+    the co-segmentations run here, in order, each as soon as its features and every earlier
+    concept are ready. Committed concepts are a prefix of the order and are not redone. A
+    concept that failed transiently stops the chain (what follows it depends on it): it and the
+    rest are left for the rerun. Returns the build order."""
+    import math
+    from collections import deque
+    from itertools import count
+
+    import ray
+    from ray.util import ActorPool
+    from tqdm import tqdm
+
+    from reco.bank import ConceptBuilder, _reused, build_order
+    from reco.errors import ReCoError
+
+    by_name = {t.name: t for t in tasks}
+    names = [t.name for t in tasks]
+    confidences: Optional[Dict[str, float]] = None
+    if config.context_order == "confidence":
+        confidences, need = {}, []
+        for t in tasks:
+            row = rows.get(f"target:{t.name}")
+            if t.name in context:
+                confidences[t.name] = math.inf
+            elif row is not None:
+                confidences[t.name] = float(row.get("order_key", math.nan))
+            else:
+                need.append(t)
+        jobs = ActorPool(workers).map_unordered(
+            lambda w, t: w.confidence.remote(t.name, list(t.uris), t.text), need) if need else []
+        for conf, info in tqdm(jobs, total=len(need), desc="concept order (confidence)", unit="concept"):
+            name = str(info["name"])
+            if info["read"].get("failed"):  # the order itself is unknown: nothing can be built this run
+                _record(name, None, info, by_name[name], rows, digest, report)
+                report.left_for_rerun = len(need) - 1
+                return names
+            confidences[name] = conf
+    order = build_order(config, names, {t.name: len(t.uris) for t in tasks}, confidences)
+    peel: Dict[str, ConceptReference] = {}
+    pending: List[ConceptTask] = []
+    for n in order:
+        key = f"target:{n}"
+        if key not in rows:
+            pending.append(by_name[n])
+            continue
+        if pending:
+            logger.warning("concept %s was committed after %s in the build order (vocabulary or order changed "
+                           "since the last run?): it is kept as committed", n, pending[-1].name)
+        if rows[key]["status"] == "ok":
+            peel[n] = _light(refs[key])
+    chain = ConceptBuilder(None, None, config)
+    window = 2 * len(workers) if workers else 0
+    to_encode = iter([t for t in pending if t.name not in context])
+    inflight: deque = deque()
+    turn = count()
+
+    def top_up() -> None:
+        while len(inflight) < window:
+            t = next(to_encode, None)
+            if t is None:
+                return
+            w = workers[next(turn) % len(workers)]
+            inflight.append((t.name, w.prepare.remote(t.name, list(t.uris), t.text)))
+
+    bar = tqdm(pending, desc="concepts (peeling chain)", unit="concept")
+    for i, t in enumerate(bar):
+        if t.name in context:  # also a context concept: reuses that reference as it is
+            ref: Optional[ConceptReference] = _reused(t.name, context[t.name])
+            info: Dict[str, Any] = {"name": t.name, "archive": [], "read": {}, "seconds": 0.0}
+        else:
+            top_up()
+            name, future = inflight.popleft()
+            assert name == t.name, (name, t.name)
+            feats, lang, info = ray.get(future)
+            ref = None
+            if feats is not None and not info["read"].get("failed"):
+                t0 = time.perf_counter()
+                try:
+                    ref = chain.build_from_features(t.name, feats, context, lang, peel)
+                except ReCoError as exc:
+                    info["error"] = str(exc)
+                info["seconds"] = float(info.get("seconds", 0.0)) + time.perf_counter() - t0
+        row = _record(t.name, ref, info, t, rows, digest, report)
+        if row is None:  # transient: everything after it in the order waits for the rerun
+            report.left_for_rerun = len(pending) - i - 1
+            for _, future in inflight:
+                ray.cancel(future)
+            break
+        if confidences is not None:
+            row["order_key"] = confidences.get(t.name, math.nan)
+        parts.add(row, ref)
+        if ref is not None:
+            peel[t.name] = _light(ref)
+    bar.close()
+    return order
+
+
 def _assemble(tasks, rows, refs, enc_meta: Mapping[str, Any], config: BankConfig, archive_mode: str,
-              digest: str) -> ConceptBank:
+              digest: str, order: Sequence[str]) -> ConceptBank:
     ok = [t for t in tasks if rows[f"target:{t.name}"]["status"] == "ok"]
     if not ok:
         raise EmptyArchiveError("no concept could be built: " + "; ".join(
@@ -326,12 +493,11 @@ def _assemble(tasks, rows, refs, enc_meta: Mapping[str, Any], config: BankConfig
         "language_guidance": any(rows[f"target:{t.name}"]["language_guidance"] for t in ok),
         "context_elimination": list(config.context_concepts) if config.context_elimination else [],
         "config": to_dict(config), "config_hash": digest,
-        "concepts": {t.name: {k: rows[f"target:{t.name}"][k] for k in
-                              ("archive", "seed_index", "seed_scores", "grid", "language_guidance",
-                               "context_eliminated", "reused_context_reference")} for t in ok},
+        "concepts": {t.name: {"archive": rows[f"target:{t.name}"]["archive"]} for t in ok},
     })
-    return ConceptBank(tuple(t.name for t in ok), torch.stack([refs[f"target:{t.name}"] for t in ok]).float(),
-                       text, None, meta)
+    if config.context_from_vocabulary:
+        meta["build_order"] = list(order)
+    return ConceptBank.from_references([refs[f"target:{t.name}"] for t in ok], text, meta)
 
 
 def _write_outputs(out_uri, bank: ConceptBank, tasks, rows, storage_options) -> None:

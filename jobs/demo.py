@@ -56,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="segment only the first N VOC images")
     p.add_argument("--calibration-images", type=int, default=0,
                    help="unlabelled archive images whose token statistics calibrate concept scores "
-                        "(enables segmenter.calibrate; 0: off, the paper's raw scores)")
+                        "(replaces the bank's own archive calibration and enables segmenter.calibrate; "
+                        "0: the segmenter config decides)")
     return p
 
 
@@ -97,18 +98,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     user = _load_yaml(args.config)
     clip_mode = bool(args.clip_model)
 
-    # Mode-dependent defaults, overridable by --config. Exemplar archives hold 1-8 images, so a
-    # token's own image is excluded from its score, and no context archives exist.
-    bank_defaults = {} if clip_mode else {"context_elimination": False, "exclude_own_image": True}
-    seg_defaults = {"calibrate": args.calibration_images > 0}
+    # Mode-dependent defaults, overridable by --config. With CLIP, retrieval gives the paper's
+    # context concepts their archives, so they are eliminated too (on top of the default's
+    # peeling). Exemplar archives hold 1-8 images, so a token's own image is excluded from its
+    # score, and no context archives exist.
+    bank_defaults = {"context_elimination": True} if clip_mode else {"exclude_own_image": True}
+    seg_defaults = {"calibrate": True} if args.calibration_images > 0 else {}
     bank_cfg = from_dict(BankConfig, {**bank_defaults, **(user.get("bank") or {})}, "bank")
     if args.k:
         bank_cfg = replace(bank_cfg, k=args.k)
     seg_cfg = from_dict(SegmenterConfig, {**seg_defaults, **(user.get("segmenter") or {})}, "segmenter")
     if args.crf and seg_cfg.crf is None:
         seg_cfg = replace(seg_cfg, crf=CRFConfig())
-    if seg_cfg.calibrate and args.calibration_images <= 0:
-        raise ConfigError("segmenter.calibrate needs --calibration-images > 0")
 
     cluster_cfg = resolve_cluster_config(args.ray_config)
     encoders = EncoderSpec(args.dense_encoder, args.dense_weights, args.clip_model, args.clip_weights)

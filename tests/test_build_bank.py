@@ -76,31 +76,38 @@ def _tasks(root, names):
     return [ConceptTask(n, tuple(list_images(str(root / n)))) for n in names]
 
 
+def _local_bank(exemplars, tiny_dense_path, cfg, names, context=()):
+    from index.readers import read_images
+    from reco import ConceptBank, ConceptBuilder
+    from reco.encoders import create_dense_encoder
+
+    dense = create_dense_encoder("dino_vits16", tiny_dense_path, **TINY_VIT)
+    imgs = {n: read_images([str(p) for p in sorted((exemplars / n).iterdir())])[0] for n in [*names, *context]}
+    return ConceptBank.build({n: imgs[n] for n in names}, ConceptBuilder(dense, None, cfg),
+                             context_archives={c: imgs[c] for c in context} or None)
+
+
 @pytest.mark.slow
 def test_two_actors_equal_sequential_and_failures_stay_alone(ray_local, exemplars, tiny_dense_path, tmp_path):
+    """The paper's configuration (context archives, every concept independent): parallel."""
     import pyarrow.parquet as pq
 
     from cluster.bank_job import run_build_bank
     from cluster.config import ActorConfig
-    from index.readers import read_images
-    from reco import BankConfig, ConceptBank, ConceptBuilder
-    from reco.encoders import create_dense_encoder
+    from reco import BankConfig, ConceptBank
 
-    cfg = BankConfig(image_size=64, block_size=64, context_concepts=("tree", "sky"))
+    cfg = BankConfig(image_size=64, block_size=64, context_elimination=True, context_concepts=("tree", "sky"),
+                     context_from_vocabulary=False)
     names = ["cat", "dog", "ghost", "hot dog", "sky"]
     bank, rep = run_build_bank(_tasks(exemplars, names), _spec(tiny_dense_path), cfg, str(tmp_path / "bank"),
                                ActorConfig(num_actors=2, cpus_per_actor=0.5), _tasks(exemplars, ["tree", "sky"]),
                                commit_every=2)
     assert rep.built == 4 and list(rep.failed) == ["ghost"] and "no usable image" in rep.failed["ghost"]
     assert bank.names == ("cat", "dog", "hot dog", "sky")
-    # the same computation in one process
-    dense = create_dense_encoder("dino_vits16", tiny_dense_path, **TINY_VIT)
-    builder = ConceptBuilder(dense, None, cfg)
-    imgs = {n: read_images([str(p) for p in sorted((exemplars / n).iterdir())])[0]
-            for n in ["cat", "dog", "hot dog", "sky", "tree"]}
-    local = ConceptBank.build({n: imgs[n] for n in bank.names}, builder,
-                              context_archives={"tree": imgs["tree"], "sky": imgs["sky"]})
+    # the same computation in one process: references and per-concept calibration
+    local = _local_bank(exemplars, tiny_dense_path, cfg, list(bank.names), ("tree", "sky"))
     assert torch.allclose(bank.references, local.references, atol=1e-5)
+    assert bank.calibration is not None and torch.allclose(bank.calibration, local.calibration, atol=1e-5)
     table = pq.read_table(tmp_path / "bank" / "concepts.parquet").to_pylist()
     rows = {r["name"]: r for r in table if r["kind"] == "target"}
     assert rows["ghost"]["status"] == "failed" and rows["ghost"]["seed_index"] == []
@@ -113,6 +120,53 @@ def test_two_actors_equal_sequential_and_failures_stay_alone(ray_local, exemplar
     # the assembled bank loads like any other
     again = ConceptBank.load(tmp_path / "bank")
     assert again.names == bank.names
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("order", ["archive-size", "confidence"])
+def test_peeling_chain_equals_sequential_and_resumes(ray_local, exemplars, tiny_dense_path, tmp_path, monkeypatch,
+                                                     order):
+    """The default configuration: concepts peel off the ones built before them. Two actors
+    encode ahead; the chain gives exactly the one-process bank (references, prototypes,
+    calibration, order), also when it is interrupted and resumed halfway."""
+    import cluster.bank_job as bj
+    from cluster.config import ActorConfig
+    from reco import BankConfig
+
+    cfg = BankConfig(image_size=64, block_size=64, context_order=order, seed_tokens=3, prototypes=2)
+    assert cfg.context_from_vocabulary and not cfg.context_elimination
+    names = ["cat", "dog", "hot dog", "bird", "sky", "tree"]
+    local = _local_bank(exemplars, tiny_dense_path, cfg, names)
+    out = str(tmp_path / "bank")
+    real, calls = bj._commit, []
+
+    def crash_on_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated crash")
+        return real(*a, **k)
+
+    monkeypatch.setattr(bj, "_commit", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        bj.run_build_bank(_tasks(exemplars, names), _spec(tiny_dense_path), cfg, out,
+                          ActorConfig(num_actors=2, cpus_per_actor=0.5), commit_every=2)
+    rows, _, _ = bj.committed(out)
+    first = sorted(r["name"] for r in rows.values())
+    assert first == sorted(local.metadata["build_order"][:2])  # the chain's prefix, nothing else
+    monkeypatch.setattr(bj, "_commit", real)
+    bank, rep = bj.run_build_bank(_tasks(exemplars, names), _spec(tiny_dense_path), cfg, out,
+                                  ActorConfig(num_actors=2, cpus_per_actor=0.5), commit_every=2)
+    assert rep.already_done == 2 and rep.built == 4 and not rep.failed
+    assert bank.names == tuple(names)
+    assert bank.metadata["build_order"] == local.metadata["build_order"]
+    assert torch.allclose(bank.references, local.references, atol=1e-5)
+    assert bank.prototypes is not None and torch.allclose(bank.prototypes, local.prototypes, atol=1e-5)
+    assert torch.equal(bank.prototype_concept, local.prototype_concept)
+    assert torch.allclose(bank.calibration, local.calibration, atol=1e-5)
+    order_built = local.metadata["build_order"]
+    for i, n in enumerate(order_built):  # each concept eliminated exactly the ones before it
+        assert bank.metadata["concepts"][n]["context_eliminated"] == order_built[:i]
+        assert bank.metadata["concepts"][n]["seed_index"] == local.metadata["concepts"][n]["seed_index"]
 
 
 @pytest.mark.slow
@@ -170,10 +224,12 @@ def test_cli_build_bank_then_pseudo_label(ray_local, exemplars, tiny_dense_path,
     rows = {r["name"]: r for r in pq.read_table(out / "concepts.parquet").to_pylist()}
     assert rows["unicorn"]["status"] == "failed" and "no usable image" in rows["unicorn"]["error"]
     assert rows["cat"]["status"] == "ok"
-    # default config needs context archives: a clear error, before any work
+    # the paper's context elimination needs context archives: a clear error, before any work
+    cfg2 = tmp_path / "paper.yaml"
+    cfg2.write_text("bank:\n  image_size: 64\n  context_elimination: true\n")
     caplog.clear()
     assert main(["build-bank", "--vocab", str(vocab), "--exemplars", str(exemplars), "--out",
-                 str(tmp_path / "b2"), *enc]) == 2
+                 str(tmp_path / "b2"), "--config", str(cfg2), *enc]) == 2
     assert "context concepts" in caplog.text
     # the bank feeds pseudo-labelling directly (encoders read from its metadata)
     src = tmp_path / "src"

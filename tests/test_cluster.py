@@ -3,14 +3,13 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
-from cluster.bank import BankWorker, build_bank_distributed
+from cluster.bank import BankWorker
 from cluster.config import ActorConfig, load_cluster_config
 from cluster.models import EncoderSpec
 from cluster.segment import run_segmentation
 from conftest import REPO, TINY_VIT, make_image, write_corrupt_files
-from reco import BankConfig, SegmenterConfig
+from reco import BankConfig, ConceptBank, SegmenterConfig
 from reco.errors import ConfigError
 
 
@@ -59,36 +58,12 @@ def test_bank_worker_skips_and_counts_corrupt_images(archive, tiny_dense_path):
 
 
 @pytest.mark.slow
-def test_distributed_bank_matches_local_and_reports_failures(ray_local, archive, tiny_dense_path):
-    uris, bad = archive
-    cfg = BankConfig(image_size=64, context_concepts=("tree", "sky"), block_size=64)
-    spec = _spec(tiny_dense_path)
-    archives = {"cat": uris["cat"], "dog": uris["dog"] + bad[:1], "ghost": bad}
-    bank, report = build_bank_distributed(
-        archives, spec, cfg, ActorConfig(num_actors=2, cpus_per_actor=0.5),
-        context_archives={"tree": uris["tree"], "sky": uris["sky"]}, calibration_pool=uris["tree"],
-    )
-    assert bank.names == ("cat", "dog")
-    assert report.concepts_failed.keys() == {"ghost"}
-    assert set(report.images_skipped) == set(bad)
-    assert bank.calibration is not None and bank.calibration.shape == (2, 2)
-    assert bank.metadata["context_elimination"] == ["tree", "sky"]
-    # the same computation in one process gives the same references
-    local = BankWorker(spec, cfg)
-    ctx = {}
-    for c in ("tree", "sky"):
-        ctx[c] = local.build(c, uris[c], None, dict(ctx))[0].reference
-    ref_cat = local.build("cat", uris["cat"], None, ctx)[0].reference
-    assert torch.allclose(bank.references[0], ref_cat, atol=1e-5)
-
-
-@pytest.mark.slow
 def test_ray_data_segmentation_writes_labels_and_counts_bad_inputs(ray_local, archive, tiny_dense_path, tmp_path):
     uris, bad = archive
     spec = _spec(tiny_dense_path)
-    bank, _ = build_bank_distributed({"cat": uris["cat"], "dog": uris["dog"]}, spec,
-                                     BankConfig(image_size=64, context_elimination=False),
-                                     ActorConfig(num_actors=1, cpus_per_actor=0.5))
+    worker = BankWorker(spec, BankConfig(image_size=64, context_from_vocabulary=False))
+    bank = ConceptBank.from_references([worker.build(c, uris[c], None, {})[0] for c in ("cat", "dog")],
+                                       metadata=worker.metadata("exemplar"))
     bank_dir = bank.save(tmp_path / "bank")
     masks = tmp_path / "masks"
     masks.mkdir()
