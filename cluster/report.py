@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import platform
 import resource
@@ -34,6 +35,8 @@ from datetime import datetime, timezone
 from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 from .config import redact, redact_text
+
+logger = logging.getLogger(__name__)
 
 #: version of the JSON layout below; bump when a field changes meaning
 REPORT_FORMAT = 1
@@ -320,3 +323,76 @@ class JobMetrics:
     def throughput(self, items_per_second: float) -> None:
         if self._init():
             self._rate.set(float(items_per_second), tags=self.tags)
+
+
+def ray_actor_restarts(job_id: Optional[str] = None) -> Dict[str, int]:
+    """``{actor class: restarts}`` of the actors of a Ray job (default: the driver's), read from
+    the GCS actor table, which needs no dashboard (the embedded Ray runs without one). ``{}``
+    outside Ray. Task retries of Ray Data / plain tasks are not in that table and are not
+    counted here."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return {}
+        from ray._private import state
+
+        jid = job_id or ray.get_runtime_context().get_job_id()
+        out: _Counter = _Counter()
+        for a in state.actors().values():
+            n = int(a.get("NumRestarts") or 0)
+            if n and a.get("JobID") == jid:
+                out[str(a.get("ActorClassName")).rsplit(".", 1)[-1]] += n
+        return dict(out)
+    except Exception as exc:  # a report must never break a job
+        logger.debug("could not read actor restarts: %s", exc)
+        return {}
+
+
+def job_report(
+    job: str,
+    *,
+    unit: str = "images",
+    config: Optional[Mapping[str, Any]] = None,
+    seen: int = 0,
+    processed: int = 0,
+    already_done: int = 0,
+    skipped: Optional[Mapping[str, str]] = None,
+    failed_transient: Optional[Mapping[str, str]] = None,
+    stages: Optional[Mapping[str, Any]] = None,
+    memory: Optional[Mapping[str, Any]] = None,
+    retries: Optional[Mapping[str, int]] = None,
+    extra: Optional[Mapping[str, Any]] = None,
+) -> JobReport:
+    """A :class:`JobReport` from what a job already counted: ``skipped`` / ``failed_transient``
+    map input ids to reasons; ``stages`` maps a stage name to seconds or (seconds, items);
+    ``memory`` maps an actor name to peak bytes (int, RSS) or a :func:`peak_memory` dict;
+    ``retries`` maps reasons to counts. Ray actor restarts of the running job are added."""
+    r = JobReport(job, config=config, unit=unit)
+    r.seen(seen)
+    r.processed(processed)
+    r.already_done(already_done)
+    for item, reason in (skipped or {}).items():
+        r.skip(item, reason)
+    for item, reason in (failed_transient or {}).items():
+        r.fail_transient(item, reason)
+    for name, v in (stages or {}).items():
+        secs, items = (v if isinstance(v, (tuple, list)) else (v, None))
+        r.add_stage(name, float(secs), items)
+    for actor, m in (memory or {}).items():
+        r.actor_memory(actor, m if isinstance(m, Mapping) else {"rss": int(m)})
+    for reason, n in (retries or {}).items():
+        if n:
+            r.retry(reason, int(n))
+    for cls, n in ray_actor_restarts().items():
+        r.retry(f"actor restart ({cls})", n)
+    r.extra.update(dict(extra or {}))
+    return r
+
+
+def write_job_report(report: JobReport, out: str, storage_options: Optional[Mapping[str, Any]] = None) -> str:
+    """Write ``job_report.json`` + ``job_report.txt`` under ``out`` (a directory or storage URI)
+    and log the one-screen summary; returns the JSON's URI."""
+    uri = report.write(out, storage_options, name="job_report")
+    logger.info("%s\n(report: %s)", report.summary(), uri)
+    return uri

@@ -137,6 +137,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                 args.out)
     for name, why in list(rep.failed.items())[:10]:
         logger.warning("failed: %s: %s", name, why)
+    from cluster.report import job_report, write_job_report
+
+    write_job_report(job_report(
+        "build-bank", unit="concepts", config=vars(args), seen=rep.concepts, processed=rep.built,
+        already_done=rep.already_done, skipped=rep.failed, failed_transient=rep.failed_transient,
+        stages={"job": (rep.seconds, rep.built + len(rep.failed)),
+                "concept builds (sum over concepts)": (rep.concept_seconds, rep.built + len(rep.failed))},
+        memory={f"bank actor {i}": int(mb * 2**20) for i, mb in enumerate(rep.actor_peak_rss_mb)},
+        extra={"parts_committed": rep.parts_committed, "left_for_rerun": rep.left_for_rerun}), args.out, storage)
     if args.report and bank is not None:
         from .show_bank import write_report
 

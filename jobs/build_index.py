@@ -85,4 +85,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         rep.tune_queries, rep.target_recall, "met" if rep.target_met else "NOT met", rep.batched_ms_per_query,
         rep.batched_qps, rep.single_query_ms, rep.single_query_p95_ms, rep.single_queries, rep.index_bytes / 2**20,
         rep.build_seconds, out)
+    from cluster.report import job_report, peak_memory, write_job_report
+
+    write_job_report(job_report(
+        "build-index", unit="vectors", config=vars(args), seen=n, processed=rep.n,
+        stages={"build (train, add, tune, evaluate)": (rep.build_seconds, rep.n)},
+        memory={"driver (index build)": peak_memory()},
+        extra={"factory": rep.factory, "recall_at_1": rep.recall_at_1, f"recall_at_{rep.k}": rep.recall_at_10,
+               "target_met": rep.target_met, "index_bytes": rep.index_bytes}), out)
     return 0

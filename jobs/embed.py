@@ -18,6 +18,7 @@ import yaml
 
 from cluster.config import cluster_config_path, redact, resolve_cluster_config
 from cluster.models import EncoderSpec
+from cluster.report import job_report, write_job_report
 from reco.config import to_dict
 from reco.errors import ConfigError
 
@@ -95,6 +96,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                            device_decode=args.device_decode, retry=retry)
         out = Path(args.store)
         (out / "embed_report.json").write_text(json.dumps(report.as_dict(), indent=2))
+        n = report.embedded + len(report.skipped)
+        write_job_report(job_report(
+            "embed", config=vars(args), seen=report.listed, processed=report.embedded,
+            already_done=report.already_done, skipped=report.skipped, failed_transient=report.failed_transient,
+            stages={"decode (per-image sum)": (report.decode_seconds_per_image * n, n),
+                    "image tower (per-image sum)": (report.model_seconds_per_image * report.embedded,
+                                                    report.embedded),
+                    "job": (report.seconds, n)},
+            extra={"shards_committed": report.shards_committed}), str(out))
         (out / "embed_config.yaml").write_text(yaml.safe_dump(redact(
             {"args": vars(args), "encoders": to_dict(encoders), "cluster": to_dict(cluster)}), sort_keys=False))
     logger.info("embedded %d, skipped %d (reasons in %s), failed transiently %d, %d already in the store; "

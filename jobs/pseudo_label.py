@@ -121,4 +121,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     logger.info("pseudo-labelled %d, skipped %d (bad input), %d failed transiently, %d already done; "
                 "%.2f img/s -> %s", rep.labelled, len(rep.skipped), len(rep.failed_transient), rep.already_done,
                 rep.images_per_second, args.out)
+    from cluster.report import job_report, write_job_report
+
+    n = rep.labelled + len(rep.skipped)
+    write_job_report(job_report(
+        "pseudo-label", config=vars(args), seen=rep.listed, processed=rep.labelled, already_done=rep.already_done,
+        skipped=rep.skipped, failed_transient=rep.failed_transient,
+        stages={"job": (rep.seconds, n), "segmentation (per-image sum)": (rep.model_seconds_per_image * n, n)},
+        memory={"segment actors (max)": int(rep.actor_peak_rss_mb * 2**20)} if rep.actor_peak_rss_mb else None,
+        extra={"parts_committed": rep.parts_committed}), args.out, storage)
     return EXIT_RERUN if rep.failed_transient else 0

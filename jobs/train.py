@@ -104,4 +104,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     logger.info("%d/%d steps, %s img/s; encoder: %s; exported %s (%s) -> %s; report %s",
                 rep["steps"], rep["iterations"], f"{rep['throughput']['images_per_s'] or 0:.2f}", rep["encoder_init"],
                 rep["selection"]["checkpoint"], rep["selection"]["mode"], res.model_uri, rep["plot"])
+    from cluster.report import job_report, write_job_report
+
+    attempts = rep.get("attempts") or []
+    write_job_report(job_report(  # steps over every attempt of this run name (resumed runs included)
+        "train", unit="steps", config=vars(args), seen=int(rep["iterations"]), processed=int(rep["steps"]),
+        stages={"training loop (all attempts)": (float(rep["throughput"]["train_seconds"] or 0.0), int(rep["steps"])),
+                "fit (this call)": (float(rep.get("fit_seconds_this_call") or 0.0), None)},
+        retries={"restart from checkpoint (worker failure or rerun)": max(0, len(attempts) - 1)},
+        extra={"train_images": rep["train_images"], "holdout_images": rep["holdout_images"],
+               "checkpoint": rep["selection"]["checkpoint"], "selection": rep["selection"]["mode"],
+               "model": res.model_uri}), res.run_uri, storage)
     return 0

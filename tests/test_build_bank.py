@@ -224,6 +224,11 @@ def test_cli_build_bank_then_pseudo_label(ray_local, exemplars, tiny_dense_path,
     rows = {r["name"]: r for r in pq.read_table(out / "concepts.parquet").to_pylist()}
     assert rows["unicorn"]["status"] == "failed" and "no usable image" in rows["unicorn"]["error"]
     assert rows["cat"]["status"] == "ok"
+    job = json.loads((out / "job_report.json").read_text())  # the uniform job report
+    assert job["job"] == "build-bank" and job["unit"] == "concepts"
+    assert job["inputs"] == {"seen": 3, "processed": 2, "already_done": 0, "skipped": 1, "failed_transient": 0}
+    assert job["skipped_examples"]["archive of concept 'unicorn' holds no usable image"] == ["unicorn"]
+    assert (out / "job_report.txt").read_text().startswith("build-bank: ok")
     # the paper's context elimination needs context archives: a clear error, before any work
     cfg2 = tmp_path / "paper.yaml"
     cfg2.write_text("bank:\n  image_size: 64\n  context_elimination: true\n")
@@ -238,6 +243,8 @@ def test_cli_build_bank_then_pseudo_label(ray_local, exemplars, tiny_dense_path,
     assert main(["pseudo-label", str(src), "--bank", str(out), "--out", str(tmp_path / "pl"),
                  "--dense-kwargs", json.dumps(TINY_VIT)]) == 0
     assert json.loads((tmp_path / "pl" / "pseudo_label.json").read_text())["classes"] == ["cat", "dog"]
+    job = json.loads((tmp_path / "pl" / "job_report.json").read_text())
+    assert job["job"] == "pseudo-label" and job["inputs"]["processed"] == 1 and job["inputs"]["seen"] == 1
 
 
 def _check_browser(page, names):

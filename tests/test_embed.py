@@ -104,7 +104,12 @@ def test_cli_embed_build_index_search(ray_local, tiny_clip_dir, tmp_path, capsys
     assert main(["embed", str(src), "--store", str(store), "--clip-model", clip, "--shard-size", "5"]) == 0
     report = json.loads((store / "embed_report.json").read_text())
     assert report["embedded"] == 12 and report["shards_committed"] == [0, 1, 2]
+    job = json.loads((store / "job_report.json").read_text())  # the uniform job report
+    assert job["job"] == "embed" and job["inputs"]["seen"] == 12 and job["inputs"]["processed"] == 12
+    assert {s["name"] for s in job["stages"]} >= {"job", "image tower (per-image sum)"}
     assert main(["build-index", "--store", str(store), "--index", str(index)]) == 0
+    job = json.loads((index / "job_report.json").read_text())
+    assert job["job"] == "build-index" and job["inputs"]["processed"] == 12 and job["unit"] == "vectors"
     meta = json.loads((index / "index.json").read_text())
     assert meta["report"]["factory"] == "Flat" and meta["report"]["recall_at_10"] == 1.0
     capsys.readouterr()

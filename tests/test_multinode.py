@@ -459,6 +459,17 @@ def test_submit_a_small_job_to_the_two_node_cluster(workers, tiny_clip_dir, tmp_
     FIGURES.append({"stage": "submit", "submission_id": sub_id, "inputs": 4,
                     "submit_to_end_s": round(seconds, 1)})
 
+def check_job_report(out, fig: dict, kind: str = "actor restart") -> None:
+    """The job's own report (job_report.json) exists, counts the inputs and, when one attempt
+    finished the job, the actor restarts Ray made after the kill."""
+    rep = json.loads((out / "job_report.json").read_text())
+    fig["report_retries"] = rep["retries"]["total"]
+    assert rep["inputs"]["failed_transient"] == 0, rep["inputs"]
+    if fig.get("job_attempts") == 1:
+        assert rep["retries"]["total"] >= 1, rep["retries"]
+        assert any(k.startswith(kind) for k in rep["retries"]["by_reason"]), rep["retries"]
+
+
 def test_embed_survives_losing_the_worker_node(workers, ray_config, tiny_clip_dir, tmp_path):
     """`reco embed` (Ray Data: decode tasks + a CLIP actor pool) loses the node running its actor
     and its decode tasks after the first shard is committed; Ray restarts the actor on the
@@ -505,6 +516,7 @@ def test_embed_survives_losing_the_worker_node(workers, ray_config, tiny_clip_di
     assert report["failed_transient_count"] == 0 and report["embedded"] + report["skipped_count"] == len(listed)
     assert not (store_dir / "writer.lock").exists()
     assert fig["actor_restarts"] >= 1, fig  # the actor really was on the killed node
+    check_job_report(store_dir, fig)
 
 
 def test_build_bank_survives_losing_the_worker_node(workers, ray_config, tiny_dense_path, tmp_path):
@@ -560,6 +572,7 @@ def test_build_bank_survives_losing_the_worker_node(workers, ray_config, tiny_de
     assert sorted(table.column("name").to_pylist()) == sorted(listed)
     assert _no_temp_files(out) == [] and not (out / "writer.lock").exists()
     assert fig["actor_restarts"] >= 1, fig
+    check_job_report(out, fig)
     BUILT["bank"] = out
 
 
@@ -617,6 +630,7 @@ def test_pseudo_label_survives_losing_the_worker_node(workers, ray_config, tiny_
     assert json.loads((out / "report.json").read_text())["failed_count"] == 0
     assert len(list((out / MANIFEST_DIR).glob("part-*.parquet"))) >= 2
     assert fig["actor_restarts"] >= 1, fig
+    check_job_report(out, fig)
     BUILT["labels"] = out
 
 
@@ -706,6 +720,7 @@ def test_train_survives_losing_the_worker_node(workers, ray_config, tmp_path):
     at_kill = fig["committed_at_kill"]
     assert len(starts) >= 2 and starts[0] == 0 and at_kill <= starts[-1] <= at_kill + every, starts
     assert fig["worker_group_restarts"] >= 1
+    check_job_report(run, fig, kind="restart from checkpoint")
     for c in rep["checkpoints"]:  # every checkpoint the report names is whole
         assert {"model.safetensors", "state.json"} <= {p.name for p in (run / c["name"]).iterdir()}, c
     model = load_segmodel(str(run))

@@ -95,3 +95,38 @@ def test_empty_report_is_ok(n, tmp_path):
     d = r.finish().as_dict()
     assert d["status"] == "ok" and d["retries"]["total"] == 0 and d["stages"] == []
     assert r.summary().startswith("build-index: ok")
+
+
+def test_ray_actor_restarts_are_counted_in_the_job_report(ray_local, tmp_path):
+    """An actor killed and restarted by Ray shows up as a retry of the job, by class."""
+    import os
+    import signal
+    import time
+
+    import ray
+
+    from cluster.report import job_report, ray_actor_restarts, write_job_report
+
+    @ray.remote(max_restarts=1, max_task_retries=1, num_cpus=0)
+    class Flaky:
+        def pid(self):
+            return os.getpid()
+
+    a = Flaky.remote()
+    before = ray_actor_restarts().get("Flaky", 0)
+    os.kill(ray.get(a.pid.remote()), signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while ray_actor_restarts().get("Flaky", 0) == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.get(a.pid.remote(), timeout=60) > 0  # restarted and serving again
+    assert ray_actor_restarts()["Flaky"] == before + 1
+    rep = job_report("demo-job", unit="concepts", seen=3, processed=2, skipped={"ghost": "no usable image: x"},
+                     stages={"job": (2.0, 3)}, memory={"actor 0": 2**20}, retries={"read retry": 2})
+    d = rep.as_dict()
+    assert d["inputs"]["seen"] == 3 and d["inputs"]["skipped"] == 1
+    assert d["retries"]["by_reason"]["actor restart (Flaky)"] == before + 1
+    assert d["retries"]["by_reason"]["read retry"] == 2
+    assert d["peak_memory_bytes"] == {"actor 0": {"rss": 2**20}}
+    path = write_job_report(rep, str(tmp_path))
+    assert path.endswith("job_report.json") and (tmp_path / "job_report.txt").read_text().startswith("demo-job: ok")
+    ray.kill(a)
