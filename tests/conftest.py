@@ -125,3 +125,18 @@ def tiny_clip_spec(tiny_clip_dir):
     from cluster.models import EncoderSpec
 
     return EncoderSpec(clip_model=f"local-dir:{tiny_clip_dir}")
+
+
+def crash_on_call(monkeypatch, module, name: str, n: int) -> None:
+    """Make the ``n``-th call of ``module.name`` raise KeyboardInterrupt (a driver killed right
+    there); the calls before it run the real function. ``monkeypatch.undo()`` or setting the
+    attribute back restores it."""
+    real, calls = getattr(module, name), []
+
+    def crashing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt(f"simulated crash at call {n} of {name}")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, crashing)

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY_VIT, make_image, write_corrupt_files
+from conftest import TINY_VIT, crash_on_call, make_image, write_corrupt_files
 from reco.errors import ConfigError
 
 
@@ -138,15 +138,8 @@ def test_peeling_chain_equals_sequential_and_resumes(ray_local, exemplars, tiny_
     names = ["cat", "dog", "hot dog", "bird", "sky", "tree"]
     local = _local_bank(exemplars, tiny_dense_path, cfg, names)
     out = str(tmp_path / "bank")
-    real, calls = bj._commit, []
-
-    def crash_on_second(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("simulated crash")
-        return real(*a, **k)
-
-    monkeypatch.setattr(bj, "_commit", crash_on_second)
+    real = bj._commit
+    crash_on_call(monkeypatch, bj, "_commit", 2)
     with pytest.raises(KeyboardInterrupt):
         bj.run_build_bank(_tasks(exemplars, names), _spec(tiny_dense_path), cfg, out,
                           ActorConfig(num_actors=2, cpus_per_actor=0.5), commit_every=2)
@@ -179,15 +172,8 @@ def test_crash_then_rerun_builds_every_concept_exactly_once(ray_local, exemplars
     cfg = BankConfig(image_size=64, block_size=64, context_elimination=False)
     names = ["cat", "dog", "hot dog", "bird", "sky", "tree"]
     out = str(tmp_path / "bank")
-    real, calls = bj._commit, []
-
-    def crash_on_third(*a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt("simulated crash")
-        return real(*a, **k)
-
-    monkeypatch.setattr(bj, "_commit", crash_on_third)
+    real = bj._commit
+    crash_on_call(monkeypatch, bj, "_commit", 3)
     with pytest.raises(KeyboardInterrupt):
         bj.run_build_bank(_tasks(exemplars, names), _spec(tiny_dense_path), cfg, out,
                           ActorConfig(num_actors=2, cpus_per_actor=0.5), commit_every=1)

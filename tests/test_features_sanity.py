@@ -13,7 +13,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import SHARED_DATA
 
@@ -22,15 +21,22 @@ MEAN_AUC_MIN = 0.90
 IMAGE_AUC_MIN = 0.80
 
 
-def _auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
-    """Mann-Whitney ROC AUC (ties not expected with float scores)."""
-    ranks = torch.cat([pos, neg]).argsort().argsort().double() + 1
-    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
-
-
 def test_auc_of_a_perfect_and_a_useless_score():
-    assert _auc(torch.tensor([0.9, 0.8]), torch.tensor([0.1, 0.2, 0.3])) == 1.0
-    assert _auc(torch.tensor([0.1]), torch.tensor([0.9])) == 0.0
+    from reco.metrics import roc_auc
+
+    assert roc_auc(torch.tensor([0.9, 0.8]), torch.tensor([0.1, 0.2, 0.3])) == 1.0
+    assert roc_auc(torch.tensor([0.1]), torch.tensor([0.9])) == 0.0
+
+
+def test_object_background_tokens_label_by_majority():
+    from reco.metrics import object_background_tokens
+
+    mask = torch.zeros(8, 8, dtype=torch.long)
+    mask[:, 4:] = 3  # right half: an object
+    mask[0:4, 0:4] = 255  # top-left quarter ignored
+    tok, lab = object_background_tokens(torch.randn(5, 2, 2), mask)
+    assert tok.shape == (4, 5) and torch.allclose(tok.norm(dim=1), torch.ones(4))
+    assert lab.tolist() == [-1, 1, 0, 1]
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +57,7 @@ def test_real_dinov2_separates_objects_from_background(real_dinov2):
     from PIL import Image
 
     from reco.image import resize_for_inference
+    from reco.metrics import object_background_auc, object_background_tokens
 
     enc = real_dinov2
     stems = sorted(p.stem for p in (VOC / "images").glob("*.jpg"))[:6]
@@ -59,21 +66,11 @@ def test_real_dinov2_separates_objects_from_background(real_dinov2):
     for stem in stems:
         img = Image.open(VOC / "images" / f"{stem}.jpg").convert("RGB")
         mask = torch.from_numpy(np.array(Image.open(VOC / "masks" / f"{stem}.png")).astype(np.int64))
-        f = F.normalize(enc(enc.normalize(resize_for_inference(img, 224, enc.patch_size)[None]))[0], dim=0)
-        h, w = f.shape[-2:]
-        obj = F.adaptive_avg_pool2d(((mask > 0) & (mask < 255)).float()[None, None], (h, w))[0, 0]
-        bg = F.adaptive_avg_pool2d((mask == 0).float()[None, None], (h, w))[0, 0]
-        lab = torch.full((h, w), -1)
-        lab[obj >= 0.5] = 1
-        lab[bg >= 0.5] = 0
-        tokens.append(f.reshape(f.shape[0], -1).T)
-        labels.append(lab.reshape(-1))
-    aucs = []
-    for i in range(len(stems)):
-        x = torch.cat([tokens[j] for j in range(len(stems)) if j != i])
-        lab = torch.cat([labels[j] for j in range(len(stems)) if j != i])
-        fg, bg = F.normalize(x[lab == 1].mean(0), dim=0), F.normalize(x[lab == 0].mean(0), dim=0)
-        score = tokens[i] @ fg - tokens[i] @ bg
-        aucs.append(_auc(score[labels[i] == 1], score[labels[i] == 0]))
+        t, lab = object_background_tokens(enc(enc.normalize(resize_for_inference(img, 224, enc.patch_size)[None]))[0],
+                                          mask)
+        tokens.append(t)
+        labels.append(lab)
+    aucs = object_background_auc(tokens, labels)
+    assert len(aucs) == len(stems)
     assert np.mean(aucs) >= MEAN_AUC_MIN, f"object-vs-background AUC {np.round(aucs, 3)}: broken weights?"
     assert min(aucs) >= IMAGE_AUC_MIN, f"object-vs-background AUC {np.round(aucs, 3)}: broken weights?"

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY_VIT, make_image, write_corrupt_files
+from conftest import TINY_VIT, crash_on_call, make_image, write_corrupt_files
 
 pytestmark = pytest.mark.slow
 
@@ -100,15 +100,8 @@ def test_pseudo_label_crash_and_transient_failures_rerun_exactly_once(ray_local,
     items = list_folder(str(src))
     late.rename(src / "late.hidden")
     monkeypatch.setenv("RECO_FETCH_ATTEMPTS", "1")
-    real_commit, calls = pl._commit, []
-
-    def crash_on_third(*a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt("simulated crash of the driver")
-        return real_commit(*a, **k)
-
-    monkeypatch.setattr(pl, "_commit", crash_on_third)
+    real_commit = pl._commit
+    crash_on_call(monkeypatch, pl, "_commit", 3)
     cfg, out = SegmenterConfig(image_size=64), str(tmp_path / "out")
     with pytest.raises(KeyboardInterrupt):
         pl.run_pseudo_label(items, str(bank_dir), _spec(tiny_dense_path), cfg, out, _actors(), commit_every=2)
