@@ -140,3 +140,33 @@ def crash_on_call(monkeypatch, module, name: str, n: int) -> None:
         return real(*args, **kwargs)
 
     monkeypatch.setattr(module, name, crashing)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def process_tree(root: int) -> set:
+    """``root`` and every process below it (from /proc; Linux)."""
+    import os
+
+    parent = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                parent[int(d)] = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    out, grew = {root}, True
+    while grew:
+        grew = False
+        for p, pp in parent.items():
+            if pp in out and p not in out:
+                out.add(p)
+                grew = True
+    return out

@@ -24,7 +24,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,7 @@ from typing import Callable, Dict, List, Optional
 
 import pytest
 
-from conftest import REPO, TINY_VIT, make_image, write_corrupt_files
+from conftest import REPO, TINY_VIT, free_port, make_image, process_tree, write_corrupt_files
 
 pytestmark = [pytest.mark.slow, pytest.mark.multinode]
 
@@ -60,36 +59,6 @@ RAY_START_ON_LOOPBACK = (
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _parents() -> Dict[int, int]:
-    out = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                out[int(d)] = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    return out
-
-
-def _tree(root: int) -> set:
-    """``root`` and every process below it."""
-    parent = _parents()
-    out, grew = {root}, True
-    while grew:
-        grew = False
-        for p, pp in parent.items():
-            if pp in out and p not in out:
-                out.add(p)
-                grew = True
-    return out
-
-
 def _alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
@@ -100,7 +69,7 @@ def _alive(pid: int) -> bool:
 def _kill_tree(proc: subprocess.Popen) -> int:
     """SIGKILL ``proc``, its process group and every process below it, all at once (a lost
     machine gets no chance to clean up). Returns how many processes were killed."""
-    pids = _tree(proc.pid)
+    pids = process_tree(proc.pid)
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
@@ -138,8 +107,8 @@ class LoopbackCluster:
         self.token_file = self.root / "auth_token"
         self.token_file.write_text(self.token)
         self.token_file.chmod(0o600)
-        self.gcs_port = _free_port()
-        self.dashboard = f"http://127.0.0.1:{_free_port()}"
+        self.gcs_port = free_port()
+        self.dashboard = f"http://127.0.0.1:{free_port()}"
         self.nodes: Dict[str, subprocess.Popen] = {}
         self.node_ids: Dict[str, str] = {}
         self._logs: List = []
@@ -160,7 +129,7 @@ class LoopbackCluster:
         self._logs.append(log)
         ray = [str(RAY)] if head else [sys.executable, "-c", RAY_START_ON_LOOPBACK]
         cmd = [*ray, "start", "--block", "--node-ip-address", "127.0.0.1", "--temp-dir", str(temp),
-               "--dashboard-agent-listen-port", str(_free_port()), "--object-store-memory", str(80 * 2**20),
+               "--dashboard-agent-listen-port", str(free_port()), "--object-store-memory", str(80 * 2**20),
                "--disable-usage-stats", *args]
         proc = subprocess.Popen(cmd, env=self.env(**env), stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, cwd=self.root)
@@ -178,7 +147,7 @@ class LoopbackCluster:
         port = self.dashboard.rsplit(":", 1)[1]
         proc = self._start("head", ["--head", "--port", str(self.gcs_port), "--num-cpus", "0", "--num-gpus", "0",
                                     "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-                                    "--dashboard-port", port, "--ray-client-server-port", str(_free_port())], head=True,
+                                    "--dashboard-port", port, "--ray-client-server-port", str(free_port())], head=True,
                            RAY_health_check_initial_delay_ms="1000", RAY_health_check_period_ms="500",
                            RAY_health_check_timeout_ms="500", RAY_health_check_failure_threshold="3")
         wait_for("the Ray head's API", lambda: proc.poll() is not None or self._api_ok(),

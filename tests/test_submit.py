@@ -5,7 +5,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,35 +17,15 @@ import pytest
 
 from cluster.submit import (WORKING_DIR_EXCLUDES, JobClient, SubmitError, Token, entrypoint, job_api_address,
                             load_token, parse_env)
-from conftest import REPO
+from conftest import REPO, free_port, process_tree
 from jobs.cli import main
 
 VENV_BIN = Path(sys.executable).parent
 RAY = VENV_BIN / "ray"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _descendants(root: int) -> set:
-    parent = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                parent[int(d)] = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    out, grew = {root}, True
-    while grew:
-        grew = False
-        for p, pp in parent.items():
-            if pp in out and p not in out:
-                out.add(p)
-                grew = True
-    return out - {root}
+    return process_tree(root) - {root}
 
 
 @contextlib.contextmanager
@@ -62,10 +41,10 @@ def ray_head(token: str):
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file), HOME=temp,
                RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # keep the node IP on loopback
                PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    dash = _free_port()
+    dash = free_port()
     cmd = [str(RAY), "start", "--head", "--block", "--port", "0", "--node-ip-address", "127.0.0.1",
            "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-           "--dashboard-agent-listen-port", str(_free_port()), "--ray-client-server-port", str(_free_port()),
+           "--dashboard-agent-listen-port", str(free_port()), "--ray-client-server-port", str(free_port()),
            "--num-cpus", "1", "--object-store-memory", str(100 * 2**20), "--temp-dir", temp,
            "--disable-usage-stats"]
     log = open(Path(temp) / "head.log", "w")
@@ -215,7 +194,7 @@ def test_token_missing_or_wrong_is_refused_with_one_clear_line(head, tmp_path, m
 
 def test_unreachable_address_is_one_clear_line(caplog, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     assert main(["list", "--address", f"127.0.0.1:{port}"]) == 2
     (msg,) = _errors(caplog)
     assert f"cannot reach the Ray job API at http://127.0.0.1:{port}" in msg
