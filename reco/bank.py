@@ -220,20 +220,22 @@ class ConceptBuilder:
         if features.shape[0] == 0:
             raise EmptyArchiveError(f"archive of concept {name!r} holds no usable image")
         cfg = self.config
-        feats = features.float()
+        dev = self.compute_device
+        feats = features.float().to(dev)
         k, _, h, w = feats.shape
-        weights = torch.ones(k, h, w)
+        weights = torch.ones(k, h, w, device=dev)
         if language is not None:
-            weights = weights * language.float()
+            weights = weights * language.float().to(dev)
         used_ctx: Tuple[str, ...] = ()
         if context and cfg.context_elimination:
             used_ctx = tuple(context)
-            weights = weights * context_weights(feats, context_vectors(context), cfg.context_temperature,
+            weights = weights * context_weights(feats, context_vectors(context).to(dev), cfg.context_temperature,
                                                 cfg.context_offset)
         peel = {n: v for n, v in (peel or {}).items() if n != name and n not in context}
         if peel and cfg.context_from_vocabulary:
             used_ctx += tuple(peel)
-            weights = weights * context_weights(feats, context_vectors(peel), cfg.peel_temperature, cfg.peel_offset)
+            weights = weights * context_weights(feats, context_vectors(peel).to(dev), cfg.peel_temperature,
+                                                cfg.peel_offset)
         res = cosegment(feats, weights, cfg.block_size, cfg.exclude_own_image, cfg.seed_tokens, cfg.prototypes)
         seed_scores = res.scores.reshape(k, -1).gather(1, res.seed_index[:, None])[:, 0]
         protos = res.prototypes if res.prototypes is not None and res.prototypes.shape[0] > 1 else None
@@ -244,10 +246,16 @@ class ConceptBuilder:
             if cfg.calibration == "archive-threshold":
                 calib = threshold_stats(feats, vecs, res.scores, calib)
         keep = cfg.keep_members
-        return ConceptReference(name, res.reference, res.seed_index, (h, w), k, language is not None, used_ctx,
-                                seed_scores=seed_scores, prototypes=protos, calibration=calib,
-                                member_sums=res.member_sums if keep else None,
-                                member_counts=res.member_counts if keep else None, scores=res.scores)
+        return ConceptReference(name, _cpu(res.reference), _cpu(res.seed_index), (h, w), k, language is not None,
+                                used_ctx, seed_scores=_cpu(seed_scores), prototypes=_cpu(protos),
+                                calibration=_cpu(calib), member_sums=_cpu(res.member_sums) if keep else None,
+                                member_counts=_cpu(res.member_counts) if keep else None, scores=_cpu(res.scores))
+
+    @property
+    def compute_device(self) -> torch.device:
+        """Where co-segmentations run: the dense encoder's device (a GPU actor co-segments on its
+        GPU), the CPU for a features-only builder. Results always come back on the CPU."""
+        return self.device if self.dense is not None else torch.device("cpu")
 
     @torch.no_grad()
     def confidence(self, features: torch.Tensor, language: Optional[torch.Tensor] = None) -> float:
@@ -255,8 +263,9 @@ class ConceptBuilder:
         how strongly the archive agrees on one region. Orders concepts for "confidence" peeling."""
         from .coseg import coseg_scores
 
-        weights = None if language is None else language.float()
-        scores = coseg_scores(features.float(), weights, self.config.block_size, self.config.exclude_own_image)
+        dev = self.compute_device
+        weights = None if language is None else language.float().to(dev)
+        scores = coseg_scores(features.float().to(dev), weights, self.config.block_size, self.config.exclude_own_image)
         return float(scores.reshape(scores.shape[0], -1).max(dim=1).values.mean())
 
     def build_context(
@@ -282,6 +291,10 @@ class ConceptBuilder:
         return refs
 
 
+def _cpu(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.cpu()
+
+
 def _reused(name: str, ctx: ContextLike) -> ConceptReference:
     if isinstance(ctx, ConceptReference):
         return replace(ctx, name=name, reused_context=True)
@@ -294,7 +307,7 @@ def similarity_stats(features: torch.Tensor, vectors: torch.Tensor) -> torch.Ten
     """(mean, std) over all tokens of (N, D, h, w) features of their best cosine to (P, D) vectors."""
     f = F.normalize(features.float(), dim=1).permute(0, 2, 3, 1).reshape(-1, features.shape[1])
     sim = (f @ F.normalize(vectors.float(), dim=1).T).max(dim=1).values
-    return torch.stack([sim.mean(), sim.std() if sim.numel() > 1 else torch.tensor(1.0)])
+    return torch.stack([sim.mean(), sim.std() if sim.numel() > 1 else sim.new_tensor(1.0)])
 
 
 @torch.no_grad()
@@ -314,7 +327,7 @@ def threshold_stats(features: torch.Tensor, vectors: torch.Tensor, coseg: torch.
 
 def otsu_threshold(values: torch.Tensor, bins: int = 128) -> float:
     """Otsu's threshold of 1-D values (maximal between-class variance over ``bins`` cuts)."""
-    v = values.float().reshape(-1)
+    v = values.float().reshape(-1).cpu()
     lo, hi = float(v.min()), float(v.max())
     if hi - lo < 1e-12:
         return lo

@@ -151,14 +151,15 @@ def cosegment(
     region = torch.sort(flat_scores, dim=1, descending=True, stable=True).indices[:, :n]
     seed_index = region[:, 0].contiguous()
     flat = _flatten(features)
-    seeds = flat[torch.arange(k), seed_index]
-    region_feats = flat[torch.arange(k)[:, None], region]  # (k, n, D)
+    ar = torch.arange(k, device=flat.device)
+    seeds = flat[ar, seed_index]
+    region_feats = flat[ar[:, None], region]  # (k, n, D)
     reference = F.normalize(region_feats.reshape(-1, d).mean(dim=0), dim=-1)
     tokens = region_feats.reshape(-1, d)
     if prototypes > 1 and tokens.shape[0] > 1:
         protos, assign = spherical_kmeans(tokens, prototypes)
     else:
-        protos, assign = reference[None], torch.zeros(tokens.shape[0], dtype=torch.long)
+        protos, assign = reference[None], torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
     p = protos.shape[0]
     onehot = F.one_hot(assign, p).float().reshape(k, n, p)  # (k, n, P)
     member_sums = torch.einsum("knp,knd->kpd", onehot, region_feats)
@@ -185,9 +186,9 @@ def spherical_kmeans(x: torch.Tensor, k: int, iterations: int = 30, seed: int = 
         dist = (1.0 - sim).clamp_min(0)
         if float(dist.sum()) <= 1e-8:
             break  # every remaining point coincides with a centre
-        centres.append(x[int(torch.multinomial(dist, 1, generator=g))])
+        centres.append(x[int(torch.multinomial(dist.cpu(), 1, generator=g))])  # the seeded generator is a CPU one
     c = torch.stack(centres)
-    assign = torch.zeros(m, dtype=torch.long)
+    assign = torch.zeros(m, dtype=torch.long, device=x.device)
     for _ in range(iterations):
         new = (x @ c.T).argmax(dim=1)
         if _ > 0 and torch.equal(new, assign):
@@ -197,6 +198,6 @@ def spherical_kmeans(x: torch.Tensor, k: int, iterations: int = 30, seed: int = 
         keep = torch.bincount(assign, minlength=c.shape[0]) > 0
         c = torch.where(keep[:, None], F.normalize(sums, dim=-1), c)
     used = torch.unique(assign)
-    remap = torch.full((c.shape[0],), -1, dtype=torch.long)
-    remap[used] = torch.arange(len(used))
+    remap = torch.full((c.shape[0],), -1, dtype=torch.long, device=x.device)
+    remap[used] = torch.arange(len(used), device=x.device)
     return c[used], remap[assign]
