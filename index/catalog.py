@@ -6,6 +6,13 @@ reads a training sample and then one shard at a time from the float16 shard file
 :mod:`index.faiss_index`), and the row table is written shard by shard. Only the shards committed
 when the build starts are indexed (a snapshot of the manifest), so embeddings committed during
 the build are left for the next one.
+
+Both the store and the index directory may be fsspec URLs (``s3://...``, with
+``storage_options``): FAISS reads and writes local files only, so an index bound for a URL is
+built in a local temporary folder and uploaded file by file (``index.json`` last, recording the
+sha256 of the others), and an index read from a URL is fetched into the node cache
+(``$RECO_CACHE_DIR``) keyed by those digests: a rebuilt index is fetched again, an unchanged one
+never.
 """
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ from .faiss_index import (
     IndexReport,
     VectorSource,
     build_index_from_source,
+    fetch_index_file,
     load_index,
     save_index,
 )
@@ -41,35 +49,47 @@ def build_index_dir(
     train_size: Optional[int] = None,
     seed: int = 0,
     use_gpu: Optional[bool] = None,
+    storage_options: Optional[Dict[str, Any]] = None,
 ) -> IndexReport:
-    """Build an index over every committed embedding of ``store`` into ``out_dir``.
+    """Build an index over every committed embedding of ``store`` into ``out_dir`` (a folder or
+    an fsspec URL reached with ``storage_options``).
 
     Raises ``FileNotFoundError`` if the store does not exist, ``ValueError`` if it is empty and
     :class:`index.faiss_index.LowRecallError` if the recall target is missed (unless
     ``allow_low_recall``); nothing is written to ``out_dir`` in these cases.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from .storage import is_url
 
-    root = Path(store.root)
-    if not root.is_dir() or not store.exists:
-        raise FileNotFoundError(f"{root} is not an embedding store (no manifest.json): run `reco embed` first")
+    if store.is_url:
+        root: Any = store.root
+        if not store.exists:
+            raise FileNotFoundError(f"{root} is not an embedding store (no manifest.json): run `reco embed` first")
+    else:
+        root = Path(store.root)
+        if not root.is_dir() or not store.exists:
+            raise FileNotFoundError(f"{root} is not an embedding store (no manifest.json): run `reco embed` first")
     shards = list(store.shards)
     if sum(s.count for s in shards) == 0:
         raise ValueError(f"{root} holds no embeddings: run `reco embed` first")
+    remote = is_url(str(out_dir))
+    if remote:  # FAISS writes local files: build in a staging folder, upload when done
+        import shutil
+        import tempfile
+
+        d = Path(tempfile.mkdtemp(prefix="reco-index-"))
+        try:
+            return _build_and_upload(store, root, shards, str(out_dir).rstrip("/"), d, storage_options, factory,
+                                     memory_budget_bytes, target_recall, allow_low_recall, num_queries, train_size,
+                                     seed, use_gpu)
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
     d = Path(out_dir)
     d.mkdir(parents=True, exist_ok=True)
 
     # row table first (cheap, and checks every shard's metadata against the manifest)
-    schema = pa.schema([("id", pa.string()), ("uri", pa.string())])
     tmp_rows = d / (ROWS_FILE + ".tmp")
     try:
-        with pq.ParquetWriter(tmp_rows, schema) as w:
-            for s in shards:
-                t = store.shard_metadata(s).select(["id", "uri"])
-                if t.num_rows != s.count:
-                    raise ValueError(f"shard {s.name} of {root}: {t.num_rows} metadata rows, manifest says {s.count}")
-                w.write_table(t.cast(schema))
+        _write_rows(store, root, shards, tmp_rows)
         index, report = build_index_from_source(
             VectorSource.from_store(store, shards), factory, memory_budget_bytes, target_recall,
             num_queries=num_queries, train_size=train_size, seed=seed, allow_low_recall=allow_low_recall,
@@ -78,22 +98,72 @@ def build_index_dir(
         tmp_rows.unlink(missing_ok=True)
         raise
     os.replace(tmp_rows, d / ROWS_FILE)
-    save_index(index, report, d, {"store": str(root.resolve()), "model": store.manifest()["model"],
-                                  "store_total": report.n})
+    save_index(index, report, d, {"store": str(root.resolve()) if isinstance(root, Path) else root,
+                                  "model": store.manifest()["model"], "store_total": report.n})
     return report
 
 
-def open_retriever(index_dir: os.PathLike | str, exact: bool = False) -> Tuple[Retriever, Dict[str, str], Dict[str, Any]]:
-    """(retriever, {id: uri}, index metadata) of an index directory."""
+def _write_rows(store: EmbeddingStore, root: Any, shards, path: Path) -> None:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    d = Path(index_dir)
-    index, meta = load_index(d)
-    rows = pq.read_table(d / ROWS_FILE)
+    schema = pa.schema([("id", pa.string()), ("uri", pa.string())])
+    with pq.ParquetWriter(path, schema) as w:
+        for s in shards:
+            t = store.shard_metadata(s).select(["id", "uri"])
+            if t.num_rows != s.count:
+                raise ValueError(f"shard {s.name} of {root}: {t.num_rows} metadata rows, manifest says {s.count}")
+            w.write_table(t.cast(schema))
+
+
+def _build_and_upload(store: EmbeddingStore, root: Any, shards, uri: str, staging: Path, storage_options,
+                      factory, memory_budget_bytes, target_recall, allow_low_recall, num_queries, train_size, seed,
+                      use_gpu) -> IndexReport:
+    """build_index_dir for an output URL: rows and index built in ``staging``, then uploaded: the
+    row table, ``index.faiss``, and ``index.json`` (with both files' sha256) last."""
+    from .storage import file_sha256, join, upload_file
+
+    rows = staging / ROWS_FILE
+    _write_rows(store, root, shards, rows)
+    index, report = build_index_from_source(
+        VectorSource.from_store(store, shards), factory, memory_budget_bytes, target_recall,
+        num_queries=num_queries, train_size=train_size, seed=seed, allow_low_recall=allow_low_recall,
+        use_gpu=use_gpu)
+    files = {ROWS_FILE: {"sha256": file_sha256(rows), "bytes": rows.stat().st_size}}
+    upload_file(rows, join(uri, ROWS_FILE), storage_options)
+    save_index(index, report, uri, {"store": str(Path(root).resolve()) if isinstance(root, Path) else root,
+                                    "model": store.manifest()["model"], "store_total": report.n, "files": files},
+               storage_options)
+    return report
+
+
+def open_retriever(index_dir: os.PathLike | str, exact: bool = False, storage_options: Optional[Dict[str, Any]] = None,
+                   ) -> Tuple[Retriever, Dict[str, str], Dict[str, Any]]:
+    """(retriever, {id: uri}, index metadata) of an index directory or URL (``storage_options``
+    reach it, and the store for ``exact``); a URL's files are fetched into the node cache."""
+    import pyarrow.parquet as pq
+
+    from .storage import ObjectChangedError, is_url
+
+    if is_url(str(index_dir)):
+        uri = str(index_dir).rstrip("/")
+        for attempt in range(3):  # a rebuild replacing the files under us: read index.json again
+            try:
+                index, meta = load_index(uri, storage_options)
+                rows = pq.read_table(fetch_index_file(uri, ROWS_FILE, meta, storage_options))
+                break
+            except ObjectChangedError:
+                if attempt == 2:
+                    raise
+                logger.warning("%s changed while it was read (rebuilt?): reading it again", uri)
+    else:
+        d = Path(index_dir)
+        index, meta = load_index(d)
+        rows = pq.read_table(d / ROWS_FILE)
     ids = rows.column("id").to_pylist()
     uris = dict(zip(ids, rows.column("uri").to_pylist()))
     if exact:
-        emb, sids, _ = EmbeddingStore(meta["store"]).load_all()
+        emb, sids, _ = EmbeddingStore(meta["store"], storage_options=storage_options).load_all()
         if sids != ids:
             raise ValueError(f"store {meta['store']} changed since the index was built: rebuild it")
         return ExactRetriever(emb, ids), uris, meta

@@ -680,8 +680,20 @@ def _index_bytes(index) -> int:
     return int(total[0])
 
 
-def save_index(index, report: IndexReport, directory: os.PathLike | str, extra: Optional[Dict[str, Any]] = None) -> Path:
+def save_index(index, report: IndexReport, directory: os.PathLike | str, extra: Optional[Dict[str, Any]] = None,
+               storage_options: Optional[Dict[str, Any]] = None) -> Path | str:
+    """Write ``index.faiss`` then ``index.json`` (each atomically) into a folder or an fsspec URL.
+
+    For a URL, the index is written to a local temporary file and uploaded (one PUT, or a
+    multipart upload that becomes visible only when complete), and ``index.json``, written last,
+    records the sha256 and size of every file of the index (``files``: this one and those given
+    in ``extra["files"]``); readers fetch the files into the node cache by those digests, so a
+    reader racing a rebuild gets an error and retries, never a mix of two builds."""
     faiss = _faiss()
+    from .storage import is_url
+
+    if is_url(str(directory)):
+        return _save_index_url(index, report, str(directory).rstrip("/"), extra, storage_options)
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     tmp = d / (INDEX_FILE + ".tmp")
@@ -693,8 +705,59 @@ def save_index(index, report: IndexReport, directory: os.PathLike | str, extra: 
     return d
 
 
-def load_index(directory: os.PathLike | str) -> Tuple[Any, Dict[str, Any]]:
+def _save_index_url(index, report: IndexReport, uri: str, extra: Optional[Dict[str, Any]],
+                    storage_options: Optional[Dict[str, Any]]) -> str:
+    import tempfile
+
+    from .storage import file_sha256, join, upload_file, write_bytes
+
     faiss = _faiss()
+    files = dict((extra or {}).get("files") or {})
+    with tempfile.TemporaryDirectory(prefix="reco-index-") as tmp:
+        local = Path(tmp) / INDEX_FILE
+        faiss.write_index(index, str(local))
+        files[INDEX_FILE] = {"sha256": file_sha256(local), "bytes": local.stat().st_size}
+        upload_file(local, join(uri, INDEX_FILE), storage_options)
+    meta = {"report": asdict(report), **(extra or {}), "files": files}
+    write_bytes(join(uri, META_FILE), json.dumps(meta, indent=2).encode(), storage_options)
+    return uri
+
+
+def fetch_index_file(uri: str, name: str, meta: Dict[str, Any], storage_options: Optional[Dict[str, Any]] = None) -> Path:
+    """A local copy of the file ``name`` of the index at URL ``uri``, in this node's cache keyed by
+    the digest ``index.json`` records (by the object's ETag for an index copied there by hand), so
+    a rebuilt index is fetched again; :class:`index.storage.ObjectChangedError` when the file no
+    longer matches ``meta`` (a rebuild is under way: read ``index.json`` again)."""
+    from .storage import fetch_to_cache, join, object_version
+
+    rec = (meta.get("files") or {}).get(name)
+    furi = join(uri, name)
+    try:
+        if rec and rec.get("sha256"):
+            return fetch_to_cache(furi, storage_options, sha256=rec["sha256"])
+        return fetch_to_cache(furi, storage_options, version=object_version(furi, storage_options))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{uri} holds no index (needs {INDEX_FILE}, {META_FILE} and the row table; "
+                                f"{name} is missing); run `reco build-index`") from None
+
+
+def load_index(directory: os.PathLike | str, storage_options: Optional[Dict[str, Any]] = None) -> Tuple[Any, Dict[str, Any]]:
+    """(index with its tuned search parameters set, ``index.json``) of a folder or fsspec URL (the
+    latter fetched into the node cache, see :func:`fetch_index_file`)."""
+    faiss = _faiss()
+    from .storage import is_url, join, read_versioned
+
+    if is_url(str(directory)):
+        uri = str(directory).rstrip("/")
+        try:
+            meta = json.loads(read_versioned(join(uri, META_FILE), storage_options)[0])
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{uri} holds no index (needs {INDEX_FILE} and {META_FILE}); "
+                                    f"run `reco build-index`") from None
+        index = faiss.read_index(str(fetch_index_file(uri, INDEX_FILE, meta, storage_options)))
+        for name, value in (meta["report"].get("search_params") or {}).items():
+            _set_search_param(index, name, value)
+        return index, meta
     d = Path(directory)
     if not (d / INDEX_FILE).is_file() or not (d / META_FILE).is_file():
         raise FileNotFoundError(f"{d} holds no index (needs {INDEX_FILE} and {META_FILE}); run `reco build-index`")

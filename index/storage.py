@@ -12,6 +12,7 @@ object-store PUT is atomic by itself (readers see the old object or the new one)
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -124,11 +125,18 @@ def cache_dir() -> Path:
     return Path(base)
 
 
-def fetch_to_cache(uri: str, storage_options: StorageOptions = None) -> Path:
+def fetch_to_cache(uri: str, storage_options: StorageOptions = None, sha256: Optional[str] = None,
+                   version: Optional[str] = None) -> Path:
     """A local copy of the file at ``uri`` in this node's cache (downloaded once, atomically);
-    local paths are returned as they are. For weights named by URL on a cluster."""
+    local paths are returned as they are. For weights named by URL on a cluster.
+
+    ``sha256`` (the content's digest) and/or ``version`` (e.g. the object's ETag) are part of
+    the cache key, so a changed object is fetched again; a download whose content does not match
+    ``sha256`` raises ``OSError`` (the object changed while it was read) and is not kept."""
     if not is_url(uri):
         return local_path(uri)
+    if sha256 is not None or version is not None:
+        return _fetch_versioned(uri, storage_options, sha256, version)
     key = hashlib.sha256(uri.encode()).hexdigest()[:16]
     dest = cache_dir() / "remote" / key / posixpath.basename(uri.rstrip("/"))
     if not dest.is_file():
@@ -137,11 +145,62 @@ def fetch_to_cache(uri: str, storage_options: StorageOptions = None) -> Path:
     return dest
 
 
-def list_files(prefix: str, storage_options: StorageOptions = None, suffix: str = "") -> list:
+class ObjectChangedError(OSError):
+    """A file fetched by content digest did not have that content: it was replaced meanwhile."""
+
+
+def object_version(uri: str, storage_options: StorageOptions = None) -> str:
+    """A string that changes whenever the file at ``uri`` is replaced (ETag, else mtime and size),
+    fresh from the server; ``FileNotFoundError`` when absent."""
+    if not is_url(uri):
+        st = local_path(uri).stat()
+        return f"{st.st_mtime_ns}-{st.st_size}"
+    fs, path = _fs(uri, storage_options)
+    fs.invalidate_cache(path)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{uri} does not exist") from None
+    for k in ("ETag", "etag", "md5Hash", "generation"):
+        if info.get(k):
+            return str(info[k])
+    return f"{info.get('mtime') or info.get('LastModified') or info.get('updated') or ''}-{info.get('size')}"
+
+
+def _fetch_versioned(uri: str, storage_options: StorageOptions, sha256: Optional[str], version: Optional[str]) -> Path:
+    key = hashlib.sha256(f"{uri}\0{sha256 or ''}\0{version or ''}".encode()).hexdigest()[:16]
+    dest = cache_dir() / "remote" / key / posixpath.basename(uri.rstrip("/"))
+    if dest.is_file():
+        return dest
+    logger.info("fetching %s into %s", uri, dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{hashlib.sha256(os.urandom(8)).hexdigest()[:8]}.tmp")
+    fs, path = _fs(uri, storage_options)
+    try:
+        fs.invalidate_cache(path)
+        try:
+            fs.get_file(path, str(tmp))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{uri} does not exist") from None
+        except Exception as exc:
+            raise OSError(f"cannot read {uri}: {type(exc).__name__}: {exc}") from exc
+        if sha256 is not None and file_sha256(tmp) != sha256:
+            raise ObjectChangedError(f"{uri} does not have the expected content (sha256 {sha256[:12]}...): "
+                          f"it was replaced while being read")
+        os.replace(tmp, dest)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    return dest
+
+
+def list_files(prefix: str, storage_options: StorageOptions = None, suffix: str = "", refresh: bool = False) -> list:
     """Sorted URIs of the files directly under the folder ``prefix`` whose names end in ``suffix``
-    ([] when the folder does not exist)."""
+    ([] when the folder does not exist); ``refresh``: list afresh, not from fsspec's listing cache."""
     if is_url(prefix):
         fs, path = _fs(prefix, storage_options)
+        if refresh:
+            fs.invalidate_cache(path)
         scheme = str(prefix).split("://", 1)[0]
         try:
             names = fs.ls(path, detail=False)
@@ -193,3 +252,183 @@ def remove_files(uris, storage_options: StorageOptions = None) -> int:
             local_path(uri).unlink(missing_ok=True)
         n += 1
     return n
+
+
+# -- conditional object-store requests (the embedding store's commit point and writer lock) --------
+
+#: ``if_version`` value of :func:`write_conditional` that means "only if the object does not exist"
+CREATE = "*"
+
+
+class ConditionFailedError(OSError):
+    """A conditional write or delete was refused: the object is not in the state its condition named
+    (S3 ``412 PreconditionFailed``, or ``409 ConditionalRequestConflict`` for a concurrent one)."""
+
+
+def conditional_writes(uri: str) -> bool:
+    """True where :func:`write_conditional` is atomic on the server: S3 (``If-None-Match: *`` /
+    ``If-Match: ETAG`` PUTs; AWS S3, MinIO, moto). Elsewhere (other fsspec URLs) it is a
+    check-then-write, which cannot exclude a concurrent writer."""
+    return is_url(uri) and str(uri).split("://", 1)[0] in ("s3", "s3a")
+
+
+def _condition_failed(exc: BaseException) -> bool:
+    for e in (exc, exc.__cause__):
+        resp = getattr(e, "response", None)
+        if isinstance(resp, dict):
+            code = (resp.get("Error") or {}).get("Code")
+            status = (resp.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+                return True
+    return False
+
+
+def _s3(uri: str, storage_options: StorageOptions):
+    fs, path = _fs(uri, storage_options)
+    bucket, key, _ = fs.split_path(path)
+    return fs, path, bucket, key
+
+
+def read_versioned(uri: str, storage_options: StorageOptions = None):
+    """``(bytes, version, age_s)`` of the object at ``uri``, read in one request that bypasses any
+    listing cache. ``version`` is what :func:`write_conditional` / :func:`delete_conditional`
+    take as ``if_version`` (the ETag on S3, a sha256 of the content elsewhere); ``age_s`` is the
+    seconds since the object was last written by the server's own clock (``Date`` minus
+    ``Last-Modified``; None where unknown). ``FileNotFoundError`` when absent."""
+    if not conditional_writes(uri):
+        data = read_bytes(uri, storage_options)
+        return data, hashlib.sha256(data).hexdigest(), None
+    from email.utils import parsedate_to_datetime
+
+    from fsspec.asyn import sync
+
+    fs, path, bucket, key = _s3(uri, storage_options)
+
+    async def get():
+        resp = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+        body = resp["Body"]
+        try:
+            return await body.read(), resp
+        finally:
+            body.close()
+
+    try:
+        data, resp = sync(fs.loop, get)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{uri} does not exist") from None
+    except Exception as exc:
+        raise OSError(f"cannot read {uri}: {type(exc).__name__}: {exc}") from exc
+    age = None
+    try:
+        now = parsedate_to_datetime(resp["ResponseMetadata"]["HTTPHeaders"]["date"])
+        age = max(0.0, (now - resp["LastModified"]).total_seconds())
+    except (KeyError, TypeError, ValueError):
+        pass
+    return data, resp.get("ETag"), age
+
+
+def write_conditional(uri: str, data: bytes, storage_options: StorageOptions = None,
+                      if_version: Optional[str] = None) -> str:
+    """Write ``data`` to ``uri`` in one PUT, only if the object is absent (``if_version=CREATE``)
+    or still at ``if_version`` (a version from :func:`read_versioned` or from an earlier call);
+    ``None``: unconditionally. Returns the new version; raises :class:`ConditionFailedError`
+    when the condition does not hold. Atomic on S3 (see :func:`conditional_writes`); elsewhere a
+    best-effort check-then-write."""
+    if not conditional_writes(uri):
+        if if_version is not None:
+            try:
+                _, current, _ = read_versioned(uri, storage_options)
+            except FileNotFoundError:
+                current = None
+            if (if_version == CREATE and current is not None) or (if_version != CREATE and current != if_version):
+                raise ConditionFailedError(f"{uri}: precondition failed ({'exists' if current else 'changed'})")
+        write_bytes(uri, data, storage_options)
+        return hashlib.sha256(data).hexdigest()
+    fs, path, bucket, key = _s3(uri, storage_options)
+    cond = {} if if_version is None else ({"IfNoneMatch": "*"} if if_version == CREATE else {"IfMatch": if_version})
+    try:
+        resp = fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **cond)
+    except Exception as exc:
+        if _condition_failed(exc):
+            raise ConditionFailedError(f"{uri}: precondition failed ({'exists' if if_version == CREATE else 'changed'})") \
+                from exc
+        raise OSError(f"cannot write {uri}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        fs.invalidate_cache(path)
+    return resp.get("ETag")
+
+
+def delete_conditional(uri: str, storage_options: StorageOptions = None, if_version: Optional[str] = None) -> None:
+    """Delete the object at ``uri`` only if it is still at ``if_version`` (:class:`ConditionFailedError`
+    otherwise; nothing when it is absent). Endpoints that reject conditional deletes get a plain
+    delete after a read that checks the version (a short race)."""
+    if if_version is None or not conditional_writes(uri):
+        if if_version is not None:
+            try:
+                _, current, _ = read_versioned(uri, storage_options)
+            except FileNotFoundError:
+                return
+            if current != if_version:
+                raise ConditionFailedError(f"{uri}: precondition failed (changed)")
+        if exists(uri, storage_options):
+            remove_files([uri], storage_options)
+        return
+    fs, path, bucket, key = _s3(uri, storage_options)
+    try:
+        fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=if_version)
+    except FileNotFoundError:
+        return
+    except Exception as exc:
+        if _condition_failed(exc):
+            raise ConditionFailedError(f"{uri}: precondition failed (changed)") from exc
+        logger.debug("conditional delete of %s refused (%s): checking, then deleting", uri, exc)
+        try:
+            _, current, _ = read_versioned(uri, storage_options)
+        except FileNotFoundError:
+            return
+        if current != if_version:
+            raise ConditionFailedError(f"{uri}: precondition failed (changed)") from None
+        fs.call_s3("delete_object", Bucket=bucket, Key=key)
+    finally:
+        fs.invalidate_cache(path)
+
+
+def is_file(uri: str, storage_options: StorageOptions = None) -> bool:
+    """True when ``uri`` names an existing file (object), fresh from the server."""
+    if not is_url(uri):
+        return local_path(uri).is_file()
+    fs, path = _fs(uri, storage_options)
+    fs.invalidate_cache(path)
+    try:
+        return bool(fs.isfile(path))
+    except FileNotFoundError:
+        return False
+
+
+def upload_file(local: os.PathLike, uri: str, storage_options: StorageOptions = None) -> None:
+    """Copy a local file to ``uri`` atomically (one PUT, or a multipart upload that becomes visible
+    only when complete); a local ``uri`` is written under a temporary name and renamed."""
+    if not is_url(uri):
+        dest = local_path(uri)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+        import shutil
+
+        shutil.copyfile(local, tmp)
+        os.replace(tmp, dest)
+        return
+    fs, path = _fs(uri, storage_options)
+    try:
+        fs.put_file(str(local), path)
+    except Exception as exc:
+        raise OSError(f"cannot write {uri}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        fs.invalidate_cache(path)
+
+
+def file_sha256(path: os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(8 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

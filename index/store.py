@@ -1,4 +1,5 @@
-"""The embedding store: shards of L2-normalised float16 embeddings + Parquet metadata + manifest.
+"""The embedding store: shards of L2-normalised float16 embeddings + Parquet metadata + manifest,
+in a local folder or under an fsspec URL (``s3://bucket/prefix``; see "Object stores" below).
 
 Layout (format 2; the clip-retrieval / autofaiss convention, each shard's files named
 ``<index>.<commit token>`` so that sorting the folders still pairs them)::
@@ -33,8 +34,19 @@ lock was broken (e.g. it was frozen for longer than the timeout) fails instead o
 :meth:`EmbeddingStore.writer` is the API (``with store.writer(job="embed"): ...``, reentrant on
 one store object); :meth:`~EmbeddingStore.commit_shard` and :meth:`~EmbeddingStore.create_or_check`
 take the lock for themselves when called outside it. The manifest is re-read whenever the lock is
-taken: a manifest read before is never trusted. The lock needs a local or POSIX shared file
-system with atomic exclusive create (local disks, NFSv3+); object-store stores are not supported.
+taken: a manifest read before is never trusted. A local store needs a local or POSIX shared file
+system with atomic exclusive create (local disks, NFSv3+).
+
+**Object stores.** ``EmbeddingStore("s3://bucket/store", storage_options={...})`` keeps the same
+layout and rules through fsspec (:mod:`index.storage`): shard files are written first (one PUT
+each, under never-reused token names), then the manifest in one PUT, the commit point; on S3 that
+PUT is conditional on the manifest being the very version read under the lock (``If-Match``;
+``If-None-Match: *`` when creating), so a writer that lost its lock cannot replace another's
+commit. Orphans are listed and deleted when a writer takes the lock, as locally. Shard files are
+read as bytes (no memory map). The writer lock is :class:`ObjectStoreLock`: on S3 it is made of
+conditional requests (create ``If-None-Match: *``, heartbeat and stale-lock takeover ``If-Match``,
+release ``DELETE If-Match``), as exclusive as the local one, with ages by the server's clock; on
+other fsspec file systems it is best effort (check-then-write, one writer per store).
 
 Format 1 stores (files named ``img_emb_00003.npy`` etc., no token, no lock) are read as they are;
 the first commit to one rewrites its manifest as format 2 (older code then refuses it clearly).
@@ -52,7 +64,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
@@ -111,7 +123,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def _atomic_write_bytes(path: Path, data: bytes, storage_options: Optional[Mapping[str, Any]] = None) -> None:
+    """Write ``data`` atomically: a local file under a temporary name, fsynced and renamed; a URL
+    (``storage_options`` given for it) in one PUT."""
+    if storage_options is not None:
+        from .storage import write_bytes
+
+        write_bytes(str(path), data, storage_options)
+        return
     tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
     try:
         with open(tmp, "wb") as f:
@@ -163,6 +182,7 @@ class StoreLock:
         if heartbeat_s <= 0 or stale_after_s <= heartbeat_s:
             raise ValueError("need 0 < heartbeat_s < stale_after_s")
         self.path = Path(path)
+        self._where: Any = self.path.parent  # the store, as messages name it
         self.job = job
         self.heartbeat_s = heartbeat_s
         self.stale_after_s = stale_after_s
@@ -232,11 +252,7 @@ class StoreLock:
                     continue  # released meanwhile
                 why = self._stale_reason(owner, age)
                 if why is None:
-                    raise StoreLockedError(
-                        f"{self.path.parent} is locked by another writer: {_describe_owner(owner, age)}. "
-                        f"Wait for it to finish; a dead writer's lock is broken automatically "
-                        f"(after {self.stale_after_s:.0f}s without heartbeat, or at once on its host)"
-                    ) from None
+                    raise self._locked_error(owner, age) from None
                 self._break(owner, why)
                 continue
             try:
@@ -245,11 +261,25 @@ class StoreLock:
             finally:
                 os.close(fd)
             _fsync_dir(self.path.parent)
-            self._thread = threading.Thread(target=self._beat, name=f"store-lock-heartbeat:{self.path}",
-                                            daemon=True)
-            self._thread.start()
+            self._start_heartbeat()
             return self
         raise StoreLockedError(f"could not take the writer lock {self.path}: it keeps changing hands")
+
+    def _start_heartbeat(self) -> None:
+        self._thread = threading.Thread(target=self._beat, name=f"store-lock-heartbeat:{self.path}", daemon=True)
+        self._thread.start()
+
+    def _locked_error(self, owner: Optional[Dict[str, Any]], age: Optional[float]) -> StoreLockedError:
+        return StoreLockedError(
+            f"{self._where} is locked by another writer: {_describe_owner(owner, age)}. "
+            f"Wait for it to finish; a dead writer's lock is broken automatically "
+            f"(after {self.stale_after_s:.0f}s without heartbeat, or at once on its host)")
+
+    def _lose(self, owner: Optional[Dict[str, Any]], age: Optional[float]) -> StoreLockedError:
+        self.lost = (f"lost the writer lock on {self._where}: it is now held by "
+                     f"{_describe_owner(owner, age) if owner else 'nobody (lock file removed)'}; "
+                     f"nothing more is committed by this job")
+        return StoreLockedError(self.lost)
 
     def verify(self) -> None:
         """Raise :class:`StoreLockedError` unless this lock still holds the lock file."""
@@ -260,10 +290,7 @@ class StoreLock:
         except FileNotFoundError:
             owner, age = {}, None
         if not owner or owner.get("token") != self.token:
-            self.lost = (f"lost the writer lock on {self.path.parent}: it is now held by "
-                         f"{_describe_owner(owner, age) if owner else 'nobody (lock file removed)'}; "
-                         f"nothing more is committed by this job")
-            raise StoreLockedError(self.lost)
+            raise self._lose(owner, age)
 
     def touch(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -295,27 +322,216 @@ class StoreLock:
             logger.warning("writer lock %s is no longer ours at release: left in place", self.path)
 
 
+class ObjectStoreLock(StoreLock):
+    """The writer lock of a store named by an fsspec URL: ``STORE/writer.lock`` is one object.
+
+    On S3 every step is one conditional request, so it is as exclusive as the local lock: the lock
+    is taken with ``PUT If-None-Match: *``; its heartbeat rewrites the owner record with
+    ``If-Match`` the ETag of its own last write (it can never replace another owner's lock); a
+    stale lock is replaced with ``If-Match`` the ETag of the record judged stale (two breakers:
+    one wins); it is released with ``DELETE If-Match``. Ages are measured by the server's clock
+    (``Date`` minus ``Last-Modified``), so client clocks do not matter. A request whose answer was
+    lost and that the client retried fails its own condition: the record is then read back and
+    kept when its token is this lock's. An endpoint that ignores ``If-None-Match`` is detected
+    when the lock is taken (a second create succeeds) and reported with a WARNING.
+
+    Elsewhere (fsspec file systems without conditional writes) each step is a check-then-write:
+    a second writer that starts while the first holds the lock is refused, but two writers
+    starting at the same moment are not excluded (a WARNING says so): one writer per store."""
+
+    def __init__(self, uri: str, job: str, heartbeat_s: float = 10.0, stale_after_s: float = 120.0,
+                 storage_options: Optional[Mapping[str, Any]] = None):
+        super().__init__(Path(LOCK_FILE), job, heartbeat_s, stale_after_s)
+        from . import storage
+
+        self.path = str(uri)  # type: ignore[assignment]
+        self._where = self.path.rsplit("/", 1)[0]
+        self.storage_options = storage_options
+        self.atomic = storage.conditional_writes(self.path)
+        self.owner["heartbeat_epoch"] = self.owner["since_epoch"]
+        self._version: Optional[str] = None  # of this lock's own last write
+        self._seen: Optional[str] = None  # of the record last read
+        self._io = threading.RLock()
+
+    def _record(self) -> bytes:
+        return json.dumps(self.owner, indent=1).encode()
+
+    def _read(self) -> Tuple[Optional[Dict[str, Any]], Optional[float]]:
+        from . import storage
+
+        data, self._seen, age = storage.read_versioned(self.path, self.storage_options)
+        try:
+            owner = json.loads(data)
+            if not isinstance(owner, dict):
+                owner = None
+        except ValueError:
+            owner = None
+        if age is None:  # no server clock: the owner's own heartbeat, else never stale by age
+            beat = (owner or {}).get("heartbeat_epoch")
+            age = max(0.0, time.time() - float(beat)) if isinstance(beat, (int, float)) else 0.0
+        return owner, age
+
+    def acquire(self) -> "ObjectStoreLock":
+        from . import storage
+
+        if not self.atomic:
+            logger.warning("%s: this file system has no conditional writes, so its writer lock is best effort "
+                           "(two writers starting at the same moment are not excluded): run one writer per store",
+                           self._where)
+        data = self._record()
+        so = self.storage_options
+        for _ in range(5):
+            try:
+                self._version = storage.write_conditional(self.path, data, so, if_version=storage.CREATE)
+            except storage.ConditionFailedError:
+                try:
+                    owner, age = self._read()
+                except FileNotFoundError:
+                    continue  # released meanwhile
+                seen = self._seen
+                if owner and owner.get("token") == self.token:  # our own create, answered late and retried
+                    self._version = seen
+                else:
+                    why = self._stale_reason(owner, age or 0.0)
+                    if why is None:
+                        raise self._locked_error(owner, age) from None
+                    try:  # replace exactly the record judged stale
+                        self._version = storage.write_conditional(self.path, data, so, if_version=seen)
+                    except storage.ConditionFailedError:
+                        continue  # taken over, refreshed or released meanwhile: look again
+                    logger.warning("breaking the stale writer lock %s held by %s: %s",
+                                   self.path, _describe_owner(owner, None), why)
+            if self.atomic:
+                self._check_enforced(data)
+            self._start_heartbeat()
+            return self
+        raise StoreLockedError(f"could not take the writer lock {self.path}: it keeps changing hands")
+
+    def _check_enforced(self, data: bytes) -> None:
+        """A second conditional create of the (identical) record must fail; if it succeeds the
+        endpoint ignores conditional writes and nothing is exclusive there."""
+        from . import storage
+
+        try:
+            self._version = storage.write_conditional(self.path, data, self.storage_options,
+                                                      if_version=storage.CREATE)
+        except storage.ConditionFailedError:
+            return
+        self.atomic = False
+        logger.warning("%s: this S3 endpoint ignores conditional writes (If-None-Match), so the writer lock "
+                       "cannot exclude a concurrent writer: run one writer per store", self._where)
+
+    def verify(self) -> None:
+        with self._io:
+            if self.lost:
+                raise StoreLockedError(self.lost)
+            try:
+                owner, age = self._read()
+            except FileNotFoundError:
+                owner, age = {}, None
+            if not owner or owner.get("token") != self.token:
+                raise self._lose(owner, age)
+            self._version = self._seen
+
+    def touch(self) -> None:
+        """The heartbeat: rewrite the owner record, only if it is still this lock's own last write."""
+        from . import storage
+
+        with self._io:
+            if self.lost:
+                raise StoreLockedError(self.lost)
+            self.owner["heartbeat_epoch"] = time.time()
+            try:
+                self._version = storage.write_conditional(self.path, self._record(), self.storage_options,
+                                                          if_version=self._version)
+            except storage.ConditionFailedError:
+                self.verify()  # ours after all (a retried write): keep it; else the lock is lost
+
+    def release(self) -> None:
+        from . import storage
+
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        with self._io:
+            try:
+                owner, _ = self._read()
+            except FileNotFoundError:
+                return
+            except OSError as exc:
+                logger.warning("cannot read the writer lock %s at release (%s): left in place", self.path, exc)
+                return
+            if owner and owner.get("token") == self.token:
+                try:
+                    storage.delete_conditional(self.path, self.storage_options, if_version=self._seen)
+                except storage.ConditionFailedError:
+                    logger.warning("writer lock %s changed at release: left in place", self.path)
+                except OSError as exc:
+                    logger.warning("cannot remove the writer lock %s (%s): it goes stale after %.0fs",
+                                   self.path, exc, self.stale_after_s)
+            elif not self.lost:
+                logger.warning("writer lock %s is no longer ours at release: left in place", self.path)
+
+
 # -- the store ---------------------------------------------------------------------------
 
 class EmbeddingStore:
-    """A local embedding store (see module docstring)."""
+    """An embedding store in a local folder or under an fsspec URL (see module docstring).
+
+    ``root`` is a :class:`~pathlib.Path` for a local store and the URL string (no trailing ``/``)
+    for an object-store one; ``storage_options`` are the fsspec options of a URL (endpoint,
+    credentials), unused for local stores."""
 
     #: writer-lock timings (seconds); instances or subclasses may override them
     lock_heartbeat_s: float = 10.0
     lock_stale_after_s: float = 120.0
 
-    def __init__(self, root: os.PathLike | str):
-        self.root = Path(root)
+    def __init__(self, root: os.PathLike | str, storage_options: Optional[Mapping[str, Any]] = None):
+        from .storage import is_url, local_path
+
+        self.is_url = is_url(str(root))
+        self.root: Any  # Path (local) or str (URL)
+        if self.is_url:
+            self.root = str(root).rstrip("/")
+        elif str(root).startswith("file://"):
+            self.root = local_path(str(root))
+        else:
+            self.root = Path(root)
+        self.storage_options = dict(storage_options or {})
         self._manifest: Optional[Dict[str, Any]] = None
+        self._manifest_version: Optional[str] = None  # object version of the manifest read (URL stores)
         self._lock: Optional[StoreLock] = None
+
+    def _uri(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def _read(self, uri: str) -> bytes:
+        from .storage import read_versioned
+
+        return read_versioned(uri, self.storage_options)[0]
 
     # -- manifest ------------------------------------------------------------------------
     @property
     def exists(self) -> bool:
+        if self.is_url:
+            from .storage import is_file
+
+            return is_file(self._uri(MANIFEST), self.storage_options)
         return (self.root / MANIFEST).is_file()
 
     def check_location(self) -> None:
         """Raise :class:`StoreError` when ``root`` cannot be a store (a file, or inside a file)."""
+        if self.is_url:
+            from .storage import is_file
+
+            try:
+                if is_file(self.root, self.storage_options):
+                    raise StoreError(f"store {self.root}: {self.root} is a file, not a directory")
+            except StoreError:
+                raise
+            except Exception as exc:  # unreachable endpoint, no such bucket, bad credentials
+                raise StoreError(f"store {self.root}: cannot reach it: {type(exc).__name__}: {exc}") from exc
+            return
         for p in (self.root, *self.root.parents):
             if p.exists():
                 if not p.is_dir():
@@ -324,11 +540,21 @@ class EmbeddingStore:
 
     def manifest(self) -> Dict[str, Any]:
         if self._manifest is None:
-            path = self.root / MANIFEST
-            if not path.is_file():
-                raise StoreError(f"{self.root} is not an embedding store (no {MANIFEST})")
+            if self.is_url:
+                from .storage import read_versioned
+
+                path = self._uri(MANIFEST)
+                try:
+                    text, self._manifest_version, _ = read_versioned(path, self.storage_options)
+                except FileNotFoundError:
+                    raise StoreError(f"{self.root} is not an embedding store (no {MANIFEST})") from None
+            else:
+                path = self.root / MANIFEST
+                if not path.is_file():
+                    raise StoreError(f"{self.root} is not an embedding store (no {MANIFEST})")
+                text = path.read_text()
             try:
-                m = json.loads(path.read_text())
+                m = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise StoreError(f"{path} is corrupt: {exc}") from exc
             if m.get("format_version") not in READABLE_FORMATS:
@@ -356,8 +582,9 @@ class EmbeddingStore:
         if self.exists:
             self.check_compatible(model, dim)
             return
-        for sub, _, _ in SHARD_DIRS:
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        if not self.is_url:  # object stores have no folders
+            for sub, _, _ in SHARD_DIRS:
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._write_manifest({"format_version": FORMAT_VERSION, "model": model, "dim": dim, "shards": [],
                               "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
@@ -365,11 +592,37 @@ class EmbeddingStore:
         assert self._lock is not None, "manifest written without the writer lock"
         self._lock.verify()
         self._lock.touch()
-        self.root.mkdir(parents=True, exist_ok=True)
         m = dict(m, format_version=FORMAT_VERSION, total=sum(s["count"] for s in m["shards"]),
                  skipped=sum(s["skipped"] for s in m["shards"]))
+        if self.is_url:
+            self._put_manifest(json.dumps(m, indent=2).encode())
+            self._manifest = m
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
         _atomic_write_bytes(self.root / MANIFEST, json.dumps(m, indent=2).encode())
         self._manifest = m
+
+    def _put_manifest(self, data: bytes) -> None:
+        """The commit on an object store: one PUT of the manifest, conditional on it being the very
+        version read under the lock (``If-Match``; ``If-None-Match: *`` for a new store), so a
+        writer that lost its lock can never replace a manifest another writer committed."""
+        from . import storage
+
+        uri = self._uri(MANIFEST)
+        expected = self._manifest_version if self._manifest is not None else None
+        try:
+            self._manifest_version = storage.write_conditional(
+                uri, data, self.storage_options, if_version=expected or storage.CREATE)
+        except storage.ConditionFailedError:
+            try:  # our own PUT, answered late and retried by the client?
+                current, version, _ = storage.read_versioned(uri, self.storage_options)
+            except FileNotFoundError:
+                current, version = None, None
+            if current != data:
+                self._manifest = None
+                raise StoreLockedError(f"{uri} was replaced by another writer while this job held the writer "
+                                       f"lock: nothing more is committed by this job") from None
+            self._manifest_version = version
 
     @property
     def shards(self) -> List[ShardRecord]:
@@ -398,10 +651,13 @@ class EmbeddingStore:
             yield self
             return
         self.check_location()
-        self.root.mkdir(parents=True, exist_ok=True)
-        lock = StoreLock(self.root / LOCK_FILE, job,
-                         heartbeat_s if heartbeat_s is not None else self.lock_heartbeat_s,
-                         stale_after_s if stale_after_s is not None else self.lock_stale_after_s).acquire()
+        hb = heartbeat_s if heartbeat_s is not None else self.lock_heartbeat_s
+        stale = stale_after_s if stale_after_s is not None else self.lock_stale_after_s
+        if self.is_url:
+            lock: StoreLock = ObjectStoreLock(self._uri(LOCK_FILE), job, hb, stale, self.storage_options).acquire()
+        else:
+            self.root.mkdir(parents=True, exist_ok=True)
+            lock = StoreLock(self.root / LOCK_FILE, job, hb, stale).acquire()
         self._lock = lock
         self._manifest = None  # never trust a manifest read before the lock
         try:
@@ -422,6 +678,19 @@ class EmbeddingStore:
         """Delete shard files no manifest entry references (crashed commits); under the lock only."""
         referenced = {s.name for s in self.shards}
         removed = 0
+        if self.is_url:
+            from .storage import list_files, remove_files
+
+            for sub, _, _ in SHARD_DIRS:
+                for uri in list_files(self._uri(sub), self.storage_options, refresh=True):
+                    mt = _SHARD_FILE.match(uri.rsplit("/", 1)[-1])
+                    if mt is None or (mt.group("name") is not None and mt.group("name") in referenced):
+                        continue
+                    with contextlib.suppress(FileNotFoundError):
+                        removed += remove_files([uri], self.storage_options)
+            if removed:
+                logger.info("removed %d orphan shard file(s) of interrupted commits from %s", removed, self.root)
+            return
         for sub, _, _ in SHARD_DIRS:
             d = self.root / sub
             if not d.is_dir():
@@ -478,9 +747,10 @@ class EmbeddingStore:
         norms = np.linalg.norm(emb, axis=1, keepdims=True)
         emb = (emb / np.maximum(norms, 1e-12)).astype(np.float16)
         rec = ShardRecord(index, len(ids), len(skipped), secrets.token_hex(4))
-        for sub, _, _ in SHARD_DIRS:
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
-        _atomic_write_bytes(self._path("img_emb", rec), _npy_bytes(emb))
+        if not self.is_url:
+            for sub, _, _ in SHARD_DIRS:
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self._write_file(self._path("img_emb", rec), _npy_bytes(emb))
         meta = pa.table({
             "id": pa.array([str(i) for i in ids], pa.string()),
             "uri": pa.array([str(u) for u in uris], pa.string()),
@@ -489,28 +759,58 @@ class EmbeddingStore:
             "shard": pa.array([index] * len(ids), pa.int32()),
             "row": pa.array(list(range(len(ids))), pa.int32()),
         })
-        _atomic_write_parquet(meta, self._path("metadata", rec))
+        self._write_table(meta, self._path("metadata", rec))
         sk = pa.table({
             "id": pa.array([str(s[0]) for s in skipped], pa.string()),
             "uri": pa.array([str(s[1]) for s in skipped], pa.string()),
             "reason": pa.array([str(s[2]) for s in skipped], pa.string()),
         })
-        _atomic_write_parquet(sk, self._path("skipped", rec))
+        self._write_table(sk, self._path("skipped", rec))
         self._write_manifest(dict(m, shards=m["shards"] + [rec.as_dict()]))  # the commit
         return rec
 
+    # shard files are written under names never used before, so a plain write (local: temporary
+    # name + rename; object store: one PUT) is enough; they become visible with the manifest
+    def _write_file(self, path, data: bytes) -> None:
+        if self.is_url:
+            _atomic_write_bytes(path, data, self.storage_options)
+        else:
+            _atomic_write_bytes(path, data)
+
+    def _write_table(self, table, path) -> None:
+        if self.is_url:
+            _atomic_write_parquet(table, path, self.storage_options)
+        else:
+            _atomic_write_parquet(table, path)
+
     # -- reading -------------------------------------------------------------------------
-    def _path(self, kind: str, shard: ShardRecord) -> Path:
+    def _path(self, kind: str, shard: ShardRecord) -> Any:
+        """A shard file: a Path (local store) or a URL string (object-store store)."""
         ext = ".npy" if kind == "img_emb" else ".parquet"
+        if self.is_url:
+            return self._uri(kind, f"{kind}_{shard.name}{ext}")
         return self.root / kind / f"{kind}_{shard.name}{ext}"
 
+    def _table(self, kind: str, shard: ShardRecord, columns: Optional[List[str]] = None):
+        import pyarrow.parquet as pq
+
+        if self.is_url:
+            import io
+
+            return pq.read_table(io.BytesIO(self._read(self._path(kind, shard))), columns=columns)
+        return pq.read_table(self._path(kind, shard), columns=columns)
+
     def shard_embeddings(self, shard: ShardRecord, mmap: bool = True) -> np.ndarray:
+        """(n, E) float16 embeddings of one shard: memory-mapped from a local store (unless
+        ``mmap=False``), read into memory from an object store."""
+        if self.is_url:
+            import io
+
+            return np.load(io.BytesIO(self._read(self._path("img_emb", shard))), allow_pickle=False)
         return np.load(self._path("img_emb", shard), mmap_mode="r" if mmap else None)
 
     def shard_metadata(self, shard: ShardRecord):
-        import pyarrow.parquet as pq
-
-        return pq.read_table(self._path("metadata", shard))
+        return self._table("metadata", shard)
 
     def iter_shards(self) -> Iterator[Tuple[ShardRecord, np.ndarray, Any]]:
         for s in self.shards:
@@ -530,20 +830,16 @@ class EmbeddingStore:
     def committed_ids(self) -> Set[str]:
         """Every id already handled: embedded or recorded as skipped (bad input). Inputs that
         failed transiently are never committed, so they are not here and a rerun retries them."""
-        import pyarrow.parquet as pq
-
         done: Set[str] = set()
         for s in self.shards:
-            done.update(pq.read_table(self._path("metadata", s), columns=["id"]).column(0).to_pylist())
-            done.update(pq.read_table(self._path("skipped", s), columns=["id"]).column(0).to_pylist())
+            done.update(self._table("metadata", s, ["id"]).column(0).to_pylist())
+            done.update(self._table("skipped", s, ["id"]).column(0).to_pylist())
         return done
 
     def skipped(self) -> Dict[str, str]:
-        import pyarrow.parquet as pq
-
         out: Dict[str, str] = {}
         for s in self.shards:
-            t = pq.read_table(self._path("skipped", s))
+            t = self._table("skipped", s)
             out.update(zip(t.column("id").to_pylist(), t.column("reason").to_pylist()))
         return out
 
@@ -556,11 +852,14 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
     return b.getvalue()
 
 
-def _atomic_write_parquet(table, path: Path) -> None:
+def _atomic_write_parquet(table, path: Path, storage_options: Optional[Mapping[str, Any]] = None) -> None:
     import io
 
     import pyarrow.parquet as pq
 
     b = io.BytesIO()
     pq.write_table(table, b)
-    _atomic_write_bytes(path, b.getvalue())
+    if storage_options is not None:
+        _atomic_write_bytes(path, b.getvalue(), storage_options)
+    else:
+        _atomic_write_bytes(path, b.getvalue())

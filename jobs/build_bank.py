@@ -112,7 +112,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.index:
         from index.catalog import open_retriever
 
-        retriever, uris, _ = open_retriever(args.index)
+        retriever, uris, _ = open_retriever(args.index, storage_options=storage)
         todo = [n for n in all_names if n not in archives]
         if todo:
             import numpy as np

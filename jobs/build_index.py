@@ -4,6 +4,8 @@ Every argument is checked before any work starts (missing / non-store / empty st
 factory string, a budget nothing fits, ``--target-recall`` outside (0, 1]) and reported as one
 line with exit code 2. Search parameters are tuned on one sample of corpus queries and recall is
 reported on another, disjoint one; a missed target is an error unless ``--allow-low-recall``.
+``--store`` and ``--index`` may be fsspec URLs (``s3://...``, reached with ``--storage-options``):
+the index is built locally and uploaded, ``index.json`` last.
 """
 from __future__ import annotations
 
@@ -27,20 +29,23 @@ def _check_args(args) -> None:
         raise ConfigError(f"--num-queries must be >= 1, got {args.num_queries}")
     if args.train_size is not None and args.train_size < 1:
         raise ConfigError(f"--train-size must be >= 1, got {args.train_size}")
-    store = Path(args.store)
-    if not store.exists():
-        raise FileNotFoundError(f"--store {store}: no such directory (run `reco embed` to create a store)")
-    if not store.is_dir():
-        raise ConfigError(f"--store {store} is a file, not an embedding store directory")
-    if args.index and Path(args.index).exists() and not Path(args.index).is_dir():
+    from index.storage import is_url
+
+    if not is_url(args.store):  # a URL store is checked through its manifest in main
+        store = Path(args.store)
+        if not store.exists():
+            raise FileNotFoundError(f"--store {store}: no such directory (run `reco embed` to create a store)")
+        if not store.is_dir():
+            raise ConfigError(f"--store {store} is a file, not an embedding store directory")
+    if args.index and not is_url(args.index) and Path(args.index).exists() and not Path(args.index).is_dir():
         raise ConfigError(f"--index {args.index} is a file, not a directory")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="reco build-index", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--store", required=True)
-    p.add_argument("--index", help="output directory (default: STORE/index)")
+    p.add_argument("--store", required=True, help="embedding store directory or fsspec URL (s3://...)")
+    p.add_argument("--index", help="output directory or fsspec URL (default: STORE/index)")
     p.add_argument("--factory", help="FAISS factory string (default: chosen from corpus size and memory budget)")
     p.add_argument("--memory-budget-gb", type=float, default=8.0, help="memory the index may take (default 8)")
     p.add_argument("--target-recall", type=float, default=0.95, help="recall@10 the search parameters are tuned to")
@@ -49,15 +54,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--num-queries", type=int, default=1000,
                    help="evaluation queries; as many other corpus rows are used to tune the search parameters")
     p.add_argument("--train-size", type=int, help="training sample (default max(100k, 50 nlist) rows)")
+    p.add_argument("--storage-options", default="{}",
+                   help='JSON fsspec options for s3:// stores and indexes, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'')
     args = p.parse_args(argv)
+    from .embed import parse_storage_options
+
+    storage = parse_storage_options(args.storage_options)
     _check_args(args)
 
     from index.catalog import build_index_dir
     from index.faiss_index import choose_factory, validate_factory
     from index.store import EmbeddingStore, StoreError
 
-    store = EmbeddingStore(args.store)
-    if not store.exists:
+    store = EmbeddingStore(args.store, storage_options=storage)
+    try:
+        present = store.exists
+    except OSError as exc:  # an object store that cannot be reached
+        raise ConfigError(f"--store {args.store}: {exc}") from None
+    if not present:
         raise ConfigError(f"--store {args.store} is not an embedding store (no manifest.json): run `reco embed` first")
     try:
         n, dim = len(store), store.dim
@@ -74,9 +88,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         except ValueError as exc:
             raise ConfigError(f"--memory-budget-gb {args.memory_budget_gb}: {exc}") from None
 
-    out = args.index or str(Path(args.store) / "index")
+    from index.storage import join
+
+    out = args.index or join(args.store, "index")
     rep = build_index_dir(store, out, args.factory, budget, args.target_recall, allow_low_recall=args.allow_low_recall,
-                          num_queries=args.num_queries, train_size=args.train_size)
+                          num_queries=args.num_queries, train_size=args.train_size, storage_options=storage)
     logger.info(
         "index %s over %d vectors: recall@1 %.3f, recall@%d %.3f on %d evaluation queries (vs exact; search params "
         "%s tuned on %d other queries; target %.2f %s); batched search %.3f ms/query (%.0f queries/s); single-query "
@@ -92,5 +108,5 @@ def main(argv: Optional[List[str]] = None) -> int:
         stages={"build (train, add, tune, evaluate)": (rep.build_seconds, rep.n)},
         memory={"driver (index build)": peak_memory()},
         extra={"factory": rep.factory, "recall_at_1": rep.recall_at_1, f"recall_at_{rep.k}": rep.recall_at_10,
-               "target_met": rep.target_met, "index_bytes": rep.index_bytes}), out)
+               "target_met": rep.target_met, "index_bytes": rep.index_bytes}), out, storage)
     return 0

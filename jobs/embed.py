@@ -53,7 +53,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="reco embed", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", help="image folder, fsspec URL (s3://bucket/prefix) or Parquet file/folder")
-    p.add_argument("--store", required=True, help="embedding store directory (created or resumed)")
+    p.add_argument("--store", required=True,
+                   help="embedding store directory or fsspec URL such as s3://bucket/store (created or resumed)")
     p.add_argument("--kind", default="auto", choices=("auto", "folder", "parquet"))
     p.add_argument("--clip-model", required=True, help="open_clip model name or local-dir:PATH")
     p.add_argument("--clip-weights", help="local checkpoint file or open_clip pretrained tag")
@@ -83,7 +84,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     retry = RetryPolicy.from_env()
     encoders = EncoderSpec(clip_model=args.clip_model, clip_weights=args.clip_weights, clip_precision=args.precision)
     _, dim = clip_dims(encoders)
-    store = EmbeddingStore(args.store)
+    store = EmbeddingStore(args.store, storage_options=storage)
     store.check_location()
     store.check_compatible(model_identity(encoders), dim)
     with store.writer(job="embed"):  # a second job on this store is refused here, before listing and Ray
@@ -94,8 +95,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         runtime.init_ray(cluster.ray)
         report = run_embed(items, store, encoders, cluster.embed, args.shard_size, storage, args.decode_cpus,
                            device_decode=args.device_decode, retry=retry)
-        out = Path(args.store)
-        (out / "embed_report.json").write_text(json.dumps(report.as_dict(), indent=2))
+        out = store.root  # a Path, or the store's URL
+        _write_text(out, "embed_report.json", json.dumps(report.as_dict(), indent=2), storage)
         n = report.embedded + len(report.skipped)
         write_job_report(job_report(
             "embed", config=vars(args), seen=report.listed, processed=report.embedded,
@@ -104,16 +105,31 @@ def main(argv: Optional[List[str]] = None) -> int:
                     "image tower (per-image sum)": (report.model_seconds_per_image * report.embedded,
                                                     report.embedded),
                     "job": (report.seconds, n)},
-            extra={"shards_committed": report.shards_committed}), str(out))
-        (out / "embed_config.yaml").write_text(yaml.safe_dump(redact(
-            {"args": vars(args), "encoders": to_dict(encoders), "cluster": to_dict(cluster)}), sort_keys=False))
+            extra={"shards_committed": report.shards_committed}), str(out), storage)
+        _write_text(out, "embed_config.yaml", yaml.safe_dump(redact(
+            {"args": vars(args), "encoders": to_dict(encoders), "cluster": to_dict(cluster)}), sort_keys=False),
+            storage)
     logger.info("embedded %d, skipped %d (reasons in %s), failed transiently %d, %d already in the store; "
                 "%d shards committed; %.1f img/s; store now holds %d", report.embedded, len(report.skipped),
-                out / "skipped", len(report.failed_transient), report.already_done,
+                _join(out, "skipped"), len(report.failed_transient), report.already_done,
                 len(report.shards_committed), report.images_per_second, len(store))
     if report.failed_transient:
         logger.warning("%d input(s) failed transiently and were NOT committed (see failed_transient in %s): "
                        "rerun the same command to retry them", len(report.failed_transient),
-                       out / "embed_report.json")
+                       _join(out, "embed_report.json"))
         return EXIT_RERUN
     return 0
+
+
+def _join(root, name: str):
+    return root / name if isinstance(root, Path) else f"{root}/{name}"
+
+
+def _write_text(root, name: str, text: str, storage: dict) -> None:
+    """A side file of the store (report, config): written in place locally, one PUT on an object store."""
+    if isinstance(root, Path):
+        (root / name).write_text(text)
+        return
+    from index.storage import write_bytes
+
+    write_bytes(_join(root, name), text.encode(), storage)

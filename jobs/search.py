@@ -44,19 +44,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="reco search", description=__doc__)
     p.add_argument("query")
     p.add_argument("-k", type=int, default=20)
-    p.add_argument("--index", required=True, help="index directory from `reco build-index`")
+    p.add_argument("--index", required=True, help="index directory or fsspec URL from `reco build-index`")
     p.add_argument("--exact", action="store_true", help="exact search over the store instead of FAISS")
     p.add_argument("--raw", action="store_true", help="embed the query text as is (default: 85-template ensemble)")
     p.add_argument("--clip-model", help="override the CLIP recorded in the store")
     p.add_argument("--clip-weights")
     p.add_argument("--contact-sheet", help="write a PNG grid of the hits here")
+    p.add_argument("--storage-options", default="{}",
+                   help="JSON fsspec options for an s3:// index, its store (--exact) and the images (--contact-sheet)")
     args = p.parse_args(argv)
+    from .embed import parse_storage_options
+
+    storage = parse_storage_options(args.storage_options)
 
     from index.catalog import open_retriever
     from reco.encoders import create_clip
     from reco.text import text_embeddings
 
-    retriever, uris, meta = open_retriever(args.index, exact=args.exact)
+    retriever, uris, meta = open_retriever(args.index, exact=args.exact, storage_options=storage)
     model = meta.get("model", {})
     clip = create_clip(args.clip_model or model.get("clip_model"), args.clip_weights or model.get("clip_weights"))
     if args.raw:
@@ -69,6 +74,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     for rank, (i, s) in enumerate(zip(hit.ids, hit.scores), 1):
         out.write(f"{rank:>3}  {float(s):.4f}  {i}  {uris[i]}\n")
     if args.contact_sheet:
-        path = contact_sheet([(uris[i], float(s)) for i, s in zip(hit.ids, hit.scores)], Path(args.contact_sheet))
+        path = contact_sheet([(uris[i], float(s)) for i, s in zip(hit.ids, hit.scores)], Path(args.contact_sheet),
+                             storage_options=storage)
         logger.info("contact sheet: %s", path)
     return 0

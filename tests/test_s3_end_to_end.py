@@ -1,8 +1,9 @@
 """S3 end to end (#9 item 5): the jobs against the moto server on 127.0.0.1, faults injected once.
 
-The corpus lives in S3; ``reco embed`` reads it into a local store (the store and the FAISS index
-are local paths only: the store's writer lock needs a POSIX file system), ``reco build-bank``
-writes its parts and the bank to S3, ``reco pseudo-label`` reads the corpus and the bank from S3
+The corpus lives in S3; ``reco embed`` reads it into an embedding store in S3 (resumed after more
+images are added, a crashed commit's orphan cleaned), ``reco build-index`` builds the FAISS index
+from that store into S3, and the index is read back from S3 (FAISS agrees with exact search over
+the S3 store; ``reco search`` queries it); ``reco build-bank`` writes its parts and the bank to S3, ``reco pseudo-label`` reads the corpus and the bank from S3
 and writes labels, overlays and its manifest there, ``reco train`` reads those pseudo-labels and
 writes its checkpoints, model and report there; everything is read back. Every S3 request goes
 through :class:`FaultProxy`, a small HTTP proxy in front of moto that answers chosen requests
@@ -18,6 +19,7 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import posixpath
 import secrets
 import threading
 import time
@@ -25,6 +27,7 @@ import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import List, Tuple
 
+import numpy as np
 import pytest
 
 from conftest import TINY_VIT, make_image
@@ -200,43 +203,100 @@ def _png(img) -> bytes:
 
 
 def test_corpus_bank_labels_and_training_through_s3_with_faults_retried(ray_local, s3, tiny_clip_dir, tiny_dense_path,
-                                                                      tmp_path):
+                                                                      tmp_path, monkeypatch, capsys):
     from cluster.bank_job import PARTS_DIR, committed
     from cluster.pseudo_label import committed_rows
     from index.labels import decode_labels
     from index.sources import list_folder
-    from index.storage import join, list_files, load_bank, read_bytes
+    from index.storage import join, list_files, load_bank, read_bytes, write_bytes
     from index.store import EmbeddingStore
 
     opts, proxy, direct = s3
     run = secrets.token_hex(4)  # a prefix of this run's own (the moto server lives for the session)
     root = f"s3://{BUCKET}/{run}"
-    for i in range(10):
-        direct.pipe(f"{BUCKET}/{run}/corpus/{'ab'[i % 2]}/{i // 2:04d}.png", _png(make_image(300 + i, (48, 40))))
+    monkeypatch.setenv("RECO_CACHE_DIR", str(tmp_path / "cache"))  # where the index is fetched to
+
+    def add_images(rng):
+        for i in rng:
+            direct.pipe(f"{BUCKET}/{run}/corpus/{'ab'[i % 2]}/{i // 2:04d}.png", _png(make_image(300 + i, (48, 40))))
+
+    add_images(range(6))
     direct.pipe(f"{BUCKET}/{run}/corpus/bad/broken.png", b"\x89PNG broken")
     corpus = f"{root}/corpus"
-    listed = [it.id for it in list_folder(corpus, opts)]
-    assert len(listed) == 11
+    first = [it.id for it in list_folder(corpus, opts)]
+    assert len(first) == 7
     so = json.dumps(opts)
 
-    # 1. corpus in S3 -> local store; one image read is throttled once
+    # 1. corpus in S3 -> store in S3; one image read is throttled once
     mark = proxy.fail_once("GET", f"{run}/corpus/a/0001.png", "throttle")
-    store_dir = tmp_path / "store"
-    assert main(["embed", corpus, "--store", str(store_dir), "--clip-model", f"local-dir:{tiny_clip_dir}",
-                 "--shard-size", "4", "--storage-options", so]) == 0
-    store = EmbeddingStore(store_dir)
+    store_uri = f"{root}/store"
+    embed_args = ["embed", corpus, "--store", store_uri, "--clip-model", f"local-dir:{tiny_clip_dir}",
+                  "--shard-size", "4", "--storage-options", so]
+    assert main(embed_args) == 0
+    store = EmbeddingStore(store_uri, storage_options=opts)
+    assert store.committed_ids() == set(first)
+    outcomes = proxy.seen("GET", f"{run}/corpus/a/0001.png", since=mark)
+    assert outcomes[0] == "throttle" and outcomes[-1] in (200, 206), outcomes
+    report = json.loads(read_bytes(join(store_uri, "embed_report.json"), opts))
+    assert report["failed_transient_count"] == 0 and report["embedded"] == 6 and report["skipped_count"] == 1
+    assert not list_files(store_uri, opts, suffix=".lock", refresh=True)  # the writer lock was released
+    assert proxy.seen("PUT", f"{run}/store/writer.lock") and proxy.seen("PUT", f"{run}/store/manifest.json")
+    # a commit that crashed before its manifest PUT left an orphan; more images arrive; the
+    # resumed embed embeds only the new ones, removes the orphan, and every id is there once
+    orphan = join(store_uri, "img_emb", "img_emb_00009.0badc0de.npy")
+    write_bytes(orphan, b"left by a crashed commit", opts)
+    add_images(range(6, 10))
+    listed = [it.id for it in list_folder(corpus, opts)]
+    assert len(listed) == 11
+    assert main(embed_args) == 0
+    report = json.loads(read_bytes(join(store_uri, "embed_report.json"), opts))
+    assert report["embedded"] == 4 and report["already_done"] == 7 and report["failed_transient_count"] == 0
+    assert orphan not in list_files(join(store_uri, "img_emb"), opts, refresh=True)
+    store = EmbeddingStore(store_uri, storage_options=opts)
     assert store.committed_ids() == set(listed)
     _, ids, uris = store.load_all()
     assert "a/0001.png" in ids and "a/0001.png" not in store.skipped()  # retried, not skipped
     assert sorted(ids) == sorted(set(listed) - {"bad/broken.png"}) and all(u.startswith(corpus) for u in uris)
-    outcomes = proxy.seen("GET", f"{run}/corpus/a/0001.png", since=mark)
-    assert outcomes[0] == "throttle" and outcomes[-1] in (200, 206), outcomes
-    report = json.loads((store_dir / "embed_report.json").read_text())
-    assert report["failed_transient_count"] == 0 and report["embedded"] == 10 and report["skipped_count"] == 1
+    assert len(ids) == len(set(ids))
     # rerun: nothing new
-    assert main(["embed", corpus, "--store", str(store_dir), "--clip-model", f"local-dir:{tiny_clip_dir}",
-                 "--shard-size", "4", "--storage-options", so]) == 0
-    assert len(store.committed_ids()) == len(listed) and len(EmbeddingStore(store_dir).shards) == len(store.shards)
+    assert main(embed_args) == 0
+    assert EmbeddingStore(store_uri, storage_options=opts).shards == store.shards
+
+    # 1b. FAISS index from the S3 store into S3, read back from S3: FAISS agrees with exact search
+    #     over the S3 store; `reco search` queries it
+    from index.catalog import open_retriever
+
+    index_uri = f"{root}/index"
+    assert main(["build-index", "--store", store_uri, "--index", index_uri, "--num-queries", "5",
+                 "--storage-options", so]) == 0
+    assert sorted(posixpath.basename(u) for u in list_files(index_uri, opts, refresh=True)) == [
+        "index.faiss", "index.json", "job_report.json", "job_report.txt", "rows.parquet"]
+    faiss_r, id_uri, meta = open_retriever(index_uri, storage_options=opts)
+    exact_r, _, _ = open_retriever(index_uri, exact=True, storage_options=opts)
+    assert meta["store"] == store_uri and meta["store_total"] == 10 and len(faiss_r) == 10
+    emb, ids, _ = store.load_all()
+    for fh, eh in zip(faiss_r.search(emb, 5), exact_r.search(emb, 5)):
+        assert fh.ids == eh.ids and np.allclose(fh.scores, eh.scores, atol=1e-4)
+    assert all(id_uri[i].startswith(corpus) for i in ids)
+    capsys.readouterr()
+    assert main(["search", "a photo of a cat", "-k", "3", "--index", index_uri, "--storage-options", so]) == 0
+    hits = [line for line in capsys.readouterr().out.splitlines() if line and not line.startswith("#")]
+    assert len(hits) == 3 and all(corpus in h for h in hits)
+
+    # 1c. a bank whose archives are retrieved from the S3 index (CLIP text -> image top-k), read
+    #     from the S3 corpus by the bank actors
+    (tmp_path / "retrieve.txt").write_text("cat\ndog\n")
+    (tmp_path / "bank_small.yaml").write_text("bank:\n  image_size: 64\n")
+    assert main(["build-bank", "--vocab", str(tmp_path / "retrieve.txt"), "--index", index_uri, "--k", "3",
+                 "--clip-model", f"local-dir:{tiny_clip_dir}", "--out", f"{root}/bank_retrieved",
+                 "--config", str(tmp_path / "bank_small.yaml"), "--dense-encoder", "dino_vits16",
+                 "--dense-weights", str(tiny_dense_path), "--dense-kwargs", json.dumps(TINY_VIT),
+                 "--storage-options", so]) == 0
+    rows, _, _ = committed(f"{root}/bank_retrieved", opts)
+    assert {r["name"] for r in rows.values()} == {"cat", "dog"}
+    for r in rows.values():
+        assert r["status"] == "ok" and r["source"] == "retrieval" and len(r["archive"]) == 3, r
+        assert all(u.startswith(corpus) for u in r["archive"])
 
     # 2. bank written to S3 (exemplars on local disk); the first part's PUT is throttled once
     ex = tmp_path / "exemplars"
@@ -320,9 +380,10 @@ def test_corpus_bank_labels_and_training_through_s3_with_faults_retried(ray_loca
 
     # credentials were given once, in --storage-options: nothing written holds the secret
     secret = opts["secret"]
-    for f in store_dir.rglob("*"):
-        if f.is_file() and f.suffix in (".json", ".yaml", ".txt"):
-            assert secret not in f.read_text(errors="replace"), f
+    for uri in [*list_files(store_uri, opts, refresh=True), *list_files(index_uri, opts, refresh=True)]:
+        if uri.endswith((".json", ".yaml", ".txt", ".lock")):
+            assert secret not in read_bytes(uri, opts).decode(errors="replace"), uri
+    assert any(u.endswith("embed_config.yaml") for u in list_files(store_uri, opts))
     for name in ("build.json", "bank.json"):
         assert secret not in read_bytes(join(bank_uri, name), opts).decode()
     for name in ("pseudo_label.json", "report.json", "index.html"):
