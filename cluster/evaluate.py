@@ -4,7 +4,8 @@ supervised-prototype ceiling and the in-domain exemplar protocol; in this proces
 Every image, whichever path runs it, goes through one :class:`Evaluator` (protocol -> segmenter
 -> label map -> confusion matrix), so the in-process and the Ray Data paths produce the same
 confusion matrices (``tests/test_evaluate.py`` checks it). Masks are read with the dataset's own
-label map (:func:`index.datasets.read_mask`), never as raw ids.
+label map (:func:`index.datasets.read_mask`), never as raw ids. A trained ReCo+ model goes through
+the same :class:`Evaluator` behind :class:`ModelSegmenter`, so ReCo and ReCo+ are scored alike.
 
 Protocols (:class:`Protocol`):
 
@@ -209,6 +210,27 @@ class Evaluator:
         return ImageResult(confusion(pred, truth, self.spec), pred, truth, img, seconds, out.mode)
 
 
+class ModelSegmenter:
+    """A trained ReCo+ model (:class:`reco.segmodel.SegModel`) behind the segmenter interface the
+    :class:`Evaluator` calls: ``class_names`` (the model's classes: the bank's concept names it
+    was trained on) and ``__call__([image], ids) -> [SegmentationOutput]`` with labels at the
+    image's own size (the model resizes to its ``base_size`` and upsamples its logits back)."""
+
+    def __init__(self, model, source: str = ""):
+        self.model = model
+        self.class_names = tuple(model.class_names)
+        self.mode = f"ReCo+ model {source}".strip()
+
+    def __call__(self, images, ids=None):
+        from reco.segmenter import SegmentationOutput
+
+        out = []
+        for img in images:
+            logits = self.model.logits(img)
+            out.append(SegmentationOutput(logits.argmax(0).long(), logits, self.class_names, self.mode))
+        return out
+
+
 def confusion(pred: np.ndarray, truth: np.ndarray, spec: DatasetSpec) -> np.ndarray:
     cm = ConfusionMatrix(spec.num_classes, spec.ignore_index)
     cm.update(torch.from_numpy(np.asarray(pred)), torch.from_numpy(np.asarray(truth)))
@@ -294,17 +316,30 @@ def run_in_process(items: Sequence[EvalItem], evaluator: Evaluator, overlays: in
 class EvaluateUDF:
     """``map_batches`` callable class: rows {id, uri, mask_uri, overlay} -> rows with status,
     error, seconds, mode, overlay path and the flat (N*N) confusion matrix. Builds the same
-    :class:`Evaluator` as the in-process path from the bank bytes and the encoder spec."""
+    :class:`Evaluator` as the in-process path from the bank bytes and the encoder spec, or, with
+    ``model_bytes`` ((model.safetensors, model.json) bytes), from a trained ReCo+ model."""
 
-    def __init__(self, bank_bytes: bytes, encoders, config, spec: DatasetSpec, label_map: Sequence[int],
+    def __init__(self, bank_bytes: Optional[bytes], encoders, config, spec: DatasetSpec, label_map: Sequence[int],
                  protocol: Protocol, out_uri: Optional[str] = None, threads: Optional[int] = None,
-                 storage_options: Optional[Mapping[str, Any]] = None):
-        from reco.bank import ConceptBank
-        from reco.segmenter import Segmenter
+                 storage_options: Optional[Mapping[str, Any]] = None,
+                 model_bytes: Optional[Tuple[bytes, Optional[bytes]]] = None, model_source: str = ""):
+        if model_bytes is not None:
+            from reco.segmodel import SegModel
 
-        dense, clip, self.device = encoders.load(threads)
-        bank = ConceptBank.from_bytes(bank_bytes, "bank sent by the driver")
-        self.evaluator = Evaluator(Segmenter(bank, dense, clip, config), spec, label_map, protocol)
+            if threads:
+                torch.set_num_threads(int(threads))
+            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            model = SegModel.from_bytes(model_bytes[0], model_bytes[1], model_source or "model sent by the driver",
+                                        self.device)
+            segmenter: Any = ModelSegmenter(model, model_source)
+        else:
+            from reco.bank import ConceptBank
+            from reco.segmenter import Segmenter
+
+            dense, clip, self.device = encoders.load(threads)
+            bank = ConceptBank.from_bytes(bank_bytes, "bank sent by the driver")
+            segmenter = Segmenter(bank, dense, clip, config)
+        self.evaluator = Evaluator(segmenter, spec, label_map, protocol)
         self.out = out_uri
         self.storage_options = dict(storage_options or {})
 
@@ -326,10 +361,13 @@ class EvaluateUDF:
         return out
 
 
-def run_on_ray(items: Sequence[EvalItem], bank_bytes: bytes, encoders, config, spec: DatasetSpec,
+def run_on_ray(items: Sequence[EvalItem], bank_bytes: Optional[bytes], encoders, config, spec: DatasetSpec,
                label_map: Sequence[int], protocol: Protocol, actors, overlays: int = 0,
-               out_uri: Optional[str] = None, storage_options=None) -> List[Dict[str, Any]]:
-    """The Ray Data path (Ray must be running): an actor pool of :class:`EvaluateUDF`."""
+               out_uri: Optional[str] = None, storage_options=None,
+               model_bytes: Optional[Tuple[bytes, Optional[bytes]]] = None,
+               model_source: str = "") -> List[Dict[str, Any]]:
+    """The Ray Data path (Ray must be running): an actor pool of :class:`EvaluateUDF` (a bank and
+    its encoders, or a trained ReCo+ model given as ``model_bytes``)."""
     import ray.data
 
     rows = [{"id": it.id, "uri": it.image_uri, "mask_uri": it.mask_uri, "overlay": i < overlays}
@@ -341,7 +379,8 @@ def run_on_ray(items: Sequence[EvalItem], bank_bytes: bytes, encoders, config, s
         EvaluateUDF,
         fn_constructor_kwargs=dict(bank_bytes=bank_bytes, encoders=encoders, config=config, spec=spec,
                                    label_map=list(label_map), protocol=protocol, out_uri=out_uri,
-                                   threads=actors.torch_threads, storage_options=dict(storage_options or {})),
+                                   threads=actors.torch_threads, storage_options=dict(storage_options or {}),
+                                   model_bytes=model_bytes, model_source=model_source),
         batch_size=actors.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors.num_actors),
         num_cpus=actors.cpus_per_actor, num_gpus=actors.gpus_per_actor or None,

