@@ -131,7 +131,7 @@ def list_folder(root: str, storage_options: Optional[Mapping[str, Any]] = None,
         files = [f for f in fs.find(base) if f.lower().endswith(exts)]
         base = base.rstrip("/")
         return sorted((Item(posixpath.relpath(f, base), f"{proto}://{f}") for f in files), key=lambda i: i.id)
-    p = Path(root.removeprefix("file://")).expanduser()
+    p = Path(root.removeprefix("file://")).expanduser().absolute()  # uris valid in any worker's directory
     if not p.is_dir():
         raise FileNotFoundError(f"image folder {p} does not exist")
     # broken symlinks are listed too (fetching them says why they are skipped)

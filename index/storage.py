@@ -37,6 +37,12 @@ def local_path(uri: str) -> Path:
     return Path(str(uri).removeprefix("file://")).expanduser()
 
 
+def absolute(uri: str) -> str:
+    """A URI every worker can use: URLs unchanged, local paths made absolute (a relative path
+    means something else in a Ray worker, whose working directory is not the driver's)."""
+    return str(uri) if is_url(uri) else os.path.abspath(local_path(uri))
+
+
 def join(uri: str, *parts: str) -> str:
     """Join path components onto a URI (``/`` separators for URLs)."""
     if is_url(uri):

@@ -97,7 +97,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     storage = parse_json_object(args.storage_options, "--storage-options")
     cluster = resolve_cluster_config(args.ray_config)
     cfg = train_config(args)
-    plan = plan_training(args.labels, args.storage, args.name, cfg, storage)  # clear errors before Ray starts
+    from index.storage import absolute
+
+    # clear errors before Ray starts; Ray Train workers run in directories of their own: absolute paths
+    plan = plan_training(absolute(args.labels), absolute(args.storage), args.name, cfg, storage)
     init_ray(cluster.ray)
     res = execute_training(plan)
     rep = res.report

@@ -395,3 +395,25 @@ def test_worker_killed_mid_run_recovers_on_s3_and_export_matches(resumed_run, to
         assert np.array_equal(got, want) and names == CLASSES
     assert json.loads(fs.cat("reco-train/runs/toy/train_report.json"))["attempts"][1]["start_step"] == 8
     assert fs.cat("reco-train/runs/toy/train_curve.png")[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_cli_train_with_relative_paths_and_its_job_report(ray_local, tmp_path, monkeypatch):
+    """`reco train` given paths relative to the caller's directory: Ray Train workers run in
+    directories of their own, so the job hands them absolute paths (it once failed there)."""
+    import json
+
+    import yaml
+
+    from jobs.cli import main
+
+    write_pseudo_labels(tmp_path, n=6)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump({"train": {**TOY, "num_workers": 1, "iterations": 4,
+                                                               "checkpoint_every": 2}}))
+    assert main(["train", "labels_out", "--name", "rel", "--storage", "runs", "--config", "t.yaml"]) == 0
+    rep = json.loads((tmp_path / "runs" / "rel" / "train_report.json").read_text())
+    assert rep["steps"] == 4 and rep["labels"] == str(tmp_path / "labels_out")
+    job = json.loads((tmp_path / "runs" / "rel" / "job_report.json").read_text())
+    assert job["job"] == "train" and job["inputs"] == {"seen": 4, "processed": 4, "already_done": 0, "skipped": 0,
+                                                       "failed_transient": 0}
