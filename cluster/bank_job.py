@@ -95,14 +95,24 @@ class BankJobReport:
 
 
 class BankJobWorker(BankWorker):
-    """The bank job's actor: a :class:`cluster.bank.BankWorker` whose builds are held
-    ``RECO_BANK_DELAY_S`` seconds when that is set (fault tests kill nodes mid-build)."""
+    """The bank job's actor: a :class:`cluster.bank.BankWorker` whose work on a concept (build,
+    or prepare in a peeling chain) is held ``RECO_BANK_DELAY_S`` seconds when that is set (fault
+    tests kill nodes mid-build)."""
 
-    def build(self, *args, **kwargs):
-        out = super().build(*args, **kwargs)
+    @staticmethod
+    def _hold() -> None:
         delay = float(os.environ.get(DELAY_ENV, "0") or 0)
         if delay:
             time.sleep(delay)
+
+    def build(self, *args, **kwargs):
+        out = super().build(*args, **kwargs)
+        self._hold()
+        return out
+
+    def prepare(self, *args, **kwargs):
+        out = super().prepare(*args, **kwargs)
+        self._hold()
         return out
 
 

@@ -363,12 +363,17 @@ def job_report(
     memory: Optional[Mapping[str, Any]] = None,
     retries: Optional[Mapping[str, int]] = None,
     extra: Optional[Mapping[str, Any]] = None,
+    seconds: Optional[float] = None,
 ) -> JobReport:
     """A :class:`JobReport` from what a job already counted: ``skipped`` / ``failed_transient``
     map input ids to reasons; ``stages`` maps a stage name to seconds or (seconds, items);
     ``memory`` maps an actor name to peak bytes (int, RSS) or a :func:`peak_memory` dict;
-    ``retries`` maps reasons to counts. Ray actor restarts of the running job are added."""
+    ``retries`` maps reasons to counts; ``seconds``: how long the job has run (its wall time and
+    start are set from it). Ray actor restarts of the running job are added."""
     r = JobReport(job, config=config, unit=unit)
+    if seconds is not None:
+        r.started -= float(seconds)
+        r._clock0 -= float(seconds)
     r.seen(seen)
     r.processed(processed)
     r.already_done(already_done)

@@ -141,6 +141,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     write_job_report(job_report(
         "build-bank", unit="concepts", config=vars(args), seen=rep.concepts, processed=rep.built,
+        seconds=rep.seconds,
         already_done=rep.already_done, skipped=rep.failed, failed_transient=rep.failed_transient,
         stages={"job": (rep.seconds, rep.built + len(rep.failed)),
                 "concept builds (sum over concepts)": (rep.concept_seconds, rep.built + len(rep.failed))},

@@ -104,7 +104,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from cluster.report import job_report, peak_memory, write_job_report
 
     write_job_report(job_report(
-        "build-index", unit="vectors", config=vars(args), seen=n, processed=rep.n,
+        "build-index", unit="vectors", config=vars(args), seen=n, processed=rep.n, seconds=rep.build_seconds,
         stages={"build (train, add, tune, evaluate)": (rep.build_seconds, rep.n)},
         memory={"driver (index build)": peak_memory()},
         extra={"factory": rep.factory, "recall_at_1": rep.recall_at_1, f"recall_at_{rep.k}": rep.recall_at_10,

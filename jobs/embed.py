@@ -99,7 +99,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         _write_text(out, "embed_report.json", json.dumps(report.as_dict(), indent=2), storage)
         n = report.embedded + len(report.skipped)
         write_job_report(job_report(
-            "embed", config=vars(args), seen=report.listed, processed=report.embedded,
+            "embed", config=vars(args), seen=report.listed, processed=report.embedded, seconds=report.seconds,
             already_done=report.already_done, skipped=report.skipped, failed_transient=report.failed_transient,
             stages={"decode (per-image sum)": (report.decode_seconds_per_image * n, n),
                     "image tower (per-image sum)": (report.model_seconds_per_image * report.embedded,

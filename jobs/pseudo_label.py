@@ -126,6 +126,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     n = rep.labelled + len(rep.skipped)
     write_job_report(job_report(
         "pseudo-label", config=vars(args), seen=rep.listed, processed=rep.labelled, already_done=rep.already_done,
+        seconds=rep.seconds,
         skipped=rep.skipped, failed_transient=rep.failed_transient,
         stages={"job": (rep.seconds, n), "segmentation (per-image sum)": (rep.model_seconds_per_image * n, n)},
         memory={"segment actors (max)": int(rep.actor_peak_rss_mb * 2**20)} if rep.actor_peak_rss_mb else None,

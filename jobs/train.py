@@ -112,6 +112,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     attempts = rep.get("attempts") or []
     write_job_report(job_report(  # steps over every attempt of this run name (resumed runs included)
         "train", unit="steps", config=vars(args), seen=int(rep["iterations"]), processed=int(rep["steps"]),
+        seconds=float(rep.get("fit_seconds_this_call") or 0.0),
         stages={"training loop (all attempts)": (float(rep["throughput"]["train_seconds"] or 0.0), int(rep["steps"])),
                 "fit (this call)": (float(rep.get("fit_seconds_this_call") or 0.0), None)},
         retries={"restart from checkpoint (worker failure or rerun)": max(0, len(attempts) - 1)},

@@ -215,6 +215,7 @@ def test_cli_build_bank_then_pseudo_label(ray_local, exemplars, tiny_dense_path,
     assert job["inputs"] == {"seen": 3, "processed": 2, "already_done": 0, "skipped": 1, "failed_transient": 0}
     assert job["skipped_examples"]["archive of concept 'unicorn' holds no usable image"] == ["unicorn"]
     assert (out / "job_report.txt").read_text().startswith("build-bank: ok")
+    assert job["wall_seconds"] >= job["stages"][0]["seconds"] > 0  # the job's own time, not the report's
     # the paper's context elimination needs context archives: a clear error, before any work
     cfg2 = tmp_path / "paper.yaml"
     cfg2.write_text("bank:\n  image_size: 64\n  context_elimination: true\n")

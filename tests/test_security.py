@@ -81,6 +81,7 @@ def test_embed_config_written_beside_the_store_is_redacted(tiny_clip_dir, tmp_pa
 
     class FakeReport:
         embedded, skipped, failed_transient, already_done, shards_committed, images_per_second = 1, {}, {}, 0, [], 1.0
+        listed, seconds, decode_seconds_per_image, model_seconds_per_image = 1, 1.0, 0.0, 0.0
 
         def as_dict(self):
             return {"embedded": 1}
@@ -98,6 +99,10 @@ def test_embed_config_written_beside_the_store_is_redacted(tiny_clip_dir, tmp_pa
     assert SECRET not in written and REDACTED in written
     dumped = yaml.safe_load(written)
     assert json.loads(dumped["args"]["storage_options"])["endpoint_url"] == "http://127.0.0.1:9"
+    for name in ("job_report.json", "job_report.txt"):  # the uniform job report too
+        assert SECRET not in (store / name).read_text()
+    job = json.loads((store / "job_report.json").read_text())
+    assert json.loads(job["config"]["storage_options"])["secret"] == REDACTED
 
 
 def test_address_and_auth_mode_rules(monkeypatch):
