@@ -1,7 +1,8 @@
 """Ray Data CLIP image embedding into an :class:`index.store.EmbeddingStore`.
 
-Pipeline: ``from_items(pending items)`` -> ``map_batches(decode_batch)`` (CPU tasks: fetch bytes,
-decode, centre-crop to CLIP's input size, count failures) -> ``map_batches(ClipEmbedUDF)``
+Pipeline: ``from_arrow(pending items, in blocks of whole batches)`` -> ``map_batches(DecodeUDF)``
+(a CPU actor pool running :func:`decode_batch`: fetch bytes, decode, centre-crop to CLIP's input
+size, count failures) -> ``map_batches(ClipEmbedUDF)``
 (an actor pool: the model is loaded once per actor; CUDA + bf16 autocast where the actor has a
 GPU). The driver holds the store's writer lock for the whole run, streams results, groups them
 by planned shard and commits every complete group as one shard, so an interrupted job loses at
@@ -18,14 +19,16 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from PIL import Image
 
 from reco.errors import ConfigError, ImageDecodeError
-from reco.image import decode_image, resize_center_crop
+from reco.image import decode_image
 
 from .config import ActorConfig
 from .models import EncoderSpec
@@ -34,6 +37,19 @@ logger = logging.getLogger(__name__)
 
 # Fault-injection knob for tests and benchmarks: seconds to sleep per embedded batch.
 DELAY_ENV = "RECO_EMBED_DELAY_S"
+
+
+def crop_uint8(img: "Image.Image", size: int) -> np.ndarray:
+    """RGB PIL -> (size, size, 3) uint8: the geometry and resampling of
+    :func:`reco.image.resize_center_crop` (shorter side -> ``size``, bicubic, centre crop) and the
+    same values (``round(255 * x)`` of its float output), without its float32 round trip, which
+    was ~1/3 of the decode stage's time per image."""
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    left, top = (nw - size) // 2, (nh - size) // 2
+    img = img.resize((nw, nh), Image.BICUBIC).crop((left, top, left + size, top + size))
+    return np.asarray(img, dtype=np.uint8)
 
 
 def decode_batch(batch: Mapping[str, np.ndarray], image_size: int,
@@ -73,7 +89,7 @@ def decode_batch(batch: Mapping[str, np.ndarray], image_size: int,
                 continue
             img = decode_image(raw, source=uri)
             width[i], height[i] = img.size
-            pixels[i] = (resize_center_crop(img, image_size) * 255.0).round().byte().permute(1, 2, 0).numpy()
+            pixels[i] = crop_uint8(img, image_size)
             status[i], error[i] = "ok", ""
         except Exception as exc:  # noqa: BLE001 - every failure is classified, none crashes the job
             kind, reason = classify_failure(exc)
@@ -84,21 +100,119 @@ def decode_batch(batch: Mapping[str, np.ndarray], image_size: int,
     return out
 
 
-class ClipEmbedUDF:
-    """Actor: (B, S, S, 3) uint8 crops -> (B, E) L2-normalised CLIP image embeddings."""
+class DecodeUDF:
+    """:func:`decode_batch` in a long-lived actor (the decode stage's actor pool).
 
-    def __init__(self, encoders: EncoderSpec, threads: Optional[int] = None, device_decode: bool = False):
+    As Ray tasks, decode ran in whichever worker was free; on a node whose idle workers exceed
+    Ray's soft limit (the CPU count) a worker idle for a second is killed, and with the decode
+    stage throttled to the model's pace the next task started a fresh one (6 decode processes for
+    1,000 images on 2 CPUs, each importing torch, PIL and pyarrow): 19.5 ms of CPU per image for
+    decode and worker start-ups (12 ms as an actor; 1.9 ms of it is decoding), taken from the
+    model's cores. An actor pays its start-up once."""
+
+    def __call__(self, batch: Mapping[str, np.ndarray], **kwargs: Any) -> Dict[str, np.ndarray]:
+        return decode_batch(batch, **kwargs)
+
+
+def decode_pool_size(actors: ActorConfig, decode_cpus: float, cluster_cpus: float) -> int:
+    """Decode actors at most: the CPUs the embedding actors leave free, in ``decode_cpus`` each
+    (at least 1). Ray Data starts one and adds more while the decode stage is the bottleneck."""
+    free = cluster_cpus - actors.num_actors * actors.cpus_per_actor
+    return max(1, int(free / decode_cpus + 1e-9)) if decode_cpus > 0 else 1
+
+
+def reuse_freed_memory() -> bool:
+    """Make glibc's malloc serve large blocks from the heap and keep freed memory (``mallopt``:
+    no mmap, trim threshold 1 GiB); True if applied (glibc only; a no-op elsewhere).
+
+    By default glibc maps every block above its mmap threshold (128 KiB, raised dynamically to at
+    most 32 MiB) with a fresh ``mmap`` and unmaps it on free, so each activation tensor of a CPU
+    forward (ViT-B/16 at batch 32: 10-39 MB each) is page-faulted and zeroed again on every call:
+    measured here, 19-26% of the tower's CPU time in the kernel and a ~1.45x slower forward in a
+    fresh process. A process that had already freed large blocks did not pay it: the old
+    benchmark's tower alone, timed after an fp32 run in the same process, did not; the actor, a
+    fresh Ray worker, did (most of the reported 16 vs 27.8 img/s)."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (musl, macOS)
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
+class ClipEmbedUDF:
+    """Actor: (B, S, S, 3) uint8 crops -> (B, E) L2-normalised CLIP image embeddings.
+
+    Per batch it reports its own time split into ``input_s`` (uint8 HWC -> normalised NCHW in the
+    model's dtype), ``forward_s`` (the image tower) and ``output_s`` (embeddings back to NumPy),
+    each as seconds per row, so a pipeline's time inside the actor can be compared with the tower
+    alone (``bench/bench_embed.py``). ``warmup_batch`` > 0 runs one forward of that batch size at
+    start-up: the first call of a shape builds the oneDNN (CPU) or cuBLAS/cuDNN (GPU) kernels,
+    which otherwise lands on the first real batch. On a CPU device it applies
+    :func:`reuse_freed_memory` to its process first.
+    """
+
+    def __init__(self, encoders: EncoderSpec, threads: Optional[int] = None, device_decode: bool = False,
+                 warmup_batch: int = 0):
         self.device_decode = device_decode
         if not encoders.has_clip:
             raise ValueError("CLIP embedding needs encoders.clip_model")
+        # a CPU actor allocates its activations in this process: keep the freed blocks for reuse
+        self.malloc_tuned = encoders.resolve_device().type == "cpu" and reuse_freed_memory()
         if threads:
             torch.set_num_threads(threads)
+        try:  # the tower is one op after another: inter-op threads only add idle pollers
+            torch.set_num_interop_threads(1)
+        except RuntimeError:  # already set, or parallel work already ran in this process
+            pass
         from reco.encoders import create_clip
 
         self.device = encoders.resolve_device()
         self.clip = create_clip(encoders.clip_model, encoders.clip_weights, device=self.device)
         self.clip.set_precision(encoders.clip_precision)
+        self.dtype = self.clip.dtype
+        # normalisation fused into one multiply-add on the uint8 values:
+        # ((x / 255) - mean) / std == x * (1 / (255 std)) - mean / std
+        mean = self.clip.mean.to(self.device, torch.float32)
+        std = self.clip.std.to(self.device, torch.float32)
+        self._scale = 1.0 / (255.0 * std)
+        self._shift = mean / std
         self.delay = float(os.environ.get(DELAY_ENV, "0") or 0)
+        self.threads = torch.get_num_threads()
+        self.warmup_s = 0.0
+        if warmup_batch > 0:
+            t = time.perf_counter()
+            size = self.clip.image_size
+            self._embed(np.zeros((warmup_batch, size, size, 3), np.uint8))
+            self.warmup_s = time.perf_counter() - t
+
+    def _to_input(self, pixels: np.ndarray) -> torch.Tensor:
+        """(B, S, S, 3) uint8 -> (B, 3, S, S) normalised, contiguous, in the model's dtype: a
+        float32 copy, one fused multiply-add (the normalisation stays in float32, as before) and
+        one cast; it was a gather copy, a channels-last float32 copy and three elementwise passes."""
+        with warnings.catch_warnings():  # Ray's batches are read-only views; nothing writes to them here
+            warnings.simplefilter("ignore", UserWarning)
+            x = torch.from_numpy(pixels)
+        x = x.to(self.device, non_blocking=True)
+        x = x.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+        x = torch.addcmul(self._shift.neg(), x, self._scale)  # x * scale - shift
+        return x if x.dtype == self.dtype else x.to(self.dtype)
+
+    def _embed(self, pixels: np.ndarray) -> Tuple[np.ndarray, float, float, float]:
+        """-> (embeddings (B, E) float32, input_s, forward_s, output_s)."""
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            x = self._to_input(pixels)
+            sync()
+            t1 = time.perf_counter()
+            e = self.clip.encode_image(x)
+            sync()
+            t2 = time.perf_counter()
+            out = e.float().cpu().numpy()
+        return out, t1 - t0, t2 - t1, time.perf_counter() - t2
 
     def _decode_on_device(self, batch: Dict[str, np.ndarray]) -> np.ndarray:
         """Decode the ``data`` column on this actor's device (torchvision/nvJPEG), falling back to
@@ -137,18 +251,28 @@ class ClipEmbedUDF:
             batch["pixels"] = self._decode_on_device(batch)
         ok = np.asarray(batch["status"]) == "ok"
         n = len(ok)
-        emb = np.zeros((n, self.clip.embed_dim), dtype=np.float32)
-        t0 = time.perf_counter()
-        if ok.any():
-            x = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])).to(self.device, non_blocking=True)
-            x = self.clip.normalize(x.permute(0, 3, 1, 2).float().div_(255.0))
-            with torch.inference_mode():
-                emb[ok] = self.clip.encode_image(x).float().cpu().numpy()
+        t0, c0 = time.perf_counter(), time.process_time()
+        t_in = t_fwd = t_out = 0.0
+        if n and ok.all():  # the usual case: no gather copy, the pixels go to torch as they are
+            emb, t_in, t_fwd, t_out = self._embed(np.asarray(batch["pixels"]))
+        else:
+            emb = np.zeros((n, self.clip.embed_dim), dtype=np.float32)
+            if ok.any():
+                emb[ok], t_in, t_fwd, t_out = self._embed(np.asarray(batch["pixels"])[ok])
         if self.delay:
             time.sleep(self.delay)
         out = {k: np.asarray(batch[k]) for k in ("id", "uri", "group", "width", "height", "status", "error", "decode_s")}
         out["embedding"] = emb
-        out["model_s"] = np.full(n, (time.perf_counter() - t0) / max(n, 1))
+        per = 1.0 / max(n, 1)
+        out["model_s"] = np.full(n, (time.perf_counter() - t0) * per)
+        out["cpu_s"] = np.full(n, (time.process_time() - c0) * per)  # CPU of the whole actor process
+        out["input_s"] = np.full(n, t_in * per)
+        out["forward_s"] = np.full(n, t_fwd * per)
+        out["output_s"] = np.full(n, t_out * per)
+        out["batch_rows"] = np.full(n, n, np.int32)
+        out["torch_threads"] = np.full(n, self.threads, np.int16)
+        out["warmup_s"] = np.full(n, self.warmup_s)
+        out["done_at"] = np.full(n, time.time())  # wall clock at the end of this batch
         return out
 
 
@@ -178,7 +302,20 @@ class EmbedReport:
     shards_committed: List[int] = field(default_factory=list)
     seconds: float = 0.0
     decode_seconds_per_image: float = 0.0
+    #: time inside the actor's ``__call__`` per image, and its split (input conversion, the image
+    #: tower, output conversion); the rest of ``model_seconds_per_image`` is bookkeeping
     model_seconds_per_image: float = 0.0
+    input_seconds_per_image: float = 0.0
+    forward_seconds_per_image: float = 0.0
+    output_seconds_per_image: float = 0.0
+    #: CPU seconds (all threads of the actor process) per image during ``__call__``
+    actor_cpu_seconds_per_image: float = 0.0
+    #: batch size -> number of batches the actors received
+    batch_sizes: Dict[int, int] = field(default_factory=dict)
+    actor_torch_threads: int = 0
+    actor_warmup_seconds: float = 0.0
+    #: images per second from the end of the first batch to the end of the last (start-up excluded)
+    steady_images_per_second: float = 0.0
 
     @property
     def images_per_second(self) -> float:
@@ -211,6 +348,7 @@ def run_embed(
     """Embed every item not yet in ``store`` (Ray must be initialised), holding the store's
     writer lock for the whole run. ``retry``: an :class:`index.sources.RetryPolicy` for fetches
     (default: :meth:`~index.sources.RetryPolicy.from_env`)."""
+    import ray
     import ray.data
     from tqdm import tqdm
 
@@ -251,19 +389,24 @@ def run_embed(
 
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True
-        ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // max(actors.batch_size, 1), 512)))
-        ds = ds.map_batches(decode_batch, fn_kwargs=dict(image_size=size, storage_options=dict(storage_options or {}),
-                                                         bytes_only=device_decode, retry=retry),
-                            batch_size=actors.batch_size, batch_format="numpy", num_cpus=decode_cpus)
+        ds = ray.data.from_arrow(_aligned_blocks(rows, actors.batch_size))
+        n_decode = decode_pool_size(actors, decode_cpus, float(ray.cluster_resources().get("CPU", 1)))
+        ds = ds.map_batches(DecodeUDF, fn_kwargs=dict(image_size=size, storage_options=dict(storage_options or {}),
+                                                      bytes_only=device_decode, retry=retry),
+                            batch_size=actors.batch_size, batch_format="numpy", num_cpus=decode_cpus,
+                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_decode))
         ds = ds.map_batches(
             ClipEmbedUDF, fn_constructor_kwargs=dict(encoders=encoders, threads=actors.torch_threads,
-                                                     device_decode=device_decode),
+                                                     device_decode=device_decode, warmup_batch=actors.batch_size),
             batch_size=actors.batch_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=actors.num_actors),
             num_cpus=actors.cpus_per_actor, num_gpus=actors.gpus_per_actor or None,
         )
         buffers: Dict[int, Dict[str, list]] = {}
         decode_s = model_s = 0.0
+        split = np.zeros(4)  # input, forward, output, actor CPU seconds
+        batch_rows: Dict[int, int] = {}
+        done_rows = []
         bar = tqdm(total=len(rows), desc="embed", unit="img")
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for i in range(len(batch["id"])):
@@ -282,6 +425,13 @@ def run_embed(
                 if sum(len(v) for v in b.values()) == expected[g]:
                     _commit(store, b, report)
                     del buffers[g]
+            split += [float(batch[k].sum()) for k in ("input_s", "forward_s", "output_s", "cpu_s")]
+            for k, c in zip(*np.unique(batch["batch_rows"], return_counts=True)):
+                batch_rows[int(k)] = batch_rows.get(int(k), 0) + int(c)
+            done_rows.append(batch["done_at"])
+            if len(batch["id"]):
+                report.actor_torch_threads = max(report.actor_torch_threads, int(batch["torch_threads"].max()))
+                report.actor_warmup_seconds = max(report.actor_warmup_seconds, float(batch["warmup_s"].max()))
             bar.update(len(batch["id"]))
         bar.close()
         if buffers:  # pragma: no cover - would mean rows were lost by the pipeline
@@ -289,6 +439,16 @@ def run_embed(
     n = report.embedded + len(report.skipped)
     report.decode_seconds_per_image = decode_s / max(n, 1)
     report.model_seconds_per_image = model_s / max(n, 1)
+    rows_total = max(sum(batch_rows.values()), 1)
+    (report.input_seconds_per_image, report.forward_seconds_per_image, report.output_seconds_per_image,
+     report.actor_cpu_seconds_per_image) = (float(v) for v in split / rows_total)
+    report.batch_sizes = {k: c // k for k, c in sorted(batch_rows.items())}
+    if done_rows:
+        done = np.concatenate(done_rows)
+        first = done.min()
+        after = int((done > first).sum())
+        if after and done.max() > first:
+            report.steady_images_per_second = after / float(done.max() - first)
     report.seconds = time.perf_counter() - t_start
     if report.failed_transient:
         logger.warning("%d input(s) could not be read this time (transient: I/O errors, timeouts, files "
@@ -296,6 +456,20 @@ def run_embed(
                        len(report.failed_transient), "; ".join(
                            f"{k}: {v}" for k, v in list(report.failed_transient.items())[:3]))
     return report
+
+
+def _aligned_blocks(rows: List[Dict[str, Any]], batch_size: int, max_blocks: int = 512) -> list:
+    """Input blocks of a whole number of batches (the last one excepted), at most ``max_blocks``.
+
+    Ray Data cuts batches inside each task's bundle of blocks and hands the remainder over as a
+    short batch; ``from_items(override_num_blocks=...)`` spreads rows evenly, so 1,000 rows in 31
+    blocks of 32 or 33 gave the actor 31 batches of 32 and 8 batches of ONE image (1.6x the cost
+    per image of a full batch, and in the old pipeline each full batch after one took ~1.5x as long)."""
+    import pyarrow as pa
+
+    bs = max(int(batch_size), 1)
+    per_block = bs * max(1, -(-len(rows) // (bs * max_blocks)))
+    return [pa.Table.from_pylist(rows[i:i + per_block]) for i in range(0, len(rows), per_block)]
 
 
 def _commit(store, buf: Dict[str, list], report: EmbedReport) -> None:
