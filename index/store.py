@@ -423,14 +423,7 @@ class ObjectStoreLock(StoreLock):
 
     def verify(self) -> None:
         with self._io:
-            if self.lost:
-                raise StoreLockedError(self.lost)
-            try:
-                owner, age = self._read()
-            except FileNotFoundError:
-                owner, age = {}, None
-            if not owner or owner.get("token") != self.token:
-                raise self._lose(owner, age)
+            super().verify()
             self._version = self._seen
 
     def touch(self) -> None:
