@@ -170,3 +170,16 @@ def process_tree(root: int) -> set:
                 out.add(p)
                 grew = True
     return out
+
+
+def make_bucket(s3_server, name: str) -> str:
+    """Create bucket ``name`` on the moto server (no error if it exists); returns ``s3://name``."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_server["endpoint_url"], aws_access_key_id="testing",
+                          aws_secret_access_key="testing", region_name="us-east-1")
+    try:
+        client.create_bucket(Bucket=name)
+    except client.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    return f"s3://{name}"

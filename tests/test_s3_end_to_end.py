@@ -30,7 +30,7 @@ from typing import List, Tuple
 import numpy as np
 import pytest
 
-from conftest import TINY_VIT, make_image
+from conftest import TINY_VIT, make_bucket, make_image
 from jobs.cli import main
 
 pytestmark = pytest.mark.slow
@@ -177,14 +177,8 @@ def s3(s3_server):
 
     proxy = FaultProxy(s3_server["endpoint_url"])
     proxy.thread.start()
-    import boto3
 
-    client = boto3.client("s3", endpoint_url=s3_server["endpoint_url"], aws_access_key_id="testing",
-                          aws_secret_access_key="testing", region_name="us-east-1")
-    try:
-        client.create_bucket(Bucket=BUCKET)
-    except client.exceptions.BucketAlreadyOwnedByYou:
-        pass
+    make_bucket(s3_server, BUCKET)
     direct = s3fs.S3FileSystem(**s3_server)
     opts = {"endpoint_url": proxy.url, "key": "AKIAE2ETEST", "secret": "e2e-" + secrets.token_hex(12),
             "client_kwargs": {"region_name": "us-east-1"},

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_VIT, make_image
+from conftest import TINY_VIT, make_bucket, make_image
 from index.labels import decode_labels, encode_labels, output_name
 from index.storage import fetch_to_cache, join, load_bank, read_bytes, save_bank, write_bytes
 from reco import BankConfig, ConceptBank, ConceptBuilder, SegmenterConfig
@@ -63,15 +63,9 @@ def _rgb_png() -> bytes:
 
 @pytest.fixture()
 def bucket(s3_server):
-    import boto3
 
     name = "reco-test-bucket"
-    client = boto3.client("s3", endpoint_url=s3_server["endpoint_url"], aws_access_key_id="testing",
-                          aws_secret_access_key="testing", region_name="us-east-1")
-    try:
-        client.create_bucket(Bucket=name)
-    except client.exceptions.BucketAlreadyOwnedByYou:
-        pass
+    make_bucket(s3_server, name)
     return f"s3://{name}"
 
 

@@ -18,6 +18,7 @@ import time
 import numpy as np
 import pytest
 
+from conftest import make_bucket
 import index.storage as storage
 import index.store as store_mod
 from index.store import LOCK_FILE, EmbeddingStore, ObjectStoreLock, StoreError, StoreLockedError
@@ -29,15 +30,9 @@ BUCKET = "reco-store-test"
 @pytest.fixture()
 def s3root(s3_server):
     """(a fresh s3:// store root, storage options, an s3fs client)."""
-    import boto3
     import s3fs
 
-    client = boto3.client("s3", endpoint_url=s3_server["endpoint_url"], aws_access_key_id="testing",
-                          aws_secret_access_key="testing", region_name="us-east-1")
-    try:
-        client.create_bucket(Bucket=BUCKET)
-    except client.exceptions.BucketAlreadyOwnedByYou:
-        pass
+    make_bucket(s3_server, BUCKET)
     fs = s3fs.S3FileSystem(**s3_server)
     return f"s3://{BUCKET}/{secrets.token_hex(4)}/store", dict(s3_server), fs
 
