@@ -17,7 +17,6 @@ picks them up again (they are not in ``committed_ids()``) into a new shard.
 from __future__ import annotations
 
 import logging
-import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -30,13 +29,12 @@ from PIL import Image
 from reco.errors import ConfigError, ImageDecodeError
 from reco.image import decode_image
 
+from . import faults
 from .config import ActorConfig
 from .models import EncoderSpec
 
 logger = logging.getLogger(__name__)
 
-# Fault-injection knob for tests and benchmarks: seconds to sleep per embedded batch.
-DELAY_ENV = "RECO_EMBED_DELAY_S"
 
 
 def crop_uint8(img: "Image.Image", size: int) -> np.ndarray:
@@ -179,7 +177,6 @@ class ClipEmbedUDF:
         std = self.clip.std.to(self.device, torch.float32)
         self._scale = 1.0 / (255.0 * std)
         self._shift = mean / std
-        self.delay = float(os.environ.get(DELAY_ENV, "0") or 0)
         self.threads = torch.get_num_threads()
         self.warmup_s = 0.0
         if warmup_batch > 0:
@@ -259,8 +256,7 @@ class ClipEmbedUDF:
             emb = np.zeros((n, self.clip.embed_dim), dtype=np.float32)
             if ok.any():
                 emb[ok], t_in, t_fwd, t_out = self._embed(np.asarray(batch["pixels"])[ok])
-        if self.delay:
-            time.sleep(self.delay)
+        faults.fire("embed.batch", n)
         out = {k: np.asarray(batch[k]) for k in ("id", "uri", "group", "width", "height", "status", "error", "decode_s")}
         out["embedding"] = emb
         per = 1.0 / max(n, 1)

@@ -16,12 +16,6 @@ from index.report import (EXIT_FAILED, EXIT_OK, EXIT_RERUN, REPORT_FORMAT, JobRe
 
 logger = logging.getLogger(__name__)
 
-#: version of the JSON layout below; bump when a field changes meaning
-REPORT_FORMAT = 1
-#: examples kept per skip / failure reason (the full lists belong in the job's own manifests)
-EXAMPLES_PER_REASON = 5
-
-
 class JobMetrics:
     """Prometheus metrics of a job through ``ray.util.metrics`` (exported by each node's metrics
     agent, ``ray_`` prefixed): ``reco_items_total`` and ``reco_errors_total`` counters and a
@@ -133,10 +127,16 @@ def job_report(
     for reason, n in (retries or {}).items():
         if n:
             r.retry(reason, int(n))
-    for cls, n in ray_actor_restarts().items():
-        r.retry(f"actor restart ({cls})", n)
+    count_actor_restarts(r)
     r.extra.update(dict(extra or {}))
     return r
+
+
+def count_actor_restarts(report: JobReport) -> JobReport:
+    """Add the Ray actor restarts of the running job to ``report`` as retries, by actor class."""
+    for cls, n in ray_actor_restarts().items():
+        report.retry(f"actor restart ({cls})", n)
+    return report
 
 
 def write_job_report(report: JobReport, out: str, storage_options: Optional[Mapping[str, Any]] = None) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -23,14 +22,12 @@ from reco.metrics import ConfusionMatrix
 from reco.segmenter import Segmenter
 from reco.visualize import overlay, side_by_side
 
+from . import faults
 from .config import ActorConfig
 from .models import EncoderSpec, autocast_for
 
 logger = logging.getLogger(__name__)
 
-# Fault-injection knob for tests and benchmarks: seconds each segmentation actor holds every batch
-# (read in the actor's process: on a cluster, set it in the job's `ray.env_vars`).
-DELAY_ENV = "RECO_SEGMENT_DELAY_S"
 
 
 class SegmentUDF:
@@ -74,7 +71,6 @@ class SegmentUDF:
         self.write_overlays = write_overlays
         self.storage_options = dict(storage_options or {})
         self.confidence_maps = confidence_maps
-        self.delay = float(os.environ.get(DELAY_ENV, "0") or 0)
 
     def _mask(self, mask_uri: str, shape) -> np.ndarray:
         from index.labels import decode_labels
@@ -183,8 +179,7 @@ class SegmentUDF:
                                     mean_confidence=float(conf.mean()), **paths)
         done = [r for r in rows if r is not None]
         assert len(done) == len(uris)
-        if self.delay:
-            time.sleep(self.delay)
+        faults.fire("segment.batch", len(uris))
         out = {"id": np.array(ids, dtype=object), "uri": np.array(uris, dtype=object)}
         for key in ("status", "error", "label", "confidence", "overlay", "mode", "classes", "shares"):
             out[key] = np.array([r[key] for r in done], dtype=object)

@@ -90,7 +90,7 @@ class StoreLock:
     def __init__(self, path: Path, job: str, heartbeat_s: float = 10.0, stale_after_s: float = 120.0):
         if heartbeat_s <= 0 or stale_after_s <= heartbeat_s:
             raise ValueError("need 0 < heartbeat_s < stale_after_s")
-        self.path = Path(path)
+        self.path: Any = Path(path)  # a str URL in ObjectStoreLock
         self._where: Any = self.path.parent  # the store, as messages name it
         self.job = job
         self.heartbeat_s = heartbeat_s
@@ -159,7 +159,7 @@ class StoreLock:
                     owner, age = self._read()
                 except FileNotFoundError:
                     continue  # released meanwhile
-                why = self._stale_reason(owner, age)
+                why = self._stale_reason(owner, age or 0.0)
                 if why is None:
                     raise self._locked_error(owner, age) from None
                 self._break(owner, why)
