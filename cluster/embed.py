@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -29,9 +28,12 @@ from PIL import Image
 from reco.errors import ConfigError, ImageDecodeError
 from reco.image import decode_image
 
+from index.report import JobReport, JobResult
+
 from . import faults
 from .config import ActorConfig
 from .models import EncoderSpec
+from .report import count_actor_restarts
 
 logger = logging.getLogger(__name__)
 
@@ -285,44 +287,45 @@ def _crop_tensor(t: torch.Tensor, size: int) -> torch.Tensor:
     return x[:, top:top + size, left:left + size].round().clamp(0, 255).to(torch.uint8)
 
 
-@dataclass
-class EmbedReport:
-    """What a run did. ``skipped``: bad inputs (committed as skipped, never retried);
-    ``failed_transient``: inputs that could not be read this time (NOT committed: rerun to retry)."""
+class EmbedReport(JobResult):
+    """What a run did, under embed's names for the counts of its uniform report (``.report``).
+    ``skipped``: bad inputs (committed as skipped, never retried); ``failed_transient``: inputs
+    that could not be read this time (NOT committed: rerun to retry)."""
 
-    listed: int = 0
-    already_done: int = 0
-    embedded: int = 0
-    skipped: Dict[str, str] = field(default_factory=dict)
-    failed_transient: Dict[str, str] = field(default_factory=dict)
-    shards_committed: List[int] = field(default_factory=list)
-    seconds: float = 0.0
-    decode_seconds_per_image: float = 0.0
-    #: time inside the actor's ``__call__`` per image, and its split (input conversion, the image
-    #: tower, output conversion); the rest of ``model_seconds_per_image`` is bookkeeping
-    model_seconds_per_image: float = 0.0
-    input_seconds_per_image: float = 0.0
-    forward_seconds_per_image: float = 0.0
-    output_seconds_per_image: float = 0.0
-    #: CPU seconds (all threads of the actor process) per image during ``__call__``
-    actor_cpu_seconds_per_image: float = 0.0
-    #: batch size -> number of batches the actors received
-    batch_sizes: Dict[int, int] = field(default_factory=dict)
-    actor_torch_threads: int = 0
-    actor_warmup_seconds: float = 0.0
-    #: images per second from the end of the first batch to the end of the last (start-up excluded)
-    steady_images_per_second: float = 0.0
+    ALIASES = {"listed": "n_seen", "already_done": "n_already_done", "embedded": "n_processed",
+               "skipped": "skipped_items", "failed_transient": "failed_items"}
+    FIELDS = {
+        "shards_committed": list,
+        "decode_seconds_per_image": 0.0,
+        # time inside the actor's ``__call__`` per image, and its split (input conversion, the image
+        # tower, output conversion); the rest of ``model_seconds_per_image`` is bookkeeping
+        "model_seconds_per_image": 0.0, "input_seconds_per_image": 0.0, "forward_seconds_per_image": 0.0,
+        "output_seconds_per_image": 0.0,
+        "actor_cpu_seconds_per_image": 0.0,  # CPU seconds (all threads of the actor process) per image
+        "batch_sizes": dict,  # batch size -> number of batches the actors received
+        "actor_torch_threads": 0, "actor_warmup_seconds": 0.0,
+        # images per second from the end of the first batch to the end of the last (start-up excluded)
+        "steady_images_per_second": 0.0,
+    }
 
     @property
     def images_per_second(self) -> float:
         return (self.embedded + len(self.skipped)) / self.seconds if self.seconds else 0.0
 
     def as_dict(self) -> Dict[str, Any]:
-        d = asdict(self)
-        d["skipped_count"] = len(self.skipped)
-        d["failed_transient_count"] = len(self.failed_transient)
-        d["images_per_second"] = self.images_per_second
-        return d
+        return dict(super().as_dict(), skipped_count=len(self.skipped),
+                    failed_transient_count=len(self.failed_transient), images_per_second=self.images_per_second)
+
+
+def _finish_report(report: EmbedReport) -> None:
+    """The stages and shard count of a run, in its uniform report."""
+    r = report.report.finish()
+    n = report.embedded + len(report.skipped)
+    r.add_stage("decode (per-image sum)", report.decode_seconds_per_image * n, n)
+    r.add_stage("image tower (per-image sum)", report.model_seconds_per_image * report.embedded, report.embedded)
+    r.add_stage("job", r.wall_seconds, n)
+    count_actor_restarts(r)
+    r.extra["shards_committed"] = list(report.shards_committed)
 
 
 def model_identity(encoders: EncoderSpec) -> Dict[str, Any]:
@@ -352,8 +355,8 @@ def run_embed(
 
     if shard_size < 1:
         raise ConfigError(f"shard size must be >= 1, got {shard_size}")
-    t_start = time.perf_counter()
-    report = EmbedReport(listed=len(items))
+    report = EmbedReport(JobReport("embed"))
+    report.listed = len(items)
     ids = [it.id for it in items]
     if len(set(ids)) != len(ids):
         raise ConfigError("item ids must be unique")
@@ -367,10 +370,11 @@ def run_embed(
         store.check_compatible(model)
         done = store.committed_ids() if store.exists else set()
         pending = [it for it in items if it.id not in done]
-        report.already_done = len(items) - len(pending)
+        skipped_before = set(store.skipped()) if done else set()
+        report.report.already_done(len(items) - len(pending), failed=sum(1 for i in ids if i in skipped_before))
         if not pending:
             logger.info("nothing to embed: all %d items are already in %s", len(items), store.root)
-            report.seconds = time.perf_counter() - t_start
+            _finish_report(report)
             return report
         clip_size, dim = clip_dims(encoders)
         store.create_or_check(model, dim)
@@ -445,7 +449,7 @@ def run_embed(
         after = int((done > first).sum())
         if after and done.max() > first:
             report.steady_images_per_second = after / float(done.max() - first)
-    report.seconds = time.perf_counter() - t_start
+    _finish_report(report)
     if report.failed_transient:
         logger.warning("%d input(s) could not be read this time (transient: I/O errors, timeouts, files "
                        "missing on a node) and were NOT committed; rerun to retry them. First: %s",
@@ -471,7 +475,8 @@ def _aligned_blocks(rows: List[Dict[str, Any]], batch_size: int, max_blocks: int
 def _commit(store, buf: Dict[str, list], report: EmbedReport) -> None:
     """Commit one complete group as the store's next shard (its embedded and skipped rows);
     its transient rows are only reported."""
-    report.failed_transient.update(dict(buf["transient"]))
+    for item, reason in buf["transient"]:
+        report.report.fail_transient(item, reason)
     if not buf["ok"] and not buf["skipped"]:
         logger.debug("group of %d rows failed transiently: nothing to commit", len(buf["transient"]))
         return
@@ -483,7 +488,8 @@ def _commit(store, buf: Dict[str, list], report: EmbedReport) -> None:
         [r[3] for r in ok], [r[4] for r in ok], buf["skipped"],
     )
     report.embedded += len(ok)
-    report.skipped.update({s[0]: s[2] for s in buf["skipped"]})
+    for item, _, reason in buf["skipped"]:
+        report.report.skip(item, reason)
     report.shards_committed.append(shard)
     logger.debug("committed shard %d (%d embedded, %d skipped, %d transient left for a rerun)",
                  shard, len(ok), len(buf["skipped"]), len(buf["transient"]))

@@ -120,6 +120,15 @@ class JobReport:
         self.failed_items: Dict[str, str] = {}
         self.n_failed_before = 0  # of the already-done inputs, those an earlier run skipped (bad input)
 
+    def configure(self, config: Optional[Mapping[str, Any]] = None,
+                  max_failed_fraction: Optional[float] = None) -> "JobReport":
+        """Set the job's configuration (redacted on the way in) and its failure threshold."""
+        if config is not None:
+            self.config = redact(dict(config))
+        if max_failed_fraction is not None:
+            self.max_failed_fraction = max_failed_fraction
+        return self
+
     # -- counting -------------------------------------------------------------------------------
     def seen(self, n: int = 1) -> None:
         """Inputs listed / read by the job (including those done by an earlier run)."""
