@@ -1,6 +1,6 @@
 """Ray Data CLIP image embedding into an :class:`index.store.EmbeddingStore`.
 
-Pipeline: ``from_arrow(pending items, in blocks of whole batches)`` -> ``map_batches(DecodeUDF)``
+Pipeline: ``from_arrow(pending items, in blocks of whole batches: cluster.datamap)`` -> ``map_batches(DecodeUDF)``
 (a CPU actor pool running :func:`decode_batch`: fetch bytes, decode, centre-crop to CLIP's input
 size, count failures) -> ``map_batches(ClipEmbedUDF)``
 (an actor pool: the model is loaded once per actor; CUDA + bf16 autocast where the actor has a
@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ from index.report import JobReport, JobResult
 
 from . import faults
 from .config import ActorConfig
+from .datamap import aligned_dataset, map_actors
 from .models import EncoderSpec
 from .report import count_actor_restarts
 
@@ -389,19 +390,13 @@ def run_embed(
 
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True
-        ds = ray.data.from_arrow(_aligned_blocks(rows, actors.batch_size))
+        ds = aligned_dataset(rows, actors.batch_size)
         n_decode = decode_pool_size(actors, decode_cpus, float(ray.cluster_resources().get("CPU", 1)))
-        ds = ds.map_batches(DecodeUDF, fn_kwargs=dict(image_size=size, storage_options=dict(storage_options or {}),
-                                                      bytes_only=device_decode, retry=retry),
-                            batch_size=actors.batch_size, batch_format="numpy", num_cpus=decode_cpus,
-                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_decode))
-        ds = ds.map_batches(
-            ClipEmbedUDF, fn_constructor_kwargs=dict(encoders=encoders, threads=actors.torch_threads,
-                                                     device_decode=device_decode, warmup_batch=actors.batch_size),
-            batch_size=actors.batch_size, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=actors.num_actors),
-            num_cpus=actors.cpus_per_actor, num_gpus=actors.gpus_per_actor or None,
-        )
+        ds = map_actors(ds, DecodeUDF, actors, fn_kwargs=dict(image_size=size, storage_options=dict(storage_options or {}),
+                                                              bytes_only=device_decode, retry=retry),
+                        min_size=1, max_size=n_decode, num_cpus=decode_cpus)
+        ds = map_actors(ds, ClipEmbedUDF, actors, dict(encoders=encoders, threads=actors.torch_threads,
+                                                       device_decode=device_decode, warmup_batch=actors.batch_size))
         buffers: Dict[int, Dict[str, list]] = {}
         decode_s = model_s = 0.0
         split = np.zeros(4)  # input, forward, output, actor CPU seconds
@@ -456,20 +451,6 @@ def run_embed(
                        len(report.failed_transient), "; ".join(
                            f"{k}: {v}" for k, v in list(report.failed_transient.items())[:3]))
     return report
-
-
-def _aligned_blocks(rows: List[Dict[str, Any]], batch_size: int, max_blocks: int = 512) -> list:
-    """Input blocks of a whole number of batches (the last one excepted), at most ``max_blocks``.
-
-    Ray Data cuts batches inside each task's bundle of blocks and hands the remainder over as a
-    short batch; ``from_items(override_num_blocks=...)`` spreads rows evenly, so 1,000 rows in 31
-    blocks of 32 or 33 gave the actor 31 batches of 32 and 8 batches of ONE image (1.6x the cost
-    per image of a full batch, and in the old pipeline each full batch after one took ~1.5x as long)."""
-    import pyarrow as pa
-
-    bs = max(int(batch_size), 1)
-    per_block = bs * max(1, -(-len(rows) // (bs * max_blocks)))
-    return [pa.Table.from_pylist(rows[i:i + per_block]) for i in range(0, len(rows), per_block)]
 
 
 def _commit(store, buf: Dict[str, list], report: EmbedReport) -> None:
