@@ -95,8 +95,9 @@ def fsync_dir(path: Path) -> None:
 
 
 def _temp_name(p: Path) -> Path:
-    """A fresh temporary name beside ``p`` (``NAME.<hex>.tmp``: never a finished file's name)."""
-    return p.with_name(f"{p.name}.{secrets.token_hex(4)}.tmp")
+    """A fresh temporary name beside ``p``: hidden, ``.NAME.<hex>.tmp`` (never a finished file's
+    name; listings skip it)."""
+    return p.with_name(f".{p.name}.{secrets.token_hex(4)}.tmp")
 
 
 def _replace_atomically(p: Path, fill) -> None:

@@ -75,7 +75,7 @@ SHARD_DIRS = (("img_emb", "img_emb_", ".npy"), ("metadata", "metadata_", ".parqu
               ("skipped", "skipped_", ".parquet"))
 # a shard file: group "name" is set for a finished file, unset for a temporary one (always garbage)
 _SHARD_FILE = re.compile(
-    r"^(?:img_emb|metadata|skipped)_(?:\d{5,}(?:\.[0-9a-f]+)?)\.(?:npy|parquet)(?:\.[0-9a-f]+)?\.tmp$"
+    r"^\.?(?:img_emb|metadata|skipped)_(?:\d{5,}(?:\.[0-9a-f]+)?)\.(?:npy|parquet)(?:\.[0-9a-f]+)?\.tmp$"
     r"|^(?:img_emb|metadata|skipped)_(?P<name>\d{5,}(?:\.[0-9a-f]+)?)\.(?:npy|parquet)$")
 
 
@@ -310,7 +310,7 @@ class EmbeddingStore:
                 with contextlib.suppress(FileNotFoundError):
                     f.unlink()
                     removed += 1
-        for f in self.root.glob(f"{MANIFEST}*.tmp"):
+        for f in [*self.root.glob(f"{MANIFEST}*.tmp"), *self.root.glob(f".{MANIFEST}*.tmp")]:
             with contextlib.suppress(FileNotFoundError):
                 f.unlink()
         if removed:
