@@ -180,10 +180,7 @@ def write_bytes(uri: str, data: bytes, storage_options: StorageOptions = None) -
 
 def save_bank(bank, uri: str, storage_options: StorageOptions = None) -> str:
     """Save a :class:`reco.ConceptBank` to a directory URI (``bank.safetensors`` is the commit
-    point; ``bank.json`` is a readable copy written after it)."""
-    if not is_url(uri):
-        bank.save(local_path(uri))
-        return uri
+    point; ``bank.json`` is a readable copy written after it), each atomically, local or URL."""
     from reco.bank import bank_json_bytes
 
     write_bytes(join(uri, "bank.safetensors"), bank.to_bytes(), storage_options)

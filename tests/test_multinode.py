@@ -524,7 +524,7 @@ def test_build_bank_survives_losing_the_worker_node(workers, ray_config, tiny_de
                                 "--dense-encoder", "dino_vits16", "--dense-weights", tiny_dense_path,
                                 "--dense-kwargs", json.dumps(TINY_VIT), "--commit-every", 2,
                                 "--ray-config", ray_config], tmp_path / "job.log")
-    fig = kill_worker_mid_job(workers, job, "BankJobWorker", part_rows, len(listed))
+    fig = kill_worker_mid_job(workers, job, "BankWorker", part_rows, len(listed))
 
     rows, refs, _ = committed(str(out))  # raises if a concept was committed twice
     n_rows = part_rows()
