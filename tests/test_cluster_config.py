@@ -208,3 +208,14 @@ def test_dockerfile_pins_the_clients_ray_and_installs_the_gpu_extra():
     for name in ("raycluster.yaml", "rayjob.yaml"):
         images = re.findall(r"image:\s*(\S+)", (REPO / "deploy" / name).read_text())
         assert images and len(set(images)) == 1 and images[0] in text
+
+
+def test_jobs_max_failed_fraction_is_a_user_setting(tmp_path):
+    """#16: the share of failed inputs above which a job reports "failed" (exit 1) is the user's."""
+    assert resolve_cluster_config(None).jobs.max_failed_fraction == 0.5  # stated in configs/cluster.yaml
+    assert load_cluster_config({"jobs": {"max_failed_fraction": 0.9}}).jobs.max_failed_fraction == 0.9
+    for value in (1.5, -0.1, "half", float("nan"), True):
+        with pytest.raises(ConfigError, match="max_failed_fraction"):
+            load_cluster_config({"jobs": {"max_failed_fraction": value}})
+    with pytest.raises(ConfigError, match="jobs.max_failures"):
+        load_cluster_config({"jobs": {"max_failures": 3}})
