@@ -152,7 +152,12 @@ class ResumableOutput:
         lock = make_lock(self.uri, self.job, self.storage_options, self.heartbeat_s, self.stale_after_s).acquire()
         self.lock, self._seq = lock, None
         try:
-            self.previous = self.read_settings()
+            try:
+                self.previous = self.read_settings()
+            except ConfigError:
+                if not overwrite:
+                    raise
+                self.previous = {"config_hash": None}  # unreadable: --overwrite starts afresh
             if self.previous is not None and self.previous.get("config_hash") != digest:
                 if not overwrite:
                     raise ConfigError(

@@ -115,6 +115,19 @@ def test_named_parts_are_created_exactly_once_by_any_worker(out_uri):
     assert not parts.create("shard-007", b"retry")
 
 
+def test_corrupt_settings_are_refused_unless_overwrite(tmp_path):
+    uri = str(tmp_path / "out")
+    with _out(uri, {}).open({"k": 1}) as out:
+        out.commit(b"old")
+    (tmp_path / "out" / "settings.json").write_text("{garbage")
+    with pytest.raises(ConfigError, match="settings.json is corrupt"):
+        with _out(uri, {}).open({"k": 1}):
+            pass
+    with _out(uri, {}).open({"k": 1}, overwrite=True) as out:
+        assert out.parts.list() == []
+    assert json.loads((tmp_path / "out" / "settings.json").read_text())["config_hash"] == config_hash({"k": 1})
+
+
 def test_an_output_naming_a_file_is_one_clear_error(tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
