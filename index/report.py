@@ -282,6 +282,9 @@ class JobReport:
                  + (f"  ({d['throughput_per_second']:.2f} {self.unit}/s)" if d["throughput_per_second"] else ""),
                  (f"  {self.unit}: {i['seen']} seen, {i['processed']} processed, {i['already_done']} already done, "
                   f"{i['skipped']} skipped, {i['failed_transient']} failed transiently (rerun to retry)")]
+        if d["status"] == "failed":
+            lines.append(f"  FAILED: {100 * self.failed_fraction:.1f}% of the {self.unit} failed for good, above "
+                         f"jobs.max_failed_fraction {self.max_failed_fraction:g} (set it in the cluster config)")
         for title, by, ex in (("skipped", d["skipped_by_reason"], d["skipped_examples"]),
                               ("failed", d["failed_by_reason"], d["failed_examples"])):
             for k, n in list(by.items())[:5]:

@@ -148,6 +148,7 @@ def test_report_status_failed_when_most_inputs_failed(tmp_path):
     d = r.finish().as_dict()
     assert d["status"] == "failed" and d["failed_fraction"] == 0.6 and d["max_failed_fraction"] == 0.5
     assert r.summary().startswith("build-bank: failed")
+    assert "FAILED: 60.0% of the concepts failed for good, above jobs.max_failed_fraction 0.5" in r.summary()
     half = JobReport("x", max_failed_fraction=0.5)
     half.processed(5)
     half.skip("a", "bad: x", n=5)
