@@ -344,3 +344,29 @@ def failure_text(info, logs: str, n: int = TAIL_LINES) -> str:
     if not lines:
         return head + " (the job wrote no log lines)"
     return head + f"\n--- last {len(lines)} log lines ---\n" + "\n".join(lines)
+
+
+def finish(client: JobClient, info, err: Optional[TextIO] = None) -> int:
+    """Print a finished job's status line (and, when it failed, its last log lines to ``err``); its exit code."""
+    import sys
+
+    print(status_line(info))
+    if _status(info) == "FAILED":
+        try:
+            logs = client.logs(job_id_of(info))
+        except SubmitError:
+            logs = ""
+        print(failure_text(info, logs), file=err or sys.stderr)
+    return exit_code(info)
+
+
+def cluster_summary(client: JobClient, last: int = 5) -> str:
+    """The cluster's Ray version, its jobs counted by status, and the ``last`` most recent ones."""
+    jobs = client.list()
+    counts: Dict[str, int] = {}
+    for j in jobs:
+        counts[_status(j)] = counts.get(_status(j), 0) + 1
+    head = (f"Ray {client.version()} at {client.address}: {len(jobs)} job(s)"
+            + ("" if not counts else " (" + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) + ")"))
+    recent = sorted(jobs, key=lambda j: j.start_time or 0)[-last:]
+    return "\n".join([head] + ["  " + status_line(j) for j in recent])
