@@ -31,7 +31,8 @@ def _number(kind: type, lo: Optional[float], hi: Optional[float], lo_open: bool)
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {'an integer' if kind is int else 'a number'}, got {text!r}")
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
         if lo is not None and (value <= lo if lo_open else value < lo):

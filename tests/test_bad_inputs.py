@@ -214,3 +214,18 @@ def test_embed_show_bank_submit_numbers(no_ray, caplog, tmp_path):
     refused(caplog, ["submit", *address, "--entrypoint-num-gpus", "inf", "embed"], "--entrypoint-num-gpus", 5)
     refused(caplog, ["logs", *address, "raysubmit_x", "--tail=-1"], "--tail must be >= 0", 5)
     refused(caplog, ["stop", *address, "raysubmit_x", "--timeout", "nan"], "--timeout must be a finite", 5)
+
+
+def test_number_types_refuse_nan_infinities_and_out_of_range():
+    import argparse
+
+    from jobs.common import finite_float, int_range, positive_float, positive_int, threshold
+
+    assert positive_int("3") == 3 and int_range(0, 5)("5") == 5 and threshold("0.25") == 0.25
+    assert finite_float(-1, 1)("-1") == -1.0 and positive_float("1e-3") == 1e-3
+    for parse, text in ((positive_int, "0"), (positive_int, "1.5"), (positive_int, "nan"), (int_range(0, 5), "6"),
+                        (threshold, "nan"), (threshold, "inf"), (threshold, "-0.1"), (threshold, "1.01"),
+                        (positive_float, "0"), (positive_float, "-inf"), (finite_float(), "NaN"),
+                        (finite_float(), "x")):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(text)
