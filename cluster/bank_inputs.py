@@ -47,7 +47,7 @@ def retrieve_archives(index_uri: str, todo: Sequence[str], texts: Mapping[str, A
 
     from index.catalog import open_retriever
 
-    retriever, uris, _ = open_retriever(index_uri, storage_options=storage_options)
+    retriever, uris, _ = open_retriever(index_uri, storage_options=dict(storage_options or {}))
     hits = retriever.search(np.stack([texts[n].numpy() for n in todo]), k)
     return {n: [uris[i] for i in h.ids] for n, h in zip(todo, hits)}
 

@@ -22,7 +22,7 @@ def _heat(scores: np.ndarray, size: int) -> np.ndarray:
 
     s = scores.astype(np.float32)
     s = (s - s.min()) / max(float(s.max() - s.min()), 1e-6)
-    up = np.asarray(Image.fromarray((s * 255).astype(np.uint8)).resize((size, size), Image.BILINEAR)) / 255.0
+    up = np.asarray(Image.fromarray((s * 255).astype(np.uint8)).resize((size, size), Image.Resampling.BILINEAR)) / 255.0
     rgb = np.stack([np.clip(1.5 - abs(4 * up - 3), 0, 1), np.clip(1.5 - abs(4 * up - 2), 0, 1),
                     np.clip(1.5 - abs(4 * up - 1), 0, 1)], axis=-1)
     return (rgb * 255).astype(np.uint8)

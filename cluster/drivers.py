@@ -165,6 +165,7 @@ def check_segmenter(bank, encoders: EncoderSpec, cfg):
     from reco.segmenter import Segmenter
 
     dense, clip = load_on_driver(encoders)
+    assert dense is not None
     return Segmenter(bank, dense, clip, cfg)
 
 

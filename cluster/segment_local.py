@@ -62,7 +62,11 @@ def segment_images(images: List[str], out: Optional[str], storage: Mapping[str, 
         raise FileNotFoundError(f"no such image file(s): {', '.join(missing)}")
     if out:
         check_output_folder(out)
-    run, mode = _model_runner(model, storage) if model else _bank_runner(bank, vocab, cfg, overrides or {}, storage)
+    if model:
+        run, mode = _model_runner(model, storage)
+    else:
+        assert bank, "segment needs a model or a bank"
+        run, mode = _bank_runner(bank, vocab, cfg, overrides or {}, storage)
     failures = 0
     legends = set()
     for path in images:

@@ -192,7 +192,7 @@ class JobClient:
                 f"this its dashboard address (port {DEFAULT_JOB_API_PORT} by default, not the GCS port 6379)? "
                 "For `ray up` clusters run `ray dashboard ray_config.yaml`, for KubeRay `kubectl port-forward "
                 "svc/<cluster>-head-svc 8265`, then use http://127.0.0.1:8265") from None
-        if self.token and parts.scheme == "http" and not _is_loopback(host):
+        if self.token and parts.scheme == "http" and not _is_loopback(host or ""):
             logger.warning("the cluster token travels in clear text over http to %s: prefer an SSH tunnel "
                            "(`ray dashboard`), `kubectl port-forward` or https", host)
         # Always an explicit header: with none, Ray's client would add whatever token its process-wide
@@ -210,7 +210,7 @@ class JobClient:
         try:
             import requests
 
-            net_errors = (requests.exceptions.ConnectionError, requests.exceptions.Timeout)
+            net_errors: tuple = (requests.exceptions.ConnectionError, requests.exceptions.Timeout)
         except ImportError:  # pragma: no cover - ray[default] brings requests
             net_errors = ()
         try:

@@ -103,7 +103,7 @@ def read_vocabulary(path: str) -> Vocabulary:
             raise ConfigError(f"{p}:{i}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
     if p.suffix.lower() in (".yaml", ".yml"):
         return _from_yaml(p, "\n".join(lines))
-    vocab, seen = Vocabulary(), {}
+    vocab, seen = Vocabulary(), {}  # type: Vocabulary, Dict[str, int]
     if lines and lines[-1] == "":
         lines = lines[:-1]  # the final newline
     for i, text in enumerate(lines, start=1):
@@ -122,7 +122,7 @@ def _from_yaml(p: Path, text: str) -> Vocabulary:
         nodes = yaml.compose(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p} is not valid YAML: {exc}") from exc
-    vocab, seen = Vocabulary(), {}
+    vocab, seen = Vocabulary(), {}  # type: Vocabulary, Dict[str, int]
     if nodes is None:
         raise ConfigError(f"{p}: no concept names")
     if isinstance(nodes, yaml.SequenceNode):
