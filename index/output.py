@@ -48,6 +48,7 @@ from reco.errors import ConfigError
 
 from . import storage
 from .lock import StoreLock, StoreLockedError, make_lock
+from .outputs import check_output_folder
 from .report import EXIT_FAILED, EXIT_OK, EXIT_RERUN, JobReport
 
 __all__ = ["ResumableOutput", "Parts", "config_hash", "JobReport", "StoreLockedError",
@@ -176,16 +177,7 @@ class ResumableOutput:
 
     def check_location(self) -> None:
         """Raise :class:`ConfigError` when the output URI names a file (or a folder inside one)."""
-        if storage.is_url(self.uri):
-            if storage.is_file(self.uri, self.storage_options):
-                raise ConfigError(f"output {self.uri} is a file, not a folder")
-            return
-        p = storage.local_path(self.uri)
-        for q in (p, *p.parents):
-            if q.exists():
-                if not q.is_dir():
-                    raise ConfigError(f"output {self.uri}: {q} is a file, not a folder")
-                break
+        check_output_folder(self.uri, self.storage_options, what=f"{self.job} output")
 
     def read_settings(self) -> Optional[Dict[str, Any]]:
         """The recorded settings, None for a new output; :class:`ConfigError` when unreadable."""
