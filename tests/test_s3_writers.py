@@ -36,6 +36,24 @@ def _earlier_run(uri, opts, job, settings_file, parts_dir, suffix):
     return part, storage.read_bytes(storage.join(uri, settings_file), opts)
 
 
+def _refused_then_overwritten(main, args, out, opts, caplog, job, settings_file, parts_dir, suffix):
+    """A job run with --overwrite into an output of another configuration: refused (exit 2, one
+    line naming the holder) while another writer holds the lock, forgetting nothing; run afresh
+    once the lock is free."""
+    part, settings = _earlier_run(out, opts, job, settings_file, parts_dir, suffix)
+    with writer_lock(out, f"{job}-elsewhere", opts):
+        caplog.clear()
+        assert main([*args, "--overwrite"]) == 2
+        _refused(caplog, f"{job}-elsewhere")
+    # the refused --overwrite forgot nothing: the earlier run's part and settings are intact
+    assert storage.read_bytes(part, opts) == b"committed by the earlier run"
+    assert storage.read_bytes(storage.join(out, settings_file), opts) == settings
+    assert main([*args, "--overwrite"]) == 0  # the lock is free: --overwrite starts afresh
+    assert not storage.exists(part, opts)
+    assert json.loads(storage.read_bytes(f"{out}/job_report.json", opts))["inputs"]["processed"] == 2
+    assert not storage.exists(f"{out}/writer.lock", opts)
+
+
 def _refused(caplog, holder):
     lines = [r.getMessage() for r in caplog.records if "locked by another writer" in r.getMessage()]
     assert lines and holder in lines[0], caplog.text[-2000:]
@@ -72,19 +90,7 @@ def test_build_bank_on_s3_refuses_a_second_writer_and_overwrites_under_the_lock(
     args = ["build-bank", "--vocab", str(vocab), "--exemplars", str(ex), "--out", out, "--config", str(cfg),
             "--actors", "1", "--dense-encoder", "dino_vits16", "--dense-weights", str(tiny_dense_path),
             "--dense-kwargs", json.dumps(TINY_VIT), "--storage-options", so]
-    part, settings = _earlier_run(out, opts, "build-bank", "build.json", "parts", ".safetensors")
-    with writer_lock(out, "build-bank-elsewhere", opts):
-        caplog.clear()
-        assert main([*args, "--overwrite"]) == 2
-        _refused(caplog, "build-bank-elsewhere")
-    # the refused --overwrite forgot nothing: the earlier run's part and settings are intact
-    assert storage.read_bytes(part, opts) == b"committed by the earlier run"
-    assert storage.read_bytes(f"{out}/build.json", opts) == settings
-    assert main([*args, "--overwrite"]) == 0  # the lock is free: --overwrite starts afresh
-    assert not storage.exists(part, opts)
-    assert json.loads(storage.read_bytes(f"{out}/job_report.json", opts))["inputs"]["processed"] == 2
-    assert not storage.exists(f"{out}/writer.lock", opts)
-
+    _refused_then_overwritten(main, args, out, opts, caplog, "build-bank", "build.json", "parts", ".safetensors")
 
 @pytest.mark.slow
 def test_pseudo_label_on_s3_refuses_a_second_writer_and_overwrites_under_the_lock(ray_local, s3out, tiny_dense_path,
@@ -103,13 +109,5 @@ def test_pseudo_label_on_s3_refuses_a_second_writer_and_overwrites_under_the_loc
     out = f"{root}/labels"
     args = ["pseudo-label", str(src), "--bank", str(bank_dir), "--out", out, "--dense-weights", str(tiny_dense_path),
             "--dense-kwargs", json.dumps(TINY_VIT), "--storage-options", so]
-    part, settings = _earlier_run(out, opts, "pseudo-label", "pseudo_label.json", "manifest", ".parquet")
-    with writer_lock(out, "pseudo-label-elsewhere", opts):
-        caplog.clear()
-        assert main([*args, "--overwrite"]) == 2
-        _refused(caplog, "pseudo-label-elsewhere")
-    assert storage.read_bytes(part, opts) == b"committed by the earlier run"
-    assert storage.read_bytes(f"{out}/pseudo_label.json", opts) == settings
-    assert main([*args, "--overwrite"]) == 0
-    assert not storage.exists(part, opts)
-    assert json.loads(storage.read_bytes(f"{out}/job_report.json", opts))["inputs"]["processed"] == 2
+    _refused_then_overwritten(main, args, out, opts, caplog, "pseudo-label", "pseudo_label.json", "manifest",
+                              ".parquet")
