@@ -251,7 +251,7 @@ class ObjectStoreLock(StoreLock):
     def __init__(self, uri: str, job: str, heartbeat_s: float = 10.0, stale_after_s: float = 120.0,
                  storage_options: Optional[Mapping[str, Any]] = None):
         super().__init__(Path(LOCK_FILE), job, heartbeat_s, stale_after_s)
-        self.path = str(uri)  # type: ignore[assignment]
+        self.path = str(uri)
         self._where = self.path.rsplit("/", 1)[0]
         self.storage_options = storage_options
         self.atomic = storage.conditional_writes(self.path)

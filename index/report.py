@@ -91,6 +91,10 @@ def _fmt_seconds(s: float) -> str:
     return f"{h}h{m:02d}m{sec:02d}s" if h else f"{m}m{sec:02d}s"
 
 
+def _iso(t: Optional[float]) -> Optional[str]:
+    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds") if t else None
+
+
 class JobReport:
     """Counts, reasons, retries, stage times and peak memory of one job run."""
 
@@ -242,7 +246,6 @@ class JobReport:
                 d["items"] = int(st["items"])
                 d["items_per_second"] = round(st["items"] / st["seconds"], 3) if st["seconds"] > 0 else None
             stages.append(d)
-        iso = lambda t: datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds") if t else None
         return {
             "format": REPORT_FORMAT,
             "job": self.job,
@@ -250,8 +253,8 @@ class JobReport:
             "failed_fraction": round(self.failed_fraction, 6),
             "max_failed_fraction": self.max_failed_fraction,
             "unit": self.unit,
-            "started": iso(self.started),
-            "finished": iso(self.finished),
+            "started": _iso(self.started),
+            "finished": _iso(self.finished),
             "wall_seconds": round(wall, 3),
             "host": socket.gethostname(),
             "python": platform.python_version(),

@@ -5,10 +5,10 @@ import platform
 import numpy as np
 import pytest
 import torch
+from conftest import make_image
 
 from cluster.datamap import aligned_blocks
 from cluster.embed import ClipEmbedUDF, crop_uint8
-from conftest import make_image
 
 
 @pytest.mark.parametrize("size", [(90, 60), (60, 90), (224, 224), (31, 17), (500, 375)])

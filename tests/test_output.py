@@ -6,8 +6,8 @@ import secrets
 import threading
 
 import pytest
-
 from conftest import make_bucket
+
 from index import storage
 from index.lock import LOCK_FILE, StoreLockedError
 from index.output import EXIT_FAILED, EXIT_OK, EXIT_RERUN, JobReport, ResumableOutput, config_hash

@@ -6,8 +6,8 @@ import json
 import secrets
 
 import pytest
-
 from conftest import TINY_VIT, make_bucket, make_image
+
 from index import storage
 from index.lock import writer_lock
 from index.output import ResumableOutput
