@@ -19,6 +19,7 @@ import logging
 from typing import Any, List, Mapping, Optional
 
 from cluster.config import load_yaml_mapping, resolve_cluster_config
+from jobs.embed import add_cluster_args
 from reco.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -85,8 +86,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--selection", choices=("last", "holdout"),
                    help="export the last checkpoint, or the best on a held-out slice of the pseudo-labelled images")
     p.add_argument("--confidence-threshold", type=float, help="ignore pixels whose pseudo-label confidence is below it")
-    p.add_argument("--storage-options", default="{}", help="JSON fsspec options (e.g. an S3 endpoint_url)")
-    p.add_argument("--ray-config", help="Ray settings YAML (default: the repository's ray_config.yaml)")
+    add_cluster_args(p)
     args = p.parse_args(argv)
 
     from cluster.runtime import init_ray

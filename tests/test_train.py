@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import struct
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -71,6 +73,28 @@ def write_pseudo_labels(root: Path, n: int = 12, confidence: bool = True, skippe
 @pytest.fixture(scope="module")
 def toy_labels(tmp_path_factory) -> Path:
     return write_pseudo_labels(tmp_path_factory.mktemp("toy"))
+
+
+def exit_once_after(step: int, rank: int, marker) -> Callable[[], None]:
+    """A ``worker_setup`` for run_training: in every Ray Train worker it adds a step_end hook that
+    ends the process of ``rank`` (as if killed) the first time it finishes ``step``; ``marker``
+    (a file) records that it fired, so the restarted worker group goes on. Ray pickles this
+    closure by value: the workers need not import the tests."""
+    marker = str(marker)
+
+    def setup() -> None:
+        from cluster.train import hooks
+
+        def on_step_end(step: int, rank: int) -> None:
+            if (step, rank) == (want_step, want_rank) and not os.path.exists(marker):
+                with open(marker, "w") as f:
+                    f.write(str(step))
+                os._exit(1)
+
+        hooks.add("step_end", on_step_end)
+
+    want_step, want_rank = step, rank
+    return setup
 
 
 def _cfg(**kw):
@@ -254,7 +278,7 @@ def test_holdout_selection_and_curve_in_one_process(tmp_path, toy_labels):
     of the pseudo-labelled training images, and selection picks the best of them."""
     from safetensors.torch import save_file
 
-    from cluster.train import _select, plan_training, render_curve, run_local
+    from cluster.train import plan_training, render_curve, run_local, select_checkpoint
     from reco.segmodel import SegModelSpec, build_model, file_sha256
 
     torch.manual_seed(5)  # "ImageNet" weights for the encoder, given as a local file
@@ -271,8 +295,8 @@ def test_holdout_selection_and_curve_in_one_process(tmp_path, toy_labels):
     assert all(0.0 <= m["holdout_miou"] <= 1.0 for m in metrics)
     ck = [("a", {"step": 2, "holdout_miou": 0.4}), ("b", {"step": 4, "holdout_miou": 0.3}),
           ("c", {"step": 6, "holdout_miou": 0.4})]
-    assert _select(ck, cfg)[0] == "c" and _select(ck[:2], cfg)[0] == "a"
-    assert _select(ck[:2], replace(cfg, selection="last"))[0] == "b"
+    assert select_checkpoint(ck, cfg)[0] == "c" and select_checkpoint(ck[:2], cfg)[0] == "a"
+    assert select_checkpoint(ck[:2], replace(cfg, selection="last"))[0] == "b"
     png = Image.open(io.BytesIO(render_curve(state["history"], "toy")))
     assert png.size == (900, 640) and png.mode == "RGB"
 
@@ -296,7 +320,7 @@ def resumed_run(ray_local, toy_labels, tmp_path_factory):
     cfg = _cfg(max_failures=0)
     marker = runs / "fault_fired"
     with pytest.raises(TrainingFailed, match="rerun the same command"):
-        run_training(str(toy_labels), str(runs), "toy", cfg, fault={"step": 6, "rank": 1, "marker": str(marker)})
+        run_training(str(toy_labels), str(runs), "toy", cfg, worker_setup=exit_once_after(6, 1, marker))
     assert marker.read_text() == "6"
     after_kill = sorted(p.name for p in (runs / "toy").glob("checkpoint_0*") if p.is_dir())
     res = run_training(str(toy_labels), str(runs), "toy", cfg)
@@ -369,7 +393,7 @@ def test_worker_killed_mid_run_recovers_on_s3_and_export_matches(resumed_run, to
     runs_uri = "s3://reco-train/runs"
     runs, cfg, resumed, _ = resumed_run
     res = run_training("s3://reco-train/labels", runs_uri, "toy", replace(cfg, max_failures=1), s3_server,
-                       fault={"step": 10, "rank": 1, "marker": str(tmp_path / "fault_fired")})
+                       worker_setup=exit_once_after(10, 1, tmp_path / "fault_fired"))
     rep = res.report
     assert (tmp_path / "fault_fired").exists() and rep["steps"] == 12
     assert [a["start_step"] for a in rep["attempts"]] == [0, 8]
