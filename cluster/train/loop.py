@@ -151,14 +151,15 @@ def _restore(lc: LoopConfig, session, s: _Setup) -> Dict[str, Any]:
     return {"step": 0, "history": [], "attempts": [], "train_seconds": 0.0, "checkpoints": []}
 
 
-def _diverged(lc: LoopConfig, session, step: int, value: float) -> None:
+def _diverged(lc: LoopConfig, session, first: int, step: int, value: float) -> None:
     """Stop: the loss is not finite. In this process: raise. On Ray Train: rank 0 leaves
     ``RUN/train_diverged.json`` for the driver and every rank returns (an error would only make
     Ray Train restart the group into the same divergence, ``max_failures`` times)."""
     cfg = lc.train
-    msg = (f"training diverged: the loss is {value} at step {step} (no checkpoint written after step "
-           f"{step - (step % cfg.checkpoint_every or cfg.checkpoint_every)}); nothing was exported: lower the learning "
-           f"rates (lr_head {cfg.lr_head}, lr_encoder {cfg.lr_encoder}) or check the pseudo-labels")
+    steps = f"step {step}" if first == step else f"steps {first}-{step}"
+    msg = (f"training diverged: the loss is {value} over {steps}; nothing was exported and no checkpoint was written "
+           f"after it: lower the learning rates (lr_head {cfg.lr_head}, lr_encoder {cfg.lr_encoder}) or check the "
+           "pseudo-labels and encoder weights")
     if isinstance(session, LocalSession):
         raise TrainingDiverged(msg)
     if session.rank == 0:
@@ -218,7 +219,7 @@ def train_loop(lc: LoopConfig, session) -> Dict[str, Any]:
             t = session.all_reduce(torch.stack([win_loss, torch.tensor(float(win_n), dtype=torch.float64,
                                                                        device=session.device)])).cpu()
             if not math.isfinite(float(t[0])):
-                _diverged(lc, session, step, float(t[0] / t[1]))
+                _diverged(lc, session, step - win_n + 1, step, float(t[0] / t[1]))
                 return state
         if log_now:
             dt = max(time.perf_counter() - win_t, 1e-9)
