@@ -81,13 +81,19 @@ def settings(bank_bytes: bytes, bank: ConceptBank, class_names: Sequence[str], c
 
 def committed_rows(out_uri: str, storage_options: Optional[Mapping[str, Any]] = None) -> List[Dict[str, Any]]:
     """Every committed manifest row under ``out_uri``."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from index.storage import join, list_files, read_bytes
 
     rows: List[Dict[str, Any]] = []
     for part in list_files(join(out_uri, MANIFEST_DIR), storage_options, suffix=".parquet"):
-        rows += pq.read_table(io.BytesIO(read_bytes(part, storage_options))).to_pylist()
+        # parse an Arrow-owned copy: Arrow buffers over Python bytes can be released on an Arrow
+        # thread while the interpreter shuts down, which aborts the process ("terminate called
+        # without an active exception", exit 134) when a job stops right after reading
+        sink = pa.BufferOutputStream()
+        sink.write(read_bytes(part, storage_options))
+        rows += pq.read_table(pa.BufferReader(sink.getvalue())).to_pylist()
     return rows
 
 

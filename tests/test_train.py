@@ -441,3 +441,81 @@ def test_cli_train_with_relative_paths_and_its_job_report(ray_local, tmp_path, m
     job = json.loads((tmp_path / "runs" / "rel" / "job_report.json").read_text())
     assert job["job"] == "train" and job["inputs"] == {"seen": 4, "processed": 4, "already_done": 0, "skipped": 0,
                                                        "failed_transient": 0}
+
+
+# -- bad inputs: one line, exit 2, before Ray -----------------------------------------------------
+
+
+def test_bad_train_inputs_are_one_line_errors_before_ray(tmp_path, toy_labels, caplog, capsys):
+    import logging
+
+    import ray
+
+    from jobs.cli import main
+
+    ray_was_up = ray.is_initialized()
+    runs = tmp_path / "runs"
+    base = ["train", str(toy_labels), "--name", "r", "--storage", str(runs)]
+
+    def refused(args, *words):
+        caplog.clear()
+        assert main(args) == 2, args
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and "\n" not in errors[0], (args, errors)
+        assert all(w in errors[0] for w in words), (args, errors[0])
+
+    # numbers: NaN, infinities and out-of-range values (flags and YAML)
+    for flag, value, word in [("--cpus-per-worker", "nan", "cpus_per_worker"), ("--cpus-per-worker", "inf", "finite"),
+                              ("--confidence-threshold", "nan", "confidence_threshold"),
+                              ("--confidence-threshold", "-inf", "confidence_threshold"),
+                              ("--iterations", "0", "iterations"), ("--batch-size", "-4", "batch_size"),
+                              ("--num-workers", "0", "num_workers"), ("--max-failures", "-2", "max_failures"),
+                              ("--checkpoint-every", "0", "checkpoint_every"), ("--loader-workers", "-1", "loader_workers")]:
+        refused(base + [f"{flag}={value}"], word)
+    for yaml_value in (".inf", ".nan", "-.inf"):
+        (tmp_path / "t.yaml").write_text(f"train:\n  lr_head: {yaml_value}\n")
+        refused(base + ["--config", str(tmp_path / "t.yaml")], "lr_head")
+    # --storage naming a file; the run folder being a file
+    (tmp_path / "afile").write_text("x")
+    refused(["train", str(toy_labels), "--name", "r", "--storage", str(tmp_path / "afile")], "is a file")
+    runs.mkdir()
+    (runs / "f").write_text("x")
+    refused(["train", str(toy_labels), "--name", "f", "--storage", str(runs)], "is a file")
+    # a damaged train_settings.json
+    (runs / "r").mkdir()
+    (runs / "r" / "train_settings.json").write_bytes(b"\xff{ garbage")
+    refused(base, "train_settings.json", "damaged")
+    (runs / "r" / "train_settings.json").write_text("[1, 2]")
+    refused(base, "train_settings.json", "damaged")
+    assert ray.is_initialized() == ray_was_up
+    # --help names the default it uses (configs/cluster.yaml), which a job then accepts
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default: the repository's configs/cluster.yaml" in text
+    assert "repository's ray_config.yaml" not in text
+    from cluster.config import cluster_config_path, resolve_cluster_config
+
+    assert cluster_config_path(None).name == "cluster.yaml" and resolve_cluster_config(None).ray is not None
+
+
+def test_a_label_set_with_every_image_skipped_exits_2_every_time(tmp_path):
+    """It once exited 134 ("terminate called without an active exception") in about 1 run of 3:
+    the manifest's Arrow buffers over Python bytes were released on an Arrow thread while the
+    interpreter shut down. The CLI says it in one line with exit 2; then six fresh processes
+    that read that manifest (with torch imported, as the job does) and exit at once must exit 0."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from jobs.cli import main
+
+    labels = write_pseudo_labels(tmp_path, skipped_only=True)
+    assert main(["train", str(labels), "--name", "r", "--storage", str(tmp_path / "runs")]) == 2
+    assert not (tmp_path / "runs").exists()
+    code = f"import torch\nfrom cluster.pseudo_label import committed_rows\nassert len(committed_rows({str(labels)!r})) == 1"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    codes = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=120).returncode
+             for _ in range(6)]
+    assert codes == [0] * 6, codes
