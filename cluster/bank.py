@@ -12,6 +12,7 @@ from reco.bank import ConceptBuilder, ConceptReference, ContextLike, bank_metada
 from reco.config import BankConfig
 from reco.errors import EmptyArchiveError, ReCoError
 
+from . import faults
 from .models import EncoderSpec, autocast_for
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class BankWorker:
             info["error"] = str(exc)
             ref = None
         info["seconds"] = time.perf_counter() - t0
+        faults.fire("bank.concept", name)
         return ref, info
 
     def prepare(
@@ -77,6 +79,7 @@ class BankWorker:
         except (EmptyArchiveError, ReCoError) as exc:
             info["error"] = str(exc)
         info["seconds"] = time.perf_counter() - t0
+        faults.fire("bank.concept", name)
         return feats, lang, info
 
     def confidence(self, name: str, uris: Sequence[str], text: Optional[torch.Tensor]) -> Tuple[float, Dict[str, object]]:

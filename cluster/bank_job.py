@@ -21,18 +21,17 @@ references and rows of the same concepts or does not exist. A concept whose arch
 unusable (bad input) is committed as ``failed`` with its reason; a concept with an image that
 failed *transiently* is not committed, so the next run redoes it (in a peeling chain, it and
 every concept after it: they depend on it). A rerun with the same config
-hash skips every committed concept; another config is refused unless ``overwrite``. Local
-outputs take ``OUT/writer.lock``.
+hash skips every committed concept; another config is refused unless ``overwrite``. All of it is
+:class:`index.output.ResumableOutput`: ``OUT/writer.lock`` is taken on any storage (local or S3),
+``--overwrite`` forgets the parts under it, and ``OUT/job_report.json`` says ``failed`` when more
+than ``jobs.max_failed_fraction`` of the concepts failed.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import secrets
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -41,9 +40,14 @@ from reco.bank import ConceptBank, ConceptReference
 from reco.config import BankConfig, to_dict
 from reco.errors import ConfigError, EmptyArchiveError
 
+from index.output import JobReport, Parts, ResumableOutput
+from index.report import JobResult
+from index.storage import join
+
 from .bank import BankWorker
-from .config import ActorConfig
+from .config import ActorConfig, JobsConfig
 from .models import EncoderSpec
+from .report import count_actor_restarts
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +60,6 @@ _HEADER = "reco_bank_part"
 #: every actor it lands on fails the job instead of looping; the rerun resumes from the parts.
 ACTOR_MAX_RESTARTS = 4
 ACTOR_MAX_TASK_RETRIES = 4
-# Fault-injection knob for tests and benchmarks: seconds each concept build is held on its actor
-# (read in the actor's process: on a cluster, set it in the job's `ray.env_vars`).
-DELAY_ENV = "RECO_BANK_DELAY_S"
 
 
 @dataclass(frozen=True)
@@ -71,57 +72,29 @@ class ConceptTask:
     source: str = "exemplars"  # "exemplars" or "retrieval"
 
 
-@dataclass
-class BankJobReport:
-    concepts: int = 0
-    already_done: int = 0
-    built: int = 0
-    failed: Dict[str, str] = field(default_factory=dict)
-    failed_transient: Dict[str, str] = field(default_factory=dict)
-    parts_committed: int = 0
-    seconds: float = 0.0
-    concept_seconds: float = 0.0
-    actor_peak_rss_mb: List[float] = field(default_factory=list)
-    left_for_rerun: int = 0  # concepts after a transient failure in the peeling chain
+class BankJobReport(JobResult):
+    """build-bank's names for the counts of its uniform report (``.report``, a
+    :class:`index.report.JobReport` in concepts)."""
+
+    ALIASES = {"concepts": "n_seen", "built": "n_processed", "already_done": "n_already_done",
+               "failed": "skipped_items", "failed_transient": "failed_items"}
+    FIELDS = {"parts_committed": 0, "concept_seconds": 0.0, "actor_peak_rss_mb": list,
+              "left_for_rerun": 0}  # left_for_rerun: concepts after a transient failure in the peeling chain
 
     @property
     def concepts_per_minute(self) -> float:
         return 60.0 * (self.built + len(self.failed)) / self.seconds if self.seconds else 0.0
 
     def as_dict(self) -> Dict[str, Any]:
-        d = asdict(self)
-        d["concepts_per_minute"] = self.concepts_per_minute
-        return d
+        return dict(super().as_dict(), concepts_per_minute=self.concepts_per_minute)
 
 
-class BankJobWorker(BankWorker):
-    """The bank job's actor: a :class:`cluster.bank.BankWorker` whose work on a concept (build,
-    or prepare in a peeling chain) is held ``RECO_BANK_DELAY_S`` seconds when that is set (fault
-    tests kill nodes mid-build)."""
-
-    @staticmethod
-    def _hold() -> None:
-        delay = float(os.environ.get(DELAY_ENV, "0") or 0)
-        if delay:
-            time.sleep(delay)
-
-    def build(self, *args, **kwargs):
-        out = super().build(*args, **kwargs)
-        self._hold()
-        return out
-
-    def prepare(self, *args, **kwargs):
-        out = super().prepare(*args, **kwargs)
-        self._hold()
-        return out
-
-
-def config_hash(config: BankConfig, encoders: EncoderSpec, archive_mode: str) -> Tuple[str, Dict[str, Any]]:
-    covered = {"bank": to_dict(config), "dense_encoder": encoders.dense_encoder,
-               "dense_weights": encoders.dense_weights, "clip": encoders.clip_model,
-               "clip_weights": encoders.clip_weights, "clip_dense_head": encoders.clip_dense_head,
-               "archive_mode": archive_mode}
-    return hashlib.sha256(json.dumps(covered, sort_keys=True).encode()).hexdigest()[:16], covered
+def bank_settings(config: BankConfig, encoders: EncoderSpec, archive_mode: str) -> Dict[str, Any]:
+    """What a bank depends on (its ``build.json`` is these plus their :func:`index.output.config_hash`)."""
+    return {"bank": to_dict(config), "dense_encoder": encoders.dense_encoder,
+            "dense_weights": encoders.dense_weights, "clip": encoders.clip_model,
+            "clip_weights": encoders.clip_weights, "clip_dense_head": encoders.clip_dense_head,
+            "archive_mode": archive_mode}
 
 
 def _row(name: str, kind: str, ref: Optional[ConceptReference], info: Mapping[str, Any], task: ConceptTask,
@@ -146,15 +119,12 @@ def _row(name: str, kind: str, ref: Optional[ConceptReference], info: Mapping[st
 _PART_FIELDS = ("reference", "prototypes", "calibration", "member_sums", "member_counts")
 
 
-def _commit(out_uri: str, entries: List[Tuple[Dict[str, Any], Optional[ConceptReference]]], seq: int,
-            storage_options) -> None:
+def _part_bytes(entries: List[Tuple[Dict[str, Any], Optional[ConceptReference]]]) -> bytes:
     """One atomic part: every concept's row (ok and failed) in the header; for each built
     concept its reference, prototypes, calibration and (with ``keep_members``) archive members
     under ``<kind>:<name>/<field>``, and its co-segmentation score maps ``scores/<kind>:<name>``
     (k, h, w) float16 (the archive browser's heat-maps)."""
     from safetensors.torch import save
-
-    from index.storage import join, write_bytes
 
     tensors: Dict[str, torch.Tensor] = {}
     for row, ref in entries:
@@ -169,8 +139,12 @@ def _commit(out_uri: str, entries: List[Tuple[Dict[str, Any], Optional[ConceptRe
             tensors[f"scores/{key}"] = ref.scores.to(torch.float16).contiguous()
     if not tensors:
         tensors["empty"] = torch.zeros(1)
-    blob = save(tensors, metadata={_HEADER: json.dumps([row for row, _ in entries])})
-    write_bytes(join(out_uri, PARTS_DIR, f"part-{seq:05d}-{secrets.token_hex(4)}.safetensors"), blob, storage_options)
+    return save(tensors, metadata={_HEADER: json.dumps([row for row, _ in entries])})
+
+
+def _commit(out: ResumableOutput, entries: List[Tuple[Dict[str, Any], Optional[ConceptReference]]]) -> None:
+    """Commit one part (atomic; the writer lock is checked first)."""
+    out.commit(_part_bytes(entries))
 
 
 def _reference(row: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], key: str,
@@ -189,40 +163,54 @@ def _reference(row: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], key:
         member_sums=get("member_sums"), member_counts=get("member_counts"))
 
 
+class _Committed:
+    """The committed concepts of an output, folded in part by part (each part read once):
+    ``rows`` and ``refs`` keyed ``<kind>:<name>``. A concept committed twice (never by this
+    code) raises."""
+
+    def __init__(self, parts: Parts):
+        self.parts = parts
+        self.rows: Dict[str, Dict[str, Any]] = {}
+        self.refs: Dict[str, ConceptReference] = {}
+
+    def update(self) -> "_Committed":
+        from safetensors.torch import load
+
+        from reco.bank import _safetensors_metadata
+
+        for part, data in self.parts.read_new():
+            part_rows = json.loads(_safetensors_metadata(data)[_HEADER])
+            tensors = load(data)
+            stacked = tensors.get("references")  # parts written before per-concept tensors
+            k = 0
+            for r in part_rows:
+                key = f"{r['kind']}:{r['name']}"
+                if key in self.rows:
+                    raise RuntimeError(f"concept {r['name']!r} committed twice ({part})")
+                self.rows[key] = r
+                if r["status"] == "ok":
+                    self.refs[key] = _reference(r, tensors, key, stacked[k] if stacked is not None else None)
+                    k += 1
+        return self
+
+
+def _bank_parts(out_uri: str, storage_options=None) -> Parts:
+    return Parts(join(out_uri, PARTS_DIR), ".safetensors", storage_options)
+
+
 def committed(out_uri: str, storage_options=None) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, ConceptReference], int]:
     """({key: row}, {key: reference}, next part number) of every committed part, keyed
-    ``<kind>:<name>``. A concept committed twice (never by this code) would raise."""
-    from safetensors.torch import load
-
-    from index.storage import join, list_files, read_bytes
-    from reco.bank import _safetensors_metadata
-
-    rows: Dict[str, Dict[str, Any]] = {}
-    refs: Dict[str, ConceptReference] = {}
-    parts = list_files(join(out_uri, PARTS_DIR), storage_options, suffix=".safetensors")
-    for part in parts:
-        data = read_bytes(part, storage_options)
-        part_rows = json.loads(_safetensors_metadata(data)[_HEADER])
-        tensors = load(data)
-        stacked = tensors.get("references")  # parts written before per-concept tensors
-        k = 0
-        for r in part_rows:
-            key = f"{r['kind']}:{r['name']}"
-            if key in rows:
-                raise RuntimeError(f"concept {r['name']!r} committed twice ({part})")
-            rows[key] = r
-            if r["status"] == "ok":
-                refs[key] = _reference(r, tensors, key, stacked[k] if stacked is not None else None)
-                k += 1
-    seq = max((int(p.rsplit("/", 1)[-1].split("-")[1]) for p in parts), default=-1) + 1
-    return rows, refs, seq
+    ``<kind>:<name>``."""
+    parts = _bank_parts(out_uri, storage_options)
+    done = _Committed(parts).update()
+    return done.rows, done.refs, parts.next_seq()
 
 
 class _Parts:
     """Buffers finished concepts and commits them as parts of ``commit_every``."""
 
-    def __init__(self, out_uri: str, seq: int, commit_every: int, storage_options, report: "BankJobReport"):
-        self.out_uri, self.seq, self.every, self.options, self.report = out_uri, seq, commit_every, storage_options, report
+    def __init__(self, out: ResumableOutput, commit_every: int, report: BankJobReport):
+        self.out, self.every, self.report = out, commit_every, report
         self.buffer: List[Tuple[Dict[str, Any], Optional[ConceptReference]]] = []
 
     def add(self, row: Dict[str, Any], ref: Optional[ConceptReference]) -> None:
@@ -232,8 +220,8 @@ class _Parts:
 
     def flush(self) -> None:
         if self.buffer:
-            _commit(self.out_uri, self.buffer, self.seq, self.options)
-            self.seq, self.buffer = self.seq + 1, []
+            _commit(self.out, self.buffer)
+            self.buffer = []
             self.report.parts_committed += 1
 
 
@@ -253,22 +241,26 @@ def run_build_bank(
     commit_every: int = 16,
     overwrite: bool = False,
     storage_options: Optional[Mapping[str, Any]] = None,
+    max_failed_fraction: Optional[float] = JobsConfig.max_failed_fraction,
+    job_config: Optional[Mapping[str, Any]] = None,
 ) -> Tuple[Optional[ConceptBank], BankJobReport]:
-    """Build (or finish building) the bank of ``tasks`` into ``out_uri`` (Ray must be running).
+    """Build (or finish building) the bank of ``tasks`` into ``out_uri`` (Ray must be running),
+    through :class:`index.output.ResumableOutput` (``build.json``, ``parts/``, writer lock).
 
-    Returns the assembled bank (None when some concepts are left for a rerun) and a report."""
+    Returns the assembled bank (None when some concepts are left for a rerun) and a report; the
+    uniform report (``job_report.json``, config ``job_config``) is written beside the bank, with
+    status ``failed`` when more than ``max_failed_fraction`` of the concepts failed."""
     import ray
-
-    from index.storage import exists, join, read_bytes, write_bytes, writer_lock
 
     if commit_every < 1:
         raise ConfigError("commit_every must be >= 1")
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise ConfigError("concept names must be unique")
-    t_start = time.perf_counter()
-    digest, covered = config_hash(config, encoders, archive_mode)
-    report = BankJobReport(concepts=len(tasks))
+    covered = bank_settings(config, encoders, archive_mode)
+    report = BankJobReport(JobReport("build-bank", unit="concepts", config=job_config,
+                                     max_failed_fraction=max_failed_fraction))
+    report.concepts = len(tasks)
     use_context = bool(config.context_elimination and config.context_concepts)
     if use_context:
         have = {t.name for t in context_tasks if t.uris}
@@ -277,38 +269,32 @@ def run_build_bank(
             raise ConfigError(f"context elimination needs archives for the context concepts {missing}: give them "
                               "(exemplar folders or an index), change bank.context_concepts, or set "
                               "bank.context_elimination: false")
-    with writer_lock(out_uri, "build-bank"):
-        build_uri = join(out_uri, BUILD_FILE)
-        build: Dict[str, Any] = {"config_hash": digest, **covered}
-        if exists(build_uri, storage_options):
-            prev = json.loads(read_bytes(build_uri, storage_options))
-            if prev.get("config_hash") != digest:
-                if not overwrite:
-                    raise ConfigError(f"{out_uri} was built with another configuration (config hash "
-                                      f"{prev.get('config_hash')}, now {digest}): use another --out, or --overwrite")
-                _forget_parts(out_uri, storage_options)
-            elif prev.get("encoder_metadata"):  # a rerun with nothing left to build starts no actor to
-                build["encoder_metadata"] = prev["encoder_metadata"]  # say it again: keep it
-        write_bytes(build_uri, json.dumps(build, indent=2).encode(), storage_options)
-        rows, refs, seq = committed(out_uri, storage_options)
+    out = ResumableOutput(out_uri, "build-bank", BUILD_FILE, PARTS_DIR, ".safetensors", storage_options)
+    with out.open(covered, overwrite):
+        digest = out.settings["config_hash"]
+        if out.previous and out.previous.get("config_hash") == digest and out.previous.get("encoder_metadata"):
+            out.update_settings(encoder_metadata=out.previous["encoder_metadata"])  # a rerun with nothing left
+            # to build starts no actor to say it again: keep it
+        done = _Committed(out.parts).update()
+        rows, refs = done.rows, done.refs
         todo = [t for t in tasks if f"target:{t.name}" not in rows]
-        report.already_done = len(tasks) - len(todo)
+        report.report.already_done(len(tasks) - len(todo), failed=sum(
+            1 for t in tasks if rows.get(f"target:{t.name}", {}).get("status") == "failed"))
         ctx_names = list(config.context_concepts) if use_context else []
         need_context = use_context and any(f"context:{c}" not in rows for c in ctx_names)
         opts = dict(num_cpus=actors.cpus_per_actor, num_gpus=actors.gpus_per_actor,
                     max_restarts=ACTOR_MAX_RESTARTS, max_task_retries=ACTOR_MAX_TASK_RETRIES)
         n_workers = min(actors.num_actors, max(1, len(todo)))
-        workers = [ray.remote(BankJobWorker).options(**opts).remote(encoders, config, actors.torch_threads,
-                                                                    dict(storage_options or {}))
+        workers = [ray.remote(BankWorker).options(**opts).remote(encoders, config, actors.torch_threads,
+                                                                 dict(storage_options or {}))
                    for _ in range(n_workers if (todo or need_context) else 0)]
-        parts = _Parts(out_uri, seq, commit_every, storage_options, report)
+        parts = _Parts(out, commit_every, report)
         order: List[str] = list(names)
         try:
             if workers:  # provenance of the encoders as the actors built them (digests included)
                 enc_meta = ray.get(workers[0].metadata.remote(archive_mode))
                 enc_meta.pop("concepts", None)
-                write_bytes(build_uri, json.dumps({"config_hash": digest, **covered, "encoder_metadata": enc_meta},
-                                                  indent=2).encode(), storage_options)
+                out.update_settings(encoder_metadata=enc_meta)
             if need_context:  # the chain is rebuilt whole: each step depends on the earlier ones
                 by_name = {t.name: t for t in context_tasks}
                 chain: Dict[str, ConceptReference] = {}
@@ -321,7 +307,7 @@ def run_build_bank(
                     chain[c] = _light(ref)
                     parts.buffer.append((_row(c, "context", ref, info, t, digest), ref))
                 parts.flush()  # the context chain is one part
-                rows, refs, _ = committed(out_uri, storage_options)
+                done.update()
             context = {c: _light(refs[f"context:{c}"]) for c in ctx_names}
             if config.context_from_vocabulary:
                 order = _build_chain(tasks, rows, refs, context, workers, config, digest, parts, report)
@@ -333,17 +319,35 @@ def run_build_bank(
         finally:
             for w in workers:
                 ray.kill(w)
-        rows, refs, _ = committed(out_uri, storage_options)
-        report.seconds = time.perf_counter() - t_start
+        done.update()
+        _finish_report(report)
         if report.failed_transient:
             logger.warning("%d concepts left for a rerun (transient read failures%s); the bank is not assembled yet",
                            len(report.failed_transient) + report.left_for_rerun,
                            f", and {report.left_for_rerun} later in the build order" if report.left_for_rerun else "")
+            out.write_report(report.report)
             return None, report
-        enc_meta = json.loads(read_bytes(build_uri, storage_options)).get("encoder_metadata") or {}
-        bank = _assemble(tasks, rows, refs, enc_meta, config, archive_mode, digest, order)
-        _write_outputs(out_uri, bank, tasks, rows, storage_options)
+        try:
+            bank = _assemble(tasks, rows, refs, out.settings.get("encoder_metadata") or {}, config, archive_mode,
+                             digest, order)
+        except EmptyArchiveError:
+            out.write_report(report.report)
+            raise
+        _write_outputs(out, bank, tasks, rows)
+        out.write_report(report.report)
     return bank, report
+
+
+def _finish_report(report: BankJobReport) -> None:
+    """The stages, actor memory, restarts and part count of a run, in its uniform report."""
+    r = report.report.finish()
+    n = report.built + len(report.failed)
+    r.add_stage("job", r.wall_seconds, n)
+    r.add_stage("concept builds (sum over concepts)", report.concept_seconds, n)
+    for i, mb in enumerate(report.actor_peak_rss_mb):
+        r.actor_memory(f"bank actor {i}", {"rss": int(mb * 2**20)})
+    count_actor_restarts(r)
+    r.extra.update(parts_committed=report.parts_committed, left_for_rerun=report.left_for_rerun)
 
 
 def _record(name: str, ref: Optional[ConceptReference], info: Mapping[str, Any], task: ConceptTask,
@@ -353,8 +357,8 @@ def _record(name: str, ref: Optional[ConceptReference], info: Mapping[str, Any],
     report.concept_seconds += float(info.get("seconds", 0.0))
     read = info.get("read", {})
     if read.get("failed"):
-        report.failed_transient[name] = f"{read['failed']} archive image(s) unreadable now: " + \
-            "; ".join(f"{u}: {r}" for u, r in list(read["failed_files"].items())[:3])
+        report.report.fail_transient(name, f"{read['failed']} archive image(s) unreadable now: " +
+                                     "; ".join(f"{u}: {r}" for u, r in list(read["failed_files"].items())[:3]))
         logger.warning("concept %s left for a rerun: %s", name, report.failed_transient[name])
         return None
     row = _row(name, "target", ref, info, task, digest)
@@ -363,7 +367,7 @@ def _record(name: str, ref: Optional[ConceptReference], info: Mapping[str, Any],
         row.update({k: ctx_row[k] for k in ("archive", "seed_index", "seed_scores", "grid",
                                             "images_skipped", "language_guidance")})
     if ref is None:
-        report.failed[name] = row["error"]
+        report.report.skip(name, row["error"])
         logger.warning("concept %s failed: %s", name, row["error"])
     else:
         report.built += 1
@@ -510,26 +514,20 @@ def _assemble(tasks, rows, refs, enc_meta: Mapping[str, Any], config: BankConfig
     return ConceptBank.from_references([refs[f"target:{t.name}"] for t in ok], text, meta)
 
 
-def _write_outputs(out_uri, bank: ConceptBank, tasks, rows, storage_options) -> None:
+def _write_outputs(out: ResumableOutput, bank: ConceptBank, tasks, rows) -> None:
     import io
 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from index.storage import join, save_bank, write_bytes
+    from index.storage import save_bank
 
-    save_bank(bank, out_uri, storage_options)
+    out.lock.verify()  # type: ignore[union-attr]
+    save_bank(bank, out.uri, out.storage_options)
     table_rows = [rows[f"target:{t.name}"] for t in tasks] + [r for k, r in rows.items() if k.startswith("context:")]
     cols = ["name", "kind", "status", "error", "source", "archive", "requested", "seed_index", "seed_scores",
             "language_guidance", "context_eliminated", "reused_context_reference", "seconds", "config_hash"]
     table = pa.table({c: [r[c] for r in table_rows] for c in cols})
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    write_bytes(join(out_uri, "concepts.parquet"), buf.getvalue(), storage_options)
-
-
-def _forget_parts(out_uri: str, storage_options) -> None:
-    from index.storage import join, list_files, remove_files
-
-    remove_files(list_files(join(out_uri, PARTS_DIR), storage_options, suffix=".safetensors"), storage_options)
-    logger.warning("--overwrite: forgot the committed concepts under %s", out_uri)
+    out.write_file("concepts.parquet", buf.getvalue())

@@ -1,6 +1,6 @@
 """Ray Data CLIP image embedding into an :class:`index.store.EmbeddingStore`.
 
-Pipeline: ``from_arrow(pending items, in blocks of whole batches)`` -> ``map_batches(DecodeUDF)``
+Pipeline: ``from_arrow(pending items, in blocks of whole batches: cluster.datamap)`` -> ``map_batches(DecodeUDF)``
 (a CPU actor pool running :func:`decode_batch`: fetch bytes, decode, centre-crop to CLIP's input
 size, count failures) -> ``map_batches(ClipEmbedUDF)``
 (an actor pool: the model is loaded once per actor; CUDA + bf16 autocast where the actor has a
@@ -17,11 +17,9 @@ picks them up again (they are not in ``committed_ids()``) into a new shard.
 from __future__ import annotations
 
 import logging
-import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -30,13 +28,16 @@ from PIL import Image
 from reco.errors import ConfigError, ImageDecodeError
 from reco.image import decode_image
 
+from index.report import JobReport, JobResult
+
+from . import faults
 from .config import ActorConfig
+from .datamap import aligned_dataset, map_actors
 from .models import EncoderSpec
+from .report import count_actor_restarts
 
 logger = logging.getLogger(__name__)
 
-# Fault-injection knob for tests and benchmarks: seconds to sleep per embedded batch.
-DELAY_ENV = "RECO_EMBED_DELAY_S"
 
 
 def crop_uint8(img: "Image.Image", size: int) -> np.ndarray:
@@ -179,7 +180,6 @@ class ClipEmbedUDF:
         std = self.clip.std.to(self.device, torch.float32)
         self._scale = 1.0 / (255.0 * std)
         self._shift = mean / std
-        self.delay = float(os.environ.get(DELAY_ENV, "0") or 0)
         self.threads = torch.get_num_threads()
         self.warmup_s = 0.0
         if warmup_batch > 0:
@@ -259,8 +259,7 @@ class ClipEmbedUDF:
             emb = np.zeros((n, self.clip.embed_dim), dtype=np.float32)
             if ok.any():
                 emb[ok], t_in, t_fwd, t_out = self._embed(np.asarray(batch["pixels"])[ok])
-        if self.delay:
-            time.sleep(self.delay)
+        faults.fire("embed.batch", n)
         out = {k: np.asarray(batch[k]) for k in ("id", "uri", "group", "width", "height", "status", "error", "decode_s")}
         out["embedding"] = emb
         per = 1.0 / max(n, 1)
@@ -289,44 +288,45 @@ def _crop_tensor(t: torch.Tensor, size: int) -> torch.Tensor:
     return x[:, top:top + size, left:left + size].round().clamp(0, 255).to(torch.uint8)
 
 
-@dataclass
-class EmbedReport:
-    """What a run did. ``skipped``: bad inputs (committed as skipped, never retried);
-    ``failed_transient``: inputs that could not be read this time (NOT committed: rerun to retry)."""
+class EmbedReport(JobResult):
+    """What a run did, under embed's names for the counts of its uniform report (``.report``).
+    ``skipped``: bad inputs (committed as skipped, never retried); ``failed_transient``: inputs
+    that could not be read this time (NOT committed: rerun to retry)."""
 
-    listed: int = 0
-    already_done: int = 0
-    embedded: int = 0
-    skipped: Dict[str, str] = field(default_factory=dict)
-    failed_transient: Dict[str, str] = field(default_factory=dict)
-    shards_committed: List[int] = field(default_factory=list)
-    seconds: float = 0.0
-    decode_seconds_per_image: float = 0.0
-    #: time inside the actor's ``__call__`` per image, and its split (input conversion, the image
-    #: tower, output conversion); the rest of ``model_seconds_per_image`` is bookkeeping
-    model_seconds_per_image: float = 0.0
-    input_seconds_per_image: float = 0.0
-    forward_seconds_per_image: float = 0.0
-    output_seconds_per_image: float = 0.0
-    #: CPU seconds (all threads of the actor process) per image during ``__call__``
-    actor_cpu_seconds_per_image: float = 0.0
-    #: batch size -> number of batches the actors received
-    batch_sizes: Dict[int, int] = field(default_factory=dict)
-    actor_torch_threads: int = 0
-    actor_warmup_seconds: float = 0.0
-    #: images per second from the end of the first batch to the end of the last (start-up excluded)
-    steady_images_per_second: float = 0.0
+    ALIASES = {"listed": "n_seen", "already_done": "n_already_done", "embedded": "n_processed",
+               "skipped": "skipped_items", "failed_transient": "failed_items"}
+    FIELDS = {
+        "shards_committed": list,
+        "decode_seconds_per_image": 0.0,
+        # time inside the actor's ``__call__`` per image, and its split (input conversion, the image
+        # tower, output conversion); the rest of ``model_seconds_per_image`` is bookkeeping
+        "model_seconds_per_image": 0.0, "input_seconds_per_image": 0.0, "forward_seconds_per_image": 0.0,
+        "output_seconds_per_image": 0.0,
+        "actor_cpu_seconds_per_image": 0.0,  # CPU seconds (all threads of the actor process) per image
+        "batch_sizes": dict,  # batch size -> number of batches the actors received
+        "actor_torch_threads": 0, "actor_warmup_seconds": 0.0,
+        # images per second from the end of the first batch to the end of the last (start-up excluded)
+        "steady_images_per_second": 0.0,
+    }
 
     @property
     def images_per_second(self) -> float:
         return (self.embedded + len(self.skipped)) / self.seconds if self.seconds else 0.0
 
     def as_dict(self) -> Dict[str, Any]:
-        d = asdict(self)
-        d["skipped_count"] = len(self.skipped)
-        d["failed_transient_count"] = len(self.failed_transient)
-        d["images_per_second"] = self.images_per_second
-        return d
+        return dict(super().as_dict(), skipped_count=len(self.skipped),
+                    failed_transient_count=len(self.failed_transient), images_per_second=self.images_per_second)
+
+
+def _finish_report(report: EmbedReport) -> None:
+    """The stages and shard count of a run, in its uniform report."""
+    r = report.report.finish()
+    n = report.embedded + len(report.skipped)
+    r.add_stage("decode (per-image sum)", report.decode_seconds_per_image * n, n)
+    r.add_stage("image tower (per-image sum)", report.model_seconds_per_image * report.embedded, report.embedded)
+    r.add_stage("job", r.wall_seconds, n)
+    count_actor_restarts(r)
+    r.extra["shards_committed"] = list(report.shards_committed)
 
 
 def model_identity(encoders: EncoderSpec) -> Dict[str, Any]:
@@ -356,8 +356,8 @@ def run_embed(
 
     if shard_size < 1:
         raise ConfigError(f"shard size must be >= 1, got {shard_size}")
-    t_start = time.perf_counter()
-    report = EmbedReport(listed=len(items))
+    report = EmbedReport(JobReport("embed"))
+    report.listed = len(items)
     ids = [it.id for it in items]
     if len(set(ids)) != len(ids):
         raise ConfigError("item ids must be unique")
@@ -371,10 +371,11 @@ def run_embed(
         store.check_compatible(model)
         done = store.committed_ids() if store.exists else set()
         pending = [it for it in items if it.id not in done]
-        report.already_done = len(items) - len(pending)
+        skipped_before = set(store.skipped()) if done else set()
+        report.report.already_done(len(items) - len(pending), failed=sum(1 for i in ids if i in skipped_before))
         if not pending:
             logger.info("nothing to embed: all %d items are already in %s", len(items), store.root)
-            report.seconds = time.perf_counter() - t_start
+            _finish_report(report)
             return report
         clip_size, dim = clip_dims(encoders)
         store.create_or_check(model, dim)
@@ -389,19 +390,13 @@ def run_embed(
 
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True
-        ds = ray.data.from_arrow(_aligned_blocks(rows, actors.batch_size))
+        ds = aligned_dataset(rows, actors.batch_size)
         n_decode = decode_pool_size(actors, decode_cpus, float(ray.cluster_resources().get("CPU", 1)))
-        ds = ds.map_batches(DecodeUDF, fn_kwargs=dict(image_size=size, storage_options=dict(storage_options or {}),
-                                                      bytes_only=device_decode, retry=retry),
-                            batch_size=actors.batch_size, batch_format="numpy", num_cpus=decode_cpus,
-                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n_decode))
-        ds = ds.map_batches(
-            ClipEmbedUDF, fn_constructor_kwargs=dict(encoders=encoders, threads=actors.torch_threads,
-                                                     device_decode=device_decode, warmup_batch=actors.batch_size),
-            batch_size=actors.batch_size, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=actors.num_actors),
-            num_cpus=actors.cpus_per_actor, num_gpus=actors.gpus_per_actor or None,
-        )
+        ds = map_actors(ds, DecodeUDF, actors, fn_kwargs=dict(image_size=size, storage_options=dict(storage_options or {}),
+                                                              bytes_only=device_decode, retry=retry),
+                        min_size=1, max_size=n_decode, num_cpus=decode_cpus)
+        ds = map_actors(ds, ClipEmbedUDF, actors, dict(encoders=encoders, threads=actors.torch_threads,
+                                                       device_decode=device_decode, warmup_batch=actors.batch_size))
         buffers: Dict[int, Dict[str, list]] = {}
         decode_s = model_s = 0.0
         split = np.zeros(4)  # input, forward, output, actor CPU seconds
@@ -449,7 +444,7 @@ def run_embed(
         after = int((done > first).sum())
         if after and done.max() > first:
             report.steady_images_per_second = after / float(done.max() - first)
-    report.seconds = time.perf_counter() - t_start
+    _finish_report(report)
     if report.failed_transient:
         logger.warning("%d input(s) could not be read this time (transient: I/O errors, timeouts, files "
                        "missing on a node) and were NOT committed; rerun to retry them. First: %s",
@@ -458,24 +453,11 @@ def run_embed(
     return report
 
 
-def _aligned_blocks(rows: List[Dict[str, Any]], batch_size: int, max_blocks: int = 512) -> list:
-    """Input blocks of a whole number of batches (the last one excepted), at most ``max_blocks``.
-
-    Ray Data cuts batches inside each task's bundle of blocks and hands the remainder over as a
-    short batch; ``from_items(override_num_blocks=...)`` spreads rows evenly, so 1,000 rows in 31
-    blocks of 32 or 33 gave the actor 31 batches of 32 and 8 batches of ONE image (1.6x the cost
-    per image of a full batch, and in the old pipeline each full batch after one took ~1.5x as long)."""
-    import pyarrow as pa
-
-    bs = max(int(batch_size), 1)
-    per_block = bs * max(1, -(-len(rows) // (bs * max_blocks)))
-    return [pa.Table.from_pylist(rows[i:i + per_block]) for i in range(0, len(rows), per_block)]
-
-
 def _commit(store, buf: Dict[str, list], report: EmbedReport) -> None:
     """Commit one complete group as the store's next shard (its embedded and skipped rows);
     its transient rows are only reported."""
-    report.failed_transient.update(dict(buf["transient"]))
+    for item, reason in buf["transient"]:
+        report.report.fail_transient(item, reason)
     if not buf["ok"] and not buf["skipped"]:
         logger.debug("group of %d rows failed transiently: nothing to commit", len(buf["transient"]))
         return
@@ -487,7 +469,8 @@ def _commit(store, buf: Dict[str, list], report: EmbedReport) -> None:
         [r[3] for r in ok], [r[4] for r in ok], buf["skipped"],
     )
     report.embedded += len(ok)
-    report.skipped.update({s[0]: s[2] for s in buf["skipped"]})
+    for item, _, reason in buf["skipped"]:
+        report.report.skip(item, reason)
     report.shards_committed.append(shard)
     logger.debug("committed shard %d (%d embedded, %d skipped, %d transient left for a rerun)",
                  shard, len(ok), len(buf["skipped"]), len(buf["transient"]))

@@ -8,26 +8,24 @@ Output layout under ``OUT`` (a storage URI, :mod:`index.storage`)::
     OUT/confidence/<id>.png               max score x 255 (with ``confidence_maps``)
     OUT/overlays/<id>.png                 colour overlays of the first N images, OUT/index.html
     OUT/report.json                       this run's counts, timings and failures
+    OUT/job_report.json, OUT/job_report.txt   the uniform job report (index.report)
 
 **Commit rule.** Workers write an image's files, then the driver commits its manifest row in a
 part file (one atomic write per ``commit_every`` rows). A row is committed when the image is
 done (``ok``) or is bad input (``skipped``, with its reason, for good); an image that failed
 transiently (I/O error, S3 timeout) is *not* committed, so the next run retries it. A rerun reads
 the committed ids from the manifest and processes only the rest: every id appears exactly once
-(files of an uncommitted image are simply rewritten). One job writes an output at a time: local
-outputs take ``OUT/writer.lock`` (see :class:`index.store.StoreLock`); object-store outputs
-cannot be locked this way, which the log says.
+(files of an uncommitted image are simply rewritten). All of it is
+:class:`index.output.ResumableOutput`: one job writes an output at a time (``OUT/writer.lock``,
+local or S3), ``--overwrite`` forgets the manifest under that lock, and the job report says
+``failed`` when more than ``jobs.max_failed_fraction`` of the images were bad input.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
-import secrets
-import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -35,8 +33,13 @@ from reco.bank import ConceptBank
 from reco.config import SegmenterConfig, to_dict
 from reco.errors import ConfigError
 
-from .config import ActorConfig
+from index.output import JobReport, Parts, ResumableOutput
+from index.report import JobResult
+from index.storage import join, sha256_bytes
+
+from .config import ActorConfig, JobsConfig
 from .models import EncoderSpec
+from .report import count_actor_restarts
 
 logger = logging.getLogger(__name__)
 
@@ -46,68 +49,66 @@ COLUMNS = ("id", "uri", "status", "error", "label", "confidence", "overlay", "wi
            "shares", "mean_confidence", "seconds", "mode")
 
 
-@dataclass
-class PseudoLabelReport:
-    listed: int = 0
-    already_done: int = 0
-    labelled: int = 0
-    skipped: Dict[str, str] = field(default_factory=dict)
-    failed_transient: Dict[str, str] = field(default_factory=dict)
-    parts_committed: int = 0
-    seconds: float = 0.0
-    model_seconds_per_image: float = 0.0
-    actor_peak_rss_mb: float = 0.0
+class PseudoLabelReport(JobResult):
+    """pseudo-label's names for the counts of its uniform report (``.report``, a
+    :class:`index.report.JobReport` in images)."""
+
+    ALIASES = {"listed": "n_seen", "already_done": "n_already_done", "labelled": "n_processed",
+               "skipped": "skipped_items", "failed_transient": "failed_items"}
+    FIELDS = {"parts_committed": 0, "model_seconds_per_image": 0.0, "actor_peak_rss_mb": 0.0}
 
     @property
     def images_per_second(self) -> float:
         return (self.labelled + len(self.skipped)) / self.seconds if self.seconds else 0.0
 
     def as_dict(self) -> Dict[str, Any]:
-        d = asdict(self)
-        d.update(skipped_count=len(self.skipped), failed_count=len(self.failed_transient),
-                 images_per_second=self.images_per_second)
-        return d
+        return dict(super().as_dict(), skipped_count=len(self.skipped), failed_count=len(self.failed_transient),
+                    images_per_second=self.images_per_second)
 
 
 def settings(bank_bytes: bytes, bank: ConceptBank, class_names: Sequence[str], config: SegmenterConfig,
-             encoders: EncoderSpec) -> Dict[str, Any]:
-    """What the outputs depend on; its hash must match on every rerun into the same output."""
-    core = {"bank_sha256": hashlib.sha256(bank_bytes).hexdigest(), "classes": list(class_names),
+             encoders: EncoderSpec) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """(what the outputs depend on: hashed, must match on every rerun into the same output;
+    what is only recorded beside it) of ``OUT/pseudo_label.json``."""
+    core = {"bank_sha256": sha256_bytes(bank_bytes), "classes": list(class_names),
             "segmenter": to_dict(config), "dense_encoder": encoders.dense_encoder, "clip": encoders.clip_model,
             "clip_dense_head": encoders.clip_dense_head if encoders.clip_model else None}
-    digest = hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
-    return {**core, "config_hash": digest, "bank_concepts": list(bank.names)}
+    return core, {"bank_concepts": list(bank.names)}
 
 
-def committed_rows(out_uri: str, storage_options: Optional[Mapping[str, Any]] = None) -> List[Dict[str, Any]]:
-    """Every committed manifest row under ``out_uri``."""
+def _manifest(out_uri: str, storage_options: Optional[Mapping[str, Any]] = None) -> Parts:
+    return Parts(join(out_uri, MANIFEST_DIR), ".parquet", storage_options)
+
+
+def _rows_of(parts: Parts) -> List[Dict[str, Any]]:
+    """The manifest rows of the parts not read yet from ``parts``."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from index.storage import join, list_files, read_bytes
-
     rows: List[Dict[str, Any]] = []
-    for part in list_files(join(out_uri, MANIFEST_DIR), storage_options, suffix=".parquet"):
+    for _, data in parts.read_new():
         # parse an Arrow-owned copy: Arrow buffers over Python bytes can be released on an Arrow
         # thread while the interpreter shuts down, which aborts the process ("terminate called
         # without an active exception", exit 134) when a job stops right after reading
         sink = pa.BufferOutputStream()
-        sink.write(read_bytes(part, storage_options))
+        sink.write(data)
         rows += pq.read_table(pa.BufferReader(sink.getvalue())).to_pylist()
     return rows
 
 
-def _commit(out_uri: str, rows: List[Dict[str, Any]], storage_options, seq: int) -> None:
+def committed_rows(out_uri: str, storage_options: Optional[Mapping[str, Any]] = None) -> List[Dict[str, Any]]:
+    """Every committed manifest row under ``out_uri``."""
+    return _rows_of(_manifest(out_uri, storage_options))
+
+
+def _commit(out: ResumableOutput, rows: List[Dict[str, Any]]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from index.storage import join, write_bytes
 
     table = pa.table({c: [r[c] for r in rows] for c in COLUMNS})
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    name = f"part-{seq:05d}-{secrets.token_hex(4)}.parquet"
-    write_bytes(join(out_uri, MANIFEST_DIR, name), buf.getvalue(), storage_options)
+    out.commit(buf.getvalue())
 
 
 def run_pseudo_label(
@@ -123,20 +124,23 @@ def run_pseudo_label(
     confidence_maps: bool = False,
     commit_every: int = 256,
     overwrite: bool = False,
+    max_failed_fraction: Optional[float] = JobsConfig.max_failed_fraction,
+    job_config: Optional[Mapping[str, Any]] = None,
 ) -> PseudoLabelReport:
     """Pseudo-label ``items`` (objects with ``id``, ``uri`` and optionally ``problem``) with the
     bank at ``bank_uri`` (optionally restricted to ``vocab``) into ``out_uri``. Ray must be
-    initialised. Resumable and exactly once (see the module docstring)."""
+    initialised. Resumable and exactly once (see the module docstring); the uniform report
+    (``job_report.json``, config ``job_config``) says ``failed`` when more than
+    ``max_failed_fraction`` of the images were bad input."""
     from tqdm import tqdm
 
-    from index.storage import exists, join, read_bytes, write_bytes
+    from index.storage import read_bytes
     from reco.segmenter import BACKGROUND
 
     from .segment import segmentation_dataset
 
     if commit_every < 1:
         raise ConfigError("commit_every must be >= 1")
-    t_start = time.perf_counter()
     ids = [str(it.id) for it in items]
     if len(set(ids)) != len(ids):
         raise ConfigError("item ids must be unique (they name the output files)")
@@ -146,41 +150,28 @@ def run_pseudo_label(
         bank = bank.subset(list(vocab))  # UnknownConceptError names the bank's concepts
         bank_bytes = bank.to_bytes()
     class_names = ((BACKGROUND,) if config.background_threshold is not None else ()) + tuple(bank.names)
-    want = settings(bank_bytes, bank, class_names, config, encoders)
-    report = PseudoLabelReport(listed=len(items))
-    settings_uri = join(out_uri, SETTINGS_FILE)
-
-    from index.storage import writer_lock
-
-    with writer_lock(out_uri, "pseudo-label"):
-        if exists(settings_uri, storage_options):
-            have = json.loads(read_bytes(settings_uri, storage_options))
-            if have.get("config_hash") != want["config_hash"] and not overwrite:
-                raise ConfigError(
-                    f"{out_uri} holds pseudo-labels of another configuration (config hash {have.get('config_hash')}, "
-                    f"now {want['config_hash']}; classes {len(have.get('classes', []))} vs {len(class_names)}): "
-                    "use another --out, or --overwrite to start it afresh"
-                )
-            if have.get("config_hash") != want["config_hash"]:
-                _clear_manifest(out_uri, storage_options)
-        write_bytes(settings_uri, json.dumps(want, indent=2).encode(), storage_options)
-        done = {r["id"] for r in committed_rows(out_uri, storage_options)}
-        report.already_done = len(done & set(ids))
+    covered, extra = settings(bank_bytes, bank, class_names, config, encoders)
+    report = PseudoLabelReport(JobReport("pseudo-label", config=job_config, max_failed_fraction=max_failed_fraction))
+    report.listed = len(items)
+    out = ResumableOutput(out_uri, "pseudo-label", SETTINGS_FILE, MANIFEST_DIR, ".parquet", storage_options)
+    with out.open(covered, overwrite, extra, describe=f"{len(class_names)} classes now"):
+        done = {r["id"]: r["status"] for r in _rows_of(out.parts)}
+        mine = [i for i in ids if i in done]
+        report.report.already_done(len(mine), failed=sum(1 for i in mine if done[i] == "skipped"))
         pending = [it for it in items if str(it.id) not in done]
         bad_now = [it for it in pending if getattr(it, "problem", "")]
         todo = [it for it in pending if not getattr(it, "problem", "")]
-        seq = _next_seq(out_uri, storage_options)
         buffer: List[Dict[str, Any]] = []
         for it in bad_now:  # bad already at listing time (e.g. a name that is not UTF-8)
             buffer.append(_bad_row(it))
-            report.skipped[str(it.id)] = it.problem
+            report.report.skip(str(it.id), it.problem)
         model_s = 0.0
         if todo:
             order = sorted(todo, key=lambda it: str(it.id))
             first = {str(it.id) for it in order[:overlays]}
             rows = [{"id": str(it.id), "uri": str(it.uri), "overlay": str(it.id) in first} for it in order]
             ds = segmentation_dataset(rows, bank_bytes, encoders, config, list(range(len(class_names))),
-                                      len(class_names), None, out_uri, actors, storage_options,
+                                      len(class_names), None, out.uri, actors, storage_options,
                                       write_overlays=False, confidence_maps=confidence_maps)
             bar = tqdm(total=len(rows), desc="pseudo-label", unit="img")
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -188,33 +179,45 @@ def run_pseudo_label(
                 for i in range(len(batch["id"])):
                     row = {c: _py(batch[c][i]) for c in COLUMNS}
                     if row["status"] == "failed":
-                        report.failed_transient[row["id"]] = row["error"]
+                        report.report.fail_transient(row["id"], row["error"])
                         continue
                     if row["status"] == "ok":
                         report.labelled += 1
                         model_s += row["seconds"]
                     else:
-                        report.skipped[row["id"]] = row["error"]
+                        report.report.skip(row["id"], row["error"])
                     buffer.append(row)
                     if len(buffer) >= commit_every:
-                        _commit(out_uri, buffer, storage_options, seq)
-                        seq, buffer = seq + 1, []
+                        _commit(out, buffer)
+                        buffer = []
                         report.parts_committed += 1
                 bar.update(len(batch["id"]))
             bar.close()
         if buffer:
-            _commit(out_uri, buffer, storage_options, seq)
+            _commit(out, buffer)
             report.parts_committed += 1
         report.model_seconds_per_image = model_s / max(report.labelled, 1)
-        report.seconds = time.perf_counter() - t_start
-        write_bytes(join(out_uri, "report.json"), json.dumps(report.as_dict(), indent=2).encode(), storage_options)
+        _finish_report(report)
+        out.write_file("report.json", json.dumps(report.as_dict(), indent=2).encode())
         if overlays:
-            write_bytes(join(out_uri, "index.html"), _html(out_uri, class_names, storage_options).encode(),
-                        storage_options)
+            out.write_file("index.html", _html(out.uri, class_names, storage_options).encode())
+        out.write_report(report.report)
     if report.failed_transient:
         logger.warning("%d images failed transiently and were not committed: rerun the same command to retry them",
                        len(report.failed_transient))
     return report
+
+
+def _finish_report(report: PseudoLabelReport) -> None:
+    """The stages, actor memory, restarts and part count of a run, in its uniform report."""
+    r = report.report.finish()
+    n = report.labelled + len(report.skipped)
+    r.add_stage("job", r.wall_seconds, n)
+    r.add_stage("segmentation (per-image sum)", report.model_seconds_per_image * n, n)
+    if report.actor_peak_rss_mb:
+        r.actor_memory("segment actors (max)", {"rss": int(report.actor_peak_rss_mb * 2**20)})
+    count_actor_restarts(r)
+    r.extra["parts_committed"] = report.parts_committed
 
 
 def _py(v: Any) -> Any:
@@ -225,22 +228,6 @@ def _bad_row(it) -> Dict[str, Any]:
     return {"id": str(it.id), "uri": str(it.uri), "status": "skipped", "error": str(it.problem), "label": "",
             "confidence": "", "overlay": "", "width": 0, "height": 0, "classes": "[]", "shares": "[]",
             "mean_confidence": float("nan"), "seconds": 0.0, "mode": ""}
-
-
-def _next_seq(out_uri: str, storage_options) -> int:
-    from index.storage import join, list_files
-
-    parts = list_files(join(out_uri, MANIFEST_DIR), storage_options, suffix=".parquet")
-    seqs = [int(p.rsplit("/", 1)[-1].split("-")[1]) for p in parts]
-    return max(seqs, default=-1) + 1
-
-
-def _clear_manifest(out_uri: str, storage_options) -> None:
-    """Forget every committed row (``--overwrite``): the manifest parts are removed."""
-    from index.storage import join, list_files, remove_files
-
-    remove_files(list_files(join(out_uri, MANIFEST_DIR), storage_options, suffix=".parquet"), storage_options)
-    logger.warning("--overwrite: forgot the committed pseudo-labels under %s", out_uri)
 
 
 def _html(out_uri: str, class_names: Sequence[str], storage_options) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -23,14 +22,13 @@ from reco.metrics import ConfusionMatrix
 from reco.segmenter import Segmenter
 from reco.visualize import overlay, side_by_side
 
+from . import faults
 from .config import ActorConfig
+from .datamap import actor_pool_map
 from .models import EncoderSpec, autocast_for
 
 logger = logging.getLogger(__name__)
 
-# Fault-injection knob for tests and benchmarks: seconds each segmentation actor holds every batch
-# (read in the actor's process: on a cluster, set it in the job's `ray.env_vars`).
-DELAY_ENV = "RECO_SEGMENT_DELAY_S"
 
 
 class SegmentUDF:
@@ -74,7 +72,6 @@ class SegmentUDF:
         self.write_overlays = write_overlays
         self.storage_options = dict(storage_options or {})
         self.confidence_maps = confidence_maps
-        self.delay = float(os.environ.get(DELAY_ENV, "0") or 0)
 
     def _mask(self, mask_uri: str, shape) -> np.ndarray:
         from index.labels import decode_labels
@@ -183,8 +180,7 @@ class SegmentUDF:
                                     mean_confidence=float(conf.mean()), **paths)
         done = [r for r in rows if r is not None]
         assert len(done) == len(uris)
-        if self.delay:
-            time.sleep(self.delay)
+        faults.fire("segment.batch", len(uris))
         out = {"id": np.array(ids, dtype=object), "uri": np.array(uris, dtype=object)}
         for key in ("status", "error", "label", "confidence", "overlay", "mode", "classes", "shares"):
             out[key] = np.array([r[key] for r in done], dtype=object)
@@ -213,26 +209,16 @@ def segmentation_dataset(
     confidence_maps: bool = False,
 ):
     """The lazy Ray Dataset of :class:`SegmentUDF` rows for ``items`` ({id, uri, mask_uri?,
-    overlay?}); callers stream it (``iter_batches``) or take it whole."""
-    import ray.data
-
+    overlay?}), in batch-aligned blocks (:mod:`cluster.datamap`); callers stream it
+    (``iter_batches``) or take it whole."""
     rows = [{"id": str(i["id"]), "uri": str(i["uri"]), "mask_uri": str(i.get("mask_uri") or ""),
              "overlay": bool(i.get("overlay", write_overlays))} for i in items]
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // max(actors.batch_size, 1), 512)))
-    return ds.map_batches(
-        SegmentUDF,
-        fn_constructor_kwargs=dict(
-            bank_bytes=bank_bytes, encoders=encoders, config=config, label_map=list(label_map),
-            num_classes=num_classes, ignore_index=ignore_index, out_uri=out_uri, threads=actors.torch_threads,
-            write_overlays=write_overlays, storage_options=dict(storage_options or {}),
-            confidence_maps=confidence_maps,
-        ),
-        batch_size=actors.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors.num_actors),
-        num_cpus=actors.cpus_per_actor,
-        num_gpus=actors.gpus_per_actor or None,
-    )
+    return actor_pool_map(rows, SegmentUDF, actors, dict(
+        bank_bytes=bank_bytes, encoders=encoders, config=config, label_map=list(label_map),
+        num_classes=num_classes, ignore_index=ignore_index, out_uri=out_uri, threads=actors.torch_threads,
+        write_overlays=write_overlays, storage_options=dict(storage_options or {}),
+        confidence_maps=confidence_maps,
+    ))
 
 
 def default_id(uri: str) -> str:

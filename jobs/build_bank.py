@@ -21,7 +21,7 @@ from cluster.config import load_yaml_mapping, resolve_cluster_config
 from reco.config import BankConfig, from_dict
 from reco.errors import ConfigError
 
-from .embed import EXIT_RERUN, add_cluster_args, parse_storage_options
+from .embed import add_cluster_args, parse_storage_options
 from .pseudo_label import parse_json_object
 from .vocab import read_vocabulary
 
@@ -131,27 +131,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     logger.info("%d concepts (%d context), archives: %s", len(tasks), len(ctx_tasks),
                 json.dumps({s: sum(1 for t in tasks if t.source == s) for s in {t.source for t in tasks}}))
     bank, rep = run_build_bank(tasks, encoders, cfg, args.out, actors, ctx_tasks, mode, args.commit_every,
-                               args.overwrite, storage)
+                               args.overwrite, storage, cluster.jobs.max_failed_fraction, vars(args))
     logger.info("built %d, failed %d, %d already done, %d left for a rerun; %.1f concepts/min -> %s",
                 rep.built, len(rep.failed), rep.already_done, len(rep.failed_transient), rep.concepts_per_minute,
                 args.out)
     for name, why in list(rep.failed.items())[:10]:
         logger.warning("failed: %s: %s", name, why)
-    from cluster.report import job_report, write_job_report
-
-    write_job_report(job_report(
-        "build-bank", unit="concepts", config=vars(args), seen=rep.concepts, processed=rep.built,
-        seconds=rep.seconds,
-        already_done=rep.already_done, skipped=rep.failed, failed_transient=rep.failed_transient,
-        stages={"job": (rep.seconds, rep.built + len(rep.failed)),
-                "concept builds (sum over concepts)": (rep.concept_seconds, rep.built + len(rep.failed))},
-        memory={f"bank actor {i}": int(mb * 2**20) for i, mb in enumerate(rep.actor_peak_rss_mb)},
-        extra={"parts_committed": rep.parts_committed, "left_for_rerun": rep.left_for_rerun}), args.out, storage)
     if args.report and bank is not None:
         from .show_bank import write_report
 
         logger.info("archive browser: %s", write_report(args.out, storage_options=storage))
-    return EXIT_RERUN if rep.failed_transient or bank is None else 0
+    return rep.report.exit_code
 
 
 def text_embeddings_remote(encoders, synonyms: Dict[str, tuple]) -> Dict[str, object]:

@@ -1,7 +1,8 @@
 """``reco embed SOURCE --store DIR``: CLIP-embed a corpus into a sharded store (resumable).
 
 Arguments, the store and the model are checked before Ray starts (a mistake is one line, exit 2).
-Exit status: 0 when every listed input is embedded or skipped as bad input; 3 when some inputs
+Exit status: 0 when every listed input is embedded or skipped as bad input; 1 when more than
+``jobs.max_failed_fraction`` of them were bad input (the report says failed); 3 when some inputs
 failed transiently (I/O errors, timeouts, files missing on a node, after retries): they are not
 committed, a WARNING names them, and rerunning the same command retries them. Another job
 writing the same store is refused (exit 2, naming it).
@@ -18,7 +19,7 @@ import yaml
 
 from cluster.config import cluster_config_path, redact, resolve_cluster_config
 from cluster.models import EncoderSpec
-from cluster.report import job_report, write_job_report
+from cluster.report import write_job_report
 from reco.config import to_dict
 from reco.errors import ConfigError
 
@@ -96,16 +97,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         report = run_embed(items, store, encoders, cluster.embed, args.shard_size, storage, args.decode_cpus,
                            device_decode=args.device_decode, retry=retry)
         out = store.root  # a Path, or the store's URL
+        report.report.configure(vars(args), cluster.jobs.max_failed_fraction)
         _write_text(out, "embed_report.json", json.dumps(report.as_dict(), indent=2), storage)
-        n = report.embedded + len(report.skipped)
-        write_job_report(job_report(
-            "embed", config=vars(args), seen=report.listed, processed=report.embedded, seconds=report.seconds,
-            already_done=report.already_done, skipped=report.skipped, failed_transient=report.failed_transient,
-            stages={"decode (per-image sum)": (report.decode_seconds_per_image * n, n),
-                    "image tower (per-image sum)": (report.model_seconds_per_image * report.embedded,
-                                                    report.embedded),
-                    "job": (report.seconds, n)},
-            extra={"shards_committed": report.shards_committed}), str(out), storage)
+        write_job_report(report.report, str(out), storage)
         _write_text(out, "embed_config.yaml", yaml.safe_dump(redact(
             {"args": vars(args), "encoders": to_dict(encoders), "cluster": to_dict(cluster)}), sort_keys=False),
             storage)
@@ -117,8 +111,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         logger.warning("%d input(s) failed transiently and were NOT committed (see failed_transient in %s): "
                        "rerun the same command to retry them", len(report.failed_transient),
                        _join(out, "embed_report.json"))
-        return EXIT_RERUN
-    return 0
+    return report.report.exit_code
 
 
 def _join(root, name: str):

@@ -19,7 +19,7 @@ from cluster.config import resolve_cluster_config
 from reco.config import CRFConfig, SegmenterConfig, from_dict
 from reco.errors import ConfigError
 
-from .embed import EXIT_RERUN, add_cluster_args, parse_storage_options
+from .embed import add_cluster_args, parse_storage_options
 
 logger = logging.getLogger(__name__)
 
@@ -117,18 +117,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     logger.info("%d images listed in %s; bank %s (%d concepts)", len(items), args.source, args.bank, len(bank))
     init_ray(cluster.ray)
     rep = run_pseudo_label(items, args.bank, encoders, cfg, args.out, cluster.segment, storage, vocab,
-                           args.overlays, args.confidence_maps, args.commit_every, args.overwrite)
+                           args.overlays, args.confidence_maps, args.commit_every, args.overwrite,
+                           cluster.jobs.max_failed_fraction, vars(args))
     logger.info("pseudo-labelled %d, skipped %d (bad input), %d failed transiently, %d already done; "
                 "%.2f img/s -> %s", rep.labelled, len(rep.skipped), len(rep.failed_transient), rep.already_done,
                 rep.images_per_second, args.out)
-    from cluster.report import job_report, write_job_report
-
-    n = rep.labelled + len(rep.skipped)
-    write_job_report(job_report(
-        "pseudo-label", config=vars(args), seen=rep.listed, processed=rep.labelled, already_done=rep.already_done,
-        seconds=rep.seconds,
-        skipped=rep.skipped, failed_transient=rep.failed_transient,
-        stages={"job": (rep.seconds, n), "segmentation (per-image sum)": (rep.model_seconds_per_image * n, n)},
-        memory={"segment actors (max)": int(rep.actor_peak_rss_mb * 2**20)} if rep.actor_peak_rss_mb else None,
-        extra={"parts_committed": rep.parts_committed}), args.out, storage)
-    return EXIT_RERUN if rep.failed_transient else 0
+    return rep.report.exit_code

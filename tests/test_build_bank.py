@@ -191,19 +191,25 @@ def test_crash_then_rerun_builds_every_concept_exactly_once(ray_local, exemplars
                           BankConfig(image_size=64, context_elimination=False, k=7), out)
 
 
-@pytest.mark.slow
-def test_cli_build_bank_then_pseudo_label(ray_local, exemplars, tiny_dense_path, tmp_path, caplog):
-    from jobs.cli import main
-
+def _cli_build_bank(tmp_path, exemplars, tiny_dense_path, names: str):
+    """(`reco build-bank` arguments into tmp_path/bank, the encoder arguments, the vocabulary file)."""
     vocab = tmp_path / "names.txt"
-    vocab.write_text("cat\ndog\nunicorn\n")
+    vocab.write_text(names)
     cfg = tmp_path / "bank.yaml"
     cfg.write_text("bank:\n  image_size: 64\n  context_elimination: false\n")
     enc = ["--dense-encoder", "dino_vits16", "--dense-weights", str(tiny_dense_path),
            "--dense-kwargs", json.dumps(TINY_VIT)]
+    return (["build-bank", "--vocab", str(vocab), "--exemplars", str(exemplars), "--out", str(tmp_path / "bank"),
+             "--config", str(cfg), "--actors", "1", *enc], enc, vocab)
+
+
+@pytest.mark.slow
+def test_cli_build_bank_then_pseudo_label(ray_local, exemplars, tiny_dense_path, tmp_path, caplog):
+    from jobs.cli import main
+
+    args, enc, vocab = _cli_build_bank(tmp_path, exemplars, tiny_dense_path, "cat\ndog\nunicorn\n")
     out = tmp_path / "bank"
-    assert main(["build-bank", "--vocab", str(vocab), "--exemplars", str(exemplars), "--out", str(out),
-                 "--config", str(cfg), "--actors", "1", "--report", *enc]) == 0
+    assert main([*args, "--report"]) == 0
     _check_browser(out / "report" / "index.html", ["cat", "dog", "unicorn"])
     import pyarrow.parquet as pq
 
@@ -266,3 +272,30 @@ def _check_browser(page, names):
     assert dict(c.sections)["unicorn"] == "failed" and dict(c.sections)["cat"] == "ok"
     assert c.imgs and all((page.parent / src).is_file() for src in c.imgs)
     assert "no usable image" in page.read_text()
+
+
+@pytest.mark.slow
+def test_cli_build_bank_mostly_failed_exits_non_zero_and_reports_failed(ray_local, exemplars, tiny_dense_path,
+                                                                      tmp_path, caplog):
+    """#16: 2 of 3 concepts failed (more than jobs.max_failed_fraction 0.5): exit 1, the report says
+    failed with the fraction and the rule, one log line gives the count and the first reasons. A
+    user who accepts more failures says so in the cluster config: the rerun (nothing left to
+    build) is then ok."""
+    from jobs.cli import main
+
+    args, _, _ = _cli_build_bank(tmp_path, exemplars, tiny_dense_path, "cat\nunicorn\nghost\n")
+    out = tmp_path / "bank"
+    caplog.clear()
+    assert main(args) == 1
+    job = json.loads((out / "job_report.json").read_text())
+    assert job["status"] == "failed" and job["max_failed_fraction"] == 0.5
+    assert job["failed_fraction"] == pytest.approx(2 / 3, abs=1e-6)
+    assert job["inputs"]["processed"] == 1 and job["inputs"]["skipped"] == 2
+    assert (out / "job_report.txt").read_text().startswith("build-bank: failed")
+    line = [r.message for r in caplog.records if "build-bank failed:" in r.message]
+    assert len(line) == 1 and "2 of 3 concepts failed" in line[0] and "unicorn" in line[0], line
+    lenient = tmp_path / "cluster.yaml"
+    lenient.write_text("jobs:\n  max_failed_fraction: 0.9\n")
+    assert main([*args, "--ray-config", str(lenient)]) == 0
+    job = json.loads((out / "job_report.json").read_text())
+    assert job["status"] == "ok" and job["inputs"]["already_done"] == 3 and job["max_failed_fraction"] == 0.9

@@ -137,7 +137,8 @@ def test_killed_job_resumes_with_exactly_once_ids(tiny_clip_dir, tmp_path):
                    "embed:\n  num_actors: 1\n  cpus_per_actor: 0.5\n  batch_size: 2\n")
     cmd = [sys.executable, "-m", "jobs.cli", "embed", str(src), "--store", str(store), "--clip-model",
            f"local-dir:{tiny_clip_dir}", "--shard-size", "4", "--ray-config", str(cfg)]
-    env = dict(os.environ, RECO_EMBED_DELAY_S="0.3", PYTHONPATH=str(REPO))
+    env = dict(os.environ, RECO_FAULT_HOOKS=str(REPO / "tests" / "fault_hooks.py"), RECO_TEST_EMBED_DELAY_S="0.3",
+               PYTHONPATH=str(REPO))
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     manifest = store / "manifest.json"
@@ -159,7 +160,7 @@ def test_killed_job_resumes_with_exactly_once_ids(tiny_clip_dir, tmp_path):
     partial = EmbeddingStore(store)
     assert 2 <= len(partial.shards) < 10, "the job must have been killed part-way"
     done_before = partial.committed_ids()
-    env.pop("RECO_EMBED_DELAY_S")
+    env.pop("RECO_TEST_EMBED_DELAY_S")
     rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     final = EmbeddingStore(store)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.embed import ClipEmbedUDF, _aligned_blocks, crop_uint8
+from cluster.datamap import aligned_blocks
+from cluster.embed import ClipEmbedUDF, crop_uint8
 from conftest import make_image
 
 
@@ -25,7 +26,7 @@ def test_uint8_crop_is_the_float_crop_rounded(size):
 @pytest.mark.parametrize("n,bs", [(1000, 32), (320, 32), (7, 4), (3, 8), (100_000, 16), (1, 1)])
 def test_blocks_hold_whole_batches(n, bs):
     rows = [{"id": str(i), "uri": f"u{i}", "group": i // 50, "problem": ""} for i in range(n)]
-    blocks = _aligned_blocks(rows, bs, max_blocks=512)
+    blocks = aligned_blocks(rows, bs, max_blocks=512)
     sizes = [b.num_rows for b in blocks]
     assert sum(sizes) == n and len(blocks) <= 512
     assert all(s % bs == 0 for s in sizes[:-1]), sizes[:5]  # only the last block may hold a short batch

@@ -219,17 +219,19 @@ class LoopbackCluster:
 # -- the cluster, the inputs and one job run -------------------------------------------------
 
 #: per-stage settings of the jobs on the two-node cluster: actors small enough that a 2-CPU worker
-#: holds a stage, and each actor holds its work long enough to be killed in the middle of it
-CLUSTER_YAML = """\
+#: holds a stage, and each actor holds its work long enough to be killed in the middle of it (the
+#: test-only fault hooks of tests/fault_hooks.py, loaded in every worker through RECO_FAULT_HOOKS)
+CLUSTER_YAML = f"""\
 ray:
   env_vars:
     HF_HUB_OFFLINE: "1"
-    RECO_EMBED_DELAY_S: "0.5"
-    RECO_BANK_DELAY_S: "0.7"
-    RECO_SEGMENT_DELAY_S: "0.5"
-bank: {num_actors: 2, cpus_per_actor: 0.5}
-segment: {num_actors: 1, cpus_per_actor: 0.5, batch_size: 2}
-embed: {num_actors: 1, cpus_per_actor: 0.5, batch_size: 4}
+    RECO_FAULT_HOOKS: "{REPO / 'tests' / 'fault_hooks.py'}"
+    RECO_TEST_EMBED_DELAY_S: "0.5"
+    RECO_TEST_BANK_DELAY_S: "0.7"
+    RECO_TEST_SEGMENT_DELAY_S: "0.5"
+bank: {{num_actors: 2, cpus_per_actor: 0.5}}
+segment: {{num_actors: 1, cpus_per_actor: 0.5, batch_size: 2}}
+embed: {{num_actors: 1, cpus_per_actor: 0.5, batch_size: 4}}
 """
 #: figures of every kill test, printed at the end of the module (pytest -s) for the closing note
 FIGURES: List[dict] = []
@@ -522,7 +524,7 @@ def test_build_bank_survives_losing_the_worker_node(workers, ray_config, tiny_de
                                 "--dense-encoder", "dino_vits16", "--dense-weights", tiny_dense_path,
                                 "--dense-kwargs", json.dumps(TINY_VIT), "--commit-every", 2,
                                 "--ray-config", ray_config], tmp_path / "job.log")
-    fig = kill_worker_mid_job(workers, job, "BankJobWorker", part_rows, len(listed))
+    fig = kill_worker_mid_job(workers, job, "BankWorker", part_rows, len(listed))
 
     rows, refs, _ = committed(str(out))  # raises if a concept was committed twice
     n_rows = part_rows()

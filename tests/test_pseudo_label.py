@@ -127,10 +127,14 @@ def test_cli_pseudo_label_and_segment(ray_local, bank_dir, tiny_dense_path, tmp_
     src = _corpus(tmp_path / "src", n=2)
     out = tmp_path / "out"
     enc = ["--dense-weights", str(tiny_dense_path), "--dense-kwargs", json.dumps(TINY_VIT)]
+    # 3 of the 5 images are corrupt: more than jobs.max_failed_fraction (0.5), so the run is
+    # "failed" (#16: exit 1, not "ok"), its good images labelled all the same
     assert main(["pseudo-label", str(src), "--bank", str(bank_dir), "--out", str(out), "--vocab", "cat,dog",
-                 *enc, "--overlays", "1"]) == 0
+                 *enc, "--overlays", "1"]) == 1
     report = json.loads((out / "report.json").read_text())
     assert report["labelled"] == 2 and report["skipped_count"] == 3
+    job = json.loads((out / "job_report.json").read_text())
+    assert job["status"] == "failed" and job["failed_fraction"] == 0.6 and job["max_failed_fraction"] == 0.5
     assert json.loads((out / "pseudo_label.json").read_text())["classes"] == ["cat", "dog"]
     caplog.clear()
     assert main(["pseudo-label", str(src), "--bank", str(bank_dir), "--out", str(out), "--vocab", "zebra", *enc]) == 2

@@ -79,16 +79,11 @@ def test_embed_config_written_beside_the_store_is_redacted(tiny_clip_dir, tmp_pa
     monkeypatch.setattr(cluster.runtime, "init_ray", lambda *a, **k: None)
     monkeypatch.setattr(index.sources, "list_source", lambda source, kind, storage: list_folder(str(src)))
 
-    class FakeReport:
-        embedded, skipped, failed_transient, already_done, shards_committed, images_per_second = 1, {}, {}, 0, [], 1.0
-        listed, seconds, decode_seconds_per_image, model_seconds_per_image = 1, 1.0, 0.0, 0.0
-
-        def as_dict(self):
-            return {"embedded": 1}
-
     def fake_run_embed(items, store, encoders, *a, **k):  # commits nothing, but leaves a valid store
         store.create_or_check(cluster.embed.model_identity(encoders), cluster.embed.clip_dims(encoders)[1])
-        return FakeReport()
+        report = cluster.embed.EmbedReport(cluster.embed.JobReport("embed"))
+        report.listed = report.embedded = 1
+        return report
 
     monkeypatch.setattr(cluster.embed, "run_embed", fake_run_embed)
     store = tmp_path / "store"
