@@ -76,24 +76,23 @@ def toy_labels(tmp_path_factory) -> Path:
 
 
 def exit_once_after(step: int, rank: int, marker) -> Callable[[], None]:
-    """A ``worker_setup`` for run_training: in every Ray Train worker it adds a step_end hook that
-    ends the process of ``rank`` (as if killed) the first time it finishes ``step``; ``marker``
-    (a file) records that it fired, so the restarted worker group goes on. Ray pickles this
-    closure by value: the workers need not import the tests."""
-    marker = str(marker)
+    """A ``worker_setup`` for run_training: in every Ray Train worker it registers a hook on the
+    fault point ``train.step`` that ends the process of ``rank`` (as if killed) the first time it
+    finishes ``step``; ``marker`` (a file) records that it fired, so the restarted worker group
+    goes on. Ray pickles this closure by value: the workers need not import the tests."""
+    marker, want = str(marker), (step, rank)
 
     def setup() -> None:
-        from cluster.train import hooks
+        from cluster import faults
 
-        def on_step_end(step: int, rank: int) -> None:
-            if (step, rank) == (want_step, want_rank) and not os.path.exists(marker):
+        def on_step(step: int, rank: int) -> None:
+            if (step, rank) == want and not os.path.exists(marker):
                 with open(marker, "w") as f:
                     f.write(str(step))
                 os._exit(1)
 
-        hooks.add("step_end", on_step_end)
+        faults.register("train.step", on_step)
 
-    want_step, want_rank = step, rank
     return setup
 
 
@@ -484,9 +483,9 @@ def test_bad_train_inputs_are_one_line_errors_before_ray(tmp_path, toy_labels, c
     # a damaged train_settings.json
     (runs / "r").mkdir()
     (runs / "r" / "train_settings.json").write_bytes(b"\xff{ garbage")
-    refused(base, "train_settings.json", "damaged")
+    refused(base, "train_settings.json", "corrupt")
     (runs / "r" / "train_settings.json").write_text("[1, 2]")
-    refused(base, "train_settings.json", "damaged")
+    refused(base, "train_settings.json", "corrupt")
     assert ray.is_initialized() == ray_was_up
     # --help names the default it uses (configs/cluster.yaml), which a job then accepts
     with pytest.raises(SystemExit):

@@ -4,8 +4,8 @@ Modules: :mod:`.config` (TrainConfig, LoopConfig, config hash), :mod:`.data` (ps
 hold-out split, augmentation, step-indexed sampler), :mod:`.checkpoint` (safetensors + JSON,
 digests, verification), :mod:`.session` (Ray Train worker or this process), :mod:`.loop` (the
 per-worker loop), :mod:`.backend` (the torch process group, on loopback when Ray is),
-:mod:`.driver` (plan, run, select, export, report), :mod:`.plot` (the curve), :mod:`.hooks`
-(observation points for tests; empty in production).
+:mod:`.driver` (plan, run, select, export, report), :mod:`.plot` (the curve). The loop fires
+the test-only fault point ``train.step`` (:mod:`cluster.faults`).
 """
 from .checkpoint import checkpoint_segmodel, read_checkpoint_state, restore_checkpoint, verify_checkpoint, \
     write_checkpoint

@@ -2,12 +2,11 @@
 and :class:`LoopConfig` (what the driver hands every training loop)."""
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Dict, Mapping, Optional, Tuple
 
+from reco.config import config_hash as reco_config_hash
 from reco.config import from_dict, to_dict
 from reco.errors import ConfigError
 
@@ -132,12 +131,11 @@ def load_train_config(data: Optional[Mapping[str, Any]] = None, **overrides: Any
 
 
 def config_hash(cfg: TrainConfig, data_digest: str, weights_sha256: Optional[str]) -> Tuple[str, Dict[str, Any]]:
-    """The hash of what a run learns (operational fields left out) and what it covers."""
+    """The hash of what a run learns (operational fields left out) and what it covers (the
+    ``covered`` settings of the run's :class:`index.output.ResumableOutput`)."""
     learned = {k: v for k, v in to_dict(cfg).items() if k not in OPERATIONAL}
     core = {"train": learned, "data_digest": data_digest, "encoder_weights_sha256": weights_sha256}
-    return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16], core
-
-
+    return reco_config_hash(core), core
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
@@ -40,7 +41,7 @@ import torch
 from reco.config import to_dict
 from reco.errors import ConfigError, WeightsNotFoundError
 
-from .checkpoint import _fsspec, checkpoint_segmodel, read_checkpoint_state, survey, verify_checkpoint
+from .checkpoint import _fsspec, checkpoint_segmodel, list_checkpoints, read_checkpoint_state, survey, verify_checkpoint
 from .config import CONFIG_FILE, DIVERGED_FILE, MODEL_DIR, PLOT_FILE, REPORT_FILE, SETTINGS_FILE, LoopConfig, \
     TrainConfig, config_hash
 from .data import PseudoLabels, read_pseudo_labels, split_holdout
@@ -75,30 +76,39 @@ def _ray_storage(storage_uri: str, storage_options):
     return path, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
-def _check_settings(run_uri: str, settings: Dict[str, Any], storage_options) -> bool:
-    """Refuse another configuration under the same run; True when the run already existed."""
-    from index.storage import exists, join, read_bytes
+def _run_output(run_uri: str, storage_options):
+    from index.output import ResumableOutput
 
-    uri = join(run_uri, SETTINGS_FILE)
-    if not exists(uri, storage_options):
+    return ResumableOutput(run_uri, "train", SETTINGS_FILE, storage_options=storage_options)
+
+
+def _settings_diff(have: Dict[str, Any], settings: Dict[str, Any]) -> str:
+    """What differs between a run's recorded settings and these (for the refusal message)."""
+    diff = sorted(k for k in set(have.get("train") or {}) | set(settings["train"])
+                  if (have.get("train") or {}).get(k) != settings["train"].get(k))
+    if have.get("data_digest") != settings["data_digest"]:
+        diff.append("pseudo-labels (data digest)")
+    if have.get("encoder_weights_sha256") != settings["encoder_weights_sha256"]:
+        diff.append("encoder weights file")
+    return f"differs in: {', '.join(diff) or 'unknown'}"
+
+
+def _check_settings(run_uri: str, settings: Dict[str, Any], storage_options, overwrite: bool) -> Optional[bool]:
+    """None for a new run, True for a run of this configuration, False for another one with
+    ``overwrite`` (refused without it, naming what differs). Reads only."""
+    have = _run_output(run_uri, storage_options).read_settings()  # ConfigError when damaged
+    if have is None:
+        return None
+    if not isinstance(have.get("train", {}), dict):
+        raise ConfigError(f"{run_uri}/{SETTINGS_FILE} is corrupt (no train settings): remove it, or use --overwrite "
+                          "/ another --name")
+    if have.get("config_hash") == settings["config_hash"]:
+        return True
+    if overwrite:
         return False
-    try:
-        have = json.loads(read_bytes(uri, storage_options))
-        assert isinstance(have, dict) and isinstance(have.get("train", {}), dict)
-    except (ValueError, UnicodeDecodeError, AssertionError):
-        raise ConfigError(f"{uri} is damaged (not the JSON settings of a training run): remove the run "
-                          "folder or use another --name") from None
-    if have.get("config_hash") != settings["config_hash"]:
-        diff = sorted(k for k in set(have.get("train", {})) | set(settings["train"])
-                      if have.get("train", {}).get(k) != settings["train"].get(k))
-        if have.get("data_digest") != settings["data_digest"]:
-            diff.append("pseudo-labels (data digest)")
-        if have.get("encoder_weights_sha256") != settings["encoder_weights_sha256"]:
-            diff.append("encoder weights file")
-        raise ConfigError(f"run {run_uri} was trained with another configuration (config hash "
-                          f"{have.get('config_hash')}, now {settings['config_hash']}; differs in: "
-                          f"{', '.join(diff) or 'unknown'}): use another --name or storage path")
-    return True
+    raise ConfigError(f"run {run_uri} was trained with another configuration (config hash "
+                      f"{have.get('config_hash')}, now {settings['config_hash']}; {_settings_diff(have, settings)}): "
+                      "use another --name or storage path, or --overwrite to start it afresh")
 
 
 def _check_folder(uri: str, what: str, storage_options) -> None:
@@ -125,6 +135,7 @@ class TrainPlan:
     n_holdout: int
     resume_from: Optional[str] = None  # the newest intact checkpoint
     damaged: List[Tuple[str, str]] = field(default_factory=list)  # (name, problem), newer than resume_from
+    overwrite: bool = False  # the run holds another configuration and is started afresh
 
     @property
     def config_hash(self) -> str:
@@ -132,11 +143,12 @@ class TrainPlan:
 
 
 def plan_training(labels_uri: str, storage_uri: str, name: str, cfg: TrainConfig = TrainConfig(),
-                  storage_options: Optional[Mapping[str, Any]] = None) -> TrainPlan:
+                  storage_options: Optional[Mapping[str, Any]] = None, overwrite: bool = False) -> TrainPlan:
     """Check a run before anything starts: the run name, the storage folder, the encoder, the
     weight file, the pseudo-labels (manifest present, usable rows, confidence maps when a threshold
-    is set), that ``storage_uri/name`` holds no run of another configuration, and its checkpoints
-    (the newest intact one is resumed from; none intact is an error). Writes nothing. Raises
+    is set), that ``storage_uri/name`` holds no run of another configuration (unless
+    ``overwrite``), and its checkpoints (the newest intact one is resumed from; none intact is an
+    error). Writes nothing. Raises
     :class:`ConfigError` / ``FileNotFoundError`` (:class:`WeightsNotFoundError` for weights)."""
     from index.storage import fetch_to_cache, file_sha256, join
     from reco.segmodel import check_encoder
@@ -163,10 +175,10 @@ def plan_training(labels_uri: str, storage_uri: str, name: str, cfg: TrainConfig
     chash, core = config_hash(cfg, data.digest, weights_sha)
     settings = {"config_hash": chash, **core, "labels_uri": labels_uri, "classes": list(data.classes),
                 "pseudo_label_config_hash": data.settings.get("config_hash")}
-    _check_settings(run_uri, settings, storage_options)
-    resume_from, damaged = survey(run_uri, storage_options)
+    same = _check_settings(run_uri, settings, storage_options, overwrite)
+    resume_from, damaged = survey(run_uri, storage_options) if same is not False else (None, [])
     return TrainPlan(labels_uri, storage_uri, name, run_uri, cfg, data, settings, dict(storage_options or {}),
-                     len(train), len(holdout), resume_from, damaged)
+                     len(train), len(holdout), resume_from, damaged, same is False)
 
 
 def _set_damaged_aside(plan: TrainPlan) -> None:
@@ -190,25 +202,56 @@ def _set_damaged_aside(plan: TrainPlan) -> None:
                    plan.run_uri, problem, more, DAMAGED_DIR, plan.resume_from)
 
 
-def execute_training(plan: TrainPlan, worker_setup: Optional[Callable[[], None]] = None) -> TrainResult:
-    """Run a checked plan on Ray Train (Ray must be initialised), then export and report.
-    ``worker_setup``: called in every train worker before its loop starts (e.g. a test installing
-    :mod:`cluster.train.hooks` there; the workers are other processes)."""
+def _forget_run(run_uri: str, storage_options) -> None:
+    """``--overwrite`` of a run of another configuration (under its lock): its checkpoints, Ray
+    Train's snapshot, the damaged ones set aside, the exported model and the reports go."""
+    from index.storage import is_url, join, local_path, remove_files
+
+    names = [n for _, n in list_checkpoints(run_uri, storage_options)] + [DAMAGED_DIR, MODEL_DIR]
+    for name in names:
+        uri = join(run_uri, name)
+        if is_url(uri):
+            fs, path = _fsspec(uri, storage_options)
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+        else:
+            shutil.rmtree(local_path(uri), ignore_errors=True)
+    remove_files([join(run_uri, n) for n in (RAY_SNAPSHOT, DIVERGED_FILE, REPORT_FILE, PLOT_FILE)], storage_options)
+    logger.warning("--overwrite: run %s of another configuration started afresh (%d checkpoint(s) removed)", run_uri,
+                   len(names) - 2)
+
+
+def execute_training(plan: TrainPlan, worker_setup: Optional[Callable[[], None]] = None,
+                     start_ray: Optional[Callable[[], Any]] = None) -> TrainResult:
+    """Run a checked plan on Ray Train, then export and report, holding the run's writer lock
+    (:class:`index.output.ResumableOutput`: local or S3; a second writer is refused).
+    ``start_ray``: called once the lock is held (the CLI starts Ray there: a refused run never
+    starts it); otherwise Ray must be initialised. ``worker_setup``: called in every train worker
+    before its loop starts (e.g. a test registering :mod:`cluster.faults` hooks there: the
+    workers are other processes)."""
     import yaml
 
-    from index.storage import exists, join, remove_files, write_bytes, writer_lock
+    from index.storage import exists, join, read_bytes, remove_files
 
     from .backend import cluster_is_loopback
 
     so, cfg, run_uri = plan.storage_options, plan.cfg, plan.run_uri
-    with writer_lock(run_uri, "train"):
-        existed = _check_settings(run_uri, plan.settings, so)  # again, under the lock
-        if not existed:
-            write_bytes(join(run_uri, SETTINGS_FILE), json.dumps(plan.settings, indent=2).encode(), so)
-        write_bytes(join(run_uri, CONFIG_FILE), yaml.safe_dump({"train": to_dict(cfg)}, sort_keys=False).encode(), so)
+    covered = {k: plan.settings[k] for k in ("train", "data_digest", "encoder_weights_sha256")}
+    extra = {k: v for k, v in plan.settings.items() if k not in covered and k != "config_hash"}
+    out = _run_output(run_uri, so)
+    with out.open(covered, overwrite=plan.overwrite, extra=extra,
+                  describe=_settings_diff(out.read_settings() or {}, plan.settings)):
+        assert out.settings["config_hash"] == plan.config_hash, "train and index.output hash alike"
+        existed = out.previous is not None
+        if existed and out.previous.get("config_hash") != plan.config_hash:
+            _forget_run(run_uri, so)
+            existed = False
+        out.write_file(CONFIG_FILE, yaml.safe_dump({"train": to_dict(cfg)}, sort_keys=False).encode())
         if plan.damaged:
             _set_damaged_aside(plan)
         remove_files([join(run_uri, DIVERGED_FILE)], so)
+        if start_ray is not None:
+            start_ray()
         logger.info("%s run %s: %d training images, %d held out, %d classes, config hash %s",
                     "resuming" if existed else "starting", run_uri, plan.n_train, plan.n_holdout,
                     len(plan.data.classes), plan.config_hash)
@@ -219,10 +262,8 @@ def execute_training(plan: TrainPlan, worker_setup: Optional[Callable[[], None]]
         result = _fit({"loop": lc, "worker_setup": worker_setup}, cfg, plan.storage_uri, plan.name, so, lc.loopback)
         diverged = join(run_uri, DIVERGED_FILE)
         if exists(diverged, so):
-            from index.storage import read_bytes
-
             raise TrainingDiverged(json.loads(read_bytes(diverged, so))["message"])
-        return _finish(result, plan, time.perf_counter() - t0)
+        return _finish(result, plan, out, time.perf_counter() - t0)
 
 
 def run_training(labels_uri: str, storage_uri: str, name: str, cfg: TrainConfig = TrainConfig(),
@@ -231,6 +272,7 @@ def run_training(labels_uri: str, storage_uri: str, name: str, cfg: TrainConfig 
     """Train ReCo+ on the pseudo-labels at ``labels_uri`` into ``storage_uri/name`` with Ray Train
     (Ray must be initialised). Resumes a run of the same configuration; refuses another one."""
     return execute_training(plan_training(labels_uri, storage_uri, name, cfg, storage_options), worker_setup)
+
 
 
 def _fit(loop_config: Dict[str, Any], cfg: TrainConfig, storage_uri: str, name: str, storage_options, loopback: bool):
@@ -283,10 +325,10 @@ def select_checkpoint(checkpoints: List[Tuple[Any, Dict[str, Any]]], cfg: TrainC
                               "slice of the pseudo-labelled training images (never the evaluation split)")
 
 
-def _finish(result, plan: TrainPlan, fit_seconds: float) -> TrainResult:
-    from index.storage import join, write_bytes
+def _finish(result, plan: TrainPlan, out, fit_seconds: float) -> TrainResult:
+    from index.storage import join
 
-    cfg, data, settings, run_uri, storage_options = plan.cfg, plan.data, plan.settings, plan.run_uri, plan.storage_options
+    cfg, data, settings, run_uri = plan.cfg, plan.data, plan.settings, plan.run_uri
     n_train, n_holdout = plan.n_train, plan.n_holdout
     kept = list(result.best_checkpoints or [])
     if result.checkpoint is not None and not any(c.path == result.checkpoint.path for c, _ in kept):
@@ -318,8 +360,8 @@ def _finish(result, plan: TrainPlan, fit_seconds: float) -> TrainResult:
     seg.training = provenance
     weights, meta = seg.to_bytes()
     model_uri = join(run_uri, MODEL_DIR)
-    write_bytes(join(model_uri, "model.safetensors"), weights, storage_options)
-    write_bytes(join(model_uri, "model.json"), meta, storage_options)
+    out.write_file(f"{MODEL_DIR}/model.safetensors", weights)
+    out.write_file(f"{MODEL_DIR}/model.json", meta)
     ckpts = sorted(({"name": os.path.basename(c.path.rstrip("/")), "uri": join(run_uri, os.path.basename(c.path.rstrip("/"))),
                      **{k: v for k, v in m.items() if k != "config_hash"}} for c, m in kept),
                    key=lambda c: c.get("step", 0))
@@ -342,9 +384,8 @@ def _finish(result, plan: TrainPlan, fit_seconds: float) -> TrainResult:
         "history": hist, "model": {"weights": join(model_uri, "model.safetensors"), "meta": join(model_uri, "model.json")},
         "plot": join(run_uri, PLOT_FILE),
     }
-    write_bytes(join(run_uri, PLOT_FILE), render_curve(hist, f"ReCo+ {cfg.encoder} - {os.path.basename(run_uri)}"),
-                storage_options)
-    write_bytes(join(run_uri, REPORT_FILE), json.dumps(report, indent=2, default=str).encode(), storage_options)
+    out.write_file(PLOT_FILE, render_curve(hist, f"ReCo+ {cfg.encoder} - {os.path.basename(run_uri)}"))
+    out.write_file(REPORT_FILE, json.dumps(report, indent=2, default=str).encode())
     logger.info("trained %d/%d steps (%s); exported %s (%s) to %s", steps_done, cfg.iterations, encoder_init,
                 chosen_name, cfg.selection, model_uri)
     return TrainResult(run_uri, model_uri, report)
