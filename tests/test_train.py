@@ -486,6 +486,23 @@ def test_bad_train_inputs_are_one_line_errors_before_ray(tmp_path, toy_labels, c
     refused(base, "train_settings.json", "corrupt")
     (runs / "r" / "train_settings.json").write_text("[1, 2]")
     refused(base, "train_settings.json", "corrupt")
+    # encoder weights checked on the driver: another architecture, NaN values
+    from safetensors.torch import save_file
+
+    from reco.segmodel import SegModelSpec, build_model
+
+    def weights(encoder, path, poison=False):
+        state = {k: v.clone().contiguous() for k, v in build_model(SegModelSpec(encoder, 3, 16, 16)).encoder.state_dict().items()}
+        if poison:
+            k = next(k for k, v in state.items() if v.is_floating_point())
+            state[k][...] = float("nan")
+        save_file(state, str(path))
+        return str(path)
+
+    small = ["train", str(toy_labels), "--name", "w", "--storage", str(runs), "--encoder", TOY["encoder"]]
+    refused(small + ["--encoder-weights", weights("resnet18", tmp_path / "r18.safetensors")], "does not fit")
+    refused(small + ["--encoder-weights", weights(TOY["encoder"], tmp_path / "nan.safetensors", poison=True)],
+            "NaN/Inf")
     assert ray.is_initialized() == ray_was_up
     # --help names the default it uses (configs/cluster.yaml), which a job then accepts
     with pytest.raises(SystemExit):

@@ -111,6 +111,18 @@ def _check_settings(run_uri: str, settings: Dict[str, Any], storage_options, ove
                       "use another --name or storage path, or --overwrite to start it afresh")
 
 
+def _check_model(cfg: TrainConfig, num_classes: int, weights_path) -> None:
+    """Build the model on the driver, as every worker will: the encoder, its output stride, the
+    crop size and (when given) the encoder weights: they load, fit the encoder and are finite."""
+    from reco.segmodel import SegModelSpec, build_model, load_encoder_weights, read_state_dict, required_multiple
+
+    model = build_model(SegModelSpec(cfg.encoder, num_classes, cfg.output_stride, cfg.decoder_channels))
+    if cfg.crop_size % required_multiple(model):
+        raise ConfigError(f"crop_size {cfg.crop_size} must be a multiple of the encoder's stride {required_multiple(model)}")
+    if weights_path is not None:
+        load_encoder_weights(model, read_state_dict(weights_path), cfg.encoder_weights)
+
+
 def _check_folder(uri: str, what: str, storage_options) -> None:
     """``uri`` is a folder or does not exist yet (never a file)."""
     from index.storage import is_file
@@ -159,13 +171,15 @@ def plan_training(labels_uri: str, storage_uri: str, name: str, cfg: TrainConfig
     _check_folder(storage_uri, "--storage", storage_options)
     _check_folder(run_uri, "the run folder", storage_options)
     check_encoder(cfg.encoder)
-    weights_sha = None
+    weights_path = None
     if cfg.encoder_weights:
         try:
-            weights_sha = file_sha256(fetch_to_cache(cfg.encoder_weights, storage_options))
+            weights_path = fetch_to_cache(cfg.encoder_weights, storage_options)
         except FileNotFoundError as exc:
             raise WeightsNotFoundError(f"encoder_weights {cfg.encoder_weights} does not exist") from exc
     data = read_pseudo_labels(labels_uri, storage_options)
+    _check_model(cfg, len(data.classes), weights_path)
+    weights_sha = file_sha256(weights_path) if weights_path else None
     if cfg.confidence_threshold is not None:
         lacking = [s.id for s in data.samples if not s.confidence]
         if lacking:
