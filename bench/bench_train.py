@@ -3,7 +3,7 @@ process, and images/s with 1 and 2 Ray Train workers, on this CPU.
 
     .venv/bin/python -m bench.bench_train [--steps 24] [--rounds 2] [--crop 128] [--encoder resnet18]
 
-The loop is the one `reco train` runs (`cluster.train._train`): step-indexed DataLoader over
+The loop is the one `reco train` runs (`cluster.train.loop.train_loop`): step-indexed DataLoader over
 pseudo-labels on disk (PNG decode + scale/crop/flip/jitter/blur), DeepLabV3+, Adam, poly lr;
 `run_local` runs it in a fresh plain Python process without Ray or DDP. Step times come from inside the loop
 (one log window per step, the first `--warmup` steps dropped), so Ray's start-up (worker group,

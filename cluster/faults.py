@@ -6,6 +6,7 @@ costs one dictionary lookup and does nothing::
     faults.fire("bank.concept", name)          # cluster/bank.py, after each concept's work
     faults.fire("embed.batch", n)              # cluster/embed.py, after each embedded batch
     faults.fire("segment.batch", n)            # cluster/segment.py, after each segmented batch
+    faults.fire("train.step", step, rank)      # cluster/train/loop.py, after each step (and its checkpoint)
 
 A test in the same process registers a hook (``faults.register("bank.concept", fn)``, removed by
 :func:`clear`). Jobs under test often run in other processes (a job started as a subprocess, its

@@ -82,11 +82,17 @@ def _manifest(out_uri: str, storage_options: Optional[Mapping[str, Any]] = None)
 
 def _rows_of(parts: Parts) -> List[Dict[str, Any]]:
     """The manifest rows of the parts not read yet from ``parts``."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     rows: List[Dict[str, Any]] = []
     for _, data in parts.read_new():
-        rows += pq.read_table(io.BytesIO(data)).to_pylist()
+        # parse an Arrow-owned copy: Arrow buffers over Python bytes can be released on an Arrow
+        # thread while the interpreter shuts down, which aborts the process ("terminate called
+        # without an active exception", exit 134) when a job stops right after reading
+        sink = pa.BufferOutputStream()
+        sink.write(data)
+        rows += pq.read_table(pa.BufferReader(sink.getvalue())).to_pylist()
     return rows
 
 

@@ -7,7 +7,8 @@ paper's recipe by default (Adam 5e-4 head / 5e-5 encoder, wd 2e-4, poly 0.9, 20k
 batch 8, 320 crops, scale 0.5-2, flip, colour jitter, blur). Checkpoints, the exported model
 (RUNS/NAME/model: model.safetensors + model.json), the report (train_report.json) and the loss
 curve (train_curve.png) go to RUNS/NAME (a local folder or s3://...). Rerunning the same command
-resumes from the latest checkpoint; a different configuration under the same name is refused.
+resumes from the latest intact checkpoint; a different configuration under the same name is refused
+(``--overwrite`` starts it afresh). One job writes a run at a time (RUNS/NAME/writer.lock, local or S3).
 
 ``--config`` takes YAML with a ``train:`` section (every key of cluster.train.TrainConfig,
 strictly checked); the flags below override it.
@@ -19,6 +20,7 @@ import logging
 from typing import Any, List, Mapping, Optional
 
 from cluster.config import load_yaml_mapping, resolve_cluster_config
+from jobs.embed import add_cluster_args
 from reco.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -85,8 +87,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--selection", choices=("last", "holdout"),
                    help="export the last checkpoint, or the best on a held-out slice of the pseudo-labelled images")
     p.add_argument("--confidence-threshold", type=float, help="ignore pixels whose pseudo-label confidence is below it")
-    p.add_argument("--storage-options", default="{}", help="JSON fsspec options (e.g. an S3 endpoint_url)")
-    p.add_argument("--ray-config", help="Ray settings YAML (default: the repository's ray_config.yaml)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start NAME afresh when it holds a run of another configuration (its checkpoints go)")
+    add_cluster_args(p)
     args = p.parse_args(argv)
 
     from cluster.runtime import init_ray
@@ -100,9 +103,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     from index.storage import absolute
 
     # clear errors before Ray starts; Ray Train workers run in directories of their own: absolute paths
-    plan = plan_training(absolute(args.labels), absolute(args.storage), args.name, cfg, storage)
-    init_ray(cluster.ray)
-    res = execute_training(plan)
+    plan = plan_training(absolute(args.labels), absolute(args.storage), args.name, cfg, storage, args.overwrite)
+    res = execute_training(plan, start_ray=lambda: init_ray(cluster.ray))  # Ray starts once the run is locked
     rep = res.report
     logger.info("%d/%d steps, %s img/s; encoder: %s; exported %s (%s) -> %s; report %s",
                 rep["steps"], rep["iterations"], f"{rep['throughput']['images_per_s'] or 0:.2f}", rep["encoder_init"],

@@ -125,7 +125,7 @@ def read_state_dict(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
 def load_encoder_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str = "<weights>") -> int:
     """Load an ImageNet checkpoint into ``model.encoder`` (torchvision/timm key names; prefixes
     ``module.``/``encoder.`` and classifier heads are dropped; timm ``tu-`` encoders get their
-    ``model.`` prefix). Every encoder tensor must be matched with its shape, else
+    ``model.`` prefix). Every encoder tensor must be matched with its shape and be finite, else
     :class:`WeightsMismatchError`. Returns the number of tensors loaded."""
     enc = model.encoder
     own = enc.state_dict()
@@ -148,6 +148,9 @@ def load_encoder_weights(model: torch.nn.Module, state: Mapping[str, torch.Tenso
             f"{source} does not fit encoder {type(enc).__name__}: {len(missing)} tensors missing "
             f"(e.g. {missing[:3]}), {len(wrong)} of another shape (e.g. {wrong[:3]})")
     load = {k: best[k].to(own[k].dtype) for k in own if k in best}
+    bad = [k for k, v in load.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise WeightsMismatchError(f"{source} holds NaN/Inf in {len(bad)} encoder tensors (e.g. {bad[:3]})")
     enc.load_state_dict(load, strict=False)
     return len(load)
 

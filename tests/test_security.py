@@ -252,3 +252,62 @@ def test_embedded_ray_listens_on_loopback_only_with_token_auth(tmp_path):
     assert {"gcs_server", "raylet"} <= owners, listeners  # the check saw Ray's servers
     loopback = ("127.0.0.1:", "[::ffff:127.0.0.1]:", "[::1]:")
     assert all(addr.startswith(loopback) for addr, _ in listeners), listeners
+
+
+def _sockets_of_tree(seen: dict) -> None:
+    """Add the inet sockets of this process and all its descendants (Ray's GCS, raylet, workers,
+    Ray Train's controller and workers) to ``seen``: (process name, kind, local, remote)."""
+    import psutil  # Ray's own copy (ray/thirdparty_files), on the path once ray is imported
+
+    me = psutil.Process()
+    for p in [me] + me.children(recursive=True):
+        try:
+            name = p.name()
+            for c in p.net_connections(kind="inet"):
+                kind = "listen" if c.status == psutil.CONN_LISTEN else ("udp" if c.type == socket.SOCK_DGRAM else "tcp")
+                seen.setdefault((name, kind, c.laddr.ip, c.raddr.ip if c.raddr else ""), c.laddr.port)
+        except psutil.Error:
+            pass
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
+def test_training_listens_and_talks_on_loopback_only(ray_local, tmp_path, workers):
+    """`reco train` on the embedded loopback-only Ray: every socket of the job's process tree,
+    sampled every 0.1 s while Ray Train runs (process group, gloo pairs, checkpoints), is bound to
+    127.0.0.1 and talks to 127.0.0.1 only. (It once had the torch rendezvous server on *:PORT.)"""
+    import threading
+
+    import ray
+
+    from cluster.train import TrainConfig, run_training
+    from test_train import TOY, write_pseudo_labels
+
+    import psutil  # noqa: F401  (Ray's copy: fail here, not in the thread, if it is missing)
+
+    assert {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]} == {"127.0.0.1"}
+    labels = write_pseudo_labels(tmp_path, n=4)
+    cfg = TrainConfig(**dict(TOY, num_workers=workers, iterations=4, checkpoint_every=2, log_every=2))
+    seen: dict = {}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            _sockets_of_tree(seen)
+            stop.wait(0.1)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        res = run_training(str(labels), str(tmp_path / "runs"), "lo", cfg)
+    finally:
+        stop.set()
+        t.join()
+    assert res.report["steps"] == 4
+    loopback = ("127.0.0.1", "::ffff:127.0.0.1", "::1")
+    owners = {name for name, kind, _, _ in seen if kind == "listen"}
+    assert any("RayTrainWorker" in n for n in owners), owners  # the sampling saw the train workers
+    if workers == 2:  # and their gloo connections to each other
+        assert any("RayTrainWorker" in n and kind == "tcp" for n, kind, _, _ in seen), seen
+    not_loopback = {k: port for k, port in seen.items() if k[2] not in loopback or (k[3] and k[3] not in loopback)}
+    assert not not_loopback, not_loopback

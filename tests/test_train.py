@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import struct
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -71,6 +73,27 @@ def write_pseudo_labels(root: Path, n: int = 12, confidence: bool = True, skippe
 @pytest.fixture(scope="module")
 def toy_labels(tmp_path_factory) -> Path:
     return write_pseudo_labels(tmp_path_factory.mktemp("toy"))
+
+
+def exit_once_after(step: int, rank: int, marker) -> Callable[[], None]:
+    """A ``worker_setup`` for run_training: in every Ray Train worker it registers a hook on the
+    fault point ``train.step`` that ends the process of ``rank`` (as if killed) the first time it
+    finishes ``step``; ``marker`` (a file) records that it fired, so the restarted worker group
+    goes on. Ray pickles this closure by value: the workers need not import the tests."""
+    marker, want = str(marker), (step, rank)
+
+    def setup() -> None:
+        from cluster import faults
+
+        def on_step(step: int, rank: int) -> None:
+            if (step, rank) == want and not os.path.exists(marker):
+                with open(marker, "w") as f:
+                    f.write(str(step))
+                os._exit(1)
+
+        faults.register("train.step", on_step)
+
+    return setup
 
 
 def _cfg(**kw):
@@ -254,7 +277,7 @@ def test_holdout_selection_and_curve_in_one_process(tmp_path, toy_labels):
     of the pseudo-labelled training images, and selection picks the best of them."""
     from safetensors.torch import save_file
 
-    from cluster.train import _select, plan_training, render_curve, run_local
+    from cluster.train import plan_training, render_curve, run_local, select_checkpoint
     from reco.segmodel import SegModelSpec, build_model, file_sha256
 
     torch.manual_seed(5)  # "ImageNet" weights for the encoder, given as a local file
@@ -271,8 +294,8 @@ def test_holdout_selection_and_curve_in_one_process(tmp_path, toy_labels):
     assert all(0.0 <= m["holdout_miou"] <= 1.0 for m in metrics)
     ck = [("a", {"step": 2, "holdout_miou": 0.4}), ("b", {"step": 4, "holdout_miou": 0.3}),
           ("c", {"step": 6, "holdout_miou": 0.4})]
-    assert _select(ck, cfg)[0] == "c" and _select(ck[:2], cfg)[0] == "a"
-    assert _select(ck[:2], replace(cfg, selection="last"))[0] == "b"
+    assert select_checkpoint(ck, cfg)[0] == "c" and select_checkpoint(ck[:2], cfg)[0] == "a"
+    assert select_checkpoint(ck[:2], replace(cfg, selection="last"))[0] == "b"
     png = Image.open(io.BytesIO(render_curve(state["history"], "toy")))
     assert png.size == (900, 640) and png.mode == "RGB"
 
@@ -296,7 +319,7 @@ def resumed_run(ray_local, toy_labels, tmp_path_factory):
     cfg = _cfg(max_failures=0)
     marker = runs / "fault_fired"
     with pytest.raises(TrainingFailed, match="rerun the same command"):
-        run_training(str(toy_labels), str(runs), "toy", cfg, fault={"step": 6, "rank": 1, "marker": str(marker)})
+        run_training(str(toy_labels), str(runs), "toy", cfg, worker_setup=exit_once_after(6, 1, marker))
     assert marker.read_text() == "6"
     after_kill = sorted(p.name for p in (runs / "toy").glob("checkpoint_0*") if p.is_dir())
     res = run_training(str(toy_labels), str(runs), "toy", cfg)
@@ -369,7 +392,7 @@ def test_worker_killed_mid_run_recovers_on_s3_and_export_matches(resumed_run, to
     runs_uri = "s3://reco-train/runs"
     runs, cfg, resumed, _ = resumed_run
     res = run_training("s3://reco-train/labels", runs_uri, "toy", replace(cfg, max_failures=1), s3_server,
-                       fault={"step": 10, "rank": 1, "marker": str(tmp_path / "fault_fired")})
+                       worker_setup=exit_once_after(10, 1, tmp_path / "fault_fired"))
     rep = res.report
     assert (tmp_path / "fault_fired").exists() and rep["steps"] == 12
     assert [a["start_step"] for a in rep["attempts"]] == [0, 8]
@@ -417,3 +440,98 @@ def test_cli_train_with_relative_paths_and_its_job_report(ray_local, tmp_path, m
     job = json.loads((tmp_path / "runs" / "rel" / "job_report.json").read_text())
     assert job["job"] == "train" and job["inputs"] == {"seen": 4, "processed": 4, "already_done": 0, "skipped": 0,
                                                        "failed_transient": 0}
+
+
+# -- bad inputs: one line, exit 2, before Ray -----------------------------------------------------
+
+
+def test_bad_train_inputs_are_one_line_errors_before_ray(tmp_path, toy_labels, caplog, capsys):
+    import logging
+
+    import ray
+
+    from jobs.cli import main
+
+    ray_was_up = ray.is_initialized()
+    runs = tmp_path / "runs"
+    base = ["train", str(toy_labels), "--name", "r", "--storage", str(runs)]
+
+    def refused(args, *words):
+        caplog.clear()
+        assert main(args) == 2, args
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and "\n" not in errors[0], (args, errors)
+        assert all(w in errors[0] for w in words), (args, errors[0])
+
+    # numbers: NaN, infinities and out-of-range values (flags and YAML)
+    for flag, value, word in [("--cpus-per-worker", "nan", "cpus_per_worker"), ("--cpus-per-worker", "inf", "finite"),
+                              ("--confidence-threshold", "nan", "confidence_threshold"),
+                              ("--confidence-threshold", "-inf", "confidence_threshold"),
+                              ("--iterations", "0", "iterations"), ("--batch-size", "-4", "batch_size"),
+                              ("--num-workers", "0", "num_workers"), ("--max-failures", "-2", "max_failures"),
+                              ("--checkpoint-every", "0", "checkpoint_every"), ("--loader-workers", "-1", "loader_workers")]:
+        refused(base + [f"{flag}={value}"], word)
+    for yaml_value in (".inf", ".nan", "-.inf"):
+        (tmp_path / "t.yaml").write_text(f"train:\n  lr_head: {yaml_value}\n")
+        refused(base + ["--config", str(tmp_path / "t.yaml")], "lr_head")
+    # --storage naming a file; the run folder being a file
+    (tmp_path / "afile").write_text("x")
+    refused(["train", str(toy_labels), "--name", "r", "--storage", str(tmp_path / "afile")], "is a file")
+    runs.mkdir()
+    (runs / "f").write_text("x")
+    refused(["train", str(toy_labels), "--name", "f", "--storage", str(runs)], "is a file")
+    # a damaged train_settings.json
+    (runs / "r").mkdir()
+    (runs / "r" / "train_settings.json").write_bytes(b"\xff{ garbage")
+    refused(base, "train_settings.json", "corrupt")
+    (runs / "r" / "train_settings.json").write_text("[1, 2]")
+    refused(base, "train_settings.json", "corrupt")
+    # encoder weights checked on the driver: another architecture, NaN values
+    from safetensors.torch import save_file
+
+    from reco.segmodel import SegModelSpec, build_model
+
+    def weights(encoder, path, poison=False):
+        state = {k: v.clone().contiguous() for k, v in build_model(SegModelSpec(encoder, 3, 16, 16)).encoder.state_dict().items()}
+        if poison:
+            k = next(k for k, v in state.items() if v.is_floating_point())
+            state[k][...] = float("nan")
+        save_file(state, str(path))
+        return str(path)
+
+    small = ["train", str(toy_labels), "--name", "w", "--storage", str(runs), "--encoder", TOY["encoder"]]
+    refused(small + ["--encoder-weights", weights("resnet18", tmp_path / "r18.safetensors")], "does not fit")
+    refused(small + ["--encoder-weights", weights(TOY["encoder"], tmp_path / "nan.safetensors", poison=True)],
+            "NaN/Inf")
+    assert ray.is_initialized() == ray_was_up
+    # --help names the default it uses (configs/cluster.yaml), which a job then accepts
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default: the repository's configs/cluster.yaml" in text
+    assert "repository's ray_config.yaml" not in text
+    from cluster.config import cluster_config_path, resolve_cluster_config
+
+    assert cluster_config_path(None).name == "cluster.yaml" and resolve_cluster_config(None).ray is not None
+
+
+def test_a_label_set_with_every_image_skipped_exits_2_every_time(tmp_path):
+    """It once exited 134 ("terminate called without an active exception") in about 1 run of 3:
+    the manifest's Arrow buffers over Python bytes were released on an Arrow thread while the
+    interpreter shut down. The CLI says it in one line with exit 2; then six fresh processes
+    that read that manifest (with torch imported, as the job does) and exit at once must exit 0."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from jobs.cli import main
+
+    labels = write_pseudo_labels(tmp_path, skipped_only=True)
+    assert main(["train", str(labels), "--name", "r", "--storage", str(tmp_path / "runs")]) == 2
+    assert not (tmp_path / "runs").exists()
+    code = f"import torch\nfrom cluster.pseudo_label import committed_rows\nassert len(committed_rows({str(labels)!r})) == 1"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    codes = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=120).returncode
+             for _ in range(6)]
+    assert codes == [0] * 6, codes
