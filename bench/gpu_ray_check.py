@@ -38,7 +38,7 @@ def _gpu() -> float:
 
 def train_on_ray(tmp: Path) -> Dict[str, Any]:
     from cluster.train import TrainConfig, execute_training, plan_training
-    from jobs.train import load_segmodel
+    from index.outputs import load_segmodel
 
     labels = _toy_labels(tmp / "toy", 32)
     dry = DRY["on"]

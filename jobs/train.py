@@ -17,38 +17,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any, List, Mapping, Optional
+from typing import List, Optional
 
 from cluster.config import load_yaml_mapping, resolve_cluster_config
-from jobs.embed import add_cluster_args
+from jobs.common import add_cluster_args, parse_json_object
 from reco.errors import ConfigError
 
 logger = logging.getLogger(__name__)
-
-
-def load_segmodel(uri: str, storage_options: Optional[Mapping[str, Any]] = None, device: str = "cpu"):
-    """A trained ReCo+ model from a storage URI: the export folder (``RUN/model``), the run folder
-    (``RUN``), or the ``model.safetensors`` file itself. ``SegModel.predict(pil_image)`` returns
-    ``(labels (H, W) int64, class_names)``. ``FileNotFoundError`` when nothing is there."""
-    from index.storage import exists, join, read_bytes
-    from reco.segmodel import META_FILE, WEIGHTS_FILE, SegModel
-
-    uri = str(uri).rstrip("/")
-    if uri.endswith(".safetensors"):
-        folder, weights_uri = uri.rsplit("/", 1)[0] if "/" in uri else ".", uri
-    else:
-        folder = uri
-        if not exists(join(folder, WEIGHTS_FILE), storage_options) and exists(join(uri, "model", WEIGHTS_FILE),
-                                                                               storage_options):
-            folder = join(uri, "model")
-        weights_uri = join(folder, WEIGHTS_FILE)
-    try:
-        weights = read_bytes(weights_uri, storage_options)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{uri} holds no trained model ({WEIGHTS_FILE}); train one with `reco train`") from None
-    meta_uri = join(folder, META_FILE)
-    meta = read_bytes(meta_uri, storage_options) if exists(meta_uri, storage_options) else None
-    return SegModel.from_bytes(weights, meta, uri, device)
 
 
 def train_config(args):
@@ -95,7 +70,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     from cluster.runtime import init_ray
     from cluster.train import execute_training, plan_training
 
-    from .pseudo_label import parse_json_object
 
     storage = parse_json_object(args.storage_options, "--storage-options")
     cluster = resolve_cluster_config(args.ray_config)

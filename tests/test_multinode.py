@@ -656,7 +656,7 @@ def test_train_survives_losing_the_worker_node(workers, ray_config, tmp_path):
     Ray Train restarts the worker group on the replacement from the latest checkpoint; every step
     is trained and logged exactly once, and the exported model loads. Trained on the pseudo-labels
     of the test above (a toy set when run alone)."""
-    from jobs.train import load_segmodel
+    from index.outputs import load_segmodel
 
     labels = BUILT.get("labels") or _toy_pseudo_labels(tmp_path / "pl")
     cfg = tmp_path / "train.yaml"

@@ -366,7 +366,7 @@ def test_corpus_bank_labels_and_training_through_s3_with_faults_retried(ray_loca
     for c in rep["checkpoints"]:  # read back from S3
         state = json.loads(read_bytes(join(runs, "e2e", c["name"], "state.json"), opts))
         assert state["step"] == int(c["name"].split("_")[1]) and state["classes"] == names
-    from jobs.train import load_segmodel
+    from index.outputs import load_segmodel
 
     model = load_segmodel(f"{runs}/e2e", opts)
     pred, classes = model.predict(make_image(9, (48, 40)))

@@ -230,7 +230,7 @@ def test_encoder_weights_load_from_a_local_file(tmp_path):
 
 
 def test_export_is_safetensors_and_json_and_reloads(tmp_path):
-    from jobs.train import load_segmodel
+    from index.outputs import load_segmodel
     from reco.errors import WeightsMismatchError
     from reco.segmodel import SegModel, SegModelSpec, build_model
 
@@ -371,7 +371,7 @@ def test_worker_killed_mid_run_recovers_on_s3_and_export_matches(resumed_run, to
     import s3fs
 
     from cluster.train import run_training
-    from jobs.train import load_segmodel
+    from index.outputs import load_segmodel
     from reco.segmodel import SegModelSpec, build_model, predict_logits
 
     boto3.client("s3", endpoint_url=s3_server["endpoint_url"], aws_access_key_id="testing",
