@@ -56,27 +56,34 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from reco.errors import ConfigError, ReCoError
 
+from .faiss_factory import (  # noqa: F401  (re-exported: the public API of this module)
+    _faiss,
+    _pow2,
+    choose_factory,
+    estimate_index_bytes,
+    gpu_count,
+    split_refine,
+    validate_factory,
+)
 from .retriever import Retriever, SearchResult
+from .vectors import BLOCK_ROWS, VectorSource, exact_topk  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
 INDEX_FILE = "index.faiss"
 META_FILE = "index.json"
 
-#: rows converted to float32 at a time when adding / computing exact ground truth
-BLOCK_ROWS = 32768
 #: bound of FAISS's temporary buffers per add call: PQ encoding may build (rows x M x 2^nbits) float
 #: distance tables (1 GiB for 32768 rows of PQ32), so PQ indexes are added in smaller blocks
 ADD_TEMP_BYTES = 64 << 20
@@ -92,266 +99,6 @@ class LowRecallError(ReCoError):
     def __init__(self, message: str, report: Optional["IndexReport"] = None):
         super().__init__(message)
         self.report = report
-
-
-def _faiss():
-    try:
-        import faiss  # faiss-cpu or faiss-gpu, never both
-    except ImportError as exc:  # pragma: no cover - faiss-cpu is pinned
-        raise ImportError("FAISS is not installed: pip install faiss-cpu (or faiss-gpu-cu12 on GPU hosts)") from exc
-    return faiss
-
-
-def gpu_count() -> int:
-    faiss = _faiss()
-    return int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
-
-
-def _pow2(x: float) -> int:
-    return 1 << max(4, int(round(math.log2(max(x, 16)))))
-
-
-# -- factory strings -------------------------------------------------------------------------
-
-_REFINE_RE = re.compile(r"^(?P<base>.+?),(?:(?P<rflat>RFlat)|Refine\((?P<inner>.+)\))$")
-
-
-def split_refine(factory: str) -> Tuple[str, Optional[str]]:
-    """``"OPQ64,IVF4096,PQ64,Refine(SQfp16)"`` -> ``("OPQ64,IVF4096,PQ64", "SQfp16")``; ``RFlat`` -> ``"Flat"``."""
-    m = _REFINE_RE.match(factory.strip())
-    if not m:
-        return factory.strip(), None
-    return m.group("base"), ("Flat" if m.group("rflat") else m.group("inner").strip())
-
-
-def validate_factory(factory: str, dim: int) -> None:
-    """Raise :class:`ConfigError` if ``factory`` is not a FAISS factory string FAISS accepts for ``dim``."""
-    faiss = _faiss()
-    base, refine = split_refine(factory)
-    for part in (base, refine):
-        if part is None:
-            continue
-        try:
-            faiss.index_factory(dim, part, faiss.METRIC_INNER_PRODUCT)
-        except Exception as exc:  # FAISS raises RuntimeError with a C++ message
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ConfigError(f"invalid FAISS factory string {factory!r} for dim {dim}: {first}") from None
-
-
-def _code_bytes(token: str, d: int) -> Optional[float]:
-    """Bytes per vector of a storage token (Flat, PQm[xb], SQ8, SQfp16, ...) on d dims."""
-    if token == "Flat":
-        return 4.0 * d
-    m = re.fullmatch(r"PQ(\d+)(?:x(\d+))?(?:np)?", token)
-    if m:
-        return int(m.group(1)) * int(m.group(2) or 8) / 8.0
-    sq = {"SQ8": 1.0, "SQ6": 0.75, "SQ4": 0.5, "SQfp16": 2.0, "SQbf16": 2.0, "SQ8_direct": 1.0}
-    if token in sq:
-        return sq[token] * d
-    return None
-
-
-def estimate_index_bytes(factory: str, n: int, dim: int) -> int:
-    """Memory (≈ serialized size) of ``factory`` holding ``n`` vectors of ``dim``.
-
-    Understands the strings :func:`choose_factory` produces and the common building blocks
-    (OPQ/PCA, IVF with flat or HNSW coarse quantiser, HNSW, Flat, PQ, SQ, RFlat/Refine(...)).
-    Raises ``ValueError`` for anything else.
-    """
-    base, refine = split_refine(factory)
-    total = 0.0
-    d = dim
-    stored = hnsw = False
-    for tok in [t.strip() for t in base.split(",") if t.strip()]:
-        m = re.fullmatch(r"OPQ(\d+)(?:_(\d+))?", tok)
-        if m:
-            out = int(m.group(2) or d)
-            total += 4.0 * d * out
-            d = out
-            continue
-        m = re.fullmatch(r"PCAR?(\d+)", tok)
-        if m:
-            out = int(m.group(1))
-            total += 4.0 * d * out + 4.0 * d
-            d = out
-            continue
-        if tok == "L2norm":
-            continue
-        m = re.fullmatch(r"IVF(\d+)(?:_HNSW(\d+))?", tok)
-        if m:
-            nlist = int(m.group(1))
-            total += 4.0 * nlist * d + 8.0 * n  # centroids + one 8-byte id per vector
-            if m.group(2):
-                total += nlist * (2 * int(m.group(2)) * 4 * 1.1 + 8)
-            continue
-        m = re.fullmatch(r"HNSW(\d+)(?:_(\w+))?", tok)
-        if m:  # level-0 links (2M int32) + upper levels and level table; storage follows
-            total += n * (2 * int(m.group(1)) * 4 * 1.05 + 12)
-            hnsw = True
-            if m.group(2) is None:
-                continue
-            tok = m.group(2)
-        per = _code_bytes(tok, d)
-        if per is None:
-            raise ValueError(f"cannot estimate the memory of factory component {tok!r} in {factory!r}")
-        total += per * n
-        pq = re.fullmatch(r"PQ(\d+)(?:x(\d+))?(?:np)?", tok)
-        if pq:
-            total += 4.0 * (1 << int(pq.group(2) or 8)) * d  # codebooks
-        stored = True
-    if hnsw and not stored:  # "HNSW32" alone stores flat vectors
-        total += 4.0 * d * n
-        stored = True
-    if not stored:
-        raise ValueError(f"factory {factory!r} stores no vectors")
-    if refine is not None:
-        per = _code_bytes(refine, dim)
-        if per is None:
-            raise ValueError(f"cannot estimate the memory of refine index {refine!r}")
-        total += per * n
-    return int(total)
-
-
-def choose_factory(n: int, dim: int, memory_budget_bytes: int = 8 << 30, flat_max: int = 100_000) -> str:
-    """A FAISS factory string for ``n`` vectors of ``dim`` whose estimated memory fits the budget."""
-    if n <= 0:
-        raise ValueError("cannot index an empty corpus")
-    if n <= flat_max and estimate_index_bytes("Flat", n, dim) <= memory_budget_bytes:
-        return "Flat"
-    nlist = _pow2(4 * math.sqrt(n))
-    ivf_flat = f"IVF{nlist},Flat"
-    if estimate_index_bytes(ivf_flat, n, dim) <= memory_budget_bytes:
-        return ivf_flat
-    coarse = f"IVF{nlist}_HNSW32" if n >= 10_000_000 else f"IVF{nlist}"
-    ms = [m for m in (64, 48, 32, 16, 8) if m <= dim and dim % m == 0]
-    # a good first stage (m >= 32) matters more than fp16 vs 8-bit re-ranking codes
-    order = [(r, m) for r in ("SQfp16", "SQ8") for m in ms if m >= 32] + \
-            [(r, m) for r in ("SQfp16", "SQ8") for m in ms if m < 32]
-    for refine, m in order:
-        f = f"OPQ{m},{coarse},PQ{m},Refine({refine})"
-        if estimate_index_bytes(f, n, dim) <= memory_budget_bytes:
-            return f
-    smallest = f"OPQ{ms[-1]},{coarse},PQ{ms[-1]},Refine(SQ8)" if ms else f"{coarse},Refine(SQ8)"
-    need = estimate_index_bytes(smallest, n, dim) if ms else n * (dim + 8)
-    raise ValueError(
-        f"{n} vectors of dim {dim} do not fit {memory_budget_bytes / 2**30:.1f} GiB with re-ranking codes: "
-        f"the smallest index that can reach a recall target ({smallest}) needs {need / 2**30:.1f} GiB; "
-        "raise the memory budget or pass an explicit factory (with allow_low_recall if it may miss the target)")
-
-
-# -- corpus access ---------------------------------------------------------------------------
-
-class VectorSource:
-    """Row-ordered (n, dim) vectors stored in chunks (e.g. store shards), opened one at a time.
-
-    ``open_chunk(i)`` returns chunk i as an array (typically a float16 memory map); it is dropped
-    as soon as the chunk has been read, so no more than one chunk is mapped at a time and the
-    corpus is never materialised in float32 as a whole.
-    """
-
-    def __init__(self, sizes: Sequence[int], dim: int, open_chunk: Callable[[int], np.ndarray]):
-        self.sizes = [int(s) for s in sizes]
-        self.dim = int(dim)
-        self._open = open_chunk
-        self.offsets = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)]).astype(np.int64)
-
-    @property
-    def n(self) -> int:
-        return int(self.offsets[-1])
-
-    def __len__(self) -> int:
-        return self.n
-
-    @classmethod
-    def from_arrays(cls, arrays: Sequence[np.ndarray]) -> "VectorSource":
-        arrays = list(arrays)
-        if not arrays:
-            raise ValueError("no arrays given")
-        dims = {a.shape[1] for a in arrays}
-        if len(dims) != 1 or any(a.ndim != 2 for a in arrays):
-            raise ValueError(f"arrays must all be (n_i, E), got {[a.shape for a in arrays]}")
-        return cls([len(a) for a in arrays], dims.pop(), lambda i: arrays[i])
-
-    @classmethod
-    def from_array(cls, x: np.ndarray) -> "VectorSource":
-        x = np.asarray(x)
-        if x.ndim != 2:
-            raise ValueError(f"embeddings must be (N, E), got {x.shape}")
-        return cls.from_arrays([x])
-
-    @classmethod
-    def from_store(cls, store, shards: Optional[Sequence[Any]] = None) -> "VectorSource":
-        """The committed shards of an :class:`index.store.EmbeddingStore` (a snapshot of ``shards``)."""
-        shards = list(store.shards if shards is None else shards)
-        return cls([s.count for s in shards], store.dim, lambda i: store.shard_embeddings(shards[i]))
-
-    def _chunk(self, i: int) -> np.ndarray:
-        arr = self._open(i)
-        if arr.ndim != 2 or arr.shape != (self.sizes[i], self.dim):
-            raise ValueError(f"chunk {i} has shape {arr.shape}, expected ({self.sizes[i]}, {self.dim})")
-        return arr
-
-    def blocks(self, rows: Optional[int] = None) -> Iterator[Tuple[int, np.ndarray]]:
-        """(first row, float32 C-contiguous block of at most ``rows`` rows), in row order."""
-        rows = rows or BLOCK_ROWS
-        for i, size in enumerate(self.sizes):
-            if size == 0:
-                continue
-            arr = self._chunk(i)
-            off = int(self.offsets[i])
-            for s in range(0, size, rows):
-                yield off + s, np.ascontiguousarray(arr[s:s + rows], dtype=np.float32)
-            del arr
-
-    def take(self, rows: np.ndarray) -> np.ndarray:
-        """float32 (len(rows), dim) copy of the given rows (any order), reading only those rows."""
-        rows = np.asarray(rows, dtype=np.int64)
-        if rows.size and (rows.min() < 0 or rows.max() >= self.n):
-            raise IndexError("row out of range")
-        out = np.empty((len(rows), self.dim), dtype=np.float32)
-        order = np.argsort(rows, kind="stable")
-        srt = rows[order]
-        bounds = np.searchsorted(srt, self.offsets)
-        for i in range(len(self.sizes)):
-            lo, hi = int(bounds[i]), int(bounds[i + 1])
-            if lo == hi:
-                continue
-            arr = self._chunk(i)
-            for a in range(lo, hi, BLOCK_ROWS):  # bounded temporaries
-                b = min(hi, a + BLOCK_ROWS)
-                out[order[a:b]] = arr[srt[a:b] - self.offsets[i]]
-            del arr
-        return out
-
-
-def exact_topk(source: VectorSource, queries: np.ndarray, k: int, exclude_rows: Optional[np.ndarray] = None,
-               block_rows: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
-    """Exact inner-product top-k of ``queries`` over ``source``, streaming it block by block.
-
-    Each block's top-k comes from FAISS brute force (``faiss.knn``, exact) and is merged into the
-    running top-k, so memory is one float32 block plus (Q, k) lists whatever the corpus size.
-    Returns (scores, rows), both (Q, k), best first; rows are -1 where fewer than k exist.
-    ``exclude_rows[q]`` (a corpus row, or -1) is never returned for query q.
-    """
-    faiss = _faiss()
-    q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-    nq = q.shape[0]
-    excl = np.full(nq, -1, np.int64) if exclude_rows is None else np.asarray(exclude_rows, np.int64)
-    kk = k + 1  # one spare for the excluded row
-    best_s = np.full((nq, kk), -np.inf, dtype=np.float32)
-    best_i = np.full((nq, kk), -1, dtype=np.int64)
-    for off, blk in source.blocks(block_rows):
-        s, i = faiss.knn(q, blk, min(kk, blk.shape[0]), metric=faiss.METRIC_INNER_PRODUCT)
-        i = np.where(i >= 0, i + off, -1)
-        cat_s, cat_i = np.concatenate([best_s, s], 1), np.concatenate([best_i, i], 1)
-        top = np.argsort(-cat_s, axis=1, kind="stable")[:, :kk]
-        best_s, best_i = np.take_along_axis(cat_s, top, 1), np.take_along_axis(cat_i, top, 1)
-    drop = (best_i == excl[:, None]) | (best_i < 0)
-    keep = np.argsort(drop, axis=1, kind="stable")[:, :k]  # the rows to keep, in score order
-    best_s, best_i = np.take_along_axis(best_s, keep, 1), np.take_along_axis(best_i, keep, 1)
-    gone = np.take_along_axis(drop, keep, 1)
-    best_s[gone], best_i[gone] = -np.inf, -1
-    return best_s, best_i
 
 
 # -- report ----------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import index.faiss_index as fi
+import index.vectors as vectors
 from index.retriever import ExactRetriever
 from index.store import EmbeddingStore
 
@@ -191,7 +192,8 @@ def test_store_build_memory_is_a_sample_and_a_block_not_the_corpus(tmp_path, mon
     x = clustered(12000, 256)
     make_store(tmp_path / "store", x, shard=2000)
     monkeypatch.setattr(EmbeddingStore, "load_all", _no_load_all)
-    monkeypatch.setattr(fi, "BLOCK_ROWS", 1000, raising=False)
+    monkeypatch.setattr(vectors, "BLOCK_ROWS", 1000)  # streaming blocks
+    monkeypatch.setattr(fi, "BLOCK_ROWS", 1000)  # add blocks
     tracemalloc.start()
     try:
         rep = build_index_dir(EmbeddingStore(tmp_path / "store"), tmp_path / "ix", "IVF32,Flat", num_queries=100,
