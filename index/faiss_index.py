@@ -488,28 +488,52 @@ def fetch_index_file(uri: str, name: str, meta: Dict[str, Any], storage_options:
                                 f"{name} is missing); run `reco build-index`") from None
 
 
+class IndexFileError(ReCoError):
+    """An index file that cannot be read (truncated, not FAISS, corrupt ``index.json``)."""
+
+
+def _parse_meta(text, where) -> Dict[str, Any]:
+    try:
+        meta = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise IndexFileError(f"{where} is not valid JSON ({exc}): rebuild the index with `reco build-index`") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("report"), dict) or "factory" not in meta["report"]:
+        raise IndexFileError(f"{where} is not an index description (no report.factory): rebuild the index "
+                             "with `reco build-index`")
+    return meta
+
+
+def _read_faiss(path):
+    faiss = _faiss()
+    try:
+        return faiss.read_index(str(path))
+    except RuntimeError as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise IndexFileError(f"{path} cannot be read by FAISS (truncated or not an index: {first}): rebuild it "
+                             "with `reco build-index`") from None
+
+
 def load_index(directory: os.PathLike | str, storage_options: Optional[Dict[str, Any]] = None) -> Tuple[Any, Dict[str, Any]]:
     """(index with its tuned search parameters set, ``index.json``) of a folder or fsspec URL (the
     latter fetched into the node cache, see :func:`fetch_index_file`)."""
-    faiss = _faiss()
     from .storage import is_url, join, read_versioned
 
     if is_url(str(directory)):
         uri = str(directory).rstrip("/")
         try:
-            meta = json.loads(read_versioned(join(uri, META_FILE), storage_options)[0])
+            meta = _parse_meta(read_versioned(join(uri, META_FILE), storage_options)[0], join(uri, META_FILE))
         except FileNotFoundError:
             raise FileNotFoundError(f"{uri} holds no index (needs {INDEX_FILE} and {META_FILE}); "
                                     f"run `reco build-index`") from None
-        index = faiss.read_index(str(fetch_index_file(uri, INDEX_FILE, meta, storage_options)))
+        index = _read_faiss(fetch_index_file(uri, INDEX_FILE, meta, storage_options))
         for name, value in (meta["report"].get("search_params") or {}).items():
             _set_search_param(index, name, value)
         return index, meta
     d = Path(directory)
     if not (d / INDEX_FILE).is_file() or not (d / META_FILE).is_file():
         raise FileNotFoundError(f"{d} holds no index (needs {INDEX_FILE} and {META_FILE}); run `reco build-index`")
-    index = faiss.read_index(str(d / INDEX_FILE))
-    meta = json.loads((d / META_FILE).read_text())
+    meta = _parse_meta((d / META_FILE).read_text(), d / META_FILE)
+    index = _read_faiss(d / INDEX_FILE)
     for name, value in (meta["report"].get("search_params") or {}).items():
         _set_search_param(index, name, value)
     return index, meta

@@ -49,6 +49,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--vocab", required=True, help="names file (one per line) or YAML with synonyms/exemplars")
     p.add_argument("--out", required=True, help="bank URI (local folder or s3://...)")
     p.add_argument("--index", help="retrieve archives from this index (reco build-index); needs --clip-model")
+    p.add_argument("--store", help="retrieve archives exactly from this embedding store (one Ray Data pass, no index)")
     p.add_argument("--exemplars", help="folder with one sub-folder of images per concept")
     p.add_argument("--k", type=int, help="archive size for retrieval (default bank.k = 50)")
     p.add_argument("--actors", type=int, help="bank actors (default: ray_config.yaml bank.num_actors)")
@@ -64,6 +65,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--report", action="store_true", help="also write the archive browser (BANK/report/index.html)")
     add_cluster_args(p)
     args = p.parse_args(argv)
+    if args.index and args.store:
+        raise ConfigError("give --index or --store for retrieval, not both")
+    args.index = args.index or args.store  # --store: the same retrieval, exact over the store
 
     from cluster.bank_job import ConceptTask, run_build_bank
     from cluster.models import EncoderSpec
@@ -110,16 +114,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.clip_model:
         texts = text_embeddings_remote(encoders, {n: (in_vocab[n].synonyms if n in in_vocab else ()) for n in all_names})
     if args.index:
-        from index.catalog import open_retriever
+        from cluster.retrieval import retrieve_archives
 
-        retriever, uris, _ = open_retriever(args.index, storage_options=storage)
-        todo = [n for n in all_names if n not in archives]
-        if todo:
-            import numpy as np
-
-            hits = retriever.search(np.stack([texts[n].numpy() for n in todo]), cfg.k)
-            for n, h in zip(todo, hits):
-                archives[n], source[n] = [uris[i] for i in h.ids], "retrieval"
+        found = retrieve_archives([n for n in all_names if n not in archives], texts, cfg.k, index=args.index,
+                                  exact_store=bool(args.store), storage_options=storage)
+        for n, uris in found.items():
+            archives[n], source[n] = uris, "retrieval"
     for n in all_names:
         archives.setdefault(n, [])
         source.setdefault(n, "none (no exemplar folder, no --index)")
