@@ -342,6 +342,26 @@ def build_index_from_source(
     search_index = (faiss.IndexRefine(work, refine) if refine is not None else work) if work is not base else index
     build_s = time.perf_counter() - t0
 
+    index, rep = evaluate_index(index, source, factory, build_s, ts, target_recall, num_queries, tune_queries,
+                                single_queries, allow_low_recall, rng, search_index=search_index,
+                                gpu=work is not base)
+    del gpu_res
+    return index, rep
+
+
+def evaluate_index(index, source: VectorSource, factory: str, build_s: float, train_size: int,
+                   target_recall: float = 0.95, num_queries: int = 1000, tune_queries: Optional[int] = None,
+                   single_queries: int = 100, allow_low_recall: bool = False,
+                   rng: Optional[np.random.Generator] = None, search_index=None, gpu: bool = False,
+                   ) -> Tuple[Any, IndexReport]:
+    """Tune the search parameters of a built ``index`` over ``source`` on one sample of corpus rows
+    and report recall, throughput and latency on another (see the module docstring); raises
+    :class:`LowRecallError` on a missed target unless ``allow_low_recall``. ``search_index`` (a GPU
+    copy) is searched when given; the tuned parameters are set on ``index``."""
+    rng = rng if rng is not None else np.random.default_rng(0)
+    search_index = index if search_index is None else search_index
+    n, dim, ts = source.n, source.dim, train_size
+    _, refine = split_refine(factory)
     # queries: disjoint tuning / evaluation samples of corpus rows; exact truth by streaming
     k = min(10, n - 1) if n > 1 else 1
     param = _search_param_name(factory)
@@ -360,7 +380,7 @@ def build_index_from_source(
     params: Dict[str, int] = {}
     r10_tune = float("nan")
     if has_params and nt:
-        params, r10_tune = _tune(search_index, factory, tq, tune_self, tt, k, target_recall, work is not base)
+        params, r10_tune = _tune(search_index, factory, tq, tune_self, tt, k, target_recall, gpu)
         _apply_params(search_index, params)
     r1, r10, sec = _evaluate(search_index, eq, eval_self, et, k)
     lat = []
@@ -378,7 +398,7 @@ def build_index_from_source(
         single_query_ms=float(np.median(lat_ms)), single_query_p95_ms=float(np.percentile(lat_ms, 95)),
         queries=len(eq), tune_queries=nt, recall_at_10_tune=r10_tune, single_queries=m, search_params=params,
         target_recall=float(target_recall), target_met=bool(r10 >= target_recall), k=k, train_size=ts,
-        gpu=work is not base,
+        gpu=gpu,
     )
     summary = (f"index {factory}: n={n} recall@1 {r1:.3f} recall@{k} {r10:.3f} on {len(eq)} evaluation queries "
                f"(params {params or 'exact'} tuned on {nt} other queries, tuning recall@{k} {r10_tune:.3f}); "
@@ -393,8 +413,8 @@ def build_index_from_source(
         logger.warning("%s", msg)
     else:
         logger.info("%s", summary)
-    del gpu_res
     return index, rep
+
 
 
 def build_index(
