@@ -259,7 +259,8 @@ def run_build_bank(
     Returns the assembled bank (None when some concepts are left for a rerun) and a report."""
     import ray
 
-    from index.storage import exists, join, read_bytes, write_bytes, writer_lock
+    from index.lock import writer_lock
+    from index.storage import exists, join, read_bytes, write_bytes
 
     if commit_every < 1:
         raise ConfigError("commit_every must be >= 1")
@@ -277,7 +278,7 @@ def run_build_bank(
             raise ConfigError(f"context elimination needs archives for the context concepts {missing}: give them "
                               "(exemplar folders or an index), change bank.context_concepts, or set "
                               "bank.context_elimination: false")
-    with writer_lock(out_uri, "build-bank"):
+    with writer_lock(out_uri, "build-bank", storage_options):
         build_uri = join(out_uri, BUILD_FILE)
         build: Dict[str, Any] = {"config_hash": digest, **covered}
         if exists(build_uri, storage_options):

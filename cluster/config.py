@@ -9,7 +9,7 @@ Two files, two owners:
   workers, setup commands). Ray validates it with its own schema; this module refuses it with a
   pointer to the right file when it is passed as ``--ray-config`` by mistake.
 
-:func:`redact` masks credentials in any mapping before it is logged or written beside outputs.
+:func:`redact` (from :mod:`index.redact`) masks credentials in any mapping before it is logged or written beside outputs.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
 
+from index.redact import REDACTED, is_sensitive_key, redact, redact_text  # noqa: F401 (re-exported)
 from reco.config import from_dict
 from reco.errors import ConfigError
 
@@ -89,6 +90,21 @@ class ActorConfig:
 
 
 @dataclass(frozen=True)
+class JobsConfig:
+    """Rules every job applies to its outcome."""
+
+    #: a run whose inputs (concepts for build-bank, images for embed / pseudo-label) failed for good
+    #: in a larger fraction than this is reported ``failed`` and exits non-zero (1), with the count
+    #: and the first reasons in one log line; 1.0 never fails a run on its count
+    max_failed_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        f = self.max_failed_fraction
+        if not isinstance(f, (int, float)) or isinstance(f, bool) or not 0.0 <= float(f) <= 1.0:
+            raise ConfigError(f"jobs.max_failed_fraction must be a number in [0, 1], got {f!r}")
+
+
+@dataclass(frozen=True)
 class ClusterConfig:
     ray: RayRuntimeConfig = RayRuntimeConfig()
     bank: ActorConfig = ActorConfig()
@@ -96,6 +112,7 @@ class ClusterConfig:
     embed: ActorConfig = ActorConfig()
     # Ray Train workers: num_actors = workers, resources per worker, per-worker batch size.
     train: ActorConfig = ActorConfig()
+    jobs: JobsConfig = JobsConfig()
 
 
 def load_yaml_mapping(path: Union[str, Path], what: str = "config") -> Dict[str, Any]:
@@ -148,7 +165,8 @@ def load_cluster_config(source: Union[str, Path, Mapping[str, Any], None]) -> Cl
     cfg = from_dict(ClusterConfig, {k: v for k, v in data.items() if k != "ray"}, "")
     rt = from_dict(RayRuntimeConfig, ray_section, "ray")
     rt = RayRuntimeConfig(**{**rt.__dict__, "env_vars": {str(k): str(v) for k, v in env.items()}})
-    return ClusterConfig(ray=rt, bank=cfg.bank, segment=cfg.segment, embed=cfg.embed, train=cfg.train)
+    return ClusterConfig(ray=rt, bank=cfg.bank, segment=cfg.segment, embed=cfg.embed, train=cfg.train,
+                         jobs=cfg.jobs)
 
 
 #: the repository's per-stage Ray settings, used when no ``--ray-config`` is given
@@ -172,79 +190,3 @@ def cluster_config_path(arg: Union[str, Path, None] = None) -> Optional[Path]:
 def resolve_cluster_config(arg: Union[str, Path, None] = None) -> ClusterConfig:
     """The one rule for a job's ``--ray-config`` (default None): see :func:`cluster_config_path`."""
     return load_cluster_config(cluster_config_path(arg))
-
-
-# --------------------------------------------------------------------------------------------
-# Redaction: credentials never reach a log line, a report or a resolved config written to disk.
-
-REDACTED = "<redacted>"
-#: words that make a key sensitive wherever they appear in it (``aws_secret_access_key``,
-#: ``RAY_AUTH_TOKEN``, ``sessionToken``, ``db_password``, ``credentials``, ``Authorization``)
-_SENSITIVE_WORDS = {"secret", "secrets", "password", "passwd", "pwd", "passphrase", "token", "tokens",
-                    "credential", "credentials", "authorization", "cookie", "cookies", "signature"}
-_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*):(?P<pw>[^/@\s]+)@")
-
-
-def _key_words(key: str) -> list:
-    snake = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", key)  # camelCase -> camel_Case
-    return [w for w in re.split(r"[^a-z0-9]+", snake.lower()) if w]
-
-
-def is_sensitive_key(key: Any) -> bool:
-    """True for keys that name credentials: ``key``, ``secret``, ``token``, ``password`` (the
-    fsspec/s3fs ``storage_options`` names), ``*_key`` (``api_key``, ``aws_secret_access_key``,
-    ``private_key``), ``auth``, and any key containing a secret/token/password/credential word
-    (``auth_mode`` is not one: it names a mode, not a credential)."""
-    if not isinstance(key, str):
-        return False
-    words = _key_words(key)
-    if not words:
-        return False
-    if _SENSITIVE_WORDS & set(words) or words == ["auth"]:
-        return True
-    # "key", "api_key", "private_key", "sse_customer_key" -- but not "key_column" or "keys"
-    return words[-1] == "key" or words[-1] == "apikey"
-
-
-def redact_text(text: str) -> str:
-    """Mask the password of ``scheme://user:password@host`` URLs inside ``text``."""
-    return _URL_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", text)
-
-
-def redact(obj: Any) -> Any:
-    """A copy of ``obj`` (mappings, lists, tuples, scalars) fit to log or write beside outputs.
-
-    Values under sensitive keys (:func:`is_sensitive_key`) become ``"<redacted>"`` (None and empty
-    values stay as they are, so a report still shows that no credential was given); passwords in
-    ``scheme://user:password@host`` URLs are masked; strings holding a JSON object (e.g. the
-    ``--storage-options`` argument in ``vars(args)``) are parsed, redacted and dumped again.
-    Dataclasses are converted with ``reco.config.to_dict`` first; tuples and sets become lists (the
-    result is meant for JSON / YAML).
-    """
-    import dataclasses
-
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        from reco.config import to_dict
-
-        return redact(to_dict(obj))
-    if isinstance(obj, Mapping):
-        out = {}
-        for k, v in obj.items():
-            if is_sensitive_key(k) and v not in (None, "", {}, []):
-                out[k] = REDACTED
-            else:
-                out[k] = redact(v)
-        return out
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return [redact(v) for v in obj]
-    if isinstance(obj, str):
-        s = obj.strip()
-        if s.startswith("{") and s.endswith("}"):
-            try:
-                parsed = json.loads(s)
-            except ValueError:
-                parsed = None
-            if isinstance(parsed, dict):
-                return json.dumps(redact(parsed))
-        return redact_text(obj)
-    return obj

@@ -144,9 +144,9 @@ def run_pseudo_label(
     report = PseudoLabelReport(listed=len(items))
     settings_uri = join(out_uri, SETTINGS_FILE)
 
-    from index.storage import writer_lock
+    from index.lock import writer_lock
 
-    with writer_lock(out_uri, "pseudo-label"):
+    with writer_lock(out_uri, "pseudo-label", storage_options):
         if exists(settings_uri, storage_options):
             have = json.loads(read_bytes(settings_uri, storage_options))
             if have.get("config_hash") != want["config_hash"] and not overwrite:

@@ -1,18 +1,4 @@
-"""One report format for every job: a JSON document plus a one-screen human summary.
-
-A job builds a :class:`JobReport`, feeds it while it runs and writes it at the end::
-
-    report = JobReport("embed", config=vars(args))          # config is redacted on the way in
-    report.seen(len(items))
-    with report.stage("embed", items=len(items)):
-        ...                                                 # time per stage, items/s per stage
-    report.processed(n_ok); report.already_done(n_before)
-    report.skip(item_id, "not an image: cannot identify image file")   # reasons grouped by kind
-    report.retry("s3 throttled")                            # retries counted by reason
-    report.fail_transient(item_id, "timeout")                # left for a rerun
-    report.actor_memory("Embedder-0", peak_memory())         # peak memory per actor (max kept)
-    report.write(out_dir)           # <job>_report.json + <job>_report.txt (storage URIs work)
-    print(report.summary())
+"""The Ray side of the uniform job report (:mod:`index.report`, re-exported here).
 
 Actors report their own peak memory with :func:`peak_memory` (RSS high-water mark, plus CUDA's
 when torch has a GPU) and return it with their results. :class:`JobMetrics` exports the same
@@ -21,20 +7,12 @@ actors; it is a no-op where Ray is not running.
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import os
-import platform
-import resource
-import socket
-import sys
-import time
 from collections import Counter as _Counter
-from datetime import datetime, timezone
-from typing import Any, Dict, Iterator, List, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
-from .config import redact, redact_text
+from index.report import (EXIT_FAILED, EXIT_OK, EXIT_RERUN, REPORT_FORMAT, JobReport, JobResult,  # noqa: F401
+                          peak_memory, reason_kind)
 
 logger = logging.getLogger(__name__)
 
@@ -42,240 +20,6 @@ logger = logging.getLogger(__name__)
 REPORT_FORMAT = 1
 #: examples kept per skip / failure reason (the full lists belong in the job's own manifests)
 EXAMPLES_PER_REASON = 5
-
-
-def reason_kind(reason: str) -> str:
-    """The group a free-text reason is counted under: its text before the first ``:``, so
-    ``"not an image: cannot identify image file '/a/b.jpg'"`` counts as ``"not an image"``."""
-    head = str(reason).split(":", 1)[0].strip()
-    return head or "unknown"
-
-
-def peak_memory() -> Dict[str, int]:
-    """This process's peak memory in bytes: ``rss`` (high-water mark of resident memory) and, when
-    torch has initialised CUDA, ``cuda`` (peak allocated on the current device)."""
-    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = {"rss": int(ru) * (1 if sys.platform == "darwin" else 1024)}
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        try:
-            if torch.cuda.is_available() and torch.cuda.is_initialized():
-                out["cuda"] = int(torch.cuda.max_memory_allocated())
-        except Exception:  # pragma: no cover - no usable CUDA
-            pass
-    return out
-
-
-def _fmt_bytes(n: Optional[float]) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024.0
-    return f"{n:.1f} TiB"  # pragma: no cover
-
-
-def _fmt_seconds(s: float) -> str:
-    if s < 60:
-        return f"{s:.1f}s"
-    m, sec = divmod(int(round(s)), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m{sec:02d}s" if h else f"{m}m{sec:02d}s"
-
-
-class JobReport:
-    """Counts, reasons, retries, stage times and peak memory of one job run."""
-
-    def __init__(self, job: str, *, config: Optional[Mapping[str, Any]] = None, unit: str = "images"):
-        self.job = job
-        self.unit = unit
-        self.config = redact(dict(config)) if config is not None else None
-        self.started = time.time()
-        self.finished: Optional[float] = None
-        self._clock0 = time.perf_counter()
-        self._wall: Optional[float] = None
-        self.n_seen = 0
-        self.n_processed = 0
-        self.n_already_done = 0
-        self.skipped: _Counter = _Counter()
-        self.skipped_examples: Dict[str, List[str]] = {}
-        self.failed: _Counter = _Counter()
-        self.failed_examples: Dict[str, List[str]] = {}
-        self.retries: _Counter = _Counter()
-        self.stages: Dict[str, Dict[str, float]] = {}
-        self.memory: Dict[str, Dict[str, int]] = {}
-        self.extra: Dict[str, Any] = {}
-
-    # -- counting -------------------------------------------------------------------------------
-    def seen(self, n: int = 1) -> None:
-        """Inputs listed / read by the job (including those done by an earlier run)."""
-        self.n_seen += int(n)
-
-    def processed(self, n: int = 1) -> None:
-        """Inputs that produced their output in this run."""
-        self.n_processed += int(n)
-
-    def already_done(self, n: int = 1) -> None:
-        """Inputs whose output an earlier run had already committed (resumed jobs)."""
-        self.n_already_done += int(n)
-
-    @staticmethod
-    def _add(counter: _Counter, examples: Dict[str, List[str]], item: Optional[str], reason: str, n: int) -> None:
-        kind = reason_kind(reason)
-        counter[kind] += int(n)
-        if item is not None:
-            ex = examples.setdefault(kind, [])
-            if len(ex) < EXAMPLES_PER_REASON:
-                ex.append(redact_text(str(item)))
-
-    def skip(self, item: Optional[str], reason: str, n: int = 1) -> None:
-        """An input skipped for good (bad input), counted under :func:`reason_kind` of ``reason``."""
-        self._add(self.skipped, self.skipped_examples, item, reason, n)
-
-    def fail_transient(self, item: Optional[str], reason: str, n: int = 1) -> None:
-        """An input left unprocessed after retries (a rerun tries it again)."""
-        self._add(self.failed, self.failed_examples, item, reason, n)
-
-    def retry(self, reason: str = "retry", n: int = 1) -> None:
-        """A retried read, task, actor restart or training restart."""
-        self.retries[reason_kind(reason)] += int(n)
-
-    def actor_memory(self, actor: str, peak: Mapping[str, int]) -> None:
-        """Peak memory of one actor (bytes per kind, e.g. from :func:`peak_memory`); the maximum of
-        repeated reports is kept."""
-        cur = self.memory.setdefault(str(actor), {})
-        for k, v in peak.items():
-            cur[k] = max(int(v), cur.get(k, 0))
-
-    # -- timing ---------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def stage(self, name: str, items: Optional[int] = None) -> Iterator[None]:
-        """Time a stage (repeated entries add up); ``items`` gives its throughput."""
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.add_stage(name, time.perf_counter() - t0, items)
-
-    def add_stage(self, name: str, seconds: float, items: Optional[int] = None) -> None:
-        st = self.stages.setdefault(name, {"seconds": 0.0, "items": 0})
-        st["seconds"] += float(seconds)
-        if items is not None:
-            st["items"] += int(items)
-
-    def finish(self) -> "JobReport":
-        if self.finished is None:
-            self.finished = time.time()
-            self._wall = time.perf_counter() - self._clock0
-        return self
-
-    # -- output ---------------------------------------------------------------------------------
-    @property
-    def wall_seconds(self) -> float:
-        return self._wall if self._wall is not None else time.perf_counter() - self._clock0
-
-    @property
-    def status(self) -> str:
-        """``ok`` (every input processed, skipped or already done), ``incomplete`` (transient
-        failures left for a rerun)."""
-        return "incomplete" if sum(self.failed.values()) else "ok"
-
-    def as_dict(self) -> Dict[str, Any]:
-        wall = self.wall_seconds
-        stages = []
-        for name, st in self.stages.items():
-            d = {"name": name, "seconds": round(st["seconds"], 3)}
-            if st["items"]:
-                d["items"] = int(st["items"])
-                d["items_per_second"] = round(st["items"] / st["seconds"], 3) if st["seconds"] > 0 else None
-            stages.append(d)
-        iso = lambda t: datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds") if t else None
-        return {
-            "format": REPORT_FORMAT,
-            "job": self.job,
-            "status": self.status,
-            "unit": self.unit,
-            "started": iso(self.started),
-            "finished": iso(self.finished),
-            "wall_seconds": round(wall, 3),
-            "host": socket.gethostname(),
-            "python": platform.python_version(),
-            "inputs": {
-                "seen": self.n_seen,
-                "processed": self.n_processed,
-                "already_done": self.n_already_done,
-                "skipped": sum(self.skipped.values()),
-                "failed_transient": sum(self.failed.values()),
-            },
-            "skipped_by_reason": dict(self.skipped.most_common()),
-            "skipped_examples": self.skipped_examples,
-            "failed_by_reason": dict(self.failed.most_common()),
-            "failed_examples": self.failed_examples,
-            "retries": {"total": sum(self.retries.values()), "by_reason": dict(self.retries.most_common())},
-            "stages": stages,
-            "throughput_per_second": round(self.n_processed / wall, 3) if wall > 0 else None,
-            "peak_memory_bytes": self.memory,
-            "config": self.config,
-            "extra": redact(self.extra),
-        }
-
-    def summary(self, width: int = 100) -> str:
-        """A one-screen human summary (at most ~25 lines)."""
-        d = self.as_dict()
-        i = d["inputs"]
-        lines = [f"{self.job}: {d['status']} in {_fmt_seconds(d['wall_seconds'])}"
-                 + (f"  ({d['throughput_per_second']:.2f} {self.unit}/s)" if d["throughput_per_second"] else ""),
-                 (f"  {self.unit}: {i['seen']} seen, {i['processed']} processed, {i['already_done']} already done, "
-                  f"{i['skipped']} skipped, {i['failed_transient']} failed transiently (rerun to retry)")]
-        for title, by, ex in (("skipped", d["skipped_by_reason"], d["skipped_examples"]),
-                              ("failed", d["failed_by_reason"], d["failed_examples"])):
-            for k, n in list(by.items())[:5]:
-                sample = ", ".join(ex.get(k, [])[:2])
-                line = f"    {title} {n:>6}  {k}" + (f"  e.g. {sample}" if sample else "")
-                lines.append(line if len(line) <= width else line[: width - 3] + "...")
-            if len(by) > 5:
-                lines.append(f"    ... {len(by) - 5} more {title} reasons in the JSON report")
-        r = d["retries"]
-        lines.append(f"  retries: {r['total']}" + (" (" + ", ".join(f"{k} {n}" for k, n in
-                                                                     list(r["by_reason"].items())[:4]) + ")"
-                                                   if r["total"] else ""))
-        if d["stages"]:
-            lines.append("  stages:")
-            for st in d["stages"][:8]:
-                rate = f"  {st['items_per_second']:.2f}/s over {st['items']}" if st.get("items_per_second") else ""
-                lines.append(f"    {st['name']:<20} {_fmt_seconds(st['seconds']):>10}{rate}")
-        if self.memory:
-            lines.append("  peak memory per actor:")
-            for name, m in sorted(self.memory.items(), key=lambda kv: -kv[1].get("rss", 0))[:6]:
-                lines.append(f"    {name:<28} rss {_fmt_bytes(m.get('rss'))}"
-                             + (f", cuda {_fmt_bytes(m['cuda'])}" if "cuda" in m else ""))
-            if len(self.memory) > 6:
-                lines.append(f"    ... {len(self.memory) - 6} more actors in the JSON report")
-        return "\n".join(lines)
-
-    def write(self, out: str, storage_options: Optional[Mapping[str, Any]] = None, name: Optional[str] = None) -> str:
-        """Write ``<name>.json`` and ``<name>.txt`` (default name ``<job>_report``) under ``out``
-        (a directory or storage URI); returns the JSON file's URI."""
-        self.finish()
-        stem = name or f"{self.job}_report"
-        body = json.dumps(self.as_dict(), indent=2, default=str).encode()
-        text = (self.summary() + "\n").encode()
-        if "://" in str(out):
-            from index.storage import join, write_bytes
-
-            json_uri = join(str(out), stem + ".json")
-            write_bytes(json_uri, body, storage_options)
-            write_bytes(join(str(out), stem + ".txt"), text, storage_options)
-            return json_uri
-        os.makedirs(out, exist_ok=True)
-        json_path = os.path.join(out, stem + ".json")
-        for path, data in ((json_path, body), (os.path.join(out, stem + ".txt"), text)):
-            tmp = f"{path}.{os.getpid()}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        return json_path
 
 
 class JobMetrics:
@@ -400,4 +144,6 @@ def write_job_report(report: JobReport, out: str, storage_options: Optional[Mapp
     and log the one-screen summary; returns the JSON's URI."""
     uri = report.write(out, storage_options, name="job_report")
     logger.info("%s\n(report: %s)", report.summary(), uri)
+    if report.status == "failed":
+        logger.error("%s", report.failure_line())
     return uri

@@ -887,10 +887,11 @@ def execute_training(plan: TrainPlan, fault: Optional[Mapping[str, Any]] = None)
     """Run a checked plan on Ray Train (Ray must be initialised), then export and report."""
     import yaml
 
-    from index.storage import join, write_bytes, writer_lock
+    from index.lock import writer_lock
+    from index.storage import join, write_bytes
 
     so, cfg, run_uri = plan.storage_options, plan.cfg, plan.run_uri
-    with writer_lock(run_uri, "train"):
+    with writer_lock(run_uri, "train", so):
         existed = _check_settings(run_uri, plan.settings, so)  # again, under the lock
         if not existed:
             write_bytes(join(run_uri, SETTINGS_FILE), json.dumps(plan.settings, indent=2).encode(), so)

@@ -80,7 +80,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from index.storage import StorageOptions, is_url, join, local_path, read_bytes
+from index.storage import StorageOptions, filesystem, is_url, join, local_path, read_bytes
 from reco.errors import ConfigError, ImageDecodeError
 
 logger = logging.getLogger(__name__)
@@ -323,10 +323,8 @@ class _Root:
         self.storage_options = storage_options
         self._listed: Dict[str, List[str]] = {}
         if self.url:
-            import fsspec
-
             try:
-                self.fs, base = fsspec.core.url_to_fs(self.root, **dict(storage_options or {}))
+                self.fs, base = filesystem(self.root, storage_options)
             except Exception as exc:
                 raise OSError(f"cannot open {self.root}: {type(exc).__name__}: {exc}") from exc
             self.base = base.rstrip("/")

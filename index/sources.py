@@ -43,6 +43,8 @@ from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from reco.errors import BadInputError, ConfigError, ImageDecodeError, TransientIOError
 
+from .storage import filesystem, is_url
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -50,10 +52,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 BYTES_COLUMNS = ("image", "jpg", "bytes", "image_bytes", "img")
 PATH_COLUMNS = ("path", "uri", "url", "file", "filepath", "image_path")
 ID_COLUMNS = ("id", "key", "image_id")
-
-
-def _is_url(uri: str) -> bool:
-    return "://" in uri and not uri.startswith("file://")
 
 
 @dataclass(frozen=True)
@@ -109,18 +107,12 @@ def _local_item(path: Path, root: Path) -> Item:
                         f"(e.g. convmv -f latin1 -t utf-8) and rerun")
 
 
-def _fs(url: str, storage_options: Optional[Mapping[str, Any]] = None):
-    import fsspec
-
-    return fsspec.core.url_to_fs(url, **dict(storage_options or {}))
-
-
 def list_folder(root: str, storage_options: Optional[Mapping[str, Any]] = None,
                 extensions: Sequence[str] = IMAGE_EXTENSIONS) -> List[Item]:
     """Every image file under ``root`` (recursive), sorted by id (the relative path)."""
     exts = tuple(e.lower() for e in extensions)
-    if _is_url(root):
-        fs, base = _fs(root, storage_options)
+    if is_url(root):
+        fs, base = filesystem(root, storage_options)
         proto = root.split("://", 1)[0]
         try:
             exists = fs.exists(base)
@@ -175,8 +167,8 @@ def list_parquet(source: str, storage_options: Optional[Mapping[str, Any]] = Non
 
     if source.endswith(".parquet"):
         files = [source]
-    elif _is_url(source):
-        fs, base = _fs(source, storage_options)
+    elif is_url(source):
+        fs, base = filesystem(source, storage_options)
         proto = source.split("://", 1)[0]
         files = sorted(f"{proto}://{f}" for f in fs.find(base) if f.endswith(".parquet"))
     else:
@@ -185,7 +177,7 @@ def list_parquet(source: str, storage_options: Optional[Mapping[str, Any]] = Non
         raise FileNotFoundError(f"no Parquet file at {source}")
     items: List[Item] = []
     for f in files:
-        fs, path = _fs(f, storage_options) if _is_url(f) else (None, f)
+        fs, path = filesystem(f, storage_options) if is_url(f) else (None, f)
         pf = pq.ParquetFile(fs.open(path, "rb") if fs is not None else path)
         id_col, bytes_col, path_col = parquet_columns(pf.schema_arrow)
         if bytes_col is None and path_col is None:
@@ -213,7 +205,7 @@ def list_source(source: str, kind: str = "auto", storage_options: Optional[Mappi
     or holds Parquet files and no images)."""
     if kind == "auto":
         kind = "parquet" if source.rstrip("/").endswith(".parquet") else "folder"
-        if kind == "folder" and not _is_url(source):
+        if kind == "folder" and not is_url(source):
             p = Path(source).expanduser()
             if p.is_dir() and any(p.rglob("*.parquet")) and not any(
                 f.suffix.lower() in IMAGE_EXTENSIONS for f in p.rglob("*") if f.is_file()
@@ -242,8 +234,8 @@ class ParquetRowReader:
 
         if self._file == f:
             return
-        if _is_url(f):
-            fs, path = _fs(f, self.storage_options)
+        if is_url(f):
+            fs, path = filesystem(f, self.storage_options)
             self._pf = pq.ParquetFile(fs.open(path, "rb"))
         else:
             self._pf = pq.ParquetFile(f)
@@ -346,8 +338,8 @@ def _fetch_once(uri: str, storage_options: Optional[Mapping[str, Any]],
                 parquet: Optional[ParquetRowReader]) -> bytes:
     if uri.startswith("parquet://"):
         return (parquet or ParquetRowReader(storage_options)).read(uri)
-    if _is_url(uri):
-        fs, path = _fs(uri, storage_options)
+    if is_url(uri):
+        fs, path = filesystem(uri, storage_options)
         try:
             with fs.open(path, "rb") as fh:
                 return fh.read()

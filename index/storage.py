@@ -7,8 +7,13 @@ environment or the standard AWS chain; never logged). Workers are never handed a
 exists on the driver: banks travel to actors as bytes, weights named by URL are fetched into each
 node's cache, outputs are written to the output URI.
 
-Writes are atomic: a local file is written under a temporary name in its folder and renamed; an
-object-store PUT is atomic by itself (readers see the old object or the new one).
+Writes are atomic: a local file is written under a temporary name in its folder, fsynced and
+renamed; an object-store PUT is atomic by itself (readers see the old object or the new one).
+Reads of an object are one GET, so a reader sees one version of it even while a writer replaces
+it. This module is the one place that opens fsspec (:func:`filesystem`), writes atomically
+(:func:`write_bytes`), hashes content (:func:`sha256_bytes`, :func:`file_sha256`) and tells a URL
+from a path (:func:`is_url`). Writer locks are in :mod:`index.lock`, resumable job outputs in
+:mod:`index.output`.
 """
 from __future__ import annotations
 
@@ -17,6 +22,9 @@ import hashlib
 import logging
 import os
 import posixpath
+import secrets
+import shutil
+import time
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -50,54 +58,123 @@ def join(uri: str, *parts: str) -> str:
     return str(local_path(uri).joinpath(*parts))
 
 
-def _fs(uri: str, storage_options: StorageOptions):
+def filesystem(uri: str, storage_options: StorageOptions = None):
+    """``(fsspec file system, path inside it)`` of a URI: the one fsspec entry point."""
     import fsspec
 
     return fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
 
 
+
+def sha256_bytes(data: bytes) -> str:
+    """The hex sha256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: os.PathLike) -> str:
+    """The hex sha256 of a local file, read in 8 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(8 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _temp_name(p: Path) -> Path:
+    """A fresh temporary name beside ``p`` (``NAME.<hex>.tmp``: never a finished file's name)."""
+    return p.with_name(f"{p.name}.{secrets.token_hex(4)}.tmp")
+
+
+def _replace_atomically(p: Path, fill) -> None:
+    """Write ``p`` as ``fill(temp path)`` then fsync and rename (the temp file never stays)."""
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_name(p)
+    try:
+        fill(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_dir(p.parent)
+
+
 def exists(uri: str, storage_options: StorageOptions = None) -> bool:
     if is_url(uri):
-        fs, path = _fs(uri, storage_options)
+        fs, path = filesystem(uri, storage_options)
         return bool(fs.exists(path))
     return local_path(uri).exists()
 
 
+#: attempts of a read whose object was replaced under it (a ranged or ETag-pinned read)
+READ_ATTEMPTS = 4
+
+
+def _replaced_under_reader(exc: BaseException) -> bool:
+    """The object changed between two requests of one read (s3fs ``FileExpired``, an ETag
+    precondition answered 412): reading again gives the new version whole."""
+    for e in (exc, exc.__cause__, exc.__context__):
+        if e is not None and (type(e).__name__ == "FileExpired" or _condition_failed(e)):
+            return True
+    return False
+
+
 def read_bytes(uri: str, storage_options: StorageOptions = None) -> bytes:
-    """The bytes at ``uri``; ``FileNotFoundError`` when absent, ``OSError`` naming the URI otherwise."""
-    if is_url(uri):
-        fs, path = _fs(uri, storage_options)
+    """The bytes at ``uri``; ``FileNotFoundError`` when absent, ``OSError`` naming the URI otherwise.
+
+    An object is read with one GET (``cat_file``; on S3 without concurrent ranges), so it is one
+    version even while another process replaces it; an object replaced between requests of a read
+    (a file system that pins versions) is read again."""
+    if not is_url(uri):
+        p = local_path(uri)
+        if not p.is_file():
+            raise FileNotFoundError(f"{uri} does not exist")
+        return p.read_bytes()
+    fs, path = filesystem(uri, storage_options)
+    one_get = {"max_concurrency": 1} if conditional_writes(uri) else {}
+    for attempt in range(READ_ATTEMPTS):
         try:
-            with fs.open(path, "rb") as fh:
-                return fh.read()
+            return fs.cat_file(path, **one_get)
         except FileNotFoundError:
             raise FileNotFoundError(f"{uri} does not exist") from None
         except Exception as exc:  # object stores raise many types
+            if _replaced_under_reader(exc) and attempt + 1 < READ_ATTEMPTS:
+                logger.debug("%s was replaced while being read: reading it again", uri)
+                fs.invalidate_cache(path)
+                time.sleep(0.05 * (attempt + 1))
+                continue
             raise OSError(f"cannot read {uri}: {type(exc).__name__}: {exc}") from exc
-    p = local_path(uri)
-    if not p.is_file():
-        raise FileNotFoundError(f"{uri} does not exist")
-    return p.read_bytes()
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def write_bytes(uri: str, data: bytes, storage_options: StorageOptions = None) -> None:
-    """Write ``data`` to ``uri`` atomically (parent folders are created)."""
+    """Write ``data`` to ``uri`` atomically (parent folders are created): the one atomic writer
+    (local: temporary name, fsync, rename, fsync of the folder; URL: one PUT)."""
     if is_url(uri):
-        fs, path = _fs(uri, storage_options)
+        fs, path = filesystem(uri, storage_options)
         try:
             with fs.open(path, "wb") as fh:
                 fh.write(data)
         except Exception as exc:
             raise OSError(f"cannot write {uri}: {type(exc).__name__}: {exc}") from exc
         return
-    p = local_path(uri)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, p)
+    _replace_atomically(local_path(uri), lambda tmp: tmp.write_bytes(data))
 
 
 def save_bank(bank, uri: str, storage_options: StorageOptions = None) -> str:
@@ -143,7 +220,7 @@ def fetch_to_cache(uri: str, storage_options: StorageOptions = None, sha256: Opt
         return local_path(uri)
     if sha256 is not None or version is not None:
         return _fetch_versioned(uri, storage_options, sha256, version)
-    key = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    key = sha256_bytes(uri.encode())[:16]
     dest = cache_dir() / "remote" / key / posixpath.basename(uri.rstrip("/"))
     if not dest.is_file():
         logger.info("fetching %s into %s", uri, dest)
@@ -161,7 +238,7 @@ def object_version(uri: str, storage_options: StorageOptions = None) -> str:
     if not is_url(uri):
         st = local_path(uri).stat()
         return f"{st.st_mtime_ns}-{st.st_size}"
-    fs, path = _fs(uri, storage_options)
+    fs, path = filesystem(uri, storage_options)
     fs.invalidate_cache(path)
     try:
         info = fs.info(path)
@@ -174,14 +251,14 @@ def object_version(uri: str, storage_options: StorageOptions = None) -> str:
 
 
 def _fetch_versioned(uri: str, storage_options: StorageOptions, sha256: Optional[str], version: Optional[str]) -> Path:
-    key = hashlib.sha256(f"{uri}\0{sha256 or ''}\0{version or ''}".encode()).hexdigest()[:16]
+    key = sha256_bytes(f"{uri}\0{sha256 or ''}\0{version or ''}".encode())[:16]
     dest = cache_dir() / "remote" / key / posixpath.basename(uri.rstrip("/"))
     if dest.is_file():
         return dest
     logger.info("fetching %s into %s", uri, dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{hashlib.sha256(os.urandom(8)).hexdigest()[:8]}.tmp")
-    fs, path = _fs(uri, storage_options)
+    tmp = _temp_name(dest)
+    fs, path = filesystem(uri, storage_options)
     try:
         fs.invalidate_cache(path)
         try:
@@ -204,7 +281,7 @@ def list_files(prefix: str, storage_options: StorageOptions = None, suffix: str 
     """Sorted URIs of the files directly under the folder ``prefix`` whose names end in ``suffix``
     ([] when the folder does not exist); ``refresh``: list afresh, not from fsspec's listing cache."""
     if is_url(prefix):
-        fs, path = _fs(prefix, storage_options)
+        fs, path = filesystem(prefix, storage_options)
         if refresh:
             fs.invalidate_cache(path)
         scheme = str(prefix).split("://", 1)[0]
@@ -221,38 +298,12 @@ def list_files(prefix: str, storage_options: StorageOptions = None, suffix: str 
     return sorted(str(f) for f in p.iterdir() if f.is_file() and f.name.endswith(suffix) and not f.name.startswith("."))
 
 
-def writer_lock(uri: str, job: str):
-    """A context manager holding the exclusive writer lock of the output folder ``uri``
-    (``URI/writer.lock``, :class:`index.store.StoreLock`). Object stores cannot be locked this
-    way: there it logs a warning and holds nothing (run one job per output)."""
-    import contextlib
-
-    if is_url(uri):
-        logger.warning("%s is an object store: no writer lock is possible there; run one %s job per output "
-                       "at a time", uri, job)
-        return contextlib.nullcontext()
-    from index.store import StoreLock
-
-    root = local_path(uri)
-    root.mkdir(parents=True, exist_ok=True)
-
-    @contextlib.contextmanager
-    def held():
-        lock = StoreLock(root / "writer.lock", job=job).acquire()
-        try:
-            yield lock
-        finally:
-            lock.release()
-
-    return held()
-
-
 def remove_files(uris, storage_options: StorageOptions = None) -> int:
     """Delete the given files (local or object store); returns how many were removed."""
     n = 0
     for uri in uris:
         if is_url(uri):
-            fs, path = _fs(uri, storage_options)
+            fs, path = filesystem(uri, storage_options)
             fs.rm(path)
         else:
             local_path(uri).unlink(missing_ok=True)
@@ -290,7 +341,7 @@ def _condition_failed(exc: BaseException) -> bool:
 
 
 def _s3(uri: str, storage_options: StorageOptions):
-    fs, path = _fs(uri, storage_options)
+    fs, path = filesystem(uri, storage_options)
     bucket, key, _ = fs.split_path(path)
     return fs, path, bucket, key
 
@@ -303,7 +354,7 @@ def read_versioned(uri: str, storage_options: StorageOptions = None):
     ``Last-Modified``; None where unknown). ``FileNotFoundError`` when absent."""
     if not conditional_writes(uri):
         data = read_bytes(uri, storage_options)
-        return data, hashlib.sha256(data).hexdigest(), None
+        return data, sha256_bytes(data), None
     from email.utils import parsedate_to_datetime
 
     from fsspec.asyn import sync
@@ -349,7 +400,7 @@ def write_conditional(uri: str, data: bytes, storage_options: StorageOptions = N
             if (if_version == CREATE and current is not None) or (if_version != CREATE and current != if_version):
                 raise ConditionFailedError(f"{uri}: precondition failed ({'exists' if current else 'changed'})")
         write_bytes(uri, data, storage_options)
-        return hashlib.sha256(data).hexdigest()
+        return sha256_bytes(data)
     fs, path, bucket, key = _s3(uri, storage_options)
     cond = {} if if_version is None else ({"IfNoneMatch": "*"} if if_version == CREATE else {"IfMatch": if_version})
     try:
@@ -399,11 +450,41 @@ def delete_conditional(uri: str, storage_options: StorageOptions = None, if_vers
         fs.invalidate_cache(path)
 
 
+def write_new(uri: str, data: bytes, storage_options: StorageOptions = None) -> bool:
+    """Create ``uri`` holding ``data`` only if it does not exist, atomically: True when written,
+    False when it already existed (left as it was). Local: a finished temporary file hard-linked
+    to the name (``link`` fails on an existing name); S3: ``PUT If-None-Match: *``; other URLs:
+    check-then-write (see :func:`conditional_writes`)."""
+    if is_url(uri):
+        try:
+            write_conditional(uri, data, storage_options, if_version=CREATE)
+        except ConditionFailedError:
+            return False
+        return True
+    p = local_path(uri)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_name(p)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, p)
+        except FileExistsError:
+            return False
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    fsync_dir(p.parent)
+    return True
+
+
 def is_file(uri: str, storage_options: StorageOptions = None) -> bool:
     """True when ``uri`` names an existing file (object), fresh from the server."""
     if not is_url(uri):
         return local_path(uri).is_file()
-    fs, path = _fs(uri, storage_options)
+    fs, path = filesystem(uri, storage_options)
     fs.invalidate_cache(path)
     try:
         return bool(fs.isfile(path))
@@ -415,26 +496,12 @@ def upload_file(local: os.PathLike, uri: str, storage_options: StorageOptions = 
     """Copy a local file to ``uri`` atomically (one PUT, or a multipart upload that becomes visible
     only when complete); a local ``uri`` is written under a temporary name and renamed."""
     if not is_url(uri):
-        dest = local_path(uri)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-        import shutil
-
-        shutil.copyfile(local, tmp)
-        os.replace(tmp, dest)
+        _replace_atomically(local_path(uri), lambda tmp: shutil.copyfile(local, tmp))
         return
-    fs, path = _fs(uri, storage_options)
+    fs, path = filesystem(uri, storage_options)
     try:
         fs.put_file(str(local), path)
     except Exception as exc:
         raise OSError(f"cannot write {uri}: {type(exc).__name__}: {exc}") from exc
     finally:
         fs.invalidate_cache(path)
-
-
-def file_sha256(path: os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(8 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -21,21 +21,14 @@ another commit's metadata. Ids already committed (embedded or skipped as bad inp
 processed again, so reruns and incremental additions give every id exactly once; inputs that
 failed transiently are not committed and are picked up by the next run.
 
-**Writer lock.** Every write happens under an exclusive lock, ``STORE/writer.lock``, created
-atomically (``os.open(O_CREAT | O_EXCL)``) and holding its owner (host, pid, job, start time,
-token). Its heartbeat is the file's modification time, refreshed every ``heartbeat_s`` by a daemon
-thread and at every commit with ``os.utime`` (the file is never rewritten, so a refresh can never
-clobber another owner's lock). A second writer gets :class:`StoreLockedError` naming the owner.
-A lock is stale, and broken with a WARNING, when its heartbeat is older than ``stale_after_s`` or
-when its owner ran on this host and its pid is gone (pids are compared per host name: two
-containers sharing a host name and pid namespace-less pids could confuse this; the heartbeat
-timeout still applies). The owner checks its token before every manifest write, so a job whose
-lock was broken (e.g. it was frozen for longer than the timeout) fails instead of writing.
-:meth:`EmbeddingStore.writer` is the API (``with store.writer(job="embed"): ...``, reentrant on
-one store object); :meth:`~EmbeddingStore.commit_shard` and :meth:`~EmbeddingStore.create_or_check`
-take the lock for themselves when called outside it. The manifest is re-read whenever the lock is
-taken: a manifest read before is never trusted. A local store needs a local or POSIX shared file
-system with atomic exclusive create (local disks, NFSv3+).
+**Writer lock.** Every write happens under the exclusive lock ``STORE/writer.lock`` of
+:mod:`index.lock` (local ``O_EXCL`` with an mtime heartbeat; S3 conditional requests); a second
+writer gets :class:`StoreLockedError` naming the owner, a stale lock is broken with a WARNING, and
+the owner checks its token before every manifest write, so a job whose lock was broken fails
+instead of writing. :meth:`EmbeddingStore.writer` is the API (``with store.writer(job="embed"):
+...``, reentrant on one store object); :meth:`~EmbeddingStore.commit_shard` and
+:meth:`~EmbeddingStore.create_or_check` take the lock for themselves when called outside it. The
+manifest is re-read whenever the lock is taken: a manifest read before is never trusted.
 
 **Object stores.** ``EmbeddingStore("s3://bucket/store", storage_options={...})`` keeps the same
 layout and rules through fsspec (:mod:`index.storage`): shard files are written first (one PUT
@@ -54,13 +47,12 @@ the first commit to one rewrites its manifest as format 2 (older code then refus
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
 import re
 import secrets
-import socket
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,12 +60,15 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Set, 
 
 import numpy as np
 
-from reco.errors import ReCoError
+from . import storage
+from .lock import LOCK_FILE, ObjectStoreLock, StoreError, StoreLock, StoreLockedError, make_lock
+
+__all__ = ["EmbeddingStore", "ShardRecord", "StoreError", "StoreLockedError", "StoreLock", "ObjectStoreLock",
+           "LOCK_FILE", "MANIFEST", "FORMAT_VERSION"]
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-LOCK_FILE = "writer.lock"
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
 SHARD_DIRS = (("img_emb", "img_emb_", ".npy"), ("metadata", "metadata_", ".parquet"),
@@ -82,14 +77,6 @@ SHARD_DIRS = (("img_emb", "img_emb_", ".npy"), ("metadata", "metadata_", ".parqu
 _SHARD_FILE = re.compile(
     r"^(?:img_emb|metadata|skipped)_(?:\d{5,}(?:\.[0-9a-f]+)?)\.(?:npy|parquet)(?:\.[0-9a-f]+)?\.tmp$"
     r"|^(?:img_emb|metadata|skipped)_(?P<name>\d{5,}(?:\.[0-9a-f]+)?)\.(?:npy|parquet)$")
-
-
-class StoreError(ReCoError, RuntimeError):
-    """The store is missing, corrupt, or incompatible with the request."""
-
-
-class StoreLockedError(StoreError):
-    """Another job holds the store's writer lock (or this job lost it)."""
 
 
 @dataclass(frozen=True)
@@ -110,362 +97,6 @@ class ShardRecord:
         return d
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_bytes(path: Path, data: bytes, storage_options: Optional[Mapping[str, Any]] = None) -> None:
-    """Write ``data`` atomically: a local file under a temporary name, fsynced and renamed; a URL
-    (``storage_options`` given for it) in one PUT."""
-    if storage_options is not None:
-        from .storage import write_bytes
-
-        write_bytes(str(path), data, storage_options)
-        return
-    tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
-
-
-# -- the writer lock ---------------------------------------------------------------------
-
-def _pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` of this host still runs (a zombie, killed but not reaped, does not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    except OSError:  # pragma: no cover
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            return fh.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
-    except (OSError, IndexError):  # no /proc (macOS): trust kill(0)
-        return True
-
-
-def _describe_owner(owner: Optional[Dict[str, Any]], age: Optional[float]) -> str:
-    if not owner:
-        who = "an unknown writer (lock file empty or unreadable)"
-    else:
-        who = (f"job {owner.get('job', '?')!r} on host {owner.get('host', '?')}, pid {owner.get('pid', '?')}, "
-               f"since {owner.get('since', '?')}")
-    if age is not None:
-        who += f" (last heartbeat {age:.0f}s ago)"
-    return who
-
-
-class StoreLock:
-    """The exclusive writer lock of one store (see the module docstring)."""
-
-    def __init__(self, path: Path, job: str, heartbeat_s: float = 10.0, stale_after_s: float = 120.0):
-        if heartbeat_s <= 0 or stale_after_s <= heartbeat_s:
-            raise ValueError("need 0 < heartbeat_s < stale_after_s")
-        self.path = Path(path)
-        self._where: Any = self.path.parent  # the store, as messages name it
-        self.job = job
-        self.heartbeat_s = heartbeat_s
-        self.stale_after_s = stale_after_s
-        self.token = secrets.token_hex(8)
-        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "job": job,
-                      "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "since_epoch": time.time(),
-                      "token": self.token}
-        self.lost: Optional[str] = None
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-
-    # -- reading someone's lock ----------------------------------------------------------
-    def _read(self) -> Tuple[Optional[Dict[str, Any]], Optional[float]]:
-        """(owner or None when unreadable, heartbeat age in seconds); FileNotFoundError if absent."""
-        st = os.stat(self.path)
-        age = max(0.0, time.time() - st.st_mtime)
-        try:
-            owner = json.loads(self.path.read_text())
-            if not isinstance(owner, dict):
-                owner = None
-        except (OSError, ValueError):
-            owner = None
-        return owner, age
-
-    def _stale_reason(self, owner: Optional[Dict[str, Any]], age: float) -> Optional[str]:
-        if age > self.stale_after_s:
-            return f"no heartbeat for {age:.0f}s (timeout {self.stale_after_s:.0f}s)"
-        if owner and owner.get("host") == self.owner["host"] and isinstance(owner.get("pid"), int) \
-                and owner["pid"] != os.getpid() and not _pid_alive(owner["pid"]):
-            return f"its process (pid {owner['pid']} on this host) is gone"
-        return None
-
-    def _break(self, owner: Optional[Dict[str, Any]], why: str) -> None:
-        """Move a stale lock aside; if what was moved is not the lock judged stale (another
-        breaker replaced it meanwhile), put it back."""
-        aside = self.path.with_name(f"{self.path.name}.broken-{secrets.token_hex(4)}")
-        try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
-            return  # someone else removed it: just try again
-        try:
-            moved = json.loads(aside.read_text())
-        except (OSError, ValueError):
-            moved = None
-        moved_token = moved.get("token") if isinstance(moved, dict) else None
-        if moved_token != (owner or {}).get("token"):
-            with contextlib.suppress(OSError):
-                os.link(aside, self.path)  # fails if yet another lock was taken: fine, its owner holds it
-            with contextlib.suppress(OSError):
-                os.unlink(aside)
-            return
-        logger.warning("breaking the stale writer lock %s held by %s: %s",
-                       self.path, _describe_owner(owner, None), why)
-        with contextlib.suppress(OSError):
-            os.unlink(aside)
-
-    # -- taking and holding --------------------------------------------------------------
-    def acquire(self) -> "StoreLock":
-        data = json.dumps(self.owner, indent=1).encode()
-        for _ in range(5):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                try:
-                    owner, age = self._read()
-                except FileNotFoundError:
-                    continue  # released meanwhile
-                why = self._stale_reason(owner, age)
-                if why is None:
-                    raise self._locked_error(owner, age) from None
-                self._break(owner, why)
-                continue
-            try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            _fsync_dir(self.path.parent)
-            self._start_heartbeat()
-            return self
-        raise StoreLockedError(f"could not take the writer lock {self.path}: it keeps changing hands")
-
-    def _start_heartbeat(self) -> None:
-        self._thread = threading.Thread(target=self._beat, name=f"store-lock-heartbeat:{self.path}", daemon=True)
-        self._thread.start()
-
-    def _locked_error(self, owner: Optional[Dict[str, Any]], age: Optional[float]) -> StoreLockedError:
-        return StoreLockedError(
-            f"{self._where} is locked by another writer: {_describe_owner(owner, age)}. "
-            f"Wait for it to finish; a dead writer's lock is broken automatically "
-            f"(after {self.stale_after_s:.0f}s without heartbeat, or at once on its host)")
-
-    def _lose(self, owner: Optional[Dict[str, Any]], age: Optional[float]) -> StoreLockedError:
-        self.lost = (f"lost the writer lock on {self._where}: it is now held by "
-                     f"{_describe_owner(owner, age) if owner else 'nobody (lock file removed)'}; "
-                     f"nothing more is committed by this job")
-        return StoreLockedError(self.lost)
-
-    def verify(self) -> None:
-        """Raise :class:`StoreLockedError` unless this lock still holds the lock file."""
-        if self.lost:
-            raise StoreLockedError(self.lost)
-        try:
-            owner, age = self._read()
-        except FileNotFoundError:
-            owner, age = {}, None
-        if not owner or owner.get("token") != self.token:
-            raise self._lose(owner, age)
-
-    def touch(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.utime(self.path)
-
-    def _beat(self) -> None:
-        while not self._stop.wait(self.heartbeat_s):
-            try:
-                self.verify()
-                self.touch()
-            except StoreLockedError as exc:
-                logger.error("%s", exc)
-                return
-            except OSError as exc:  # a flaky shared file system: try again next beat
-                logger.warning("writer lock heartbeat on %s failed: %s", self.path, exc)
-
-    def release(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        try:
-            owner, _ = self._read()
-        except FileNotFoundError:
-            return
-        if owner and owner.get("token") == self.token:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
-        elif not self.lost:
-            logger.warning("writer lock %s is no longer ours at release: left in place", self.path)
-
-
-class ObjectStoreLock(StoreLock):
-    """The writer lock of a store named by an fsspec URL: ``STORE/writer.lock`` is one object.
-
-    On S3 every step is one conditional request, so it is as exclusive as the local lock: the lock
-    is taken with ``PUT If-None-Match: *``; its heartbeat rewrites the owner record with
-    ``If-Match`` the ETag of its own last write (it can never replace another owner's lock); a
-    stale lock is replaced with ``If-Match`` the ETag of the record judged stale (two breakers:
-    one wins); it is released with ``DELETE If-Match``. Ages are measured by the server's clock
-    (``Date`` minus ``Last-Modified``), so client clocks do not matter. A request whose answer was
-    lost and that the client retried fails its own condition: the record is then read back and
-    kept when its token is this lock's. An endpoint that ignores ``If-None-Match`` is detected
-    when the lock is taken (a second create succeeds) and reported with a WARNING.
-
-    Elsewhere (fsspec file systems without conditional writes) each step is a check-then-write:
-    a second writer that starts while the first holds the lock is refused, but two writers
-    starting at the same moment are not excluded (a WARNING says so): one writer per store."""
-
-    def __init__(self, uri: str, job: str, heartbeat_s: float = 10.0, stale_after_s: float = 120.0,
-                 storage_options: Optional[Mapping[str, Any]] = None):
-        super().__init__(Path(LOCK_FILE), job, heartbeat_s, stale_after_s)
-        from . import storage
-
-        self.path = str(uri)  # type: ignore[assignment]
-        self._where = self.path.rsplit("/", 1)[0]
-        self.storage_options = storage_options
-        self.atomic = storage.conditional_writes(self.path)
-        self.owner["heartbeat_epoch"] = self.owner["since_epoch"]
-        self._version: Optional[str] = None  # of this lock's own last write
-        self._seen: Optional[str] = None  # of the record last read
-        self._io = threading.RLock()
-
-    def _record(self) -> bytes:
-        return json.dumps(self.owner, indent=1).encode()
-
-    def _read(self) -> Tuple[Optional[Dict[str, Any]], Optional[float]]:
-        from . import storage
-
-        data, self._seen, age = storage.read_versioned(self.path, self.storage_options)
-        try:
-            owner = json.loads(data)
-            if not isinstance(owner, dict):
-                owner = None
-        except ValueError:
-            owner = None
-        if age is None:  # no server clock: the owner's own heartbeat, else never stale by age
-            beat = (owner or {}).get("heartbeat_epoch")
-            age = max(0.0, time.time() - float(beat)) if isinstance(beat, (int, float)) else 0.0
-        return owner, age
-
-    def acquire(self) -> "ObjectStoreLock":
-        from . import storage
-
-        if not self.atomic:
-            logger.warning("%s: this file system has no conditional writes, so its writer lock is best effort "
-                           "(two writers starting at the same moment are not excluded): run one writer per store",
-                           self._where)
-        data = self._record()
-        so = self.storage_options
-        for _ in range(5):
-            try:
-                self._version = storage.write_conditional(self.path, data, so, if_version=storage.CREATE)
-            except storage.ConditionFailedError:
-                try:
-                    owner, age = self._read()
-                except FileNotFoundError:
-                    continue  # released meanwhile
-                seen = self._seen
-                if owner and owner.get("token") == self.token:  # our own create, answered late and retried
-                    self._version = seen
-                else:
-                    why = self._stale_reason(owner, age or 0.0)
-                    if why is None:
-                        raise self._locked_error(owner, age) from None
-                    try:  # replace exactly the record judged stale
-                        self._version = storage.write_conditional(self.path, data, so, if_version=seen)
-                    except storage.ConditionFailedError:
-                        continue  # taken over, refreshed or released meanwhile: look again
-                    logger.warning("breaking the stale writer lock %s held by %s: %s",
-                                   self.path, _describe_owner(owner, None), why)
-            if self.atomic:
-                self._check_enforced(data)
-            self._start_heartbeat()
-            return self
-        raise StoreLockedError(f"could not take the writer lock {self.path}: it keeps changing hands")
-
-    def _check_enforced(self, data: bytes) -> None:
-        """A second conditional create of the (identical) record must fail; if it succeeds the
-        endpoint ignores conditional writes and nothing is exclusive there."""
-        from . import storage
-
-        try:
-            self._version = storage.write_conditional(self.path, data, self.storage_options,
-                                                      if_version=storage.CREATE)
-        except storage.ConditionFailedError:
-            return
-        self.atomic = False
-        logger.warning("%s: this S3 endpoint ignores conditional writes (If-None-Match), so the writer lock "
-                       "cannot exclude a concurrent writer: run one writer per store", self._where)
-
-    def verify(self) -> None:
-        with self._io:
-            super().verify()
-            self._version = self._seen
-
-    def touch(self) -> None:
-        """The heartbeat: rewrite the owner record, only if it is still this lock's own last write."""
-        from . import storage
-
-        with self._io:
-            if self.lost:
-                raise StoreLockedError(self.lost)
-            self.owner["heartbeat_epoch"] = time.time()
-            try:
-                self._version = storage.write_conditional(self.path, self._record(), self.storage_options,
-                                                          if_version=self._version)
-            except storage.ConditionFailedError:
-                self.verify()  # ours after all (a retried write): keep it; else the lock is lost
-
-    def release(self) -> None:
-        from . import storage
-
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        with self._io:
-            try:
-                owner, _ = self._read()
-            except FileNotFoundError:
-                return
-            except OSError as exc:
-                logger.warning("cannot read the writer lock %s at release (%s): left in place", self.path, exc)
-                return
-            if owner and owner.get("token") == self.token:
-                try:
-                    storage.delete_conditional(self.path, self.storage_options, if_version=self._seen)
-                except storage.ConditionFailedError:
-                    logger.warning("writer lock %s changed at release: left in place", self.path)
-                except OSError as exc:
-                    logger.warning("cannot remove the writer lock %s (%s): it goes stale after %.0fs",
-                                   self.path, exc, self.stale_after_s)
-            elif not self.lost:
-                logger.warning("writer lock %s is no longer ours at release: left in place", self.path)
-
-
 # -- the store ---------------------------------------------------------------------------
 
 class EmbeddingStore:
@@ -480,14 +111,12 @@ class EmbeddingStore:
     lock_stale_after_s: float = 120.0
 
     def __init__(self, root: os.PathLike | str, storage_options: Optional[Mapping[str, Any]] = None):
-        from .storage import is_url, local_path
-
-        self.is_url = is_url(str(root))
+        self.is_url = storage.is_url(str(root))
         self.root: Any  # Path (local) or str (URL)
         if self.is_url:
             self.root = str(root).rstrip("/")
         elif str(root).startswith("file://"):
-            self.root = local_path(str(root))
+            self.root = storage.local_path(str(root))
         else:
             self.root = Path(root)
         self.storage_options = dict(storage_options or {})
@@ -499,26 +128,20 @@ class EmbeddingStore:
         return "/".join([self.root, *parts])
 
     def _read(self, uri: str) -> bytes:
-        from .storage import read_versioned
-
-        return read_versioned(uri, self.storage_options)[0]
+        return storage.read_bytes(uri, self.storage_options)
 
     # -- manifest ------------------------------------------------------------------------
     @property
     def exists(self) -> bool:
         if self.is_url:
-            from .storage import is_file
-
-            return is_file(self._uri(MANIFEST), self.storage_options)
+            return storage.is_file(self._uri(MANIFEST), self.storage_options)
         return (self.root / MANIFEST).is_file()
 
     def check_location(self) -> None:
         """Raise :class:`StoreError` when ``root`` cannot be a store (a file, or inside a file)."""
         if self.is_url:
-            from .storage import is_file
-
             try:
-                if is_file(self.root, self.storage_options):
+                if storage.is_file(self.root, self.storage_options):
                     raise StoreError(f"store {self.root}: {self.root} is a file, not a directory")
             except StoreError:
                 raise
@@ -534,11 +157,9 @@ class EmbeddingStore:
     def manifest(self) -> Dict[str, Any]:
         if self._manifest is None:
             if self.is_url:
-                from .storage import read_versioned
-
                 path = self._uri(MANIFEST)
                 try:
-                    text, self._manifest_version, _ = read_versioned(path, self.storage_options)
+                    text, self._manifest_version, _ = storage.read_versioned(path, self.storage_options)
                 except FileNotFoundError:
                     raise StoreError(f"{self.root} is not an embedding store (no {MANIFEST})") from None
             else:
@@ -592,15 +213,13 @@ class EmbeddingStore:
             self._manifest = m
             return
         self.root.mkdir(parents=True, exist_ok=True)
-        _atomic_write_bytes(self.root / MANIFEST, json.dumps(m, indent=2).encode())
+        storage.write_bytes(str(self.root / MANIFEST), json.dumps(m, indent=2).encode())
         self._manifest = m
 
     def _put_manifest(self, data: bytes) -> None:
         """The commit on an object store: one PUT of the manifest, conditional on it being the very
         version read under the lock (``If-Match``; ``If-None-Match: *`` for a new store), so a
         writer that lost its lock can never replace a manifest another writer committed."""
-        from . import storage
-
         uri = self._uri(MANIFEST)
         expected = self._manifest_version if self._manifest is not None else None
         try:
@@ -646,11 +265,7 @@ class EmbeddingStore:
         self.check_location()
         hb = heartbeat_s if heartbeat_s is not None else self.lock_heartbeat_s
         stale = stale_after_s if stale_after_s is not None else self.lock_stale_after_s
-        if self.is_url:
-            lock: StoreLock = ObjectStoreLock(self._uri(LOCK_FILE), job, hb, stale, self.storage_options).acquire()
-        else:
-            self.root.mkdir(parents=True, exist_ok=True)
-            lock = StoreLock(self.root / LOCK_FILE, job, hb, stale).acquire()
+        lock = make_lock(str(self.root), job, self.storage_options, hb, stale).acquire()
         self._lock = lock
         self._manifest = None  # never trust a manifest read before the lock
         try:
@@ -672,15 +287,13 @@ class EmbeddingStore:
         referenced = {s.name for s in self.shards}
         removed = 0
         if self.is_url:
-            from .storage import list_files, remove_files
-
             for sub, _, _ in SHARD_DIRS:
-                for uri in list_files(self._uri(sub), self.storage_options, refresh=True):
+                for uri in storage.list_files(self._uri(sub), self.storage_options, refresh=True):
                     mt = _SHARD_FILE.match(uri.rsplit("/", 1)[-1])
                     if mt is None or (mt.group("name") is not None and mt.group("name") in referenced):
                         continue
                     with contextlib.suppress(FileNotFoundError):
-                        removed += remove_files([uri], self.storage_options)
+                        removed += storage.remove_files([uri], self.storage_options)
             if removed:
                 logger.info("removed %d orphan shard file(s) of interrupted commits from %s", removed, self.root)
             return
@@ -765,10 +378,7 @@ class EmbeddingStore:
     # shard files are written under names never used before, so a plain write (local: temporary
     # name + rename; object store: one PUT) is enough; they become visible with the manifest
     def _write_file(self, path, data: bytes) -> None:
-        if self.is_url:
-            _atomic_write_bytes(path, data, self.storage_options)
-        else:
-            _atomic_write_bytes(path, data)
+        storage.write_bytes(str(path), data, self.storage_options)
 
     def _write_table(self, table, path) -> None:
         if self.is_url:
@@ -788,8 +398,6 @@ class EmbeddingStore:
         import pyarrow.parquet as pq
 
         if self.is_url:
-            import io
-
             return pq.read_table(io.BytesIO(self._read(self._path(kind, shard))), columns=columns)
         return pq.read_table(self._path(kind, shard), columns=columns)
 
@@ -797,8 +405,6 @@ class EmbeddingStore:
         """(n, E) float16 embeddings of one shard: memory-mapped from a local store (unless
         ``mmap=False``), read into memory from an object store."""
         if self.is_url:
-            import io
-
             return np.load(io.BytesIO(self._read(self._path("img_emb", shard))), allow_pickle=False)
         return np.load(self._path("img_emb", shard), mmap_mode="r" if mmap else None)
 
@@ -838,21 +444,14 @@ class EmbeddingStore:
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:
-    import io
-
     b = io.BytesIO()
     np.save(b, arr, allow_pickle=False)
     return b.getvalue()
 
 
-def _atomic_write_parquet(table, path: Path, storage_options: Optional[Mapping[str, Any]] = None) -> None:
-    import io
-
+def _atomic_write_parquet(table, path, storage_options: Optional[Mapping[str, Any]] = None) -> None:
     import pyarrow.parquet as pq
 
     b = io.BytesIO()
     pq.write_table(table, b)
-    if storage_options is not None:
-        _atomic_write_bytes(path, b.getvalue(), storage_options)
-    else:
-        _atomic_write_bytes(path, b.getvalue())
+    storage.write_bytes(str(path), b.getvalue(), storage_options)

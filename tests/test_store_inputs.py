@@ -41,10 +41,10 @@ class _Throttled(Exception):
 
 def test_remote_transient_errors_are_retried_with_backoff(monkeypatch):
     fs = _FlakyFS([TimeoutError("read timed out"), _Throttled("SlowDown: please reduce your request rate")])
-    monkeypatch.setattr(sources, "_fs", lambda url, opts=None: (fs, url.split("://", 1)[1]))
+    monkeypatch.setattr(sources, "filesystem", lambda url, opts=None: (fs, url.split("://", 1)[1]))
     assert fetch_bytes("s3://bucket/a.jpg", retry=FAST) == b"bytes" and fs.opens == 3
     fs = _FlakyFS([ConnectionError("reset by peer")] * 5)
-    monkeypatch.setattr(sources, "_fs", lambda url, opts=None: (fs, url.split("://", 1)[1]))
+    monkeypatch.setattr(sources, "filesystem", lambda url, opts=None: (fs, url.split("://", 1)[1]))
     t0 = time.perf_counter()
     with pytest.raises(TransientIOError, match=r"s3://bucket/b.jpg.*reset by peer.*3 attempt") as info:
         fetch_bytes("s3://bucket/b.jpg", retry=FAST)
