@@ -116,6 +116,30 @@ def _write_rows(store: EmbeddingStore, root: Any, shards, path: Path) -> None:
             w.write_table(t.cast(schema))
 
 
+def write_rows_table(store: EmbeddingStore, shards, out: str, storage_options: Optional[Dict[str, Any]] = None,
+                     ) -> Dict[str, Dict[str, Any]]:
+    """Write ``OUT/rows.parquet`` (row -> id, uri of ``shards``) atomically to a folder or URL;
+    returns its ``files`` record (sha256, bytes) for ``index.json``."""
+    import tempfile
+
+    from .storage import file_sha256, is_url, join, upload_file
+
+    if is_url(str(out)):
+        with tempfile.TemporaryDirectory(prefix="reco-rows-") as tmp:
+            local = Path(tmp) / ROWS_FILE
+            _write_rows(store, store.root, shards, local)
+            rec = {"sha256": file_sha256(local), "bytes": local.stat().st_size}
+            upload_file(local, join(str(out), ROWS_FILE), storage_options)
+        return {ROWS_FILE: rec}
+    d = Path(out)
+    d.mkdir(parents=True, exist_ok=True)
+    tmp_rows = d / (ROWS_FILE + ".tmp")
+    _write_rows(store, store.root, shards, tmp_rows)
+    rec = {"sha256": file_sha256(tmp_rows), "bytes": tmp_rows.stat().st_size}
+    os.replace(tmp_rows, d / ROWS_FILE)
+    return {ROWS_FILE: rec}
+
+
 def _build_and_upload(store: EmbeddingStore, root: Any, shards, uri: str, staging: Path, storage_options,
                       factory, memory_budget_bytes, target_recall, allow_low_recall, num_queries, train_size, seed,
                       use_gpu) -> IndexReport:

@@ -437,6 +437,8 @@ def build_index(
 def _index_bytes(index) -> int:
     """Serialized size, counted through a callback writer (no copy of the index in memory)."""
     faiss = _faiss()
+    if isinstance(index, faiss.IndexShards):  # not serialisable as one: the sum of its parts
+        return sum(_index_bytes(faiss.downcast_index(index.at(i))) for i in range(index.count()))
     total = [0]
 
     def count(b: bytes) -> int:
