@@ -149,7 +149,7 @@ def build_index_parts(store: EmbeddingStore, out: str, factory: Optional[str] = 
         if not new:
             logger.info("--update: the index already holds every committed shard of %s", root)
     else:
-        factory = factory or choose_factory(n, dim, memory_budget_bytes)
+        factory = factory or P.partable_factory(choose_factory(n, dim, memory_budget_bytes), n)
         ts = int(min(n, train_size or default_train_size(n, factory)))
         part_rows = cfg.part_rows
         cov = _covered(factory, dim, ts, seed, root, part_rows)

@@ -161,10 +161,51 @@ class StoreExactRetriever(Retriever):
         return out
 
 
+def index_lag(meta: Dict[str, Any], storage_options: Optional[Dict[str, Any]] = None) -> Optional[int]:
+    """Store rows committed since the index was built (None when the store cannot be read)."""
+    try:
+        store = EmbeddingStore(meta["store"], storage_options=storage_options)
+        return len(store) - int(meta.get("store_total", 0))
+    except Exception as exc:  # the index is still usable without its store
+        logger.debug("cannot read the store of the index: %s", exc)
+        return None
+
+
+def open_index(index: str, storage_options: Optional[Dict[str, Any]] = None, exact: bool = False,
+               serve_actors: Optional[int] = None) -> Tuple[Retriever, Dict[str, str], Dict[str, Any]]:
+    """:func:`index.catalog.open_retriever`, with an index kept as parts served by Ray actors
+    (:class:`cluster.index_serve.ShardedRetriever`; ``serve_actors`` of them, default
+    ``index.serve_actors`` of configs/cluster.yaml, Ray started if needed); logs how many store rows
+    the index lacks."""
+    from index.catalog import open_retriever
+
+    from .index_serve import ShardedRetriever
+
+    def serve(uri: str, meta: Dict[str, Any], ids: List[str]) -> Retriever:
+        import ray
+
+        from .config import resolve_cluster_config
+        from .runtime import init_ray
+
+        cluster = resolve_cluster_config(None)
+        if not ray.is_initialized():
+            init_ray(cluster.ray)
+        return ShardedRetriever(uri, meta, ids, actors=serve_actors or cluster.index.serve_actors,
+                                storage_options=storage_options)
+
+    retriever, uris, meta = open_retriever(index, exact=exact, storage_options=storage_options, serve_parts=serve)
+    lag = index_lag(meta, storage_options)
+    if lag:
+        logger.warning("the index %s lacks %d store row(s) committed since it was built (%d indexed): "
+                       "reco build-index --update adds them", index, lag, meta.get("store_total", 0))
+    return retriever, uris, meta
+
+
 def retrieve_archives(todo: Sequence[str], texts: Mapping[str, Any], k: int, index: str, exact_store: bool = False,
-                      storage_options: Optional[Dict[str, Any]] = None) -> Dict[str, List[str]]:
+                      storage_options: Optional[Dict[str, Any]] = None, serve_actors: Optional[int] = None,
+                      ) -> Dict[str, List[str]]:
     """{concept: top-k image URIs} for ``build-bank``: exact over the store ``index`` (one Ray Data
-    pass) when ``exact_store``, else from the FAISS index ``index``."""
+    pass) when ``exact_store``, else from the FAISS index ``index`` (parts served by Ray actors)."""
     if not todo:
         return {}
     q = np.stack([np.asarray(texts[n], dtype=np.float32) for n in todo])
@@ -176,8 +217,6 @@ def retrieve_archives(todo: Sequence[str], texts: Mapping[str, Any], k: int, ind
         hits = retriever.search(q, k)
         uris = retriever.uris
     else:
-        from index.catalog import open_retriever
-
-        retriever, uris, _ = open_retriever(index, storage_options=storage_options)
+        retriever, uris, _ = open_index(index, storage_options, serve_actors=serve_actors)
         hits = retriever.search(q, k)
     return {n: [uris[i] for i in h.ids] for n, h in zip(todo, hits)}

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .faiss_index import (
     FaissRetriever,
@@ -162,9 +162,12 @@ def _build_and_upload(store: EmbeddingStore, root: Any, shards, uri: str, stagin
 
 
 def open_retriever(index_dir: os.PathLike | str, exact: bool = False, storage_options: Optional[Dict[str, Any]] = None,
+                   serve_parts: Optional[Callable[[str, Dict[str, Any], List[str]], Retriever]] = None,
                    ) -> Tuple[Retriever, Dict[str, str], Dict[str, Any]]:
     """(retriever, {id: uri}, index metadata) of an index directory or URL (``storage_options``
-    reach it, and the store for ``exact``); a URL's files are fetched into the node cache."""
+    reach it, and the store for ``exact``); a URL's files are fetched into the node cache. An
+    index kept as parts is served by ``serve_parts(uri, meta, ids)`` when given (e.g. Ray actors,
+    :mod:`cluster.index_serve`), else loaded here as one ``IndexShards``."""
     import pyarrow.parquet as pq
 
     from .storage import ObjectChangedError, is_url
@@ -173,7 +176,7 @@ def open_retriever(index_dir: os.PathLike | str, exact: bool = False, storage_op
         uri = str(index_dir).rstrip("/")
         for attempt in range(3):  # a rebuild replacing the files under us: read index.json again
             try:
-                index, meta = load_index(uri, storage_options)
+                index, meta = load_index(uri, storage_options, load_parts=serve_parts is None)
                 rows = pq.read_table(fetch_index_file(uri, ROWS_FILE, meta, storage_options))
                 break
             except ObjectChangedError:
@@ -182,7 +185,7 @@ def open_retriever(index_dir: os.PathLike | str, exact: bool = False, storage_op
                 logger.warning("%s changed while it was read (rebuilt?): reading it again", uri)
     else:
         d = Path(index_dir)
-        index, meta = load_index(d)
+        index, meta = load_index(d, load_parts=serve_parts is None)
         rows = pq.read_table(d / ROWS_FILE)
     ids = rows.column("id").to_pylist()
     uris = dict(zip(ids, rows.column("uri").to_pylist()))
@@ -191,4 +194,6 @@ def open_retriever(index_dir: os.PathLike | str, exact: bool = False, storage_op
         if sids != ids:
             raise ValueError(f"store {meta['store']} changed since the index was built: rebuild it")
         return ExactRetriever(emb, ids), uris, meta
+    if index is None:
+        return serve_parts(str(index_dir), meta, ids), uris, meta
     return FaissRetriever(index, ids), uris, meta

@@ -535,29 +535,38 @@ def _read_faiss(path):
                              "with `reco build-index`") from None
 
 
-def load_index(directory: os.PathLike | str, storage_options: Optional[Dict[str, Any]] = None) -> Tuple[Any, Dict[str, Any]]:
+def load_index(directory: os.PathLike | str, storage_options: Optional[Dict[str, Any]] = None,
+               load_parts: bool = True) -> Tuple[Any, Dict[str, Any]]:
     """(index with its tuned search parameters set, ``index.json``) of a folder or fsspec URL (the
-    latter fetched into the node cache, see :func:`fetch_index_file`)."""
+    latter fetched into the node cache, see :func:`fetch_index_file`). An index kept as parts
+    (``layout: shards``, :mod:`index.parts`) is loaded as one ``IndexShards`` of them, or not at
+    all (None) with ``load_parts=False`` (its parts are then served elsewhere)."""
     from .storage import is_url, join, read_versioned
 
-    if is_url(str(directory)):
-        uri = str(directory).rstrip("/")
-        try:
-            meta = _parse_meta(read_versioned(join(uri, META_FILE), storage_options)[0], join(uri, META_FILE))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{uri} holds no index (needs {INDEX_FILE} and {META_FILE}); "
-                                    f"run `reco build-index`") from None
+    url = is_url(str(directory))
+    uri = str(directory).rstrip("/") if url else str(directory)
+    try:
+        text = read_versioned(join(uri, META_FILE), storage_options)[0] if url else Path(uri, META_FILE).read_text()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{uri} holds no index (needs {INDEX_FILE} and {META_FILE}); "
+                                f"run `reco build-index`") from None
+    meta = _parse_meta(text, join(uri, META_FILE))
+    if meta.get("layout") == "shards":
+        if not load_parts:
+            return None, meta
+        from . import parts as P
+        from .storage import read_bytes
+
+        index = P.as_shards([P.from_bytes(read_bytes(join(uri, P.PARTS_DIR, f"part-{p['name']}.faiss"),
+                                                     storage_options)) for p in meta["parts"]])
+    elif url:
         index = _read_faiss(fetch_index_file(uri, INDEX_FILE, meta, storage_options))
-        for name, value in (meta["report"].get("search_params") or {}).items():
-            _set_search_param(index, name, value)
-        return index, meta
-    d = Path(directory)
-    if not (d / INDEX_FILE).is_file() or not (d / META_FILE).is_file():
-        raise FileNotFoundError(f"{d} holds no index (needs {INDEX_FILE} and {META_FILE}); run `reco build-index`")
-    meta = _parse_meta((d / META_FILE).read_text(), d / META_FILE)
-    index = _read_faiss(d / INDEX_FILE)
-    for name, value in (meta["report"].get("search_params") or {}).items():
-        _set_search_param(index, name, value)
+    else:
+        if not Path(uri, INDEX_FILE).is_file():
+            raise FileNotFoundError(f"{uri} holds no index (needs {INDEX_FILE} and {META_FILE}); "
+                                    "run `reco build-index`")
+        index = _read_faiss(Path(uri, INDEX_FILE))
+    _apply_params(index, meta["report"].get("search_params") or {})
     return index, meta
 
 

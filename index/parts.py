@@ -87,6 +87,16 @@ def check_partable(factory: str) -> None:
                           "(e.g. IVF4096,PQ64 or OPQ64,IVF4096,PQ64,Refine(SQfp16))")
 
 
+def partable_factory(chosen: str, n: int) -> str:
+    """``chosen`` (from :func:`index.faiss_factory.choose_factory`), or ``IVF{nlist},Flat`` where
+    it chose the exact ``Flat`` (small corpora), which has no inverted lists to build in parts."""
+    from .faiss_factory import _pow2
+
+    if chosen == "Flat":
+        return f"IVF{_pow2(4 * n ** 0.5)},Flat"
+    return chosen
+
+
 def to_bytes(index) -> bytes:
     return _faiss().serialize_index(index).tobytes()
 

@@ -117,7 +117,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         from cluster.retrieval import retrieve_archives
 
         found = retrieve_archives([n for n in all_names if n not in archives], texts, cfg.k, index=args.index,
-                                  exact_store=bool(args.store), storage_options=storage)
+                                  exact_store=bool(args.store), storage_options=storage,
+                                  serve_actors=cluster.index.serve_actors)
         for n, uris in found.items():
             archives[n], source[n] = uris, "retrieval"
     for n in all_names:

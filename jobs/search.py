@@ -76,10 +76,10 @@ def _open(args, storage):
             raise ConfigError(f"--store {args.store}: {exc}") from None
         init_ray(resolve_cluster_config(None).ray)
         return StoreExactRetriever(store), None, {"model": manifest.get("model", {})}, store.dim, "exact, Ray Data pass"
-    from index.catalog import open_retriever
+    from cluster.retrieval import open_index
 
-    retriever, uris, meta = open_retriever(args.index, exact=args.exact, storage_options=storage)
-    dim = retriever.embeddings.shape[1] if args.exact else retriever.index.d
+    retriever, uris, meta = open_index(args.index, storage, exact=args.exact)  # parts: served by Ray actors
+    dim = retriever.embeddings.shape[1] if args.exact else int(meta["report"]["dim"])
     return retriever, uris, meta, dim, "exact" if args.exact else meta["report"]["factory"]
 
 

@@ -120,3 +120,56 @@ def test_hnsw_and_flat_cannot_be_built_in_parts(store, tmp_path, ray_local):
     for f in ("Flat", "HNSW16"):
         with pytest.raises(ConfigError, match="cannot be built in parts"):
             build_index_parts(store, str(tmp_path / f), f, num_queries=10)
+
+
+def test_sharded_serving_equals_the_merged_index(store, tmp_path, ray_local):
+    """#17.3: parts kept as shards, served by 2 Ray actors: same ids and scores as the same parts
+    merged into one index; build-bank/search open it through cluster.retrieval.open_index."""
+    from cluster.index_serve import ShardedRetriever
+    from cluster.retrieval import open_index
+    from index import parts as P
+
+    out = tmp_path / "ix"
+    build_index_parts(store, str(out), "IVF16,PQ8", num_queries=100, train_size=1500, allow_low_recall=True,
+                      cfg=IndexClusterConfig(part_rows=500, layout="shards"))
+    assert not (out / "index.faiss").exists()
+    meta = json.loads((out / "index.json").read_text())
+    assert len(meta["parts"]) == 6 and meta["layout"] == "shards"
+    trained = (out / "trained.faiss").read_bytes()
+    merged = P.merge_parts(trained, None, [((out / "parts" / f"part-{p['name']}.faiss").read_bytes(), None)
+                                            for p in meta["parts"]])
+    merged.nprobe = meta["report"]["search_params"]["nprobe"]
+    q = clustered(50, 32, seed=21)
+    want_s, want_r = merged.search(q, 10)
+    retriever, uris, _ = open_index(str(out), serve_actors=2)
+    assert isinstance(retriever, ShardedRetriever) and len(retriever.actors) == 2
+    got = retriever.search(q, 10)
+    for g, ws, wr in zip(got, want_s, want_r):
+        assert g.rows.tolist() == wr.tolist()
+        np.testing.assert_allclose(g.scores, ws, rtol=1e-6)
+        assert g.ids == [f"id{r}" for r in wr] and all(uris[i] == f"u{i[2:]}" for i in g.ids)
+    retriever.close()
+
+
+def test_build_index_cli_parts_update_and_lag(store, tmp_path, ray_local, caplog):
+    import logging
+
+    from cluster.retrieval import open_index
+    from jobs.cli import main
+
+    out = tmp_path / "ix"
+    cfg = tmp_path / "cluster.yaml"
+    cfg.write_text("index: {part_rows: 1000, workers: 2}\n")
+    args = ["build-index", "--store", str(store.root), "--index", str(out), "--ray-config", str(cfg),
+            "--num-queries", "50", "--train-size", "1500"]
+    assert main(args + ["--parts"]) == 0
+    meta = json.loads((out / "index.json").read_text())
+    assert meta["report"]["factory"].startswith("IVF") and len(meta["parts"]) == 3
+    x = clustered(300, 32, seed=22)
+    store.commit_shard(6, [f"id{j}" for j in range(3000, 3300)], ["u"] * 300, x, [1] * 300, [1] * 300)
+    with caplog.at_level(logging.WARNING):
+        open_index(str(out))
+    assert "lacks 300 store row(s)" in caplog.text
+    assert main(args + ["--update"]) == 0
+    assert json.loads((out / "index.json").read_text())["store_total"] == 3300
+    assert main(args + ["--update", "--factory", "IVF8,Flat"]) == 2
