@@ -34,6 +34,7 @@ from index.faiss_index import (
     IndexReport,
     evaluate_index,
     save_index,
+    store_refined,
 )
 from index.output import ResumableOutput
 from index.store import EmbeddingStore, ShardRecord
@@ -186,7 +187,8 @@ def build_index_parts(store: EmbeddingStore, out: str, factory: Optional[str] = 
                           trained_refine, so)
         build_s = time.perf_counter() - t0
         index, rep = evaluate_index(index, source, factory, build_s, ts, target_recall, num_queries,
-                                    allow_low_recall=allow_low_recall, rng=np.random.default_rng(seed + 1))
+                                    allow_low_recall=allow_low_recall, rng=np.random.default_rng(seed + 1),
+                                    search_index=store_refined(index, factory, source))
         layout = cfg.layout if not update else old.get("layout", cfg.layout)
         rows_uri = write_rows_table(store, [s for p in plans for s in map(_shard, p.shards)], out, so)
         extra = {"store": root, "model": store.manifest()["model"], "store_total": source.n, "layout": layout,

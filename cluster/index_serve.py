@@ -17,6 +17,7 @@ import numpy as np
 
 from index import topk
 from index.faiss_factory import estimate_index_bytes
+from index.faiss_index import index_params
 from index.retriever import Retriever, SearchResult
 
 logger = logging.getLogger(__name__)
@@ -74,7 +75,8 @@ class ShardedRetriever(Retriever):
             need = estimate_index_bytes(rep["factory"], sum(p["rows"] for p in g), rep["dim"]) + ACTOR_OVERHEAD_BYTES
             self.actors.append(remote.options(num_cpus=cpus_per_actor, memory=int(need), max_restarts=3,
                                               max_task_retries=3, scheduling_strategy="SPREAD").remote(
-                uri, [p["name"] for p in g], rep.get("search_params") or {}, storage_options))
+                uri, [p["name"] for p in g], index_params(rep.get("search_params") or {}, rep["factory"]),
+                storage_options))
         held = sum(ray.get([a.ntotal.remote() for a in self.actors]))
         if held != len(self.ids):
             raise ValueError(f"the parts of {uri} hold {held} vectors but its row table {len(self.ids)}: rebuild it")

@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from .faiss_factory import split_refine
 from .faiss_index import (
     FaissRetriever,
     IndexReport,
@@ -30,6 +31,7 @@ from .faiss_index import (
     load_index,
     save_index,
 )
+from .rerank import STORE
 from .retriever import ExactRetriever, Retriever
 from .store import EmbeddingStore
 
@@ -195,5 +197,13 @@ def open_retriever(index_dir: os.PathLike | str, exact: bool = False, storage_op
             raise ValueError(f"store {meta['store']} changed since the index was built: rebuild it")
         return ExactRetriever(emb, ids), uris, meta
     if index is None:
-        return serve_parts(str(index_dir), meta, ids), uris, meta
+        index = serve_parts(str(index_dir), meta, ids)
+    if split_refine(meta["report"]["factory"])[1] == STORE:  # PQ proposes, the store re-ranks
+        from .rerank import StoreRefine, StoreRows, indexed_shards
+
+        store = EmbeddingStore(meta["store"], storage_options=storage_options)
+        index = StoreRefine(index, StoreRows(store, indexed_shards(store, meta)),
+                            (meta["report"].get("search_params") or {}).get("k_factor", 1))
+    elif not hasattr(index, "is_trained"):  # parts served elsewhere: already a Retriever
+        return index, uris, meta
     return FaissRetriever(index, ids), uris, meta

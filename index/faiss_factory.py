@@ -44,7 +44,7 @@ def validate_factory(factory: str, dim: int) -> None:
     faiss = _faiss()
     base, refine = split_refine(factory)
     for part in (base, refine):
-        if part is None:
+        if part is None or part == "store":  # Refine(store): re-ranked from the store (index.rerank)
             continue
         try:
             faiss.index_factory(dim, part, faiss.METRIC_INNER_PRODUCT)
@@ -57,6 +57,8 @@ def _code_bytes(token: str, d: int) -> Optional[float]:
     """Bytes per vector of a storage token (Flat, PQm[xb], SQ8, SQfp16, ...) on d dims."""
     if token == "Flat":
         return 4.0 * d
+    if token == "store":  # Refine(store): re-ranking vectors stay in the store, not in RAM
+        return 0.0
     m = re.fullmatch(r"PQ(\d+)(?:x(\d+))?(?:np)?", token)
     if m:
         return int(m.group(1)) * int(m.group(2) or 8) / 8.0
@@ -127,8 +129,13 @@ def estimate_index_bytes(factory: str, n: int, dim: int) -> int:
     return int(total)
 
 
-def choose_factory(n: int, dim: int, memory_budget_bytes: int = 8 << 30, flat_max: int = 100_000) -> str:
-    """A FAISS factory string for ``n`` vectors of ``dim`` whose estimated memory fits the budget."""
+def choose_factory(n: int, dim: int, memory_budget_bytes: int = 8 << 30, flat_max: int = 100_000,
+                   store_rerank: bool = True) -> str:
+    """A FAISS factory string for ``n`` vectors of ``dim`` whose estimated memory fits the budget.
+
+    When not even 8-bit re-ranking codes fit beside the PQ codes, ``...,PQm,Refine(store)`` keeps
+    only the PQ codes in RAM and re-ranks from the store's float16 files (:mod:`index.rerank`),
+    unless ``store_rerank`` is False."""
     if n <= 0:
         raise ValueError("cannot index an empty corpus")
     if n <= flat_max and estimate_index_bytes("Flat", n, dim) <= memory_budget_bytes:
@@ -146,6 +153,11 @@ def choose_factory(n: int, dim: int, memory_budget_bytes: int = 8 << 30, flat_ma
         f = f"OPQ{m},{coarse},PQ{m},Refine({refine})"
         if estimate_index_bytes(f, n, dim) <= memory_budget_bytes:
             return f
+    if store_rerank:
+        for m in [m for m in ms if m >= 32] + [m for m in ms if m < 32]:
+            f = f"OPQ{m},{coarse},PQ{m},Refine(store)"
+            if estimate_index_bytes(f, n, dim) <= memory_budget_bytes:
+                return f
     smallest = f"OPQ{ms[-1]},{coarse},PQ{ms[-1]},Refine(SQ8)" if ms else f"{coarse},Refine(SQ8)"
     need = estimate_index_bytes(smallest, n, dim) if ms else n * (dim + 8)
     raise ValueError(

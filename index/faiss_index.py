@@ -76,6 +76,7 @@ from .faiss_factory import (  # noqa: F401  (re-exported: the public API of this
     split_refine,
     validate_factory,
 )
+from .rerank import STORE
 from .retriever import Retriever, SearchResult
 from .vectors import BLOCK_ROWS, VectorSource, exact_topk  # noqa: F401
 
@@ -126,6 +127,7 @@ class IndexReport:
     k: int = 10
     train_size: int = 0
     gpu: bool = False
+    rerank_bytes_per_query: float = 0.0  # Refine(store): float16 bytes read from the store per query
 
     @property
     def ms_per_query(self) -> float:
@@ -153,6 +155,9 @@ def _set_search_param(index, name: str, value: float) -> None:
     ``faiss.GpuParameterSpace``, never through the CPU ``ParameterSpace`` which rejects them.
     """
     faiss = _faiss()
+    if hasattr(index, "set_search_param"):  # index.rerank.StoreRefine
+        index.set_search_param(name, value)
+        return
     if _is_gpu_index(index):
         if hasattr(index, name):
             setattr(index, name, int(value))
@@ -250,6 +255,23 @@ def _tune(index, factory: str, queries, q_rows, truth, k: int, target: float, gp
     return best[1], best[0]
 
 
+def index_params(params: Dict[str, Any], factory: str) -> Dict[str, Any]:
+    """The search parameters that belong on the FAISS index itself (Refine(store)'s k_factor is
+    the store re-ranker's, :mod:`index.rerank`)."""
+    if split_refine(factory)[1] == STORE:
+        return {k: v for k, v in params.items() if k != "k_factor"}
+    return dict(params)
+
+
+def store_refined(index, factory: str, rows):
+    """``index`` wrapped in a :class:`index.rerank.StoreRefine` over ``rows`` for a Refine(store) factory."""
+    if split_refine(factory)[1] != STORE:
+        return index
+    from .rerank import StoreRefine
+
+    return StoreRefine(index, rows)
+
+
 def _apply_params(index, params: Dict[str, int]) -> None:
     for name, value in params.items():
         _set_search_param(index, name, value)
@@ -312,7 +334,8 @@ def build_index_from_source(
 
     t0 = time.perf_counter()
     base = faiss.index_factory(dim, base_factory, faiss.METRIC_INNER_PRODUCT)
-    refine = faiss.index_factory(dim, refine_factory, faiss.METRIC_INNER_PRODUCT) if refine_factory else None
+    in_ram = refine_factory is not None and refine_factory != STORE  # Refine(store): re-ranked from the store
+    refine = faiss.index_factory(dim, refine_factory, faiss.METRIC_INNER_PRODUCT) if in_ram else None
     work = base
     gpu_res = None
     if use_gpu and "HNSW" not in base_factory:
@@ -340,6 +363,7 @@ def build_index_from_source(
         base = faiss.index_gpu_to_cpu(work)
     index = faiss.IndexRefine(base, refine) if refine is not None else base
     search_index = (faiss.IndexRefine(work, refine) if refine is not None else work) if work is not base else index
+    search_index = store_refined(search_index, factory, source)
     build_s = time.perf_counter() - t0
 
     index, rep = evaluate_index(index, source, factory, build_s, ts, target_recall, num_queries, tune_queries,
@@ -382,14 +406,17 @@ def evaluate_index(index, source: VectorSource, factory: str, build_s: float, tr
     if has_params and nt:
         params, r10_tune = _tune(search_index, factory, tq, tune_self, tt, k, target_recall, gpu)
         _apply_params(search_index, params)
+    if hasattr(search_index, "bytes_read"):  # re-rank I/O of the evaluation queries only
+        search_index.bytes_read, search_index.queries = 0, 0
     r1, r10, sec = _evaluate(search_index, eq, eval_self, et, k)
+    rerank_io = float(getattr(search_index, "bytes_per_query", 0.0))
     lat = []
     m = min(single_queries, len(eq))
     for i in range(m):
         t = time.perf_counter()
         search_index.search(eq[i:i + 1], k + 1)
         lat.append(time.perf_counter() - t)
-    _apply_params(index, params)
+    _apply_params(index, index_params(params, factory))
     lat_ms = np.array(lat) * 1000 if lat else np.array([float("nan")])
     rep = IndexReport(
         factory=factory, n=n, dim=dim, build_seconds=build_s, index_bytes=_index_bytes(index),
@@ -398,7 +425,7 @@ def evaluate_index(index, source: VectorSource, factory: str, build_s: float, tr
         single_query_ms=float(np.median(lat_ms)), single_query_p95_ms=float(np.percentile(lat_ms, 95)),
         queries=len(eq), tune_queries=nt, recall_at_10_tune=r10_tune, single_queries=m, search_params=params,
         target_recall=float(target_recall), target_met=bool(r10 >= target_recall), k=k, train_size=ts,
-        gpu=gpu,
+        gpu=gpu, rerank_bytes_per_query=rerank_io,
     )
     summary = (f"index {factory}: n={n} recall@1 {r1:.3f} recall@{k} {r10:.3f} on {len(eq)} evaluation queries "
                f"(params {params or 'exact'} tuned on {nt} other queries, tuning recall@{k} {r10_tune:.3f}); "
@@ -566,7 +593,7 @@ def load_index(directory: os.PathLike | str, storage_options: Optional[Dict[str,
             raise FileNotFoundError(f"{uri} holds no index (needs {INDEX_FILE} and {META_FILE}); "
                                     "run `reco build-index`")
         index = _read_faiss(Path(uri, INDEX_FILE))
-    _apply_params(index, meta["report"].get("search_params") or {})
+    _apply_params(index, index_params(meta["report"].get("search_params") or {}, meta["report"]["factory"]))
     return index, meta
 
 

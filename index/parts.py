@@ -110,7 +110,8 @@ def train_empty(source: VectorSource, factory: str, sample_rows: np.ndarray) -> 
     faiss = _faiss()
     base_f, refine_f = split_refine(factory)
     base = faiss.index_factory(source.dim, base_f, faiss.METRIC_INNER_PRODUCT)
-    refine = faiss.index_factory(source.dim, refine_f, faiss.METRIC_INNER_PRODUCT) if refine_f else None
+    in_ram = refine_f is not None and refine_f != "store"  # Refine(store) re-ranks from the store
+    refine = faiss.index_factory(source.dim, refine_f, faiss.METRIC_INNER_PRODUCT) if in_ram else None
     sample = source.take(np.sort(np.asarray(sample_rows, np.int64)))
     base.train(sample)
     if refine is not None and not refine.is_trained:

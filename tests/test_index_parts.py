@@ -173,3 +173,22 @@ def test_build_index_cli_parts_update_and_lag(store, tmp_path, ray_local, caplog
     assert main(args + ["--update"]) == 0
     assert json.loads((out / "index.json").read_text())["store_total"] == 3300
     assert main(args + ["--update", "--factory", "IVF8,Flat"]) == 2
+
+
+def test_parts_served_by_actors_and_reranked_from_the_store(store, tmp_path, ray_local):
+    """#17.3 + #17.4: only PQ codes in the actors; candidates re-ranked from the store's files."""
+    from cluster.index_serve import ShardedRetriever
+    from cluster.retrieval import open_index
+
+    out = tmp_path / "ix"
+    rep = build_index_parts(store, str(out), "IVF16,PQ8x4,Refine(store)", num_queries=100, train_size=1500,
+                            cfg=IndexClusterConfig(part_rows=1000, layout="shards"))
+    assert rep.recall_at_10 >= 0.95 and rep.rerank_bytes_per_query > 0
+    retriever, _, _ = open_index(str(out), serve_actors=2)
+    assert type(retriever.index).__name__ == "StoreRefine" and isinstance(retriever.index.base, ShardedRetriever)
+    emb, _, _ = store.load_all()
+    q = emb[:20]
+    for qi, hit in zip(q, retriever.search(q, 5)):
+        np.testing.assert_allclose(hit.scores, emb[hit.rows] @ qi, atol=1e-5)
+    assert [h.rows[0] for h in retriever.search(q, 5)] == list(range(20))  # each row finds itself first
+    retriever.index.base.close()
