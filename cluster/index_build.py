@@ -120,7 +120,8 @@ def build_index_parts(store: EmbeddingStore, out: str, factory: Optional[str] = 
                       memory_budget_bytes: int = 8 << 30, target_recall: float = 0.95,
                       allow_low_recall: bool = False, num_queries: int = 1000, train_size: Optional[int] = None,
                       seed: int = 0, cfg: IndexClusterConfig = IndexClusterConfig(),
-                      storage_options: Optional[Dict[str, Any]] = None, update: bool = False) -> IndexReport:
+                      storage_options: Optional[Dict[str, Any]] = None, update: bool = False,
+                      text_queries: Optional[np.ndarray] = None) -> IndexReport:
     """Build (or ``update``) the index at ``out`` from ``store`` with Ray tasks; returns the report
     also written to ``index.json``. Ray must be initialised."""
     import ray
@@ -188,7 +189,7 @@ def build_index_parts(store: EmbeddingStore, out: str, factory: Optional[str] = 
         build_s = time.perf_counter() - t0
         index, rep = evaluate_index(index, source, factory, build_s, ts, target_recall, num_queries,
                                     allow_low_recall=allow_low_recall, rng=np.random.default_rng(seed + 1),
-                                    search_index=store_refined(index, factory, source))
+                                    search_index=store_refined(index, factory, source), text_queries=text_queries)
         layout = cfg.layout if not update else old.get("layout", cfg.layout)
         rows_uri = write_rows_table(store, [s for p in plans for s in map(_shard, p.shards)], out, so)
         extra = {"store": root, "model": store.manifest()["model"], "store_total": source.n, "layout": layout,

@@ -52,6 +52,7 @@ def build_index_dir(
     seed: int = 0,
     use_gpu: Optional[bool] = None,
     storage_options: Optional[Dict[str, Any]] = None,
+    text_queries=None,
 ) -> IndexReport:
     """Build an index over every committed embedding of ``store`` into ``out_dir`` (a folder or
     an fsspec URL reached with ``storage_options``).
@@ -82,7 +83,7 @@ def build_index_dir(
         try:
             return _build_and_upload(store, root, shards, str(out_dir).rstrip("/"), d, storage_options, factory,
                                      memory_budget_bytes, target_recall, allow_low_recall, num_queries, train_size,
-                                     seed, use_gpu)
+                                     seed, use_gpu, text_queries)
         finally:
             shutil.rmtree(d, ignore_errors=True)
     d = Path(out_dir)
@@ -95,7 +96,7 @@ def build_index_dir(
         index, report = build_index_from_source(
             VectorSource.from_store(store, shards), factory, memory_budget_bytes, target_recall,
             num_queries=num_queries, train_size=train_size, seed=seed, allow_low_recall=allow_low_recall,
-            use_gpu=use_gpu)
+            use_gpu=use_gpu, text_queries=text_queries)
     except BaseException:
         tmp_rows.unlink(missing_ok=True)
         raise
@@ -144,7 +145,7 @@ def write_rows_table(store: EmbeddingStore, shards, out: str, storage_options: O
 
 def _build_and_upload(store: EmbeddingStore, root: Any, shards, uri: str, staging: Path, storage_options,
                       factory, memory_budget_bytes, target_recall, allow_low_recall, num_queries, train_size, seed,
-                      use_gpu) -> IndexReport:
+                      use_gpu, text_queries=None) -> IndexReport:
     """build_index_dir for an output URL: rows and index built in ``staging``, then uploaded: the
     row table, ``index.faiss``, and ``index.json`` (with both files' sha256) last."""
     from .storage import file_sha256, join, upload_file
@@ -154,7 +155,7 @@ def _build_and_upload(store: EmbeddingStore, root: Any, shards, uri: str, stagin
     index, report = build_index_from_source(
         VectorSource.from_store(store, shards), factory, memory_budget_bytes, target_recall,
         num_queries=num_queries, train_size=train_size, seed=seed, allow_low_recall=allow_low_recall,
-        use_gpu=use_gpu)
+        use_gpu=use_gpu, text_queries=text_queries)
     files = {ROWS_FILE: {"sha256": file_sha256(rows), "bytes": rows.stat().st_size}}
     upload_file(rows, join(uri, ROWS_FILE), storage_options)
     save_index(index, report, uri, {"store": str(Path(root).resolve()) if isinstance(root, Path) else root,

@@ -128,6 +128,12 @@ class IndexReport:
     train_size: int = 0
     gpu: bool = False
     rerank_bytes_per_query: float = 0.0  # Refine(store): float16 bytes read from the store per query
+    tuned_on: str = "image (corpus-row) queries"  # or "text-like queries" (what ReCo sends)
+    k50: int = 50                 # min(50, n - 1)
+    recall_image_at_50: float = float("nan")
+    text_queries: int = 0         # text-like evaluation queries (disjoint from the tuning half)
+    recall_text_at_10: float = float("nan")
+    recall_text_at_50: float = float("nan")
 
     @property
     def ms_per_query(self) -> float:
@@ -314,6 +320,7 @@ def build_index_from_source(
     allow_low_recall: bool = False,
     tune_queries: Optional[int] = None,
     single_queries: int = 100,
+    text_queries: Optional[np.ndarray] = None,
 ) -> Tuple[Any, IndexReport]:
     """Build an inner-product index over the L2-normalised vectors of ``source`` and report its quality.
 
@@ -368,7 +375,7 @@ def build_index_from_source(
 
     index, rep = evaluate_index(index, source, factory, build_s, ts, target_recall, num_queries, tune_queries,
                                 single_queries, allow_low_recall, rng, search_index=search_index,
-                                gpu=work is not base)
+                                gpu=work is not base, text_queries=text_queries)
     del gpu_res
     return index, rep
 
@@ -377,29 +384,45 @@ def evaluate_index(index, source: VectorSource, factory: str, build_s: float, tr
                    target_recall: float = 0.95, num_queries: int = 1000, tune_queries: Optional[int] = None,
                    single_queries: int = 100, allow_low_recall: bool = False,
                    rng: Optional[np.random.Generator] = None, search_index=None, gpu: bool = False,
-                   ) -> Tuple[Any, IndexReport]:
+                   text_queries: Optional[np.ndarray] = None) -> Tuple[Any, IndexReport]:
     """Tune the search parameters of a built ``index`` over ``source`` on one sample of corpus rows
     and report recall, throughput and latency on another (see the module docstring); raises
     :class:`LowRecallError` on a missed target unless ``allow_low_recall``. ``search_index`` (a GPU
-    copy) is searched when given; the tuned parameters are set on ``index``."""
+    copy) is searched when given; the tuned parameters are set on ``index``.
+
+    ``text_queries`` (T, E): the queries ReCo sends (prompt-ensembled CLIP text embeddings, or a
+    synthetic stand-in with the modality gap): the parameters are then tuned on half of them and
+    recall@10/@50 is reported on the other half as well as on image (corpus-row) queries; the
+    target applies to the text-like recall@10."""
     rng = rng if rng is not None else np.random.default_rng(0)
     search_index = index if search_index is None else search_index
     n, dim, ts = source.n, source.dim, train_size
     _, refine = split_refine(factory)
     # queries: disjoint tuning / evaluation samples of corpus rows; exact truth by streaming
     k = min(10, n - 1) if n > 1 else 1
+    k50 = max(k, min(50, n - 1))
     param = _search_param_name(factory)
     has_params = param is not None or refine is not None
-    n_tune = (num_queries if tune_queries is None else tune_queries) if has_params else 0
+    text = None if text_queries is None else np.ascontiguousarray(np.atleast_2d(text_queries), np.float32)
+    if text is not None and text.shape[1] != dim:
+        raise ConfigError(f"text queries have dimension {text.shape[1]}, the corpus {dim}")
+    n_tune = (num_queries if tune_queries is None else tune_queries) if has_params and text is None else 0
     tune_rows, eval_rows = _query_split(n, n_tune, num_queries, rng)
     all_rows = np.concatenate([tune_rows, eval_rows])
     all_q = source.take(all_rows)
     # each query's own row is excluded from both result lists (not with a single vector: nothing else to find)
     self_rows = all_rows if n > 1 else np.full_like(all_rows, -1)
-    _, all_truth = exact_topk(source, all_q, k, exclude_rows=self_rows)
+    _, all_truth = exact_topk(source, all_q, k50, exclude_rows=self_rows)
     nt = len(tune_rows)
-    tq, tt, eq, et = all_q[:nt], all_truth[:nt], all_q[nt:], all_truth[nt:]
+    tq, tt, eq, et = all_q[:nt], all_truth[:nt, :k], all_q[nt:], all_truth[nt:]
     tune_self, eval_self = self_rows[:nt], self_rows[nt:]
+    if text is not None:  # half the text-like queries tune, the other half evaluate
+        perm = rng.permutation(len(text))
+        half = max(1, len(text) // 2) if len(text) > 1 else 1
+        _, text_truth = exact_topk(source, text, k50)
+        t_tune, t_eval = perm[:half], (perm[half:] if len(text) > 1 else perm)
+        tq, tt, tune_self = text[t_tune], text_truth[t_tune, :k], np.full(len(t_tune), -1, np.int64)
+        nt = len(t_tune)
 
     params: Dict[str, int] = {}
     r10_tune = float("nan")
@@ -408,8 +431,18 @@ def evaluate_index(index, source: VectorSource, factory: str, build_s: float, tr
         _apply_params(search_index, params)
     if hasattr(search_index, "bytes_read"):  # re-rank I/O of the evaluation queries only
         search_index.bytes_read, search_index.queries = 0, 0
-    r1, r10, sec = _evaluate(search_index, eq, eval_self, et, k)
+    r1, r10, sec = _evaluate(search_index, eq, eval_self, et[:, :k], k)
     rerank_io = float(getattr(search_index, "bytes_per_query", 0.0))
+    modality = {"recall_image_at_50": _evaluate(search_index, eq, eval_self, et, k50)[1], "k50": k50,
+                "tuned_on": "text-like queries" if text is not None else "image (corpus-row) queries"}
+    target_recall_seen = r10
+    if text is not None:
+        none = np.full(len(t_eval), -1, np.int64)
+        modality.update(
+            text_queries=len(t_eval),
+            recall_text_at_10=_evaluate(search_index, text[t_eval], none, text_truth[t_eval, :k], k)[1],
+            recall_text_at_50=_evaluate(search_index, text[t_eval], none, text_truth[t_eval], k50)[1])
+        target_recall_seen = modality["recall_text_at_10"]
     lat = []
     m = min(single_queries, len(eq))
     for i in range(m):
@@ -424,15 +457,17 @@ def evaluate_index(index, source: VectorSource, factory: str, build_s: float, tr
         batched_qps=len(eq) / sec if sec > 0 else float("inf"),
         single_query_ms=float(np.median(lat_ms)), single_query_p95_ms=float(np.percentile(lat_ms, 95)),
         queries=len(eq), tune_queries=nt, recall_at_10_tune=r10_tune, single_queries=m, search_params=params,
-        target_recall=float(target_recall), target_met=bool(r10 >= target_recall), k=k, train_size=ts,
-        gpu=gpu, rerank_bytes_per_query=rerank_io,
+        target_recall=float(target_recall), target_met=bool(target_recall_seen >= target_recall), k=k,
+        train_size=ts, gpu=gpu, rerank_bytes_per_query=rerank_io, **modality,
     )
     summary = (f"index {factory}: n={n} recall@1 {r1:.3f} recall@{k} {r10:.3f} on {len(eq)} evaluation queries "
-               f"(params {params or 'exact'} tuned on {nt} other queries, tuning recall@{k} {r10_tune:.3f}); "
-               f"batched {rep.batched_ms_per_query:.3f} ms/query ({rep.batched_qps:.0f} queries/s), single query "
+               f"(params {params or 'exact'} tuned on {nt} other {rep.tuned_on}, tuning recall@{k} {r10_tune:.3f}); "
+               + (f"text-like recall@{k} {rep.recall_text_at_10:.3f} @{k50} {rep.recall_text_at_50:.3f} on "
+                  f"{rep.text_queries} held-out text-like queries; " if text is not None else "")
+               + f"batched {rep.batched_ms_per_query:.3f} ms/query ({rep.batched_qps:.0f} queries/s), single query "
                f"{rep.single_query_ms:.2f} ms median; built in {build_s:.1f}s, {rep.index_bytes / 2**20:.1f} MB")
     if not rep.target_met:
-        msg = (f"{summary}: recall@{k} {r10:.3f} is below the target {target_recall:.3f} with every search setting "
+        msg = (f"{summary}: recall@{k} {target_recall_seen:.3f} is below the target {target_recall:.3f} with every search setting "
                f"tried. Use a larger memory budget or another factory, lower the target, or pass "
                f"allow_low_recall=True (`--allow-low-recall`) to keep this index")
         if not allow_low_recall:
