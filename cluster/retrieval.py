@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 #: corpus rows scored per matmul inside a shard: bounds the (Q, rows) float32 score block
 SCORE_BYTES = 256 << 20
+#: seconds each shard's scoring waits first (fault-injection tests only; unset: none)
+DELAY_ENV = "RECO_EXACT_DELAY_S"
 
 
 @dataclass(frozen=True)
@@ -63,8 +65,11 @@ def shard_topk(store: EmbeddingStore, shard: ShardRecord, first_row: int, querie
 def _score_batch(batch: Dict[str, np.ndarray], root: str, storage_options: Dict[str, Any], qref: list, k: int,
                  device: Optional[str]) -> Dict[str, np.ndarray]:
     """Ray Data map_batches function: one row per shard in, one (Q, k) partial list per shard out."""
+    import os
+
     import ray
 
+    time.sleep(float(os.environ.get(DELAY_ENV, "0") or 0))  # fault tests: hold the block long enough to be killed
     queries = ray.get(qref[0])
     store = EmbeddingStore(root, storage_options=storage_options)
     scores, rows = [], []
@@ -172,7 +177,8 @@ def index_lag(meta: Dict[str, Any], storage_options: Optional[Dict[str, Any]] = 
 
 
 def open_index(index: str, storage_options: Optional[Dict[str, Any]] = None, exact: bool = False,
-               serve_actors: Optional[int] = None) -> Tuple[Retriever, Dict[str, str], Dict[str, Any]]:
+               serve_actors: Optional[int] = None, ray_config: Optional[str] = None,
+               ) -> Tuple[Retriever, Dict[str, str], Dict[str, Any]]:
     """:func:`index.catalog.open_retriever`, with an index kept as parts served by Ray actors
     (:class:`cluster.index_serve.ShardedRetriever`; ``serve_actors`` of them, default
     ``index.serve_actors`` of configs/cluster.yaml, Ray started if needed); logs how many store rows
@@ -187,7 +193,7 @@ def open_index(index: str, storage_options: Optional[Dict[str, Any]] = None, exa
         from .config import resolve_cluster_config
         from .runtime import init_ray
 
-        cluster = resolve_cluster_config(None)
+        cluster = resolve_cluster_config(ray_config)
         if not ray.is_initialized():
             init_ray(cluster.ray)
         return ShardedRetriever(uri, meta, ids, actors=serve_actors or cluster.index.serve_actors,

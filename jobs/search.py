@@ -74,11 +74,12 @@ def _open(args, storage):
             manifest = store.manifest()
         except StoreError as exc:
             raise ConfigError(f"--store {args.store}: {exc}") from None
-        init_ray(resolve_cluster_config(None).ray)
+        init_ray(resolve_cluster_config(args.ray_config).ray)
         return StoreExactRetriever(store), None, {"model": manifest.get("model", {})}, store.dim, "exact, Ray Data pass"
     from cluster.retrieval import open_index
 
-    retriever, uris, meta = open_index(args.index, storage, exact=args.exact)  # parts: served by Ray actors
+    retriever, uris, meta = open_index(args.index, storage, exact=args.exact,  # parts: served by Ray actors
+                                       ray_config=args.ray_config)
     dim = retriever.embeddings.shape[1] if args.exact else int(meta["report"]["dim"])
     return retriever, uris, meta, dim, "exact" if args.exact else meta["report"]["factory"]
 
@@ -94,6 +95,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--clip-model", help="override the CLIP recorded in the store")
     p.add_argument("--clip-weights")
     p.add_argument("--contact-sheet", help="write a PNG grid of the hits here")
+    p.add_argument("--ray-config", help="per-stage Ray settings (default configs/cluster.yaml): --store, served parts")
     p.add_argument("--storage-options", default="{}",
                    help="JSON fsspec options for an s3:// index, its store (--exact) and the images (--contact-sheet)")
     args = p.parse_args(argv)
