@@ -8,8 +8,9 @@ For each corpus size: a store of float16 shards (``bench.synth_modality``: a con
 whose text-like queries sit apart from the images, see ``bench/README.md``) is written under
 ``--data`` (kept between runs: not committed), then ``reco build-index --parts`` is run through
 :func:`cluster.index_build.build_index_parts` on an embedded Ray with 1 and with 2 part workers
-(``num_cpus`` 2), for ``OPQ32,IVF{nlist},PQ32,Refine(store)`` (PQ codes in RAM, re-rank from the
-store) and ``...,Refine(SQfp16)`` (re-rank codes in RAM), tuned on text-like queries. Exact
+(``num_cpus`` 2), for ``IVF{nlist},PQ32,Refine(store)`` (PQ codes in RAM, re-rank from the
+store) and ``...,Refine(SQfp16)`` (re-rank codes in RAM), tuned on text-like queries (``--opq
+OPQ32,`` adds the rotation, whose training is slow on 2 cores). Exact
 retrieval: :func:`cluster.retrieval.exact_search_store` with 1k and 10k text-like concepts over
 the smallest store, as (rows x concepts) per second per core. Writes
 ``bench/results/index_scale.{md,json}``.
@@ -88,6 +89,7 @@ def main(argv=None) -> None:
     p.add_argument("--shard-rows", type=int, default=50_000)
     p.add_argument("--part-rows", type=int, default=50_000)
     p.add_argument("--refines", default="store,SQfp16")
+    p.add_argument("--opq", default="", help='e.g. "OPQ32," (its training took 220 s for 20k x 64 here: off by default)')
     args = p.parse_args(argv)
 
     import ray
@@ -109,7 +111,7 @@ def main(argv=None) -> None:
         m = 32 if args.dim % 32 == 0 else 16
         for refine in args.refines.split(","):
             for w in [int(x) for x in args.workers.split(",")]:
-                f = f"OPQ{m},IVF{nlist},PQ{m},Refine({refine})"
+                f = f"{args.opq}IVF{nlist},PQ{m},Refine({refine})"
                 with tempfile.TemporaryDirectory(dir=args.data) as out:
                     row = build_row(stores[n], Path(out), f, w, args.part_rows, text)
                 print(row, flush=True)
