@@ -6,7 +6,7 @@ system or one machine); an ``s3://`` (any fsspec) URL is fetched once into each 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -47,6 +47,40 @@ class EncoderSpec:
             clip = create_clip(self.clip_model, _node_local(self.clip_weights), device=dev,
                                dense_head=self.clip_dense_head)
         return dense, clip, dev
+
+
+def load_on_driver(spec: EncoderSpec, dense: bool = True) -> Tuple[Optional[DenseEncoder], Optional[ClipModel]]:
+    """Build ``spec``'s encoders here, on the CPU, before any Ray worker does: an unknown encoder,
+    weights that are missing, truncated, not weights or of another architecture, a bad
+    ``dense_kwargs`` key or a missing CLIP become one :class:`~reco.errors.ConfigError` line
+    instead of dead actors. Returns the loaded (dense, clip); dense is None when not asked for (embed)."""
+    from reco.errors import ConfigError, ReCoError
+
+    def one_line(exc: BaseException) -> str:
+        text = " ".join(f"{type(exc).__name__}: {exc}".split())
+        return text if len(text) <= 400 else text[:400] + " ..."
+
+    cpu = replace(spec, device="cpu")
+    try:
+        enc = None if not dense else create_dense_encoder(cpu.dense_encoder, _node_local(cpu.dense_weights), device="cpu",
+                                     **cpu.dense_kwargs)
+    except ReCoError:
+        raise
+    except TypeError as exc:  # timm refuses a keyword it does not know
+        raise ConfigError(f"--dense-kwargs {cpu.dense_kwargs} do not fit {cpu.dense_encoder}: {one_line(exc)}") from exc
+    except Exception as exc:  # noqa: BLE001 - a broken file raises many types (pickle, safetensors, zip)
+        raise ConfigError(f"dense encoder {cpu.dense_encoder}: cannot load weights {cpu.dense_weights}: "
+                          f"{one_line(exc)}") from exc
+    clip = None
+    if cpu.clip_model:
+        try:
+            clip = create_clip(cpu.clip_model, _node_local(cpu.clip_weights), device="cpu",
+                               dense_head=cpu.clip_dense_head)
+        except ReCoError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise ConfigError(f"CLIP {cpu.clip_model}: cannot load weights {cpu.clip_weights}: {one_line(exc)}") from exc
+    return enc, clip
 
 
 def _node_local(weights: Optional[str]) -> Optional[str]:

@@ -192,7 +192,7 @@ class JobClient:
                 f"this its dashboard address (port {DEFAULT_JOB_API_PORT} by default, not the GCS port 6379)? "
                 "For `ray up` clusters run `ray dashboard ray_config.yaml`, for KubeRay `kubectl port-forward "
                 "svc/<cluster>-head-svc 8265`, then use http://127.0.0.1:8265") from None
-        if self.token and parts.scheme == "http" and not _is_loopback(host):
+        if self.token and parts.scheme == "http" and not _is_loopback(host or ""):
             logger.warning("the cluster token travels in clear text over http to %s: prefer an SSH tunnel "
                            "(`ray dashboard`), `kubectl port-forward` or https", host)
         # Always an explicit header: with none, Ray's client would add whatever token its process-wide
@@ -210,7 +210,7 @@ class JobClient:
         try:
             import requests
 
-            net_errors = (requests.exceptions.ConnectionError, requests.exceptions.Timeout)
+            net_errors: tuple = (requests.exceptions.ConnectionError, requests.exceptions.Timeout)
         except ImportError:  # pragma: no cover - ray[default] brings requests
             net_errors = ()
         try:
@@ -344,3 +344,29 @@ def failure_text(info, logs: str, n: int = TAIL_LINES) -> str:
     if not lines:
         return head + " (the job wrote no log lines)"
     return head + f"\n--- last {len(lines)} log lines ---\n" + "\n".join(lines)
+
+
+def finish(client: JobClient, info, err: Optional[TextIO] = None) -> int:
+    """Print a finished job's status line (and, when it failed, its last log lines to ``err``); its exit code."""
+    import sys
+
+    print(status_line(info))
+    if _status(info) == "FAILED":
+        try:
+            logs = client.logs(job_id_of(info))
+        except SubmitError:
+            logs = ""
+        print(failure_text(info, logs), file=err or sys.stderr)
+    return exit_code(info)
+
+
+def cluster_summary(client: JobClient, last: int = 5) -> str:
+    """The cluster's Ray version, its jobs counted by status, and the ``last`` most recent ones."""
+    jobs = client.list()
+    counts: Dict[str, int] = {}
+    for j in jobs:
+        counts[_status(j)] = counts.get(_status(j), 0) + 1
+    head = (f"Ray {client.version()} at {client.address}: {len(jobs)} job(s)"
+            + ("" if not counts else " (" + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) + ")"))
+    recent = sorted(jobs, key=lambda j: j.start_time or 0)[-last:]
+    return "\n".join([head] + ["  " + status_line(j) for j in recent])

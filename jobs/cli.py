@@ -62,7 +62,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     module = importlib.import_module(module_name)
     try:
         return int(getattr(module, func or "main")(rest) or 0)
-    except (ReCoError, FileNotFoundError) as exc:
+    except (ReCoError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError,
+            PermissionError) as exc:  # a user's mistake: one line, no traceback
         logger.error("%s", exc)
         return 2
 

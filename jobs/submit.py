@@ -19,7 +19,9 @@ import logging
 import sys
 from typing import List, Optional
 
-from cluster.submit import JobClient, SubmitError, exit_code, failure_text, job_id_of, parse_env, status_line
+from cluster.submit import JobClient, SubmitError, cluster_summary, exit_code, finish, parse_env, status_line
+
+from .common import JobParser, nonneg_float, nonneg_int, positive_float
 
 logger = logging.getLogger(__name__)
 
@@ -39,28 +41,13 @@ def _jobs() -> List[str]:
     return sorted(c for c in COMMANDS if c not in CLUSTER_COMMANDS)
 
 
-def _print_failure(client: JobClient, info) -> None:
-    try:
-        logs = client.logs(job_id_of(info))
-    except SubmitError:
-        logs = ""
-    print(failure_text(info, logs), file=sys.stderr)
-
-
-def _finish(client: JobClient, info) -> int:
-    print(status_line(info))
-    if str(getattr(info.status, "value", info.status)) == "FAILED":
-        _print_failure(client, info)
-    return exit_code(info)
-
-
 def submit_main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="reco submit", description="Submit a reco job to a Ray cluster (Ray Jobs API).")
+    p = JobParser("reco submit", "Submit a reco job to a Ray cluster (Ray Jobs API).")
     _address_arg(p)
     p.add_argument("--no-wait", action="store_true", help="print the submission id and return at once")
-    p.add_argument("--entrypoint-num-cpus", type=float, default=None, help="CPUs reserved for the job's driver")
-    p.add_argument("--entrypoint-num-gpus", type=float, default=None, help="GPUs reserved for the job's driver")
-    p.add_argument("--entrypoint-memory", type=int, default=None, help="memory (bytes) reserved for the driver")
+    p.add_argument("--entrypoint-num-cpus", type=nonneg_float, default=None, help="CPUs reserved for the job's driver")
+    p.add_argument("--entrypoint-num-gpus", type=nonneg_float, default=None, help="GPUs reserved for the job's driver")
+    p.add_argument("--entrypoint-memory", type=nonneg_int, default=None, help="memory (bytes) reserved for the driver")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment variable for the job (repeatable; credentials are refused)")
     p.add_argument("--working-dir", default=None, help="code uploaded with the job (default: this checkout)")
@@ -71,10 +58,6 @@ def submit_main(argv: Optional[List[str]] = None) -> int:
     a = p.parse_args(argv)
     if a.job not in _jobs():
         raise SubmitError(f"unknown job {a.job!r}: one of {', '.join(_jobs())}")
-    for name in ("entrypoint_num_cpus", "entrypoint_num_gpus", "entrypoint_memory"):
-        v = getattr(a, name)
-        if v is not None and v < 0:
-            raise SubmitError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
     env = parse_env(a.env)
     client = JobClient(a.address)
     sub_id = client.submit(a.job, list(a.args), working_dir=a.working_dir, env=env,
@@ -91,11 +74,11 @@ def submit_main(argv: Optional[List[str]] = None) -> int:
         print(f"\nstopped following; the job keeps running: `reco logs {sub_id} --follow`, `reco stop {sub_id}`",
               file=sys.stderr)
         return 130
-    return _finish(client, client.wait(sub_id, timeout=60))
+    return finish(client, client.wait(sub_id, timeout=60))
 
 
 def status_main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="reco status",
+    p = JobParser("reco status",
                                 description="A job's status (with its last log lines when it failed), or the "
                                             "cluster's job summary without ID.")
     _address_arg(p)
@@ -103,25 +86,17 @@ def status_main(argv: Optional[List[str]] = None) -> int:
     a = p.parse_args(argv)
     client = JobClient(a.address)
     if a.id:
-        return _finish(client, client.info(a.id))
-    jobs = client.list()
-    counts = {}
-    for j in jobs:
-        s = str(getattr(j.status, "value", j.status))
-        counts[s] = counts.get(s, 0) + 1
-    print(f"Ray {client.version()} at {client.address}: {len(jobs)} job(s)"
-          + ("" if not counts else " (" + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) + ")"))
-    for j in sorted(jobs, key=lambda j: j.start_time or 0)[-5:]:
-        print("  " + status_line(j))
+        return finish(client, client.info(a.id))
+    print(cluster_summary(client))
     return 0
 
 
 def logs_main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="reco logs", description="A job's logs.")
+    p = JobParser("reco logs", description="A job's logs.")
     _address_arg(p)
     p.add_argument("id", help="submission id")
     p.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")
-    p.add_argument("--tail", type=int, default=None, metavar="N", help="only the last N lines")
+    p.add_argument("--tail", type=nonneg_int, default=None, metavar="N", help="only the last N lines")
     a = p.parse_args(argv)
     client = JobClient(a.address)
     if a.follow:
@@ -139,10 +114,10 @@ def logs_main(argv: Optional[List[str]] = None) -> int:
 
 
 def stop_main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="reco stop", description="Stop a running job.")
+    p = JobParser("reco stop", description="Stop a running job.")
     _address_arg(p)
     p.add_argument("id", help="submission id")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for it to stop")
+    p.add_argument("--timeout", type=positive_float, default=30.0, help="seconds to wait for it to stop")
     a = p.parse_args(argv)
     client = JobClient(a.address)
     if not client.stop(a.id):
@@ -155,7 +130,7 @@ def stop_main(argv: Optional[List[str]] = None) -> int:
 
 
 def list_main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="reco list", description="Jobs on the cluster, oldest first.")
+    p = JobParser("reco list", description="Jobs on the cluster, oldest first.")
     _address_arg(p)
     a = p.parse_args(argv)
     client = JobClient(a.address)

@@ -18,7 +18,7 @@ from reco.errors import ConfigError
     (b"# only a comment\n", "no concept names"),
 ])
 def test_bad_vocabulary_files_name_the_line(tmp_path, content, needle):
-    from jobs.vocab import read_vocabulary
+    from index.vocab import read_vocabulary
 
     f = tmp_path / "names.txt"
     f.write_bytes(content)
@@ -27,7 +27,7 @@ def test_bad_vocabulary_files_name_the_line(tmp_path, content, needle):
 
 
 def test_vocabulary_text_and_yaml(tmp_path):
-    from jobs.vocab import read_vocabulary
+    from index.vocab import read_vocabulary
 
     f = tmp_path / "names.txt"
     f.write_text("# animals\ncat\nhot  dog\n")

@@ -1,4 +1,4 @@
-"""Vocabulary files for ``reco build-bank``, validated up front with line numbers.
+"""Vocabulary files for ``reco build-bank`` (and ``--vocab`` of pseudo-label/segment), validated up front.
 
 Two formats:
 
@@ -9,10 +9,13 @@ Two formats:
   that replaces retrieval for that concept.
 
 Rejected, with the line number: blank names, names longer than :data:`MAX_NAME_LENGTH`,
-duplicates after normalising case and whitespace, lines that are not valid UTF-8.
+duplicates after normalising case and whitespace, lines that are not valid UTF-8, and names that
+could be read as paths (``/``, ``\\``, ``..``, only dots, NUL or other control characters): a name
+is a name, never a path. A UTF-8 byte-order mark at the start of the file is dropped.
 """
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -46,10 +49,26 @@ def normalise(name: str) -> str:
     return " ".join(name.split()).casefold()
 
 
+def _path_like(name: str) -> Optional[str]:
+    """Why ``name`` could reach outside a folder when joined to it, or None."""
+    if "/" in name or "\\" in name:
+        return "contains a path separator"
+    if ".." in name or set(name) == {"."}:
+        return "contains '..' or is only dots"
+    return None
+
+
 def _check(name: str, line: int, seen: Dict[str, int], path: str) -> str:
-    clean = " ".join(str(name).split())
+    raw = str(name)
+    bad = next((c for c in raw if c != "\t" and unicodedata.category(c) == "Cc"), None)
+    if bad is not None:  # before whitespace folding, which would hide some of them
+        raise ConfigError(f"{path}:{line}: concept name {raw[:30]!r} contains the control character {bad!r}")
+    clean = " ".join(raw.split())
     if not clean:
         raise ConfigError(f"{path}:{line}: blank concept name")
+    why = _path_like(clean)
+    if why:
+        raise ConfigError(f"{path}:{line}: concept name {clean[:30]!r} {why}: a concept is a name, not a path")
     if len(clean) > MAX_NAME_LENGTH:
         raise ConfigError(f"{path}:{line}: concept name longer than {MAX_NAME_LENGTH} characters ({clean[:30]}...)")
     key = normalise(clean)
@@ -59,12 +78,23 @@ def _check(name: str, line: int, seen: Dict[str, int], path: str) -> str:
     return clean
 
 
+def check_names(names: List[str], where: str) -> List[str]:
+    """Names given inline (``--vocab a,b,c``), checked like a file's (position instead of line)."""
+    seen: Dict[str, int] = {}
+    out = [_check(n, i, seen, where) for i, n in enumerate(names, start=1)]
+    if not out:
+        raise ConfigError(f"{where} names no concept")
+    return out
+
+
 def read_vocabulary(path: str) -> Vocabulary:
     """Parse and validate a vocabulary file (see the module docstring)."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"vocabulary file {p} does not exist")
     raw = p.read_bytes()
+    if raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (Windows editors) is not part of a name
+        raw = raw[3:]
     lines: List[str] = []
     for i, b in enumerate(raw.split(b"\n"), start=1):
         try:
@@ -73,7 +103,7 @@ def read_vocabulary(path: str) -> Vocabulary:
             raise ConfigError(f"{p}:{i}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
     if p.suffix.lower() in (".yaml", ".yml"):
         return _from_yaml(p, "\n".join(lines))
-    vocab, seen = Vocabulary(), {}
+    vocab, seen = Vocabulary(), {}  # type: Vocabulary, Dict[str, int]
     if lines and lines[-1] == "":
         lines = lines[:-1]  # the final newline
     for i, text in enumerate(lines, start=1):
@@ -92,7 +122,7 @@ def _from_yaml(p: Path, text: str) -> Vocabulary:
         nodes = yaml.compose(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p} is not valid YAML: {exc}") from exc
-    vocab, seen = Vocabulary(), {}
+    vocab, seen = Vocabulary(), {}  # type: Vocabulary, Dict[str, int]
     if nodes is None:
         raise ConfigError(f"{p}: no concept names")
     if isinstance(nodes, yaml.SequenceNode):
