@@ -89,6 +89,9 @@ def main(argv=None) -> None:
     p.add_argument("--shard-rows", type=int, default=50_000)
     p.add_argument("--part-rows", type=int, default=50_000)
     p.add_argument("--refines", default="store,SQfp16")
+    p.add_argument("--images-per-concept", type=int, default=10,
+                   help="corpus images per concept: at 100 an IVF list holds about one concept and nprobe 1 suffices "
+                        "(a clustered corpus); at 10 lists hold many concepts (the gap shows)")
     p.add_argument("--opq", default="", help='e.g. "OPQ32," (its training took 220 s for 20k x 64 here: off by default)')
     args = p.parse_args(argv)
 
@@ -105,7 +108,8 @@ def main(argv=None) -> None:
     stores = {}
     for n in sizes:
         t = time.perf_counter()
-        stores[n] = make_store(Path(args.data) / f"store_{n}_{args.dim}", n, gap, max(1000, n // 100), args.shard_rows)
+        stores[n] = make_store(Path(args.data) / f"store_{n}_{args.dim}_{args.images_per_concept}", n, gap,
+                               max(1000, n // args.images_per_concept), args.shard_rows)
         print(f"store {n} x {args.dim}: {time.perf_counter() - t:.1f} s", flush=True)
         nlist = 1 << max(4, int(round(math.log2(4 * math.sqrt(n)))))
         m = 32 if args.dim % 32 == 0 else 16
@@ -129,7 +133,9 @@ def main(argv=None) -> None:
     md += ["", "| store rows | concepts | seconds | (rows x concepts)/s per core |", "|---|---|---|---|"]
     md += [f"| {r['n']:,} | {r['concepts']:,} | {r['seconds']} | {r['pairs_per_s_per_core']:.3g} |" for r in exact]
     md += ["", f"Command: `python -m bench.bench_index_scale --sizes {args.sizes} --dim {args.dim} "
-               f"--concepts {args.concepts} --workers {args.workers}`; data generated under {args.data} (not committed)."]
+               f"--concepts {args.concepts} --workers {args.workers} --refines {args.refines} --shard-rows "
+               f"{args.shard_rows} --part-rows {args.part_rows} --images-per-concept {args.images_per_concept}`; "
+               f"data generated under {args.data} (not committed)."]
     path = write_results("index_scale", {"builds": builds, "exact": exact, "args": vars(args)}, "\n".join(md))
     print(path)
 
