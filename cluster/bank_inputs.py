@@ -39,17 +39,14 @@ def exemplar_archives(names: Sequence[str], explicit: Mapping[str, Optional[str]
 
 
 def retrieve_archives(index_uri: str, todo: Sequence[str], texts: Mapping[str, Any], k: int,
-                      storage_options: Optional[Mapping[str, Any]] = None) -> Dict[str, List[str]]:
-    """{name: top-``k`` image URIs of the index for the concept's text embedding}."""
-    if not todo:
-        return {}
-    import numpy as np
+                      storage_options: Optional[Mapping[str, Any]] = None, exact_store: bool = False,
+                      serve_actors: Optional[int] = None) -> Dict[str, List[str]]:
+    """{name: top-``k`` image URIs for the concept's text embedding}: from the index, or exactly
+    from the store ``index_uri`` when ``exact_store`` (:func:`cluster.retrieval.retrieve_archives`)."""
+    from .retrieval import retrieve_archives as retrieve
 
-    from index.catalog import open_retriever
-
-    retriever, uris, _ = open_retriever(index_uri, storage_options=dict(storage_options or {}))
-    hits = retriever.search(np.stack([texts[n].numpy() for n in todo]), k)
-    return {n: [uris[i] for i in h.ids] for n, h in zip(todo, hits)}
+    return retrieve(todo, texts, k, index_uri, exact_store=exact_store,
+                    storage_options=dict(storage_options or {}), serve_actors=serve_actors)
 
 
 def text_embeddings_remote(encoders, synonyms: Dict[str, Tuple[str, ...]]) -> Dict[str, Any]:

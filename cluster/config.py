@@ -21,6 +21,8 @@ from index.redact import REDACTED, is_sensitive_key, redact, redact_text  # noqa
 from reco.config import from_dict
 from reco.errors import ConfigError
 
+from .index_config import IndexClusterConfig
+
 #: authentication modes of the embedded local Ray (the values of Ray's ``RAY_AUTH_MODE``)
 AUTH_MODES = ("token", "disabled")
 
@@ -111,6 +113,7 @@ class ClusterConfig:
     # Ray Train workers: num_actors = workers, resources per worker, per-worker batch size.
     train: ActorConfig = ActorConfig()
     jobs: JobsConfig = JobsConfig()
+    index: IndexClusterConfig = IndexClusterConfig()  # FAISS index built in parts / served by actors (#17)
 
 
 def load_yaml_mapping(path: Union[str, Path], what: str = "config") -> Dict[str, Any]:
@@ -164,7 +167,7 @@ def load_cluster_config(source: Union[str, Path, Mapping[str, Any], None]) -> Cl
     rt = from_dict(RayRuntimeConfig, ray_section, "ray")
     rt = RayRuntimeConfig(**{**rt.__dict__, "env_vars": {str(k): str(v) for k, v in env.items()}})
     return ClusterConfig(ray=rt, bank=cfg.bank, segment=cfg.segment, embed=cfg.embed, train=cfg.train,
-                         jobs=cfg.jobs)
+                         jobs=cfg.jobs, index=cfg.index)
 
 
 #: the repository's per-stage Ray settings, used when no ``--ray-config`` is given

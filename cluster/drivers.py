@@ -86,8 +86,9 @@ def _write_text(root, name: str, text: str, storage: Mapping[str, Any]) -> None:
 
 def build_bank_job(vocab, out: str, cfg, encoders: EncoderSpec, cluster, storage: Dict[str, Any], *,
                    exemplars: Optional[str], index: Optional[str], actors: Optional[int], commit_every: int,
-                   overwrite: bool, browser: bool, config: Dict[str, Any]) -> int:
-    """``vocab``: an :class:`index.vocab.Vocabulary`; ``cfg`` the :class:`reco.config.BankConfig`."""
+                   overwrite: bool, browser: bool, config: Dict[str, Any], exact_store: bool = False) -> int:
+    """``vocab``: an :class:`index.vocab.Vocabulary`; ``cfg`` the :class:`reco.config.BankConfig`;
+    ``exact_store``: ``index`` is an embedding store, searched exactly (:mod:`cluster.retrieval`)."""
     from dataclasses import replace
 
     from index.outputs import check_output_folder
@@ -120,7 +121,8 @@ def build_bank_job(vocab, out: str, cfg, encoders: EncoderSpec, cluster, storage
         texts = text_embeddings_remote(encoders, {n: (in_vocab[n].synonyms if n in in_vocab else ())
                                                   for n in all_names})
     if index:
-        found = retrieve_archives(index, [n for n in all_names if n not in archives], texts, cfg.k, storage)
+        found = retrieve_archives(index, [n for n in all_names if n not in archives], texts, cfg.k, storage,
+                                  exact_store=exact_store, serve_actors=cluster.index.serve_actors)
         archives.update(found)
         source.update({n: "retrieval" for n in found})
 

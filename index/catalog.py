@@ -19,8 +19,9 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from .faiss_factory import split_refine
 from .faiss_index import (
     FaissRetriever,
     IndexReport,
@@ -30,6 +31,7 @@ from .faiss_index import (
     load_index,
     save_index,
 )
+from .rerank import STORE
 from .retriever import ExactRetriever, Retriever
 from .store import EmbeddingStore
 
@@ -50,6 +52,7 @@ def build_index_dir(
     seed: int = 0,
     use_gpu: Optional[bool] = None,
     storage_options: Optional[Dict[str, Any]] = None,
+    text_queries=None,
 ) -> IndexReport:
     """Build an index over every committed embedding of ``store`` into ``out_dir`` (a folder or
     an fsspec URL reached with ``storage_options``).
@@ -80,7 +83,7 @@ def build_index_dir(
         try:
             return _build_and_upload(store, root, shards, str(out_dir).rstrip("/"), d, storage_options, factory,
                                      memory_budget_bytes, target_recall, allow_low_recall, num_queries, train_size,
-                                     seed, use_gpu)
+                                     seed, use_gpu, text_queries)
         finally:
             shutil.rmtree(d, ignore_errors=True)
     d = Path(out_dir)
@@ -93,7 +96,7 @@ def build_index_dir(
         index, report = build_index_from_source(
             VectorSource.from_store(store, shards), factory, memory_budget_bytes, target_recall,
             num_queries=num_queries, train_size=train_size, seed=seed, allow_low_recall=allow_low_recall,
-            use_gpu=use_gpu)
+            use_gpu=use_gpu, text_queries=text_queries)
     except BaseException:
         tmp_rows.unlink(missing_ok=True)
         raise
@@ -116,9 +119,33 @@ def _write_rows(store: EmbeddingStore, root: Any, shards, path: Path) -> None:
             w.write_table(t.cast(schema))
 
 
+def write_rows_table(store: EmbeddingStore, shards, out: str, storage_options: Optional[Dict[str, Any]] = None,
+                     ) -> Dict[str, Dict[str, Any]]:
+    """Write ``OUT/rows.parquet`` (row -> id, uri of ``shards``) atomically to a folder or URL;
+    returns its ``files`` record (sha256, bytes) for ``index.json``."""
+    import tempfile
+
+    from .storage import file_sha256, is_url, join, upload_file
+
+    if is_url(str(out)):
+        with tempfile.TemporaryDirectory(prefix="reco-rows-") as tmp:
+            local = Path(tmp) / ROWS_FILE
+            _write_rows(store, store.root, shards, local)
+            rec = {"sha256": file_sha256(local), "bytes": local.stat().st_size}
+            upload_file(local, join(str(out), ROWS_FILE), storage_options)
+        return {ROWS_FILE: rec}
+    d = Path(out)
+    d.mkdir(parents=True, exist_ok=True)
+    tmp_rows = d / (ROWS_FILE + ".tmp")
+    _write_rows(store, store.root, shards, tmp_rows)
+    rec = {"sha256": file_sha256(tmp_rows), "bytes": tmp_rows.stat().st_size}
+    os.replace(tmp_rows, d / ROWS_FILE)
+    return {ROWS_FILE: rec}
+
+
 def _build_and_upload(store: EmbeddingStore, root: Any, shards, uri: str, staging: Path, storage_options,
                       factory, memory_budget_bytes, target_recall, allow_low_recall, num_queries, train_size, seed,
-                      use_gpu) -> IndexReport:
+                      use_gpu, text_queries=None) -> IndexReport:
     """build_index_dir for an output URL: rows and index built in ``staging``, then uploaded: the
     row table, ``index.faiss``, and ``index.json`` (with both files' sha256) last."""
     from .storage import file_sha256, join, upload_file
@@ -128,7 +155,7 @@ def _build_and_upload(store: EmbeddingStore, root: Any, shards, uri: str, stagin
     index, report = build_index_from_source(
         VectorSource.from_store(store, shards), factory, memory_budget_bytes, target_recall,
         num_queries=num_queries, train_size=train_size, seed=seed, allow_low_recall=allow_low_recall,
-        use_gpu=use_gpu)
+        use_gpu=use_gpu, text_queries=text_queries)
     files = {ROWS_FILE: {"sha256": file_sha256(rows), "bytes": rows.stat().st_size}}
     upload_file(rows, join(uri, ROWS_FILE), storage_options)
     save_index(index, report, uri, {"store": str(Path(root).resolve()) if isinstance(root, Path) else root,
@@ -138,9 +165,12 @@ def _build_and_upload(store: EmbeddingStore, root: Any, shards, uri: str, stagin
 
 
 def open_retriever(index_dir: os.PathLike | str, exact: bool = False, storage_options: Optional[Dict[str, Any]] = None,
+                   serve_parts: Optional[Callable[[str, Dict[str, Any], List[str]], Retriever]] = None,
                    ) -> Tuple[Retriever, Dict[str, str], Dict[str, Any]]:
     """(retriever, {id: uri}, index metadata) of an index directory or URL (``storage_options``
-    reach it, and the store for ``exact``); a URL's files are fetched into the node cache."""
+    reach it, and the store for ``exact``); a URL's files are fetched into the node cache. An
+    index kept as parts is served by ``serve_parts(uri, meta, ids)`` when given (e.g. Ray actors,
+    :mod:`cluster.index_serve`), else loaded here as one ``IndexShards``."""
     import pyarrow.parquet as pq
 
     from .storage import ObjectChangedError, is_url
@@ -149,7 +179,7 @@ def open_retriever(index_dir: os.PathLike | str, exact: bool = False, storage_op
         uri = str(index_dir).rstrip("/")
         for attempt in range(3):  # a rebuild replacing the files under us: read index.json again
             try:
-                index, meta = load_index(uri, storage_options)
+                index, meta = load_index(uri, storage_options, load_parts=serve_parts is None)
                 rows = pq.read_table(fetch_index_file(uri, ROWS_FILE, meta, storage_options))
                 break
             except ObjectChangedError:
@@ -158,7 +188,7 @@ def open_retriever(index_dir: os.PathLike | str, exact: bool = False, storage_op
                 logger.warning("%s changed while it was read (rebuilt?): reading it again", uri)
     else:
         d = Path(index_dir)
-        index, meta = load_index(d)
+        index, meta = load_index(d, load_parts=serve_parts is None)
         rows = pq.read_table(d / ROWS_FILE)
     ids = rows.column("id").to_pylist()
     uris = dict(zip(ids, rows.column("uri").to_pylist()))
@@ -167,4 +197,14 @@ def open_retriever(index_dir: os.PathLike | str, exact: bool = False, storage_op
         if sids != ids:
             raise ValueError(f"store {meta['store']} changed since the index was built: rebuild it")
         return ExactRetriever(emb, ids), uris, meta
+    if index is None:
+        index = serve_parts(str(index_dir), meta, ids)
+    if split_refine(meta["report"]["factory"])[1] == STORE:  # PQ proposes, the store re-ranks
+        from .rerank import StoreRefine, StoreRows, indexed_shards
+
+        store = EmbeddingStore(meta["store"], storage_options=storage_options)
+        index = StoreRefine(index, StoreRows(store, indexed_shards(store, meta)),
+                            (meta["report"].get("search_params") or {}).get("k_factor", 1))
+    elif not hasattr(index, "is_trained"):  # parts served elsewhere: already a Retriever
+        return index, uris, meta
     return FaissRetriever(index, ids), uris, meta

@@ -54,29 +54,34 @@ Search parameters of GPU indexes are set on the GPU object itself (``GpuIndexIVF
 """
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
 import re
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from reco.errors import ConfigError, ReCoError
 
+from .faiss_factory import (  # noqa: F401  (re-exported: the public API of this module)
+    _faiss,
+    _pow2,
+    choose_factory,
+    estimate_index_bytes,
+    gpu_count,
+    split_refine,
+    validate_factory,
+)
+from .rerank import STORE
 from .retriever import Retriever, SearchResult
+from .vectors import BLOCK_ROWS, VectorSource, exact_topk  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
 INDEX_FILE = "index.faiss"
 META_FILE = "index.json"
 
-#: rows converted to float32 at a time when adding / computing exact ground truth
-BLOCK_ROWS = 32768
 #: bound of FAISS's temporary buffers per add call: PQ encoding may build (rows x M x 2^nbits) float
 #: distance tables (1 GiB for 32768 rows of PQ32), so PQ indexes are added in smaller blocks
 ADD_TEMP_BYTES = 64 << 20
@@ -92,266 +97,6 @@ class LowRecallError(ReCoError):
     def __init__(self, message: str, report: Optional["IndexReport"] = None):
         super().__init__(message)
         self.report = report
-
-
-def _faiss():
-    try:
-        import faiss  # faiss-cpu or faiss-gpu, never both
-    except ImportError as exc:  # pragma: no cover - faiss-cpu is pinned
-        raise ImportError("FAISS is not installed: pip install faiss-cpu (or faiss-gpu-cu12 on GPU hosts)") from exc
-    return faiss
-
-
-def gpu_count() -> int:
-    faiss = _faiss()
-    return int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
-
-
-def _pow2(x: float) -> int:
-    return 1 << max(4, int(round(math.log2(max(x, 16)))))
-
-
-# -- factory strings -------------------------------------------------------------------------
-
-_REFINE_RE = re.compile(r"^(?P<base>.+?),(?:(?P<rflat>RFlat)|Refine\((?P<inner>.+)\))$")
-
-
-def split_refine(factory: str) -> Tuple[str, Optional[str]]:
-    """``"OPQ64,IVF4096,PQ64,Refine(SQfp16)"`` -> ``("OPQ64,IVF4096,PQ64", "SQfp16")``; ``RFlat`` -> ``"Flat"``."""
-    m = _REFINE_RE.match(factory.strip())
-    if not m:
-        return factory.strip(), None
-    return m.group("base"), ("Flat" if m.group("rflat") else m.group("inner").strip())
-
-
-def validate_factory(factory: str, dim: int) -> None:
-    """Raise :class:`ConfigError` if ``factory`` is not a FAISS factory string FAISS accepts for ``dim``."""
-    faiss = _faiss()
-    base, refine = split_refine(factory)
-    for part in (base, refine):
-        if part is None:
-            continue
-        try:
-            faiss.index_factory(dim, part, faiss.METRIC_INNER_PRODUCT)
-        except Exception as exc:  # FAISS raises RuntimeError with a C++ message
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ConfigError(f"invalid FAISS factory string {factory!r} for dim {dim}: {first}") from None
-
-
-def _code_bytes(token: str, d: int) -> Optional[float]:
-    """Bytes per vector of a storage token (Flat, PQm[xb], SQ8, SQfp16, ...) on d dims."""
-    if token == "Flat":
-        return 4.0 * d
-    m = re.fullmatch(r"PQ(\d+)(?:x(\d+))?(?:np)?", token)
-    if m:
-        return int(m.group(1)) * int(m.group(2) or 8) / 8.0
-    sq = {"SQ8": 1.0, "SQ6": 0.75, "SQ4": 0.5, "SQfp16": 2.0, "SQbf16": 2.0, "SQ8_direct": 1.0}
-    if token in sq:
-        return sq[token] * d
-    return None
-
-
-def estimate_index_bytes(factory: str, n: int, dim: int) -> int:
-    """Memory (≈ serialized size) of ``factory`` holding ``n`` vectors of ``dim``.
-
-    Understands the strings :func:`choose_factory` produces and the common building blocks
-    (OPQ/PCA, IVF with flat or HNSW coarse quantiser, HNSW, Flat, PQ, SQ, RFlat/Refine(...)).
-    Raises ``ValueError`` for anything else.
-    """
-    base, refine = split_refine(factory)
-    total = 0.0
-    d = dim
-    stored = hnsw = False
-    for tok in [t.strip() for t in base.split(",") if t.strip()]:
-        m = re.fullmatch(r"OPQ(\d+)(?:_(\d+))?", tok)
-        if m:
-            out = int(m.group(2) or d)
-            total += 4.0 * d * out
-            d = out
-            continue
-        m = re.fullmatch(r"PCAR?(\d+)", tok)
-        if m:
-            out = int(m.group(1))
-            total += 4.0 * d * out + 4.0 * d
-            d = out
-            continue
-        if tok == "L2norm":
-            continue
-        m = re.fullmatch(r"IVF(\d+)(?:_HNSW(\d+))?", tok)
-        if m:
-            nlist = int(m.group(1))
-            total += 4.0 * nlist * d + 8.0 * n  # centroids + one 8-byte id per vector
-            if m.group(2):
-                total += nlist * (2 * int(m.group(2)) * 4 * 1.1 + 8)
-            continue
-        m = re.fullmatch(r"HNSW(\d+)(?:_(\w+))?", tok)
-        if m:  # level-0 links (2M int32) + upper levels and level table; storage follows
-            total += n * (2 * int(m.group(1)) * 4 * 1.05 + 12)
-            hnsw = True
-            if m.group(2) is None:
-                continue
-            tok = m.group(2)
-        per = _code_bytes(tok, d)
-        if per is None:
-            raise ValueError(f"cannot estimate the memory of factory component {tok!r} in {factory!r}")
-        total += per * n
-        pq = re.fullmatch(r"PQ(\d+)(?:x(\d+))?(?:np)?", tok)
-        if pq:
-            total += 4.0 * (1 << int(pq.group(2) or 8)) * d  # codebooks
-        stored = True
-    if hnsw and not stored:  # "HNSW32" alone stores flat vectors
-        total += 4.0 * d * n
-        stored = True
-    if not stored:
-        raise ValueError(f"factory {factory!r} stores no vectors")
-    if refine is not None:
-        per = _code_bytes(refine, dim)
-        if per is None:
-            raise ValueError(f"cannot estimate the memory of refine index {refine!r}")
-        total += per * n
-    return int(total)
-
-
-def choose_factory(n: int, dim: int, memory_budget_bytes: int = 8 << 30, flat_max: int = 100_000) -> str:
-    """A FAISS factory string for ``n`` vectors of ``dim`` whose estimated memory fits the budget."""
-    if n <= 0:
-        raise ValueError("cannot index an empty corpus")
-    if n <= flat_max and estimate_index_bytes("Flat", n, dim) <= memory_budget_bytes:
-        return "Flat"
-    nlist = _pow2(4 * math.sqrt(n))
-    ivf_flat = f"IVF{nlist},Flat"
-    if estimate_index_bytes(ivf_flat, n, dim) <= memory_budget_bytes:
-        return ivf_flat
-    coarse = f"IVF{nlist}_HNSW32" if n >= 10_000_000 else f"IVF{nlist}"
-    ms = [m for m in (64, 48, 32, 16, 8) if m <= dim and dim % m == 0]
-    # a good first stage (m >= 32) matters more than fp16 vs 8-bit re-ranking codes
-    order = [(r, m) for r in ("SQfp16", "SQ8") for m in ms if m >= 32] + \
-            [(r, m) for r in ("SQfp16", "SQ8") for m in ms if m < 32]
-    for refine, m in order:
-        f = f"OPQ{m},{coarse},PQ{m},Refine({refine})"
-        if estimate_index_bytes(f, n, dim) <= memory_budget_bytes:
-            return f
-    smallest = f"OPQ{ms[-1]},{coarse},PQ{ms[-1]},Refine(SQ8)" if ms else f"{coarse},Refine(SQ8)"
-    need = estimate_index_bytes(smallest, n, dim) if ms else n * (dim + 8)
-    raise ValueError(
-        f"{n} vectors of dim {dim} do not fit {memory_budget_bytes / 2**30:.1f} GiB with re-ranking codes: "
-        f"the smallest index that can reach a recall target ({smallest}) needs {need / 2**30:.1f} GiB; "
-        "raise the memory budget or pass an explicit factory (with allow_low_recall if it may miss the target)")
-
-
-# -- corpus access ---------------------------------------------------------------------------
-
-class VectorSource:
-    """Row-ordered (n, dim) vectors stored in chunks (e.g. store shards), opened one at a time.
-
-    ``open_chunk(i)`` returns chunk i as an array (typically a float16 memory map); it is dropped
-    as soon as the chunk has been read, so no more than one chunk is mapped at a time and the
-    corpus is never materialised in float32 as a whole.
-    """
-
-    def __init__(self, sizes: Sequence[int], dim: int, open_chunk: Callable[[int], np.ndarray]):
-        self.sizes = [int(s) for s in sizes]
-        self.dim = int(dim)
-        self._open = open_chunk
-        self.offsets = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)]).astype(np.int64)
-
-    @property
-    def n(self) -> int:
-        return int(self.offsets[-1])
-
-    def __len__(self) -> int:
-        return self.n
-
-    @classmethod
-    def from_arrays(cls, arrays: Sequence[np.ndarray]) -> "VectorSource":
-        arrays = list(arrays)
-        if not arrays:
-            raise ValueError("no arrays given")
-        dims = {a.shape[1] for a in arrays}
-        if len(dims) != 1 or any(a.ndim != 2 for a in arrays):
-            raise ValueError(f"arrays must all be (n_i, E), got {[a.shape for a in arrays]}")
-        return cls([len(a) for a in arrays], dims.pop(), lambda i: arrays[i])
-
-    @classmethod
-    def from_array(cls, x: np.ndarray) -> "VectorSource":
-        x = np.asarray(x)
-        if x.ndim != 2:
-            raise ValueError(f"embeddings must be (N, E), got {x.shape}")
-        return cls.from_arrays([x])
-
-    @classmethod
-    def from_store(cls, store, shards: Optional[Sequence[Any]] = None) -> "VectorSource":
-        """The committed shards of an :class:`index.store.EmbeddingStore` (a snapshot of ``shards``)."""
-        shards = list(store.shards if shards is None else shards)
-        return cls([s.count for s in shards], store.dim, lambda i: store.shard_embeddings(shards[i]))
-
-    def _chunk(self, i: int) -> np.ndarray:
-        arr = self._open(i)
-        if arr.ndim != 2 or arr.shape != (self.sizes[i], self.dim):
-            raise ValueError(f"chunk {i} has shape {arr.shape}, expected ({self.sizes[i]}, {self.dim})")
-        return arr
-
-    def blocks(self, rows: Optional[int] = None) -> Iterator[Tuple[int, np.ndarray]]:
-        """(first row, float32 C-contiguous block of at most ``rows`` rows), in row order."""
-        rows = rows or BLOCK_ROWS
-        for i, size in enumerate(self.sizes):
-            if size == 0:
-                continue
-            arr = self._chunk(i)
-            off = int(self.offsets[i])
-            for s in range(0, size, rows):
-                yield off + s, np.ascontiguousarray(arr[s:s + rows], dtype=np.float32)
-            del arr
-
-    def take(self, rows: np.ndarray) -> np.ndarray:
-        """float32 (len(rows), dim) copy of the given rows (any order), reading only those rows."""
-        rows = np.asarray(rows, dtype=np.int64)
-        if rows.size and (rows.min() < 0 or rows.max() >= self.n):
-            raise IndexError("row out of range")
-        out = np.empty((len(rows), self.dim), dtype=np.float32)
-        order = np.argsort(rows, kind="stable")
-        srt = rows[order]
-        bounds = np.searchsorted(srt, self.offsets)
-        for i in range(len(self.sizes)):
-            lo, hi = int(bounds[i]), int(bounds[i + 1])
-            if lo == hi:
-                continue
-            arr = self._chunk(i)
-            for a in range(lo, hi, BLOCK_ROWS):  # bounded temporaries
-                b = min(hi, a + BLOCK_ROWS)
-                out[order[a:b]] = arr[srt[a:b] - self.offsets[i]]
-            del arr
-        return out
-
-
-def exact_topk(source: VectorSource, queries: np.ndarray, k: int, exclude_rows: Optional[np.ndarray] = None,
-               block_rows: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
-    """Exact inner-product top-k of ``queries`` over ``source``, streaming it block by block.
-
-    Each block's top-k comes from FAISS brute force (``faiss.knn``, exact) and is merged into the
-    running top-k, so memory is one float32 block plus (Q, k) lists whatever the corpus size.
-    Returns (scores, rows), both (Q, k), best first; rows are -1 where fewer than k exist.
-    ``exclude_rows[q]`` (a corpus row, or -1) is never returned for query q.
-    """
-    faiss = _faiss()
-    q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-    nq = q.shape[0]
-    excl = np.full(nq, -1, np.int64) if exclude_rows is None else np.asarray(exclude_rows, np.int64)
-    kk = k + 1  # one spare for the excluded row
-    best_s = np.full((nq, kk), -np.inf, dtype=np.float32)
-    best_i = np.full((nq, kk), -1, dtype=np.int64)
-    for off, blk in source.blocks(block_rows):
-        s, i = faiss.knn(q, blk, min(kk, blk.shape[0]), metric=faiss.METRIC_INNER_PRODUCT)
-        i = np.where(i >= 0, i + off, -1)
-        cat_s, cat_i = np.concatenate([best_s, s], 1), np.concatenate([best_i, i], 1)
-        top = np.argsort(-cat_s, axis=1, kind="stable")[:, :kk]
-        best_s, best_i = np.take_along_axis(cat_s, top, 1), np.take_along_axis(cat_i, top, 1)
-    drop = (best_i == excl[:, None]) | (best_i < 0)
-    keep = np.argsort(drop, axis=1, kind="stable")[:, :k]  # the rows to keep, in score order
-    best_s, best_i = np.take_along_axis(best_s, keep, 1), np.take_along_axis(best_i, keep, 1)
-    gone = np.take_along_axis(drop, keep, 1)
-    best_s[gone], best_i[gone] = -np.inf, -1
-    return best_s, best_i
 
 
 # -- report ----------------------------------------------------------------------------------
@@ -379,6 +124,13 @@ class IndexReport:
     k: int = 10
     train_size: int = 0
     gpu: bool = False
+    rerank_bytes_per_query: float = 0.0  # Refine(store): float16 bytes read from the store per query
+    tuned_on: str = "image (corpus-row) queries"  # or "text-like queries" (what ReCo sends)
+    k50: int = 50                 # min(50, n - 1)
+    recall_image_at_50: float = float("nan")
+    text_queries: int = 0         # text-like evaluation queries (disjoint from the tuning half)
+    recall_text_at_10: float = float("nan")
+    recall_text_at_50: float = float("nan")
 
     @property
     def ms_per_query(self) -> float:
@@ -406,6 +158,9 @@ def _set_search_param(index, name: str, value: float) -> None:
     ``faiss.GpuParameterSpace``, never through the CPU ``ParameterSpace`` which rejects them.
     """
     faiss = _faiss()
+    if hasattr(index, "set_search_param"):  # index.rerank.StoreRefine
+        index.set_search_param(name, value)
+        return
     if _is_gpu_index(index):
         if hasattr(index, name):
             setattr(index, name, int(value))
@@ -503,6 +258,23 @@ def _tune(index, factory: str, queries, q_rows, truth, k: int, target: float, gp
     return best[1], best[0]
 
 
+def index_params(params: Dict[str, Any], factory: str) -> Dict[str, Any]:
+    """The search parameters that belong on the FAISS index itself (Refine(store)'s k_factor is
+    the store re-ranker's, :mod:`index.rerank`)."""
+    if split_refine(factory)[1] == STORE:
+        return {k: v for k, v in params.items() if k != "k_factor"}
+    return dict(params)
+
+
+def store_refined(index, factory: str, rows):
+    """``index`` wrapped in a :class:`index.rerank.StoreRefine` over ``rows`` for a Refine(store) factory."""
+    if split_refine(factory)[1] != STORE:
+        return index
+    from .rerank import StoreRefine
+
+    return StoreRefine(index, rows)
+
+
 def _apply_params(index, params: Dict[str, int]) -> None:
     for name, value in params.items():
         _set_search_param(index, name, value)
@@ -545,6 +317,7 @@ def build_index_from_source(
     allow_low_recall: bool = False,
     tune_queries: Optional[int] = None,
     single_queries: int = 100,
+    text_queries: Optional[np.ndarray] = None,
 ) -> Tuple[Any, IndexReport]:
     """Build an inner-product index over the L2-normalised vectors of ``source`` and report its quality.
 
@@ -565,7 +338,8 @@ def build_index_from_source(
 
     t0 = time.perf_counter()
     base = faiss.index_factory(dim, base_factory, faiss.METRIC_INNER_PRODUCT)
-    refine = faiss.index_factory(dim, refine_factory, faiss.METRIC_INNER_PRODUCT) if refine_factory else None
+    in_ram = refine_factory is not None and refine_factory != STORE  # Refine(store): re-ranked from the store
+    refine = faiss.index_factory(dim, refine_factory, faiss.METRIC_INNER_PRODUCT) if in_ram else None
     work = base
     gpu_res = None
     if use_gpu and "HNSW" not in base_factory:
@@ -593,36 +367,86 @@ def build_index_from_source(
         base = faiss.index_gpu_to_cpu(work)
     index = faiss.IndexRefine(base, refine) if refine is not None else base
     search_index = (faiss.IndexRefine(work, refine) if refine is not None else work) if work is not base else index
+    search_index = store_refined(search_index, factory, source)
     build_s = time.perf_counter() - t0
 
+    index, rep = evaluate_index(index, source, factory, build_s, ts, target_recall, num_queries, tune_queries,
+                                single_queries, allow_low_recall, rng, search_index=search_index,
+                                gpu=work is not base, text_queries=text_queries)
+    del gpu_res
+    return index, rep
+
+
+def evaluate_index(index, source: VectorSource, factory: str, build_s: float, train_size: int,
+                   target_recall: float = 0.95, num_queries: int = 1000, tune_queries: Optional[int] = None,
+                   single_queries: int = 100, allow_low_recall: bool = False,
+                   rng: Optional[np.random.Generator] = None, search_index=None, gpu: bool = False,
+                   text_queries: Optional[np.ndarray] = None) -> Tuple[Any, IndexReport]:
+    """Tune the search parameters of a built ``index`` over ``source`` on one sample of corpus rows
+    and report recall, throughput and latency on another (see the module docstring); raises
+    :class:`LowRecallError` on a missed target unless ``allow_low_recall``. ``search_index`` (a GPU
+    copy) is searched when given; the tuned parameters are set on ``index``.
+
+    ``text_queries`` (T, E): the queries ReCo sends (prompt-ensembled CLIP text embeddings, or a
+    synthetic stand-in with the modality gap): the parameters are then tuned on half of them and
+    recall@10/@50 is reported on the other half as well as on image (corpus-row) queries; the
+    target applies to the text-like recall@10."""
+    rng = rng if rng is not None else np.random.default_rng(0)
+    search_index = index if search_index is None else search_index
+    n, dim, ts = source.n, source.dim, train_size
+    _, refine = split_refine(factory)
     # queries: disjoint tuning / evaluation samples of corpus rows; exact truth by streaming
     k = min(10, n - 1) if n > 1 else 1
+    k50 = max(k, min(50, n - 1))
     param = _search_param_name(factory)
     has_params = param is not None or refine is not None
-    n_tune = (num_queries if tune_queries is None else tune_queries) if has_params else 0
+    text = None if text_queries is None else np.ascontiguousarray(np.atleast_2d(text_queries), np.float32)
+    if text is not None and text.shape[1] != dim:
+        raise ConfigError(f"text queries have dimension {text.shape[1]}, the corpus {dim}")
+    n_tune = (num_queries if tune_queries is None else tune_queries) if has_params and text is None else 0
     tune_rows, eval_rows = _query_split(n, n_tune, num_queries, rng)
     all_rows = np.concatenate([tune_rows, eval_rows])
     all_q = source.take(all_rows)
     # each query's own row is excluded from both result lists (not with a single vector: nothing else to find)
     self_rows = all_rows if n > 1 else np.full_like(all_rows, -1)
-    _, all_truth = exact_topk(source, all_q, k, exclude_rows=self_rows)
+    _, all_truth = exact_topk(source, all_q, k50, exclude_rows=self_rows)
     nt = len(tune_rows)
-    tq, tt, eq, et = all_q[:nt], all_truth[:nt], all_q[nt:], all_truth[nt:]
+    tq, tt, eq, et = all_q[:nt], all_truth[:nt, :k], all_q[nt:], all_truth[nt:]
     tune_self, eval_self = self_rows[:nt], self_rows[nt:]
+    if text is not None:  # half the text-like queries tune, the other half evaluate
+        perm = rng.permutation(len(text))
+        half = max(1, len(text) // 2) if len(text) > 1 else 1
+        _, text_truth = exact_topk(source, text, k50)
+        t_tune, t_eval = perm[:half], (perm[half:] if len(text) > 1 else perm)
+        tq, tt, tune_self = text[t_tune], text_truth[t_tune, :k], np.full(len(t_tune), -1, np.int64)
+        nt = len(t_tune)
 
     params: Dict[str, int] = {}
     r10_tune = float("nan")
     if has_params and nt:
-        params, r10_tune = _tune(search_index, factory, tq, tune_self, tt, k, target_recall, work is not base)
+        params, r10_tune = _tune(search_index, factory, tq, tune_self, tt, k, target_recall, gpu)
         _apply_params(search_index, params)
-    r1, r10, sec = _evaluate(search_index, eq, eval_self, et, k)
+    if hasattr(search_index, "bytes_read"):  # re-rank I/O of the evaluation queries only
+        search_index.bytes_read, search_index.queries = 0, 0
+    r1, r10, sec = _evaluate(search_index, eq, eval_self, et[:, :k], k)
+    rerank_io = float(getattr(search_index, "bytes_per_query", 0.0))
+    modality = {"recall_image_at_50": _evaluate(search_index, eq, eval_self, et, k50)[1], "k50": k50,
+                "tuned_on": "text-like queries" if text is not None else "image (corpus-row) queries"}
+    target_recall_seen = r10
+    if text is not None:
+        none = np.full(len(t_eval), -1, np.int64)
+        modality.update(
+            text_queries=len(t_eval),
+            recall_text_at_10=_evaluate(search_index, text[t_eval], none, text_truth[t_eval, :k], k)[1],
+            recall_text_at_50=_evaluate(search_index, text[t_eval], none, text_truth[t_eval], k50)[1])
+        target_recall_seen = modality["recall_text_at_10"]
     lat = []
     m = min(single_queries, len(eq))
     for i in range(m):
         t = time.perf_counter()
         search_index.search(eq[i:i + 1], k + 1)
         lat.append(time.perf_counter() - t)
-    _apply_params(index, params)
+    _apply_params(index, index_params(params, factory))
     lat_ms = np.array(lat) * 1000 if lat else np.array([float("nan")])
     rep = IndexReport(
         factory=factory, n=n, dim=dim, build_seconds=build_s, index_bytes=_index_bytes(index),
@@ -630,15 +454,17 @@ def build_index_from_source(
         batched_qps=len(eq) / sec if sec > 0 else float("inf"),
         single_query_ms=float(np.median(lat_ms)), single_query_p95_ms=float(np.percentile(lat_ms, 95)),
         queries=len(eq), tune_queries=nt, recall_at_10_tune=r10_tune, single_queries=m, search_params=params,
-        target_recall=float(target_recall), target_met=bool(r10 >= target_recall), k=k, train_size=ts,
-        gpu=work is not base,
+        target_recall=float(target_recall), target_met=bool(target_recall_seen >= target_recall), k=k,
+        train_size=ts, gpu=gpu, rerank_bytes_per_query=rerank_io, **modality,
     )
     summary = (f"index {factory}: n={n} recall@1 {r1:.3f} recall@{k} {r10:.3f} on {len(eq)} evaluation queries "
-               f"(params {params or 'exact'} tuned on {nt} other queries, tuning recall@{k} {r10_tune:.3f}); "
-               f"batched {rep.batched_ms_per_query:.3f} ms/query ({rep.batched_qps:.0f} queries/s), single query "
+               f"(params {params or 'exact'} tuned on {nt} other {rep.tuned_on}, tuning recall@{k} {r10_tune:.3f}); "
+               + (f"text-like recall@{k} {rep.recall_text_at_10:.3f} @{k50} {rep.recall_text_at_50:.3f} on "
+                  f"{rep.text_queries} held-out text-like queries; " if text is not None else "")
+               + f"batched {rep.batched_ms_per_query:.3f} ms/query ({rep.batched_qps:.0f} queries/s), single query "
                f"{rep.single_query_ms:.2f} ms median; built in {build_s:.1f}s, {rep.index_bytes / 2**20:.1f} MB")
     if not rep.target_met:
-        msg = (f"{summary}: recall@{k} {r10:.3f} is below the target {target_recall:.3f} with every search setting "
+        msg = (f"{summary}: recall@{k} {target_recall_seen:.3f} is below the target {target_recall:.3f} with every search setting "
                f"tried. Use a larger memory budget or another factory, lower the target, or pass "
                f"allow_low_recall=True (`--allow-low-recall`) to keep this index")
         if not allow_low_recall:
@@ -646,8 +472,8 @@ def build_index_from_source(
         logger.warning("%s", msg)
     else:
         logger.info("%s", summary)
-    del gpu_res
     return index, rep
+
 
 
 def build_index(
@@ -670,6 +496,8 @@ def build_index(
 def _index_bytes(index) -> int:
     """Serialized size, counted through a callback writer (no copy of the index in memory)."""
     faiss = _faiss()
+    if isinstance(index, faiss.IndexShards):  # not serialisable as one: the sum of its parts
+        return sum(_index_bytes(faiss.downcast_index(index.at(i))) for i in range(index.count()))
     total = [0]
 
     def count(b: bytes) -> int:
@@ -678,94 +506,6 @@ def _index_bytes(index) -> int:
 
     faiss.write_index(index, faiss.PyCallbackIOWriter(count))
     return int(total[0])
-
-
-def save_index(index, report: IndexReport, directory: os.PathLike | str, extra: Optional[Dict[str, Any]] = None,
-               storage_options: Optional[Dict[str, Any]] = None) -> Path | str:
-    """Write ``index.faiss`` then ``index.json`` (each atomically) into a folder or an fsspec URL.
-
-    For a URL, the index is written to a local temporary file and uploaded (one PUT, or a
-    multipart upload that becomes visible only when complete), and ``index.json``, written last,
-    records the sha256 and size of every file of the index (``files``: this one and those given
-    in ``extra["files"]``); readers fetch the files into the node cache by those digests, so a
-    reader racing a rebuild gets an error and retries, never a mix of two builds."""
-    faiss = _faiss()
-    from .storage import is_url
-
-    if is_url(str(directory)):
-        return _save_index_url(index, report, str(directory).rstrip("/"), extra, storage_options)
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    tmp = d / (INDEX_FILE + ".tmp")
-    faiss.write_index(index, str(tmp))
-    os.replace(tmp, d / INDEX_FILE)
-    meta = {"report": asdict(report), **(extra or {})}
-    (d / (META_FILE + ".tmp")).write_text(json.dumps(meta, indent=2))
-    os.replace(d / (META_FILE + ".tmp"), d / META_FILE)
-    return d
-
-
-def _save_index_url(index, report: IndexReport, uri: str, extra: Optional[Dict[str, Any]],
-                    storage_options: Optional[Dict[str, Any]]) -> str:
-    import tempfile
-
-    from .storage import file_sha256, join, upload_file, write_bytes
-
-    faiss = _faiss()
-    files = dict((extra or {}).get("files") or {})
-    with tempfile.TemporaryDirectory(prefix="reco-index-") as tmp:
-        local = Path(tmp) / INDEX_FILE
-        faiss.write_index(index, str(local))
-        files[INDEX_FILE] = {"sha256": file_sha256(local), "bytes": local.stat().st_size}
-        upload_file(local, join(uri, INDEX_FILE), storage_options)
-    meta = {"report": asdict(report), **(extra or {}), "files": files}
-    write_bytes(join(uri, META_FILE), json.dumps(meta, indent=2).encode(), storage_options)
-    return uri
-
-
-def fetch_index_file(uri: str, name: str, meta: Dict[str, Any], storage_options: Optional[Dict[str, Any]] = None) -> Path:
-    """A local copy of the file ``name`` of the index at URL ``uri``, in this node's cache keyed by
-    the digest ``index.json`` records (by the object's ETag for an index copied there by hand), so
-    a rebuilt index is fetched again; :class:`index.storage.ObjectChangedError` when the file no
-    longer matches ``meta`` (a rebuild is under way: read ``index.json`` again)."""
-    from .storage import fetch_to_cache, join, object_version
-
-    rec = (meta.get("files") or {}).get(name)
-    furi = join(uri, name)
-    try:
-        if rec and rec.get("sha256"):
-            return fetch_to_cache(furi, storage_options, sha256=rec["sha256"])
-        return fetch_to_cache(furi, storage_options, version=object_version(furi, storage_options))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{uri} holds no index (needs {INDEX_FILE}, {META_FILE} and the row table; "
-                                f"{name} is missing); run `reco build-index`") from None
-
-
-def load_index(directory: os.PathLike | str, storage_options: Optional[Dict[str, Any]] = None) -> Tuple[Any, Dict[str, Any]]:
-    """(index with its tuned search parameters set, ``index.json``) of a folder or fsspec URL (the
-    latter fetched into the node cache, see :func:`fetch_index_file`)."""
-    faiss = _faiss()
-    from .storage import is_url, join, read_versioned
-
-    if is_url(str(directory)):
-        uri = str(directory).rstrip("/")
-        try:
-            meta = json.loads(read_versioned(join(uri, META_FILE), storage_options)[0])
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{uri} holds no index (needs {INDEX_FILE} and {META_FILE}); "
-                                    f"run `reco build-index`") from None
-        index = faiss.read_index(str(fetch_index_file(uri, INDEX_FILE, meta, storage_options)))
-        for name, value in (meta["report"].get("search_params") or {}).items():
-            _set_search_param(index, name, value)
-        return index, meta
-    d = Path(directory)
-    if not (d / INDEX_FILE).is_file() or not (d / META_FILE).is_file():
-        raise FileNotFoundError(f"{d} holds no index (needs {INDEX_FILE} and {META_FILE}); run `reco build-index`")
-    index = faiss.read_index(str(d / INDEX_FILE))
-    meta = json.loads((d / META_FILE).read_text())
-    for name, value in (meta["report"].get("search_params") or {}).items():
-        _set_search_param(index, name, value)
-    return index, meta
 
 
 class FaissRetriever(Retriever):
@@ -786,3 +526,12 @@ class FaissRetriever(Retriever):
             keep = r >= 0
             out.append(SearchResult([self.ids[i] for i in r[keep]], s[keep], r[keep]))
         return out
+
+
+# save / load live in index.index_files (imported last: it uses the names above)
+from .index_files import (  # noqa: E402,F401  (re-exported)
+    IndexFileError,
+    fetch_index_file,
+    load_index,
+    save_index,
+)

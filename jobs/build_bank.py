@@ -16,6 +16,8 @@ import logging
 from dataclasses import replace
 from typing import List, Optional
 
+from reco.errors import ConfigError
+
 from .common import (JobParser, add_cluster_args, load_section, parse_json_object,
                      parse_storage_options, positive_int)
 
@@ -27,6 +29,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--vocab", required=True, help="names file (one per line) or YAML with synonyms/exemplars")
     p.add_argument("--out", required=True, help="bank URI (local folder or s3://...)")
     p.add_argument("--index", help="retrieve archives from this index (reco build-index); needs --clip-model")
+    p.add_argument("--store", help="retrieve archives exactly from this embedding store (one Ray Data pass, no index)")
     p.add_argument("--exemplars", help="folder with one sub-folder of images per concept")
     p.add_argument("--k", type=positive_int, help="archive size for retrieval (default bank.k = 50)")
     p.add_argument("--actors", type=positive_int, help="bank actors (default: the Ray settings' bank.num_actors)")
@@ -42,6 +45,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--report", action="store_true", help="also write the archive browser (BANK/report/index.html)")
     add_cluster_args(p)
     args = p.parse_args(argv)
+    if args.index and args.store:
+        raise ConfigError("give --index or --store for retrieval, not both")
 
     from cluster.config import resolve_cluster_config
     from cluster.drivers import build_bank_job
@@ -59,5 +64,6 @@ def main(argv: Optional[List[str]] = None) -> int:
                            clip_dense_head=args.clip_dense_head,
                            dense_kwargs=parse_json_object(args.dense_kwargs, "--dense-kwargs"))
     return build_bank_job(vocab, args.out, cfg, encoders, cluster, storage, exemplars=args.exemplars,
-                          index=args.index, actors=args.actors, commit_every=args.commit_every,
-                          overwrite=args.overwrite, browser=args.report, config=vars(args))
+                          index=args.index or args.store, exact_store=bool(args.store), actors=args.actors,
+                          commit_every=args.commit_every, overwrite=args.overwrite, browser=args.report,
+                          config=vars(args))

@@ -6,6 +6,12 @@ line with exit code 2. Search parameters are tuned on one sample of corpus queri
 reported on another, disjoint one; a missed target is an error unless ``--allow-low-recall``.
 ``--store`` and ``--index`` may be fsspec URLs (``s3://...``, reached with ``--storage-options``):
 the index is built locally and uploaded, ``index.json`` last.
+
+``--parts`` builds an IVF index with Ray tasks in parts (``index:`` section of the Ray config:
+part_rows, workers, layout merged | ondisk | shards; :mod:`cluster.index_build`); a rerun
+redoes only the missing parts. ``--update`` adds the shards committed since such a build as new
+parts with the same trained quantiser (a store whose indexed shards were removed or replaced
+must be rebuilt). ``--layout`` overrides ``index.layout``.
 """
 from __future__ import annotations
 
@@ -54,6 +60,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--num-queries", type=int, default=1000,
                    help="evaluation queries; as many other corpus rows are used to tune the search parameters")
     p.add_argument("--train-size", type=int, help="training sample (default max(100k, 50 nlist) rows)")
+    p.add_argument("--text-queries",
+                   help="(T, E) .npy of text-like queries (the vocabulary's CLIP text embeddings): search parameters "
+                        "are tuned on half of them, text-like and image recall@10/@50 reported in index.json")
+    p.add_argument("--parts", action="store_true", help="build with Ray tasks in parts (IVF factories)")
+    p.add_argument("--update", action="store_true",
+                   help="add the shards committed since a --parts build as new parts (same quantiser)")
+    p.add_argument("--layout", choices=("merged", "ondisk", "shards"), help="override index.layout of --ray-config")
+    p.add_argument("--ray-config", help="per-stage Ray settings (default configs/cluster.yaml; index: section)")
     p.add_argument("--storage-options", default="{}",
                    help='JSON fsspec options for s3:// stores and indexes, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'')
     args = p.parse_args(argv)
@@ -80,6 +94,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if n == 0:
         raise ConfigError(f"--store {args.store} holds no embeddings: run `reco embed` first")
     budget = int(args.memory_budget_gb * 2**30)
+    text = _text_queries(args.text_queries, dim, storage) if args.text_queries else None
+    if args.update and args.factory:
+        raise ConfigError("--update keeps the factory of the build it updates: drop --factory")
+    if args.update or args.layout or args.parts:
+        return _build_in_parts(args, store, budget, storage, text)
     if args.factory:
         validate_factory(args.factory, dim)
     else:
@@ -92,7 +111,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     out = args.index or join(args.store, "index")
     rep = build_index_dir(store, out, args.factory, budget, args.target_recall, allow_low_recall=args.allow_low_recall,
-                          num_queries=args.num_queries, train_size=args.train_size, storage_options=storage)
+                          num_queries=args.num_queries, train_size=args.train_size, storage_options=storage,
+                          text_queries=text)
     logger.info(
         "index %s over %d vectors: recall@1 %.3f, recall@%d %.3f on %d evaluation queries (vs exact; search params "
         "%s tuned on %d other queries; target %.2f %s); batched search %.3f ms/query (%.0f queries/s); single-query "
@@ -109,4 +129,51 @@ def main(argv: Optional[List[str]] = None) -> int:
         memory={"driver (index build)": peak_memory()},
         extra={"factory": rep.factory, "recall_at_1": rep.recall_at_1, f"recall_at_{rep.k}": rep.recall_at_10,
                "target_met": rep.target_met, "index_bytes": rep.index_bytes}), out, storage)
+    return 0
+
+
+def _text_queries(uri: str, dim: int, storage):
+    """The --text-queries array, L2-normalised; ConfigError (one line) when unusable."""
+    import io
+
+    import numpy as np
+
+    from index.storage import read_bytes
+
+    try:
+        q = np.load(io.BytesIO(read_bytes(uri, storage)), allow_pickle=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--text-queries {uri}: no such file") from None
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"--text-queries {uri}: not a .npy array ({exc})") from None
+    if q.ndim != 2 or q.shape[1] != dim or len(q) < 2:
+        raise ConfigError(f"--text-queries {uri}: expected (T >= 2, {dim}) text embeddings, got {q.shape}")
+    q = q.astype(np.float32)
+    return q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+
+
+def _build_in_parts(args, store, budget: int, storage, text=None) -> int:
+    """``--parts`` / ``--update``: the index built (or updated) by Ray tasks in parts."""
+    from dataclasses import replace
+
+    from cluster.config import resolve_cluster_config
+    from cluster.index_build import build_index_parts
+    from cluster.runtime import init_ray
+    from index.faiss_index import validate_factory
+    from index.parts import check_partable
+    from index.storage import join
+
+    cluster = resolve_cluster_config(args.ray_config)
+    cfg = cluster.index if not args.layout else replace(cluster.index, layout=args.layout)
+    if args.factory:
+        validate_factory(args.factory, store.dim)
+        check_partable(args.factory)
+    out = args.index or join(args.store, "index")
+    init_ray(cluster.ray)
+    rep = build_index_parts(store, out, args.factory, budget, args.target_recall, args.allow_low_recall,
+                            args.num_queries, args.train_size, cfg=cfg, storage_options=storage, update=args.update,
+                            text_queries=text)
+    logger.info("index %s over %d vectors in parts (%s): recall@%d %.3f (params %s), %.1f MB, %.1f s -> %s",
+                rep.factory, rep.n, cfg.layout, rep.k, rep.recall_at_10, rep.search_params or "{}",
+                rep.index_bytes / 2**20, rep.build_seconds, out)
     return 0

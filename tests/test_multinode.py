@@ -699,3 +699,120 @@ def test_train_survives_losing_the_worker_node(workers, ray_config, tmp_path):
     assert labels_out.shape == (40, 48) and len(names) == len(json.loads((Path(labels) / "pseudo_label.json")
                                                                          .read_text())["classes"])
     assert _no_temp_files(run) == []
+
+
+# -- #17.7: the index in parts and the exact retrieval pass lose the worker node -----------------
+
+def _kill_when_task_on_worker(workers: Workers, job: Job, task: str, progress: Callable[[], int]) -> dict:
+    """Start ``job``; once ``progress() > 0`` and a task whose name contains ``task`` runs on the
+    worker node, kill that node and start a replacement. The job must finish, else it is rerun
+    (at most twice); returns what happened."""
+    cluster = workers.cluster
+    victim = workers.ensure()
+    job.start()
+    try:
+        def on_victim():
+            if not job.running:
+                raise AssertionError(f"the job ended before the kill (exit {job.proc.returncode}):\n{job.tail()}")
+            return progress() > 0 and [t for t in cluster.list("tasks", detail=True) if task in t.get("name", "")
+                                       and t.get("state") == "RUNNING" and t.get("node_id") == cluster.node_ids[victim]]
+        running = wait_for(f"a {task} task running on {victim}", on_victim, fail=job.tail)
+        at_kill = progress()
+        cluster.kill(victim)
+        workers.replace()
+        wait_for(f"{victim} dead", lambda: cluster.node_state(victim) == "DEAD", timeout=60)
+        workers.joined()
+        rc = job.wait()
+        while rc != 0 and len(job.exit_codes) < 3:
+            job.start()
+            rc = job.wait()
+        assert rc == 0, job.tail()
+    finally:
+        job.stop()
+    return {"killed_node": victim, "progress_at_kill": at_kill, "job_attempts": len(job.exit_codes),
+            **ray_retries(cluster, running[0].get("job_id"))}
+
+
+def _small_store(root: Path, shards: int, rows: int, dim: int = 32, model=None):
+    import numpy as np
+
+    from index.store import EmbeddingStore
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(shards * rows, dim)).astype(np.float32)
+    st = EmbeddingStore(root)
+    st.create_or_check(model or {"clip_model": "test"}, dim)
+    for i in range(shards):
+        ids = [f"id{j}" for j in range(i * rows, (i + 1) * rows)]
+        st.commit_shard(i, ids, [f"u/{j}" for j in ids], x[i * rows:(i + 1) * rows], [1] * rows, [1] * rows)
+    return st
+
+
+def test_index_build_in_parts_survives_losing_the_worker_node(workers, tmp_path):
+    """`reco build-index --parts`: part tasks on the worker node are lost with it after the first
+    part is written; Ray retries them on the replacement (or the rerun builds only the missing
+    parts); the index holds every store row exactly once and each part file once."""
+    import faiss
+    import numpy as np
+
+    from index.faiss_index import load_index
+
+    store = _small_store(tmp_path / "store", 12, 300)
+    cfg = tmp_path / "cluster.yaml"
+    cfg.write_text("ray:\n  env_vars: {HF_HUB_OFFLINE: '1', RECO_INDEX_PART_DELAY_S: '1.5'}\n"
+                   "index: {part_rows: 300, workers: 2, cpus_per_task: 0.5}\n")
+    out = tmp_path / "index"
+    job = Job(workers.cluster, ["build-index", "--store", store.root, "--index", out, "--parts", "--factory",
+                                "IVF16,Flat", "--num-queries", 50, "--train-size", 1000, "--ray-config", cfg],
+              tmp_path / "job.log")
+
+    def parts() -> int:
+        return len(list((out / "parts").glob("part-*.faiss"))) if (out / "parts").is_dir() else 0
+
+    fig = _kill_when_task_on_worker(workers, job, "_part_task", parts)
+    index, meta = load_index(out)
+    ivf = faiss.extract_index_ivf(index)
+    ids = np.concatenate([faiss.rev_swig_ptr(ivf.invlists.get_ids(i), ivf.invlists.list_size(i)).copy()
+                          for i in range(ivf.nlist) if ivf.invlists.list_size(i)])
+    fig.update(stage="build-index --parts", rows=int(len(ids)), distinct=int(len(set(ids.tolist()))), parts=parts())
+    FIGURES.append(fig)
+    assert sorted(ids.tolist()) == list(range(3600)), fig  # every store row exactly once
+    assert parts() == 12 and len(meta["parts"]) == 12 and _no_temp_files(out) == []
+    assert fig["progress_at_kill"] < 12
+    assert fig["task_retries"] >= 1 or fig["job_attempts"] > 1, fig  # the kill really cost work
+
+
+def test_exact_retrieval_pass_survives_losing_the_worker_node(workers, tiny_clip_dir, tmp_path):
+    """`reco search --store` (one Ray Data pass, a task per shard) loses the worker node while
+    shards are being scored; Ray Data retries them on the replacement; the top-k equals
+    ExactRetriever's (every row seen exactly once: a lost or doubled shard would change it)."""
+    from index.retriever import ExactRetriever
+    from jobs.search import concept_name
+    from reco.encoders import create_clip
+    from reco.text import text_embeddings
+
+    clip = f"local-dir:{tiny_clip_dir}"
+    store = _small_store(tmp_path / "store", 10, 200, model={"clip_model": clip})
+    cfg = tmp_path / "cluster.yaml"
+    cfg.write_text("ray:\n  env_vars: {HF_HUB_OFFLINE: '1', RECO_EXACT_DELAY_S: '1.5'}\n")
+    log = tmp_path / "job.log"
+    job = Job(workers.cluster, ["search", "a photo of a dog", "-k", 20, "--store", store.root, "--ray-config", cfg],
+              log)
+    started = []
+
+    def progress() -> int:  # the pass is under way once Ray Data has scheduled its scoring tasks
+        started.append(1)
+        return len(started) > 3
+
+    fig = _kill_when_task_on_worker(workers, job, "_score_batch", progress)
+    import re
+
+    hit = re.compile(r"^\s*\d+\s+-?\d+\.\d{4}\s+(\S+)\s")  # "  1  0.1234  id  uri" result lines
+    got = [m.group(1) for m in map(hit.match, log.read_text().split("=== attempt")[-1].splitlines()) if m]
+    emb, ids, _ = store.load_all()
+    q = text_embeddings(create_clip(clip, None).encode_text, [concept_name("a photo of a dog")]).numpy()
+    want = ExactRetriever(emb, ids).search(q, 20)[0].ids
+    fig.update(stage="search --store (exact pass)", hits=len(got))
+    FIGURES.append(fig)
+    assert got == want, fig
+    assert fig["task_retries"] >= 1 or fig["job_attempts"] > 1, fig  # a shard really was re-scored

@@ -1,0 +1,172 @@
+"""An IVF index built in parts (#17.2): one trained empty index, parts filled from store shards
+with that quantiser, merged with FAISS's own machinery or kept as shards.
+
+Layout under the index URI (local folder or fsspec URL)::
+
+    INDEX/trained.faiss                  the trained, empty base index (OPQ/IVF/PQ), written once
+    INDEX/build.json                     factory, dim, training sample, seed: what the parts share
+    INDEX/parts/part-<name>.faiss        base codes of some whole store shards, ids = store rows
+    INDEX/parts/part-<name>.refine.faiss (Refine(...) factories) their re-ranking codes, row order
+    INDEX/index.faiss, index.json        the merged index (layout "merged") or only index.json
+
+A part is named after the commit tokens of the shards it holds, so a rerun, or ``--update``
+after new shards were committed, finds the parts it already has and builds only the missing
+ones. Every part is added with ``add_with_ids`` (ids = store rows), so parts merge with
+``merge_from`` (or :func:`faiss.contrib.ondisk.merge_ondisk` into on-disk inverted lists) and
+are searched as shards (``IndexShards`` semantics: per-part top-k merged) without any id
+translation. Everything FAISS writes goes through ``serialize_index`` bytes, and the files are
+those of one :class:`index.output.ResumableOutput` (settings + config hash in ``build.json``, the
+writer lock, parts created exactly once even by retried tasks, read back exactly once).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from reco.errors import ConfigError
+
+from .faiss_factory import _faiss, split_refine
+from .vectors import BLOCK_ROWS, VectorSource
+
+logger = logging.getLogger(__name__)
+
+TRAINED_FILE = "trained.faiss"
+TRAINED_REFINE_FILE = "trained.refine.faiss"
+BUILD_FILE = "build.json"
+PARTS_DIR = "parts"
+
+
+@dataclass(frozen=True)
+class PartPlan:
+    """Whole store shards (``shards``: their records as dicts) holding rows first_row..+rows."""
+
+    name: str
+    shards: Tuple[Dict[str, Any], ...]
+    first_row: int
+    rows: int
+
+    @property
+    def tokens(self) -> List[str]:
+        return [f"{s['index']}.{s.get('token', '')}" for s in self.shards]
+
+
+def plan_parts(shards: Sequence[Any], part_rows: int, first_row: int = 0) -> List[PartPlan]:
+    """Consecutive whole shards grouped into parts of about ``part_rows`` rows (a shard is never split)."""
+    if part_rows < 1:
+        raise ConfigError(f"index.part_rows must be >= 1, got {part_rows}")
+    plans, cur, rows, start = [], [], 0, first_row
+    for s in shards:
+        if not s.count:
+            continue
+        cur.append(s.as_dict())
+        rows += s.count
+        if rows >= part_rows:
+            plans.append(_plan(cur, start, rows))
+            start += rows
+            cur, rows = [], 0
+    if cur:
+        plans.append(_plan(cur, start, rows))
+    return plans
+
+
+def _plan(shards: List[Dict[str, Any]], first_row: int, rows: int) -> PartPlan:
+    key = ";".join(f"{s['index']}.{s.get('token', '')}.{s['count']}" for s in shards) + f"@{first_row}"
+    name = f"part-{shards[0]['index']:05d}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+    return PartPlan(name, tuple(shards), first_row, rows)
+
+
+def check_partable(factory: str) -> None:
+    """Parts need an IVF base (ids kept per inverted list, ``merge_from``); HNSW and Flat are refused."""
+    base, _ = split_refine(factory)
+    if "IVF" not in base or "HNSW" in base.split("IVF")[0]:
+        raise ConfigError(f"factory {factory!r} cannot be built in parts: parts need an IVF index "
+                          "(e.g. IVF4096,PQ64 or OPQ64,IVF4096,PQ64,Refine(SQfp16))")
+
+
+def partable_factory(chosen: str, n: int) -> str:
+    """``chosen`` (from :func:`index.faiss_factory.choose_factory`), or ``IVF{nlist},Flat`` where
+    it chose the exact ``Flat`` (small corpora), which has no inverted lists to build in parts."""
+    from .faiss_factory import _pow2
+
+    if chosen == "Flat":
+        return f"IVF{_pow2(4 * n ** 0.5)},Flat"
+    return chosen
+
+
+def to_bytes(index) -> bytes:
+    return _faiss().serialize_index(index).tobytes()
+
+
+def from_bytes(data: bytes):
+    return _faiss().deserialize_index(np.frombuffer(data, dtype=np.uint8))
+
+
+def train_empty(source: VectorSource, factory: str, sample_rows: np.ndarray) -> Tuple[Any, Optional[Any]]:
+    """(trained empty base index, trained empty refine index or None) from the given sample rows."""
+    faiss = _faiss()
+    base_f, refine_f = split_refine(factory)
+    base = faiss.index_factory(source.dim, base_f, faiss.METRIC_INNER_PRODUCT)
+    in_ram = refine_f is not None and refine_f != "store"  # Refine(store) re-ranks from the store
+    refine = faiss.index_factory(source.dim, refine_f, faiss.METRIC_INNER_PRODUCT) if in_ram else None
+    sample = source.take(np.sort(np.asarray(sample_rows, np.int64)))
+    base.train(sample)
+    if refine is not None and not refine.is_trained:
+        refine.train(sample)
+    return base, refine
+
+
+def fill_part(trained: bytes, trained_refine: Optional[bytes], source: VectorSource, first_row: int,
+              block_rows: int = BLOCK_ROWS) -> Tuple[Any, Optional[Any]]:
+    """The trained empty index(es) with every row of ``source`` added (ids = first_row + row)."""
+    base = from_bytes(trained)
+    refine = from_bytes(trained_refine) if trained_refine else None
+    for off, blk in source.blocks(block_rows):
+        base.add_with_ids(blk, np.arange(first_row + off, first_row + off + len(blk), dtype=np.int64))
+        if refine is not None:
+            refine.add(blk)
+    return base, refine
+
+
+def merge_parts(trained: bytes, trained_refine: Optional[bytes], parts: Sequence[Tuple[bytes, Optional[bytes]]]):
+    """One index from the parts, in part order (``merge_from``: ids kept; refine codes appended)."""
+    faiss = _faiss()
+    base = from_bytes(trained)
+    refine = from_bytes(trained_refine) if trained_refine else None
+    for b, r in parts:
+        p = from_bytes(b)
+        base.merge_from(p, 0)
+        del p
+        if refine is not None:
+            refine.merge_from(from_bytes(r), 0)
+    if refine is None:
+        return base
+    return faiss.IndexRefine(base, refine)
+
+
+def as_shards(parts: Sequence[Any]):
+    """The parts searched as one index (``IndexShards``: each part's top-k merged; ids are store
+    rows already, so no offsets). The parts stay referenced by the returned object."""
+    faiss = _faiss()
+    sh = faiss.IndexShards(parts[0].d, False, False)
+    for p in parts:
+        sh.add_shard(p)
+    return sh
+
+
+def merge_ondisk(trained_path: str, part_paths: Sequence[str], ivfdata_path: str):
+    """The parts' inverted lists merged into ``ivfdata_path`` (:func:`faiss.contrib.ondisk.merge_ondisk`);
+    the returned index keeps its lists on disk (memory-mapped), so it need not fit in RAM."""
+    from faiss.contrib.ondisk import merge_ondisk as _merge
+
+    faiss = _faiss()
+    index = faiss.read_index(trained_path)
+    _merge(index, list(part_paths), ivfdata_path)
+    return index
+
+
+def plan_dicts(plans: Sequence[PartPlan]) -> List[Dict[str, Any]]:
+    return [asdict(p) for p in plans]
