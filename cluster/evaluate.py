@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from index.datasets import DatasetSpec, EvalItem, read_mask
+from reco.protocols import coverage  # noqa: F401  (re-exported for callers)
 from reco.errors import ConfigError, ImageDecodeError
 from reco.metrics import ConfusionMatrix
 
@@ -416,15 +417,6 @@ def split_halves(items: Sequence[EvalItem]) -> Tuple[List[EvalItem], List[EvalIt
     items = sorted(items, key=lambda it: it.id)
     cut = (len(items) + 1) // 2
     return items[:cut], items[cut:]
-
-
-def coverage(masks: Sequence[np.ndarray], num_classes: int) -> np.ndarray:
-    """(n, C) share of each image's pixels (all pixels, ignore included) held by each class."""
-    out = np.zeros((len(masks), num_classes))
-    for i, m in enumerate(masks):
-        counts = np.bincount(m[(m >= 0) & (m < num_classes)].reshape(-1), minlength=num_classes)
-        out[i] = counts / max(m.size, 1)
-    return out
 
 
 def archives_from_labels(ids: Sequence[str], cover: np.ndarray, classes: Sequence[str], k: int,

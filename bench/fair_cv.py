@@ -1,0 +1,140 @@
+"""Configurations on the fair CamVid protocol from cached features (bench/fair_cache.py):
+leave-one-drive-out CV inside camvid-train (what choices are made on) and camvid-val (reported).
+
+    PYTHONPATH=$PWD .venv/bin/python -m bench.fair_cv --mode crops --rows default,paper,nopeel [--val]
+
+Every row is a (BankConfig, SegmenterConfig) pair built with reco.bank / scored with
+reco.inference exactly as `reco evaluate --archives-from ... --protocol full` does, but on cached
+features. CV figures pool the confusion matrices of the three held-out drives.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from reco.bank import ConceptBank, ConceptBuilder
+from reco.config import BankConfig, SegmenterConfig, preset
+from reco.inference import calibrate, combine_scores, concept_similarity
+from reco.protocols import drive_folds, make_archives
+
+CLASSES = ("sky", "building", "pole", "road", "pavement", "tree", "sign symbol", "fence", "car", "pedestrian",
+           "bicyclist")
+PAPER_CONTEXT = ("tree", "sky", "building", "road", "pedestrian")  # the paper's person = CamVid pedestrian
+
+
+class Cache:
+    def __init__(self, root: str = "/tmp/quality-cache", size: int = 320):
+        root = Path(root)
+        self.masks, self.ids, self.frames = {}, {}, {}
+        for s in ("train", "val"):
+            z = np.load(root / f"masks-{s}.npz")
+            self.ids[s], self.masks[s] = [str(i) for i in z["ids"]], list(z["masks"])
+            self.frames[s] = torch.load(root / f"frames-{s}-{size}.pt")["feats"]
+        self.archive = {}
+        for mode in ("crops", "frames"):
+            p = root / f"archive-{mode}.pt"
+            if p.exists():
+                d = torch.load(p)
+                self.archive[mode] = {(i, tuple(b)): f for (i, b), f in zip(d["keys"], d["feats"])}
+
+    def archives(self, mode: str, idx: Sequence[int]) -> Dict[str, torch.Tensor]:
+        ids = [self.ids["train"][i] for i in idx]
+        sel = make_archives(mode, ids, [self.masks["train"][i] for i in idx], CLASSES)
+        return {n: torch.stack([self.archive[mode][(ids[e.index], e.box)] for e in es]).float()
+                for n, es in sel.items()}
+
+
+def build(cfg: BankConfig, feats: Dict[str, torch.Tensor]) -> ConceptBank:
+    builder = ConceptBuilder(None, None, cfg)
+    ctx = {}
+    if cfg.context_elimination:
+        for n in cfg.context_concepts:
+            if n in feats:
+                ctx[n] = builder.build_from_features(n, feats[n], ctx)
+    return ConceptBank.build_from_features(feats, builder, ctx)
+
+
+def confusion_of(bank: ConceptBank, seg: SegmenterConfig, feats: torch.Tensor, masks: Sequence[np.ndarray],
+                 n: int = len(CLASSES)) -> np.ndarray:
+    vectors, owner = bank.concept_vectors()
+    lm = np.array([CLASSES.index(c) for c in bank.names])
+    total = np.zeros((n, n), dtype=np.int64)
+    calibrated = bool(seg.calibrate) and bank.calibration is not None
+    for i in range(0, feats.shape[0], 8):
+        f = feats[i:i + 8].float()
+        logits = concept_similarity(f, vectors, owner, len(bank.names))
+        if calibrated:
+            logits = calibrate(logits, bank.calibration)
+        m = masks[i:i + 8]
+        s = combine_scores(logits, m[0].shape)
+        pred = lm[s.argmax(1).numpy()]
+        for p, t in zip(pred, m):
+            v = t < n
+            total += np.bincount(t[v] * n + p[v], minlength=n * n).reshape(n, n)
+    return total
+
+
+def miou(total: np.ndarray) -> Tuple[float, float, List[float]]:
+    tp = np.diag(total).astype(float)
+    union = total.sum(0) + total.sum(1) - tp
+    present = total.sum(1) > 0
+    iou = np.where(union > 0, tp / np.maximum(union, 1), np.nan)
+    return float(np.nanmean(iou[present])), float(tp.sum() / max(total.sum(), 1)), iou.tolist()
+
+
+def evaluate(cache: Cache, mode: str, cfg: BankConfig, seg: SegmenterConfig, val: bool = False):
+    """(CV mIoU, CV pix acc, per-fold mIoU, build s) and, with ``val``, (val mIoU, pix acc, IoUs)."""
+    ids = cache.ids["train"]
+    tot = np.zeros((len(CLASSES),) * 2, dtype=np.int64)
+    folds, t_build = {}, 0.0
+    for drive, arch_idx, test_idx in drive_folds(ids):
+        t0 = time.perf_counter()
+        bank = build(cfg, cache.archives(mode, arch_idx))
+        t_build += time.perf_counter() - t0
+        c = confusion_of(bank, seg, cache.frames["train"][test_idx], [cache.masks["train"][i] for i in test_idx])
+        folds[drive] = miou(c)[0]
+        tot += c
+    out = {"cv": miou(tot)[:2], "folds": folds, "build_s": t_build / 3}
+    if val:
+        bank = build(cfg, cache.archives(mode, range(len(ids))))
+        out["val"] = miou(confusion_of(bank, seg, cache.frames["val"], cache.masks["val"]))
+        out["order"] = bank.metadata.get("build_order")
+    return out
+
+
+def rows() -> Dict[str, Tuple[BankConfig, SegmenterConfig]]:
+    d_bank, d_seg = BankConfig(), SegmenterConfig()
+    p_bank, p_seg = preset("reco-paper")
+    p_bank = replace(p_bank, context_concepts=PAPER_CONTEXT)
+    return {
+        "default": (d_bank, d_seg),
+        "paper": (p_bank, p_seg),
+        "nopeel": (replace(d_bank, context_from_vocabulary=False), d_seg),
+        "confidence": (replace(d_bank, context_order="confidence"), d_seg),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--mode", default="crops")
+    p.add_argument("--rows", default="default,paper,nopeel")
+    p.add_argument("--val", action="store_true")
+    p.add_argument("--cache", default="/tmp/quality-cache")
+    a = p.parse_args()
+    torch.set_num_threads(2)
+    cache = Cache(a.cache)
+    table = rows()
+    for name in a.rows.split(","):
+        r = evaluate(cache, a.mode, *table[name], val=a.val)
+        print(json.dumps({"row": name, "mode": a.mode, **r}, default=float), flush=True)
+
+
+if __name__ == "__main__":
+    main()
