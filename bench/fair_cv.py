@@ -101,6 +101,7 @@ def evaluate(cache: Cache, mode: str, cfg: BankConfig, seg: SegmenterConfig, val
         c = confusion_of(bank, seg, cache.frames["train"][test_idx], [cache.masks["train"][i] for i in test_idx])
         folds[drive] = miou(c)[0]
         tot += c
+        print(f"  fold {drive}: {100 * folds[drive]:.2f} ({time.perf_counter() - t0:.0f}s)", flush=True)
     out = {"cv": miou(tot)[:2], "folds": folds, "build_s": t_build / 3}
     if val:
         bank = build(cfg, cache.archives(mode, range(len(ids))))
@@ -118,21 +119,40 @@ def rows() -> Dict[str, Tuple[BankConfig, SegmenterConfig]]:
         "paper": (p_bank, p_seg),
         "nopeel": (replace(d_bank, context_from_vocabulary=False), d_seg),
         "confidence": (replace(d_bank, context_order="confidence"), d_seg),
+        "ownership": (replace(d_bank, context_order="ownership"), d_seg),
     }
+
+
+def row(spec: str) -> Tuple[BankConfig, SegmenterConfig]:
+    """``base[+bank.key=value+segmenter.key=value...]`` (values parsed as YAML)."""
+    import yaml
+
+    base, *sets = spec.split("+")
+    bank, seg = rows()[base]
+    for item in sets:
+        key, value = item.split("=", 1)
+        section, field = key.split(".", 1)
+        v = yaml.safe_load(value)
+        if isinstance(v, list):
+            v = tuple(v)
+        if section == "bank":
+            bank = replace(bank, **{field: v})
+        else:
+            seg = replace(seg, **{field: v})
+    return bank, seg
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--mode", default="crops")
-    p.add_argument("--rows", default="default,paper,nopeel")
+    p.add_argument("--rows", default="default paper nopeel", help="space-separated row specs (see row())")
     p.add_argument("--val", action="store_true")
     p.add_argument("--cache", default="/tmp/quality-cache")
     a = p.parse_args()
     torch.set_num_threads(2)
     cache = Cache(a.cache)
-    table = rows()
-    for name in a.rows.split(","):
-        r = evaluate(cache, a.mode, *table[name], val=a.val)
+    for name in a.rows.split():
+        r = evaluate(cache, a.mode, *row(name), val=a.val)
         print(json.dumps({"row": name, "mode": a.mode, **r}, default=float), flush=True)
 
 

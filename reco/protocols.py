@@ -15,9 +15,11 @@ always the images (or image windows) alone, never their masks.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 ARCHIVE_MODES = ("crops", "frames")
 
@@ -124,16 +126,92 @@ def mean_shares(archives: Mapping[str, Sequence[ArchiveEntry]]) -> Dict[str, flo
     return {n: float(np.mean([e.share for e in a])) for n, a in archives.items()}
 
 
-def drive_of(image_id: str) -> str:
-    """The drive (sequence) of a CamVid-style id ``<drive>_<frame>``; the id itself otherwise."""
-    return image_id.rsplit("_", 1)[0] if "_" in image_id else image_id
+def drive_of(image_id: str) -> Optional[str]:
+    """The drive (sequence) of a CamVid-style id ``[folder/]<drive>_<frame>[.ext]``; None when the
+    name has no ``_``."""
+    name = image_id.replace("\\", "/").rsplit("/", 1)[-1]
+    return name.rsplit("_", 1)[0] if "_" in name else None
 
 
 def drive_folds(ids: Sequence[str]) -> List[Tuple[str, List[int], List[int]]]:
     """Leave-one-drive-out folds: [(held-out drive, archive indices, scored indices)], drives in
-    sorted order. Needs at least two drives."""
-    drives = sorted({drive_of(i) for i in ids})
-    if len(drives) < 2:
+    sorted order. Needs at least two drives and a drive for every id."""
+    drives = sorted({str(drive_of(i)) for i in ids})
+    if len(drives) < 2 or any(drive_of(i) is None for i in ids):
         raise ValueError(f"leave-one-drive-out needs at least 2 drives, got {drives}")
-    return [(d, [i for i, x in enumerate(ids) if drive_of(x) != d], [i for i, x in enumerate(ids) if drive_of(x) == d])
+    return [(d, [i for i, x in enumerate(ids) if str(drive_of(x)) != d],
+             [i for i, x in enumerate(ids) if str(drive_of(x)) == d])
             for d in drives]
+
+
+def archives_from_labels(ids: Sequence[str], cover: np.ndarray, classes: Sequence[str], k: int,
+                         min_coverage: float = 0.01) -> Dict[str, List[int]]:
+    """Per class: indices of the images where it covers at least ``min_coverage`` of the pixels,
+    largest coverage first (ties by id: deterministic, as a retrieval ranking would be), up to
+    ``k``. Classes with no such image get no archive (they are not built, never predicted)."""
+    out = {}
+    for c, name in enumerate(classes):
+        cand = [i for i in range(len(ids)) if cover[i, c] >= min_coverage]
+        cand.sort(key=lambda i: (-cover[i, c], ids[i]))
+        if cand:
+            out[name] = cand[:k]
+    return out
+
+
+@torch.no_grad()
+def supervised_references(feats: Sequence[torch.Tensor], masks: Sequence[np.ndarray], num_classes: int,
+                          purity: float = 0.5) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The supervised-prototype ceiling's references: per class, the normalised mean of the
+    L2-normalised feature tokens whose cell is at least ``purity`` that class in the ground
+    truth (masks area-averaged onto each image's token grid).
+
+    Returns ((C, D) references, (C,) bool: class seen, (2,) (mean, std) of the best-reference
+    cosine over all tokens, for calibration)."""
+    d = feats[0].shape[1]
+    sums = torch.zeros(num_classes, d)
+    seen = torch.zeros(num_classes, dtype=torch.bool)
+    all_tokens = []
+    for f, m in zip(feats, masks):
+        f = F.normalize(f.float(), dim=1)[0]  # (D, h, w)
+        h, w = f.shape[-2:]
+        mt = torch.from_numpy(np.asarray(m)).long()
+        valid = (mt >= 0) & (mt < num_classes)
+        onehot = F.one_hot(torch.where(valid, mt, torch.full_like(mt, num_classes)), num_classes + 1)
+        frac = F.adaptive_avg_pool2d(onehot.permute(2, 0, 1)[None].float(), (h, w))[0, :num_classes]
+        best, lab = frac.max(dim=0)
+        pure = best >= purity
+        tokens = f.permute(1, 2, 0).reshape(-1, d)
+        all_tokens.append(tokens)
+        lab, pure = lab.reshape(-1), pure.reshape(-1)
+        sums.index_add_(0, lab[pure], tokens[pure])
+        seen[lab[pure]] = True
+    refs = F.normalize(sums, dim=1)
+    toks = torch.cat(all_tokens)
+    sim = (toks @ refs[seen].T).max(dim=1).values if seen.any() else torch.zeros(1)
+    return refs, seen, torch.stack([sim.mean(), sim.std()])
+
+
+def class_prior_map(masks: Sequence[np.ndarray], num_classes: int, grid: int = 64) -> np.ndarray:
+    """(grid, grid) most frequent class per relative image position over ``masks`` (each mask
+    resized to the grid with nearest neighbours; ignore pixels do not vote)."""
+    from PIL import Image
+
+    counts = np.zeros((num_classes, grid, grid), dtype=np.int64)
+    for m in masks:
+        small = np.asarray(Image.fromarray(m.astype(np.int32), mode="I").resize((grid, grid), Image.NEAREST))
+        for c in range(num_classes):
+            counts[c] += small == c
+    return counts.argmax(axis=0)
+
+
+def prior_prediction(prior: np.ndarray, shape: Tuple[int, int]) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(prior.astype(np.int32), mode="I").resize((shape[1], shape[0]), Image.NEAREST)
+                      ).astype(np.int64)
+
+
+def has_drives(ids: Sequence[str]) -> bool:
+    """Whether leave-one-drive-out folds exist: every id names a drive and there are >= 2."""
+    drives = {drive_of(i) for i in ids}
+    return None not in drives and len(drives) >= 2
