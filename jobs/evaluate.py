@@ -5,13 +5,8 @@ Where the concept bank comes from (at most one; none with ``--model`` alone):
 ``--bank BANK``              an existing bank (``reco build-bank`` / ``reco demo``); its concepts are
                              matched to the dataset's classes by name (``--class-map``,
                              ``--background-concepts`` for the rest); every image of the split is scored.
-``--exemplars-from-split``   the in-domain exemplar protocol: the split's images, sorted by id, are cut
-                             into an archive half (the first ceil(n/2)) and an evaluation half; each
-                             class's archive is the archive-half images where it covers at least
-                             ``--min-coverage`` of the pixels, largest coverage first, up to ``--k``;
-                             the bank is built from those images alone (never their masks) and only the
-                             evaluation half is scored. Adds the supervised-prototype ceiling
-                             (``--ceiling``) and the trivial baselines (``--baselines``).
+``--exemplars-from-split``   the split's first ceil(n/2) images by id give the archives, the rest is scored
+                             (one folder suffices: a smoke protocol; its CamVid archives are near-duplicates).
 ``--archives-from ROOT``     the fair in-domain protocol: archives chosen from another labelled folder of
                              the same dataset (e.g. ../shared/data/camvid-train), every image of --root
                              scored. ``--archive-mode crops`` (default): per class and per archive frame the
@@ -32,10 +27,8 @@ Where the concept bank comes from (at most one; none with ``--model`` alone):
                              (``--class-map``, ``--background-concepts``). With a bank source as well, ReCo
                              and ReCo+ are reported side by side (``report["reco"]``, ``report["reco_plus"]``;
                              the top-level figures stay ReCo's); alone, only ReCo+ is scored (the whole split).
-                             The report records which checkpoint was exported (last or hold-out selection),
-                             that its selection never used this split's ground truth, and how many scored
-                             images the model was trained on (pseudo-labels; 0 under the in-domain protocol
-                             when it was trained on the archive half).
+                             The report records the checkpoint, its selection and the scored images it was
+                             trained on.
 
 Protocols: ``--protocol paper`` (shorter side 320, centre crop 320, nearest-neighbour labels; the
 ReCo/STEGO protocol) or ``full`` (full resolution). Configurations: ``--preset default`` (the best

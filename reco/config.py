@@ -81,6 +81,9 @@ class BankConfig:
     # context_order "ownership" (reco.vocabulary): a concept peels only when its reference claims
     # more of its own archive than of any other concept's archive by more than this margin.
     own_margin: float = 0.0
+    # ... and whether owners peel the owners built before them (False: an owner keeps its plain
+    # co-segmentation; only the diffuse concepts are built with the owners peeled off).
+    owners_peel: bool = True
     # The same weight for the paper's context concepts (context archives); the paper: 1 and 0.
     context_temperature: float = 1.0
     context_offset: float = 0.0

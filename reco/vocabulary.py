@@ -12,7 +12,8 @@ Orders (``BankConfig.context_order``):
   it claims of any other concept's archive (:func:`ownership_margins`). A concept whose reference
   is more about another concept's archive than its own (margin <= ``own_margin``) is diffuse: it
   never peels anything, and it is built last, with the owners peeled off. Owners are built first,
-  by decreasing margin, each peeling the owners before it.
+  by decreasing margin, each peeling the owners before it (``owners_peel``) or each keeping its
+  plain co-segmentation (its archive is about it: nothing needs peeling).
 """
 from __future__ import annotations
 
@@ -143,7 +144,7 @@ def _build_by_ownership(builder: ConceptBuilder, names: Sequence[str], prepare,
             refs[n] = _reused(n, context[n])
             continue
         peel = {m: refs[m] for m in refs if m in owners}
-        if not peel:
+        if not peel or (n in owners and not cfg.owners_peel):
             refs[n] = plain[n]
             continue
         f, lang = prepared[n]

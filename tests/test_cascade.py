@@ -5,6 +5,7 @@ The ``ownership`` order (reco/vocabulary.py) lets only concepts whose reference 
 archive peel, so road keeps its region and pole is built with road and building peeled off."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -62,11 +63,14 @@ def test_ownership_margins_single_out_the_diffuse_concept():
     assert m["pole"] < 0 < m["building"] and m["road"] > 0
 
 
-def test_default_cannot_cascade():
-    """Fails on the old default (archive-size order), passes on the ownership default: road keeps
-    road, pole finds the pole, and a street image's road pixels are labelled road."""
+@pytest.mark.parametrize("owners_peel", [True, False])
+def test_ownership_order_cannot_cascade(owners_peel):
+    """The same archives with ``context_order="ownership"`` (fails with the default archive-size
+    order, see above): road keeps road, pole finds the pole, and a street image's road pixels are
+    labelled road."""
     feats = _street()
-    bank = ConceptBank.build_from_features(feats, ConceptBuilder(Stub(), None, BankConfig(block_size=64)))
+    cfg = BankConfig(block_size=64, context_order="ownership", owners_peel=owners_peel)
+    bank = ConceptBank.build_from_features(feats, ConceptBuilder(Stub(), None, cfg))
     assert _cos(bank, "road", ROAD) > 0.9
     assert _cos(bank, "building", BUILDING) > 0.9
     assert _cos(bank, "pole", POLE) > max(_cos(bank, "pole", ROAD), _cos(bank, "pole", BUILDING))

@@ -377,12 +377,44 @@ def test_evaluate_refuses_inconsistent_arguments(tmp_path, tiny_dense, caplog):
     bank = _bank_for(["road", "sky"], tiny_dense, tmp_path / "bank")
     base = ["evaluate", "--dataset", "camvid", "--root", str(root), "--out", str(tmp_path / "o"), *_enc_args()]
     assert main(base + ["--bank", str(bank), "--cv"]) == 2
-    assert "exemplars-from-split" in caplog.text
+    assert "--archives-from" in caplog.text
     assert main(base + ["--bank", str(bank), "--set", "bank.nonsense=1"]) == 2
     assert "bank.nonsense" in caplog.text
     assert main(base + ["--bank", str(bank), "--background-threshold", "0.5"]) == 2
     assert "no background class" in caplog.text
     assert main(["evaluate", "--dataset", "camvid", "--root", str(tmp_path / "nothing"), "--bank", str(bank)]) == 2
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--limit", "0"], "--limit must be >= 1"),
+    (["--limit", "-2"], "--limit must be >= 1"),
+    (["--background-threshold", "nan"], "--background-threshold must be a number in [0, 1]"),
+    (["--background-threshold", "1.5"], "--background-threshold must be a number in [0, 1]"),
+    (["--archive-mode", "crops"], "--archive-mode needs"),
+    (["--crop-size", "0"], "--crop-size must be >= 1"),
+])
+def test_evaluate_refuses_bad_values_in_one_line(tmp_path, caplog, extra, says):
+    """Issue 16: refused before any work, one line on stderr, exit 2."""
+    from jobs.cli import main
+
+    root = make_dataset(tmp_path / "data", "camvid")
+    assert main(["evaluate", "--dataset", "camvid", "--root", str(root), "--bank", str(tmp_path / "no-bank"),
+                 "--out", str(tmp_path / "o"), *extra]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and says in errors[0] and "\n" not in errors[0]
+
+
+def test_evaluate_out_naming_a_file_is_one_line(tmp_path, caplog):
+    from jobs.cli import main
+
+    root = make_dataset(tmp_path / "data", "camvid")
+    f = tmp_path / "report.txt"
+    f.write_text("x")
+    assert main(["evaluate", "--dataset", "camvid", "--root", str(root), "--bank", str(tmp_path / "b"),
+                 "--out", str(f)]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "is an existing file" in errors[0] and "\n" not in errors[0]
+    assert f.read_text() == "x"
 
 
 # ----------------------------------------------------------------------------------------------
