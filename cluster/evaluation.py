@@ -6,6 +6,7 @@ in :mod:`cluster.evaluate`; archive selection from labels in :mod:`reco.protocol
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -134,14 +135,15 @@ def failed_images(report: Dict[str, Any]) -> Dict[str, str]:
 
 def run_evaluation(req: EvaluateRequest, bank_cfg: BankConfig, seg_cfg: SegmenterConfig,
                    threshold_cv: Optional[str] = None, storage: Optional[Dict[str, Any]] = None,
-                   feature_store: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                   feature_store: Optional[Dict[str, Any]] = None, model=None) -> Dict[str, Any]:
     """Run one evaluation; writes OUT/report.json (+ overlays) through the storage layer and
-    returns the report. ``feature_store`` (a dict the caller keeps) shares dense features between
+    returns the report. ``model``: the loaded ReCo+ model of ``req.model`` (``reco train``'s
+    loader, called by the job before any encoder or bank work so a wrong path fails at once). ``feature_store`` (a dict the caller keeps) shares dense features between
     runs of one process (``cache_features``); without it the cache lives for this run only."""
     from cluster.evaluate import Protocol, dumps
     from cluster.models import EncoderSpec, encoders_for_bank
     from index.datasets import open_dataset
-    from index.storage import join, write_bytes
+    from index.storage import is_url, join, write_bytes
 
     from .evaluation_floors import floors_and_ceilings, print_report
 
@@ -153,12 +155,11 @@ def run_evaluation(req: EvaluateRequest, bank_cfg: BankConfig, seg_cfg: Segmente
     if not items:
         raise FileNotFoundError(f"{req.root}: no images in split {req.split!r}")
     has_bank = bool(req.bank or req.labelled_archives or req.exemplars)
-    model = None
-    if req.model:  # before any encoder or bank work: a wrong path fails at once
-        from .train import load_segmodel
-
-        model = load_segmodel(req.model, storage)
+    if req.model and model is None:
+        raise ConfigError("run_evaluation: req.model is set but no loaded model was given (jobs/evaluate.py loads it)")
     out = req.out or f"outputs/evaluate/{spec.name}"
+    if not is_url(out):  # a local folder: absolute, so workers with another cwd write to the same place
+        out = os.path.abspath(out)
     background_concepts = _names(req.background_concepts)
     class_map = _pairs(req.class_map)
     report: Dict[str, Any] = {"command": req.command,

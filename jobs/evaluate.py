@@ -190,5 +190,10 @@ def main(argv: Optional[List[str]] = None, feature_store: Optional[Dict[str, Any
     req = EvaluateRequest(**{f: getattr(args, f) for f in fields if hasattr(args, f)},
                           dense_kwargs=parse_json_object(args.dense_kwargs, "--dense-kwargs"),
                           command="reco evaluate " + " ".join(argv if argv is not None else sys.argv[2:]))
-    report = run_evaluation(req, bank_cfg, seg_cfg, threshold_cv, storage, feature_store)
+    model = None
+    if args.model:  # before any encoder or bank work: a wrong path fails at once
+        from .train import load_segmodel
+
+        model = load_segmodel(args.model, storage)
+    report = run_evaluation(req, bank_cfg, seg_cfg, threshold_cv, storage, feature_store, model)
     return EXIT_RERUN if failed_images(report) else 0

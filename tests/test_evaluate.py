@@ -599,7 +599,7 @@ def test_in_domain_protocol_with_model_records_training_overlap(tmp_path, tiny_d
         assert main(base + ["--model", str(run), "--out", str(out)]) == 0
         r = json.loads((out / "report.json").read_text())
         assert r["reco"]["images"]["evaluated"] == r["reco_plus"]["images"]["evaluated"] == 3
-        assert r["comparison"]["images"] == r["split"]["evaluation_half"]
+        assert r["comparison"]["images"] == r["archives"]["scored_items"]
         td = r["reco_plus"]["model"]["training_data"]
         assert td["images"] == len(archive) + overlap and td["scored_images_trained_on"] == overlap
         assert td["overlap_ids"] == ([items[4].id] if overlap else [])
