@@ -102,18 +102,23 @@ def _street(args, data_root: Path) -> int:
 
     if args.clip_model or args.index or args.calibration_images:
         raise ConfigError("--clip-model / --index / --calibration-images belong to the VOC demo (--dataset voc)")
+    from reco.config import preset
+
+    # the configuration leave-one-drive-out CV inside camvid-train chose (docs/results.md)
     user = _load_yaml(args.config)
-    bank_cfg = from_dict(BankConfig, dict(user.get("bank") or {}), "bank")
+    base_bank, base_seg = preset("reco-paper")
+    bank_cfg = from_dict(BankConfig, {**to_dict(base_bank), **(user.get("bank") or {})}, "bank")
     if args.k:
         bank_cfg = replace(bank_cfg, k=args.k)
-    seg_cfg = from_dict(SegmenterConfig, dict(user.get("segmenter") or {}), "segmenter")
+    seg_cfg = from_dict(SegmenterConfig, {**to_dict(base_seg), **(user.get("segmenter") or {})}, "segmenter")
     if args.crf and seg_cfg.crf is None:
         seg_cfg = replace(seg_cfg, crf=CRFConfig())
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     report = street_demo(data_root, out, bank_cfg, seg_cfg, args.overlays, args.dense_encoder, args.dense_weights,
                          args.limit)
-    logger.info("mode: exemplar crops from camvid-train, reference matching only; CLIP absent")
+    logger.info("mode: exemplar crops from camvid-train, reference matching only, configuration reco-paper "
+                "(chosen by leave-one-drive-out CV inside camvid-train); CLIP absent")
     for label, miou, acc in figure_rows(report):
         logger.info("%-70s mIoU %6s%%  pixel accuracy %6s%%", label, miou, acc)
     logger.info("page: %s", out / "index.html")

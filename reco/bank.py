@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .builder import (ConceptBuilder, ConceptReference, ContextLike, context_vectors, otsu_threshold,
-                      similarity_stats, threshold_stats)
+                      reused_reference, similarity_stats, threshold_stats)
 from .config import config_hash, to_dict
 from .encoders import ClipModel, DenseEncoder
 from .errors import EmptyArchiveError, ReCoError, UnknownConceptError
@@ -435,9 +435,11 @@ def weights_id(encoder: Union[DenseEncoder, ClipModel]) -> str:
     weights label (a hub tag, "random-init")."""
     return str(getattr(encoder, "weights_id", None) or encoder.weights)
 
-_safetensors_metadata = safetensors_metadata  # the old private name, still imported by cluster/bank_job.py
+# the old private names, still imported by cluster/bank_job.py and jobs/show_bank.py (use the public ones)
+_safetensors_metadata = safetensors_metadata
+_reused = reused_reference
 
 __all__ = ["BANK_FORMAT_VERSION", "ConceptBank", "ConceptBuilder", "ConceptReference", "ContextLike",
            "bank_json_bytes", "bank_metadata", "build_order", "build_vocabulary", "claimed_share",
-           "context_vectors", "otsu_threshold", "ownership_margins", "safetensors_metadata", "similarity_stats",
+           "context_vectors", "otsu_threshold", "ownership_margins", "reused_reference", "safetensors_metadata", "similarity_stats",
            "threshold_stats", "weights_id"]

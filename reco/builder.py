@@ -189,7 +189,7 @@ class ConceptBuilder:
         """
         context = dict(context or {})
         if name in context:
-            return _reused(name, context[name])
+            return reused_reference(name, context[name])
         if len(images) == 0:
             raise EmptyArchiveError(f"archive of concept {name!r} holds no usable image")
         feats, lang = self.prepare(images, text)
@@ -208,7 +208,7 @@ class ConceptBuilder:
         language weights, see :meth:`prepare`)."""
         context = dict(context or {})
         if name in context:
-            return _reused(name, context[name])
+            return reused_reference(name, context[name])
         if features.shape[0] == 0:
             raise EmptyArchiveError(f"archive of concept {name!r} holds no usable image")
         cfg = self.config
@@ -287,7 +287,7 @@ def _cpu(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.cpu()
 
 
-def _reused(name: str, ctx: ContextLike) -> ConceptReference:
+def reused_reference(name: str, ctx: ContextLike) -> ConceptReference:
     if isinstance(ctx, ConceptReference):
         return replace(ctx, name=name, reused_context=True)
     ref = F.normalize(ctx.float().reshape(-1, ctx.shape[-1]).mean(0), dim=0)

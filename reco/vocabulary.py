@@ -23,7 +23,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .builder import ConceptBuilder, ConceptReference, ContextLike, _reused
+from .builder import ConceptBuilder, ConceptReference, ContextLike, reused_reference
 from .config import BankConfig
 from .errors import ConfigError
 
@@ -95,7 +95,7 @@ def build_vocabulary(
     for n in order:
         f, lang = cache.pop(n) if n in cache else (prepare(n) if n not in context else (None, None))
         if f is None:
-            refs[n] = _reused(n, context[n])
+            refs[n] = reused_reference(n, context[n])
         else:
             refs[n] = builder.build_from_features(n, f, context, lang, dict(refs))
     return refs, order
@@ -141,7 +141,7 @@ def _build_by_ownership(builder: ConceptBuilder, names: Sequence[str], prepare,
     refs: Dict[str, ConceptReference] = {}
     for n in order:
         if n in context:
-            refs[n] = _reused(n, context[n])
+            refs[n] = reused_reference(n, context[n])
             continue
         peel = {m: refs[m] for m in refs if m in owners}
         if not peel or (n in owners and not cfg.owners_peel):
