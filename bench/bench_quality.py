@@ -75,10 +75,13 @@ VOC_ROWS = [
 ]
 
 
-def run(args: List[str], out: Path) -> Dict:
-    from jobs.cli import main
+FEATURES: Dict = {}  # dense features shared by every run of this benchmark (--cache-features)
 
-    rc = main(["evaluate", *args, "--cache-features", "--out", str(out)])
+
+def run(args: List[str], out: Path) -> Dict:
+    from jobs.evaluate import main
+
+    rc = main([*args, "--cache-features", "--out", str(out)], feature_store=FEATURES)
     if rc != 0:
         raise SystemExit(f"reco evaluate {' '.join(args)} failed with {rc}")
     return json.loads((out / "report.json").read_text())
@@ -147,9 +150,7 @@ def main() -> None:
         t0 = time.perf_counter()
         rep = run(args, tmp / f"cam{i}")
         if enc_seconds is None:
-            from jobs.evaluate import _FEATURE_STORES
-
-            enc_seconds = (time.perf_counter() - t0) / max(1, sum(len(s) for s in _FEATURE_STORES.values()))
+            enc_seconds = (time.perf_counter() - t0) / max(1, sum(len(s) for s in FEATURES.values()))
         row = {"row": label, "command": command(CAM + extra), "miou": rep["miou"], "pixel_accuracy":
                rep["pixel_accuracy"], "cv_miou": rep["cv"]["miou"], "cv_pixel_accuracy": rep["cv"]["pixel_accuracy"],
                "seconds_per_image": rep["seconds_per_image"], "mode": rep["mode"], "iou": rep["metrics"]["iou"],

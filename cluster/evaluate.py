@@ -28,9 +28,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from index.datasets import DatasetSpec, EvalItem, read_mask
+from reco.protocols import (archives_from_labels, class_prior_map, coverage, prior_prediction,  # noqa: F401
+                            supervised_references)  # re-exported for callers
 from reco.errors import ConfigError, ImageDecodeError
 from reco.metrics import ConfusionMatrix
 
@@ -268,7 +269,7 @@ def render_overlay(image, truth: np.ndarray, pred: np.ndarray, spec: DatasetSpec
     return canvas
 
 
-def _png_bytes(img) -> bytes:
+def png_bytes(img) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
@@ -302,7 +303,7 @@ def run_in_process(items: Sequence[EvalItem], evaluator: Evaluator, overlays: in
         row.update(seconds=res.seconds, confusion=res.confusion.reshape(-1), mode=res.mode)
         if out_uri is not None and i < overlays:
             rel = "overlays/" + output_name(it.id)
-            write_bytes(join(out_uri, rel), _png_bytes(render_overlay(res.image, res.truth, res.prediction,
+            write_bytes(join(out_uri, rel), png_bytes(render_overlay(res.image, res.truth, res.prediction,
                                                                       evaluator.spec)), storage_options)
             row["overlay"] = rel
         rows.append(row)
@@ -416,82 +417,6 @@ def split_halves(items: Sequence[EvalItem]) -> Tuple[List[EvalItem], List[EvalIt
     items = sorted(items, key=lambda it: it.id)
     cut = (len(items) + 1) // 2
     return items[:cut], items[cut:]
-
-
-def coverage(masks: Sequence[np.ndarray], num_classes: int) -> np.ndarray:
-    """(n, C) share of each image's pixels (all pixels, ignore included) held by each class."""
-    out = np.zeros((len(masks), num_classes))
-    for i, m in enumerate(masks):
-        counts = np.bincount(m[(m >= 0) & (m < num_classes)].reshape(-1), minlength=num_classes)
-        out[i] = counts / max(m.size, 1)
-    return out
-
-
-def archives_from_labels(ids: Sequence[str], cover: np.ndarray, classes: Sequence[str], k: int,
-                         min_coverage: float = 0.01) -> Dict[str, List[int]]:
-    """Per class: indices of the images where it covers at least ``min_coverage`` of the pixels,
-    largest coverage first (ties by id: deterministic, as a retrieval ranking would be), up to
-    ``k``. Classes with no such image get no archive (they are not built, never predicted)."""
-    out = {}
-    for c, name in enumerate(classes):
-        cand = [i for i in range(len(ids)) if cover[i, c] >= min_coverage]
-        cand.sort(key=lambda i: (-cover[i, c], ids[i]))
-        if cand:
-            out[name] = cand[:k]
-    return out
-
-
-@torch.no_grad()
-def supervised_references(feats: Sequence[torch.Tensor], masks: Sequence[np.ndarray], num_classes: int,
-                          purity: float = 0.5) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The supervised-prototype ceiling's references: per class, the normalised mean of the
-    L2-normalised feature tokens whose cell is at least ``purity`` that class in the ground
-    truth (masks area-averaged onto each image's token grid).
-
-    Returns ((C, D) references, (C,) bool: class seen, (2,) (mean, std) of the best-reference
-    cosine over all tokens, for calibration)."""
-    d = feats[0].shape[1]
-    sums = torch.zeros(num_classes, d)
-    seen = torch.zeros(num_classes, dtype=torch.bool)
-    all_tokens = []
-    for f, m in zip(feats, masks):
-        f = F.normalize(f.float(), dim=1)[0]  # (D, h, w)
-        h, w = f.shape[-2:]
-        mt = torch.from_numpy(np.asarray(m)).long()
-        valid = (mt >= 0) & (mt < num_classes)
-        onehot = F.one_hot(torch.where(valid, mt, torch.full_like(mt, num_classes)), num_classes + 1)
-        frac = F.adaptive_avg_pool2d(onehot.permute(2, 0, 1)[None].float(), (h, w))[0, :num_classes]
-        best, lab = frac.max(dim=0)
-        pure = best >= purity
-        tokens = f.permute(1, 2, 0).reshape(-1, d)
-        all_tokens.append(tokens)
-        lab, pure = lab.reshape(-1), pure.reshape(-1)
-        sums.index_add_(0, lab[pure], tokens[pure])
-        seen[lab[pure]] = True
-    refs = F.normalize(sums, dim=1)
-    toks = torch.cat(all_tokens)
-    sim = (toks @ refs[seen].T).max(dim=1).values if seen.any() else torch.zeros(1)
-    return refs, seen, torch.stack([sim.mean(), sim.std()])
-
-
-def class_prior_map(masks: Sequence[np.ndarray], num_classes: int, grid: int = 64) -> np.ndarray:
-    """(grid, grid) most frequent class per relative image position over ``masks`` (each mask
-    resized to the grid with nearest neighbours; ignore pixels do not vote)."""
-    from PIL import Image
-
-    counts = np.zeros((num_classes, grid, grid), dtype=np.int64)
-    for m in masks:
-        small = np.asarray(Image.fromarray(m.astype(np.int32), mode="I").resize((grid, grid), Image.NEAREST))
-        for c in range(num_classes):
-            counts[c] += small == c
-    return counts.argmax(axis=0)
-
-
-def prior_prediction(prior: np.ndarray, shape: Tuple[int, int]) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.fromarray(prior.astype(np.int32), mode="I").resize((shape[1], shape[0]), Image.NEAREST)
-                      ).astype(np.int64)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -71,7 +71,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--storage-options", default="{}",
                    help='JSON fsspec options for s3:// stores and indexes, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'')
     args = p.parse_args(argv)
-    from .embed import parse_storage_options
+    from .common import parse_storage_options
 
     storage = parse_storage_options(args.storage_options)
     _check_args(args)

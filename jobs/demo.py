@@ -1,5 +1,12 @@
 """``reco demo``: the README's main command, end to end on the real data in ../shared/data.
 
+Default (``--dataset camvid``): the street-scene exemplar protocol (cluster/demo_street.py):
+exemplar crops from camvid-train, the 101 labelled camvid-val frames segmented, every figure
+printed beside its floor (trivial baselines) and ceiling (supervised prototypes on the same
+features), overlays, legend and an HTML page that says which mode ran. A few minutes on 2 cores.
+
+``--dataset voc``: the VOC sample, with the Ray jobs (bank build, pseudo-labelling):
+
 1. Archives for the VOC classes (minus background) from the unlabelled 1000-image archive:
    by CLIP text->image retrieval when CLIP weights are given, otherwise from the hand-written
    exemplar mapping ``jobs/data/voc_exemplars.yaml``.
@@ -39,7 +46,11 @@ CLIP_BACKGROUND_CONCEPTS = ("sky", "tree", "building", "road", "grass", "water",
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reco demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-root", default="../shared/data", help="folder holding imagenet-sample/ and voc-sample/")
+    p.add_argument("--dataset", default="camvid", choices=("camvid", "voc"),
+                   help="camvid: street scenes, exemplar crops from camvid-train (default); voc: the VOC sample")
+    p.add_argument("--overlays", type=int, default=8, help="--dataset camvid: overlays written")
+    p.add_argument("--data-root", default="../shared/data",
+                   help="folder holding camvid-train/, camvid-val/, imagenet-sample/ and voc-sample/")
     p.add_argument("--out", default="outputs/demo", help="output folder (bank, labels, overlays, report)")
     p.add_argument("--config", help="YAML with optional `bank:` and `segmenter:` sections (strict keys)")
     p.add_argument("--ray-config", default=None,
@@ -86,10 +97,42 @@ def _voc(data_root: Path, limit: Optional[int]):
     return classes, items
 
 
+def _street(args, data_root: Path) -> int:
+    from cluster.demo_street import figure_rows, street_demo
+
+    if args.clip_model or args.index or args.calibration_images:
+        raise ConfigError("--clip-model / --index / --calibration-images belong to the VOC demo (--dataset voc)")
+    from reco.config import preset
+
+    # the configuration leave-one-drive-out CV inside camvid-train chose (docs/results.md)
+    user = _load_yaml(args.config)
+    base_bank, base_seg = preset("reco-paper")
+    bank_cfg = from_dict(BankConfig, {**to_dict(base_bank), **(user.get("bank") or {})}, "bank")
+    if args.k:
+        bank_cfg = replace(bank_cfg, k=args.k)
+    seg_cfg = from_dict(SegmenterConfig, {**to_dict(base_seg), **(user.get("segmenter") or {})}, "segmenter")
+    if args.crf and seg_cfg.crf is None:
+        seg_cfg = replace(seg_cfg, crf=CRFConfig())
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    report = street_demo(data_root, out, bank_cfg, seg_cfg, args.overlays, args.dense_encoder, args.dense_weights,
+                         args.limit)
+    logger.info("mode: exemplar crops from camvid-train, reference matching only, configuration reco-paper "
+                "(chosen by leave-one-drive-out CV inside camvid-train); CLIP absent")
+    for label, miou, acc in figure_rows(report):
+        logger.info("%-70s mIoU %6s%%  pixel accuracy %6s%%", label, miou, acc)
+    logger.info("page: %s", out / "index.html")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     t_start = time.perf_counter()
     data_root = Path(args.data_root).expanduser().resolve()
+    if args.overlays < 0 or (args.limit is not None and args.limit < 1):
+        raise ConfigError("--overlays must be >= 0 and --limit >= 1")
+    if args.dataset == "camvid":
+        return _street(args, data_root)
     archive_dir = data_root / "imagenet-sample"
     if not archive_dir.is_dir():
         raise FileNotFoundError(f"{archive_dir} not found: pass --data-root pointing at shared/data")
@@ -220,6 +263,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "total_seconds": time.perf_counter() - t_start,
         "retrieval": retrieval,
     }
+    report.update(_voc_floors(data_root, [r["id"] for r in ok], encoders, seg_cfg, bank, background_concepts))
     (out / "report.json").write_text(json.dumps(report, indent=2))
     resolved = {
         "bank": to_dict(bank_cfg), "segmenter": to_dict(seg_cfg), "encoders": to_dict(encoders),
@@ -231,8 +275,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     logger.info("protocol: %s", protocol)
     logger.info("mIoU %.2f%%  pixel accuracy %.2f%%  (%d images, %d skipped, %d failed: rerun to retry)",
                 100 * metrics.miou, 100 * metrics.pixel_accuracy, len(ok), len(skipped), len(failed))
+    for label, b in [("ceiling: supervised prototypes (leave one image out)", report["ceiling"])] + [
+            ("floor: " + k, v) for k, v in report["baselines"].items()]:
+        logger.info("%-70s mIoU %6.2f%%  pixel accuracy %6.2f%%", label, 100 * b["miou"], 100 * b["pixel_accuracy"])
     logger.info("report: %s  |  page: %s", out / "report.json", out / "index.html")
     return 0
+
+
+def _voc_floors(data_root: Path, ids: Sequence[str], encoders: EncoderSpec, seg_cfg: SegmenterConfig, bank,
+                background_concepts: Sequence[str]) -> Dict:
+    """Floors (all-background, majority class and per-pixel prior of the other images) and the
+    supervised-prototype ceiling (the other images' labels, same features) of the VOC demo."""
+    from cluster.evaluate import Protocol
+    from cluster.evaluation_floors import baselines, ceiling_loo
+    from index.datasets import open_dataset
+
+    spec, items = open_dataset("voc", str(data_root / "voc-sample"))
+    items = [it for it in items if it.id in set(ids) or it.id.split("/")[-1] in set(ids)]
+    dense, _, _ = replace(encoders, clip_model=None).load()
+    full = Protocol("full")
+    return {"baselines": baselines(spec, None, items, full, None, loo=True),
+            "ceiling": ceiling_loo(spec, items, dense, None, replace(seg_cfg, crf=None), full, list(background_concepts),
+                                   {}, None, bank)}
 
 
 def _calibrate(bank, bank_dir: Path, archive: Sequence[str], n: int, encoders: EncoderSpec, cluster_cfg):
@@ -293,7 +357,7 @@ def _retrieve(archive_dir, targets, encoders, bank_cfg, cluster_cfg, out: Path, 
     context = list(bank_cfg.context_concepts) if bank_cfg.context_elimination else []
     queries = list(dict.fromkeys(list(targets) + background + context))
 
-    from .build_bank import text_embeddings_remote
+    from cluster.bank_inputs import text_embeddings_remote
 
     texts = text_embeddings_remote(encoders, {q: () for q in queries})
     text = np.stack([texts[q].numpy() for q in queries])
@@ -325,7 +389,10 @@ def _write_html(out: Path, report: Dict, rows, classes: Sequence[str]) -> None:
 <style>body{{font-family:sans-serif;margin:2em}}img{{max-width:100%}}figure{{margin:1em 0}}
 table{{border-collapse:collapse}}td{{border:1px solid #ccc;padding:2px 8px}}</style></head><body>
 <h1>reco-cluster demo</h1>
-<p><b>mIoU {100 * report['miou']:.2f}%</b>, pixel accuracy {100 * report['pixel_accuracy']:.2f}%</p>
+<p><b>mIoU {100 * report['miou']:.2f}%</b>, pixel accuracy {100 * report['pixel_accuracy']:.2f}%
+(ceiling, supervised prototypes: {100 * report['ceiling']['miou']:.2f}% / {100 * report['ceiling']['pixel_accuracy']:.2f}%;
+floors: {esc(', '.join(f"{k} {100 * v['miou']:.2f}% / {100 * v['pixel_accuracy']:.2f}%"
+                        for k, v in report['baselines'].items()))})</p>
 <p>Protocol: {esc(report['protocol'])}</p><ul>{mode}</ul>
 <table><tr><th>class</th><th>IoU %</th></tr>{iou_rows}</table>
 <h2>Colour legend</h2>{legend}{imgs}</body></html>"""

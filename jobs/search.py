@@ -99,7 +99,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--storage-options", default="{}",
                    help="JSON fsspec options for an s3:// index, its store (--exact) and the images (--contact-sheet)")
     args = p.parse_args(argv)
-    from .embed import parse_storage_options
+    from .common import parse_storage_options
 
     storage = parse_storage_options(args.storage_options)
     _check_args(args)

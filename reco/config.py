@@ -43,7 +43,7 @@ class CRFConfig:
                 raise ConfigError(f"crf.{name} must be > 0, got {getattr(self, name)}")
 
 
-CONTEXT_ORDERS: Tuple[str, ...] = ("given", "archive-size", "confidence")
+CONTEXT_ORDERS: Tuple[str, ...] = ("given", "archive-size", "confidence", "ownership")
 CALIBRATIONS: Tuple[str, ...] = ("none", "archive", "archive-threshold")
 
 
@@ -78,6 +78,12 @@ class BankConfig:
     # sharp weight removes what an earlier concept explains and keeps the rest.
     peel_temperature: float = 20.0
     peel_offset: float = 0.6
+    # context_order "ownership" (reco.vocabulary): a concept peels only when its reference claims
+    # more of its own archive than of any other concept's archive by more than this margin.
+    own_margin: float = 0.0
+    # ... and whether owners peel the owners built before them (False: an owner keeps its plain
+    # co-segmentation; only the diffuse concepts are built with the owners peeled off).
+    owners_peel: bool = True
     # The same weight for the paper's context concepts (context archives); the paper: 1 and 0.
     context_temperature: float = 1.0
     context_offset: float = 0.0

@@ -273,11 +273,12 @@ def test_exemplars_from_split_with_baselines_ceiling_and_cv(tmp_path, tiny_dense
                  "--dense-encoder", "dino_vits16", "--dense-weights", str(tiny_dense_path),
                  "--cache-features", *_enc_args()]) == 0
     r = json.loads((out / "report.json").read_text())
-    assert r["split"]["archive_half"] == ["images/f0.jpg", "images/f1.jpg", "images/f2.jpg"]
-    assert r["split"]["evaluation_half"] == ["images/f3.jpg", "images/f4.jpg", "images/f5.jpg"]
+    assert r["archives"]["archive_items"] == ["images/f0.jpg", "images/f1.jpg", "images/f2.jpg"]
+    assert r["archives"]["scored_items"] == ["images/f3.jpg", "images/f4.jpg", "images/f5.jpg"]
+    assert r["archives"]["mode"] == "frames"
     # sky in all three (equal coverage but for the void pixel of each: ties by id), road in f1,
     # tree in f0 and f2; the car covers 0.5% of f2: below the 1% rule, no archive
-    arch = r["split"]["archives"]
+    arch = r["archives"]["archives"]
     assert arch["road"] == ["images/f1.jpg"] and sorted(arch["tree"]) == ["images/f0.jpg", "images/f2.jpg"]
     assert arch["sky"][0] == "images/f0.jpg" and "car" not in arch
     assert "car" in r["bank"]["classes_without_archive"]
@@ -293,6 +294,35 @@ def test_exemplars_from_split_with_baselines_ceiling_and_cv(tmp_path, tiny_dense
     assert prior["miou"] is not None and 0 <= prior["pixel_accuracy"] <= 1
     assert r["ceiling"]["classes_seen"] and r["ceiling"]["seconds_per_image"] > 0
     assert 0 <= r["cv"]["miou"] <= 1 and len(r["cv"]["fold_miou"]) == 2
+
+
+def test_archives_from_another_root_crops_and_drive_cv(tmp_path, tiny_dense_path):
+    """--archives-from: archives cut from another labelled folder (crops: each class's best
+    window per frame), every image of --root scored, CV leaves one drive out, floors and ceiling
+    from the archive frames' labels."""
+    from jobs.cli import main
+
+    rng = np.random.default_rng(1)
+    arch_root, val_root = tmp_path / "train", tmp_path / "val"
+    for drive in ("A", "B"):
+        for i in range(2):
+            m = np.zeros((H, W), np.uint8)
+            m[H // 2:] = 3  # road below, sky above
+            m[:8, :8] = 2  # a pole in the top-left corner
+            _save(arch_root / f"images/{drive}_{i}.jpg", Image.fromarray(rng.integers(0, 255, (H, W, 3), np.uint8)))
+            _save(arch_root / f"masks/{drive}_{i}.png", Image.fromarray(m, "L"))
+    _coverage_dataset(val_root)
+    out = tmp_path / "out"
+    assert main(["evaluate", "--dataset", "camvid", "--root", str(val_root), "--archives-from", str(arch_root),
+                 "--crop-size", "16", "--crop-stride", "8", "--out", str(out), "--protocol", "full", "--baselines",
+                 "--ceiling", "--cv", "--config", str(_small_cfg(tmp_path)), "--dense-encoder", "dino_vits16",
+                 "--dense-weights", str(tiny_dense_path), *_enc_args()]) == 0
+    r = json.loads((out / "report.json").read_text())
+    assert r["archives"]["mode"] == "crops" and r["images"]["evaluated"] == 6
+    assert r["archives"]["archives"]["pole"][0] == "images/A_0.jpg@0,0,16,16"  # the window holding the pole
+    assert r["bank"]["archive_share"]["road"] == 1.0
+    assert set(r["cv"]["fold_miou"]) == {"A", "B"} and r["cv"]["folds"] == "leave one drive out"
+    assert "all-majority-class (archive frames)" in r["baselines"] and r["ceiling"]["classes_seen"]
 
 
 def _small_cfg(tmp_path: Path) -> Path:
@@ -347,12 +377,44 @@ def test_evaluate_refuses_inconsistent_arguments(tmp_path, tiny_dense, caplog):
     bank = _bank_for(["road", "sky"], tiny_dense, tmp_path / "bank")
     base = ["evaluate", "--dataset", "camvid", "--root", str(root), "--out", str(tmp_path / "o"), *_enc_args()]
     assert main(base + ["--bank", str(bank), "--cv"]) == 2
-    assert "exemplars-from-split" in caplog.text
+    assert "--archives-from" in caplog.text
     assert main(base + ["--bank", str(bank), "--set", "bank.nonsense=1"]) == 2
     assert "bank.nonsense" in caplog.text
     assert main(base + ["--bank", str(bank), "--background-threshold", "0.5"]) == 2
     assert "no background class" in caplog.text
     assert main(["evaluate", "--dataset", "camvid", "--root", str(tmp_path / "nothing"), "--bank", str(bank)]) == 2
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--limit", "0"], "--limit must be >= 1"),
+    (["--limit", "-2"], "--limit must be >= 1"),
+    (["--background-threshold", "nan"], "--background-threshold must be a number in [0, 1]"),
+    (["--background-threshold", "1.5"], "--background-threshold must be a number in [0, 1]"),
+    (["--archive-mode", "crops"], "--archive-mode needs"),
+    (["--crop-size", "0"], "--crop-size must be >= 1"),
+])
+def test_evaluate_refuses_bad_values_in_one_line(tmp_path, caplog, extra, says):
+    """Issue 16: refused before any work, one line on stderr, exit 2."""
+    from jobs.cli import main
+
+    root = make_dataset(tmp_path / "data", "camvid")
+    assert main(["evaluate", "--dataset", "camvid", "--root", str(root), "--bank", str(tmp_path / "no-bank"),
+                 "--out", str(tmp_path / "o"), *extra]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and says in errors[0] and "\n" not in errors[0]
+
+
+def test_evaluate_out_naming_a_file_is_one_line(tmp_path, caplog):
+    from jobs.cli import main
+
+    root = make_dataset(tmp_path / "data", "camvid")
+    f = tmp_path / "report.txt"
+    f.write_text("x")
+    assert main(["evaluate", "--dataset", "camvid", "--root", str(root), "--bank", str(tmp_path / "b"),
+                 "--out", str(f)]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "is an existing file" in errors[0] and "\n" not in errors[0]
+    assert f.read_text() == "x"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -537,7 +599,7 @@ def test_in_domain_protocol_with_model_records_training_overlap(tmp_path, tiny_d
         assert main(base + ["--model", str(run), "--out", str(out)]) == 0
         r = json.loads((out / "report.json").read_text())
         assert r["reco"]["images"]["evaluated"] == r["reco_plus"]["images"]["evaluated"] == 3
-        assert r["comparison"]["images"] == r["split"]["evaluation_half"]
+        assert r["comparison"]["images"] == r["archives"]["scored_items"]
         td = r["reco_plus"]["model"]["training_data"]
         assert td["images"] == len(archive) + overlap and td["scored_images_trained_on"] == overlap
         assert td["overlap_ids"] == ([items[4].id] if overlap else [])

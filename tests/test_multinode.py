@@ -515,9 +515,9 @@ def test_build_bank_survives_losing_the_worker_node(workers, ray_config, tiny_de
         n = 0
         for part in (out / PARTS_DIR).glob("part-*.safetensors") if (out / PARTS_DIR).is_dir() else []:
             with contextlib.suppress(OSError, ValueError, KeyError):
-                from reco.bank import _safetensors_metadata
+                from reco.bank import safetensors_metadata
 
-                n += len(json.loads(_safetensors_metadata(part.read_bytes())["reco_bank_part"]))
+                n += len(json.loads(safetensors_metadata(part.read_bytes())["reco_bank_part"]))
         return n
 
     job = Job(workers.cluster, ["build-bank", "--vocab", vocab, "--exemplars", ex, "--out", out, "--config", cfg,
