@@ -350,6 +350,20 @@ def _finish_report(report: BankJobReport) -> None:
     r.extra.update(parts_committed=report.parts_committed, left_for_rerun=report.left_for_rerun)
 
 
+#: failures logged one line each; past this the count is in the report and in one summary line
+#: (a vocabulary of 10,000 names that all fail must not write megabytes of warnings)
+LOGGED_FAILURES = 20
+
+
+def _log_failure(report: "BankJobReport", line: str) -> None:
+    """Log a failure the report has just counted (the first :data:`LOGGED_FAILURES` of a run)."""
+    n = len(report.failed) + len(report.failed_transient)
+    if n <= LOGGED_FAILURES:
+        logger.warning("%s", line)
+    elif n == LOGGED_FAILURES + 1:
+        logger.warning("more concepts failed: further failures are counted in job_report.json, not logged")
+
+
 def _record(name: str, ref: Optional[ConceptReference], info: Mapping[str, Any], task: ConceptTask,
             rows: Mapping[str, Dict[str, Any]], digest: str, report: BankJobReport) -> Optional[Dict[str, Any]]:
     """The table row of a finished concept, or None (reported) when an archive image failed
@@ -359,7 +373,7 @@ def _record(name: str, ref: Optional[ConceptReference], info: Mapping[str, Any],
     if read.get("failed"):
         report.report.fail_transient(name, f"{read['failed']} archive image(s) unreadable now: " +
                                      "; ".join(f"{u}: {r}" for u, r in list(read["failed_files"].items())[:3]))
-        logger.warning("concept %s left for a rerun: %s", name, report.failed_transient[name])
+        _log_failure(report, f"concept {name} left for a rerun: {report.failed_transient[name]}")
         return None
     row = _row(name, "target", ref, info, task, digest)
     if ref is not None and ref.reused_context:  # keep the context build's seeds and archive
@@ -368,7 +382,7 @@ def _record(name: str, ref: Optional[ConceptReference], info: Mapping[str, Any],
                                             "images_skipped", "language_guidance")})
     if ref is None:
         report.report.skip(name, row["error"])
-        logger.warning("concept %s failed: %s", name, row["error"])
+        _log_failure(report, f"concept {name} failed: {row['error']}")
     else:
         report.built += 1
     return row

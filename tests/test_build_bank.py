@@ -299,3 +299,22 @@ def test_cli_build_bank_mostly_failed_exits_non_zero_and_reports_failed(ray_loca
     assert main([*args, "--ray-config", str(lenient)]) == 0
     job = json.loads((out / "job_report.json").read_text())
     assert job["status"] == "ok" and job["inputs"]["already_done"] == 3 and job["max_failed_fraction"] == 0.9
+
+
+def test_failed_concepts_are_logged_once_each_up_to_a_cap_then_only_counted(caplog):
+    """#16: 10,000 failing names wrote 1.1 MB of warnings; the first LOGGED_FAILURES are logged, then
+    one line says the rest are only counted (all of them are still in the report)."""
+    import logging
+
+    from cluster.bank_job import LOGGED_FAILURES, BankJobReport, _log_failure
+    from index.report import JobReport
+
+    report = BankJobReport(JobReport("build-bank", unit="concepts"))
+    with caplog.at_level(logging.WARNING, logger="cluster.bank_job"):
+        for i in range(300):
+            report.report.skip(f"c{i:04d}", "empty archive")
+            _log_failure(report, f"concept c{i:04d} failed: empty archive")
+    lines = [r.getMessage() for r in caplog.records if r.name == "cluster.bank_job"]
+    assert len(lines) == LOGGED_FAILURES + 1
+    assert lines[0] == "concept c0000 failed: empty archive" and "not logged" in lines[-1]
+    assert len(report.failed) == 300
