@@ -57,11 +57,11 @@ def text_embeddings_remote(encoders, synonyms: Dict[str, Tuple[str, ...]]) -> Di
     def _embed(spec, names_syn):
         import torch
 
-        from cluster.models import _node_local
+        from cluster.models import node_local
         from reco.encoders import create_clip
         from reco.text import text_embeddings
 
-        clip = create_clip(spec.clip_model, _node_local(spec.clip_weights), device=spec.resolve_device())
+        clip = create_clip(spec.clip_model, node_local(spec.clip_weights), device=spec.resolve_device())
         out = {}
         for n, syn in names_syn.items():
             e = text_embeddings(clip.encode_text, [n, *syn])

@@ -176,10 +176,10 @@ class _Committed:
     def update(self) -> "_Committed":
         from safetensors.torch import load
 
-        from reco.bank import _safetensors_metadata
+        from reco.bank import safetensors_metadata
 
         for part, data in self.parts.read_new():
-            part_rows = json.loads(_safetensors_metadata(data)[_HEADER])
+            part_rows = json.loads(safetensors_metadata(data)[_HEADER])
             tensors = load(data)
             stacked = tensors.get("references")  # parts written before per-concept tensors
             k = 0
@@ -422,7 +422,7 @@ def _build_chain(tasks, rows, refs, context, workers, config: BankConfig, digest
     from ray.util import ActorPool
     from tqdm import tqdm
 
-    from reco.bank import ConceptBuilder, _reused, build_order
+    from reco.bank import ConceptBuilder, build_order, reused_reference
     from reco.errors import ReCoError
 
     by_name = {t.name: t for t in tasks}
@@ -477,7 +477,7 @@ def _build_chain(tasks, rows, refs, context, workers, config: BankConfig, digest
     bar = tqdm(pending, desc="concepts (peeling chain)", unit="concept")
     for i, t in enumerate(bar):
         if t.name in context:  # also a context concept: reuses that reference as it is
-            ref: Optional[ConceptReference] = _reused(t.name, context[t.name])
+            ref: Optional[ConceptReference] = reused_reference(t.name, context[t.name])
             info: Dict[str, Any] = {"name": t.name, "archive": [], "read": {}, "seconds": 0.0}
         else:
             top_up()

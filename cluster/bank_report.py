@@ -130,14 +130,14 @@ def _heatmaps(bank_uri: str, storage_options) -> Dict[str, np.ndarray]:
     """{kind:name: (k, h, w) co-segmentation scores} from the bank's parts, where stored."""
     from .bank_job import PARTS_DIR, _HEADER
     from index.storage import join, list_files, read_bytes
-    from reco.bank import _safetensors_metadata
+    from reco.bank import safetensors_metadata
 
     out: Dict[str, np.ndarray] = {}
     for part in list_files(join(bank_uri, PARTS_DIR), storage_options, suffix=".safetensors"):
         from safetensors.torch import load
 
         data = read_bytes(part, storage_options)
-        rows = json.loads(_safetensors_metadata(data)[_HEADER])
+        rows = json.loads(safetensors_metadata(data)[_HEADER])
         tensors = load(data)
         for r in rows:
             key = f"{r['kind']}:{r['name']}"

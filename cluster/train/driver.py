@@ -41,7 +41,9 @@ import torch
 from reco.config import to_dict
 from reco.errors import ConfigError, WeightsNotFoundError
 
-from .checkpoint import _fsspec, checkpoint_segmodel, list_checkpoints, read_checkpoint_state, survey, verify_checkpoint
+from index.storage import filesystem
+
+from .checkpoint import checkpoint_segmodel, list_checkpoints, read_checkpoint_state, survey, verify_checkpoint
 from .config import CONFIG_FILE, DIVERGED_FILE, MODEL_DIR, PLOT_FILE, REPORT_FILE, SETTINGS_FILE, LoopConfig, \
     TrainConfig, config_hash
 from .data import PseudoLabels, read_pseudo_labels, split_holdout
@@ -64,7 +66,7 @@ class TrainResult:
 def _ray_storage(storage_uri: str, storage_options):
     """(storage_path, storage_filesystem) for ``RunConfig``: local paths as they are, fsspec URLs
     through a pyarrow ``PyFileSystem(FSSpecHandler(...))`` carrying the storage options."""
-    from index.storage import is_url, local_path
+    from index.storage import filesystem, is_url, local_path
 
     if not is_url(storage_uri):
         p = local_path(storage_uri).resolve()
@@ -72,7 +74,7 @@ def _ray_storage(storage_uri: str, storage_options):
         return str(p), None
     import pyarrow.fs as pafs
 
-    fs, path = _fsspec(storage_uri, storage_options)
+    fs, path = filesystem(storage_uri, storage_options)
     return path, pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
@@ -204,8 +206,8 @@ def _set_damaged_aside(plan: TrainPlan) -> None:
     for name, _ in plan.damaged:
         src, dst = join(plan.run_uri, name), join(plan.run_uri, DAMAGED_DIR, f"{name}.{int(time.time())}")
         if is_url(src):
-            fs, path = _fsspec(src, plan.storage_options)
-            fs.mv(path, _fsspec(dst, plan.storage_options)[1], recursive=True)
+            fs, path = filesystem(src, plan.storage_options)
+            fs.mv(path, filesystem(dst, plan.storage_options)[1], recursive=True)
         else:
             local_path(dst).parent.mkdir(parents=True, exist_ok=True)
             os.replace(local_path(src), local_path(dst))
@@ -225,7 +227,7 @@ def _forget_run(run_uri: str, storage_options) -> None:
     for name in names:
         uri = join(run_uri, name)
         if is_url(uri):
-            fs, path = _fsspec(uri, storage_options)
+            fs, path = filesystem(uri, storage_options)
             if fs.exists(path):
                 fs.rm(path, recursive=True)
         else:
