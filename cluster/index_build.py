@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -42,13 +41,12 @@ from index.store import EmbeddingStore, ShardRecord
 from index.vectors import VectorSource
 from reco.errors import ConfigError
 
+from . import faults
 from .index_config import IndexClusterConfig
 
 logger = logging.getLogger(__name__)
 
 IVFDATA_FILE = "index.ivfdata"
-#: seconds each part task waits before its work (fault-injection tests only; unset: none)
-DELAY_ENV = "RECO_INDEX_PART_DELAY_S"
 
 
 def _store_root(store: EmbeddingStore) -> str:
@@ -75,7 +73,7 @@ def _part_task(root: str, storage_options: Dict[str, Any], plan: P.PartPlan, tra
                trained_refine: Optional[bytes], parts) -> Dict[str, Any]:
     """Fill one part and create its file(s) exactly once (``parts``: :class:`index.output.Parts`)."""
     t = time.perf_counter()
-    time.sleep(float(os.environ.get(DELAY_ENV, "0") or 0))  # fault tests: hold the part long enough to be killed
+    faults.fire("index.part", plan.name)
     store = _open_store(root, storage_options)
     source = VectorSource.from_store(store, [_shard(s) for s in plan.shards])
     base, refine = P.fill_part(trained, trained_refine, source, plan.first_row)
