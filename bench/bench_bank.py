@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import write_results
+from bench.common import load_note, write_results
 
 logging.basicConfig(level=logging.WARNING)
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,12 +151,7 @@ def main() -> None:
           + (f"Sum of parts per concept (one process, all threads, mean of {args.parts_sample} concepts): "
              f"read+decode {read:.2f} s, dense features {feat:.2f} s, co-segmentation {coseg:.2f} s.\n"
              if read else ""))
-    import os
-
-    load = os.getloadavg()
-    results["load_average_end"] = load
-    md += (f"\nLoad average (1/5/15 min) at the end: {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} on "
-           f"{os.cpu_count()} cores; above ~2 the machine was shared and the ratios are not reliable.\n")
+    md += load_note(results)
     path = write_results("bank", results, md)
     print(md)
     print(f"written: {path}")

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import write_results
+from bench.common import load_note, write_results
 
 logging.basicConfig(level=logging.WARNING)
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,11 +88,7 @@ def main() -> None:
           "'in actor' is the per-image time the actors measured.\n\n"
           "| path | images | wall s | images/s | ratio to in-process | peak RSS per actor MB |\n|---|---|---|---|---|---|\n"
           + "\n".join(rows) + "\n")
-    import os
-
-    load = os.getloadavg()
-    md += (f"\nLoad average (1/5/15 min) at the end: {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} on "
-           f"{os.cpu_count()} cores; above ~2 the machine was shared and the ratios are not reliable.\n")
+    md += load_note(results)
     path = write_results("pseudo_label", results, md)
     print(md)
     print(f"written: {path}")

@@ -50,6 +50,15 @@ def run_isolated(code: str) -> Dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def load_note(results: Dict[str, Any]) -> str:
+    """The 1/5/15-min load average now, recorded in ``results`` and as a markdown paragraph (the
+    machine is shared: a high load makes timing ratios unreliable)."""
+    load = os.getloadavg()
+    results["load_average_end"] = load
+    return (f"\nLoad average (1/5/15 min) at the end: {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} on "
+            f"{os.cpu_count()} cores; above ~2 the machine was shared and the ratios are not reliable.\n")
+
+
 def write_results(name: str, results: Dict[str, Any], markdown: str) -> Path:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     results = {"benchmark": name, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(), **results}

@@ -7,6 +7,8 @@ costs one dictionary lookup and does nothing::
     faults.fire("embed.batch", n)              # cluster/embed.py, after each embedded batch
     faults.fire("segment.batch", n)            # cluster/segment.py, after each segmented batch
     faults.fire("train.step", step, rank)      # cluster/train/loop.py, after each step (and its checkpoint)
+    faults.fire("index.part", name)            # cluster/index_build.py, before each index part is filled
+    faults.fire("exact.block", n)              # cluster/retrieval.py, before each block of shards is scored
 
 A test in the same process registers a hook (``faults.register("bank.concept", fn)``, removed by
 :func:`clear`). Jobs under test often run in other processes (a job started as a subprocess, its

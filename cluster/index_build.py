@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -38,17 +37,18 @@ from index.faiss_index import (
     store_refined,
 )
 from index.output import ResumableOutput
+from index.report import JobReport
 from index.store import EmbeddingStore, ShardRecord
 from index.vectors import VectorSource
 from reco.errors import ConfigError
 
+from . import faults
 from .index_config import IndexClusterConfig
+from .report import job_report, peak_memory
 
 logger = logging.getLogger(__name__)
 
 IVFDATA_FILE = "index.ivfdata"
-#: seconds each part task waits before its work (fault-injection tests only; unset: none)
-DELAY_ENV = "RECO_INDEX_PART_DELAY_S"
 
 
 def _store_root(store: EmbeddingStore) -> str:
@@ -75,7 +75,7 @@ def _part_task(root: str, storage_options: Dict[str, Any], plan: P.PartPlan, tra
                trained_refine: Optional[bytes], parts) -> Dict[str, Any]:
     """Fill one part and create its file(s) exactly once (``parts``: :class:`index.output.Parts`)."""
     t = time.perf_counter()
-    time.sleep(float(os.environ.get(DELAY_ENV, "0") or 0))  # fault tests: hold the part long enough to be killed
+    faults.fire("index.part", plan.name)
     store = _open_store(root, storage_options)
     source = VectorSource.from_store(store, [_shard(s) for s in plan.shards])
     base, refine = P.fill_part(trained, trained_refine, source, plan.first_row)
@@ -125,9 +125,11 @@ def build_index_parts(store: EmbeddingStore, out: str, factory: Optional[str] = 
                       allow_low_recall: bool = False, num_queries: int = 1000, train_size: Optional[int] = None,
                       seed: int = 0, cfg: IndexClusterConfig = IndexClusterConfig(),
                       storage_options: Optional[Dict[str, Any]] = None, update: bool = False,
-                      text_queries: Optional[np.ndarray] = None) -> IndexReport:
+                      text_queries: Optional[np.ndarray] = None,
+                      job_config: Optional[Dict[str, Any]] = None) -> IndexReport:
     """Build (or ``update``) the index at ``out`` from ``store`` with Ray tasks; returns the report
-    also written to ``index.json``. Ray must be initialised."""
+    also written to ``index.json``; the uniform job report (config ``job_config``) is written
+    beside it (``job_report.json``). Ray must be initialised."""
     import ray
 
     from index.catalog import write_rows_table
@@ -205,10 +207,27 @@ def build_index_parts(store: EmbeddingStore, out: str, factory: Optional[str] = 
             save_index(index, rep, out, extra, so)
         else:
             _save_meta_only(index, rep, out, extra, so, write_index=layout == "ondisk")
+        output.write_report(_job_report(rep, extra, done, job_config))
     logger.info("index in %d parts (%s layout): %d rows, %d parts written now, %d kept from before",
                 len(plans), layout, source.n, extra["build_stages"]["parts_written"],
                 extra["build_stages"]["parts_reused"])
     return rep
+
+
+def _job_report(rep: IndexReport, extra: Dict[str, Any], done: List[Dict[str, Any]],
+                config: Optional[Dict[str, Any]]) -> JobReport:
+    """The uniform report of a build in parts: vectors indexed, parts written now or kept, stages."""
+    stages = extra["build_stages"]
+    written = sum(d["rows"] for d in done if d["written"])
+    return job_report(
+        "build-index", unit="vectors", config=config, seen=rep.n, processed=written, already_done=rep.n - written,
+        seconds=rep.build_seconds,
+        stages={"train quantiser": stages["train_s"], "fill parts (Ray tasks)": (stages["parts_s"], written),
+                "build (train, parts, merge, tune, evaluate)": (rep.build_seconds, rep.n)},
+        memory={"driver (index build)": peak_memory()},
+        extra={"factory": rep.factory, "layout": extra["layout"], "parts": len(extra["parts"]),
+               "parts_written": stages["parts_written"], "parts_reused": stages["parts_reused"],
+               f"recall_at_{rep.k}": rep.recall_at_10, "target_met": rep.target_met, "index_bytes": rep.index_bytes})
 
 
 def _run_parts(plans: Sequence[P.PartPlan], output: ResumableOutput, root: str, so: Dict[str, Any], trained: bytes,

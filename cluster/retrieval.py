@@ -25,12 +25,12 @@ from index import topk
 from index.retriever import Retriever, SearchResult
 from index.store import EmbeddingStore, ShardRecord
 
+from . import faults
+
 logger = logging.getLogger(__name__)
 
 #: corpus rows scored per matmul inside a shard: bounds the (Q, rows) float32 score block
 SCORE_BYTES = 256 << 20
-#: seconds each shard's scoring waits first (fault-injection tests only; unset: none)
-DELAY_ENV = "RECO_EXACT_DELAY_S"
 
 
 @dataclass(frozen=True)
@@ -65,11 +65,9 @@ def shard_topk(store: EmbeddingStore, shard: ShardRecord, first_row: int, querie
 def _score_batch(batch: Dict[str, np.ndarray], root: str, storage_options: Dict[str, Any], qref: list, k: int,
                  device: Optional[str]) -> Dict[str, np.ndarray]:
     """Ray Data map_batches function: one row per shard in, one (Q, k) partial list per shard out."""
-    import os
-
     import ray
 
-    time.sleep(float(os.environ.get(DELAY_ENV, "0") or 0))  # fault tests: hold the block long enough to be killed
+    faults.fire("exact.block", len(batch["index"]))
     queries = ray.get(qref[0])
     store = EmbeddingStore(root, storage_options=storage_options)
     scores, rows = [], []

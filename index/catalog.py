@@ -197,7 +197,8 @@ def open_retriever(index_dir: os.PathLike | str, exact: bool = False, storage_op
         if sids != ids:
             raise ValueError(f"store {meta['store']} changed since the index was built: rebuild it")
         return ExactRetriever(emb, ids), uris, meta
-    if index is None:
+    if index is None:  # load_index left the parts out for serve_parts to serve
+        assert serve_parts is not None
         index = serve_parts(str(index_dir), meta, ids)
     if split_refine(meta["report"]["factory"])[1] == STORE:  # PQ proposes, the store re-ranks
         from .rerank import StoreRefine, StoreRows, indexed_shards

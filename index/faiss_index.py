@@ -223,12 +223,13 @@ def _tune(index, factory: str, queries, q_rows, truth, k: int, target: float, gp
     """
     param = _search_param_name(factory)
     _, refine = split_refine(factory)
+    values: List[Optional[int]]
     if param == "nprobe":
         cap = min(_nlist(factory), GPU_MAX_NPROBE) if gpu else _nlist(factory)
-        values, v = [], 1
-        while v < cap:
-            values.append(v)
-            v *= 2
+        values, probes = [], 1
+        while probes < cap:
+            values.append(probes)
+            probes *= 2
         values.append(cap)
     elif param == "efSearch":
         values = [16 << i for i in range(9)]  # 16 .. 4096
@@ -236,24 +237,30 @@ def _tune(index, factory: str, queries, q_rows, truth, k: int, target: float, gp
         values = [None]
     kfs: Sequence[Optional[int]] = K_FACTORS if refine is not None else (None,)
 
-    def run(v, kf) -> float:
-        if v is not None:
-            _set_search_param(index, param, v)
+    def setting(v: Optional[int], kf: Optional[int]) -> Dict[str, int]:
+        out: Dict[str, int] = {}
+        if param is not None and v is not None:
+            out[param] = v
         if kf is not None:
-            _set_search_param(index, "k_factor", kf)
+            out["k_factor"] = kf
+        return out
+
+    def run(params: Dict[str, int]) -> float:
+        for name, value in params.items():
+            _set_search_param(index, name, value)
         return _evaluate(index, queries, q_rows, truth, k)[1]
 
     best: Tuple[float, Dict[str, int]] = (-1.0, {})
     for v in values:
-        r_max = run(v, kfs[-1])
-        params = {**({param: v} if v is not None else {}), **({"k_factor": kfs[-1]} if kfs[-1] is not None else {})}
+        params = setting(v, kfs[-1])
+        r_max = run(params)
         if r_max > best[0]:
             best = (r_max, params)
         if r_max >= target:
             for kf in kfs[:-1]:
-                r = run(v, kf)
+                r = run(setting(v, kf))
                 if r >= target:
-                    return {**({param: v} if v is not None else {}), "k_factor": kf}, r
+                    return setting(v, kf), r
             return params, r_max
     return best[1], best[0]
 
@@ -430,16 +437,15 @@ def evaluate_index(index, source: VectorSource, factory: str, build_s: float, tr
         search_index.bytes_read, search_index.queries = 0, 0
     r1, r10, sec = _evaluate(search_index, eq, eval_self, et[:, :k], k)
     rerank_io = float(getattr(search_index, "bytes_per_query", 0.0))
-    modality = {"recall_image_at_50": _evaluate(search_index, eq, eval_self, et, k50)[1], "k50": k50,
-                "tuned_on": "text-like queries" if text is not None else "image (corpus-row) queries"}
+    recall_image_at_50 = _evaluate(search_index, eq, eval_self, et, k50)[1]
+    text_figures: Dict[str, Any] = {}  # the text-like fields of IndexReport, when text queries are given
     target_recall_seen = r10
     if text is not None:
         none = np.full(len(t_eval), -1, np.int64)
-        modality.update(
-            text_queries=len(t_eval),
-            recall_text_at_10=_evaluate(search_index, text[t_eval], none, text_truth[t_eval, :k], k)[1],
+        target_recall_seen = _evaluate(search_index, text[t_eval], none, text_truth[t_eval, :k], k)[1]
+        text_figures = dict(
+            text_queries=len(t_eval), recall_text_at_10=target_recall_seen,
             recall_text_at_50=_evaluate(search_index, text[t_eval], none, text_truth[t_eval], k50)[1])
-        target_recall_seen = modality["recall_text_at_10"]
     lat = []
     m = min(single_queries, len(eq))
     for i in range(m):
@@ -455,7 +461,8 @@ def evaluate_index(index, source: VectorSource, factory: str, build_s: float, tr
         single_query_ms=float(np.median(lat_ms)), single_query_p95_ms=float(np.percentile(lat_ms, 95)),
         queries=len(eq), tune_queries=nt, recall_at_10_tune=r10_tune, single_queries=m, search_params=params,
         target_recall=float(target_recall), target_met=bool(target_recall_seen >= target_recall), k=k,
-        train_size=ts, gpu=gpu, rerank_bytes_per_query=rerank_io, **modality,
+        train_size=ts, gpu=gpu, rerank_bytes_per_query=rerank_io, recall_image_at_50=recall_image_at_50, k50=k50,
+        tuned_on="text-like queries" if text is not None else "image (corpus-row) queries", **text_figures,
     )
     summary = (f"index {factory}: n={n} recall@1 {r1:.3f} recall@{k} {r10:.3f} on {len(eq)} evaluation queries "
                f"(params {params or 'exact'} tuned on {nt} other {rep.tuned_on}, tuning recall@{k} {r10_tune:.3f}); "

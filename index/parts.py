@@ -141,6 +141,7 @@ def merge_parts(trained: bytes, trained_refine: Optional[bytes], parts: Sequence
         base.merge_from(p, 0)
         del p
         if refine is not None:
+            assert r is not None, "a part of a refined index lacks its refine codes"
             refine.merge_from(from_bytes(r), 0)
     if refine is None:
         return base

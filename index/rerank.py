@@ -10,7 +10,7 @@ when it fits (:func:`index.faiss_factory.choose_factory`).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -28,16 +28,17 @@ def indexed_shards(store, meta: Dict[str, Any]) -> list:
     shards = list(store.shards)
     if meta.get("parts"):
         have = {(s.index, s.token): s for s in shards}
-        out = [have.get((int(d["index"]), str(d.get("token", "")))) for p in meta["parts"] for d in p["shards"]]
+        found = [have.get((int(d["index"]), str(d.get("token", "")))) for p in meta["parts"] for d in p["shards"]]
+        out = [s for s in found if s is not None]
+        complete = len(out) == len(found)
     else:
         total, out = int(meta.get("store_total", 0)), []
         for s in shards:
             if sum(x.count for x in out) >= total:
                 break
             out.append(s)
-        if sum(x.count for x in out) != total:
-            out = [None]
-    if any(s is None for s in out):
+        complete = sum(x.count for x in out) == total
+    if not complete:
         raise ValueError(f"the store {store.root} no longer holds the shards its index was built from: rebuild the index")
     return out
 
@@ -95,7 +96,8 @@ class StoreRows:
             assert dtype == np.float16 and not fortran and shape[1] == self.dim, (uri, shape, dtype)
             self._headers[si] = head.tell()
         row_bytes, base = self.dim * 2, self._headers[si]
-        starts, ends = [], []
+        starts: List[int] = []
+        ends: List[int] = []
         for r in np.unique(local):
             s = base + int(r) * row_bytes
             if ends and ends[-1] == s:

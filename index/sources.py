@@ -188,10 +188,15 @@ def list_parquet(source: str, storage_options: Optional[Mapping[str, Any]] = Non
         cols = [c for c in (id_col, None if bytes_col else path_col) if c]
         table = pf.read(columns=cols) if cols else None
         n = pf.metadata.num_rows
-        ids = [str(v) for v in table.column(id_col).to_pylist()] if id_col else [f"{posixpath.basename(f)}#{r}" for r in range(n)]
+        if id_col:
+            assert table is not None
+            ids = [str(v) for v in table.column(id_col).to_pylist()]
+        else:
+            ids = [f"{posixpath.basename(f)}#{r}" for r in range(n)]
         if bytes_col:
             uris = [f"parquet://{f}#{r}" for r in range(n)]
         else:
+            assert table is not None and path_col is not None
             uris = [str(v) for v in table.column(path_col).to_pylist()]
         items += [Item(i, u) for i, u in zip(ids, uris)]
     dup = len(items) - len({i.id for i in items})
@@ -224,7 +229,7 @@ class ParquetRowReader:
     def __init__(self, storage_options: Optional[Mapping[str, Any]] = None):
         self.storage_options = dict(storage_options or {})
         self._file: Optional[str] = None
-        self._pf = None
+        self._pf: Any = None  # pyarrow.parquet.ParquetFile of self._file
         self._bytes_col: Optional[str] = None
         self._offsets: List[int] = []
         self._group: Tuple[int, Any] = (-1, None)
@@ -251,8 +256,8 @@ class ParquetRowReader:
     def read(self, uri: str) -> bytes:
         import bisect
 
-        f, row = uri[len("parquet://"):].rsplit("#", 1)
-        row = int(row)
+        f, row_text = uri[len("parquet://"):].rsplit("#", 1)
+        row = int(row_text)
         self._open(f)
         g = bisect.bisect_right(self._offsets, row) - 1
         if g < 0 or row >= self._offsets[-1]:

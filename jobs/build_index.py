@@ -22,6 +22,8 @@ from typing import List, Optional
 
 from reco.errors import ConfigError
 
+from .common import add_cluster_args, parse_storage_options
+
 logger = logging.getLogger(__name__)
 
 
@@ -67,12 +69,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--update", action="store_true",
                    help="add the shards committed since a --parts build as new parts (same quantiser)")
     p.add_argument("--layout", choices=("merged", "ondisk", "shards"), help="override index.layout of --ray-config")
-    p.add_argument("--ray-config", help="per-stage Ray settings (default configs/cluster.yaml; index: section)")
-    p.add_argument("--storage-options", default="{}",
-                   help='JSON fsspec options for s3:// stores and indexes, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'')
+    add_cluster_args(p)  # --ray-config (its index: section) and --storage-options (s3:// stores and indexes)
     args = p.parse_args(argv)
-    from .common import parse_storage_options
-
     storage = parse_storage_options(args.storage_options)
     _check_args(args)
 
@@ -172,7 +170,7 @@ def _build_in_parts(args, store, budget: int, storage, text=None) -> int:
     init_ray(cluster.ray)
     rep = build_index_parts(store, out, args.factory, budget, args.target_recall, args.allow_low_recall,
                             args.num_queries, args.train_size, cfg=cfg, storage_options=storage, update=args.update,
-                            text_queries=text)
+                            text_queries=text, job_config=vars(args))
     logger.info("index %s over %d vectors in parts (%s): recall@%d %.3f (params %s), %.1f MB, %.1f s -> %s",
                 rep.factory, rep.n, cfg.layout, rep.k, rep.recall_at_10, rep.search_params or "{}",
                 rep.index_bytes / 2**20, rep.build_seconds, out)

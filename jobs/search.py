@@ -15,6 +15,8 @@ from typing import List, Optional
 
 from reco.errors import ConfigError
 
+from .common import add_cluster_args, parse_storage_options
+
 logger = logging.getLogger(__name__)
 _PROMPT_PREFIX = re.compile(r"^(a|an|the)?\s*(photo|picture|image) of (a |an |the )?", re.IGNORECASE)
 
@@ -95,12 +97,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--clip-model", help="override the CLIP recorded in the store")
     p.add_argument("--clip-weights")
     p.add_argument("--contact-sheet", help="write a PNG grid of the hits here")
-    p.add_argument("--ray-config", help="per-stage Ray settings (default configs/cluster.yaml): --store, served parts")
-    p.add_argument("--storage-options", default="{}",
-                   help="JSON fsspec options for an s3:// index, its store (--exact) and the images (--contact-sheet)")
+    add_cluster_args(p)  # --ray-config (--store, served parts) and --storage-options (index, store, images)
     args = p.parse_args(argv)
-    from .common import parse_storage_options
-
     storage = parse_storage_options(args.storage_options)
     _check_args(args)
 

@@ -8,7 +8,8 @@ from cluster import faults
 
 #: fault point -> the variable holding its delay in seconds (unset or 0: no delay)
 DELAYS = {"bank.concept": "RECO_TEST_BANK_DELAY_S", "embed.batch": "RECO_TEST_EMBED_DELAY_S",
-          "segment.batch": "RECO_TEST_SEGMENT_DELAY_S"}
+          "segment.batch": "RECO_TEST_SEGMENT_DELAY_S", "index.part": "RECO_TEST_INDEX_PART_DELAY_S",
+          "exact.block": "RECO_TEST_EXACT_DELAY_S"}
 
 
 def _delay(variable):

@@ -122,6 +122,25 @@ def test_two_actors_equal_sequential_and_failures_stay_alone(ray_local, exemplar
     assert again.names == bank.names
 
 
+def _crash_then_rerun(monkeypatch, exemplars, tiny_dense_path, cfg, names, out: str, crash_at: int,
+                      commit_every: int):
+    """Build-bank on two actors interrupted at the ``crash_at``-th commit, then rerun to the end:
+    (the rows committed before the crash, the bank and report of the rerun)."""
+    import cluster.bank_job as bj
+    from cluster.config import ActorConfig
+
+    real = bj._commit
+    crash_on_call(monkeypatch, bj, "_commit", crash_at)
+    with pytest.raises(KeyboardInterrupt):
+        bj.run_build_bank(_tasks(exemplars, names), _spec(tiny_dense_path), cfg, out,
+                          ActorConfig(num_actors=2, cpus_per_actor=0.5), commit_every=commit_every)
+    rows, _, _ = bj.committed(out)
+    monkeypatch.setattr(bj, "_commit", real)
+    bank, rep = bj.run_build_bank(_tasks(exemplars, names), _spec(tiny_dense_path), cfg, out,
+                                  ActorConfig(num_actors=2, cpus_per_actor=0.5), commit_every=commit_every)
+    return rows, bank, rep
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("order", ["archive-size", "confidence"])
 def test_peeling_chain_equals_sequential_and_resumes(ray_local, exemplars, tiny_dense_path, tmp_path, monkeypatch,
@@ -129,8 +148,6 @@ def test_peeling_chain_equals_sequential_and_resumes(ray_local, exemplars, tiny_
     """The default configuration: concepts peel off the ones built before them. Two actors
     encode ahead; the chain gives exactly the one-process bank (references, prototypes,
     calibration, order), also when it is interrupted and resumed halfway."""
-    import cluster.bank_job as bj
-    from cluster.config import ActorConfig
     from reco import BankConfig
 
     cfg = BankConfig(image_size=64, block_size=64, context_order=order, seed_tokens=3, prototypes=2)
@@ -138,17 +155,9 @@ def test_peeling_chain_equals_sequential_and_resumes(ray_local, exemplars, tiny_
     names = ["cat", "dog", "hot dog", "bird", "sky", "tree"]
     local = _local_bank(exemplars, tiny_dense_path, cfg, names)
     out = str(tmp_path / "bank")
-    real = bj._commit
-    crash_on_call(monkeypatch, bj, "_commit", 2)
-    with pytest.raises(KeyboardInterrupt):
-        bj.run_build_bank(_tasks(exemplars, names), _spec(tiny_dense_path), cfg, out,
-                          ActorConfig(num_actors=2, cpus_per_actor=0.5), commit_every=2)
-    rows, _, _ = bj.committed(out)
+    rows, bank, rep = _crash_then_rerun(monkeypatch, exemplars, tiny_dense_path, cfg, names, out, 2, commit_every=2)
     first = sorted(r["name"] for r in rows.values())
     assert first == sorted(local.metadata["build_order"][:2])  # the chain's prefix, nothing else
-    monkeypatch.setattr(bj, "_commit", real)
-    bank, rep = bj.run_build_bank(_tasks(exemplars, names), _spec(tiny_dense_path), cfg, out,
-                                  ActorConfig(num_actors=2, cpus_per_actor=0.5), commit_every=2)
     assert rep.already_done == 2 and rep.built == 4 and not rep.failed
     assert bank.names == tuple(names)
     assert bank.metadata["build_order"] == local.metadata["build_order"]
@@ -166,22 +175,13 @@ def test_peeling_chain_equals_sequential_and_resumes(ray_local, exemplars, tiny_
 def test_crash_then_rerun_builds_every_concept_exactly_once(ray_local, exemplars, tiny_dense_path, tmp_path,
                                                             monkeypatch):
     import cluster.bank_job as bj
-    from cluster.config import ActorConfig
     from reco import BankConfig
 
     cfg = BankConfig(image_size=64, block_size=64, context_elimination=False)
     names = ["cat", "dog", "hot dog", "bird", "sky", "tree"]
     out = str(tmp_path / "bank")
-    real = bj._commit
-    crash_on_call(monkeypatch, bj, "_commit", 3)
-    with pytest.raises(KeyboardInterrupt):
-        bj.run_build_bank(_tasks(exemplars, names), _spec(tiny_dense_path), cfg, out,
-                          ActorConfig(num_actors=2, cpus_per_actor=0.5), commit_every=1)
-    rows, _, _ = bj.committed(out)
+    rows, bank, rep = _crash_then_rerun(monkeypatch, exemplars, tiny_dense_path, cfg, names, out, 3, commit_every=1)
     assert len(rows) == 2
-    monkeypatch.setattr(bj, "_commit", real)
-    bank, rep = bj.run_build_bank(_tasks(exemplars, names), _spec(tiny_dense_path), cfg, out,
-                                  ActorConfig(num_actors=2, cpus_per_actor=0.5), commit_every=1)
     assert rep.already_done == 2 and rep.built == 4
     rows, refs, _ = bj.committed(out)  # raises if any concept were committed twice
     assert sorted(r["name"] for r in rows.values()) == sorted(names)

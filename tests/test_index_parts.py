@@ -54,6 +54,10 @@ def test_parts_merged_hold_every_row_once_and_resume_redoes_only_missing(store, 
     build_index_parts(store, str(out), "IVF16,Flat", cfg=cfg, num_queries=100, train_size=1500)
     meta = json.loads((out / "index.json").read_text())
     assert meta["build_stages"]["parts_written"] == 1 and meta["build_stages"]["parts_reused"] == 2
+    report = json.loads((out / "job_report.json").read_text())  # the uniform job report beside the index
+    assert report["job"] == "build-index" and report["status"] == "ok" and report["unit"] == "vectors"
+    assert report["inputs"]["processed"] == 1000 and report["inputs"]["already_done"] == 2000
+    assert report["extra"]["parts_written"] == 1 and report["extra"]["parts_reused"] == 2
     for n in (names[0], names[2]):
         assert (out / "parts" / n).stat().st_mtime_ns == kept[n]
     assert sorted(ivf_ids(load_index(out)[0]).tolist()) == list(range(3000))
@@ -165,6 +169,8 @@ def test_build_index_cli_parts_update_and_lag(store, tmp_path, ray_local, caplog
     assert main(args + ["--parts"]) == 0
     meta = json.loads((out / "index.json").read_text())
     assert meta["report"]["factory"].startswith("IVF") and len(meta["parts"]) == 3
+    report = json.loads((out / "job_report.json").read_text())
+    assert report["config"]["parts"] is True and report["inputs"]["processed"] == 3000
     x = clustered(300, 32, seed=22)
     store.commit_shard(6, [f"id{j}" for j in range(3000, 3300)], ["u"] * 300, x, [1] * 300, [1] * 300)
     with caplog.at_level(logging.WARNING):

@@ -221,11 +221,13 @@ class LoopbackCluster:
 #: per-stage settings of the jobs on the two-node cluster: actors small enough that a 2-CPU worker
 #: holds a stage, and each actor holds its work long enough to be killed in the middle of it (the
 #: test-only fault hooks of tests/fault_hooks.py, loaded in every worker through RECO_FAULT_HOOKS)
+#: the env_vars entry that loads tests/fault_hooks.py in every worker
+HOOKS = f"RECO_FAULT_HOOKS: '{REPO / 'tests' / 'fault_hooks.py'}'"
 CLUSTER_YAML = f"""\
 ray:
   env_vars:
     HF_HUB_OFFLINE: "1"
-    RECO_FAULT_HOOKS: "{REPO / 'tests' / 'fault_hooks.py'}"
+    {HOOKS}
     RECO_TEST_EMBED_DELAY_S: "0.5"
     RECO_TEST_BANK_DELAY_S: "0.7"
     RECO_TEST_SEGMENT_DELAY_S: "0.5"
@@ -759,7 +761,7 @@ def test_index_build_in_parts_survives_losing_the_worker_node(workers, tmp_path)
 
     store = _small_store(tmp_path / "store", 12, 300)
     cfg = tmp_path / "cluster.yaml"
-    cfg.write_text("ray:\n  env_vars: {HF_HUB_OFFLINE: '1', RECO_INDEX_PART_DELAY_S: '1.5'}\n"
+    cfg.write_text(f"ray:\n  env_vars: {{HF_HUB_OFFLINE: '1', {HOOKS}, RECO_TEST_INDEX_PART_DELAY_S: '1.5'}}\n"
                    "index: {part_rows: 300, workers: 2, cpus_per_task: 0.5}\n")
     out = tmp_path / "index"
     job = Job(workers.cluster, ["build-index", "--store", store.root, "--index", out, "--parts", "--factory",
@@ -794,7 +796,7 @@ def test_exact_retrieval_pass_survives_losing_the_worker_node(workers, tiny_clip
     clip = f"local-dir:{tiny_clip_dir}"
     store = _small_store(tmp_path / "store", 10, 200, model={"clip_model": clip})
     cfg = tmp_path / "cluster.yaml"
-    cfg.write_text("ray:\n  env_vars: {HF_HUB_OFFLINE: '1', RECO_EXACT_DELAY_S: '1.5'}\n")
+    cfg.write_text(f"ray:\n  env_vars: {{HF_HUB_OFFLINE: '1', {HOOKS}, RECO_TEST_EXACT_DELAY_S: '1.5'}}\n")
     log = tmp_path / "job.log"
     job = Job(workers.cluster, ["search", "a photo of a dog", "-k", 20, "--store", store.root, "--ray-config", cfg],
               log)
