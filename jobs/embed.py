@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import List, Optional
 
-from .common import (EXIT_RERUN, JobParser, add_cluster_args, parse_storage_options,  # noqa: F401 - re-exported
+from .common import (JobParser, add_cluster_args, parse_storage_options,
                      positive_float, positive_int)
 
 logger = logging.getLogger(__name__)
