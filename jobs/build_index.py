@@ -15,7 +15,6 @@ must be rebuilt). ``--layout`` overrides ``index.layout``.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 from typing import List, Optional
@@ -23,6 +22,7 @@ from typing import List, Optional
 from reco.errors import ConfigError
 
 from .common import add_cluster_args, parse_storage_options
+from jobs.common import JobParser, finite_float, positive_float, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -50,18 +50,17 @@ def _check_args(args) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="reco build-index", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = JobParser(prog="reco build-index", description=__doc__)
     p.add_argument("--store", required=True, help="embedding store directory or fsspec URL (s3://...)")
     p.add_argument("--index", help="output directory or fsspec URL (default: STORE/index)")
     p.add_argument("--factory", help="FAISS factory string (default: chosen from corpus size and memory budget)")
-    p.add_argument("--memory-budget-gb", type=float, default=8.0, help="memory the index may take (default 8)")
-    p.add_argument("--target-recall", type=float, default=0.95, help="recall@10 the search parameters are tuned to")
+    p.add_argument("--memory-budget-gb", type=positive_float, default=8.0, help="memory the index may take (default 8)")
+    p.add_argument("--target-recall", type=finite_float(0, 1, lo_open=True), default=0.95, help="recall@10 the search parameters are tuned to")
     p.add_argument("--allow-low-recall", action="store_true",
                    help="keep an index that misses --target-recall (a WARNING, target_met: false in index.json)")
-    p.add_argument("--num-queries", type=int, default=1000,
+    p.add_argument("--num-queries", type=positive_int, default=1000,
                    help="evaluation queries; as many other corpus rows are used to tune the search parameters")
-    p.add_argument("--train-size", type=int, help="training sample (default max(100k, 50 nlist) rows)")
+    p.add_argument("--train-size", type=positive_int, help="training sample (default max(100k, 50 nlist) rows)")
     p.add_argument("--text-queries",
                    help="(T, E) .npy of text-like queries (the vocabulary's CLIP text embeddings): search parameters "
                         "are tuned on half of them, text-like and image recall@10/@50 reported in index.json")

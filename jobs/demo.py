@@ -26,6 +26,7 @@ from typing import List, Optional
 
 from reco.config import BankConfig, CRFConfig, SegmenterConfig, from_dict, to_dict
 from reco.errors import ConfigError
+from jobs.common import JobParser, nonneg_int, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +34,10 @@ EXEMPLARS = Path(__file__).parent / "data" / "voc_exemplars.yaml"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="reco demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = JobParser(prog="reco demo", description=__doc__)
     p.add_argument("--dataset", default="camvid", choices=("camvid", "voc"),
                    help="camvid: street scenes, exemplar crops from camvid-train (default); voc: the VOC sample")
-    p.add_argument("--overlays", type=int, default=8, help="--dataset camvid: overlays written")
+    p.add_argument("--overlays", type=nonneg_int, default=8, help="--dataset camvid: overlays written")
     p.add_argument("--data-root", default="../shared/data",
                    help="folder holding camvid-train/, camvid-val/, imagenet-sample/ and voc-sample/")
     p.add_argument("--out", default="outputs/demo", help="output folder (bank, labels, overlays, report)")
@@ -50,10 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-weights", help="local open_clip checkpoint or pretrained tag")
     p.add_argument("--index", help="retrieve from this index (`reco build-index`) instead of embedding the archive")
     p.add_argument("--exemplars", default=str(EXEMPLARS), help="exemplar mapping used without CLIP")
-    p.add_argument("--k", type=int, help="archive size per concept for retrieval (default: bank.k = 50)")
+    p.add_argument("--k", type=positive_int, help="archive size per concept for retrieval (default: bank.k = 50)")
     p.add_argument("--crf", action="store_true", help="refine with DenseCRF")
-    p.add_argument("--limit", type=int, help="segment only the first N VOC images")
-    p.add_argument("--calibration-images", type=int, default=0,
+    p.add_argument("--limit", type=positive_int, help="segment only the first N VOC images")
+    p.add_argument("--calibration-images", type=nonneg_int, default=0,
                    help="unlabelled archive images whose token statistics calibrate concept scores "
                         "(replaces the bank's own archive calibration and enables segmenter.calibrate; "
                         "0: the segmenter config decides)")

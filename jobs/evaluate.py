@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from reco.errors import ConfigError
+from jobs.common import JobParser, finite_float, nonneg_int, positive_int
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,8 +56,7 @@ def _parser() -> argparse.ArgumentParser:
 
     from .common import add_cluster_args
 
-    p = argparse.ArgumentParser(prog="reco evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = JobParser(prog="reco evaluate", description=__doc__)
     p.add_argument("--dataset", required=True, choices=list_datasets())
     p.add_argument("--root", required=True, help="dataset root (local folder or fsspec URL)")
     p.add_argument("--split", default="val", help="dataset split (default val)")
@@ -71,8 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--archive-mode", choices=("crops", "frames"),
                    help="how archives are cut from labelled frames (default: crops with --archives-from, "
                         "frames with --exemplars-from-split)")
-    p.add_argument("--crop-size", type=int, default=180, help="--archive-mode crops: window side in px")
-    p.add_argument("--crop-stride", type=int, default=30, help="--archive-mode crops: window stride in px")
+    p.add_argument("--crop-size", type=positive_int, default=180, help="--archive-mode crops: window side in px")
+    p.add_argument("--crop-stride", type=positive_int, default=30, help="--archive-mode crops: window stride in px")
     p.add_argument("--archive-root", help="folder the --exemplars files are relative to")
     p.add_argument("--model", help="trained ReCo+ model (reco train's RUN folder, RUN/model or its .safetensors): "
                                    "scored alone, or side by side with the bank source's ReCo")
@@ -82,9 +82,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="override one config value, e.g. bank.context_order=given, segmenter.crf.unary_scale=100 "
                         "(YAML values; repeatable; applied after --preset and --config)")
     p.add_argument("--protocol", default="paper", choices=("paper", "full"))
-    p.add_argument("--protocol-size", type=int, default=320, help="crop size of the paper protocol")
-    p.add_argument("--k", type=int, help="archive size per class (default bank.k)")
-    p.add_argument("--min-coverage", type=float, default=0.01,
+    p.add_argument("--protocol-size", type=positive_int, default=320, help="crop size of the paper protocol")
+    p.add_argument("--k", type=positive_int, help="archive size per class (default bank.k)")
+    p.add_argument("--min-coverage", type=finite_float(0, 1), default=0.01,
                    help="--exemplars-from-split: least share of an image's pixels a class must cover")
     p.add_argument("--crf", action="store_true", help="refine with DenseCRF")
     p.add_argument("--background-threshold",
@@ -104,15 +104,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-order", default="", help="comma-separated class order given to the bank "
                    "(default: the dataset's); for order-sensitivity studies")
     p.add_argument("--limit", type=int, help="only the first N images of the split (smoke runs)")
-    p.add_argument("--overlays", type=int, default=0, help="write N image | truth | prediction overlays")
+    p.add_argument("--overlays", type=nonneg_int, default=0, help="write N image | truth | prediction overlays")
     p.add_argument("--out", help="output folder (default outputs/evaluate/DATASET)")
     p.add_argument("--save-bank", metavar="URI",
                    help="--exemplars-from-split / --exemplars: also save the bank built here (for "
                         "`reco pseudo-label` of the development images, then `reco train`)")
     p.add_argument("--executor", default="auto", choices=("auto", "local", "ray"),
                    help="auto: Ray Data when more than --ray-min-images images are scored")
-    p.add_argument("--ray-min-images", type=int, default=500)
-    p.add_argument("--actors", type=int, help="segmentation actors on Ray (default: the cluster config's)")
+    p.add_argument("--ray-min-images", type=nonneg_int, default=500)
+    p.add_argument("--actors", type=positive_int, help="segmentation actors on Ray (default: the cluster config's)")
     p.add_argument("--cache-features", action="store_true",
                    help="compute each image's dense features once per run (archive, CV, ceiling share them); "
                         "seconds per image then exclude the encoder for repeated images")

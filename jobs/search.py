@@ -6,7 +6,6 @@ the index was built from. Bad arguments and unreadable indexes are one line, exi
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import re
 import sys
@@ -16,6 +15,7 @@ from typing import List, Optional
 from reco.errors import ConfigError
 
 from .common import add_cluster_args, parse_storage_options
+from jobs.common import JobParser
 
 logger = logging.getLogger(__name__)
 _PROMPT_PREFIX = re.compile(r"^(a|an|the)?\s*(photo|picture|image) of (a |an |the )?", re.IGNORECASE)
@@ -87,7 +87,7 @@ def _open(args, storage):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="reco search", description=__doc__)
+    p = JobParser(prog="reco search", description=__doc__)
     p.add_argument("query")
     p.add_argument("-k", type=int, default=20)
     p.add_argument("--index", help="index directory or fsspec URL from `reco build-index`")

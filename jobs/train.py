@@ -15,13 +15,13 @@ strictly checked); the flags below override it.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 from typing import List, Optional
 
 from cluster.config import load_yaml_mapping, resolve_cluster_config
 from jobs.common import add_cluster_args, parse_json_object
 from reco.errors import ConfigError
+from jobs.common import JobParser
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +42,7 @@ def train_config(args):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="reco train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = JobParser(prog="reco train", description=__doc__)
     p.add_argument("labels", help="output URI of `reco pseudo-label` (local folder or s3://...)")
     p.add_argument("--name", required=True, help="run name: RUNS/NAME holds checkpoints, model, report")
     p.add_argument("--storage", required=True, help="runs URI (local folder or s3://bucket/prefix)")
