@@ -8,7 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
-from reco.errors import ReCoError
+from reco.errors import ConfigError, ReCoError
 
 from .faiss_index import INDEX_FILE, META_FILE, IndexReport, _apply_params, _faiss, index_params
 
@@ -132,3 +132,24 @@ def load_index(directory: os.PathLike | str, storage_options: Optional[Dict[str,
         index = _read_faiss(Path(uri, INDEX_FILE))
     _apply_params(index, index_params(meta["report"].get("search_params") or {}, meta["report"]["factory"]))
     return index, meta
+
+
+def read_text_queries(uri: str, dim: int, storage=None):
+    """The ``--text-queries`` array of ``reco build-index`` (T x E text embeddings, a .npy file at a storage
+    URI), L2-normalised as float32; a one-line :class:`ConfigError` when it is unusable."""
+    import io
+
+    import numpy as np
+
+    from index.storage import read_bytes
+
+    try:
+        q = np.load(io.BytesIO(read_bytes(uri, storage)), allow_pickle=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--text-queries {uri}: no such file") from None
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"--text-queries {uri}: not a .npy array ({exc})") from None
+    if q.ndim != 2 or q.shape[1] != dim or len(q) < 2:
+        raise ConfigError(f"--text-queries {uri}: expected (T >= 2, {dim}) text embeddings, got {q.shape}")
+    q = q.astype(np.float32)
+    return q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)

@@ -29,14 +29,6 @@ logger = logging.getLogger(__name__)
 
 def _check_args(args) -> None:
     """Validate everything that can be checked without building: raises ConfigError / FileNotFoundError."""
-    if not 0.0 < args.target_recall <= 1.0:
-        raise ConfigError(f"--target-recall must be in (0, 1], got {args.target_recall}")
-    if not args.memory_budget_gb > 0:
-        raise ConfigError(f"--memory-budget-gb must be > 0, got {args.memory_budget_gb}")
-    if args.num_queries < 1:
-        raise ConfigError(f"--num-queries must be >= 1, got {args.num_queries}")
-    if args.train_size is not None and args.train_size < 1:
-        raise ConfigError(f"--train-size must be >= 1, got {args.train_size}")
     from index.storage import is_url
 
     if not is_url(args.store):  # a URL store is checked through its manifest in main
@@ -74,6 +66,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     _check_args(args)
 
     from index.catalog import build_index_dir
+    from index.index_files import read_text_queries
     from index.faiss_index import choose_factory, validate_factory
     from index.store import EmbeddingStore, StoreError
 
@@ -91,7 +84,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if n == 0:
         raise ConfigError(f"--store {args.store} holds no embeddings: run `reco embed` first")
     budget = int(args.memory_budget_gb * 2**30)
-    text = _text_queries(args.text_queries, dim, storage) if args.text_queries else None
+    text = read_text_queries(args.text_queries, dim, storage) if args.text_queries else None
     if args.update and args.factory:
         raise ConfigError("--update keeps the factory of the build it updates: drop --factory")
     if args.update or args.layout or args.parts:
@@ -127,26 +120,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         extra={"factory": rep.factory, "recall_at_1": rep.recall_at_1, f"recall_at_{rep.k}": rep.recall_at_10,
                "target_met": rep.target_met, "index_bytes": rep.index_bytes}), out, storage)
     return 0
-
-
-def _text_queries(uri: str, dim: int, storage):
-    """The --text-queries array, L2-normalised; ConfigError (one line) when unusable."""
-    import io
-
-    import numpy as np
-
-    from index.storage import read_bytes
-
-    try:
-        q = np.load(io.BytesIO(read_bytes(uri, storage)), allow_pickle=False)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"--text-queries {uri}: no such file") from None
-    except (ValueError, OSError) as exc:
-        raise ConfigError(f"--text-queries {uri}: not a .npy array ({exc})") from None
-    if q.ndim != 2 or q.shape[1] != dim or len(q) < 2:
-        raise ConfigError(f"--text-queries {uri}: expected (T >= 2, {dim}) text embeddings, got {q.shape}")
-    q = q.astype(np.float32)
-    return q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
 
 
 def _build_in_parts(args, store, budget: int, storage, text=None) -> int:

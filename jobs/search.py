@@ -15,7 +15,7 @@ from typing import List, Optional
 from reco.errors import ConfigError
 
 from .common import add_cluster_args, parse_storage_options
-from jobs.common import JobParser
+from jobs.common import JobParser, positive_int
 
 logger = logging.getLogger(__name__)
 _PROMPT_PREFIX = re.compile(r"^(a|an|the)?\s*(photo|picture|image) of (a |an |the )?", re.IGNORECASE)
@@ -26,32 +26,7 @@ def concept_name(query: str) -> str:
     return _PROMPT_PREFIX.sub("", query.strip()).rstrip(".").strip() or query.strip()
 
 
-def contact_sheet(paths_scores, out: Path, thumb: int = 160, cols: int = 5, storage_options=None) -> Path:
-    from PIL import Image, ImageDraw
-
-    from index.sources import fetch_bytes
-    from reco.image import decode_image
-
-    rows = (len(paths_scores) + cols - 1) // cols
-    sheet = Image.new("RGB", (cols * thumb, rows * (thumb + 16)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i, (uri, score) in enumerate(paths_scores):
-        x, y = (i % cols) * thumb, (i // cols) * (thumb + 16)
-        try:
-            im = decode_image(fetch_bytes(uri, storage_options), uri)
-            im.thumbnail((thumb, thumb))
-            sheet.paste(im, (x + (thumb - im.width) // 2, y + (thumb - im.height) // 2))
-        except Exception as exc:  # a missing image must not lose the rest of the sheet
-            draw.text((x + 4, y + 4), f"unreadable: {type(exc).__name__}", fill="red")
-        draw.text((x + 4, y + thumb + 2), f"#{i + 1} {score:.3f}", fill="black")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out)
-    return out
-
-
 def _check_args(args) -> None:
-    if args.k < 1:
-        raise ConfigError(f"-k must be >= 1, got {args.k}")
     if bool(args.index) == bool(args.store):
         raise ConfigError("give one of --index DIR (FAISS, or --exact over its store) and --store STORE (exact)")
     if args.store and args.exact:
@@ -89,7 +64,7 @@ def _open(args, storage):
 def main(argv: Optional[List[str]] = None) -> int:
     p = JobParser(prog="reco search", description=__doc__)
     p.add_argument("query")
-    p.add_argument("-k", type=int, default=20)
+    p.add_argument("-k", type=positive_int, default=20)
     p.add_argument("--index", help="index directory or fsspec URL from `reco build-index`")
     p.add_argument("--store", help="search this embedding store exactly (Ray Data pass, no index)")
     p.add_argument("--exact", action="store_true", help="exact search over the index's store instead of FAISS")
@@ -123,7 +98,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     for rank, (i, s) in enumerate(zip(hit.ids, hit.scores), 1):
         out.write(f"{rank:>3}  {float(s):.4f}  {i}  {uris[i]}\n")
     if args.contact_sheet:
-        path = contact_sheet([(uris[i], float(s)) for i, s in zip(hit.ids, hit.scores)], Path(args.contact_sheet),
+        from index.contact_sheet import write_contact_sheet
+
+        path = write_contact_sheet([(uris[i], float(s)) for i, s in zip(hit.ids, hit.scores)], Path(args.contact_sheet),
                              storage_options=storage)
         logger.info("contact sheet: %s", path)
     return 0
