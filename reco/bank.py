@@ -71,7 +71,7 @@ class ConceptBank:
         if (self.prototypes is None) != (self.prototype_concept is None):
             raise ValueError("prototypes and prototype_concept go together")
         if self.prototypes is not None:
-            pc = self.prototype_concept.long()
+            pc = self._prototype_owner().long()
             if self.prototypes.dim() != 2 or self.prototypes.shape[1] != self.references.shape[1] \
                     or pc.shape != (self.prototypes.shape[0],):
                 raise ValueError("prototypes must be (P, D) with one prototype_concept entry each")
@@ -102,8 +102,20 @@ class ConceptBank:
         """((P, D) vectors every pixel is matched with, (P,) the concept of each): the
         prototypes, or one reference per concept."""
         if self.prototypes is not None:
-            return self.prototypes, self.prototype_concept
+            return self.prototypes, self._prototype_owner()
         return self.references, torch.arange(len(self.names))
+
+    def _prototype_owner(self) -> torch.Tensor:
+        """``prototype_concept`` of a bank with prototypes (the two are paired by __post_init__)."""
+        assert self.prototype_concept is not None, "prototypes without prototype_concept"
+        return self.prototype_concept
+
+    def _member_rows(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(member_sums, member_index, member_counts) of a bank that keeps members (the three are
+        paired by __post_init__)."""
+        sums, index, counts = self.member_sums, self.member_index, self.member_counts
+        assert sums is not None and index is not None and counts is not None, "bank keeps no members"
+        return sums, index, counts
 
     def subset(self, names: Sequence[str]) -> "ConceptBank":
         idx = [self.index(n) for n in names]
@@ -111,19 +123,21 @@ class ConceptBank:
         protos = owner = None
         if self.prototypes is not None:
             new_of = {old: new for new, old in enumerate(idx)}
-            keep = [i for i, c in enumerate(self.prototype_concept.tolist()) if c in new_of]
-            keep.sort(key=lambda i: new_of[int(self.prototype_concept[i])])
+            old_owner = self._prototype_owner()
+            keep = [i for i, c in enumerate(old_owner.tolist()) if c in new_of]
+            keep.sort(key=lambda i: new_of[int(old_owner[i])])
             protos = self.prototypes[keep].clone()
-            owner = torch.tensor([new_of[int(self.prototype_concept[i])] for i in keep], dtype=torch.long)
+            owner = torch.tensor([new_of[int(old_owner[i])] for i in keep], dtype=torch.long)
         sums = index = counts = None
         if self.member_sums is not None:
+            old_sums, old_index, old_counts = self._member_rows()
             new_of = {old: new for new, old in enumerate(idx)}
             proto_map = {old: new for new, old in enumerate(keep)} if self.prototypes is not None else new_of
-            rows = [r for r in range(self.member_index.shape[0]) if int(self.member_index[r, 0]) in new_of]
-            sums = self.member_sums[rows].clone()
-            counts = self.member_counts[rows].clone()
-            index = torch.tensor([[new_of[int(self.member_index[r, 0])], int(self.member_index[r, 1]),
-                                   proto_map[int(self.member_index[r, 2])]] for r in rows],
+            rows = [r for r in range(old_index.shape[0]) if int(old_index[r, 0]) in new_of]
+            sums = old_sums[rows].clone()
+            counts = old_counts[rows].clone()
+            index = torch.tensor([[new_of[int(old_index[r, 0])], int(old_index[r, 1]),
+                                   proto_map[int(old_index[r, 2])]] for r in rows],
                                  dtype=torch.long).reshape(-1, 3)
         return ConceptBank(tuple(names), self.references[idx].clone(), pick(self.text_embeddings),
                            pick(self.calibration), dict(self.metadata), protos, owner, sums, index, counts)
@@ -162,8 +176,9 @@ class ConceptBank:
         refs = list(refs)
         references = torch.stack([r.reference for r in refs]).float()
         calibration = None
-        if refs and all(r.calibration is not None for r in refs):
-            calibration = torch.stack([r.calibration.float() for r in refs])
+        cals = [r.calibration for r in refs if r.calibration is not None]
+        if refs and len(cals) == len(refs):
+            calibration = torch.stack([c.float() for c in cals])
         protos = owner = None
         if any(r.prototypes is not None for r in refs):
             protos = torch.cat([r.vectors.float() for r in refs])
@@ -172,6 +187,7 @@ class ConceptBank:
         if refs and all(r.member_sums is not None for r in refs):
             s_rows, i_rows, c_rows, base = [], [], [], 0
             for ci, r in enumerate(refs):
+                assert r.member_sums is not None and r.member_counts is not None  # all checked above
                 k, p, _ = r.member_sums.shape
                 s_rows.append(r.member_sums.reshape(k * p, -1).float())
                 c_rows.append(r.member_counts.reshape(-1).float())
@@ -278,15 +294,15 @@ class ConceptBank:
             return None
         vectors, owner = self.concept_vectors()
         vectors = vectors.clone().float()
-        idx = self.member_index
-        totals = torch.zeros_like(vectors).index_add_(0, idx[:, 2], self.member_sums.float())
-        counts = torch.zeros(vectors.shape[0]).index_add_(0, idx[:, 2], self.member_counts.float())
+        member_sums, idx, member_counts = self._member_rows()
+        totals = torch.zeros_like(vectors).index_add_(0, idx[:, 2], member_sums.float())
+        counts = torch.zeros(vectors.shape[0]).index_add_(0, idx[:, 2], member_counts.float())
         for ci, pos in hits:
             rows = (idx[:, 0] == ci) & (idx[:, 1] == pos)
             for r in torch.nonzero(rows).flatten().tolist():
                 p = int(idx[r, 2])
-                totals[p] -= self.member_sums[r].float()
-                counts[p] -= float(self.member_counts[r])
+                totals[p] -= member_sums[r].float()
+                counts[p] -= float(member_counts[r])
             for p in torch.nonzero(owner == ci).flatten().tolist():
                 vectors[p] = F.normalize(totals[p], dim=0) if counts[p] > 0.5 else torch.zeros_like(totals[p])
         return vectors, owner
@@ -306,11 +322,12 @@ class ConceptBank:
             tensors["calibration"] = self.calibration.float().contiguous()
         if self.prototypes is not None:
             tensors["prototypes"] = self.prototypes.float().contiguous()
-            tensors["prototype_concept"] = self.prototype_concept.long().contiguous()
+            tensors["prototype_concept"] = self._prototype_owner().long().contiguous()
         if self.member_sums is not None:
-            tensors["member_sums"] = self.member_sums.float().contiguous()
-            tensors["member_index"] = self.member_index.long().contiguous()
-            tensors["member_counts"] = self.member_counts.float().contiguous()
+            member_sums, member_index, member_counts = self._member_rows()
+            tensors["member_sums"] = member_sums.float().contiguous()
+            tensors["member_index"] = member_index.long().contiguous()
+            tensors["member_counts"] = member_counts.float().contiguous()
         return save(tensors, metadata={_HEADER_KEY: json.dumps(self._header(), sort_keys=True)})
 
     def _header(self) -> Dict[str, Any]:
@@ -408,11 +425,14 @@ def bank_metadata(
     builder: ConceptBuilder, archive_mode: str, archive_ids: Optional[Mapping[str, Sequence[str]]] = None
 ) -> Dict[str, Any]:
     """Provenance recorded with every bank: encoders, weights, which mode ran, the config."""
+    dense = builder.dense
+    if dense is None:
+        raise ReCoError("bank metadata names the dense encoder: this ConceptBuilder holds none (features-only)")
     return {
-        "dense_encoder": builder.dense.name,
-        "dense_weights": builder.dense.weights,
-        "dense_weights_id": weights_id(builder.dense),
-        "dense_weights_spec": getattr(builder.dense, "weights_spec", None),
+        "dense_encoder": dense.name,
+        "dense_weights": dense.weights,
+        "dense_weights_id": weights_id(dense),
+        "dense_weights_spec": getattr(dense, "weights_spec", None),
         "clip": None if builder.clip is None else builder.clip.name,
         "clip_weights": None if builder.clip is None else builder.clip.weights,
         "clip_weights_id": None if builder.clip is None else weights_id(builder.clip),
