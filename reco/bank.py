@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -26,8 +24,6 @@ logger = logging.getLogger(__name__)
 
 BANK_FORMAT_VERSION = 2  # 2: names + metadata inside the safetensors header
 _HEADER_KEY = "reco_bank"
-_TENSORS_FILE = "bank.safetensors"
-_META_FILE = "bank.json"
 
 
 @dataclass
@@ -334,8 +330,11 @@ class ConceptBank:
         return {"format_version": BANK_FORMAT_VERSION, "names": list(self.names), "metadata": self.metadata}
 
     @classmethod
-    def from_bytes(cls, data: bytes, source: str = "<bytes>") -> "ConceptBank":
-        """Inverse of :meth:`to_bytes`; ``source`` names the origin in error messages."""
+    def from_bytes(cls, data: bytes, source: str = "<bytes>", bank_json: Optional[bytes] = None) -> "ConceptBank":
+        """Inverse of :meth:`to_bytes`; ``source`` names the origin in error messages.
+
+        ``bank_json``: the readable header copy, used only for a format-1 blob (see
+        :func:`needs_bank_json`), whose names and metadata lived there alone."""
         from safetensors.torch import load
 
         try:
@@ -343,6 +342,13 @@ class ConceptBank:
             tensors = load(data)
         except Exception as exc:
             raise ReCoError(f"concept bank at {source} is unreadable: {exc}") from exc
+        if header is None and bank_json is not None:  # format 1: names + metadata in bank.json
+            try:
+                return cls._from_parts(json.loads(bank_json), tensors, source)
+            except ReCoError:
+                raise
+            except Exception as exc:
+                raise ReCoError(f"concept bank at {source} is unreadable: {exc}") from exc
         if header is None:
             raise ReCoError(f"concept bank at {source} has no {_HEADER_KEY!r} header (not written by reco-cluster >= 2)")
         return cls._from_parts(json.loads(header), tensors, source)
@@ -363,52 +369,18 @@ class ConceptBank:
         except ValueError as exc:
             raise ReCoError(f"concept bank at {source} is inconsistent: {exc}") from exc
 
-    def save(self, directory: Union[str, os.PathLike]) -> Path:
-        """Write ``bank.safetensors`` (the commit point: tensors + names + metadata, replaced
-        atomically) and ``bank.json`` (a readable copy of the header, written after it)."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        _atomic_write(d / _TENSORS_FILE, self.to_bytes())
-        _atomic_write(d / _META_FILE, bank_json_bytes(self))
-        return d
-
-    @classmethod
-    def load(cls, directory: Union[str, os.PathLike]) -> "ConceptBank":
-        """Load a bank directory. Only ``bank.safetensors`` is read (``bank.json`` is a copy),
-        except for format-1 banks, whose header lived in ``bank.json`` alone."""
-        d = Path(directory)
-        tpath, mpath = d / _TENSORS_FILE, d / _META_FILE
-        if not tpath.is_file():
-            raise FileNotFoundError(f"{d} is not a concept bank (needs {_TENSORS_FILE})")
-        data = tpath.read_bytes()
-        try:
-            has_header = _HEADER_KEY in safetensors_metadata(data)
-        except Exception as exc:
-            raise ReCoError(f"concept bank at {d} is unreadable: {exc}") from exc
-        if has_header or not mpath.is_file():
-            return cls.from_bytes(data, str(d))
-        try:  # format 1: tensors in safetensors, names + metadata in bank.json
-            from safetensors.torch import load
-
-            return cls._from_parts(json.loads(mpath.read_text()), load(data), str(d))
-        except ReCoError:
-            raise
-        except Exception as exc:
-            raise ReCoError(f"concept bank at {d} is unreadable: {exc}") from exc
+def needs_bank_json(data: bytes, source: str = "<bytes>") -> bool:
+    """True for a format-1 bank blob, whose names and metadata are in ``bank.json`` rather than
+    in its own header (``ReCoError`` for a blob that is not safetensors)."""
+    try:
+        return _HEADER_KEY not in safetensors_metadata(data)
+    except Exception as exc:
+        raise ReCoError(f"concept bank at {source} is unreadable: {exc}") from exc
 
 
 def bank_json_bytes(bank: "ConceptBank") -> bytes:
     """The readable ``bank.json`` copy of a bank's header (names, format, metadata)."""
     return json.dumps(bank._header(), indent=2, sort_keys=True).encode()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def safetensors_metadata(data: bytes) -> Dict[str, str]:
