@@ -38,6 +38,7 @@ def main() -> None:
     from index.labels import encode_labels
     from index.readers import read_image, read_images
     from index.sources import list_folder
+    from index.storage import save_bank
     from reco import BankConfig, ConceptBank, ConceptBuilder, Segmenter, SegmenterConfig, create_dense_encoder
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_pl_"))
@@ -48,7 +49,7 @@ def main() -> None:
         builder = ConceptBuilder(dense, None, BankConfig(context_elimination=False, exclude_own_image=True))
         archives = {c: read_images([str(archive / f) for f in files])[0] for c, files in spec["classes"].items()}
         bank = ConceptBank.build(archives, builder)
-        bank.save(tmp / "bank")
+        save_bank(bank, str(tmp / "bank"))
         items = list_folder(str(DATA / "camvid-val" / "images"))[: args.images]
         cfg = SegmenterConfig()
 

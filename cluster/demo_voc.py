@@ -227,6 +227,7 @@ def _calibrate(bank, bank_dir: Path, archive: Sequence[str], n: int, encoders: E
     import ray
 
     from cluster.bank import BankWorker
+    from index.storage import save_bank
 
     pool = random.Random(0).sample(list(archive), min(n, len(archive)))
     worker = ray.remote(BankWorker).options(num_cpus=cluster_cfg.bank.cpus_per_actor).remote(
@@ -236,7 +237,7 @@ def _calibrate(bank, bank_dir: Path, archive: Sequence[str], n: int, encoders: E
     finally:
         ray.kill(worker)
     bank.calibrate(feats)
-    bank.save(bank_dir)
+    save_bank(bank, str(bank_dir))
     return bank
 
 

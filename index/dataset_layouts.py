@@ -135,7 +135,8 @@ def _pair(dataset: str, root: _Root, images: Sequence[str], mask_of: Callable[[s
           hint: Optional[Callable[[List[Tuple[str, str]]], str]] = None) -> List[Tuple[str, str]]:
     """(image, mask) pairs; every image must have its mask (listed once under ``mask_dir``)."""
     masks = set(root.files(mask_dir))
-    pairs, missing = [], []
+    pairs: List[Tuple[str, str]] = []
+    missing: List[Tuple[str, str]] = []
     for img in images:
         m = mask_of(img)
         (pairs if m in masks else missing).append((img, m))

@@ -189,16 +189,21 @@ def save_bank(bank, uri: str, storage_options: StorageOptions = None) -> str:
 
 
 def load_bank(uri: str, storage_options: StorageOptions = None):
-    """Load a :class:`reco.ConceptBank` from a directory URI."""
-    from reco.bank import ConceptBank
+    """Load a :class:`reco.ConceptBank` from a directory URI. Only ``bank.safetensors`` is read
+    (``bank.json`` is a copy), except for format-1 banks, whose header lived in ``bank.json`` alone."""
+    from reco.bank import ConceptBank, needs_bank_json
 
-    if not is_url(uri):
-        return ConceptBank.load(local_path(uri))
     try:
         data = read_bytes(join(uri, "bank.safetensors"), storage_options)
     except FileNotFoundError:
         raise FileNotFoundError(f"{uri} is not a concept bank (needs bank.safetensors)") from None
-    return ConceptBank.from_bytes(data, uri)
+    bank_json = None
+    if needs_bank_json(data, uri):
+        try:
+            bank_json = read_bytes(join(uri, "bank.json"), storage_options)
+        except FileNotFoundError:
+            pass  # from_bytes reports the missing header
+    return ConceptBank.from_bytes(data, uri, bank_json)
 
 
 def cache_dir() -> Path:

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -26,8 +24,6 @@ logger = logging.getLogger(__name__)
 
 BANK_FORMAT_VERSION = 2  # 2: names + metadata inside the safetensors header
 _HEADER_KEY = "reco_bank"
-_TENSORS_FILE = "bank.safetensors"
-_META_FILE = "bank.json"
 
 
 @dataclass
@@ -71,7 +67,7 @@ class ConceptBank:
         if (self.prototypes is None) != (self.prototype_concept is None):
             raise ValueError("prototypes and prototype_concept go together")
         if self.prototypes is not None:
-            pc = self.prototype_concept.long()
+            pc = self._prototype_owner().long()
             if self.prototypes.dim() != 2 or self.prototypes.shape[1] != self.references.shape[1] \
                     or pc.shape != (self.prototypes.shape[0],):
                 raise ValueError("prototypes must be (P, D) with one prototype_concept entry each")
@@ -102,8 +98,20 @@ class ConceptBank:
         """((P, D) vectors every pixel is matched with, (P,) the concept of each): the
         prototypes, or one reference per concept."""
         if self.prototypes is not None:
-            return self.prototypes, self.prototype_concept
+            return self.prototypes, self._prototype_owner()
         return self.references, torch.arange(len(self.names))
+
+    def _prototype_owner(self) -> torch.Tensor:
+        """``prototype_concept`` of a bank with prototypes (the two are paired by __post_init__)."""
+        assert self.prototype_concept is not None, "prototypes without prototype_concept"
+        return self.prototype_concept
+
+    def _member_rows(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(member_sums, member_index, member_counts) of a bank that keeps members (the three are
+        paired by __post_init__)."""
+        sums, index, counts = self.member_sums, self.member_index, self.member_counts
+        assert sums is not None and index is not None and counts is not None, "bank keeps no members"
+        return sums, index, counts
 
     def subset(self, names: Sequence[str]) -> "ConceptBank":
         idx = [self.index(n) for n in names]
@@ -111,19 +119,21 @@ class ConceptBank:
         protos = owner = None
         if self.prototypes is not None:
             new_of = {old: new for new, old in enumerate(idx)}
-            keep = [i for i, c in enumerate(self.prototype_concept.tolist()) if c in new_of]
-            keep.sort(key=lambda i: new_of[int(self.prototype_concept[i])])
+            old_owner = self._prototype_owner()
+            keep = [i for i, c in enumerate(old_owner.tolist()) if c in new_of]
+            keep.sort(key=lambda i: new_of[int(old_owner[i])])
             protos = self.prototypes[keep].clone()
-            owner = torch.tensor([new_of[int(self.prototype_concept[i])] for i in keep], dtype=torch.long)
+            owner = torch.tensor([new_of[int(old_owner[i])] for i in keep], dtype=torch.long)
         sums = index = counts = None
         if self.member_sums is not None:
+            old_sums, old_index, old_counts = self._member_rows()
             new_of = {old: new for new, old in enumerate(idx)}
             proto_map = {old: new for new, old in enumerate(keep)} if self.prototypes is not None else new_of
-            rows = [r for r in range(self.member_index.shape[0]) if int(self.member_index[r, 0]) in new_of]
-            sums = self.member_sums[rows].clone()
-            counts = self.member_counts[rows].clone()
-            index = torch.tensor([[new_of[int(self.member_index[r, 0])], int(self.member_index[r, 1]),
-                                   proto_map[int(self.member_index[r, 2])]] for r in rows],
+            rows = [r for r in range(old_index.shape[0]) if int(old_index[r, 0]) in new_of]
+            sums = old_sums[rows].clone()
+            counts = old_counts[rows].clone()
+            index = torch.tensor([[new_of[int(old_index[r, 0])], int(old_index[r, 1]),
+                                   proto_map[int(old_index[r, 2])]] for r in rows],
                                  dtype=torch.long).reshape(-1, 3)
         return ConceptBank(tuple(names), self.references[idx].clone(), pick(self.text_embeddings),
                            pick(self.calibration), dict(self.metadata), protos, owner, sums, index, counts)
@@ -162,8 +172,9 @@ class ConceptBank:
         refs = list(refs)
         references = torch.stack([r.reference for r in refs]).float()
         calibration = None
-        if refs and all(r.calibration is not None for r in refs):
-            calibration = torch.stack([r.calibration.float() for r in refs])
+        cals = [r.calibration for r in refs if r.calibration is not None]
+        if refs and len(cals) == len(refs):
+            calibration = torch.stack([c.float() for c in cals])
         protos = owner = None
         if any(r.prototypes is not None for r in refs):
             protos = torch.cat([r.vectors.float() for r in refs])
@@ -172,6 +183,7 @@ class ConceptBank:
         if refs and all(r.member_sums is not None for r in refs):
             s_rows, i_rows, c_rows, base = [], [], [], 0
             for ci, r in enumerate(refs):
+                assert r.member_sums is not None and r.member_counts is not None  # all checked above
                 k, p, _ = r.member_sums.shape
                 s_rows.append(r.member_sums.reshape(k * p, -1).float())
                 c_rows.append(r.member_counts.reshape(-1).float())
@@ -278,15 +290,15 @@ class ConceptBank:
             return None
         vectors, owner = self.concept_vectors()
         vectors = vectors.clone().float()
-        idx = self.member_index
-        totals = torch.zeros_like(vectors).index_add_(0, idx[:, 2], self.member_sums.float())
-        counts = torch.zeros(vectors.shape[0]).index_add_(0, idx[:, 2], self.member_counts.float())
+        member_sums, idx, member_counts = self._member_rows()
+        totals = torch.zeros_like(vectors).index_add_(0, idx[:, 2], member_sums.float())
+        counts = torch.zeros(vectors.shape[0]).index_add_(0, idx[:, 2], member_counts.float())
         for ci, pos in hits:
             rows = (idx[:, 0] == ci) & (idx[:, 1] == pos)
             for r in torch.nonzero(rows).flatten().tolist():
                 p = int(idx[r, 2])
-                totals[p] -= self.member_sums[r].float()
-                counts[p] -= float(self.member_counts[r])
+                totals[p] -= member_sums[r].float()
+                counts[p] -= float(member_counts[r])
             for p in torch.nonzero(owner == ci).flatten().tolist():
                 vectors[p] = F.normalize(totals[p], dim=0) if counts[p] > 0.5 else torch.zeros_like(totals[p])
         return vectors, owner
@@ -306,19 +318,23 @@ class ConceptBank:
             tensors["calibration"] = self.calibration.float().contiguous()
         if self.prototypes is not None:
             tensors["prototypes"] = self.prototypes.float().contiguous()
-            tensors["prototype_concept"] = self.prototype_concept.long().contiguous()
+            tensors["prototype_concept"] = self._prototype_owner().long().contiguous()
         if self.member_sums is not None:
-            tensors["member_sums"] = self.member_sums.float().contiguous()
-            tensors["member_index"] = self.member_index.long().contiguous()
-            tensors["member_counts"] = self.member_counts.float().contiguous()
+            member_sums, member_index, member_counts = self._member_rows()
+            tensors["member_sums"] = member_sums.float().contiguous()
+            tensors["member_index"] = member_index.long().contiguous()
+            tensors["member_counts"] = member_counts.float().contiguous()
         return save(tensors, metadata={_HEADER_KEY: json.dumps(self._header(), sort_keys=True)})
 
     def _header(self) -> Dict[str, Any]:
         return {"format_version": BANK_FORMAT_VERSION, "names": list(self.names), "metadata": self.metadata}
 
     @classmethod
-    def from_bytes(cls, data: bytes, source: str = "<bytes>") -> "ConceptBank":
-        """Inverse of :meth:`to_bytes`; ``source`` names the origin in error messages."""
+    def from_bytes(cls, data: bytes, source: str = "<bytes>", bank_json: Optional[bytes] = None) -> "ConceptBank":
+        """Inverse of :meth:`to_bytes`; ``source`` names the origin in error messages.
+
+        ``bank_json``: the readable header copy, used only for a format-1 blob (see
+        :func:`needs_bank_json`), whose names and metadata lived there alone."""
         from safetensors.torch import load
 
         try:
@@ -326,6 +342,13 @@ class ConceptBank:
             tensors = load(data)
         except Exception as exc:
             raise ReCoError(f"concept bank at {source} is unreadable: {exc}") from exc
+        if header is None and bank_json is not None:  # format 1: names + metadata in bank.json
+            try:
+                return cls._from_parts(json.loads(bank_json), tensors, source)
+            except ReCoError:
+                raise
+            except Exception as exc:
+                raise ReCoError(f"concept bank at {source} is unreadable: {exc}") from exc
         if header is None:
             raise ReCoError(f"concept bank at {source} has no {_HEADER_KEY!r} header (not written by reco-cluster >= 2)")
         return cls._from_parts(json.loads(header), tensors, source)
@@ -346,52 +369,18 @@ class ConceptBank:
         except ValueError as exc:
             raise ReCoError(f"concept bank at {source} is inconsistent: {exc}") from exc
 
-    def save(self, directory: Union[str, os.PathLike]) -> Path:
-        """Write ``bank.safetensors`` (the commit point: tensors + names + metadata, replaced
-        atomically) and ``bank.json`` (a readable copy of the header, written after it)."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        _atomic_write(d / _TENSORS_FILE, self.to_bytes())
-        _atomic_write(d / _META_FILE, bank_json_bytes(self))
-        return d
-
-    @classmethod
-    def load(cls, directory: Union[str, os.PathLike]) -> "ConceptBank":
-        """Load a bank directory. Only ``bank.safetensors`` is read (``bank.json`` is a copy),
-        except for format-1 banks, whose header lived in ``bank.json`` alone."""
-        d = Path(directory)
-        tpath, mpath = d / _TENSORS_FILE, d / _META_FILE
-        if not tpath.is_file():
-            raise FileNotFoundError(f"{d} is not a concept bank (needs {_TENSORS_FILE})")
-        data = tpath.read_bytes()
-        try:
-            has_header = _HEADER_KEY in safetensors_metadata(data)
-        except Exception as exc:
-            raise ReCoError(f"concept bank at {d} is unreadable: {exc}") from exc
-        if has_header or not mpath.is_file():
-            return cls.from_bytes(data, str(d))
-        try:  # format 1: tensors in safetensors, names + metadata in bank.json
-            from safetensors.torch import load
-
-            return cls._from_parts(json.loads(mpath.read_text()), load(data), str(d))
-        except ReCoError:
-            raise
-        except Exception as exc:
-            raise ReCoError(f"concept bank at {d} is unreadable: {exc}") from exc
+def needs_bank_json(data: bytes, source: str = "<bytes>") -> bool:
+    """True for a format-1 bank blob, whose names and metadata are in ``bank.json`` rather than
+    in its own header (``ReCoError`` for a blob that is not safetensors)."""
+    try:
+        return _HEADER_KEY not in safetensors_metadata(data)
+    except Exception as exc:
+        raise ReCoError(f"concept bank at {source} is unreadable: {exc}") from exc
 
 
 def bank_json_bytes(bank: "ConceptBank") -> bytes:
     """The readable ``bank.json`` copy of a bank's header (names, format, metadata)."""
     return json.dumps(bank._header(), indent=2, sort_keys=True).encode()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def safetensors_metadata(data: bytes) -> Dict[str, str]:
@@ -408,11 +397,14 @@ def bank_metadata(
     builder: ConceptBuilder, archive_mode: str, archive_ids: Optional[Mapping[str, Sequence[str]]] = None
 ) -> Dict[str, Any]:
     """Provenance recorded with every bank: encoders, weights, which mode ran, the config."""
+    dense = builder.dense
+    if dense is None:
+        raise ReCoError("bank metadata names the dense encoder: this ConceptBuilder holds none (features-only)")
     return {
-        "dense_encoder": builder.dense.name,
-        "dense_weights": builder.dense.weights,
-        "dense_weights_id": weights_id(builder.dense),
-        "dense_weights_spec": getattr(builder.dense, "weights_spec", None),
+        "dense_encoder": dense.name,
+        "dense_weights": dense.weights,
+        "dense_weights_id": weights_id(dense),
+        "dense_weights_spec": getattr(dense, "weights_spec", None),
         "clip": None if builder.clip is None else builder.clip.name,
         "clip_weights": None if builder.clip is None else builder.clip.weights,
         "clip_weights_id": None if builder.clip is None else weights_id(builder.clip),

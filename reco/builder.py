@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union, overload
 
 import torch
 import torch.nn.functional as F
@@ -129,8 +129,9 @@ class ConceptBuilder:
         if memo is None:
             assert feats is not None
             return feats
-        for j, im in enumerate(todo):
-            memo[id(im)] = (im, feats[j])  # the image is kept alive so its id stays unique
+        if feats is not None:  # None when every image was memoised already
+            for j, im in enumerate(todo):
+                memo[id(im)] = (im, feats[j])  # the image is kept alive so its id stays unique
         return torch.stack([memo[id(im)][1] for im in images])
 
     @torch.no_grad()
@@ -159,7 +160,7 @@ class ConceptBuilder:
         feats = self.archive_features(images)
         lang = None
         if self.uses_language and text is not None:
-            lang = language_weights(self.archive_dense_clip(images), text, tuple(feats.shape[-2:]),
+            lang = language_weights(self.archive_dense_clip(images), text, (feats.shape[-2], feats.shape[-1]),
                                     self.config.language_temperature)
         return feats, lang
 
@@ -283,6 +284,12 @@ class ConceptBuilder:
         return refs
 
 
+@overload
+def _cpu(t: torch.Tensor) -> torch.Tensor: ...
+@overload
+def _cpu(t: None) -> None: ...
+@overload
+def _cpu(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]: ...
 def _cpu(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.cpu()
 

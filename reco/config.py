@@ -13,11 +13,14 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Tuple, TypeVar
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Tuple, TypeVar
 
 from .errors import ConfigError
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 REFERENCE_CONTEXT_CONCEPTS: Tuple[str, ...] = ("tree", "sky", "building", "road", "person")
 

@@ -56,7 +56,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -126,6 +126,15 @@ class _Normalizing(nn.Module):
 class DenseEncoder(_Normalizing):
     """A ViT returning its last-layer patch tokens as a feature map."""
 
+    # The wrapped timm model: its parts (patch_embed, forward_features, ...) are reached by name,
+    # which nn.Module.__getattr__ would type as ``Tensor | Module``.
+    model: Any
+    name: str
+    weights: str
+    #: Set by :func:`create_dense_encoder` (absent on an encoder built directly).
+    weights_spec: Optional[str]
+    weights_id: str
+
     def __init__(self, model: nn.Module, name: str, weights: str):
         super().__init__()
         self.model = model
@@ -133,9 +142,9 @@ class DenseEncoder(_Normalizing):
         self.weights = weights
         cfg = getattr(model, "pretrained_cfg", {}) or {}
         self._set_norm(cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225)))
-        ps = model.patch_embed.patch_size
+        ps = self.model.patch_embed.patch_size
         self.patch_size: int = int(ps[0] if isinstance(ps, (tuple, list)) else ps)
-        self.embed_dim: int = int(model.embed_dim)
+        self.embed_dim: int = int(self.model.embed_dim)
         self.num_prefix_tokens: int = int(getattr(model, "num_prefix_tokens", 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -165,7 +174,7 @@ def create_dense_encoder(
         raise ConfigError(f"unknown dense encoder {name!r}; registered: {', '.join(list_dense_encoders())}")
     spec = DENSE_ENCODERS[name]
     arch = f"{spec.timm_name}.{spec.hub_tag}"
-    kwargs = dict(num_classes=0, dynamic_img_size=True, img_size=spec.native_img_size)
+    kwargs: Dict[str, Any] = dict(num_classes=0, dynamic_img_size=True, img_size=spec.native_img_size)
     kwargs.update(timm_kwargs)
     desc = f"{name} ({spec.description}, timm {spec.timm_name})"
 
@@ -282,13 +291,23 @@ class ClipModel(_Normalizing):
     names the dense head :meth:`dense` runs (one of :data:`DENSE_CLIP_HEADS`, fixed at build time).
     """
 
+    # The wrapped open_clip model: its towers and their parts (visual.conv1, transformer.resblocks,
+    # attnpool, ...) are reached by name, which nn.Module.__getattr__ would type as ``Tensor | Module``.
+    model: Any
+    tokenizer: Callable
+    name: str
+    weights: str
+    #: Set by :func:`create_clip` (absent on a model built directly).
+    weights_spec: Optional[str]
+    weights_id: str
+
     def __init__(self, model: nn.Module, tokenizer: Callable, name: str, weights: str, dense_head: str = "maskclip"):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
         self.weights = weights
-        visual = model.visual
+        visual = self.model.visual
         self._dense_head: str = check_dense_head(dense_head, visual)
         self._set_norm(
             getattr(visual, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073),
@@ -296,7 +315,7 @@ class ClipModel(_Normalizing):
         )
         size = getattr(visual, "image_size", 224)
         self.image_size: int = int(size[0] if isinstance(size, (tuple, list)) else size)
-        self.embed_dim: int = int(model.text_projection.shape[-1]) if getattr(
+        self.embed_dim: int = int(self.model.text_projection.shape[-1]) if getattr(
             model, "text_projection", None
         ) is not None else int(visual.output_dim)
 
@@ -473,7 +492,9 @@ def _value_path(attn: nn.Module, y: torch.Tensor) -> torch.Tensor:
     ln_inner = getattr(attn, "ln_inner", None)
     if ln_inner is not None:
         v = ln_inner(v)
-    return attn.out_proj(v)
+    out_proj = attn.out_proj
+    assert isinstance(out_proj, nn.Module), type(out_proj)
+    return out_proj(v)
 
 
 def cpu_has_fast_bf16() -> bool:

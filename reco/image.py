@@ -96,7 +96,7 @@ def resize_center_crop(img: Image.Image, size: int) -> torch.Tensor:
     w, h = img.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), Image.BICUBIC)
+    img = img.resize((nw, nh), Image.Resampling.BICUBIC)
     left, top = (nw - size) // 2, (nh - size) // 2
     return pil_to_float(img.crop((left, top, left + size, top + size)))
 
@@ -111,4 +111,4 @@ def inference_size(hw: Tuple[int, int], size: int, patch: int) -> Tuple[int, int
 def resize_for_inference(img: Image.Image, size: int, patch: int) -> torch.Tensor:
     """(3, h', w') float in [0, 1] with the shorter side ~``size`` and sides multiples of ``patch``."""
     h, w = inference_size((img.size[1], img.size[0]), size, patch)
-    return pil_to_float(img.resize((w, h), Image.BICUBIC))
+    return pil_to_float(img.resize((w, h), Image.Resampling.BICUBIC))

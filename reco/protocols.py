@@ -91,9 +91,14 @@ def crop_archives(ids: Sequence[str], masks: Sequence[np.ndarray], classes: Sequ
         cand = [i for i in range(len(ids)) if per_frame[i][1][c] > 0]
         cand.sort(key=lambda i: (-per_frame[i][1][c], ids[i]))
         if cand:
-            out[name] = [ArchiveEntry(i, tuple(int(v) for v in per_frame[i][0][c]), float(per_frame[i][1][c]))
-                         for i in cand[:k]]
+            out[name] = [ArchiveEntry(i, _box(per_frame[i][0][c]), float(per_frame[i][1][c])) for i in cand[:k]]
     return out
+
+
+def _box(row: np.ndarray) -> Tuple[int, int, int, int]:
+    """A (4,) row of :func:`best_windows`' boxes as (left, top, right, bottom) ints."""
+    left, top, right, bottom = (int(v) for v in row)
+    return left, top, right, bottom
 
 
 def frame_archives(ids: Sequence[str], masks: Sequence[np.ndarray], classes: Sequence[str], k: int = 50,
@@ -198,7 +203,7 @@ def class_prior_map(masks: Sequence[np.ndarray], num_classes: int, grid: int = 6
 
     counts = np.zeros((num_classes, grid, grid), dtype=np.int64)
     for m in masks:
-        small = np.asarray(Image.fromarray(m.astype(np.int32), mode="I").resize((grid, grid), Image.NEAREST))
+        small = np.asarray(Image.fromarray(m.astype(np.int32), mode="I").resize((grid, grid), Image.Resampling.NEAREST))
         for c in range(num_classes):
             counts[c] += small == c
     return counts.argmax(axis=0)
@@ -207,7 +212,7 @@ def class_prior_map(masks: Sequence[np.ndarray], num_classes: int, grid: int = 6
 def prior_prediction(prior: np.ndarray, shape: Tuple[int, int]) -> np.ndarray:
     from PIL import Image
 
-    return np.asarray(Image.fromarray(prior.astype(np.int32), mode="I").resize((shape[1], shape[0]), Image.NEAREST)
+    return np.asarray(Image.fromarray(prior.astype(np.int32), mode="I").resize((shape[1], shape[0]), Image.Resampling.NEAREST)
                       ).astype(np.int64)
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple, Union, cast
 
 import numpy as np
 import torch
@@ -200,10 +200,12 @@ class Segmenter:
                  ids: Optional[Sequence[str]] = None) -> List[SegmentationOutput]:
         """Segment one image or a list of images (PIL, (H, W, 3) uint8 array, (3, H, W) tensor).
         ``ids`` name the images (for ``exclude_own_archive``)."""
-        if not isinstance(images, (list, tuple)):
-            images = [images]
+        if isinstance(images, (list, tuple)):
+            batch: Sequence[ImageLike] = images
+        else:  # anything but a list or tuple is one image
+            batch = [cast(ImageLike, images)]
             ids = None if ids is None else ([ids] if isinstance(ids, str) else list(ids))
-        pils = [to_pil(im) for im in images]
+        pils = [to_pil(im) for im in batch]
         outs = []
         for pil, s in zip(pils, self.scores_batch(pils, ids)):
             labels, s = self.labels(s, np.asarray(pil, dtype=np.uint8) if self.config.crf is not None else None)

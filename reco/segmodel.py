@@ -127,7 +127,7 @@ def load_encoder_weights(model: torch.nn.Module, state: Mapping[str, torch.Tenso
     ``module.``/``encoder.`` and classifier heads are dropped; timm ``tu-`` encoders get their
     ``model.`` prefix). Every encoder tensor must be matched with its shape and be finite, else
     :class:`WeightsMismatchError`. Returns the number of tensors loaded."""
-    enc = model.encoder
+    enc = model.get_submodule("encoder")
     own = enc.state_dict()
     clean = {}
     for k, v in state.items():
@@ -174,7 +174,7 @@ def preprocess(image: Image.Image, base_size: int, mean: Sequence[float], std: S
     w, h = image.size
     s = base_size / min(w, h)
     nw, nh = max(1, round(w * s)), max(1, round(h * s))
-    img = image.convert("RGB").resize((nw, nh), Image.BILINEAR)
+    img = image.convert("RGB").resize((nw, nh), Image.Resampling.BILINEAR)
     x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
     x = (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
     ph, pw = math.ceil(nh / multiple) * multiple, math.ceil(nw / multiple) * multiple
@@ -266,13 +266,14 @@ class SegModel:
             state = load(weights)
         except Exception as exc:
             raise WeightsMismatchError(f"{source} is not a safetensors model file: {exc}") from exc
-        if meta_json is None:
-            meta_json = _header_metadata(weights)
-            if meta_json is None:
+        meta_text: Union[str, bytes, None] = meta_json
+        if meta_text is None:
+            meta_text = _header_metadata(weights)
+            if meta_text is None:
                 raise WeightsMismatchError(f"{source}: no {_HEADER_KEY} metadata in the safetensors header "
                                            f"and no {META_FILE}")
         try:
-            meta = json.loads(meta_json)
+            meta = json.loads(meta_text)
         except json.JSONDecodeError as exc:
             raise WeightsMismatchError(f"{source}: model.json is not valid JSON: {exc}") from exc
         if meta.get("format") != FORMAT or int(meta.get("version", 0)) > VERSION:

@@ -30,7 +30,7 @@ def colorize(labels: np.ndarray, ignore_index: int | None = 255) -> Image.Image:
 
 def overlay(image: Image.Image, labels: np.ndarray, alpha: float = 0.55) -> Image.Image:
     """Blend the colourised labels over the image."""
-    col = colorize(labels).resize(image.size, Image.NEAREST)
+    col = colorize(labels).resize(image.size, Image.Resampling.NEAREST)
     return Image.blend(image.convert("RGB"), col, alpha)
 
 

@@ -60,6 +60,7 @@ def exemplars(tmp_path):
 
 @pytest.fixture
 def bank_dir(tmp_path, tiny_dense_path):
+    from index.storage import save_bank
     from reco import BankConfig, ConceptBank, ConceptBuilder
     from reco.encoders import create_dense_encoder
 
@@ -67,7 +68,7 @@ def bank_dir(tmp_path, tiny_dense_path):
     imgs = [make_image(i, (64, 64)) for i in range(4)]
     bank = ConceptBank.build({"cat": imgs[:2], "dog": imgs[2:]},
                              ConceptBuilder(dense, None, BankConfig(image_size=64, context_elimination=False)))
-    return bank.save(tmp_path / "bank")
+    return save_bank(bank, str(tmp_path / "bank"))
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 from conftest import make_image
+from index.storage import load_bank, save_bank
 from reco import (
     BankConfig,
     ConceptBank,
@@ -40,10 +41,11 @@ def test_build_without_clip_reports_exemplar_mode(tiny_dense, images):
 def test_save_load_roundtrip_without_pickle(tmp_path, tiny_dense, images):
     bank = ConceptBank.build({"cat": images[:2], "dog": images[2:]}, ConceptBuilder(tiny_dense, None, _cfg()))
     bank.calibrate(tiny_dense(tiny_dense.normalize(torch.rand(2, 3, 64, 64))))
-    d = bank.save(tmp_path / "bank")
+    d = tmp_path / "bank"
+    save_bank(bank, str(d))
     assert sorted(p.name for p in d.iterdir()) == ["bank.json", "bank.safetensors"]
     json.loads((d / "bank.json").read_text())
-    back = ConceptBank.load(d)
+    back = load_bank(str(d))
     assert back.names == bank.names
     assert torch.equal(back.references, bank.references)
     assert torch.equal(back.calibration, bank.calibration)
@@ -52,11 +54,11 @@ def test_save_load_roundtrip_without_pickle(tmp_path, tiny_dense, images):
 
 def test_load_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a concept bank"):
-        ConceptBank.load(tmp_path)
+        load_bank(str(tmp_path))
     (tmp_path / "bank.json").write_text("{broken")
     (tmp_path / "bank.safetensors").write_bytes(b"nope")
     with pytest.raises(ReCoError, match="unreadable"):
-        ConceptBank.load(tmp_path)
+        load_bank(str(tmp_path))
 
 
 def test_unknown_concept_and_empty_archive(tiny_dense, images):
@@ -201,7 +203,7 @@ def test_bank_save_has_one_commit_point(tmp_path, tiny_dense, images, monkeypatc
     a = ConceptBank.build({"cat": images[:2], "dog": images[2:]}, builder)
     b = ConceptBank(("dog", "cat"), a.references.flip(0).clone(), metadata={"note": "b"})
     d = tmp_path / "bank"
-    a.save(d)
+    save_bank(a, str(d))
     real_replace = os.replace
     calls = []
 
@@ -213,9 +215,9 @@ def test_bank_save_has_one_commit_point(tmp_path, tiny_dense, images, monkeypatc
 
     monkeypatch.setattr(os, "replace", crash_after_first)
     with pytest.raises(OSError, match="simulated crash"):
-        b.save(d)
+        save_bank(b, str(d))
     monkeypatch.setattr(os, "replace", real_replace)
-    back = ConceptBank.load(d)
+    back = load_bank(str(d))
     # whichever save won, names and tensors belong together
     assert (back.names, back.metadata.get("note")) in ((a.names, None), (b.names, "b"))
     want = a if back.names == a.names else b
@@ -232,7 +234,7 @@ def test_format1_banks_still_load(tmp_path):
     refs = torch.nn.functional.normalize(torch.randn(2, 4), dim=1)
     save_file({"references": refs}, str(tmp_path / "bank.safetensors"))
     (tmp_path / "bank.json").write_text(json.dumps({"format_version": 1, "names": ["a", "b"], "metadata": {}}))
-    back = ConceptBank.load(tmp_path)
+    back = load_bank(str(tmp_path))
     assert back.names == ("a", "b") and torch.equal(back.references, refs)
 
 

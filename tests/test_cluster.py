@@ -9,6 +9,7 @@ from cluster.config import ActorConfig, load_cluster_config
 from cluster.models import EncoderSpec
 from cluster.segment import run_segmentation
 from conftest import REPO, TINY_VIT, make_image, write_corrupt_files
+from index.storage import save_bank
 from reco import BankConfig, ConceptBank, SegmenterConfig
 from reco.errors import ConfigError
 
@@ -64,7 +65,7 @@ def test_ray_data_segmentation_writes_labels_and_counts_bad_inputs(ray_local, ar
     worker = BankWorker(spec, BankConfig(image_size=64, context_from_vocabulary=False))
     bank = ConceptBank.from_references([worker.build(c, uris[c], None, {})[0] for c in ("cat", "dog")],
                                        metadata=worker.metadata("exemplar"))
-    bank_dir = bank.save(tmp_path / "bank")
+    bank_dir = save_bank(bank, str(tmp_path / "bank"))
     masks = tmp_path / "masks"
     masks.mkdir()
     from PIL import Image

@@ -14,6 +14,7 @@ from PIL import Image
 
 from conftest import TINY_VIT, make_image
 from index.datasets import dataset_spec, list_datasets, open_dataset, read_mask
+from index.storage import load_bank, save_bank
 
 # ----------------------------------------------------------------------------------------------
 # fixtures: one tiny tree per dataset, masks written with the dataset's raw ids
@@ -85,7 +86,7 @@ def _bank_for(names, tiny_dense, path: Path) -> Path:
     cfg = BankConfig(image_size=64, block_size=64)
     imgs = [make_image(i, (64, 64)) for i in range(4)]
     bank = ConceptBank.build({names[0]: imgs[:2], names[1]: imgs[2:]}, ConceptBuilder(tiny_dense, None, cfg))
-    bank.save(path)
+    save_bank(bank, str(path))
     return path
 
 
@@ -143,7 +144,7 @@ def test_metrics_are_the_hand_computed_ones_under_the_paper_protocol(tmp_path, t
     independent segmentation of the protocol's crops."""
     from cluster.evaluate import Protocol, apply_protocol
     from jobs.cli import main
-    from reco import ConceptBank, Segmenter, SegmenterConfig
+    from reco import Segmenter, SegmenterConfig
 
     root = make_dataset(tmp_path / "data", "camvid", n=3)
     spec, items = open_dataset("camvid", root)
@@ -152,7 +153,7 @@ def test_metrics_are_the_hand_computed_ones_under_the_paper_protocol(tmp_path, t
     assert main(["evaluate", "--dataset", "camvid", "--root", str(root), "--bank", str(bank_dir), "--out", str(out),
                  "--protocol", "paper", "--protocol-size", "32", *_enc_args()]) == 0
     report = json.loads((out / "report.json").read_text())
-    seg = Segmenter(ConceptBank.load(bank_dir), tiny_dense, None, SegmenterConfig())
+    seg = Segmenter(load_bank(str(bank_dir)), tiny_dense, None, SegmenterConfig())
     lut = np.array([spec.classes.index(c) for c in seg.class_names])
     preds, truths = [], []
     for it in items:

@@ -557,6 +557,7 @@ def test_pseudo_label_survives_losing_the_worker_node(workers, ray_config, tiny_
     from cluster.pseudo_label import MANIFEST_DIR, committed_rows
     from index.labels import decode_labels
     from index.sources import list_folder
+    from index.storage import load_bank, save_bank
     from reco import BankConfig, ConceptBank, ConceptBuilder
     from reco.encoders import create_dense_encoder
 
@@ -564,10 +565,11 @@ def test_pseudo_label_survives_losing_the_worker_node(workers, ray_config, tiny_
     if bank_dir is None:  # run alone: a small bank of the same kind
         dense = create_dense_encoder("dino_vits16", tiny_dense_path, **TINY_VIT)
         imgs = [make_image(i, (64, 64)) for i in range(6)]
-        bank_dir = ConceptBank.build({"cat": imgs[:2], "dog": imgs[2:4], "sky": imgs[4:]},
-                                     ConceptBuilder(dense, None, BankConfig(image_size=64, context_elimination=False))
-                                     ).save(tmp_path / "bank")
-    n_classes = len(ConceptBank.load(bank_dir).names)
+        bank_dir = save_bank(ConceptBank.build({"cat": imgs[:2], "dog": imgs[2:4], "sky": imgs[4:]},
+                                               ConceptBuilder(dense, None,
+                                                              BankConfig(image_size=64, context_elimination=False))),
+                             str(tmp_path / "bank"))
+    n_classes = len(load_bank(str(bank_dir)).names)
     src = _images(tmp_path / "src", 20)
     listed = [i.id for i in list_folder(str(src))]
     out = tmp_path / "labels"

@@ -12,6 +12,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def bank_dir(tmp_path_factory, tiny_dense_path):
+    from index.storage import save_bank
     from reco import BankConfig, ConceptBank, ConceptBuilder
     from reco.encoders import create_dense_encoder
 
@@ -19,7 +20,7 @@ def bank_dir(tmp_path_factory, tiny_dense_path):
     imgs = [make_image(i, (64, 64)) for i in range(6)]
     bank = ConceptBank.build({"cat": imgs[:2], "dog": imgs[2:4], "sky": imgs[4:]},
                              ConceptBuilder(dense, None, BankConfig(image_size=64, context_elimination=False)))
-    return bank.save(tmp_path_factory.mktemp("plbank") / "bank")
+    return save_bank(bank, str(tmp_path_factory.mktemp("plbank") / "bank"))
 
 
 def _corpus(root, n=6):

@@ -104,7 +104,7 @@ def test_pseudo_label_on_s3_refuses_a_second_writer_and_overwrites_under_the_loc
     imgs = [make_image(i, (64, 64)) for i in range(4)]
     bank = ConceptBank.build({"cat": imgs[:2], "dog": imgs[2:]},
                              ConceptBuilder(dense, None, BankConfig(image_size=64, context_elimination=False)))
-    bank_dir = bank.save(tmp_path / "bank")
+    bank_dir = storage.save_bank(bank, str(tmp_path / "bank"))
     src = _images(tmp_path / "src", 2, seed=40)
     out = f"{root}/labels"
     args = ["pseudo-label", str(src), "--bank", str(bank_dir), "--out", out, "--dense-weights", str(tiny_dense_path),
