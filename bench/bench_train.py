@@ -12,6 +12,7 @@ Configurations run in alternating order for `--rounds` rounds (the machine is sh
 median over rounds is the figure). Also written: the model FLOPs (fvcore-free: torch's
 FlopCounterMode on meta tensors, forward only; training = 3 x forward) used by the GPU plan.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,11 +61,27 @@ def make_pseudo_labels(root: Path, n: int = 24, size=(192, 144)) -> Path:
             p.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(arr).save(imgs / iid, quality=92)
         (out / "labels" / iid).write_bytes(encode_labels(arr.argmax(-1)))
-        rows.append({"id": iid, "uri": str(imgs / iid), "status": "ok", "error": "", "label": f"labels/{iid}",
-                     "confidence": "", "overlay": "", "width": w, "height": h, "classes": "[0, 1, 2]", "shares": "[]",
-                     "mean_confidence": 1.0, "seconds": 0.0})
+        rows.append(
+            {
+                "id": iid,
+                "uri": str(imgs / iid),
+                "status": "ok",
+                "error": "",
+                "label": f"labels/{iid}",
+                "confidence": "",
+                "overlay": "",
+                "width": w,
+                "height": h,
+                "classes": "[0, 1, 2]",
+                "shares": "[]",
+                "mean_confidence": 1.0,
+                "seconds": 0.0,
+            }
+        )
     (out / "manifest").mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({c: [r.get(c, "") for r in rows] for c in COLUMNS}), out / "manifest" / "part-00000-bench.parquet")
+    pq.write_table(
+        pa.table({c: [r.get(c, "") for r in rows] for c in COLUMNS}), out / "manifest" / "part-00000-bench.parquet"
+    )
     (out / "pseudo_label.json").write_text(json.dumps({"classes": ["red", "green", "blue"], "config_hash": "bench"}))
     return out
 
@@ -76,8 +93,13 @@ def forward_gflop(encoder: str, output_stride: int, decoder_channels: int, size:
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
-        m = smp.DeepLabV3Plus(encoder, encoder_weights=None, encoder_output_stride=output_stride,
-                              decoder_channels=decoder_channels, classes=classes)
+        m = smp.DeepLabV3Plus(
+            encoder,
+            encoder_weights=None,
+            encoder_output_stride=output_stride,
+            decoder_channels=decoder_channels,
+            classes=classes,
+        )
         x = torch.randn(2, 3, size, size)
     with FlopCounterMode(display=False) as fc:
         m(x)
@@ -142,8 +164,11 @@ def main(argv=None) -> None:
     p.add_argument("--decoder-channels", type=int, default=128)
     p.add_argument("--output-stride", type=int, default=16)
     p.add_argument("--loader-workers", type=int, default=0)
-    p.add_argument("--gpu", action="store_true", help="GPU node (untested here): use_gpu, bf16 autocast, one GPU "
-                   "per worker; the plain run uses cuda too")
+    p.add_argument(
+        "--gpu",
+        action="store_true",
+        help="GPU node (untested here): use_gpu, bf16 autocast, one GPU per worker; the plain run uses cuda too",
+    )
     args = p.parse_args(argv)
 
     from dataclasses import replace
@@ -155,10 +180,20 @@ def main(argv=None) -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
     labels = make_pseudo_labels(tmp)
-    base = TrainConfig(encoder=args.encoder, output_stride=args.output_stride, decoder_channels=args.decoder_channels,
-                       iterations=args.steps, batch_size=args.batch, crop_size=args.crop, base_size=args.crop,
-                       checkpoint_every=args.steps, log_every=1, loader_workers=args.loader_workers, max_failures=0,
-                       use_gpu=args.gpu)
+    base = TrainConfig(
+        encoder=args.encoder,
+        output_stride=args.output_stride,
+        decoder_channels=args.decoder_channels,
+        iterations=args.steps,
+        batch_size=args.batch,
+        crop_size=args.crop,
+        base_size=args.crop,
+        checkpoint_every=args.steps,
+        log_every=1,
+        loader_workers=args.loader_workers,
+        max_failures=0,
+        use_gpu=args.gpu,
+    )
     # one thread per process everywhere: on a shared 2-core machine a 2-thread OpenMP process
     # stalls whenever another job holds a core, which would swamp the Ray-vs-plain difference
     configs = {
@@ -180,51 +215,91 @@ def main(argv=None) -> None:
             load.append(os.getloadavg()[0])
             t = time.perf_counter()
             if kind == "plain":  # a fresh interpreter, like a Ray worker process
-                hist = run_isolated(PLAIN_CODE.format(labels=str(labels), run=str(tmp / f"local{r}"),
-                                                      cfg=json.dumps(to_dict(cfg))))["history"]
+                hist = run_isolated(
+                    PLAIN_CODE.format(labels=str(labels), run=str(tmp / f"local{r}"), cfg=json.dumps(to_dict(cfg)))
+                )["history"]
             else:
                 hist = run_training(str(labels), str(tmp / "runs"), f"r{r}w{cfg.num_workers}", cfg).report["history"]
             wall = time.perf_counter() - t
             st = step_times(hist, args.warmup)
             samples[name].append(statistics.median(st))
             startup[name].append(wall - sum(1.0 / h["steps_per_s"] for h in hist))
-            print(f"round {r}: {name}: median step {statistics.median(st):.3f} s "
-                  f"({args.batch / statistics.median(st):.2f} img/s), start-up + export {startup[name][-1]:.1f} s",
-                  flush=True)
+            print(
+                f"round {r}: {name}: median step {statistics.median(st):.3f} s "
+                f"({args.batch / statistics.median(st):.2f} img/s), start-up + export {startup[name][-1]:.1f} s",
+                flush=True,
+            )
     fwd = forward_gflop(args.encoder, args.output_stride, args.decoder_channels, args.crop, 3)
     from reco.segmodel import SegModelSpec, build_model
 
-    n_params = sum(p.numel() for p in build_model(SegModelSpec(args.encoder, 3, args.output_stride,
-                                                               args.decoder_channels)).parameters())
+    n_params = sum(
+        p.numel()
+        for p in build_model(SegModelSpec(args.encoder, 3, args.output_stride, args.decoder_channels)).parameters()
+    )
     ar = allreduce_seconds(n_params)
     med = {k: statistics.median(v) for k, v in samples.items()}
     plain, ray1, ray2 = (med[k] for k in configs)
     overhead = ray1 / plain - 1
     rows = []
     for k in configs:
-        rows.append({"config": k, "step_s_median": med[k], "step_s_rounds": samples[k], "images_per_s": args.batch / med[k],
-                     "startup_s_median": statistics.median(startup[k]),
-                     "gflop_per_s": 3 * fwd * args.batch / med[k]})
-    paper = {"encoder": "resnet101", "output_stride": 8, "decoder_channels": 256, "crop": 320, "batch": 8,
-             "forward_gflop_per_image": forward_gflop("resnet101", 8, 256, 320, 27),
-             "forward_gflop_per_image_os16": forward_gflop("resnet101", 16, 256, 320, 27)}
+        rows.append(
+            {
+                "config": k,
+                "step_s_median": med[k],
+                "step_s_rounds": samples[k],
+                "images_per_s": args.batch / med[k],
+                "startup_s_median": statistics.median(startup[k]),
+                "gflop_per_s": 3 * fwd * args.batch / med[k],
+            }
+        )
+    paper = {
+        "encoder": "resnet101",
+        "output_stride": 8,
+        "decoder_channels": 256,
+        "crop": 320,
+        "batch": 8,
+        "forward_gflop_per_image": forward_gflop("resnet101", 8, 256, 320, 27),
+        "forward_gflop_per_image_os16": forward_gflop("resnet101", 16, 256, 320, 27),
+    }
     paper["train_tflop_per_step"] = 3 * paper["forward_gflop_per_image"] * 8 / 1e3
     h100_bf16_peak = 989.0  # TFLOP/s dense bf16, H100 SXM
-    paper["h100_step_ms"] = {f"{int(100 * u)}% of peak": 1e3 * paper["train_tflop_per_step"] / (u * h100_bf16_peak)
-                             for u in (0.5, 0.35, 0.2)}
-    results = {"setup": {"encoder": args.encoder, "output_stride": args.output_stride, "gpu": args.gpu, "decoder_channels": args.decoder_channels,
-                         "crop": args.crop, "global_batch": args.batch, "steps": args.steps, "warmup_dropped": args.warmup,
-                         "rounds": args.rounds, "loader_workers": args.loader_workers, "images": "24 JPEG 192x144, PNG labels"},
-               "forward_gflop_per_image": fwd, "matmul_gflops_fp32": gflops, "ray_init_s": ray_init_s,
-               "rows": rows, "ray_overhead_1_worker": overhead, "parameters": n_params,
-               "gloo_allreduce_s": ar, "two_vs_one_worker_speedup": ray1 / ray2,
-               "loadavg_1min_during_runs": load, "paper_model_on_gpu": paper}
-    table = "\n".join(f"| {r['config']} | {r['step_s_median']:.3f} | {', '.join(f'{s:.3f}' for s in r['step_s_rounds'])} "
-                      f"| {r['images_per_s']:.2f} | {r['gflop_per_s']:.0f} | {r['startup_s_median']:.1f} |" for r in rows)
+    paper["h100_step_ms"] = {
+        f"{int(100 * u)}% of peak": 1e3 * paper["train_tflop_per_step"] / (u * h100_bf16_peak) for u in (0.5, 0.35, 0.2)
+    }
+    results = {
+        "setup": {
+            "encoder": args.encoder,
+            "output_stride": args.output_stride,
+            "gpu": args.gpu,
+            "decoder_channels": args.decoder_channels,
+            "crop": args.crop,
+            "global_batch": args.batch,
+            "steps": args.steps,
+            "warmup_dropped": args.warmup,
+            "rounds": args.rounds,
+            "loader_workers": args.loader_workers,
+            "images": "24 JPEG 192x144, PNG labels",
+        },
+        "forward_gflop_per_image": fwd,
+        "matmul_gflops_fp32": gflops,
+        "ray_init_s": ray_init_s,
+        "rows": rows,
+        "ray_overhead_1_worker": overhead,
+        "parameters": n_params,
+        "gloo_allreduce_s": ar,
+        "two_vs_one_worker_speedup": ray1 / ray2,
+        "loadavg_1min_during_runs": load,
+        "paper_model_on_gpu": paper,
+    }
+    table = "\n".join(
+        f"| {r['config']} | {r['step_s_median']:.3f} | {', '.join(f'{s:.3f}' for s in r['step_s_rounds'])} "
+        f"| {r['images_per_s']:.2f} | {r['gflop_per_s']:.0f} | {r['startup_s_median']:.1f} |"
+        for r in rows
+    )
     md = f"""DeepLabV3+ {args.encoder} (output stride {args.output_stride}, decoder {args.decoder_channels}, {n_params / 1e6:.1f}M
 parameters), random init, {args.crop} px crops, global batch {args.batch}, {args.steps} steps (first {args.warmup} dropped),
 the `reco train` loop with loader_workers={args.loader_workers} (decode + augmentation inside the step),
-{'bf16 autocast on ' + (machine_gpu() or 'GPU') if args.gpu else 'fp32 on CPU'}. Measured fp32 matmul rate: **{gflops:.0f} GFLOP/s**.
+{"bf16 autocast on " + (machine_gpu() or "GPU") if args.gpu else "fp32 on CPU"}. Measured fp32 matmul rate: **{gflops:.0f} GFLOP/s**.
 Training FLOPs = 3 x forward ({fwd:.2f} GFLOP/image forward at {args.crop} px). The machine is shared
 (1-min load average during the runs: {min(load):.1f}-{max(load):.1f} on {os.cpu_count()} cores), so compare medians over rounds.
 
@@ -241,9 +316,9 @@ Ray start-up (not per step): ray.init {ray_init_s:.1f} s once, then per run the 
 the final export/report as listed.
 
 Paper model for the GPU plan (bench/README.md): DeepLabV3+ ResNet-101, output stride 8, 320 px:
-{paper['forward_gflop_per_image']:.0f} GFLOP/image forward ({paper['forward_gflop_per_image_os16']:.0f} at output stride 16),
-so one batch-8 training step = 3 x {paper['forward_gflop_per_image']:.0f} x 8 = {paper['train_tflop_per_step']:.2f} TFLOP;
-on one H100 (989 TFLOP/s dense bf16): {', '.join(f'{v:.1f} ms at {k}' for k, v in paper['h100_step_ms'].items())}.
+{paper["forward_gflop_per_image"]:.0f} GFLOP/image forward ({paper["forward_gflop_per_image_os16"]:.0f} at output stride 16),
+so one batch-8 training step = 3 x {paper["forward_gflop_per_image"]:.0f} x 8 = {paper["train_tflop_per_step"]:.2f} TFLOP;
+on one H100 (989 TFLOP/s dense bf16): {", ".join(f"{v:.1f} ms at {k}" for k, v in paper["h100_step_ms"].items())}.
 """
     path = write_results("train", results, md)
     print(md)

@@ -1,4 +1,5 @@
 """Helpers shared by the benchmarks: results files, matmul-rate probe, peak RSS in a subprocess."""
+
 from __future__ import annotations
 
 import json
@@ -45,8 +46,13 @@ def peak_rss_mb() -> float:
 
 def run_isolated(code: str) -> Dict[str, Any]:
     """Run ``code`` (which prints one JSON line last) in a fresh interpreter: clean peak RSS."""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[1])
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -55,8 +61,10 @@ def load_note(results: Dict[str, Any]) -> str:
     machine is shared: a high load makes timing ratios unreliable)."""
     load = os.getloadavg()
     results["load_average_end"] = load
-    return (f"\nLoad average (1/5/15 min) at the end: {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} on "
-            f"{os.cpu_count()} cores; above ~2 the machine was shared and the ratios are not reliable.\n")
+    return (
+        f"\nLoad average (1/5/15 min) at the end: {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} on "
+        f"{os.cpu_count()} cores; above ~2 the machine was shared and the ratios are not reliable.\n"
+    )
 
 
 def write_results(name: str, results: Dict[str, Any], markdown: str) -> Path:

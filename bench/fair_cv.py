@@ -7,6 +7,7 @@ Every row is a (BankConfig, SegmenterConfig) pair built with reco.bank / scored 
 reco.inference exactly as `reco evaluate --archives-from ... --protocol full` does, but on cached
 features. CV figures pool the confusion matrices of the three held-out drives.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,19 @@ from reco.config import BankConfig, SegmenterConfig, preset
 from reco.inference import calibrate, combine_scores, concept_similarity
 from reco.protocols import drive_folds, make_archives
 
-CLASSES = ("sky", "building", "pole", "road", "pavement", "tree", "sign symbol", "fence", "car", "pedestrian",
-           "bicyclist")
+CLASSES = (
+    "sky",
+    "building",
+    "pole",
+    "road",
+    "pavement",
+    "tree",
+    "sign symbol",
+    "fence",
+    "car",
+    "pedestrian",
+    "bicyclist",
+)
 PAPER_CONTEXT = ("tree", "sky", "building", "road", "pedestrian")  # the paper's person = CamVid pedestrian
 
 
@@ -48,8 +60,9 @@ class Cache:
     def archives(self, mode: str, idx: Sequence[int]) -> Dict[str, torch.Tensor]:
         ids = [self.ids["train"][i] for i in idx]
         sel = make_archives(mode, ids, [self.masks["train"][i] for i in idx], CLASSES)
-        return {n: torch.stack([self.archive[mode][(ids[e.index], e.box)] for e in es]).float()
-                for n, es in sel.items()}
+        return {
+            n: torch.stack([self.archive[mode][(ids[e.index], e.box)] for e in es]).float() for n, es in sel.items()
+        }
 
 
 class _Features(torch.nn.Module):
@@ -72,18 +85,19 @@ def build(cfg: BankConfig, feats: Dict[str, torch.Tensor]) -> ConceptBank:
     return ConceptBank.build_from_features(feats, builder, ctx)
 
 
-def confusion_of(bank: ConceptBank, seg: SegmenterConfig, feats: torch.Tensor, masks: Sequence[np.ndarray],
-                 n: int = len(CLASSES)) -> np.ndarray:
+def confusion_of(
+    bank: ConceptBank, seg: SegmenterConfig, feats: torch.Tensor, masks: Sequence[np.ndarray], n: int = len(CLASSES)
+) -> np.ndarray:
     vectors, owner = bank.concept_vectors()
     lm = np.array([CLASSES.index(c) for c in bank.names])
     total = np.zeros((n, n), dtype=np.int64)
     calibrated = bool(seg.calibrate) and bank.calibration is not None
     for i in range(0, feats.shape[0], 8):
-        f = feats[i:i + 8].float()
+        f = feats[i : i + 8].float()
         logits = concept_similarity(f, vectors, owner, len(bank.names))
         if calibrated:
             logits = calibrate(logits, bank.calibration)
-        m = masks[i:i + 8]
+        m = masks[i : i + 8]
         s = combine_scores(logits, m[0].shape)
         pred = lm[s.argmax(1).numpy()]
         for p, t in zip(pred, m):
@@ -103,8 +117,9 @@ def miou(total: np.ndarray) -> Tuple[float, float, List[float]]:
 SEGS = {"plain": {}, "calib": {"calibrate": True}}
 
 
-def evaluate(cache: Cache, mode: str, cfg: BankConfig, seg: SegmenterConfig, val: bool = False,
-             segs: Sequence[str] = ("plain",)):
+def evaluate(
+    cache: Cache, mode: str, cfg: BankConfig, seg: SegmenterConfig, val: bool = False, segs: Sequence[str] = ("plain",)
+):
     """Per segmenter variant (``SEGS``, inference only: one bank per fold serves them all):
     (CV mIoU, CV pix acc, per-fold mIoU, build s) and, with ``val``, (val mIoU, pix acc, IoUs)."""
     ids = cache.ids["train"]
@@ -120,8 +135,12 @@ def evaluate(cache: Cache, mode: str, cfg: BankConfig, seg: SegmenterConfig, val
             c = confusion_of(bank, sc, cache.frames["train"][test_idx], [cache.masks["train"][i] for i in test_idx])
             folds[v][drive] = miou(c)[0]
             tot[v] += c
-        print(f"  fold {drive}: " + ", ".join(f"{v} {100 * f[drive]:.2f}" for v, f in folds.items())
-              + f" ({time.perf_counter() - t0:.0f}s)", flush=True)
+        print(
+            f"  fold {drive}: "
+            + ", ".join(f"{v} {100 * f[drive]:.2f}" for v, f in folds.items())
+            + f" ({time.perf_counter() - t0:.0f}s)",
+            flush=True,
+        )
     out = {v: {"cv": miou(tot[v])[:2], "folds": folds[v]} for v in variants}
     out["build_s"] = t_build / 3
     if val:
@@ -195,7 +214,7 @@ def floors_and_ceiling(cache: Cache) -> Dict[str, object]:
     n = len(CLASSES)
 
     def ceiling_conf(idx, feats, masks):
-        tf = [cache.frames["train"][i:i + 1].float() for i in idx]
+        tf = [cache.frames["train"][i : i + 1].float() for i in idx]
         tm = [cache.masks["train"][i] for i in idx]  # area-averaged onto the token grid there
         refs, seen, _ = supervised_references(tf, tm, n)
         bank = ConceptBank(tuple(c for c, s in zip(CLASSES, seen.tolist()) if s), refs[seen])
@@ -206,8 +225,10 @@ def floors_and_ceiling(cache: Cache) -> Dict[str, object]:
         counts = np.bincount(np.concatenate([m[m < n].ravel() for m in tm]), minlength=n)
         prior = class_prior_map(tm, n)
         out = {}
-        for name, pred_of in (("majority", lambda m: np.full(m.shape, counts.argmax())),
-                              ("prior", lambda m: prior_prediction(prior, m.shape))):
+        for name, pred_of in (
+            ("majority", lambda m: np.full(m.shape, counts.argmax())),
+            ("prior", lambda m: prior_prediction(prior, m.shape)),
+        ):
             c = np.zeros((n, n), dtype=np.int64)
             for m in masks:
                 p, v = pred_of(m), m < n
@@ -225,8 +246,10 @@ def floors_and_ceiling(cache: Cache) -> Dict[str, object]:
         for k, c in floor_conf(arch_idx, masks).items():
             cv_floor[k] += c
     everything = range(len(ids))
-    res["ceiling"] = {"cv": miou(cv_ceiling)[:2],
-                      "val": miou(ceiling_conf(everything, cache.frames["val"], cache.masks["val"]))}
+    res["ceiling"] = {
+        "cv": miou(cv_ceiling)[:2],
+        "val": miou(ceiling_conf(everything, cache.frames["val"], cache.masks["val"])),
+    }
     for k, c in floor_conf(everything, cache.masks["val"]).items():
         res[k] = {"cv": miou(cv_floor[k])[:2], "val": miou(c)}
     return res

@@ -4,14 +4,13 @@ the bank never sees masks).
 
     PYTHONPATH=$PWD .venv/bin/python -m bench.fair_seeds [--order-config default|ownership]
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 from collections import Counter
 from dataclasses import replace
-
-import numpy as np
 
 from bench.fair_cv import CLASSES, Cache, build
 from reco.config import BankConfig

@@ -19,6 +19,7 @@ Sections (each one is independent: a failure is recorded and the next one runs):
 Writes ``OUT/gpu.json`` and ``OUT/gpu.md`` (default ``bench/results``). ``--smoke`` runs every
 section tiny on whatever device there is (to check the script itself on a CPU).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -86,15 +87,20 @@ def correctness(dev: torch.device, smoke: bool) -> Dict[str, Any]:
     k = 3 if smoke else 8
     archives = {f"c{i}": _images(k, 160, 10 + i) for i in range(4)}
     # region seeds, several prototypes and the threshold calibration exercise every device path
-    cfg = BankConfig(image_size=112 if smoke else 224, k=k, seed_tokens=5, prototypes=2,
-                     calibration="archive-threshold")
+    cfg = BankConfig(
+        image_size=112 if smoke else 224, k=k, seed_tokens=5, prototypes=2, calibration="archive-threshold"
+    )
     bank_cpu = ConceptBank.build(archives, ConceptBuilder(dense_cpu, None, cfg))
     assert ConceptBuilder(dense_gpu, None, cfg).compute_device.type == dev.type  # co-segmentation on the GPU
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
         bank_gpu = ConceptBank.build(archives, ConceptBuilder(dense_gpu, None, cfg))
     cos = F.cosine_similarity(bank_cpu.references, bank_gpu.references.cpu(), dim=1)
-    seeds_same = np.mean([bank_cpu.metadata["concepts"][n]["seed_index"] == bank_gpu.metadata["concepts"][n]["seed_index"]
-                          for n in archives])
+    seeds_same = np.mean(
+        [
+            bank_cpu.metadata["concepts"][n]["seed_index"] == bank_gpu.metadata["concepts"][n]["seed_index"]
+            for n in archives
+        ]
+    )
     imgs = _images(3, 200, 99)
     scfg = SegmenterConfig(image_size=112 if smoke else 320)
     seg_cpu = Segmenter(bank_cpu, dense_cpu, None, scfg)
@@ -106,8 +112,15 @@ def correctness(dev: torch.device, smoke: bool) -> Dict[str, Any]:
             b = seg_gpu(im)[0]
         agree.append(float((np.asarray(a.labels) == np.asarray(b.labels)).mean()))
         assert b.scores.dtype == torch.float32, b.scores.dtype  # scores leave autocast in float32
-    ckw = dict(embed_dim=64, vision_cfg=dict(image_size=64, layers=2, width=64, patch_size=16, head_width=32),
-               text_cfg=dict(context_length=16, vocab_size=1000, width=32, heads=2, layers=1)) if smoke else {}
+    ckw = (
+        dict(
+            embed_dim=64,
+            vision_cfg=dict(image_size=64, layers=2, width=64, patch_size=16, head_width=32),
+            text_cfg=dict(context_length=16, vocab_size=1000, width=32, heads=2, layers=1),
+        )
+        if smoke
+        else {}
+    )
     if smoke:
         clip_cpu = None
     else:
@@ -118,18 +131,25 @@ def correctness(dev: torch.device, smoke: bool) -> Dict[str, Any]:
         torch.manual_seed(1)
         clip_gpu = create_clip("ViT-B-16", None, device=dev, **ckw)
         clip_gpu.load_state_dict(clip_cpu.state_dict())
-        x = torch.stack([torch.from_numpy(np.asarray(im.resize((224, 224)))).permute(2, 0, 1).float() / 255
-                         for im in imgs])
+        x = torch.stack(
+            [torch.from_numpy(np.asarray(im.resize((224, 224)))).permute(2, 0, 1).float() / 255 for im in imgs]
+        )
         with torch.no_grad():
             d_cpu = clip_cpu.dense(clip_cpu.normalize(x))
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
                 d_gpu = clip_gpu.dense(clip_gpu.normalize(x.to(dev))).float().cpu()
-        dense_clip = {"shape": list(d_cpu.shape),
-                      "token_cosine_min": float(F.cosine_similarity(d_cpu, d_gpu, dim=1).min()),
-                      "token_cosine_mean": float(F.cosine_similarity(d_cpu, d_gpu, dim=1).mean())}
-    return {"reference_cosine_min": float(cos.min()), "reference_cosine_mean": float(cos.mean()),
-            "seed_index_identical_share": float(seeds_same), "label_agreement_per_image": agree,
-            "dense_clip": dense_clip}
+        dense_clip = {
+            "shape": list(d_cpu.shape),
+            "token_cosine_min": float(F.cosine_similarity(d_cpu, d_gpu, dim=1).min()),
+            "token_cosine_mean": float(F.cosine_similarity(d_cpu, d_gpu, dim=1).mean()),
+        }
+    return {
+        "reference_cosine_min": float(cos.min()),
+        "reference_cosine_mean": float(cos.mean()),
+        "seed_index_identical_share": float(seeds_same),
+        "label_agreement_per_image": agree,
+        "dense_clip": dense_clip,
+    }
 
 
 def throughput(dev: torch.device, smoke: bool) -> Dict[str, Any]:
@@ -199,8 +219,16 @@ def _deeplab(dev: torch.device, smoke: bool, out: Dict[str, Any]) -> None:
     import segmentation_models_pytorch as smp
 
     for os_ in (8, 16):
-        model = smp.DeepLabV3Plus(encoder_name="resnet18" if smoke else "resnet101", encoder_weights=None,
-                                  encoder_output_stride=os_, classes=21).to(dev).train()
+        model = (
+            smp.DeepLabV3Plus(
+                encoder_name="resnet18" if smoke else "resnet101",
+                encoder_weights=None,
+                encoder_output_stride=os_,
+                classes=21,
+            )
+            .to(dev)
+            .train()
+        )
         opt = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=2e-4)
         crop = 64 if smoke else 320
         xb = torch.randn(8, 3, crop, crop, device=dev)
@@ -242,12 +270,27 @@ def _toy_labels(root: Path, n: int) -> Path:
             p.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(arr).save(imgs / iid)
         (out / "labels" / iid).write_bytes(encode_labels(arr.argmax(-1)))
-        rows.append({"id": iid, "uri": str(imgs / iid), "status": "ok", "error": "", "label": f"labels/{iid}",
-                     "confidence": "", "overlay": "", "width": arr.shape[1], "height": arr.shape[0],
-                     "classes": "[0, 1, 2]", "shares": "[]", "mean_confidence": 1.0, "seconds": 0.0})
+        rows.append(
+            {
+                "id": iid,
+                "uri": str(imgs / iid),
+                "status": "ok",
+                "error": "",
+                "label": f"labels/{iid}",
+                "confidence": "",
+                "overlay": "",
+                "width": arr.shape[1],
+                "height": arr.shape[0],
+                "classes": "[0, 1, 2]",
+                "shares": "[]",
+                "mean_confidence": 1.0,
+                "seconds": 0.0,
+            }
+        )
     (out / "manifest").mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({c: [r.get(c, "") for r in rows] for c in COLUMNS}),
-                   out / "manifest" / "part-00000-00000000.parquet")
+    pq.write_table(
+        pa.table({c: [r.get(c, "") for r in rows] for c in COLUMNS}), out / "manifest" / "part-00000-00000000.parquet"
+    )
     (out / "pseudo_label.json").write_text(json.dumps({"classes": ["r", "g", "b"], "config_hash": "toy"}))
     return out
 
@@ -258,18 +301,33 @@ def training_loop(dev: torch.device, smoke: bool) -> Dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     labels = _toy_labels(tmp, 8 if smoke else 32)
     iters = 6 if smoke else 200
-    cfg = TrainConfig(encoder="resnet18" if smoke else "resnet50", iterations=iters, batch_size=8,
-                      crop_size=64 if smoke else 320, base_size=96 if smoke else 384, checkpoint_every=iters,
-                      log_every=max(1, iters // 10), num_workers=1, loader_workers=0 if smoke else 6,
-                      use_gpu=dev.type == "cuda", lr_head=1e-3, lr_encoder=1e-3)
+    cfg = TrainConfig(
+        encoder="resnet18" if smoke else "resnet50",
+        iterations=iters,
+        batch_size=8,
+        crop_size=64 if smoke else 320,
+        base_size=96 if smoke else 384,
+        checkpoint_every=iters,
+        log_every=max(1, iters // 10),
+        num_workers=1,
+        loader_workers=0 if smoke else 6,
+        use_gpu=dev.type == "cuda",
+        lr_head=1e-3,
+        lr_encoder=1e-3,
+    )
     t0 = time.perf_counter()
     state = run_local(str(labels), str(tmp / "run"), cfg)
     wall = time.perf_counter() - t0
     hist = state.get("history", [])
-    return {"iterations": iters, "wall_s": wall, "attempt": (state.get("attempts") or [{}])[-1],
-            "loss_first": hist[0]["loss"] if hist else None, "loss_last": hist[-1]["loss"] if hist else None,
-            "train_seconds": state.get("train_seconds"),
-            "steps_per_s": iters / state["train_seconds"] if state.get("train_seconds") else None}
+    return {
+        "iterations": iters,
+        "wall_s": wall,
+        "attempt": (state.get("attempts") or [{}])[-1],
+        "loss_first": hist[0]["loss"] if hist else None,
+        "loss_last": hist[-1]["loss"] if hist else None,
+        "train_seconds": state.get("train_seconds"),
+        "steps_per_s": iters / state["train_seconds"] if state.get("train_seconds") else None,
+    }
 
 
 def main() -> None:
@@ -281,8 +339,12 @@ def main() -> None:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type != "cuda" and not args.smoke:
         raise SystemExit("no CUDA device: run with --smoke to check the script on a CPU")
-    res: Dict[str, Any] = {"device": torch.cuda.get_device_name(0) if dev.type == "cuda" else platform.processor(),
-                           "torch": torch.__version__, "python": platform.python_version(), "smoke": args.smoke}
+    res: Dict[str, Any] = {
+        "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else platform.processor(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "smoke": args.smoke,
+    }
     fns = {"correctness": correctness, "throughput": throughput, "training": training_loop}
     for name in args.sections.split(","):
         t0 = time.perf_counter()

@@ -12,6 +12,7 @@
 Random-init encoders of the real architectures: code paths and speed, not quality.
 Writes ``OUT/gpu_ray.json`` (default ``bench/results``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,20 +43,38 @@ def train_on_ray(tmp: Path) -> Dict[str, Any]:
 
     labels = _toy_labels(tmp / "toy", 32)
     dry = DRY["on"]
-    cfg = TrainConfig(encoder="resnet18" if dry else "resnet50", iterations=4 if dry else 120, batch_size=8,
-                      crop_size=64 if dry else 320, base_size=96 if dry else 384, checkpoint_every=2 if dry else 60,
-                      log_every=2 if dry else 20, num_workers=1, use_gpu=not dry, loader_workers=0 if dry else 6,
-                      cpus_per_worker=1 if dry else 8, lr_head=1e-3, lr_encoder=1e-3)
+    cfg = TrainConfig(
+        encoder="resnet18" if dry else "resnet50",
+        iterations=4 if dry else 120,
+        batch_size=8,
+        crop_size=64 if dry else 320,
+        base_size=96 if dry else 384,
+        checkpoint_every=2 if dry else 60,
+        log_every=2 if dry else 20,
+        num_workers=1,
+        use_gpu=not dry,
+        loader_workers=0 if dry else 6,
+        cpus_per_worker=1 if dry else 8,
+        lr_head=1e-3,
+        lr_encoder=1e-3,
+    )
     t0 = time.perf_counter()
     res = execute_training(plan_training(str(labels), str(tmp / "runs"), "gpu", cfg))
     wall = time.perf_counter() - t0
     rep = res.report
     model = load_segmodel(res.run_uri, device="cpu" if DRY["on"] else "cuda")
     lab, names = model.predict(_images(1, 200, 5)[0])
-    return {"wall_s": wall, "attempts": rep["attempts"], "steps": rep["steps"], "throughput": rep["throughput"],
-            "loss_first": rep["history"][0]["loss"], "loss_last": rep["history"][-1]["loss"],
-            "checkpoints": [c["name"] for c in rep["checkpoints"]], "predict_shape": list(lab.shape),
-            "classes": list(names)}
+    return {
+        "wall_s": wall,
+        "attempts": rep["attempts"],
+        "steps": rep["steps"],
+        "throughput": rep["throughput"],
+        "loss_first": rep["history"][0]["loss"],
+        "loss_last": rep["history"][-1]["loss"],
+        "checkpoints": [c["name"] for c in rep["checkpoints"]],
+        "predict_shape": list(lab.shape),
+        "classes": list(names),
+    }
 
 
 def bank_on_gpu_actor(tmp: Path) -> Dict[str, Any]:
@@ -83,14 +102,25 @@ def bank_on_gpu_actor(tmp: Path) -> Dict[str, Any]:
         archives[f"c{i}"] = ims
     cfg = BankConfig(image_size=224, k=8)
     t0 = time.perf_counter()
-    bank, rep = run_build_bank(tasks, EncoderSpec("dinov2_vits14", str(wpath), dense_kwargs=kw), cfg, str(tmp / "bank"),
-                               ActorConfig(num_actors=1, cpus_per_actor=1 if DRY["on"] else 4, gpus_per_actor=_gpu()))
+    bank, rep = run_build_bank(
+        tasks,
+        EncoderSpec("dinov2_vits14", str(wpath), dense_kwargs=kw),
+        cfg,
+        str(tmp / "bank"),
+        ActorConfig(num_actors=1, cpus_per_actor=1 if DRY["on"] else 4, gpus_per_actor=_gpu()),
+    )
     wall = time.perf_counter() - t0
-    local = ConceptBank.build(archives, ConceptBuilder(create_dense_encoder("dinov2_vits14", str(wpath), **kw), None,
-                                                       cfg))
+    local = ConceptBank.build(
+        archives, ConceptBuilder(create_dense_encoder("dinov2_vits14", str(wpath), **kw), None, cfg)
+    )
     cos = F.cosine_similarity(bank.references, local.references, dim=1)
-    return {"wall_s": wall, "built": rep.built, "reference_cosine_min_vs_cpu": float(cos.min()),
-            "build_order": bank.metadata.get("build_order"), "actor_peak_rss_mb": rep.actor_peak_rss_mb}
+    return {
+        "wall_s": wall,
+        "built": rep.built,
+        "reference_cosine_min_vs_cpu": float(cos.min()),
+        "build_order": bank.metadata.get("build_order"),
+        "actor_peak_rss_mb": rep.actor_peak_rss_mb,
+    }
 
 
 def embed_on_gpu_actor(tmp: Path, n: int = 2000) -> Dict[str, Any]:
@@ -109,15 +139,32 @@ def embed_on_gpu_actor(tmp: Path, n: int = 2000) -> Dict[str, Any]:
     items = list_folder(str(src))
     store = EmbeddingStore(tmp / "store")
     t0 = time.perf_counter()
-    rep = run_embed(items, store, EncoderSpec(clip_model="ViT-B-16", clip_weights=None),
-                    ActorConfig(num_actors=1, cpus_per_actor=1 if DRY["on"] else 2, gpus_per_actor=_gpu(),
-                                batch_size=8 if DRY["on"] else 256), 1000, None, 1.0)
+    rep = run_embed(
+        items,
+        store,
+        EncoderSpec(clip_model="ViT-B-16", clip_weights=None),
+        ActorConfig(
+            num_actors=1,
+            cpus_per_actor=1 if DRY["on"] else 2,
+            gpus_per_actor=_gpu(),
+            batch_size=8 if DRY["on"] else 256,
+        ),
+        1000,
+        None,
+        1.0,
+    )
     wall = time.perf_counter() - t0
     d = rep.as_dict()
-    return {"wall_s": wall, "images": n, "embedded": d["embedded"], "images_per_second": d["images_per_second"],
-            "steady_images_per_second": d.get("steady_images_per_second"),
-            "model_seconds_per_image": d.get("model_seconds_per_image"),
-            "decode_seconds_per_image": d.get("decode_seconds_per_image"), "batch_sizes": d.get("batch_sizes")}
+    return {
+        "wall_s": wall,
+        "images": n,
+        "embedded": d["embedded"],
+        "images_per_second": d["images_per_second"],
+        "steady_images_per_second": d.get("steady_images_per_second"),
+        "model_seconds_per_image": d.get("model_seconds_per_image"),
+        "decode_seconds_per_image": d.get("decode_seconds_per_image"),
+        "batch_sizes": d.get("batch_sizes"),
+    }
 
 
 def main() -> None:
@@ -134,8 +181,11 @@ def main() -> None:
         init_ray(RayRuntimeConfig(num_cpus=2, object_store_memory_mb=512))
     else:
         init_ray(RayRuntimeConfig(num_cpus=14, num_gpus=1, object_store_memory_mb=8192))
-    res: Dict[str, Any] = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-                           "torch": torch.__version__, "dry_run": DRY["on"]}
+    res: Dict[str, Any] = {
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "dry_run": DRY["on"],
+    }
     fns = {"train": train_on_ray, "bank": bank_on_gpu_actor, "embed": embed_on_gpu_actor}
     for name in args.sections.split(","):
         t0 = time.perf_counter()

@@ -24,6 +24,7 @@ behaves like clusters. Use few images per concept (~10: IVF lists then hold many
 get the continuum the benchmark needs. :func:`cosine_stats` measures what it reproduces; ``bench/README.md``
 lists the figures.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,26 +36,27 @@ import numpy as np
 @dataclass(frozen=True)
 class ModalityGap:
     dim: int = 512
-    rank: int = 48           # semantic directions
-    sigma: float = 0.6       # spread of an image's latent around its concept (continuum)
-    a_img: float = 0.70      # weight of the image mean direction
+    rank: int = 48  # semantic directions
+    sigma: float = 0.6  # spread of an image's latent around its concept (continuum)
+    a_img: float = 0.70  # weight of the image mean direction
     b_img: float = 0.62
     c_img: float = 0.48
-    a_txt: float = 0.78      # weight of the text mean direction
+    a_txt: float = 0.78  # weight of the text mean direction
     b_txt: float = 0.40
     c_txt: float = 0.44
-    gap_cos: float = 0.20    # cosine between the two modality mean directions
+    gap_cos: float = 0.20  # cosine between the two modality mean directions
     seed: int = 0
 
     def _frame(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         rng = np.random.default_rng(self.seed)
         q, _ = np.linalg.qr(rng.normal(size=(self.dim, self.rank + 2)))
         u_img, v, basis = q[:, 0], q[:, 1], q[:, 2:]
-        u_txt = self.gap_cos * u_img + np.sqrt(1 - self.gap_cos ** 2) * v
+        u_txt = self.gap_cos * u_img + np.sqrt(1 - self.gap_cos**2) * v
         return u_img, u_txt, basis
 
-    def _embed(self, a: float, b: float, c: float, u: np.ndarray, latents: np.ndarray,
-               rng: np.random.Generator) -> np.ndarray:
+    def _embed(
+        self, a: float, b: float, c: float, u: np.ndarray, latents: np.ndarray, rng: np.random.Generator
+    ) -> np.ndarray:
         _, _, basis = self._frame()
         sem = latents @ basis.T / np.sqrt(self.rank)
         noise = rng.normal(size=(len(latents), self.dim)) / np.sqrt(self.dim)
@@ -105,9 +107,13 @@ def cosine_stats(gap: ModalityGap = ModalityGap(), n: int = 4000, n_concepts: in
     ii = np.einsum("ne,ne->n", img[pairs[:, 0]], img[pairs[:, 1]])
     same_ii = [float(img[i] @ img[j]) for i, j in same[:2000]] or [float("nan")]
     tt = txt[rng.integers(0, n_concepts, 2000)] @ txt[rng.integers(0, n_concepts, 2000)].T
-    return {"text_image_own": float(own.mean()), "text_image_random": float(rand_t.mean()),
-            "image_image_same_concept": float(np.mean(same_ii)), "image_image_random": float(ii.mean()),
-            "text_text_random": float(tt.mean())}
+    return {
+        "text_image_own": float(own.mean()),
+        "text_image_random": float(rand_t.mean()),
+        "image_image_same_concept": float(np.mean(same_ii)),
+        "image_image_random": float(ii.mean()),
+        "text_text_random": float(tt.mean()),
+    }
 
 
 if __name__ == "__main__":  # pragma: no cover

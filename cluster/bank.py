@@ -1,5 +1,6 @@
 """The concept-bank actor body: one :class:`reco.bank.ConceptBuilder` per actor (see
 :mod:`cluster.bank_job` for the job that drives a pool of them)."""
+
 from __future__ import annotations
 
 import logging
@@ -22,8 +23,13 @@ class BankWorker:
     """Actor body (plain class so it is testable without Ray): reads archives, encodes them and
     co-segments. Every method is a pure function of its arguments (the job retries them)."""
 
-    def __init__(self, encoders: EncoderSpec, config: BankConfig, threads: Optional[int] = None,
-                 storage_options: Optional[Mapping[str, object]] = None):
+    def __init__(
+        self,
+        encoders: EncoderSpec,
+        config: BankConfig,
+        threads: Optional[int] = None,
+        storage_options: Optional[Mapping[str, object]] = None,
+    ):
         self.storage_options = dict(storage_options or {})
         dense, clip, self.device = encoders.load(threads)
         self.builder = ConceptBuilder(dense, clip, config)
@@ -82,7 +88,9 @@ class BankWorker:
         faults.fire("bank.concept", name)
         return feats, lang, info
 
-    def confidence(self, name: str, uris: Sequence[str], text: Optional[torch.Tensor]) -> Tuple[float, Dict[str, object]]:
+    def confidence(
+        self, name: str, uris: Sequence[str], text: Optional[torch.Tensor]
+    ) -> Tuple[float, Dict[str, object]]:
         """How strongly a concept's archive agrees on one region (NaN for a bad archive): the
         key of ``bank.context_order: confidence``."""
         feats, lang, info = self.prepare(name, uris, text)

@@ -1,5 +1,6 @@
 """What ``reco build-bank`` feeds the bank actors: each concept's archive (its exemplar folder,
 else CLIP retrieval from an index) and CLIP text embeddings, computed in one Ray task."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,14 +20,19 @@ def exemplar_folder(root: Optional[str], name: str) -> Optional[str]:
         if folder.is_dir():
             real = folder.resolve()
             if base not in real.parents:
-                raise ConfigError(f"exemplar folder for concept {name!r} resolves to {real}, outside --exemplars "
-                                  f"{base}")
+                raise ConfigError(
+                    f"exemplar folder for concept {name!r} resolves to {real}, outside --exemplars {base}"
+                )
             return str(real)
     return None
 
 
-def exemplar_archives(names: Sequence[str], explicit: Mapping[str, Optional[str]], root: Optional[str],
-                      storage_options: Optional[Mapping[str, Any]] = None) -> Dict[str, List[str]]:
+def exemplar_archives(
+    names: Sequence[str],
+    explicit: Mapping[str, Optional[str]],
+    root: Optional[str],
+    storage_options: Optional[Mapping[str, Any]] = None,
+) -> Dict[str, List[str]]:
     """{name: image URIs} for the concepts that have an exemplar folder (an explicit one wins)."""
     from index.readers import list_images
 
@@ -38,15 +44,28 @@ def exemplar_archives(names: Sequence[str], explicit: Mapping[str, Optional[str]
     return out
 
 
-def retrieve_archives(index_uri: str, todo: Sequence[str], texts: Mapping[str, Any], k: int,
-                      storage_options: Optional[Mapping[str, Any]] = None, exact_store: bool = False,
-                      serve_actors: Optional[int] = None) -> Dict[str, List[str]]:
+def retrieve_archives(
+    index_uri: str,
+    todo: Sequence[str],
+    texts: Mapping[str, Any],
+    k: int,
+    storage_options: Optional[Mapping[str, Any]] = None,
+    exact_store: bool = False,
+    serve_actors: Optional[int] = None,
+) -> Dict[str, List[str]]:
     """{name: top-``k`` image URIs for the concept's text embedding}: from the index, or exactly
     from the store ``index_uri`` when ``exact_store`` (:func:`cluster.retrieval.retrieve_archives`)."""
     from .retrieval import retrieve_archives as retrieve
 
-    return retrieve(todo, texts, k, index_uri, exact_store=exact_store,
-                    storage_options=dict(storage_options or {}), serve_actors=serve_actors)
+    return retrieve(
+        todo,
+        texts,
+        k,
+        index_uri,
+        exact_store=exact_store,
+        storage_options=dict(storage_options or {}),
+        serve_actors=serve_actors,
+    )
 
 
 def text_embeddings_remote(encoders, synonyms: Dict[str, Tuple[str, ...]]) -> Dict[str, Any]:

@@ -26,6 +26,7 @@ hash skips every committed concept; another config is refused unless ``overwrite
 ``--overwrite`` forgets the parts under it, and ``OUT/job_report.json`` says ``failed`` when more
 than ``jobs.max_failed_fraction`` of the concepts failed.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,13 +37,12 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from reco.bank import ConceptBank, ConceptReference
-from reco.config import BankConfig, to_dict
-from reco.errors import ConfigError, EmptyArchiveError
-
 from index.output import JobReport, Parts, ResumableOutput
 from index.report import JobResult
 from index.storage import join
+from reco.bank import ConceptBank, ConceptReference
+from reco.config import BankConfig, to_dict
+from reco.errors import ConfigError, EmptyArchiveError
 
 from .bank import BankWorker
 from .config import ActorConfig, JobsConfig
@@ -76,10 +76,19 @@ class BankJobReport(JobResult):
     """build-bank's names for the counts of its uniform report (``.report``, a
     :class:`index.report.JobReport` in concepts)."""
 
-    ALIASES = {"concepts": "n_seen", "built": "n_processed", "already_done": "n_already_done",
-               "failed": "skipped_items", "failed_transient": "failed_items"}
-    FIELDS = {"parts_committed": 0, "concept_seconds": 0.0, "actor_peak_rss_mb": list,
-              "left_for_rerun": 0}  # left_for_rerun: concepts after a transient failure in the peeling chain
+    ALIASES = {
+        "concepts": "n_seen",
+        "built": "n_processed",
+        "already_done": "n_already_done",
+        "failed": "skipped_items",
+        "failed_transient": "failed_items",
+    }
+    FIELDS = {
+        "parts_committed": 0,
+        "concept_seconds": 0.0,
+        "actor_peak_rss_mb": list,
+        "left_for_rerun": 0,
+    }  # left_for_rerun: concepts after a transient failure in the peeling chain
 
     @property
     def concepts_per_minute(self) -> float:
@@ -91,19 +100,29 @@ class BankJobReport(JobResult):
 
 def bank_settings(config: BankConfig, encoders: EncoderSpec, archive_mode: str) -> Dict[str, Any]:
     """What a bank depends on (its ``build.json`` is these plus their :func:`index.output.config_hash`)."""
-    return {"bank": to_dict(config), "dense_encoder": encoders.dense_encoder,
-            "dense_weights": encoders.dense_weights, "clip": encoders.clip_model,
-            "clip_weights": encoders.clip_weights, "clip_dense_head": encoders.clip_dense_head,
-            "archive_mode": archive_mode}
+    return {
+        "bank": to_dict(config),
+        "dense_encoder": encoders.dense_encoder,
+        "dense_weights": encoders.dense_weights,
+        "clip": encoders.clip_model,
+        "clip_weights": encoders.clip_weights,
+        "clip_dense_head": encoders.clip_dense_head,
+        "archive_mode": archive_mode,
+    }
 
 
-def _row(name: str, kind: str, ref: Optional[ConceptReference], info: Mapping[str, Any], task: ConceptTask,
-         digest: str) -> Dict[str, Any]:
+def _row(
+    name: str, kind: str, ref: Optional[ConceptReference], info: Mapping[str, Any], task: ConceptTask, digest: str
+) -> Dict[str, Any]:
     read = info.get("read", {})
     return {
-        "name": name, "kind": kind, "status": "ok" if ref is not None else "failed",
-        "error": "" if ref is not None else str(info.get("error", "")), "source": task.source,
-        "archive": [str(u) for u in info.get("archive", [])], "requested": len(task.uris),
+        "name": name,
+        "kind": kind,
+        "status": "ok" if ref is not None else "failed",
+        "error": "" if ref is not None else str(info.get("error", "")),
+        "source": task.source,
+        "archive": [str(u) for u in info.get("archive", [])],
+        "requested": len(task.uris),
         "images_skipped": dict(read.get("skipped_files", {})),
         "seed_index": [] if ref is None else ref.seed_index.tolist(),
         "seed_scores": [] if ref is None or ref.seed_scores is None else [round(float(v), 6) for v in ref.seed_scores],
@@ -111,7 +130,8 @@ def _row(name: str, kind: str, ref: Optional[ConceptReference], info: Mapping[st
         "language_guidance": bool(ref.language_guidance) if ref is not None else False,
         "context_eliminated": [] if ref is None else list(ref.context),
         "reused_context_reference": bool(ref.reused_context) if ref is not None else False,
-        "seconds": float(info.get("seconds", 0.0)), "config_hash": digest,
+        "seconds": float(info.get("seconds", 0.0)),
+        "config_hash": digest,
     }
 
 
@@ -147,20 +167,30 @@ def _commit(out: ResumableOutput, entries: List[Tuple[Dict[str, Any], Optional[C
     out.commit(_part_bytes(entries))
 
 
-def _reference(row: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], key: str,
-               legacy: Optional[torch.Tensor] = None) -> ConceptReference:
+def _reference(
+    row: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], key: str, legacy: Optional[torch.Tensor] = None
+) -> ConceptReference:
     """A committed concept as the builder returned it (without its score maps)."""
+
     def get(f):
         return tensors.get(f"{key}/{f}")
 
     reference = get("reference") if legacy is None else legacy
     return ConceptReference(
-        str(row["name"]), reference, torch.tensor(row["seed_index"], dtype=torch.long), tuple(row["grid"]),
-        len(row["archive"]), bool(row["language_guidance"]), tuple(row["context_eliminated"]),
+        str(row["name"]),
+        reference,
+        torch.tensor(row["seed_index"], dtype=torch.long),
+        tuple(row["grid"]),
+        len(row["archive"]),
+        bool(row["language_guidance"]),
+        tuple(row["context_eliminated"]),
         bool(row["reused_context_reference"]),
         seed_scores=torch.tensor(row["seed_scores"], dtype=torch.float32) if row["seed_scores"] else None,
-        prototypes=get("prototypes"), calibration=get("calibration"),
-        member_sums=get("member_sums"), member_counts=get("member_counts"))
+        prototypes=get("prototypes"),
+        calibration=get("calibration"),
+        member_sums=get("member_sums"),
+        member_counts=get("member_counts"),
+    )
 
 
 class _Committed:
@@ -258,17 +288,20 @@ def run_build_bank(
     if len(set(names)) != len(names):
         raise ConfigError("concept names must be unique")
     covered = bank_settings(config, encoders, archive_mode)
-    report = BankJobReport(JobReport("build-bank", unit="concepts", config=job_config,
-                                     max_failed_fraction=max_failed_fraction))
+    report = BankJobReport(
+        JobReport("build-bank", unit="concepts", config=job_config, max_failed_fraction=max_failed_fraction)
+    )
     report.concepts = len(tasks)
     use_context = bool(config.context_elimination and config.context_concepts)
     if use_context:
         have = {t.name for t in context_tasks if t.uris}
         missing = [c for c in config.context_concepts if c not in have]
         if missing:
-            raise ConfigError(f"context elimination needs archives for the context concepts {missing}: give them "
-                              "(exemplar folders or an index), change bank.context_concepts, or set "
-                              "bank.context_elimination: false")
+            raise ConfigError(
+                f"context elimination needs archives for the context concepts {missing}: give them "
+                "(exemplar folders or an index), change bank.context_concepts, or set "
+                "bank.context_elimination: false"
+            )
     out = ResumableOutput(out_uri, "build-bank", BUILD_FILE, PARTS_DIR, ".safetensors", storage_options)
     with out.open(covered, overwrite):
         digest = out.settings["config_hash"]
@@ -278,16 +311,25 @@ def run_build_bank(
         done = _Committed(out.parts).update()
         rows, refs = done.rows, done.refs
         todo = [t for t in tasks if f"target:{t.name}" not in rows]
-        report.report.already_done(len(tasks) - len(todo), failed=sum(
-            1 for t in tasks if rows.get(f"target:{t.name}", {}).get("status") == "failed"))
+        report.report.already_done(
+            len(tasks) - len(todo),
+            failed=sum(1 for t in tasks if rows.get(f"target:{t.name}", {}).get("status") == "failed"),
+        )
         ctx_names = list(config.context_concepts) if use_context else []
         need_context = use_context and any(f"context:{c}" not in rows for c in ctx_names)
-        opts = dict(num_cpus=actors.cpus_per_actor, num_gpus=actors.gpus_per_actor,
-                    max_restarts=ACTOR_MAX_RESTARTS, max_task_retries=ACTOR_MAX_TASK_RETRIES)
+        opts = dict(
+            num_cpus=actors.cpus_per_actor,
+            num_gpus=actors.gpus_per_actor,
+            max_restarts=ACTOR_MAX_RESTARTS,
+            max_task_retries=ACTOR_MAX_TASK_RETRIES,
+        )
         n_workers = min(actors.num_actors, max(1, len(todo)))
-        workers = [ray.remote(BankWorker).options(**opts).remote(encoders, config, actors.torch_threads,
-                                                                 dict(storage_options or {}))
-                   for _ in range(n_workers if (todo or need_context) else 0)]
+        workers = [
+            ray.remote(BankWorker)
+            .options(**opts)
+            .remote(encoders, config, actors.torch_threads, dict(storage_options or {}))
+            for _ in range(n_workers if (todo or need_context) else 0)
+        ]
         parts = _Parts(out, commit_every, report)
         order: List[str] = list(names)
         try:
@@ -302,8 +344,10 @@ def run_build_bank(
                     t = by_name[c]
                     ref, info = ray.get(workers[0].build.remote(c, list(t.uris), t.text, dict(chain)))
                     if ref is None or info["read"].get("failed"):
-                        raise EmptyArchiveError(f"context concept {c!r} could not be built: "
-                                                f"{info.get('error') or info['read'].get('failed_files')}")
+                        raise EmptyArchiveError(
+                            f"context concept {c!r} could not be built: "
+                            f"{info.get('error') or info['read'].get('failed_files')}"
+                        )
                     chain[c] = _light(ref)
                     parts.buffer.append((_row(c, "context", ref, info, t, digest), ref))
                 parts.flush()  # the context chain is one part
@@ -315,21 +359,26 @@ def run_build_bank(
                 _build_parallel(todo, rows, context, workers, digest, parts, report)
             parts.flush()
             if workers:
-                report.actor_peak_rss_mb = [round(float(m), 1) for m in ray.get([w.peak_rss_mb.remote() for w in workers])]
+                report.actor_peak_rss_mb = [
+                    round(float(m), 1) for m in ray.get([w.peak_rss_mb.remote() for w in workers])
+                ]
         finally:
             for w in workers:
                 ray.kill(w)
         done.update()
         _finish_report(report)
         if report.failed_transient:
-            logger.warning("%d concepts left for a rerun (transient read failures%s); the bank is not assembled yet",
-                           len(report.failed_transient) + report.left_for_rerun,
-                           f", and {report.left_for_rerun} later in the build order" if report.left_for_rerun else "")
+            logger.warning(
+                "%d concepts left for a rerun (transient read failures%s); the bank is not assembled yet",
+                len(report.failed_transient) + report.left_for_rerun,
+                f", and {report.left_for_rerun} later in the build order" if report.left_for_rerun else "",
+            )
             out.write_report(report.report)
             return None, report
         try:
-            bank = _assemble(tasks, rows, refs, out.settings.get("encoder_metadata") or {}, config, archive_mode,
-                             digest, order)
+            bank = _assemble(
+                tasks, rows, refs, out.settings.get("encoder_metadata") or {}, config, archive_mode, digest, order
+            )
         except EmptyArchiveError:
             out.write_report(report.report)
             raise
@@ -364,22 +413,36 @@ def _log_failure(report: "BankJobReport", line: str) -> None:
         logger.warning("more concepts failed: further failures are counted in job_report.json, not logged")
 
 
-def _record(name: str, ref: Optional[ConceptReference], info: Mapping[str, Any], task: ConceptTask,
-            rows: Mapping[str, Dict[str, Any]], digest: str, report: BankJobReport) -> Optional[Dict[str, Any]]:
+def _record(
+    name: str,
+    ref: Optional[ConceptReference],
+    info: Mapping[str, Any],
+    task: ConceptTask,
+    rows: Mapping[str, Dict[str, Any]],
+    digest: str,
+    report: BankJobReport,
+) -> Optional[Dict[str, Any]]:
     """The table row of a finished concept, or None (reported) when an archive image failed
     transiently: such a concept is not committed, the next run redoes it."""
     report.concept_seconds += float(info.get("seconds", 0.0))
     read = info.get("read", {})
     if read.get("failed"):
-        report.report.fail_transient(name, f"{read['failed']} archive image(s) unreadable now: " +
-                                     "; ".join(f"{u}: {r}" for u, r in list(read["failed_files"].items())[:3]))
+        report.report.fail_transient(
+            name,
+            f"{read['failed']} archive image(s) unreadable now: "
+            + "; ".join(f"{u}: {r}" for u, r in list(read["failed_files"].items())[:3]),
+        )
         _log_failure(report, f"concept {name} left for a rerun: {report.failed_transient[name]}")
         return None
     row = _row(name, "target", ref, info, task, digest)
     if ref is not None and ref.reused_context:  # keep the context build's seeds and archive
         ctx_row = rows[f"context:{name}"]
-        row.update({k: ctx_row[k] for k in ("archive", "seed_index", "seed_scores", "grid",
-                                            "images_skipped", "language_guidance")})
+        row.update(
+            {
+                k: ctx_row[k]
+                for k in ("archive", "seed_index", "seed_scores", "grid", "images_skipped", "language_guidance")
+            }
+        )
     if ref is None:
         report.report.skip(name, row["error"])
         _log_failure(report, f"concept {name} failed: {row['error']}")
@@ -395,8 +458,7 @@ def _build_parallel(todo, rows, context, workers, digest, parts: _Parts, report:
     from tqdm import tqdm
 
     by_task = {t.name: t for t in todo}
-    jobs = ActorPool(workers).map_unordered(
-        lambda w, t: w.build.remote(t.name, list(t.uris), t.text, context), todo)
+    jobs = ActorPool(workers).map_unordered(lambda w, t: w.build.remote(t.name, list(t.uris), t.text, context), todo)
     for ref, info in tqdm(jobs, total=len(todo), desc="concepts", unit="concept"):
         name = str(info["name"])
         row = _record(name, ref, info, by_task[name], rows, digest, report)
@@ -404,8 +466,9 @@ def _build_parallel(todo, rows, context, workers, digest, parts: _Parts, report:
             parts.add(row, ref)
 
 
-def _build_chain(tasks, rows, refs, context, workers, config: BankConfig, digest, parts: _Parts,
-                 report: BankJobReport) -> List[str]:
+def _build_chain(
+    tasks, rows, refs, context, workers, config: BankConfig, digest, parts: _Parts, report: BankJobReport
+) -> List[str]:
     """Sequential peeling (``context_from_vocabulary``, :func:`reco.bank.build_order`): each
     concept eliminates every concept built before it, exactly as
     :meth:`reco.bank.ConceptBank.build` does in one process. The actors read and encode the
@@ -438,8 +501,11 @@ def _build_chain(tasks, rows, refs, context, workers, config: BankConfig, digest
                 confidences[t.name] = float(row.get("order_key", math.nan))
             else:
                 need.append(t)
-        jobs = ActorPool(workers).map_unordered(
-            lambda w, t: w.confidence.remote(t.name, list(t.uris), t.text), need) if need else []
+        jobs = (
+            ActorPool(workers).map_unordered(lambda w, t: w.confidence.remote(t.name, list(t.uris), t.text), need)
+            if need
+            else []
+        )
         for conf, info in tqdm(jobs, total=len(need), desc="concept order (confidence)", unit="concept"):
             name = str(info["name"])
             if info["read"].get("failed"):  # the order itself is unknown: nothing can be built this run
@@ -456,8 +522,12 @@ def _build_chain(tasks, rows, refs, context, workers, config: BankConfig, digest
             pending.append(by_name[n])
             continue
         if pending:
-            logger.warning("concept %s was committed after %s in the build order (vocabulary or order changed "
-                           "since the last run?): it is kept as committed", n, pending[-1].name)
+            logger.warning(
+                "concept %s was committed after %s in the build order (vocabulary or order changed "
+                "since the last run?): it is kept as committed",
+                n,
+                pending[-1].name,
+            )
         if rows[key]["status"] == "ok":
             peel[n] = _light(refs[key])
     chain = ConceptBuilder(None, None, config)
@@ -507,22 +577,35 @@ def _build_chain(tasks, rows, refs, context, workers, config: BankConfig, digest
     return order
 
 
-def _assemble(tasks, rows, refs, enc_meta: Mapping[str, Any], config: BankConfig, archive_mode: str,
-              digest: str, order: Sequence[str]) -> ConceptBank:
+def _assemble(
+    tasks,
+    rows,
+    refs,
+    enc_meta: Mapping[str, Any],
+    config: BankConfig,
+    archive_mode: str,
+    digest: str,
+    order: Sequence[str],
+) -> ConceptBank:
     ok = [t for t in tasks if rows[f"target:{t.name}"]["status"] == "ok"]
     if not ok:
-        raise EmptyArchiveError("no concept could be built: " + "; ".join(
-            f"{t.name}: {rows[f'target:{t.name}']['error']}" for t in tasks[:5]))
+        raise EmptyArchiveError(
+            "no concept could be built: "
+            + "; ".join(f"{t.name}: {rows[f'target:{t.name}']['error']}" for t in tasks[:5])
+        )
     texts = [t.text for t in ok]
     text = torch.stack(texts).float() if all(x is not None for x in texts) else None
     meta: Dict[str, Any] = dict(enc_meta)
-    meta.update({
-        "archive_mode": archive_mode,
-        "language_guidance": any(rows[f"target:{t.name}"]["language_guidance"] for t in ok),
-        "context_elimination": list(config.context_concepts) if config.context_elimination else [],
-        "config": to_dict(config), "config_hash": digest,
-        "concepts": {t.name: {"archive": rows[f"target:{t.name}"]["archive"]} for t in ok},
-    })
+    meta.update(
+        {
+            "archive_mode": archive_mode,
+            "language_guidance": any(rows[f"target:{t.name}"]["language_guidance"] for t in ok),
+            "context_elimination": list(config.context_concepts) if config.context_elimination else [],
+            "config": to_dict(config),
+            "config_hash": digest,
+            "concepts": {t.name: {"archive": rows[f"target:{t.name}"]["archive"]} for t in ok},
+        }
+    )
     if config.context_from_vocabulary:
         meta["build_order"] = list(order)
     return ConceptBank.from_references([refs[f"target:{t.name}"] for t in ok], text, meta)
@@ -539,8 +622,22 @@ def _write_outputs(out: ResumableOutput, bank: ConceptBank, tasks, rows) -> None
     out.lock.verify()  # type: ignore[union-attr]
     save_bank(bank, out.uri, out.storage_options)
     table_rows = [rows[f"target:{t.name}"] for t in tasks] + [r for k, r in rows.items() if k.startswith("context:")]
-    cols = ["name", "kind", "status", "error", "source", "archive", "requested", "seed_index", "seed_scores",
-            "language_guidance", "context_eliminated", "reused_context_reference", "seconds", "config_hash"]
+    cols = [
+        "name",
+        "kind",
+        "status",
+        "error",
+        "source",
+        "archive",
+        "requested",
+        "seed_index",
+        "seed_scores",
+        "language_guidance",
+        "context_eliminated",
+        "reused_context_reference",
+        "seconds",
+        "config_hash",
+    ]
     table = pa.table({c: [r[c] for r in table_rows] for c in cols})
     buf = io.BytesIO()
     pq.write_table(table, buf)

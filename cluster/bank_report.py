@@ -2,6 +2,7 @@
 to see why each concept works or fails: status, reason, seconds, archive size, mean seed score, and
 per concept its archive thumbnails as the co-segmentation saw them (centre crops at the bank's image
 size) with the seed token marked and, where the bank stored them, the score heat-map overlaid."""
+
 from __future__ import annotations
 
 import html
@@ -23,8 +24,14 @@ def _heat(scores: np.ndarray, size: int) -> np.ndarray:
     s = scores.astype(np.float32)
     s = (s - s.min()) / max(float(s.max() - s.min()), 1e-6)
     up = np.asarray(Image.fromarray((s * 255).astype(np.uint8)).resize((size, size), Image.Resampling.BILINEAR)) / 255.0
-    rgb = np.stack([np.clip(1.5 - abs(4 * up - 3), 0, 1), np.clip(1.5 - abs(4 * up - 2), 0, 1),
-                    np.clip(1.5 - abs(4 * up - 1), 0, 1)], axis=-1)
+    rgb = np.stack(
+        [
+            np.clip(1.5 - abs(4 * up - 3), 0, 1),
+            np.clip(1.5 - abs(4 * up - 2), 0, 1),
+            np.clip(1.5 - abs(4 * up - 1), 0, 1),
+        ],
+        axis=-1,
+    )
     return (rgb * 255).astype(np.uint8)
 
 
@@ -48,8 +55,9 @@ def thumbnail(image, image_size: int, grid: Sequence[int], seed: Optional[int], 
     return img
 
 
-def write_report(bank_uri: str, out_dir: Optional[str] = None, max_images: int = 12,
-                 storage_options: Optional[Dict[str, Any]] = None) -> Path:
+def write_report(
+    bank_uri: str, out_dir: Optional[str] = None, max_images: int = 12, storage_options: Optional[Dict[str, Any]] = None
+) -> Path:
     """Write the browser page for the bank at ``bank_uri`` (built by ``reco build-bank``)."""
     import io
 
@@ -58,8 +66,9 @@ def write_report(bank_uri: str, out_dir: Optional[str] = None, max_images: int =
     from index.readers import read_image
     from index.storage import is_url, join, local_path, read_bytes
 
-    rows: List[Dict[str, Any]] = pq.read_table(io.BytesIO(read_bytes(join(bank_uri, "concepts.parquet"),
-                                                                   storage_options))).to_pylist()
+    rows: List[Dict[str, Any]] = pq.read_table(
+        io.BytesIO(read_bytes(join(bank_uri, "concepts.parquet"), storage_options))
+    ).to_pylist()
     build = json.loads(read_bytes(join(bank_uri, "build.json"), storage_options))
     heat = _heatmaps(bank_uri, storage_options)
     image_size = int(build.get("bank", {}).get("image_size", 224))
@@ -80,16 +89,20 @@ def write_report(bank_uri: str, out_dir: Optional[str] = None, max_images: int =
             try:
                 img = read_image(uri, storage_options)
             except Exception as exc:  # noqa: BLE001 - a page must not fail on one unreadable image
-                figs.append(f"<figure class='bad'><figcaption>{html.escape(Path(uri).name)}: "
-                            f"{html.escape(str(exc))[:120]}</figcaption></figure>")
+                figs.append(
+                    f"<figure class='bad'><figcaption>{html.escape(Path(uri).name)}: "
+                    f"{html.escape(str(exc))[:120]}</figcaption></figure>"
+                )
                 continue
             m = maps[i] if maps is not None and i < len(maps) else None
             t = thumbnail(img, image_size, r.get("grid") or [0, 0], seeds[i] if i < len(seeds) else None, m)
             name = f"thumbs/{cid}_{i:03d}.jpg"
             t.save(out / name, quality=85)
             cap = f"{html.escape(Path(uri).name)}" + (f" &middot; seed {scores[i]:.3f}" if i < len(scores) else "")
-            figs.append(f"<figure><img src='{name}' loading='lazy' width='{THUMB}' height='{THUMB}'>"
-                        f"<figcaption>{cap}</figcaption></figure>")
+            figs.append(
+                f"<figure><img src='{name}' loading='lazy' width='{THUMB}' height='{THUMB}'>"
+                f"<figcaption>{cap}</figcaption></figure>"
+            )
         mean = f"{np.mean(scores):.3f}" if scores else "-"
         status = html.escape(r["status"]) + (f": {html.escape(r['error'])}" if r.get("error") else "")
         flags = []
@@ -105,20 +118,23 @@ def write_report(bank_uri: str, out_dir: Optional[str] = None, max_images: int =
             f"<p>status <b>{status}</b> &middot; archive {len(r.get('archive') or [])}/{r.get('requested', '?')} "
             f"images ({html.escape(str(r.get('source', '')))}) &middot; mean seed score {mean} &middot; "
             f"{float(r.get('seconds') or 0):.2f} s{(' &middot; ' + html.escape('; '.join(flags))) if flags else ''}</p>"
-            f"<div class='grid'>{''.join(figs)}</div></section>")
-        index.append(f"<li data-name='{html.escape(r['name'].lower())}' class='{html.escape(r['status'])}'>"
-                     f"<a href='#{cid}'>{html.escape(r['name'])}</a> <small>{html.escape(r['status'])} {mean}</small></li>")
+            f"<div class='grid'>{''.join(figs)}</div></section>"
+        )
+        index.append(
+            f"<li data-name='{html.escape(r['name'].lower())}' class='{html.escape(r['status'])}'>"
+            f"<a href='#{cid}'>{html.escape(r['name'])}</a> <small>{html.escape(r['status'])} {mean}</small></li>"
+        )
     ok = sum(1 for r in rows if r["status"] == "ok")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>concept bank {html.escape(bank_uri)}</title>
 <style>body{{font-family:sans-serif;margin:1em 2em}} nav{{float:left;width:16em;max-height:92vh;overflow:auto;position:sticky;top:0}}
 main{{margin-left:17em}} .grid{{display:flex;flex-wrap:wrap;gap:6px}} figure{{margin:0;width:{THUMB}px;font-size:10px}}
 .failed h2,.failed a{{color:#b00}} li small{{color:#666}} section{{border-top:1px solid #ccc;padding:4px 0}}</style></head>
 <body><nav><input id="q" placeholder="search concepts" autofocus><p>{ok} ok / {len(rows)} concepts
-(config {html.escape(str(build.get('config_hash')))})</p><ul id="list">{''.join(index)}</ul></nav>
+(config {html.escape(str(build.get("config_hash")))})</p><ul id="list">{"".join(index)}</ul></nav>
 <main><h1>Concept bank {html.escape(bank_uri)}</h1>
 <p>Thumbnails are the centre crops the co-segmentation saw; the ring marks each image's seed token, the colour
 map (where stored) its co-segmentation score (blue low, red high). A concept whose seeds sit on background
-(sky, road, grass) has a reference that will match background.</p>{''.join(sections)}</main>
+(sky, road, grass) has a reference that will match background.</p>{"".join(sections)}</main>
 <script>document.getElementById('q').addEventListener('input',e=>{{const q=e.target.value.toLowerCase();
 document.querySelectorAll('[data-name]').forEach(el=>{{el.style.display=el.dataset.name.includes(q)?'':'none'}});}});</script>
 </body></html>"""
@@ -128,9 +144,10 @@ document.querySelectorAll('[data-name]').forEach(el=>{{el.style.display=el.datas
 
 def _heatmaps(bank_uri: str, storage_options) -> Dict[str, np.ndarray]:
     """{kind:name: (k, h, w) co-segmentation scores} from the bank's parts, where stored."""
-    from .bank_job import PARTS_DIR, _HEADER
     from index.storage import join, list_files, read_bytes
     from reco.bank import safetensors_metadata
+
+    from .bank_job import _HEADER, PARTS_DIR
 
     out: Dict[str, np.ndarray] = {}
     for part in list_files(join(bank_uri, PARTS_DIR), storage_options, suffix=".safetensors"):

@@ -11,6 +11,7 @@ Two files, two owners:
 
 :func:`redact` (from :mod:`index.redact`) masks credentials in any mapping before it is logged or written beside outputs.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -133,12 +134,20 @@ def load_yaml_mapping(path: Union[str, Path], what: str = "config") -> Dict[str,
 
 
 #: top-level keys of a Ray cluster-launcher config (never of the project's settings)
-_LAUNCHER_KEYS = {"cluster_name", "provider", "available_node_types", "head_node_type", "setup_commands",
-                  "head_start_ray_commands", "worker_start_ray_commands", "max_workers"}
+_LAUNCHER_KEYS = {
+    "cluster_name",
+    "provider",
+    "available_node_types",
+    "head_node_type",
+    "setup_commands",
+    "head_start_ray_commands",
+    "worker_start_ray_commands",
+    "max_workers",
+}
 #: settings that moved or were renamed, with the message that says where to
 _MOVED = {
     "disable_auth_for_local": "ray.disable_auth_for_local was replaced by ray.auth_mode (token | disabled); "
-                              "the embedded Ray now runs with token auth on 127.0.0.1",
+    "the embedded Ray now runs with token auth on 127.0.0.1",
 }
 
 
@@ -152,7 +161,8 @@ def load_cluster_config(source: Union[str, Path, Mapping[str, Any], None]) -> Cl
         name = source if not isinstance(source, Mapping) else "this mapping"
         raise ConfigError(
             f"{name} is a Ray cluster-launcher config (keys {', '.join(launcher)}) for `ray up`, not the "
-            "project's per-stage settings: pass configs/cluster.yaml (or a copy of it) as --ray-config")
+            "project's per-stage settings: pass configs/cluster.yaml (or a copy of it) as --ray-config"
+        )
     ray_section = data.get("ray") or {}
     if not isinstance(ray_section, Mapping):
         raise ConfigError("ray: expected a mapping")
@@ -166,8 +176,9 @@ def load_cluster_config(source: Union[str, Path, Mapping[str, Any], None]) -> Cl
     cfg = from_dict(ClusterConfig, {k: v for k, v in data.items() if k != "ray"}, "")
     rt = from_dict(RayRuntimeConfig, ray_section, "ray")
     rt = RayRuntimeConfig(**{**rt.__dict__, "env_vars": {str(k): str(v) for k, v in env.items()}})
-    return ClusterConfig(ray=rt, bank=cfg.bank, segment=cfg.segment, embed=cfg.embed, train=cfg.train,
-                         jobs=cfg.jobs, index=cfg.index)
+    return ClusterConfig(
+        ray=rt, bank=cfg.bank, segment=cfg.segment, embed=cfg.embed, train=cfg.train, jobs=cfg.jobs, index=cfg.index
+    )
 
 
 #: the repository's per-stage Ray settings, used when no ``--ray-config`` is given

@@ -9,6 +9,7 @@ of blocks and hands the remainder over as a short batch: ``from_items(override_n
 spread 1,000 rows over 31 blocks of 32 or 33 and gave the actor 31 batches of 32 and 8 batches of
 ONE image, which cost 1.6x per image in the embedding benchmark (see :mod:`cluster.embed`).
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, List, Mapping, Optional, Sequence
@@ -26,7 +27,7 @@ def aligned_blocks(rows: Sequence[Mapping[str, Any]], batch_size: int, max_block
 
     bs = max(int(batch_size), 1)
     per_block = bs * max(1, -(-len(rows) // (bs * max_blocks)))
-    return [pa.Table.from_pylist(list(rows[i:i + per_block])) for i in range(0, len(rows), per_block)]
+    return [pa.Table.from_pylist(list(rows[i : i + per_block])) for i in range(0, len(rows), per_block)]
 
 
 def aligned_dataset(rows: Sequence[Mapping[str, Any]], batch_size: int, max_blocks: int = MAX_BLOCKS):
@@ -36,9 +37,16 @@ def aligned_dataset(rows: Sequence[Mapping[str, Any]], batch_size: int, max_bloc
     return ray.data.from_arrow(aligned_blocks(rows, batch_size, max_blocks))
 
 
-def map_actors(ds, udf: type, actors: ActorConfig, constructor_kwargs: Optional[Dict[str, Any]] = None,
-               fn_kwargs: Optional[Dict[str, Any]] = None, min_size: Optional[int] = None,
-               max_size: Optional[int] = None, num_cpus: Optional[float] = None):
+def map_actors(
+    ds,
+    udf: type,
+    actors: ActorConfig,
+    constructor_kwargs: Optional[Dict[str, Any]] = None,
+    fn_kwargs: Optional[Dict[str, Any]] = None,
+    min_size: Optional[int] = None,
+    max_size: Optional[int] = None,
+    num_cpus: Optional[float] = None,
+):
     """``ds.map_batches`` through a pool of ``udf`` actors (numpy batches of ``actors.batch_size``):
     ``actors.num_actors`` of them with ``actors``' CPUs and GPUs, or an autoscaling pool of
     ``min_size``..``max_size`` actors of ``num_cpus`` CPUs each (e.g. a CPU decode stage)."""
@@ -49,19 +57,21 @@ def map_actors(ds, udf: type, actors: ActorConfig, constructor_kwargs: Optional[
         resources: Dict[str, Any] = {"num_cpus": num_cpus if num_cpus is not None else actors.cpus_per_actor}
     else:
         compute = ray.data.ActorPoolStrategy(size=actors.num_actors)
-        resources = {"num_cpus": actors.cpus_per_actor if num_cpus is None else num_cpus,
-                     "num_gpus": actors.gpus_per_actor or None}
+        resources = {
+            "num_cpus": actors.cpus_per_actor if num_cpus is None else num_cpus,
+            "num_gpus": actors.gpus_per_actor or None,
+        }
     kw: Dict[str, Any] = {}
     if constructor_kwargs is not None:
         kw["fn_constructor_kwargs"] = constructor_kwargs
     if fn_kwargs is not None:
         kw["fn_kwargs"] = fn_kwargs
-    return ds.map_batches(udf, batch_size=actors.batch_size, batch_format="numpy", compute=compute, **resources,
-                          **kw)
+    return ds.map_batches(udf, batch_size=actors.batch_size, batch_format="numpy", compute=compute, **resources, **kw)
 
 
-def actor_pool_map(rows: List[Dict[str, Any]], udf: type, actors: ActorConfig,
-                   constructor_kwargs: Optional[Dict[str, Any]] = None):
+def actor_pool_map(
+    rows: List[Dict[str, Any]], udf: type, actors: ActorConfig, constructor_kwargs: Optional[Dict[str, Any]] = None
+):
     """The common case: ``rows`` in batch-aligned blocks mapped by a pool of ``actors.num_actors``
     ``udf`` actors (built with ``constructor_kwargs``); a lazy Ray Dataset."""
     return map_actors(aligned_dataset(rows, actors.batch_size), udf, actors, constructor_kwargs)

@@ -1,6 +1,7 @@
 """The VOC demo of ``reco demo --dataset voc``: a bank built by Ray actors from the unlabelled archive
 (CLIP retrieval, or the hand-written exemplar mapping without CLIP), the VOC sample segmented by a
 Ray Data actor pool, mIoU / pixel accuracy beside floors and a ceiling, overlays and an HTML page."""
+
 from __future__ import annotations
 
 import html
@@ -46,8 +47,14 @@ def _voc(data_root: Path, limit: Optional[int]):
         raise FileNotFoundError(f"{classes_file} not found: pass --data-root pointing at shared/data")
     classes = [c.strip() for c in classes_file.read_text().splitlines() if c.strip()]
     images = sorted((voc / "images").glob("*.jpg"))[: limit or None]
-    items = [{"id": i.relative_to(voc / "images").as_posix(), "uri": str(i),
-              "mask_uri": str(voc / "masks" / f"{i.stem}.png")} for i in images]
+    items = [
+        {
+            "id": i.relative_to(voc / "images").as_posix(),
+            "uri": str(i),
+            "mask_uri": str(voc / "masks" / f"{i.stem}.png"),
+        }
+        for i in images
+    ]
     missing = [it["mask_uri"] for it in items if not Path(it["mask_uri"]).is_file()]
     if missing:
         raise FileNotFoundError(f"missing ground-truth masks: {missing[:3]}")
@@ -109,11 +116,14 @@ def voc_demo(args, data_root: Path, t_start: float) -> int:
     bank_dir = out / "bank"
     tasks = [ConceptTask(n, tuple(u), texts.get(n)) for n, u in archives.items()]
     ctx_tasks = [ConceptTask(n, tuple(u), texts.get(n)) for n, u in context_archives.items()]
-    bank, bank_report = run_build_bank(tasks, encoders, bank_cfg, str(bank_dir), cluster_cfg.bank, ctx_tasks,
-                                       archive_mode, overwrite=True)
+    bank, bank_report = run_build_bank(
+        tasks, encoders, bank_cfg, str(bank_dir), cluster_cfg.bank, ctx_tasks, archive_mode, overwrite=True
+    )
     if bank is None:
-        raise ReCoError(f"the bank is incomplete ({len(bank_report.failed_transient)} concepts could not read their "
-                        "archives now): rerun the demo")
+        raise ReCoError(
+            f"the bank is incomplete ({len(bank_report.failed_transient)} concepts could not read their "
+            "archives now): rerun the demo"
+        )
     if args.calibration_images > 0:
         bank = _calibrate(bank, bank_dir, archive, args.calibration_images, encoders, cluster_cfg)
     bank_seconds = time.perf_counter() - t0
@@ -128,8 +138,15 @@ def voc_demo(args, data_root: Path, t_start: float) -> int:
     label_map = np.array([0 if (n == "background" or n in background_concepts) else classes.index(n) for n in names])
     t0 = time.perf_counter()
     labels_dir = out / "pseudo_labels"
-    pl_report = run_pseudo_label([Item(i["id"], i["uri"]) for i in items], str(bank_dir), encoders, seg_cfg,
-                                 str(labels_dir), cluster_cfg.segment, overwrite=True)
+    pl_report = run_pseudo_label(
+        [Item(i["id"], i["uri"]) for i in items],
+        str(bank_dir),
+        encoders,
+        seg_cfg,
+        str(labels_dir),
+        cluster_cfg.segment,
+        overwrite=True,
+    )
     seg_seconds = time.perf_counter() - t0
     masks = {i["id"]: i["mask_uri"] for i in items}
     rows = [r for r in committed_rows(str(labels_dir)) if r["id"] in masks]
@@ -177,10 +194,22 @@ def voc_demo(args, data_root: Path, t_start: float) -> int:
         "pixel_accuracy": metrics.pixel_accuracy,
         "iou": metrics.as_dict()["iou"],
         "images": {"segmented": len(ok), "skipped": skipped, "failed_transient": failed},
-        "per_image": [{"id": str(r["id"]), "uri": str(r["uri"]), "label": str(r["label"]),
-                       "overlay": str(r["overlay"]), "seconds": float(r["seconds"])} for r in ok],
-        "bank": {**bank_report.as_dict(), "seconds": bank_seconds, "concepts": list(bank.names),
-                 "concepts_failed": dict(bank_report.failed)},
+        "per_image": [
+            {
+                "id": str(r["id"]),
+                "uri": str(r["uri"]),
+                "label": str(r["label"]),
+                "overlay": str(r["overlay"]),
+                "seconds": float(r["seconds"]),
+            }
+            for r in ok
+        ],
+        "bank": {
+            **bank_report.as_dict(),
+            "seconds": bank_seconds,
+            "concepts": list(bank.names),
+            "concepts_failed": dict(bank_report.failed),
+        },
         "segment_seconds": seg_seconds,
         "seconds_per_image": float(np.mean([r["seconds"] for r in ok])) if ok else None,
         "total_seconds": time.perf_counter() - t_start,
@@ -189,24 +218,40 @@ def voc_demo(args, data_root: Path, t_start: float) -> int:
     report.update(_voc_floors(data_root, [r["id"] for r in ok], encoders, seg_cfg, bank, background_concepts))
     (out / "report.json").write_text(json.dumps(report, indent=2))
     resolved = {
-        "bank": to_dict(bank_cfg), "segmenter": to_dict(seg_cfg), "encoders": to_dict(encoders),
-        "cluster": to_dict(cluster_cfg), "args": vars(args),
+        "bank": to_dict(bank_cfg),
+        "segmenter": to_dict(seg_cfg),
+        "encoders": to_dict(encoders),
+        "cluster": to_dict(cluster_cfg),
+        "args": vars(args),
     }
     (out / "config.yaml").write_text(yaml.safe_dump(redact(resolved), sort_keys=False))
     _write_html(out, report, rows, classes)
     logger.info("mode: archives=%s; inference=%s", archive_mode, mode)
     logger.info("protocol: %s", protocol)
-    logger.info("mIoU %.2f%%  pixel accuracy %.2f%%  (%d images, %d skipped, %d failed: rerun to retry)",
-                100 * metrics.miou, 100 * metrics.pixel_accuracy, len(ok), len(skipped), len(failed))
+    logger.info(
+        "mIoU %.2f%%  pixel accuracy %.2f%%  (%d images, %d skipped, %d failed: rerun to retry)",
+        100 * metrics.miou,
+        100 * metrics.pixel_accuracy,
+        len(ok),
+        len(skipped),
+        len(failed),
+    )
     for label, b in [("ceiling: supervised prototypes (leave one image out)", report["ceiling"])] + [
-            ("floor: " + k, v) for k, v in report["baselines"].items()]:
+        ("floor: " + k, v) for k, v in report["baselines"].items()
+    ]:
         logger.info("%-70s mIoU %6.2f%%  pixel accuracy %6.2f%%", label, 100 * b["miou"], 100 * b["pixel_accuracy"])
     logger.info("report: %s  |  page: %s", out / "report.json", out / "index.html")
     return 0
 
 
-def _voc_floors(data_root: Path, ids: Sequence[str], encoders: EncoderSpec, seg_cfg: SegmenterConfig, bank,
-                background_concepts: Sequence[str]) -> Dict:
+def _voc_floors(
+    data_root: Path,
+    ids: Sequence[str],
+    encoders: EncoderSpec,
+    seg_cfg: SegmenterConfig,
+    bank,
+    background_concepts: Sequence[str],
+) -> Dict:
     """Floors (all-background, majority class and per-pixel prior of the other images) and the
     supervised-prototype ceiling (the other images' labels, same features) of the VOC demo."""
     from cluster.evaluate import Protocol
@@ -217,9 +262,12 @@ def _voc_floors(data_root: Path, ids: Sequence[str], encoders: EncoderSpec, seg_
     items = [it for it in items if it.id in set(ids) or it.id.split("/")[-1] in set(ids)]
     dense, _, _ = replace(encoders, clip_model=None).load()
     full = Protocol("full")
-    return {"baselines": baselines(spec, None, items, full, None, loo=True),
-            "ceiling": ceiling_loo(spec, items, dense, None, replace(seg_cfg, crf=None), full, list(background_concepts),
-                                   {}, None, bank)}
+    return {
+        "baselines": baselines(spec, None, items, full, None, loo=True),
+        "ceiling": ceiling_loo(
+            spec, items, dense, None, replace(seg_cfg, crf=None), full, list(background_concepts), {}, None, bank
+        ),
+    }
 
 
 def _calibrate(bank, bank_dir: Path, archive: Sequence[str], n: int, encoders: EncoderSpec, cluster_cfg):
@@ -230,8 +278,11 @@ def _calibrate(bank, bank_dir: Path, archive: Sequence[str], n: int, encoders: E
     from index.storage import save_bank
 
     pool = random.Random(0).sample(list(archive), min(n, len(archive)))
-    worker = ray.remote(BankWorker).options(num_cpus=cluster_cfg.bank.cpus_per_actor).remote(
-        encoders, BankConfig(), cluster_cfg.bank.torch_threads)
+    worker = (
+        ray.remote(BankWorker)
+        .options(num_cpus=cluster_cfg.bank.cpus_per_actor)
+        .remote(encoders, BankConfig(), cluster_cfg.bank.torch_threads)
+    )
     try:
         feats = ray.get(worker.features.remote(pool))
     finally:
@@ -289,21 +340,26 @@ def _retrieve(archive_dir, targets, encoders, bank_cfg, cluster_cfg, out: Path, 
     by_name = {n: [uris[i] for i in h.ids] for n, h in zip(queries, hits)}
     archives = {n: by_name[n] for n in list(targets) + background}
     ctx = {n: by_name[n] for n in context}
-    info = {"archive_images": len(retriever), "skipped": skipped, "index": index_dir, "k": bank_cfg.k,
-            "top": {n: [Path(u).name for u in by_name[n][:5]] for n in queries}}
+    info = {
+        "archive_images": len(retriever),
+        "skipped": skipped,
+        "index": index_dir,
+        "k": bank_cfg.k,
+        "top": {n: [Path(u).name for u in by_name[n][:5]] for n in queries},
+    }
     return archives, background, ctx, info, texts
 
 
 def _write_html(out: Path, report: Dict, rows, classes: Sequence[str]) -> None:
     esc = html.escape
     iou_rows = "".join(
-        f"<tr><td>{esc(c)}</td><td>{'-' if v is None else f'{100 * v:.1f}'}</td></tr>"
-        for c, v in report["iou"].items()
+        f"<tr><td>{esc(c)}</td><td>{'-' if v is None else f'{100 * v:.1f}'}</td></tr>" for c, v in report["iou"].items()
     )
     imgs = "".join(
         f"<figure><img src='{esc(str(r['overlay']))}' loading='lazy'><figcaption>{esc(Path(str(r['uri'])).name)}"
         " &mdash; image | prediction | ground truth</figcaption></figure>"
-        for r in rows if r["status"] == "ok" and r["overlay"]
+        for r in rows
+        if r["status"] == "ok" and r["overlay"]
     )
     mode = "".join(f"<li><b>{esc(k)}</b>: {esc(str(v))}</li>" for k, v in report["mode"].items())
     from reco.visualize import legend_html
@@ -313,11 +369,17 @@ def _write_html(out: Path, report: Dict, rows, classes: Sequence[str]) -> None:
 <style>body{{font-family:sans-serif;margin:2em}}img{{max-width:100%}}figure{{margin:1em 0}}
 table{{border-collapse:collapse}}td{{border:1px solid #ccc;padding:2px 8px}}</style></head><body>
 <h1>reco-cluster demo</h1>
-<p><b>mIoU {100 * report['miou']:.2f}%</b>, pixel accuracy {100 * report['pixel_accuracy']:.2f}%
-(ceiling, supervised prototypes: {100 * report['ceiling']['miou']:.2f}% / {100 * report['ceiling']['pixel_accuracy']:.2f}%;
-floors: {esc(', '.join(f"{k} {100 * v['miou']:.2f}% / {100 * v['pixel_accuracy']:.2f}%"
-                        for k, v in report['baselines'].items()))})</p>
-<p>Protocol: {esc(report['protocol'])}</p><ul>{mode}</ul>
+<p><b>mIoU {100 * report["miou"]:.2f}%</b>, pixel accuracy {100 * report["pixel_accuracy"]:.2f}%
+(ceiling, supervised prototypes: {100 * report["ceiling"]["miou"]:.2f}% / {
+        100 * report["ceiling"]["pixel_accuracy"]:.2f}%;
+floors: {
+        esc(
+            ", ".join(
+                f"{k} {100 * v['miou']:.2f}% / {100 * v['pixel_accuracy']:.2f}%" for k, v in report["baselines"].items()
+            )
+        )
+    })</p>
+<p>Protocol: {esc(report["protocol"])}</p><ul>{mode}</ul>
 <table><tr><th>class</th><th>IoU %</th></tr>{iou_rows}</table>
 <h2>Colour legend</h2>{legend}{imgs}</body></html>"""
     (out / "index.html").write_text(page)

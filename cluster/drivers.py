@@ -5,6 +5,7 @@ the encoders themselves: loaded here on the CPU), then starts Ray, runs the job,
 report, and returns the job's exit status (:attr:`index.report.JobReport.exit_code`: 0 ok, 1 most
 inputs failed for good, 3 a rerun is needed: inputs failed transiently).
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,18 @@ def _listed(source: str, kind: str, storage: Mapping[str, Any]) -> list:
     return items
 
 
-def embed_job(source: str, store_uri: str, kind: str, encoders: EncoderSpec, cluster, shard_size: int,
-              storage: Dict[str, Any], decode_cpus: float, device_decode: bool, config: Dict[str, Any]) -> int:
+def embed_job(
+    source: str,
+    store_uri: str,
+    kind: str,
+    encoders: EncoderSpec,
+    cluster,
+    shard_size: int,
+    storage: Dict[str, Any],
+    decode_cpus: float,
+    device_decode: bool,
+    config: Dict[str, Any],
+) -> int:
     import yaml
 
     from index.sources import RetryPolicy
@@ -51,22 +62,48 @@ def embed_job(source: str, store_uri: str, kind: str, encoders: EncoderSpec, clu
         items = _listed(source, kind, storage)
         logger.info("%d images listed in %s", len(items), source)
         runtime.init_ray(cluster.ray)
-        report = run_embed(items, store, encoders, cluster.embed, shard_size, storage, decode_cpus,
-                           device_decode=device_decode, retry=retry)
+        report = run_embed(
+            items,
+            store,
+            encoders,
+            cluster.embed,
+            shard_size,
+            storage,
+            decode_cpus,
+            device_decode=device_decode,
+            retry=retry,
+        )
         out = store.root  # a Path, or the store's URL
         report.report.configure(config, cluster.jobs.max_failed_fraction)
         _write_text(out, "embed_report.json", json.dumps(report.as_dict(), indent=2), storage)
         write_job_report(report.report, str(out), storage)
-        _write_text(out, "embed_config.yaml", yaml.safe_dump(redact(
-            {"args": config, "encoders": to_dict(encoders), "cluster": to_dict(cluster)}), sort_keys=False), storage)
-    logger.info("embedded %d, skipped %d (reasons in %s), failed transiently %d, %d already in the store; "
-                "%d shards committed; %.1f img/s; store now holds %d", report.embedded, len(report.skipped),
-                _join(out, "skipped"), len(report.failed_transient), report.already_done,
-                len(report.shards_committed), report.images_per_second, len(store))
+        _write_text(
+            out,
+            "embed_config.yaml",
+            yaml.safe_dump(
+                redact({"args": config, "encoders": to_dict(encoders), "cluster": to_dict(cluster)}), sort_keys=False
+            ),
+            storage,
+        )
+    logger.info(
+        "embedded %d, skipped %d (reasons in %s), failed transiently %d, %d already in the store; "
+        "%d shards committed; %.1f img/s; store now holds %d",
+        report.embedded,
+        len(report.skipped),
+        _join(out, "skipped"),
+        len(report.failed_transient),
+        report.already_done,
+        len(report.shards_committed),
+        report.images_per_second,
+        len(store),
+    )
     if report.failed_transient:
-        logger.warning("%d input(s) failed transiently and were NOT committed (see failed_transient in %s): "
-                       "rerun the same command to retry them", len(report.failed_transient),
-                       _join(out, "embed_report.json"))
+        logger.warning(
+            "%d input(s) failed transiently and were NOT committed (see failed_transient in %s): "
+            "rerun the same command to retry them",
+            len(report.failed_transient),
+            _join(out, "embed_report.json"),
+        )
     return report.report.exit_code
 
 
@@ -84,9 +121,23 @@ def _write_text(root, name: str, text: str, storage: Mapping[str, Any]) -> None:
     write_bytes(_join(root, name), text.encode(), storage)
 
 
-def build_bank_job(vocab, out: str, cfg, encoders: EncoderSpec, cluster, storage: Dict[str, Any], *,
-                   exemplars: Optional[str], index: Optional[str], actors: Optional[int], commit_every: int,
-                   overwrite: bool, browser: bool, config: Dict[str, Any], exact_store: bool = False) -> int:
+def build_bank_job(
+    vocab,
+    out: str,
+    cfg,
+    encoders: EncoderSpec,
+    cluster,
+    storage: Dict[str, Any],
+    *,
+    exemplars: Optional[str],
+    index: Optional[str],
+    actors: Optional[int],
+    commit_every: int,
+    overwrite: bool,
+    browser: bool,
+    config: Dict[str, Any],
+    exact_store: bool = False,
+) -> int:
     """``vocab``: an :class:`index.vocab.Vocabulary`; ``cfg`` the :class:`reco.config.BankConfig`;
     ``exact_store``: ``index`` is an embedding store, searched exactly (:mod:`cluster.retrieval`)."""
     from dataclasses import replace
@@ -111,35 +162,69 @@ def build_bank_job(vocab, out: str, cfg, encoders: EncoderSpec, cluster, storage
     source = {n: "exemplars" for n in archives}
     lacking = [n for n in ctx_names if n not in archives]
     if lacking and not index:
-        raise ConfigError(f"context elimination needs archives for the context concepts {lacking}: add exemplar "
-                          "folders for them, give --index, change bank.context_concepts, or set "
-                          "bank.context_elimination: false")
+        raise ConfigError(
+            f"context elimination needs archives for the context concepts {lacking}: add exemplar "
+            "folders for them, give --index, change bank.context_concepts, or set "
+            "bank.context_elimination: false"
+        )
     load_on_driver(encoders)
     runtime.init_ray(cluster.ray)
     texts: Dict[str, Any] = {}
     if encoders.clip_model:
-        texts = text_embeddings_remote(encoders, {n: (in_vocab[n].synonyms if n in in_vocab else ())
-                                                  for n in all_names})
+        texts = text_embeddings_remote(
+            encoders, {n: (in_vocab[n].synonyms if n in in_vocab else ()) for n in all_names}
+        )
     if index:
-        found = retrieve_archives(index, [n for n in all_names if n not in archives], texts, cfg.k, storage,
-                                  exact_store=exact_store, serve_actors=cluster.index.serve_actors)
+        found = retrieve_archives(
+            index,
+            [n for n in all_names if n not in archives],
+            texts,
+            cfg.k,
+            storage,
+            exact_store=exact_store,
+            serve_actors=cluster.index.serve_actors,
+        )
         archives.update(found)
         source.update({n: "retrieval" for n in found})
 
     def task(n: str) -> ConceptTask:
-        return ConceptTask(n, tuple(archives.get(n, ())), texts.get(n),
-                           source.get(n, "none (no exemplar folder, no --index)"))
+        return ConceptTask(
+            n, tuple(archives.get(n, ())), texts.get(n), source.get(n, "none (no exemplar folder, no --index)")
+        )
 
     tasks, ctx_tasks = [task(n) for n in vocab.names], [task(n) for n in ctx_names]
     mode = "clip-retrieval" if index else "exemplar"
     if index and any(s == "exemplars" for s in source.values()):
         mode = "clip-retrieval + exemplars"
-    logger.info("%d concepts (%d context), archives: %s", len(tasks), len(ctx_tasks),
-                json.dumps({s: sum(1 for t in tasks if t.source == s) for s in {t.source for t in tasks}}))
-    bank, rep = run_build_bank(tasks, encoders, cfg, out, pool, ctx_tasks, mode, commit_every, overwrite, storage,
-                               cluster.jobs.max_failed_fraction, config)
-    logger.info("built %d, failed %d, %d already done, %d left for a rerun; %.1f concepts/min -> %s",
-                rep.built, len(rep.failed), rep.already_done, len(rep.failed_transient), rep.concepts_per_minute, out)
+    logger.info(
+        "%d concepts (%d context), archives: %s",
+        len(tasks),
+        len(ctx_tasks),
+        json.dumps({s: sum(1 for t in tasks if t.source == s) for s in {t.source for t in tasks}}),
+    )
+    bank, rep = run_build_bank(
+        tasks,
+        encoders,
+        cfg,
+        out,
+        pool,
+        ctx_tasks,
+        mode,
+        commit_every,
+        overwrite,
+        storage,
+        cluster.jobs.max_failed_fraction,
+        config,
+    )
+    logger.info(
+        "built %d, failed %d, %d already done, %d left for a rerun; %.1f concepts/min -> %s",
+        rep.built,
+        len(rep.failed),
+        rep.already_done,
+        len(rep.failed_transient),
+        rep.concepts_per_minute,
+        out,
+    )
     for name, why in list(rep.failed.items())[:10]:
         logger.warning("failed: %s: %s", name, why)
     if browser and bank is not None:
@@ -159,9 +244,23 @@ def check_segmenter(bank, encoders: EncoderSpec, cfg):
     return Segmenter(bank, dense, clip, cfg)
 
 
-def pseudo_label_job(source: str, kind: str, bank_uri: str, out: str, vocab: Optional[List[str]], cfg,
-                     overrides: Dict[str, Any], cluster, storage: Dict[str, Any], *, overlays: int,
-                     confidence_maps: bool, commit_every: int, overwrite: bool, config: Dict[str, Any]) -> int:
+def pseudo_label_job(
+    source: str,
+    kind: str,
+    bank_uri: str,
+    out: str,
+    vocab: Optional[List[str]],
+    cfg,
+    overrides: Dict[str, Any],
+    cluster,
+    storage: Dict[str, Any],
+    *,
+    overlays: int,
+    confidence_maps: bool,
+    commit_every: int,
+    overwrite: bool,
+    config: Dict[str, Any],
+) -> int:
     """``overrides``: keyword arguments of :func:`cluster.models.encoders_for_bank`."""
     from index.outputs import check_output_folder
     from index.storage import load_bank
@@ -176,9 +275,29 @@ def pseudo_label_job(source: str, kind: str, bank_uri: str, out: str, vocab: Opt
     items = _listed(source, kind, storage)
     logger.info("%d images listed in %s; bank %s (%d concepts)", len(items), source, bank_uri, len(bank))
     runtime.init_ray(cluster.ray)
-    rep = run_pseudo_label(items, bank_uri, encoders, cfg, out, cluster.segment, storage, vocab, overlays,
-                           confidence_maps, commit_every, overwrite, cluster.jobs.max_failed_fraction, config)
-    logger.info("pseudo-labelled %d, skipped %d (bad input), %d failed transiently, %d already done; "
-                "%.2f img/s -> %s", rep.labelled, len(rep.skipped), len(rep.failed_transient), rep.already_done,
-                rep.images_per_second, out)
+    rep = run_pseudo_label(
+        items,
+        bank_uri,
+        encoders,
+        cfg,
+        out,
+        cluster.segment,
+        storage,
+        vocab,
+        overlays,
+        confidence_maps,
+        commit_every,
+        overwrite,
+        cluster.jobs.max_failed_fraction,
+        config,
+    )
+    logger.info(
+        "pseudo-labelled %d, skipped %d (bad input), %d failed transiently, %d already done; %.2f img/s -> %s",
+        rep.labelled,
+        len(rep.skipped),
+        len(rep.failed_transient),
+        rep.already_done,
+        rep.images_per_second,
+        out,
+    )
     return rep.report.exit_code

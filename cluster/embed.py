@@ -14,6 +14,7 @@ transiently* (I/O error, timeout, file missing on the node, after the fetch retr
 neither embedded nor skipped, their group's other rows are still committed, and the next run
 picks them up again (they are not in ``committed_ids()``) into a new shard.
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,10 +26,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from index.report import JobReport, JobResult
 from reco.errors import ConfigError, ImageDecodeError
 from reco.image import decode_image
-
-from index.report import JobReport, JobResult
 
 from . import faults
 from .config import ActorConfig
@@ -37,7 +37,6 @@ from .models import EncoderSpec
 from .report import count_actor_restarts
 
 logger = logging.getLogger(__name__)
-
 
 
 def crop_uint8(img: "Image.Image", size: int) -> np.ndarray:
@@ -53,9 +52,13 @@ def crop_uint8(img: "Image.Image", size: int) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def decode_batch(batch: Mapping[str, np.ndarray], image_size: int,
-                 storage_options: Optional[Mapping[str, Any]] = None,
-                 bytes_only: bool = False, retry: Any = None) -> Dict[str, np.ndarray]:
+def decode_batch(
+    batch: Mapping[str, np.ndarray],
+    image_size: int,
+    storage_options: Optional[Mapping[str, Any]] = None,
+    bytes_only: bool = False,
+    retry: Any = None,
+) -> Dict[str, np.ndarray]:
     """Fetch + decode + centre-crop a batch. Bad inputs get status 'skipped' and a reason;
     transient failures (after ``retry``, an :class:`index.sources.RetryPolicy`) get status
     'transient' and a reason.
@@ -96,8 +99,15 @@ def decode_batch(batch: Mapping[str, np.ndarray], image_size: int,
             kind, reason = classify_failure(exc)
             status[i], error[i] = ("skipped" if kind == BAD else "transient"), reason
     out = {k: np.asarray(batch[k]) for k in ("id", "uri", "group")}
-    out.update(pixels=pixels, width=width, height=height, status=status, error=error, data=data,
-               decode_s=np.full(n, (time.perf_counter() - t0) / max(n, 1)))
+    out.update(
+        pixels=pixels,
+        width=width,
+        height=height,
+        status=status,
+        error=error,
+        data=data,
+        decode_s=np.full(n, (time.perf_counter() - t0) / max(n, 1)),
+    )
     return out
 
 
@@ -155,8 +165,9 @@ class ClipEmbedUDF:
     :func:`reuse_freed_memory` to its process first.
     """
 
-    def __init__(self, encoders: EncoderSpec, threads: Optional[int] = None, device_decode: bool = False,
-                 warmup_batch: int = 0):
+    def __init__(
+        self, encoders: EncoderSpec, threads: Optional[int] = None, device_decode: bool = False, warmup_batch: int = 0
+    ):
         self.device_decode = device_decode
         if not encoders.has_clip:
             raise ValueError("CLIP embedding needs encoders.clip_model")
@@ -246,8 +257,10 @@ class ClipEmbedUDF:
     def __call__(self, batch: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
         if self.device_decode:
             # decoding here updates status/size columns: work on writable copies of those only
-            batch = {k: np.array(v, copy=True) if k in ("status", "error", "width", "height") else v
-                     for k, v in batch.items()}
+            batch = {
+                k: np.array(v, copy=True) if k in ("status", "error", "width", "height") else v
+                for k, v in batch.items()
+            }
             batch["pixels"] = self._decode_on_device(batch)
         ok = np.asarray(batch["status"]) == "ok"
         n = len(ok)
@@ -260,7 +273,9 @@ class ClipEmbedUDF:
             if ok.any():
                 emb[ok], t_in, t_fwd, t_out = self._embed(np.asarray(batch["pixels"])[ok])
         faults.fire("embed.batch", n)
-        out = {k: np.asarray(batch[k]) for k in ("id", "uri", "group", "width", "height", "status", "error", "decode_s")}
+        out = {
+            k: np.asarray(batch[k]) for k in ("id", "uri", "group", "width", "height", "status", "error", "decode_s")
+        }
         out["embedding"] = emb
         per = 1.0 / max(n, 1)
         out["model_s"] = np.full(n, (time.perf_counter() - t0) * per)
@@ -285,7 +300,7 @@ def _crop_tensor(t: torch.Tensor, size: int) -> torch.Tensor:
     nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
     x = F.interpolate(t[None].float(), size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)[0]
     top, left = (nh - size) // 2, (nw - size) // 2
-    return x[:, top:top + size, left:left + size].round().clamp(0, 255).to(torch.uint8)
+    return x[:, top : top + size, left : left + size].round().clamp(0, 255).to(torch.uint8)
 
 
 class EmbedReport(JobResult):
@@ -293,18 +308,26 @@ class EmbedReport(JobResult):
     ``skipped``: bad inputs (committed as skipped, never retried); ``failed_transient``: inputs
     that could not be read this time (NOT committed: rerun to retry)."""
 
-    ALIASES = {"listed": "n_seen", "already_done": "n_already_done", "embedded": "n_processed",
-               "skipped": "skipped_items", "failed_transient": "failed_items"}
+    ALIASES = {
+        "listed": "n_seen",
+        "already_done": "n_already_done",
+        "embedded": "n_processed",
+        "skipped": "skipped_items",
+        "failed_transient": "failed_items",
+    }
     FIELDS = {
         "shards_committed": list,
         "decode_seconds_per_image": 0.0,
         # time inside the actor's ``__call__`` per image, and its split (input conversion, the image
         # tower, output conversion); the rest of ``model_seconds_per_image`` is bookkeeping
-        "model_seconds_per_image": 0.0, "input_seconds_per_image": 0.0, "forward_seconds_per_image": 0.0,
+        "model_seconds_per_image": 0.0,
+        "input_seconds_per_image": 0.0,
+        "forward_seconds_per_image": 0.0,
         "output_seconds_per_image": 0.0,
         "actor_cpu_seconds_per_image": 0.0,  # CPU seconds (all threads of the actor process) per image
         "batch_sizes": dict,  # batch size -> number of batches the actors received
-        "actor_torch_threads": 0, "actor_warmup_seconds": 0.0,
+        "actor_torch_threads": 0,
+        "actor_warmup_seconds": 0.0,
         # images per second from the end of the first batch to the end of the last (start-up excluded)
         "steady_images_per_second": 0.0,
     }
@@ -314,8 +337,12 @@ class EmbedReport(JobResult):
         return (self.embedded + len(self.skipped)) / self.seconds if self.seconds else 0.0
 
     def as_dict(self) -> Dict[str, Any]:
-        return dict(super().as_dict(), skipped_count=len(self.skipped),
-                    failed_transient_count=len(self.failed_transient), images_per_second=self.images_per_second)
+        return dict(
+            super().as_dict(),
+            skipped_count=len(self.skipped),
+            failed_transient_count=len(self.failed_transient),
+            images_per_second=self.images_per_second,
+        )
 
 
 def _finish_report(report: EmbedReport) -> None:
@@ -363,8 +390,10 @@ def run_embed(
         raise ConfigError("item ids must be unique")
     bad = [it.id for it in items if not (is_representable(it.id) and is_representable(it.uri))]
     if bad:
-        raise ConfigError(f"{len(bad)} item ids/uris are not valid UTF-8 (e.g. {bad[0]!r}): list inputs "
-                          f"with index.sources, which escapes such names")
+        raise ConfigError(
+            f"{len(bad)} item ids/uris are not valid UTF-8 (e.g. {bad[0]!r}): list inputs "
+            f"with index.sources, which escapes such names"
+        )
     retry = retry if retry is not None else RetryPolicy.from_env()
     model = model_identity(encoders)
     with store.writer(job="embed"):
@@ -381,8 +410,10 @@ def run_embed(
         store.create_or_check(model, dim)
         # rows are planned in groups of shard_size; each group is committed as one shard whose
         # index is taken at commit time (contiguous even when a group is entirely transient)
-        rows = [{"id": it.id, "uri": it.uri, "group": i // shard_size, "problem": getattr(it, "problem", "")}
-                for i, it in enumerate(pending)]
+        rows = [
+            {"id": it.id, "uri": it.uri, "group": i // shard_size, "problem": getattr(it, "problem", "")}
+            for i, it in enumerate(pending)
+        ]
         expected: Dict[int, int] = {}
         for r in rows:
             expected[r["group"]] = expected.get(r["group"], 0) + 1
@@ -392,11 +423,28 @@ def run_embed(
         ctx.execution_options.preserve_order = True
         ds = aligned_dataset(rows, actors.batch_size)
         n_decode = decode_pool_size(actors, decode_cpus, float(ray.cluster_resources().get("CPU", 1)))
-        ds = map_actors(ds, DecodeUDF, actors, fn_kwargs=dict(image_size=size, storage_options=dict(storage_options or {}),
-                                                              bytes_only=device_decode, retry=retry),
-                        min_size=1, max_size=n_decode, num_cpus=decode_cpus)
-        ds = map_actors(ds, ClipEmbedUDF, actors, dict(encoders=encoders, threads=actors.torch_threads,
-                                                       device_decode=device_decode, warmup_batch=actors.batch_size))
+        ds = map_actors(
+            ds,
+            DecodeUDF,
+            actors,
+            fn_kwargs=dict(
+                image_size=size, storage_options=dict(storage_options or {}), bytes_only=device_decode, retry=retry
+            ),
+            min_size=1,
+            max_size=n_decode,
+            num_cpus=decode_cpus,
+        )
+        ds = map_actors(
+            ds,
+            ClipEmbedUDF,
+            actors,
+            dict(
+                encoders=encoders,
+                threads=actors.torch_threads,
+                device_decode=device_decode,
+                warmup_batch=actors.batch_size,
+            ),
+        )
         buffers: Dict[int, Dict[str, list]] = {}
         decode_s = model_s = 0.0
         split = np.zeros(4)  # input, forward, output, actor CPU seconds
@@ -409,8 +457,15 @@ def run_embed(
                 b = buffers.setdefault(g, {"ok": [], "skipped": [], "transient": []})
                 st = batch["status"][i]
                 if st == "ok":
-                    b["ok"].append((str(batch["id"][i]), str(batch["uri"][i]), batch["embedding"][i],
-                                    int(batch["width"][i]), int(batch["height"][i])))
+                    b["ok"].append(
+                        (
+                            str(batch["id"][i]),
+                            str(batch["uri"][i]),
+                            batch["embedding"][i],
+                            int(batch["width"][i]),
+                            int(batch["height"][i]),
+                        )
+                    )
                 elif st == "skipped":
                     b["skipped"].append((str(batch["id"][i]), str(batch["uri"][i]), str(batch["error"][i])))
                 else:  # transient: reported, never committed
@@ -435,8 +490,12 @@ def run_embed(
     report.decode_seconds_per_image = decode_s / max(n, 1)
     report.model_seconds_per_image = model_s / max(n, 1)
     rows_total = max(sum(batch_rows.values()), 1)
-    (report.input_seconds_per_image, report.forward_seconds_per_image, report.output_seconds_per_image,
-     report.actor_cpu_seconds_per_image) = (float(v) for v in split / rows_total)
+    (
+        report.input_seconds_per_image,
+        report.forward_seconds_per_image,
+        report.output_seconds_per_image,
+        report.actor_cpu_seconds_per_image,
+    ) = (float(v) for v in split / rows_total)
     report.batch_sizes = {k: c // k for k, c in sorted(batch_rows.items())}
     if done_rows:
         done = np.concatenate(done_rows)
@@ -446,10 +505,12 @@ def run_embed(
             report.steady_images_per_second = after / float(done.max() - first)
     _finish_report(report)
     if report.failed_transient:
-        logger.warning("%d input(s) could not be read this time (transient: I/O errors, timeouts, files "
-                       "missing on a node) and were NOT committed; rerun to retry them. First: %s",
-                       len(report.failed_transient), "; ".join(
-                           f"{k}: {v}" for k, v in list(report.failed_transient.items())[:3]))
+        logger.warning(
+            "%d input(s) could not be read this time (transient: I/O errors, timeouts, files "
+            "missing on a node) and were NOT committed; rerun to retry them. First: %s",
+            len(report.failed_transient),
+            "; ".join(f"{k}: {v}" for k, v in list(report.failed_transient.items())[:3]),
+        )
     return report
 
 
@@ -465,15 +526,25 @@ def _commit(store, buf: Dict[str, list], report: EmbedReport) -> None:
     emb = np.stack([r[2] for r in ok]) if ok else np.zeros((0, store.dim), np.float32)
     shard = store.next_shard_index()
     store.commit_shard(
-        shard, [r[0] for r in ok], [r[1] for r in ok], emb,
-        [r[3] for r in ok], [r[4] for r in ok], buf["skipped"],
+        shard,
+        [r[0] for r in ok],
+        [r[1] for r in ok],
+        emb,
+        [r[3] for r in ok],
+        [r[4] for r in ok],
+        buf["skipped"],
     )
     report.embedded += len(ok)
     for item, _, reason in buf["skipped"]:
         report.report.skip(item, reason)
     report.shards_committed.append(shard)
-    logger.debug("committed shard %d (%d embedded, %d skipped, %d transient left for a rerun)",
-                 shard, len(ok), len(buf["skipped"]), len(buf["transient"]))
+    logger.debug(
+        "committed shard %d (%d embedded, %d skipped, %d transient left for a rerun)",
+        shard,
+        len(ok),
+        len(buf["skipped"]),
+        len(buf["transient"]),
+    )
 
 
 def clip_dims(encoders: EncoderSpec) -> Tuple[int, int]:
@@ -485,7 +556,7 @@ def clip_dims(encoders: EncoderSpec) -> Tuple[int, int]:
     if not name:
         raise ConfigError("CLIP embedding needs a CLIP model (--clip-model)")
     if name.startswith("local-dir:"):
-        path = Path(name[len("local-dir:"):]).expanduser() / "open_clip_config.json"
+        path = Path(name[len("local-dir:") :]).expanduser() / "open_clip_config.json"
         if not path.is_file():
             raise ConfigError(f"--clip-model {name}: {path} does not exist")
         try:

@@ -17,6 +17,7 @@ Protocols (:class:`Protocol`):
            ViTs with interpolated position embeddings (all registered encoders) take the whole
            image in one pass, so no sliding window is needed.
 """
+
 from __future__ import annotations
 
 import io
@@ -30,10 +31,15 @@ import numpy as np
 import torch
 
 from index.datasets import DatasetSpec, EvalItem, read_mask
-from reco.protocols import (archives_from_labels, class_prior_map, coverage, prior_prediction,  # noqa: F401
-                            supervised_references)  # re-exported for callers
 from reco.errors import ConfigError, ImageDecodeError
 from reco.metrics import ConfusionMatrix
+from reco.protocols import (  # noqa: F401
+    archives_from_labels,
+    class_prior_map,
+    coverage,
+    prior_prediction,
+    supervised_references,  # re-exported for callers
+)
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +66,10 @@ class Protocol:
 
     def describe(self) -> str:
         if self.name == "paper":
-            return (f"paper: shorter side {self.size} px (bicubic), centre crop {self.size}x{self.size}, "
-                    f"labels resized with nearest neighbours")
+            return (
+                f"paper: shorter side {self.size} px (bicubic), centre crop {self.size}x{self.size}, "
+                f"labels resized with nearest neighbours"
+            )
         return "full resolution (features at the segmenter's image_size, scores upsampled to the image)"
 
 
@@ -90,8 +98,9 @@ def load_pair(spec: DatasetSpec, image_uri: str, mask_uri: str, storage_options=
     img = read_image(image_uri, storage_options)
     mask = read_mask(spec, read_bytes(mask_uri, storage_options))
     if mask.shape != (img.size[1], img.size[0]):
-        raise ImageDecodeError(f"{mask_uri}: mask {mask.shape[1]}x{mask.shape[0]} differs from image "
-                               f"{img.size[0]}x{img.size[1]}")
+        raise ImageDecodeError(
+            f"{mask_uri}: mask {mask.shape[1]}x{mask.shape[0]} differs from image {img.size[0]}x{img.size[1]}"
+        )
     return img, mask
 
 
@@ -108,8 +117,7 @@ class FeatureCache(torch.nn.Module):
     def __init__(self, dense, store: Optional[Dict[str, torch.Tensor]] = None):
         super().__init__()
         self.inner = dense
-        for attr in ("name", "weights", "weights_id", "weights_spec", "patch_size", "embed_dim",
-                     "num_prefix_tokens"):
+        for attr in ("name", "weights", "weights_id", "weights_spec", "patch_size", "embed_dim", "num_prefix_tokens"):
             if hasattr(dense, attr):
                 setattr(self, attr, getattr(dense, attr))
         self.cache: Dict[str, torch.Tensor] = {} if store is None else store
@@ -147,8 +155,12 @@ def _norm(name: str) -> str:
     return " ".join(str(name).lower().replace("_", " ").replace("-", " ").split())
 
 
-def label_map_for(output_names: Sequence[str], spec: DatasetSpec, background_concepts: Sequence[str] = (),
-                  class_map: Optional[Mapping[str, str]] = None) -> List[int]:
+def label_map_for(
+    output_names: Sequence[str],
+    spec: DatasetSpec,
+    background_concepts: Sequence[str] = (),
+    class_map: Optional[Mapping[str, str]] = None,
+) -> List[int]:
     """The dataset class id of each segmenter output class.
 
     A concept maps to the dataset class of the same name (case, ``_`` and ``-`` ignored), to the
@@ -171,9 +183,14 @@ def label_map_for(output_names: Sequence[str], spec: DatasetSpec, background_con
         has_bg = BACKGROUND in by_name
         raise ConfigError(
             f"concept(s) {missing} match no {spec.name} class ({', '.join(spec.classes)})"
-            + ("" if has_bg else f"; {spec.name} has no background class, so a background threshold or "
-               "background concepts cannot be scored on it")
-            + "; map them with --class-map CONCEPT=CLASS or --background-concepts")
+            + (
+                ""
+                if has_bg
+                else f"; {spec.name} has no background class, so a background threshold or "
+                "background concepts cannot be scored on it"
+            )
+            + "; map them with --class-map CONCEPT=CLASS or --background-concepts"
+        )
     return out
 
 
@@ -243,8 +260,12 @@ def metrics_of(matrix: np.ndarray, spec: DatasetSpec) -> Dict[str, Any]:
     cm = ConfusionMatrix(spec.num_classes, spec.ignore_index)
     cm.matrix = torch.as_tensor(np.asarray(matrix, dtype=np.int64)).reshape(spec.num_classes, spec.num_classes)
     m = cm.compute(list(spec.classes))
-    return {"miou": m.miou, "pixel_accuracy": m.pixel_accuracy, "iou": m.as_dict()["iou"],
-            "confusion_matrix": cm.matrix.tolist()}
+    return {
+        "miou": m.miou,
+        "pixel_accuracy": m.pixel_accuracy,
+        "iou": m.as_dict()["iou"],
+        "confusion_matrix": cm.matrix.tolist(),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,8 +300,13 @@ def png_bytes(img) -> bytes:
 # in this process
 
 
-def run_in_process(items: Sequence[EvalItem], evaluator: Evaluator, overlays: int = 0,
-                   out_uri: Optional[str] = None, storage_options=None) -> List[Dict[str, Any]]:
+def run_in_process(
+    items: Sequence[EvalItem],
+    evaluator: Evaluator,
+    overlays: int = 0,
+    out_uri: Optional[str] = None,
+    storage_options=None,
+) -> List[Dict[str, Any]]:
     """Evaluate ``items`` one by one; one row per image (status, seconds, flat confusion, overlay)."""
     from index.labels import output_name
     from index.sources import BAD, classify_failure
@@ -289,8 +315,16 @@ def run_in_process(items: Sequence[EvalItem], evaluator: Evaluator, overlays: in
     rows = []
     n = evaluator.spec.num_classes
     for i, it in enumerate(items):
-        row: Dict[str, Any] = {"id": it.id, "uri": it.image_uri, "status": "ok", "error": "", "seconds": 0.0,
-                               "overlay": "", "confusion": np.zeros(n * n, dtype=np.int64), "mode": ""}
+        row: Dict[str, Any] = {
+            "id": it.id,
+            "uri": it.image_uri,
+            "status": "ok",
+            "error": "",
+            "seconds": 0.0,
+            "overlay": "",
+            "confusion": np.zeros(n * n, dtype=np.int64),
+            "mode": "",
+        }
         try:
             img, mask = load_pair(evaluator.spec, it.image_uri, it.mask_uri, storage_options)
         except Exception as exc:  # noqa: BLE001 - classified by the one rule
@@ -303,8 +337,11 @@ def run_in_process(items: Sequence[EvalItem], evaluator: Evaluator, overlays: in
         row.update(seconds=res.seconds, confusion=res.confusion.reshape(-1), mode=res.mode)
         if out_uri is not None and i < overlays:
             rel = "overlays/" + output_name(it.id)
-            write_bytes(join(out_uri, rel), png_bytes(render_overlay(res.image, res.truth, res.prediction,
-                                                                      evaluator.spec)), storage_options)
+            write_bytes(
+                join(out_uri, rel),
+                png_bytes(render_overlay(res.image, res.truth, res.prediction, evaluator.spec)),
+                storage_options,
+            )
             row["overlay"] = rel
         rows.append(row)
     return rows
@@ -320,18 +357,29 @@ class EvaluateUDF:
     :class:`Evaluator` as the in-process path from the bank bytes and the encoder spec, or, with
     ``model_bytes`` ((model.safetensors, model.json) bytes), from a trained ReCo+ model."""
 
-    def __init__(self, bank_bytes: Optional[bytes], encoders, config, spec: DatasetSpec, label_map: Sequence[int],
-                 protocol: Protocol, out_uri: Optional[str] = None, threads: Optional[int] = None,
-                 storage_options: Optional[Mapping[str, Any]] = None,
-                 model_bytes: Optional[Tuple[bytes, Optional[bytes]]] = None, model_source: str = ""):
+    def __init__(
+        self,
+        bank_bytes: Optional[bytes],
+        encoders,
+        config,
+        spec: DatasetSpec,
+        label_map: Sequence[int],
+        protocol: Protocol,
+        out_uri: Optional[str] = None,
+        threads: Optional[int] = None,
+        storage_options: Optional[Mapping[str, Any]] = None,
+        model_bytes: Optional[Tuple[bytes, Optional[bytes]]] = None,
+        model_source: str = "",
+    ):
         if model_bytes is not None:
             from reco.segmodel import SegModel
 
             if threads:
                 torch.set_num_threads(int(threads))
             self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-            model = SegModel.from_bytes(model_bytes[0], model_bytes[1], model_source or "model sent by the driver",
-                                        self.device)
+            model = SegModel.from_bytes(
+                model_bytes[0], model_bytes[1], model_source or "model sent by the driver", self.device
+            )
             segmenter: Any = ModelSegmenter(model, model_source)
         else:
             from reco.bank import ConceptBank
@@ -362,29 +410,52 @@ class EvaluateUDF:
         return out
 
 
-def run_on_ray(items: Sequence[EvalItem], bank_bytes: Optional[bytes], encoders, config, spec: DatasetSpec,
-               label_map: Sequence[int], protocol: Protocol, actors, overlays: int = 0,
-               out_uri: Optional[str] = None, storage_options=None,
-               model_bytes: Optional[Tuple[bytes, Optional[bytes]]] = None,
-               model_source: str = "") -> List[Dict[str, Any]]:
+def run_on_ray(
+    items: Sequence[EvalItem],
+    bank_bytes: Optional[bytes],
+    encoders,
+    config,
+    spec: DatasetSpec,
+    label_map: Sequence[int],
+    protocol: Protocol,
+    actors,
+    overlays: int = 0,
+    out_uri: Optional[str] = None,
+    storage_options=None,
+    model_bytes: Optional[Tuple[bytes, Optional[bytes]]] = None,
+    model_source: str = "",
+) -> List[Dict[str, Any]]:
     """The Ray Data path (Ray must be running): an actor pool of :class:`EvaluateUDF` (a bank and
     its encoders, or a trained ReCo+ model given as ``model_bytes``)."""
     import ray.data
 
-    rows = [{"id": it.id, "uri": it.image_uri, "mask_uri": it.mask_uri, "overlay": i < overlays}
-            for i, it in enumerate(items)]
+    rows = [
+        {"id": it.id, "uri": it.image_uri, "mask_uri": it.mask_uri, "overlay": i < overlays}
+        for i, it in enumerate(items)
+    ]
     if not rows:
         return []
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // max(actors.batch_size, 1), 512)))
     ds = ds.map_batches(
         EvaluateUDF,
-        fn_constructor_kwargs=dict(bank_bytes=bank_bytes, encoders=encoders, config=config, spec=spec,
-                                   label_map=list(label_map), protocol=protocol, out_uri=out_uri,
-                                   threads=actors.torch_threads, storage_options=dict(storage_options or {}),
-                                   model_bytes=model_bytes, model_source=model_source),
-        batch_size=actors.batch_size, batch_format="numpy",
+        fn_constructor_kwargs=dict(
+            bank_bytes=bank_bytes,
+            encoders=encoders,
+            config=config,
+            spec=spec,
+            label_map=list(label_map),
+            protocol=protocol,
+            out_uri=out_uri,
+            threads=actors.torch_threads,
+            storage_options=dict(storage_options or {}),
+            model_bytes=model_bytes,
+            model_source=model_source,
+        ),
+        batch_size=actors.batch_size,
+        batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors.num_actors),
-        num_cpus=actors.cpus_per_actor, num_gpus=actors.gpus_per_actor or None,
+        num_cpus=actors.cpus_per_actor,
+        num_gpus=actors.gpus_per_actor or None,
     )
     order = {it.id: i for i, it in enumerate(items)}
     return sorted(ds.take_all(), key=lambda r: order[str(r["id"])])
@@ -398,9 +469,11 @@ def summarize(rows: Sequence[Mapping[str, Any]], spec: DatasetSpec) -> Dict[str,
     for r in ok:
         total += np.asarray(r["confusion"], dtype=np.int64).reshape(n, n)
     out = metrics_of(total, spec)
-    out["images"] = {"evaluated": len(ok),
-                     "skipped": {str(r["id"]): str(r["error"]) for r in rows if r["status"] == "skipped"},
-                     "failed_transient": {str(r["id"]): str(r["error"]) for r in rows if r["status"] == "failed"}}
+    out["images"] = {
+        "evaluated": len(ok),
+        "skipped": {str(r["id"]): str(r["error"]) for r in rows if r["status"] == "skipped"},
+        "failed_transient": {str(r["id"]): str(r["error"]) for r in rows if r["status"] == "failed"},
+    }
     out["seconds_per_image"] = float(np.mean([float(r["seconds"]) for r in ok])) if ok else None
     return out
 
@@ -434,8 +507,13 @@ class CachedScores:
     image: Any = None
 
 
-def threshold_cv(cached: Sequence[CachedScores], segmenter_for, spec: DatasetSpec, label_map_for_threshold,
-                 grid: Sequence[float] = THRESHOLD_GRID) -> Tuple[np.ndarray, List[float], Dict[str, Any]]:
+def threshold_cv(
+    cached: Sequence[CachedScores],
+    segmenter_for,
+    spec: DatasetSpec,
+    label_map_for_threshold,
+    grid: Sequence[float] = THRESHOLD_GRID,
+) -> Tuple[np.ndarray, List[float], Dict[str, Any]]:
     """Choose the background threshold on one half of the images (alternate images by id) and
     score the other half with it, both ways; returns (summed confusion, the two thresholds,
     the per-threshold mIoU of each fold). ``segmenter_for(t)`` is a Segmenter with threshold t;

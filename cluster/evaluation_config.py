@@ -1,5 +1,6 @@
 """``reco evaluate``'s configuration: a preset, a YAML file with ``bank:`` / ``segmenter:``
 sections, ``--set SECTION.KEY=VALUE`` overrides and the flags, resolved into frozen configs."""
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -9,9 +10,14 @@ from reco.config import BankConfig, CRFConfig, SegmenterConfig, from_dict, prese
 from reco.errors import ConfigError
 
 
-def resolve_configs(preset_name: str = "default", config_path: Optional[str] = None, sets: Sequence[str] = (),
-                    k: Optional[int] = None, crf: bool = False, background_threshold: Optional[str] = None
-                    ) -> Tuple[BankConfig, SegmenterConfig, Optional[str]]:
+def resolve_configs(
+    preset_name: str = "default",
+    config_path: Optional[str] = None,
+    sets: Sequence[str] = (),
+    k: Optional[int] = None,
+    crf: bool = False,
+    background_threshold: Optional[str] = None,
+) -> Tuple[BankConfig, SegmenterConfig, Optional[str]]:
     """Preset, then the YAML sections (``bank:`` / ``segmenter:``), then ``--set`` items, then the
     flags. Returns (bank, segmenter, 'cv' or None)."""
     from cluster.config import load_yaml_mapping
@@ -47,8 +53,9 @@ def resolve_configs(preset_name: str = "default", config_path: Optional[str] = N
             except ValueError:
                 value = float("nan")
             if not 0.0 <= value <= 1.0:  # NaN fails too
-                raise ConfigError(f"--background-threshold must be a number in [0, 1] or 'cv', "
-                                  f"got {background_threshold!r}")
+                raise ConfigError(
+                    f"--background-threshold must be a number in [0, 1] or 'cv', got {background_threshold!r}"
+                )
             seg_cfg = replace(seg_cfg, background_threshold=value)
     return bank_cfg, seg_cfg, threshold_cv
 

@@ -18,6 +18,7 @@ each process imports once, at its first fired point, and which registers its hoo
 path is refused (a :class:`~reco.errors.ConfigError` in the worker), so the variable can never
 load code from elsewhere, and an installed package (no tests/ folder) has no hook to load.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -65,8 +66,9 @@ def _load_env_hooks() -> None:
         return
     path = Path(value).resolve()
     if TESTS_DIR not in path.parents or path.suffix != ".py" or not path.is_file():
-        raise ConfigError(f"{HOOKS_ENV}={value}: fault hooks are loaded only from a .py file under {TESTS_DIR} "
-                          "(test-only); unset it")
+        raise ConfigError(
+            f"{HOOKS_ENV}={value}: fault hooks are loaded only from a .py file under {TESTS_DIR} (test-only); unset it"
+        )
     spec = importlib.util.spec_from_file_location(f"reco_fault_hooks_{path.stem}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

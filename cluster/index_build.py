@@ -15,6 +15,7 @@
 ``update=True`` adds the shards committed since the build as new parts with the same trained
 quantiser; an index whose indexed shards were removed or replaced in the store must be rebuilt.
 """
+
 from __future__ import annotations
 
 import json
@@ -63,16 +64,18 @@ def _shard(d: Dict[str, Any]) -> ShardRecord:
     return ShardRecord(int(d["index"]), int(d["count"]), int(d.get("skipped", 0)), str(d.get("token", "")))
 
 
-def _train_task(root: str, storage_options: Dict[str, Any], shards: List[Dict[str, Any]], factory: str,
-                sample_rows: np.ndarray) -> Tuple[bytes, Optional[bytes], float]:
+def _train_task(
+    root: str, storage_options: Dict[str, Any], shards: List[Dict[str, Any]], factory: str, sample_rows: np.ndarray
+) -> Tuple[bytes, Optional[bytes], float]:
     t = time.perf_counter()
     store = _open_store(root, storage_options)
     base, refine = P.train_empty(VectorSource.from_store(store, [_shard(s) for s in shards]), factory, sample_rows)
     return P.to_bytes(base), (P.to_bytes(refine) if refine is not None else None), time.perf_counter() - t
 
 
-def _part_task(root: str, storage_options: Dict[str, Any], plan: P.PartPlan, trained: bytes,
-               trained_refine: Optional[bytes], parts) -> Dict[str, Any]:
+def _part_task(
+    root: str, storage_options: Dict[str, Any], plan: P.PartPlan, trained: bytes, trained_refine: Optional[bytes], parts
+) -> Dict[str, Any]:
     """Fill one part and create its file(s) exactly once (``parts``: :class:`index.output.Parts`)."""
     t = time.perf_counter()
     faults.fire("index.part", plan.name)
@@ -85,13 +88,24 @@ def _part_task(root: str, storage_options: Dict[str, Any], plan: P.PartPlan, tra
     if refine is not None:  # the refine codes first: a part whose base file exists is complete
         parts.create(plan.name + ".refine", P.to_bytes(refine))
     written = parts.create(plan.name, data)
-    return {"name": plan.name, "rows": plan.rows, "bytes": len(data), "written": written,
-            "seconds": time.perf_counter() - t}
+    return {
+        "name": plan.name,
+        "rows": plan.rows,
+        "bytes": len(data),
+        "written": written,
+        "seconds": time.perf_counter() - t,
+    }
 
 
 def _covered(factory: str, dim: int, train_size: int, seed: int, root: str, part_rows: int) -> Dict[str, Any]:
-    return {"factory": factory, "dim": dim, "train_size": train_size, "seed": seed, "store": root,
-            "part_rows": part_rows}
+    return {
+        "factory": factory,
+        "dim": dim,
+        "train_size": train_size,
+        "seed": seed,
+        "store": root,
+        "part_rows": part_rows,
+    }
 
 
 def _indexed_shards(meta: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -102,11 +116,16 @@ def check_update(store_shards: Sequence[ShardRecord], meta: Dict[str, Any]) -> L
     """The store shards the index lacks; :class:`ConfigError` (one line) when an indexed shard was
     removed or replaced in the store (its rows would be stale: rebuild)."""
     current = {(s.index, s.token): s for s in store_shards}
-    gone = [f"{d['index']:05d}.{d.get('token', '')}" for d in _indexed_shards(meta)
-            if (int(d["index"]), str(d.get("token", ""))) not in current]
+    gone = [
+        f"{d['index']:05d}.{d.get('token', '')}"
+        for d in _indexed_shards(meta)
+        if (int(d["index"]), str(d.get("token", ""))) not in current
+    ]
     if gone:
-        raise ConfigError(f"the store's indexed shards {', '.join(gone[:5])}{' ...' if len(gone) > 5 else ''} were "
-                          "removed or replaced since the index was built: rebuild it (reco build-index without --update)")
+        raise ConfigError(
+            f"the store's indexed shards {', '.join(gone[:5])}{' ...' if len(gone) > 5 else ''} were "
+            "removed or replaced since the index was built: rebuild it (reco build-index without --update)"
+        )
     have = {(int(d["index"]), str(d.get("token", ""))) for d in _indexed_shards(meta)}
     return [s for s in store_shards if (s.index, s.token) not in have and s.count]
 
@@ -120,13 +139,22 @@ def _read_meta(uri: str, storage_options: Dict[str, Any]) -> Optional[Dict[str, 
         return None
 
 
-def build_index_parts(store: EmbeddingStore, out: str, factory: Optional[str] = None,
-                      memory_budget_bytes: int = 8 << 30, target_recall: float = 0.95,
-                      allow_low_recall: bool = False, num_queries: int = 1000, train_size: Optional[int] = None,
-                      seed: int = 0, cfg: IndexClusterConfig = IndexClusterConfig(),
-                      storage_options: Optional[Dict[str, Any]] = None, update: bool = False,
-                      text_queries: Optional[np.ndarray] = None,
-                      job_config: Optional[Dict[str, Any]] = None) -> IndexReport:
+def build_index_parts(
+    store: EmbeddingStore,
+    out: str,
+    factory: Optional[str] = None,
+    memory_budget_bytes: int = 8 << 30,
+    target_recall: float = 0.95,
+    allow_low_recall: bool = False,
+    num_queries: int = 1000,
+    train_size: Optional[int] = None,
+    seed: int = 0,
+    cfg: IndexClusterConfig = IndexClusterConfig(),
+    storage_options: Optional[Dict[str, Any]] = None,
+    update: bool = False,
+    text_queries: Optional[np.ndarray] = None,
+    job_config: Optional[Dict[str, Any]] = None,
+) -> IndexReport:
     """Build (or ``update``) the index at ``out`` from ``store`` with Ray tasks; returns the report
     also written to ``index.json``; the uniform job report (config ``job_config``) is written
     beside it (``job_report.json``). Ray must be initialised."""
@@ -144,7 +172,9 @@ def build_index_parts(store: EmbeddingStore, out: str, factory: Optional[str] = 
     old = _read_meta(out, so) if update else None
     if update:
         if old is None or "parts" not in old:
-            raise ConfigError(f"--update: {out} holds no index built in parts: build it first (reco build-index --parts)")
+            raise ConfigError(
+                f"--update: {out} holds no index built in parts: build it first (reco build-index --parts)"
+            )
         new = check_update(shards, old)
         cov = {k: old["build"][k] for k in ("factory", "dim", "train_size", "seed", "store", "part_rows")}
         if cov["store"] != root:
@@ -163,8 +193,14 @@ def build_index_parts(store: EmbeddingStore, out: str, factory: Optional[str] = 
         cov = _covered(factory, dim, ts, seed, root, part_rows)
         plans = P.plan_parts(shards, part_rows)
     P.check_partable(factory)
-    output = ResumableOutput(out, job="build-index", settings_file=P.BUILD_FILE, parts_dir=P.PARTS_DIR,
-                             part_suffix=".faiss", storage_options=so)
+    output = ResumableOutput(
+        out,
+        job="build-index",
+        settings_file=P.BUILD_FILE,
+        parts_dir=P.PARTS_DIR,
+        part_suffix=".faiss",
+        storage_options=so,
+    )
     with output.open(cov, overwrite=not update, describe=f"factory {factory}"):
         same = output.previous is not None and output.previous.get("config_hash") == output.settings["config_hash"]
         trained_uri, refine_uri = output.join(P.TRAINED_FILE), output.join(P.TRAINED_REFINE_FILE)
@@ -180,8 +216,9 @@ def build_index_parts(store: EmbeddingStore, out: str, factory: Optional[str] = 
             rng = np.random.default_rng(seed)
             sample = np.sort(rng.choice(n, size=ts, replace=False)) if ts < n else np.arange(n)
             task = ray.remote(num_cpus=cfg.cpus_per_task, max_retries=3)(_train_task)
-            trained, trained_refine, train_s = ray.get(task.remote(root, so, [s.as_dict() for s in shards],
-                                                                   factory, sample))
+            trained, trained_refine, train_s = ray.get(
+                task.remote(root, so, [s.as_dict() for s in shards], factory, sample)
+            )
             if trained_refine is not None:
                 output.write_file(P.TRAINED_REFINE_FILE, trained_refine)
             output.write_file(P.TRAINED_FILE, trained)
@@ -190,48 +227,100 @@ def build_index_parts(store: EmbeddingStore, out: str, factory: Optional[str] = 
         parts_s = time.perf_counter() - t_parts
         source = VectorSource.from_store(store, [s for p in plans for s in map(_shard, p.shards)])
         assert source.n == sum(p.rows for p in plans)
-        index = _assemble(cfg.layout if not update else old.get("layout", cfg.layout), output, plans, trained,
-                          trained_refine, so)
+        index = _assemble(
+            cfg.layout if not update else old.get("layout", cfg.layout), output, plans, trained, trained_refine, so
+        )
         build_s = time.perf_counter() - t0
-        index, rep = evaluate_index(index, source, factory, build_s, ts, target_recall, num_queries,
-                                    allow_low_recall=allow_low_recall, rng=np.random.default_rng(seed + 1),
-                                    search_index=store_refined(index, factory, source), text_queries=text_queries)
+        index, rep = evaluate_index(
+            index,
+            source,
+            factory,
+            build_s,
+            ts,
+            target_recall,
+            num_queries,
+            allow_low_recall=allow_low_recall,
+            rng=np.random.default_rng(seed + 1),
+            search_index=store_refined(index, factory, source),
+            text_queries=text_queries,
+        )
         layout = cfg.layout if not update else old.get("layout", cfg.layout)
         rows_uri = write_rows_table(store, [s for p in plans for s in map(_shard, p.shards)], out, so)
-        extra = {"store": root, "model": store.manifest()["model"], "store_total": source.n, "layout": layout,
-                 "build": cov, "parts": [asdict(p) for p in plans], "quantizer": P.TRAINED_FILE,
-                 "build_stages": {"train_s": train_s, "parts_s": parts_s, "parts_written": sum(d["written"] for d in done),
-                                  "parts_reused": sum(not d["written"] for d in done), "workers": cfg.workers},
-                 "files": rows_uri}
+        extra = {
+            "store": root,
+            "model": store.manifest()["model"],
+            "store_total": source.n,
+            "layout": layout,
+            "build": cov,
+            "parts": [asdict(p) for p in plans],
+            "quantizer": P.TRAINED_FILE,
+            "build_stages": {
+                "train_s": train_s,
+                "parts_s": parts_s,
+                "parts_written": sum(d["written"] for d in done),
+                "parts_reused": sum(not d["written"] for d in done),
+                "workers": cfg.workers,
+            },
+            "files": rows_uri,
+        }
         if layout == "merged":
             save_index(index, rep, out, extra, so)
         else:
             _save_meta_only(index, rep, out, extra, so, write_index=layout == "ondisk")
         output.write_report(_job_report(rep, extra, done, job_config))
-    logger.info("index in %d parts (%s layout): %d rows, %d parts written now, %d kept from before",
-                len(plans), layout, source.n, extra["build_stages"]["parts_written"],
-                extra["build_stages"]["parts_reused"])
+    logger.info(
+        "index in %d parts (%s layout): %d rows, %d parts written now, %d kept from before",
+        len(plans),
+        layout,
+        source.n,
+        extra["build_stages"]["parts_written"],
+        extra["build_stages"]["parts_reused"],
+    )
     return rep
 
 
-def _job_report(rep: IndexReport, extra: Dict[str, Any], done: List[Dict[str, Any]],
-                config: Optional[Dict[str, Any]]) -> JobReport:
+def _job_report(
+    rep: IndexReport, extra: Dict[str, Any], done: List[Dict[str, Any]], config: Optional[Dict[str, Any]]
+) -> JobReport:
     """The uniform report of a build in parts: vectors indexed, parts written now or kept, stages."""
     stages = extra["build_stages"]
     written = sum(d["rows"] for d in done if d["written"])
     return job_report(
-        "build-index", unit="vectors", config=config, seen=rep.n, processed=written, already_done=rep.n - written,
+        "build-index",
+        unit="vectors",
+        config=config,
+        seen=rep.n,
+        processed=written,
+        already_done=rep.n - written,
         seconds=rep.build_seconds,
-        stages={"train quantiser": stages["train_s"], "fill parts (Ray tasks)": (stages["parts_s"], written),
-                "build (train, parts, merge, tune, evaluate)": (rep.build_seconds, rep.n)},
+        stages={
+            "train quantiser": stages["train_s"],
+            "fill parts (Ray tasks)": (stages["parts_s"], written),
+            "build (train, parts, merge, tune, evaluate)": (rep.build_seconds, rep.n),
+        },
         memory={"driver (index build)": peak_memory()},
-        extra={"factory": rep.factory, "layout": extra["layout"], "parts": len(extra["parts"]),
-               "parts_written": stages["parts_written"], "parts_reused": stages["parts_reused"],
-               f"recall_at_{rep.k}": rep.recall_at_10, "target_met": rep.target_met, "index_bytes": rep.index_bytes})
+        extra={
+            "factory": rep.factory,
+            "layout": extra["layout"],
+            "parts": len(extra["parts"]),
+            "parts_written": stages["parts_written"],
+            "parts_reused": stages["parts_reused"],
+            f"recall_at_{rep.k}": rep.recall_at_10,
+            "target_met": rep.target_met,
+            "index_bytes": rep.index_bytes,
+        },
+    )
 
 
-def _run_parts(plans: Sequence[P.PartPlan], output: ResumableOutput, root: str, so: Dict[str, Any], trained: bytes,
-               trained_refine: Optional[bytes], cfg: IndexClusterConfig) -> List[Dict[str, Any]]:
+def _run_parts(
+    plans: Sequence[P.PartPlan],
+    output: ResumableOutput,
+    root: str,
+    so: Dict[str, Any],
+    trained: bytes,
+    trained_refine: Optional[bytes],
+    cfg: IndexClusterConfig,
+) -> List[Dict[str, Any]]:
     """Every part's file present: the missing ones made by Ray tasks, ``cfg.workers`` in flight."""
     import ray
 
@@ -249,8 +338,13 @@ def _run_parts(plans: Sequence[P.PartPlan], output: ResumableOutput, root: str, 
         ready, pending = ray.wait(pending, num_returns=1)
         for r in ray.get(ready):
             done.append(r)
-            logger.info("part %s: %d rows in %.1f s%s", r["name"], r["rows"], r["seconds"],
-                        "" if r["written"] else " (already written by an earlier attempt)")
+            logger.info(
+                "part %s: %d rows in %.1f s%s",
+                r["name"],
+                r["rows"],
+                r["seconds"],
+                "" if r["written"] else " (already written by an earlier attempt)",
+            )
         output.lock.verify()  # a build whose lock was taken over stops here
     return done
 
@@ -258,8 +352,10 @@ def _run_parts(plans: Sequence[P.PartPlan], output: ResumableOutput, root: str, 
 def _part_bytes(output: ResumableOutput, plans: Sequence[P.PartPlan], refine: bool, so) -> List[bytes]:
     from index import storage
 
-    return [storage.read_bytes(storage.join(output.parts.uri, f"part-{p.name}{'.refine' if refine else ''}.faiss"), so)
-            for p in plans]
+    return [
+        storage.read_bytes(storage.join(output.parts.uri, f"part-{p.name}{'.refine' if refine else ''}.faiss"), so)
+        for p in plans
+    ]
 
 
 def _assemble(layout: str, output: ResumableOutput, plans, trained: bytes, trained_refine: Optional[bytes], so):
@@ -280,13 +376,16 @@ def _assemble(layout: str, output: ResumableOutput, plans, trained: bytes, train
     if layout == "merged":
         return P.merge_parts(trained, trained_refine, list(zip(bases, refines)))
     if trained_refine is not None:
-        raise ConfigError("index.layout shards serves PQ codes only: use a factory without Refine(...) "
-                          "(re-rank from the store) or layout merged")
+        raise ConfigError(
+            "index.layout shards serves PQ codes only: use a factory without Refine(...) "
+            "(re-rank from the store) or layout merged"
+        )
     return P.as_shards([P.from_bytes(b) for b in bases])
 
 
-def _save_meta_only(index, rep: IndexReport, out: str, extra: Dict[str, Any], so: Dict[str, Any],
-                    write_index: bool) -> None:
+def _save_meta_only(
+    index, rep: IndexReport, out: str, extra: Dict[str, Any], so: Dict[str, Any], write_index: bool
+) -> None:
     """index.json (and for ``ondisk``, index.faiss pointing at index.ivfdata) of an unmerged layout."""
     from index import storage
     from index.faiss_factory import _faiss

@@ -1,4 +1,5 @@
 """The ``index:`` section of ``configs/cluster.yaml``: how an index is built in parts and served."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -8,6 +8,7 @@ parameters, and returns its (Q, k) lists; the caller merges them in the order of
 actors are spread over the nodes (``SPREAD``), so an index larger than any node is served by the
 cluster. The results equal those of the parts merged into one index (same codes, same probes).
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,14 +30,19 @@ ACTOR_OVERHEAD_BYTES = 256 << 20
 class PartServer:
     """Holds some parts of one index and searches them (a Ray actor: see :func:`serve_parts`)."""
 
-    def __init__(self, uri: str, names: Sequence[str], params: Dict[str, Any],
-                 storage_options: Optional[Dict[str, Any]] = None):
+    def __init__(
+        self, uri: str, names: Sequence[str], params: Dict[str, Any], storage_options: Optional[Dict[str, Any]] = None
+    ):
         from index import parts as P
         from index import storage
         from index.faiss_index import _apply_params
 
-        self.index = P.as_shards([P.from_bytes(storage.read_bytes(storage.join(uri, P.PARTS_DIR, f"part-{n}.faiss"),
-                                                                  storage_options)) for n in names])
+        self.index = P.as_shards(
+            [
+                P.from_bytes(storage.read_bytes(storage.join(uri, P.PARTS_DIR, f"part-{n}.faiss"), storage_options))
+                for n in names
+            ]
+        )
         _apply_params(self.index, params)
         self.names = list(names)
 
@@ -62,8 +68,15 @@ def assign_parts(parts: Sequence[Dict[str, Any]], actors: int) -> List[List[Dict
 class ShardedRetriever(Retriever):
     """:class:`Retriever` over an index kept as parts, fanned out over :class:`PartServer` actors."""
 
-    def __init__(self, uri: str, meta: Dict[str, Any], ids: Sequence[str], actors: int = 2,
-                 storage_options: Optional[Dict[str, Any]] = None, cpus_per_actor: float = 0.5):
+    def __init__(
+        self,
+        uri: str,
+        meta: Dict[str, Any],
+        ids: Sequence[str],
+        actors: int = 2,
+        storage_options: Optional[Dict[str, Any]] = None,
+        cpus_per_actor: float = 0.5,
+    ):
         import ray
 
         self.ids = list(ids)
@@ -73,10 +86,20 @@ class ShardedRetriever(Retriever):
         self.actors = []
         for g in groups:
             need = estimate_index_bytes(rep["factory"], sum(p["rows"] for p in g), rep["dim"]) + ACTOR_OVERHEAD_BYTES
-            self.actors.append(remote.options(num_cpus=cpus_per_actor, memory=int(need), max_restarts=3,
-                                              max_task_retries=3, scheduling_strategy="SPREAD").remote(
-                uri, [p["name"] for p in g], index_params(rep.get("search_params") or {}, rep["factory"]),
-                storage_options))
+            self.actors.append(
+                remote.options(
+                    num_cpus=cpus_per_actor,
+                    memory=int(need),
+                    max_restarts=3,
+                    max_task_retries=3,
+                    scheduling_strategy="SPREAD",
+                ).remote(
+                    uri,
+                    [p["name"] for p in g],
+                    index_params(rep.get("search_params") or {}, rep["factory"]),
+                    storage_options,
+                )
+            )
         held = sum(ray.get([a.ntotal.remote() for a in self.actors]))
         if held != len(self.ids):
             raise ValueError(f"the parts of {uri} hold {held} vectors but its row table {len(self.ids)}: rebuild it")

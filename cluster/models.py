@@ -3,6 +3,7 @@
 Weights follow the storage URI rule: a local path must be valid on every node (shared file
 system or one machine); an ``s3://`` (any fsspec) URL is fetched once into each node's cache.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,11 +42,14 @@ class EncoderSpec:
         if threads:
             torch.set_num_threads(threads)
         dev = self.resolve_device()
-        dense = create_dense_encoder(self.dense_encoder, node_local(self.dense_weights), device=dev, **self.dense_kwargs)
+        dense = create_dense_encoder(
+            self.dense_encoder, node_local(self.dense_weights), device=dev, **self.dense_kwargs
+        )
         clip = None
         if self.clip_model:
-            clip = create_clip(self.clip_model, node_local(self.clip_weights), device=dev,
-                               dense_head=self.clip_dense_head)
+            clip = create_clip(
+                self.clip_model, node_local(self.clip_weights), device=dev, dense_head=self.clip_dense_head
+            )
         return dense, clip, dev
 
 
@@ -62,24 +66,33 @@ def load_on_driver(spec: EncoderSpec, dense: bool = True) -> Tuple[Optional[Dens
 
     cpu = replace(spec, device="cpu")
     try:
-        enc = None if not dense else create_dense_encoder(cpu.dense_encoder, node_local(cpu.dense_weights), device="cpu",
-                                     **cpu.dense_kwargs)
+        enc = (
+            None
+            if not dense
+            else create_dense_encoder(
+                cpu.dense_encoder, node_local(cpu.dense_weights), device="cpu", **cpu.dense_kwargs
+            )
+        )
     except ReCoError:
         raise
     except TypeError as exc:  # timm refuses a keyword it does not know
         raise ConfigError(f"--dense-kwargs {cpu.dense_kwargs} do not fit {cpu.dense_encoder}: {one_line(exc)}") from exc
     except Exception as exc:  # noqa: BLE001 - a broken file raises many types (pickle, safetensors, zip)
-        raise ConfigError(f"dense encoder {cpu.dense_encoder}: cannot load weights {cpu.dense_weights}: "
-                          f"{one_line(exc)}") from exc
+        raise ConfigError(
+            f"dense encoder {cpu.dense_encoder}: cannot load weights {cpu.dense_weights}: {one_line(exc)}"
+        ) from exc
     clip = None
     if cpu.clip_model:
         try:
-            clip = create_clip(cpu.clip_model, node_local(cpu.clip_weights), device="cpu",
-                               dense_head=cpu.clip_dense_head)
+            clip = create_clip(
+                cpu.clip_model, node_local(cpu.clip_weights), device="cpu", dense_head=cpu.clip_dense_head
+            )
         except ReCoError:
             raise
         except Exception as exc:  # noqa: BLE001
-            raise ConfigError(f"CLIP {cpu.clip_model}: cannot load weights {cpu.clip_weights}: {one_line(exc)}") from exc
+            raise ConfigError(
+                f"CLIP {cpu.clip_model}: cannot load weights {cpu.clip_weights}: {one_line(exc)}"
+            ) from exc
     return enc, clip
 
 
@@ -100,9 +113,14 @@ def autocast_for(device: torch.device):
     return contextlib.nullcontext()
 
 
-def encoders_for_bank(bank, dense_weights: Optional[str] = None, clip_model: Optional[str] = None,
-                      clip_weights: Optional[str] = None, clip_dense_head: str = "maskclip",
-                      dense_kwargs: Optional[Dict[str, Any]] = None) -> EncoderSpec:
+def encoders_for_bank(
+    bank,
+    dense_weights: Optional[str] = None,
+    clip_model: Optional[str] = None,
+    clip_weights: Optional[str] = None,
+    clip_dense_head: str = "maskclip",
+    dense_kwargs: Optional[Dict[str, Any]] = None,
+) -> EncoderSpec:
     """The encoders a bank was built with (from its metadata), with optional overrides.
 
     CLIP is loaded only when the bank has text embeddings and CLIP weights are known (recorded
@@ -114,10 +132,18 @@ def encoders_for_bank(bank, dense_weights: Optional[str] = None, clip_model: Opt
         raise ConfigError("the bank does not record its dense encoder (built outside reco-cluster?)")
     dense_w = dense_weights or meta.get("dense_weights_spec") or meta.get("dense_weights")
     clip = clip_model or (meta.get("clip") if bank.has_text else None)
-    cw = clip_weights or (meta.get("clip_weights_spec") or meta.get("clip_weights") if clip == meta.get("clip") else None)
+    cw = clip_weights or (
+        meta.get("clip_weights_spec") or meta.get("clip_weights") if clip == meta.get("clip") else None
+    )
     if cw == "random-init":
         cw = None
     if clip and cw is None and not str(clip).startswith("local-dir:"):
         clip = None
-    return EncoderSpec(meta["dense_encoder"], None if dense_w == "random-init" else dense_w, clip, cw,
-                       clip_dense_head=clip_dense_head, dense_kwargs=dict(dense_kwargs or {}))
+    return EncoderSpec(
+        meta["dense_encoder"],
+        None if dense_w == "random-init" else dense_w,
+        clip,
+        cw,
+        clip_dense_head=clip_dense_head,
+        dense_kwargs=dict(dense_kwargs or {}),
+    )

@@ -20,6 +20,7 @@ the committed ids from the manifest and processes only the rest: every id appear
 local or S3), ``--overwrite`` forgets the manifest under that lock, and the job report says
 ``failed`` when more than ``jobs.max_failed_fraction`` of the images were bad input.
 """
+
 from __future__ import annotations
 
 import io
@@ -29,13 +30,12 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from reco.bank import ConceptBank
-from reco.config import SegmenterConfig, to_dict
-from reco.errors import ConfigError
-
 from index.output import JobReport, Parts, ResumableOutput
 from index.report import JobResult
 from index.storage import join, sha256_bytes
+from reco.bank import ConceptBank
+from reco.config import SegmenterConfig, to_dict
+from reco.errors import ConfigError
 
 from .config import ActorConfig, JobsConfig
 from .models import EncoderSpec
@@ -45,16 +45,35 @@ logger = logging.getLogger(__name__)
 
 MANIFEST_DIR = "manifest"
 SETTINGS_FILE = "pseudo_label.json"
-COLUMNS = ("id", "uri", "status", "error", "label", "confidence", "overlay", "width", "height", "classes",
-           "shares", "mean_confidence", "seconds", "mode")
+COLUMNS = (
+    "id",
+    "uri",
+    "status",
+    "error",
+    "label",
+    "confidence",
+    "overlay",
+    "width",
+    "height",
+    "classes",
+    "shares",
+    "mean_confidence",
+    "seconds",
+    "mode",
+)
 
 
 class PseudoLabelReport(JobResult):
     """pseudo-label's names for the counts of its uniform report (``.report``, a
     :class:`index.report.JobReport` in images)."""
 
-    ALIASES = {"listed": "n_seen", "already_done": "n_already_done", "labelled": "n_processed",
-               "skipped": "skipped_items", "failed_transient": "failed_items"}
+    ALIASES = {
+        "listed": "n_seen",
+        "already_done": "n_already_done",
+        "labelled": "n_processed",
+        "skipped": "skipped_items",
+        "failed_transient": "failed_items",
+    }
     FIELDS = {"parts_committed": 0, "model_seconds_per_image": 0.0, "actor_peak_rss_mb": 0.0}
 
     @property
@@ -62,17 +81,27 @@ class PseudoLabelReport(JobResult):
         return (self.labelled + len(self.skipped)) / self.seconds if self.seconds else 0.0
 
     def as_dict(self) -> Dict[str, Any]:
-        return dict(super().as_dict(), skipped_count=len(self.skipped), failed_count=len(self.failed_transient),
-                    images_per_second=self.images_per_second)
+        return dict(
+            super().as_dict(),
+            skipped_count=len(self.skipped),
+            failed_count=len(self.failed_transient),
+            images_per_second=self.images_per_second,
+        )
 
 
-def settings(bank_bytes: bytes, bank: ConceptBank, class_names: Sequence[str], config: SegmenterConfig,
-             encoders: EncoderSpec) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+def settings(
+    bank_bytes: bytes, bank: ConceptBank, class_names: Sequence[str], config: SegmenterConfig, encoders: EncoderSpec
+) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """(what the outputs depend on: hashed, must match on every rerun into the same output;
     what is only recorded beside it) of ``OUT/pseudo_label.json``."""
-    core = {"bank_sha256": sha256_bytes(bank_bytes), "classes": list(class_names),
-            "segmenter": to_dict(config), "dense_encoder": encoders.dense_encoder, "clip": encoders.clip_model,
-            "clip_dense_head": encoders.clip_dense_head if encoders.clip_model else None}
+    core = {
+        "bank_sha256": sha256_bytes(bank_bytes),
+        "classes": list(class_names),
+        "segmenter": to_dict(config),
+        "dense_encoder": encoders.dense_encoder,
+        "clip": encoders.clip_model,
+        "clip_dense_head": encoders.clip_dense_head if encoders.clip_model else None,
+    }
     return core, {"bank_concepts": list(bank.names)}
 
 
@@ -170,9 +199,20 @@ def run_pseudo_label(
             order = sorted(todo, key=lambda it: str(it.id))
             first = {str(it.id) for it in order[:overlays]}
             rows = [{"id": str(it.id), "uri": str(it.uri), "overlay": str(it.id) in first} for it in order]
-            ds = segmentation_dataset(rows, bank_bytes, encoders, config, list(range(len(class_names))),
-                                      len(class_names), None, out.uri, actors, storage_options,
-                                      write_overlays=False, confidence_maps=confidence_maps)
+            ds = segmentation_dataset(
+                rows,
+                bank_bytes,
+                encoders,
+                config,
+                list(range(len(class_names))),
+                len(class_names),
+                None,
+                out.uri,
+                actors,
+                storage_options,
+                write_overlays=False,
+                confidence_maps=confidence_maps,
+            )
             bar = tqdm(total=len(rows), desc="pseudo-label", unit="img")
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 report.actor_peak_rss_mb = max(report.actor_peak_rss_mb, float(np.max(batch["peak_rss_mb"])))
@@ -203,8 +243,10 @@ def run_pseudo_label(
             out.write_file("index.html", _html(out.uri, class_names, storage_options).encode())
         out.write_report(report.report)
     if report.failed_transient:
-        logger.warning("%d images failed transiently and were not committed: rerun the same command to retry them",
-                       len(report.failed_transient))
+        logger.warning(
+            "%d images failed transiently and were not committed: rerun the same command to retry them",
+            len(report.failed_transient),
+        )
     return report
 
 
@@ -225,9 +267,22 @@ def _py(v: Any) -> Any:
 
 
 def _bad_row(it) -> Dict[str, Any]:
-    return {"id": str(it.id), "uri": str(it.uri), "status": "skipped", "error": str(it.problem), "label": "",
-            "confidence": "", "overlay": "", "width": 0, "height": 0, "classes": "[]", "shares": "[]",
-            "mean_confidence": float("nan"), "seconds": 0.0, "mode": ""}
+    return {
+        "id": str(it.id),
+        "uri": str(it.uri),
+        "status": "skipped",
+        "error": str(it.problem),
+        "label": "",
+        "confidence": "",
+        "overlay": "",
+        "width": 0,
+        "height": 0,
+        "classes": "[]",
+        "shares": "[]",
+        "mean_confidence": float("nan"),
+        "seconds": 0.0,
+        "mode": "",
+    }
 
 
 def _html(out_uri: str, class_names: Sequence[str], storage_options) -> str:
@@ -243,6 +298,8 @@ def _html(out_uri: str, class_names: Sequence[str], storage_options) -> str:
         f"{html.escape(', '.join(class_names[c] for c in json.loads(r['classes'])))}</figcaption></figure>"
         for r in rows
     )
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>reco pseudo-labels</title>"
-            f"<style>body{{font-family:sans-serif;margin:2em}}img{{max-width:100%}}</style></head><body>"
-            f"<h1>Pseudo-labels</h1><h2>Legend</h2>{legend_html(class_names)}{figs}</body></html>")
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>reco pseudo-labels</title>"
+        f"<style>body{{font-family:sans-serif;margin:2em}}img{{max-width:100%}}</style></head><body>"
+        f"<h1>Pseudo-labels</h1><h2>Legend</h2>{legend_html(class_names)}{figs}</body></html>"
+    )

@@ -5,16 +5,17 @@ when torch has a GPU) and return it with their results. :class:`JobMetrics` expo
 counts to Prometheus through Ray's metrics API (``ray.util.metrics``), from the driver or from
 actors; it is a no-op where Ray is not running.
 """
+
 from __future__ import annotations
 
 import logging
 from collections import Counter as _Counter
 from typing import Any, Dict, Mapping, Optional
 
-from index.report import (EXIT_FAILED, EXIT_OK, EXIT_RERUN, REPORT_FORMAT, JobReport, JobResult,  # noqa: F401
-                          peak_memory, reason_kind)
+from index.report import EXIT_FAILED, EXIT_OK, EXIT_RERUN, REPORT_FORMAT, JobReport, JobResult, peak_memory, reason_kind  # noqa: F401
 
 logger = logging.getLogger(__name__)
+
 
 class JobMetrics:
     """Prometheus metrics of a job through ``ray.util.metrics`` (exported by each node's metrics
@@ -39,12 +40,17 @@ class JobMetrics:
                 return False
             from ray.util.metrics import Counter, Gauge
 
-            self._items = Counter("reco_items_total", description="inputs processed by reco jobs",
-                                  tag_keys=("job", "stage"))
-            self._errors = Counter("reco_errors_total", description="inputs skipped or failed in reco jobs",
-                                   tag_keys=("job", "stage", "kind"))
-            self._rate = Gauge("reco_items_per_second", description="throughput of reco jobs (items/s)",
-                               tag_keys=("job", "stage"))
+            self._items = Counter(
+                "reco_items_total", description="inputs processed by reco jobs", tag_keys=("job", "stage")
+            )
+            self._errors = Counter(
+                "reco_errors_total",
+                description="inputs skipped or failed in reco jobs",
+                tag_keys=("job", "stage", "kind"),
+            )
+            self._rate = Gauge(
+                "reco_items_per_second", description="throughput of reco jobs (items/s)", tag_keys=("job", "stage")
+            )
             self._ready = True
         except Exception:  # pragma: no cover - metrics must never break a job
             return False
@@ -120,7 +126,7 @@ def job_report(
     for item, reason in (failed_transient or {}).items():
         r.fail_transient(item, reason)
     for name, v in (stages or {}).items():
-        secs, items = (v if isinstance(v, (tuple, list)) else (v, None))
+        secs, items = v if isinstance(v, (tuple, list)) else (v, None)
         r.add_stage(name, float(secs), items)
     for actor, m in (memory or {}).items():
         r.actor_memory(actor, m if isinstance(m, Mapping) else {"rss": int(m)})

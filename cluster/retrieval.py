@@ -12,6 +12,7 @@ float32 at the top-k boundary: :func:`index.topk.block_topk_torch`); elsewhere i
 A lost worker's shard is re-run by Ray Data's task retries (partial lists are pure functions of a
 shard, so a retried shard contributes once).
 """
+
 from __future__ import annotations
 
 import logging
@@ -50,20 +51,22 @@ def _rows_per_block(nq: int, cap: int = 65536) -> int:
     return int(max(256, min(cap, SCORE_BYTES // (4 * max(1, nq)))))
 
 
-def shard_topk(store: EmbeddingStore, shard: ShardRecord, first_row: int, queries: np.ndarray, k: int,
-               device: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray]:
+def shard_topk(
+    store: EmbeddingStore, shard: ShardRecord, first_row: int, queries: np.ndarray, k: int, device: Optional[str] = None
+) -> Tuple[np.ndarray, np.ndarray]:
     """Top-k of ``queries`` over one shard whose first row is corpus row ``first_row``."""
     emb = store.shard_embeddings(shard)
     best = topk.empty(len(queries), k)
     step = _rows_per_block(len(queries))
     for a in range(0, shard.count, step):
-        part = topk.block_topk(queries, emb[a:a + step], first_row + a, k, device)
+        part = topk.block_topk(queries, emb[a : a + step], first_row + a, k, device)
         best = topk.merge(best, part, k)
     return best
 
 
-def _score_batch(batch: Dict[str, np.ndarray], root: str, storage_options: Dict[str, Any], qref: list, k: int,
-                 device: Optional[str]) -> Dict[str, np.ndarray]:
+def _score_batch(
+    batch: Dict[str, np.ndarray], root: str, storage_options: Dict[str, Any], qref: list, k: int, device: Optional[str]
+) -> Dict[str, np.ndarray]:
     """Ray Data map_batches function: one row per shard in, one (Q, k) partial list per shard out."""
     import ray
 
@@ -83,16 +86,23 @@ def _store_root(store: EmbeddingStore) -> str:
     return store.root if store.is_url else str(store.root)
 
 
-def exact_search_store(store: EmbeddingStore, queries: np.ndarray, k: int, shards: Optional[Sequence[ShardRecord]] = None,
-                       use_gpu: Optional[bool] = None) -> Tuple[np.ndarray, np.ndarray, ExactPassStats]:
+def exact_search_store(
+    store: EmbeddingStore,
+    queries: np.ndarray,
+    k: int,
+    shards: Optional[Sequence[ShardRecord]] = None,
+    use_gpu: Optional[bool] = None,
+) -> Tuple[np.ndarray, np.ndarray, ExactPassStats]:
     """(scores (Q, k'), store rows (Q, k'), stats) with k' = min(k, rows in the store), exact, in
     :mod:`index.topk` order, over the committed shards (a snapshot: ``shards`` or the manifest's)."""
     import ray
 
     q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
     if q.shape[1] != store.dim:
-        raise ValueError(f"queries have dimension {q.shape[1]} but the store {store.root} holds {store.dim}-d "
-                         "embeddings: use the CLIP the store was embedded with")
+        raise ValueError(
+            f"queries have dimension {q.shape[1]} but the store {store.root} holds {store.dim}-d "
+            "embeddings: use the CLIP the store was embedded with"
+        )
     shards = [s for s in (store.shards if shards is None else shards)]
     offsets = np.concatenate([[0], np.cumsum([s.count for s in shards])]).astype(np.int64)
     n = int(offsets[-1])
@@ -105,25 +115,47 @@ def exact_search_store(store: EmbeddingStore, queries: np.ndarray, k: int, shard
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     device = "cuda" if use_gpu else None
     t0 = time.perf_counter()
-    items = [{"index": s.index, "count": s.count, "token": s.token, "offset": int(o)}
-             for s, o in zip(shards, offsets[:-1]) if s.count]
+    items = [
+        {"index": s.index, "count": s.count, "token": s.token, "offset": int(o)}
+        for s, o in zip(shards, offsets[:-1])
+        if s.count
+    ]
     qref = ray.put(q)
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        _score_batch, batch_size=1, batch_format="numpy", num_gpus=1 if use_gpu else 0,
-        fn_kwargs={"root": _store_root(store), "storage_options": dict(store.storage_options), "qref": [qref],
-                   "k": k, "device": device})
+        _score_batch,
+        batch_size=1,
+        batch_format="numpy",
+        num_gpus=1 if use_gpu else 0,
+        fn_kwargs={
+            "root": _store_root(store),
+            "storage_options": dict(store.storage_options),
+            "qref": [qref],
+            "k": k,
+            "device": device,
+        },
+    )
     best = topk.empty(len(q), k)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for s, r in zip(batch["scores"], batch["rows"]):
             best = topk.merge(best, (s, r), k)
     stats = ExactPassStats(len(items), n, len(q), time.perf_counter() - t0, device or "cpu")
-    logger.info("exact pass: %d queries x %d rows in %d shards, %.1f s (%.3g pairs/s, %s)", len(q), n, len(items),
-                stats.seconds, stats.pairs_per_second, stats.device)
+    logger.info(
+        "exact pass: %d queries x %d rows in %d shards, %.1f s (%.3g pairs/s, %s)",
+        len(q),
+        n,
+        len(items),
+        stats.seconds,
+        stats.pairs_per_second,
+        stats.device,
+    )
     return best[0], best[1], stats
 
 
-def row_metadata(store: EmbeddingStore, rows: np.ndarray, shards: Optional[Sequence[ShardRecord]] = None,
-                 ) -> Dict[int, Tuple[str, str]]:
+def row_metadata(
+    store: EmbeddingStore,
+    rows: np.ndarray,
+    shards: Optional[Sequence[ShardRecord]] = None,
+) -> Dict[int, Tuple[str, str]]:
     """{store row: (id, uri)} for the given rows, reading only the metadata of shards holding them."""
     shards = list(store.shards if shards is None else shards)
     offsets = np.concatenate([[0], np.cumsum([s.count for s in shards])]).astype(np.int64)
@@ -174,9 +206,13 @@ def index_lag(meta: Dict[str, Any], storage_options: Optional[Dict[str, Any]] = 
         return None
 
 
-def open_index(index: str, storage_options: Optional[Dict[str, Any]] = None, exact: bool = False,
-               serve_actors: Optional[int] = None, ray_config: Optional[str] = None,
-               ) -> Tuple[Retriever, Dict[str, str], Dict[str, Any]]:
+def open_index(
+    index: str,
+    storage_options: Optional[Dict[str, Any]] = None,
+    exact: bool = False,
+    serve_actors: Optional[int] = None,
+    ray_config: Optional[str] = None,
+) -> Tuple[Retriever, Dict[str, str], Dict[str, Any]]:
     """:func:`index.catalog.open_retriever`, with an index kept as parts served by Ray actors
     (:class:`cluster.index_serve.ShardedRetriever`; ``serve_actors`` of them, default
     ``index.serve_actors`` of configs/cluster.yaml, Ray started if needed); logs how many store rows
@@ -194,20 +230,32 @@ def open_index(index: str, storage_options: Optional[Dict[str, Any]] = None, exa
         cluster = resolve_cluster_config(ray_config)
         if not ray.is_initialized():
             init_ray(cluster.ray)
-        return ShardedRetriever(uri, meta, ids, actors=serve_actors or cluster.index.serve_actors,
-                                storage_options=storage_options)
+        return ShardedRetriever(
+            uri, meta, ids, actors=serve_actors or cluster.index.serve_actors, storage_options=storage_options
+        )
 
     retriever, uris, meta = open_retriever(index, exact=exact, storage_options=storage_options, serve_parts=serve)
     lag = index_lag(meta, storage_options)
     if lag:
-        logger.warning("the index %s lacks %d store row(s) committed since it was built (%d indexed): "
-                       "reco build-index --update adds them", index, lag, meta.get("store_total", 0))
+        logger.warning(
+            "the index %s lacks %d store row(s) committed since it was built (%d indexed): "
+            "reco build-index --update adds them",
+            index,
+            lag,
+            meta.get("store_total", 0),
+        )
     return retriever, uris, meta
 
 
-def retrieve_archives(todo: Sequence[str], texts: Mapping[str, Any], k: int, index: str, exact_store: bool = False,
-                      storage_options: Optional[Dict[str, Any]] = None, serve_actors: Optional[int] = None,
-                      ) -> Dict[str, List[str]]:
+def retrieve_archives(
+    todo: Sequence[str],
+    texts: Mapping[str, Any],
+    k: int,
+    index: str,
+    exact_store: bool = False,
+    storage_options: Optional[Dict[str, Any]] = None,
+    serve_actors: Optional[int] = None,
+) -> Dict[str, List[str]]:
     """{concept: top-k image URIs} for ``build-bank``: exact over the store ``index`` (one Ray Data
     pass) when ``exact_store``, else from the FAISS index ``index`` (parts served by Ray actors)."""
     if not todo:

@@ -12,6 +12,7 @@ Where a job's Ray comes from:
   a fresh random token that lives only in this process's environment (never on disk, never in
   a log or report). ``RAY_AUTH_MODE`` set explicitly in the environment wins over the config.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -98,8 +99,10 @@ def prepare_local_auth(cfg: RayRuntimeConfig) -> str:
         if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
             os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
     else:
-        logger.warning("token auth is disabled for the embedded Ray (RAY_AUTH_MODE=disabled)%s",
-                       "; it listens on 127.0.0.1 only" if cfg.loopback_only else "")
+        logger.warning(
+            "token auth is disabled for the embedded Ray (RAY_AUTH_MODE=disabled)%s",
+            "; it listens on 127.0.0.1 only" if cfg.loopback_only else "",
+        )
     _refresh_ray_auth_state()
     return mode
 
@@ -117,8 +120,9 @@ def loopback_node() -> Iterator[None]:
     had = os.environ.get(_RAY_CLUSTER_SWITCH)
     old = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
     if ray_constants is None or old is None:  # pragma: no cover - Ray changed
-        logger.warning("cannot pin the embedded Ray to 127.0.0.1 with this Ray version: it may listen on "
-                       "all interfaces")
+        logger.warning(
+            "cannot pin the embedded Ray to 127.0.0.1 with this Ray version: it may listen on all interfaces"
+        )
     os.environ[_RAY_CLUSTER_SWITCH] = "0"
     if old is not None:
         ray_constants.ENABLE_RAY_CLUSTER = False
@@ -158,17 +162,26 @@ def init_ray(cfg: RayRuntimeConfig = RayRuntimeConfig()):
     common = dict(logging_level=logging.WARNING, log_to_driver=True)
     if address is None:
         mode = prepare_local_auth(cfg)
-        kwargs = dict(common, address="local", num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
-                      include_dashboard=cfg.include_dashboard, dashboard_host=cfg.dashboard_host,
-                      runtime_env={"env_vars": env})
+        kwargs = dict(
+            common,
+            address="local",
+            num_cpus=cfg.num_cpus,
+            num_gpus=cfg.num_gpus,
+            include_dashboard=cfg.include_dashboard,
+            dashboard_host=cfg.dashboard_host,
+            runtime_env={"env_vars": env},
+        )
         if cfg.dashboard_port is not None:
             kwargs["dashboard_port"] = cfg.dashboard_port
         if cfg.object_store_memory_mb:
             kwargs["object_store_memory"] = int(cfg.object_store_memory_mb) * 2**20
         if cfg.temp_dir:
             kwargs["_temp_dir"] = os.path.abspath(os.path.expanduser(cfg.temp_dir))
-        logger.info("starting a local Ray (%s, token auth %s)",
-                    "127.0.0.1 only" if cfg.loopback_only else "all interfaces", "on" if mode == "token" else "off")
+        logger.info(
+            "starting a local Ray (%s, token auth %s)",
+            "127.0.0.1 only" if cfg.loopback_only else "all interfaces",
+            "on" if mode == "token" else "off",
+        )
         if cfg.loopback_only:
             kwargs["_node_ip_address"] = LOOPBACK
             with loopback_node():
@@ -187,7 +200,8 @@ def init_ray(cfg: RayRuntimeConfig = RayRuntimeConfig()):
             raise ConfigError(
                 f"the Ray cluster at {address} refused this process's token: set RAY_AUTH_MODE=token and "
                 "RAY_AUTH_TOKEN_PATH (or RAY_AUTH_TOKEN) to the cluster's token "
-                f"({str(getattr(exc, 'message', exc)).splitlines()[0]})") from None
+                f"({str(getattr(exc, 'message', exc)).splitlines()[0]})"
+            ) from None
     try:
         import ray.data
 

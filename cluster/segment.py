@@ -5,6 +5,7 @@ driver from its URI), images and masks are read by URI, and labels/overlays are 
 output URI (a local path on a shared file system, or ``s3://...``) under names derived from each
 input's id (:func:`index.labels.output_name`), never from the bare file stem.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,7 +29,6 @@ from .datamap import actor_pool_map
 from .models import EncoderSpec, autocast_for
 
 logger = logging.getLogger(__name__)
-
 
 
 class SegmentUDF:
@@ -85,8 +85,9 @@ class SegmentUDF:
             raise ImageDecodeError(f"{mask_uri}: mask {gt.shape} differs from image {shape}")
         return gt
 
-    def _write(self, item_id: str, img, pred: np.ndarray, gt: Optional[np.ndarray], scores: torch.Tensor,
-               with_overlay: bool) -> Dict[str, str]:
+    def _write(
+        self, item_id: str, img, pred: np.ndarray, gt: Optional[np.ndarray], scores: torch.Tensor, with_overlay: bool
+    ) -> Dict[str, str]:
         """Write the label PNG (+ confidence PNG, + overlay) of one image under the output URI;
         returns their paths relative to it."""
         from index.labels import encode_labels, output_name
@@ -116,10 +117,21 @@ class SegmentUDF:
         return paths
 
     def _row(self, status: str, error: str = "", **kw) -> Dict[str, object]:
-        row: Dict[str, object] = {"status": status, "error": error, "label": "", "confidence": "", "overlay": "",
-                                  "seconds": 0.0, "mean_confidence": float("nan"), "width": 0, "height": 0,
-                                  "classes": "[]", "shares": "[]", "mode": self.segmenter.mode,
-                                  "confusion": np.zeros(self.num_classes**2, dtype=np.int64)}
+        row: Dict[str, object] = {
+            "status": status,
+            "error": error,
+            "label": "",
+            "confidence": "",
+            "overlay": "",
+            "seconds": 0.0,
+            "mean_confidence": float("nan"),
+            "width": 0,
+            "height": 0,
+            "classes": "[]",
+            "shares": "[]",
+            "mode": self.segmenter.mode,
+            "confusion": np.zeros(self.num_classes**2, dtype=np.int64),
+        }
         row.update(kw)
         return row
 
@@ -130,8 +142,9 @@ class SegmentUDF:
 
         kind, reason = classify_failure(exc)
         status = "skipped" if kind == BAD else "failed"
-        logger.warning("%s %s: %s", "skipped" if status == "skipped" else "failed (transient, rerun to retry)",
-                       name, reason)
+        logger.warning(
+            "%s %s: %s", "skipped" if status == "skipped" else "failed (transient, rerun to retry)", name, reason
+        )
         return self._row(status, reason)
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
@@ -173,19 +186,30 @@ class SegmentUDF:
                     continue
                 classes, counts = np.unique(pred, return_counts=True)
                 conf = out.scores.max(dim=0).values
-                rows[i] = self._row("ok", confusion=cm.reshape(-1), mode=out.mode,
-                                    seconds=per_image + time.perf_counter() - t1, width=img.size[0],
-                                    height=img.size[1], classes=json.dumps(classes.tolist()),
-                                    shares=json.dumps((counts / pred.size).round(6).tolist()),
-                                    mean_confidence=float(conf.mean()), **paths)
+                rows[i] = self._row(
+                    "ok",
+                    confusion=cm.reshape(-1),
+                    mode=out.mode,
+                    seconds=per_image + time.perf_counter() - t1,
+                    width=img.size[0],
+                    height=img.size[1],
+                    classes=json.dumps(classes.tolist()),
+                    shares=json.dumps((counts / pred.size).round(6).tolist()),
+                    mean_confidence=float(conf.mean()),
+                    **paths,
+                )
         done = [r for r in rows if r is not None]
         assert len(done) == len(uris)
         faults.fire("segment.batch", len(uris))
         out = {"id": np.array(ids, dtype=object), "uri": np.array(uris, dtype=object)}
         for key in ("status", "error", "label", "confidence", "overlay", "mode", "classes", "shares"):
             out[key] = np.array([r[key] for r in done], dtype=object)
-        for key, dtype in (("seconds", np.float64), ("mean_confidence", np.float64), ("width", np.int32),
-                           ("height", np.int32)):
+        for key, dtype in (
+            ("seconds", np.float64),
+            ("mean_confidence", np.float64),
+            ("width", np.int32),
+            ("height", np.int32),
+        ):
             out[key] = np.array([r[key] for r in done], dtype=dtype)
         out["confusion"] = np.stack([r["confusion"] for r in done]).astype(np.int64)
         import resource
@@ -211,14 +235,33 @@ def segmentation_dataset(
     """The lazy Ray Dataset of :class:`SegmentUDF` rows for ``items`` ({id, uri, mask_uri?,
     overlay?}), in batch-aligned blocks (:mod:`cluster.datamap`); callers stream it
     (``iter_batches``) or take it whole."""
-    rows = [{"id": str(i["id"]), "uri": str(i["uri"]), "mask_uri": str(i.get("mask_uri") or ""),
-             "overlay": bool(i.get("overlay", write_overlays))} for i in items]
-    return actor_pool_map(rows, SegmentUDF, actors, dict(
-        bank_bytes=bank_bytes, encoders=encoders, config=config, label_map=list(label_map),
-        num_classes=num_classes, ignore_index=ignore_index, out_uri=out_uri, threads=actors.torch_threads,
-        write_overlays=write_overlays, storage_options=dict(storage_options or {}),
-        confidence_maps=confidence_maps,
-    ))
+    rows = [
+        {
+            "id": str(i["id"]),
+            "uri": str(i["uri"]),
+            "mask_uri": str(i.get("mask_uri") or ""),
+            "overlay": bool(i.get("overlay", write_overlays)),
+        }
+        for i in items
+    ]
+    return actor_pool_map(
+        rows,
+        SegmentUDF,
+        actors,
+        dict(
+            bank_bytes=bank_bytes,
+            encoders=encoders,
+            config=config,
+            label_map=list(label_map),
+            num_classes=num_classes,
+            ignore_index=ignore_index,
+            out_uri=out_uri,
+            threads=actors.torch_threads,
+            write_overlays=write_overlays,
+            storage_options=dict(storage_options or {}),
+            confidence_maps=confidence_maps,
+        ),
+    )
 
 
 def default_id(uri: str) -> str:
@@ -253,6 +296,17 @@ def run_segmentation(
     if len(set(ids)) != len(ids):
         raise ValueError("item ids must be unique (they name the output files)")
     bank_bytes = read_bytes(join(bank_uri, "bank.safetensors"), storage_options)
-    ds = segmentation_dataset(items, bank_bytes, encoders, config, label_map, num_classes, ignore_index, out_uri,
-                              actors, storage_options, write_overlays)
+    ds = segmentation_dataset(
+        items,
+        bank_bytes,
+        encoders,
+        config,
+        label_map,
+        num_classes,
+        ignore_index,
+        out_uri,
+        actors,
+        storage_options,
+        write_overlays,
+    )
     return ds.take_all()

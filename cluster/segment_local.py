@@ -1,4 +1,5 @@
 """``reco segment``: a few images segmented in this process (no Ray) with a bank or a trained model."""
+
 from __future__ import annotations
 
 import logging
@@ -12,8 +13,9 @@ from reco.errors import ImageDecodeError
 logger = logging.getLogger(__name__)
 
 
-def _bank_runner(bank_uri: str, vocab: Optional[List[str]], cfg, overrides: Dict[str, Any],
-                 storage: Mapping[str, Any]) -> Tuple[Callable, str]:
+def _bank_runner(
+    bank_uri: str, vocab: Optional[List[str]], cfg, overrides: Dict[str, Any], storage: Mapping[str, Any]
+) -> Tuple[Callable, str]:
     from index.storage import load_bank
 
     from .drivers import check_segmenter
@@ -43,9 +45,17 @@ def _model_runner(model_uri: str, storage: Mapping[str, Any]) -> Tuple[Callable,
     return run, f"ReCo+ model {model_uri}"
 
 
-def segment_images(images: List[str], out: Optional[str], storage: Mapping[str, Any], *, model: Optional[str] = None,
-                   bank: Optional[str] = None, vocab: Optional[List[str]] = None, cfg=None,
-                   overrides: Optional[Dict[str, Any]] = None) -> int:
+def segment_images(
+    images: List[str],
+    out: Optional[str],
+    storage: Mapping[str, Any],
+    *,
+    model: Optional[str] = None,
+    bank: Optional[str] = None,
+    vocab: Optional[List[str]] = None,
+    cfg=None,
+    overrides: Optional[Dict[str, Any]] = None,
+) -> int:
     """Segment ``images`` with ``model`` (a ReCo+ model URI) or ``bank`` (+ segmenter config and
     encoder overrides); write ``<name>.labels.png``, ``<name>.overlay.png`` and ``legend.png`` into
     ``out`` (default: beside each image), print each image's class shares. Returns the number of
@@ -86,8 +96,9 @@ def segment_images(images: List[str], out: Optional[str], storage: Mapping[str, 
             legend(class_names).save(out_dir / "legend.png")
             legends.add(out_dir)
         ids, counts = np.unique(lab, return_counts=True)
-        shares = ", ".join(f"{class_names[i]} {100 * c / lab.size:.1f}%"
-                           for i, c in sorted(zip(ids, counts), key=lambda t: -t[1]))
+        shares = ", ".join(
+            f"{class_names[i]} {100 * c / lab.size:.1f}%" for i, c in sorted(zip(ids, counts), key=lambda t: -t[1])
+        )
         sys.stdout.write(f"{src}: {shares}  -> {out_dir / (src.name + '.labels.png')}\n")
     logger.info("mode: %s; legend: %s", mode, ", ".join(str(d / "legend.png") for d in sorted(legends)))
     return failures

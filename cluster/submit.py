@@ -14,6 +14,7 @@ Every failure a user can cause is a :class:`SubmitError` with one clear line: an
 address, a missing or rejected token, an unknown job id, a job that failed (with its last log
 lines, see :func:`failure_text`).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -39,9 +40,33 @@ logger = logging.getLogger(__name__)
 DEFAULT_JOB_API_PORT = 8265
 #: what never travels with a job (gitignore syntax, relative to the working dir)
 WORKING_DIR_EXCLUDES = [
-    ".venv/", "venv/", ".env/", "env/", ".git/", ".hg/", "/outputs/", "/runs/", "/data/", "/shared/",
-    "__pycache__/", "*.pyc", ".pytest_cache/", ".ruff_cache/", ".mypy_cache/", ".cache/", "*.egg-info/",
-    "build/", "dist/", "*.safetensors", "*.pt", "*.pth", "*.onnx", "*.ckpt", "*.npy", "*.parquet", "*.tmp",
+    ".venv/",
+    "venv/",
+    ".env/",
+    "env/",
+    ".git/",
+    ".hg/",
+    "/outputs/",
+    "/runs/",
+    "/data/",
+    "/shared/",
+    "__pycache__/",
+    "*.pyc",
+    ".pytest_cache/",
+    ".ruff_cache/",
+    ".mypy_cache/",
+    ".cache/",
+    "*.egg-info/",
+    "build/",
+    "dist/",
+    "*.safetensors",
+    "*.pt",
+    "*.pth",
+    "*.onnx",
+    "*.ckpt",
+    "*.npy",
+    "*.parquet",
+    "*.tmp",
 ]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 #: lines of a failed job's log shown with its error
@@ -96,12 +121,16 @@ def job_api_address(address: Optional[str], environ: Optional[Mapping[str, str]]
     env = os.environ if environ is None else environ
     a = (address or env.get("RAY_API_SERVER_ADDRESS") or env.get("RAY_ADDRESS") or "").strip()
     if not a:
-        raise SubmitError("no cluster address: give --address http://HEAD:8265 (the Ray dashboard / job API) or "
-                          "set RAY_ADDRESS; without a cluster, run the job directly (`reco JOB ...`) on an "
-                          "embedded local Ray")
+        raise SubmitError(
+            "no cluster address: give --address http://HEAD:8265 (the Ray dashboard / job API) or "
+            "set RAY_ADDRESS; without a cluster, run the job directly (`reco JOB ...`) on an "
+            "embedded local Ray"
+        )
     if a in ("auto", "local") or a.startswith("ray://"):
-        raise SubmitError(f"address {a!r} is not a job API address: give the dashboard URL, e.g. "
-                          "http://127.0.0.1:8265 (through `ray dashboard ray_config.yaml` or `kubectl port-forward`)")
+        raise SubmitError(
+            f"address {a!r} is not a job API address: give the dashboard URL, e.g. "
+            "http://127.0.0.1:8265 (through `ray dashboard ray_config.yaml` or `kubectl port-forward`)"
+        )
     if "://" not in a:
         a = "http://" + a
     parts = urlsplit(a)
@@ -111,8 +140,10 @@ def job_api_address(address: Optional[str], environ: Optional[Mapping[str, str]]
         port = parts.port
     except ValueError:
         raise SubmitError(f"address {a!r}: bad port") from None
-    return f"{parts.scheme}://{parts.netloc if port else parts.netloc + f':{DEFAULT_JOB_API_PORT}'}" + \
-        parts.path.rstrip("/")
+    return (
+        f"{parts.scheme}://{parts.netloc if port else parts.netloc + f':{DEFAULT_JOB_API_PORT}'}"
+        + parts.path.rstrip("/")
+    )
 
 
 def _is_loopback(host: str) -> bool:
@@ -146,9 +177,11 @@ def parse_env(pairs: List[str]) -> Dict[str, str]:
         if not sep or not key:
             raise SubmitError(f"--env {pair!r}: expected KEY=VALUE")
         if is_sensitive_key(key) or key.upper().startswith("AWS_") and "KEY" in key.upper():
-            raise SubmitError(f"--env {key}: credentials are not sent with a job (its runtime env is stored in the "
-                              "job record); give the cluster's nodes their own credentials (instance profile, "
-                              "Kubernetes secret)")
+            raise SubmitError(
+                f"--env {key}: credentials are not sent with a job (its runtime env is stored in the "
+                "job record); give the cluster's nodes their own credentials (instance profile, "
+                "Kubernetes secret)"
+            )
         env[key] = value
     return env
 
@@ -191,10 +224,14 @@ class JobClient:
                 f"cannot reach the Ray job API at {self.address} ({exc.strerror or exc}): is the cluster up, and is "
                 f"this its dashboard address (port {DEFAULT_JOB_API_PORT} by default, not the GCS port 6379)? "
                 "For `ray up` clusters run `ray dashboard ray_config.yaml`, for KubeRay `kubectl port-forward "
-                "svc/<cluster>-head-svc 8265`, then use http://127.0.0.1:8265") from None
+                "svc/<cluster>-head-svc 8265`, then use http://127.0.0.1:8265"
+            ) from None
         if self.token and parts.scheme == "http" and not _is_loopback(host or ""):
-            logger.warning("the cluster token travels in clear text over http to %s: prefer an SSH tunnel "
-                           "(`ray dashboard`), `kubectl port-forward` or https", host)
+            logger.warning(
+                "the cluster token travels in clear text over http to %s: prefer an SSH tunnel "
+                "(`ray dashboard`), `kubectl port-forward` or https",
+                host,
+            )
         # Always an explicit header: with none, Ray's client would add whatever token its process-wide
         # cache holds (an empty value sends no credential, and the cluster answers 401 if it needs one).
         headers = {"Authorization": f"Bearer {self.token.value}" if self.token else ""}
@@ -221,10 +258,12 @@ class JobClient:
                 raise SubmitError(
                     f"the cluster at {self.address} requires a token and none was found: set RAY_AUTH_TOKEN_PATH to "
                     "a file holding the cluster's token (or RAY_AUTH_TOKEN, or write it to ~/.ray/auth_token); get "
-                    "it with `ray get-auth-token` on the head node or from the cluster's Kubernetes secret") from None
+                    "it with `ray get-auth-token` on the head node or from the cluster's Kubernetes secret"
+                ) from None
             raise SubmitError(
                 f"the cluster at {self.address} rejected the token from {self.token.source if self.token else '?'}: "
-                "it is not this cluster's token") from None
+                "it is not this cluster's token"
+            ) from None
         except net_errors as exc:
             raise SubmitError(f"lost the Ray job API at {self.address}: {_first_line(exc)}") from None
         except ConnectionError as exc:
@@ -238,21 +277,35 @@ class JobClient:
             raise SubmitError(_first_line(exc)) from None
 
     # -- operations -------------------------------------------------------------------------------
-    def submit(self, job: str, args: List[str], *, working_dir: Optional[Path] = None,
-               entrypoint_num_cpus: Optional[float] = None, entrypoint_num_gpus: Optional[float] = None,
-               entrypoint_memory: Optional[int] = None, env: Optional[Dict[str, str]] = None,
-               submission_id: Optional[str] = None, python: str = "python",
-               excludes: Optional[List[str]] = None) -> str:
+    def submit(
+        self,
+        job: str,
+        args: List[str],
+        *,
+        working_dir: Optional[Path] = None,
+        entrypoint_num_cpus: Optional[float] = None,
+        entrypoint_num_gpus: Optional[float] = None,
+        entrypoint_memory: Optional[int] = None,
+        env: Optional[Dict[str, str]] = None,
+        submission_id: Optional[str] = None,
+        python: str = "python",
+        excludes: Optional[List[str]] = None,
+    ) -> str:
         wd = Path(working_dir) if working_dir else default_working_dir()
         if not wd.is_dir():
             raise SubmitError(f"--working-dir {wd}: not a directory")
         runtime_env: Dict[str, Any] = {"working_dir": str(wd), "excludes": list(excludes or WORKING_DIR_EXCLUDES)}
         if env:
             runtime_env["env_vars"] = dict(env)
-        kwargs: Dict[str, Any] = dict(entrypoint=entrypoint(job, args, python), runtime_env=runtime_env,
-                                      metadata={"reco_job": job})
-        for k, v in (("entrypoint_num_cpus", entrypoint_num_cpus), ("entrypoint_num_gpus", entrypoint_num_gpus),
-                     ("entrypoint_memory", entrypoint_memory), ("submission_id", submission_id)):
+        kwargs: Dict[str, Any] = dict(
+            entrypoint=entrypoint(job, args, python), runtime_env=runtime_env, metadata={"reco_job": job}
+        )
+        for k, v in (
+            ("entrypoint_num_cpus", entrypoint_num_cpus),
+            ("entrypoint_num_gpus", entrypoint_num_gpus),
+            ("entrypoint_memory", entrypoint_memory),
+            ("submission_id", submission_id),
+        ):
             if v is not None:
                 kwargs[k] = v
         return self._call(self._client.submit_job, **kwargs)
@@ -331,15 +384,20 @@ def job_id_of(info) -> str:
 def status_line(info) -> str:
     job = (getattr(info, "metadata", None) or {}).get("reco_job") or _first_line(getattr(info, "entrypoint", ""))[:40]
     msg = _first_line(getattr(info, "message", "") or "")
-    return f"{job_id_of(info)}  {_status(info):<9}  {job:<14} started {_when(getattr(info, 'start_time', None))}" \
-           f"  took {_took(info)}" + (f"  {msg}" if msg else "")
+    return (
+        f"{job_id_of(info)}  {_status(info):<9}  {job:<14} started {_when(getattr(info, 'start_time', None))}"
+        f"  took {_took(info)}" + (f"  {msg}" if msg else "")
+    )
 
 
 def failure_text(info, logs: str, n: int = TAIL_LINES) -> str:
     """A failed job's one-line error and its last ``n`` log lines."""
     code = getattr(info, "driver_exit_code", None)
-    head = f"job {job_id_of(info)} FAILED" + (f" with exit code {code}" if code not in (None, 0) else "") + \
-        f": {_first_line(getattr(info, 'message', '') or 'no message')}"
+    head = (
+        f"job {job_id_of(info)} FAILED"
+        + (f" with exit code {code}" if code not in (None, 0) else "")
+        + f": {_first_line(getattr(info, 'message', '') or 'no message')}"
+    )
     lines = tail(logs, n)
     if not lines:
         return head + " (the job wrote no log lines)"
@@ -366,7 +424,8 @@ def cluster_summary(client: JobClient, last: int = 5) -> str:
     counts: Dict[str, int] = {}
     for j in jobs:
         counts[_status(j)] = counts.get(_status(j), 0) + 1
-    head = (f"Ray {client.version()} at {client.address}: {len(jobs)} job(s)"
-            + ("" if not counts else " (" + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) + ")"))
+    head = f"Ray {client.version()} at {client.address}: {len(jobs)} job(s)" + (
+        "" if not counts else " (" + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())) + ")"
+    )
     recent = sorted(jobs, key=lambda j: j.start_time or 0)[-last:]
     return "\n".join([head] + ["  " + status_line(j) for j in recent])

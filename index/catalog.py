@@ -14,6 +14,7 @@ sha256 of the others), and an index read from a URL is fetched into the node cac
 (``$RECO_CACHE_DIR``) keyed by those digests: a rebuilt index is fetched again, an unchanged one
 never.
 """
+
 from __future__ import annotations
 
 import logging
@@ -81,9 +82,23 @@ def build_index_dir(
 
         d = Path(tempfile.mkdtemp(prefix="reco-index-"))
         try:
-            return _build_and_upload(store, root, shards, str(out_dir).rstrip("/"), d, storage_options, factory,
-                                     memory_budget_bytes, target_recall, allow_low_recall, num_queries, train_size,
-                                     seed, use_gpu, text_queries)
+            return _build_and_upload(
+                store,
+                root,
+                shards,
+                str(out_dir).rstrip("/"),
+                d,
+                storage_options,
+                factory,
+                memory_budget_bytes,
+                target_recall,
+                allow_low_recall,
+                num_queries,
+                train_size,
+                seed,
+                use_gpu,
+                text_queries,
+            )
         finally:
             shutil.rmtree(d, ignore_errors=True)
     d = Path(out_dir)
@@ -94,15 +109,31 @@ def build_index_dir(
     try:
         _write_rows(store, root, shards, tmp_rows)
         index, report = build_index_from_source(
-            VectorSource.from_store(store, shards), factory, memory_budget_bytes, target_recall,
-            num_queries=num_queries, train_size=train_size, seed=seed, allow_low_recall=allow_low_recall,
-            use_gpu=use_gpu, text_queries=text_queries)
+            VectorSource.from_store(store, shards),
+            factory,
+            memory_budget_bytes,
+            target_recall,
+            num_queries=num_queries,
+            train_size=train_size,
+            seed=seed,
+            allow_low_recall=allow_low_recall,
+            use_gpu=use_gpu,
+            text_queries=text_queries,
+        )
     except BaseException:
         tmp_rows.unlink(missing_ok=True)
         raise
     os.replace(tmp_rows, d / ROWS_FILE)
-    save_index(index, report, d, {"store": str(root.resolve()) if isinstance(root, Path) else root,
-                                  "model": store.manifest()["model"], "store_total": report.n})
+    save_index(
+        index,
+        report,
+        d,
+        {
+            "store": str(root.resolve()) if isinstance(root, Path) else root,
+            "model": store.manifest()["model"],
+            "store_total": report.n,
+        },
+    )
     return report
 
 
@@ -119,8 +150,12 @@ def _write_rows(store: EmbeddingStore, root: Any, shards, path: Path) -> None:
             w.write_table(t.cast(schema))
 
 
-def write_rows_table(store: EmbeddingStore, shards, out: str, storage_options: Optional[Dict[str, Any]] = None,
-                     ) -> Dict[str, Dict[str, Any]]:
+def write_rows_table(
+    store: EmbeddingStore,
+    shards,
+    out: str,
+    storage_options: Optional[Dict[str, Any]] = None,
+) -> Dict[str, Dict[str, Any]]:
     """Write ``OUT/rows.parquet`` (row -> id, uri of ``shards``) atomically to a folder or URL;
     returns its ``files`` record (sha256, bytes) for ``index.json``."""
     import tempfile
@@ -143,9 +178,23 @@ def write_rows_table(store: EmbeddingStore, shards, out: str, storage_options: O
     return {ROWS_FILE: rec}
 
 
-def _build_and_upload(store: EmbeddingStore, root: Any, shards, uri: str, staging: Path, storage_options,
-                      factory, memory_budget_bytes, target_recall, allow_low_recall, num_queries, train_size, seed,
-                      use_gpu, text_queries=None) -> IndexReport:
+def _build_and_upload(
+    store: EmbeddingStore,
+    root: Any,
+    shards,
+    uri: str,
+    staging: Path,
+    storage_options,
+    factory,
+    memory_budget_bytes,
+    target_recall,
+    allow_low_recall,
+    num_queries,
+    train_size,
+    seed,
+    use_gpu,
+    text_queries=None,
+) -> IndexReport:
     """build_index_dir for an output URL: rows and index built in ``staging``, then uploaded: the
     row table, ``index.faiss``, and ``index.json`` (with both files' sha256) last."""
     from .storage import file_sha256, join, upload_file
@@ -153,20 +202,40 @@ def _build_and_upload(store: EmbeddingStore, root: Any, shards, uri: str, stagin
     rows = staging / ROWS_FILE
     _write_rows(store, root, shards, rows)
     index, report = build_index_from_source(
-        VectorSource.from_store(store, shards), factory, memory_budget_bytes, target_recall,
-        num_queries=num_queries, train_size=train_size, seed=seed, allow_low_recall=allow_low_recall,
-        use_gpu=use_gpu, text_queries=text_queries)
+        VectorSource.from_store(store, shards),
+        factory,
+        memory_budget_bytes,
+        target_recall,
+        num_queries=num_queries,
+        train_size=train_size,
+        seed=seed,
+        allow_low_recall=allow_low_recall,
+        use_gpu=use_gpu,
+        text_queries=text_queries,
+    )
     files = {ROWS_FILE: {"sha256": file_sha256(rows), "bytes": rows.stat().st_size}}
     upload_file(rows, join(uri, ROWS_FILE), storage_options)
-    save_index(index, report, uri, {"store": str(Path(root).resolve()) if isinstance(root, Path) else root,
-                                    "model": store.manifest()["model"], "store_total": report.n, "files": files},
-               storage_options)
+    save_index(
+        index,
+        report,
+        uri,
+        {
+            "store": str(Path(root).resolve()) if isinstance(root, Path) else root,
+            "model": store.manifest()["model"],
+            "store_total": report.n,
+            "files": files,
+        },
+        storage_options,
+    )
     return report
 
 
-def open_retriever(index_dir: os.PathLike | str, exact: bool = False, storage_options: Optional[Dict[str, Any]] = None,
-                   serve_parts: Optional[Callable[[str, Dict[str, Any], List[str]], Retriever]] = None,
-                   ) -> Tuple[Retriever, Dict[str, str], Dict[str, Any]]:
+def open_retriever(
+    index_dir: os.PathLike | str,
+    exact: bool = False,
+    storage_options: Optional[Dict[str, Any]] = None,
+    serve_parts: Optional[Callable[[str, Dict[str, Any], List[str]], Retriever]] = None,
+) -> Tuple[Retriever, Dict[str, str], Dict[str, Any]]:
     """(retriever, {id: uri}, index metadata) of an index directory or URL (``storage_options``
     reach it, and the store for ``exact``); a URL's files are fetched into the node cache. An
     index kept as parts is served by ``serve_parts(uri, meta, ids)`` when given (e.g. Ray actors,
@@ -204,8 +273,11 @@ def open_retriever(index_dir: os.PathLike | str, exact: bool = False, storage_op
         from .rerank import StoreRefine, StoreRows, indexed_shards
 
         store = EmbeddingStore(meta["store"], storage_options=storage_options)
-        index = StoreRefine(index, StoreRows(store, indexed_shards(store, meta)),
-                            (meta["report"].get("search_params") or {}).get("k_factor", 1))
+        index = StoreRefine(
+            index,
+            StoreRows(store, indexed_shards(store, meta)),
+            (meta["report"].get("search_params") or {}).get("k_factor", 1),
+        )
     elif not hasattr(index, "is_trained"):  # parts served elsewhere: already a Retriever
         return index, uris, meta
     return FaissRetriever(index, ids), uris, meta

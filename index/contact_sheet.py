@@ -1,4 +1,5 @@
 """A contact sheet of search hits: thumbnails with rank and score, one PNG (``reco search --contact-sheet``)."""
+
 from __future__ import annotations
 
 from pathlib import Path

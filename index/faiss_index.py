@@ -52,6 +52,7 @@ faiss-gpu is used for training/adding/search of the IVF/Flat base index when GPU
 Search parameters of GPU indexes are set on the GPU object itself (``GpuIndexIVF*.nprobe``, or
 ``faiss.GpuParameterSpace``): the CPU ``ParameterSpace`` rejects GPU indexes.
 """
+
 from __future__ import annotations
 
 import logging
@@ -101,6 +102,7 @@ class LowRecallError(ReCoError):
 
 # -- report ----------------------------------------------------------------------------------
 
+
 @dataclass
 class IndexReport:
     factory: str
@@ -108,16 +110,16 @@ class IndexReport:
     dim: int
     build_seconds: float
     index_bytes: int
-    recall_at_1: float          # on the evaluation queries (disjoint from the tuning queries)
-    recall_at_10: float         # recall@k with k = min(10, n - 1), see ``k``
+    recall_at_1: float  # on the evaluation queries (disjoint from the tuning queries)
+    recall_at_10: float  # recall@k with k = min(10, n - 1), see ``k``
     batched_ms_per_query: float  # one batched search call over the evaluation queries, per query
-    batched_qps: float          # the same call, in queries per second
-    single_query_ms: float      # median latency of one-query searches
+    batched_qps: float  # the same call, in queries per second
+    single_query_ms: float  # median latency of one-query searches
     single_query_p95_ms: float
-    queries: int                # evaluation queries
-    tune_queries: int = 0       # queries the search parameters were tuned on (0: nothing to tune)
+    queries: int  # evaluation queries
+    tune_queries: int = 0  # queries the search parameters were tuned on (0: nothing to tune)
     recall_at_10_tune: float = float("nan")
-    single_queries: int = 0     # one-query searches timed
+    single_queries: int = 0  # one-query searches timed
     search_params: Dict[str, int] = field(default_factory=dict)
     target_recall: float = 0.95
     target_met: bool = True
@@ -126,9 +128,9 @@ class IndexReport:
     gpu: bool = False
     rerank_bytes_per_query: float = 0.0  # Refine(store): float16 bytes read from the store per query
     tuned_on: str = "image (corpus-row) queries"  # or "text-like queries" (what ReCo sends)
-    k50: int = 50                 # min(50, n - 1)
+    k50: int = 50  # min(50, n - 1)
     recall_image_at_50: float = float("nan")
-    text_queries: int = 0         # text-like evaluation queries (disjoint from the tuning half)
+    text_queries: int = 0  # text-like evaluation queries (disjoint from the tuning half)
     recall_text_at_10: float = float("nan")
     recall_text_at_50: float = float("nan")
 
@@ -145,6 +147,7 @@ def recall_at(found: np.ndarray, truth: np.ndarray, k: int) -> float:
 
 
 # -- search parameters -----------------------------------------------------------------------
+
 
 def _is_gpu_index(index) -> bool:
     return type(index).__name__.startswith("Gpu")
@@ -213,7 +216,9 @@ def _evaluate(index, queries: np.ndarray, q_rows: np.ndarray, truth: np.ndarray,
     return recall_at(found, truth, 1), recall_at(found, truth, k), sec
 
 
-def _tune(index, factory: str, queries, q_rows, truth, k: int, target: float, gpu: bool) -> Tuple[Dict[str, int], float]:
+def _tune(
+    index, factory: str, queries, q_rows, truth, k: int, target: float, gpu: bool
+) -> Tuple[Dict[str, int], float]:
     """Search parameters reaching ``target`` recall@k on the tuning queries.
 
     nprobe / efSearch double from small up to the cap (nlist; 4096 for efSearch); the first value
@@ -288,6 +293,7 @@ def _apply_params(index, params: Dict[str, int]) -> None:
 
 
 # -- build -----------------------------------------------------------------------------------
+
 
 def _add_block_rows(factory: str) -> int:
     """Rows per add call: BLOCK_ROWS, fewer for PQ codes so FAISS's encoding tables stay within ADD_TEMP_BYTES."""
@@ -377,18 +383,42 @@ def build_index_from_source(
     search_index = store_refined(search_index, factory, source)
     build_s = time.perf_counter() - t0
 
-    index, rep = evaluate_index(index, source, factory, build_s, ts, target_recall, num_queries, tune_queries,
-                                single_queries, allow_low_recall, rng, search_index=search_index,
-                                gpu=work is not base, text_queries=text_queries)
+    index, rep = evaluate_index(
+        index,
+        source,
+        factory,
+        build_s,
+        ts,
+        target_recall,
+        num_queries,
+        tune_queries,
+        single_queries,
+        allow_low_recall,
+        rng,
+        search_index=search_index,
+        gpu=work is not base,
+        text_queries=text_queries,
+    )
     del gpu_res
     return index, rep
 
 
-def evaluate_index(index, source: VectorSource, factory: str, build_s: float, train_size: int,
-                   target_recall: float = 0.95, num_queries: int = 1000, tune_queries: Optional[int] = None,
-                   single_queries: int = 100, allow_low_recall: bool = False,
-                   rng: Optional[np.random.Generator] = None, search_index=None, gpu: bool = False,
-                   text_queries: Optional[np.ndarray] = None) -> Tuple[Any, IndexReport]:
+def evaluate_index(
+    index,
+    source: VectorSource,
+    factory: str,
+    build_s: float,
+    train_size: int,
+    target_recall: float = 0.95,
+    num_queries: int = 1000,
+    tune_queries: Optional[int] = None,
+    single_queries: int = 100,
+    allow_low_recall: bool = False,
+    rng: Optional[np.random.Generator] = None,
+    search_index=None,
+    gpu: bool = False,
+    text_queries: Optional[np.ndarray] = None,
+) -> Tuple[Any, IndexReport]:
     """Tune the search parameters of a built ``index`` over ``source`` on one sample of corpus rows
     and report recall, throughput and latency on another (see the module docstring); raises
     :class:`LowRecallError` on a missed target unless ``allow_low_recall``. ``search_index`` (a GPU
@@ -444,43 +474,70 @@ def evaluate_index(index, source: VectorSource, factory: str, build_s: float, tr
         none = np.full(len(t_eval), -1, np.int64)
         target_recall_seen = _evaluate(search_index, text[t_eval], none, text_truth[t_eval, :k], k)[1]
         text_figures = dict(
-            text_queries=len(t_eval), recall_text_at_10=target_recall_seen,
-            recall_text_at_50=_evaluate(search_index, text[t_eval], none, text_truth[t_eval], k50)[1])
+            text_queries=len(t_eval),
+            recall_text_at_10=target_recall_seen,
+            recall_text_at_50=_evaluate(search_index, text[t_eval], none, text_truth[t_eval], k50)[1],
+        )
     lat = []
     m = min(single_queries, len(eq))
     for i in range(m):
         t = time.perf_counter()
-        search_index.search(eq[i:i + 1], k + 1)
+        search_index.search(eq[i : i + 1], k + 1)
         lat.append(time.perf_counter() - t)
     _apply_params(index, index_params(params, factory))
     lat_ms = np.array(lat) * 1000 if lat else np.array([float("nan")])
     rep = IndexReport(
-        factory=factory, n=n, dim=dim, build_seconds=build_s, index_bytes=_index_bytes(index),
-        recall_at_1=r1, recall_at_10=r10, batched_ms_per_query=sec * 1000 / len(eq),
+        factory=factory,
+        n=n,
+        dim=dim,
+        build_seconds=build_s,
+        index_bytes=_index_bytes(index),
+        recall_at_1=r1,
+        recall_at_10=r10,
+        batched_ms_per_query=sec * 1000 / len(eq),
         batched_qps=len(eq) / sec if sec > 0 else float("inf"),
-        single_query_ms=float(np.median(lat_ms)), single_query_p95_ms=float(np.percentile(lat_ms, 95)),
-        queries=len(eq), tune_queries=nt, recall_at_10_tune=r10_tune, single_queries=m, search_params=params,
-        target_recall=float(target_recall), target_met=bool(target_recall_seen >= target_recall), k=k,
-        train_size=ts, gpu=gpu, rerank_bytes_per_query=rerank_io, recall_image_at_50=recall_image_at_50, k50=k50,
-        tuned_on="text-like queries" if text is not None else "image (corpus-row) queries", **text_figures,
+        single_query_ms=float(np.median(lat_ms)),
+        single_query_p95_ms=float(np.percentile(lat_ms, 95)),
+        queries=len(eq),
+        tune_queries=nt,
+        recall_at_10_tune=r10_tune,
+        single_queries=m,
+        search_params=params,
+        target_recall=float(target_recall),
+        target_met=bool(target_recall_seen >= target_recall),
+        k=k,
+        train_size=ts,
+        gpu=gpu,
+        rerank_bytes_per_query=rerank_io,
+        recall_image_at_50=recall_image_at_50,
+        k50=k50,
+        tuned_on="text-like queries" if text is not None else "image (corpus-row) queries",
+        **text_figures,
     )
-    summary = (f"index {factory}: n={n} recall@1 {r1:.3f} recall@{k} {r10:.3f} on {len(eq)} evaluation queries "
-               f"(params {params or 'exact'} tuned on {nt} other {rep.tuned_on}, tuning recall@{k} {r10_tune:.3f}); "
-               + (f"text-like recall@{k} {rep.recall_text_at_10:.3f} @{k50} {rep.recall_text_at_50:.3f} on "
-                  f"{rep.text_queries} held-out text-like queries; " if text is not None else "")
-               + f"batched {rep.batched_ms_per_query:.3f} ms/query ({rep.batched_qps:.0f} queries/s), single query "
-               f"{rep.single_query_ms:.2f} ms median; built in {build_s:.1f}s, {rep.index_bytes / 2**20:.1f} MB")
+    summary = (
+        f"index {factory}: n={n} recall@1 {r1:.3f} recall@{k} {r10:.3f} on {len(eq)} evaluation queries "
+        f"(params {params or 'exact'} tuned on {nt} other {rep.tuned_on}, tuning recall@{k} {r10_tune:.3f}); "
+        + (
+            f"text-like recall@{k} {rep.recall_text_at_10:.3f} @{k50} {rep.recall_text_at_50:.3f} on "
+            f"{rep.text_queries} held-out text-like queries; "
+            if text is not None
+            else ""
+        )
+        + f"batched {rep.batched_ms_per_query:.3f} ms/query ({rep.batched_qps:.0f} queries/s), single query "
+        f"{rep.single_query_ms:.2f} ms median; built in {build_s:.1f}s, {rep.index_bytes / 2**20:.1f} MB"
+    )
     if not rep.target_met:
-        msg = (f"{summary}: recall@{k} {target_recall_seen:.3f} is below the target {target_recall:.3f} with every search setting "
-               f"tried. Use a larger memory budget or another factory, lower the target, or pass "
-               f"allow_low_recall=True (`--allow-low-recall`) to keep this index")
+        msg = (
+            f"{summary}: recall@{k} {target_recall_seen:.3f} is below the target {target_recall:.3f} with every search setting "
+            f"tried. Use a larger memory budget or another factory, lower the target, or pass "
+            f"allow_low_recall=True (`--allow-low-recall`) to keep this index"
+        )
         if not allow_low_recall:
             raise LowRecallError(msg, rep)
         logger.warning("%s", msg)
     else:
         logger.info("%s", summary)
     return index, rep
-
 
 
 def build_index(
@@ -496,8 +553,18 @@ def build_index(
     tune_queries: Optional[int] = None,
 ) -> Tuple[Any, IndexReport]:
     """:func:`build_index_from_source` over an in-memory (N, E) array (no float32 copy if it is one)."""
-    return build_index_from_source(VectorSource.from_array(embeddings), factory, memory_budget_bytes, target_recall,
-                                   num_queries, train_size, use_gpu, seed, allow_low_recall, tune_queries)
+    return build_index_from_source(
+        VectorSource.from_array(embeddings),
+        factory,
+        memory_budget_bytes,
+        target_recall,
+        num_queries,
+        train_size,
+        use_gpu,
+        seed,
+        allow_low_recall,
+        tune_queries,
+    )
 
 
 def _index_bytes(index) -> int:

@@ -1,5 +1,6 @@
 """Saving and loading an index folder or URL: ``index.faiss`` + ``index.json`` (see
 :mod:`index.faiss_index`; an index kept as parts is loaded as one ``IndexShards``)."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,13 @@ from reco.errors import ConfigError, ReCoError
 from .faiss_index import INDEX_FILE, META_FILE, IndexReport, _apply_params, _faiss, index_params
 
 
-def save_index(index, report: IndexReport, directory: os.PathLike | str, extra: Optional[Dict[str, Any]] = None,
-               storage_options: Optional[Dict[str, Any]] = None) -> Path | str:
+def save_index(
+    index,
+    report: IndexReport,
+    directory: os.PathLike | str,
+    extra: Optional[Dict[str, Any]] = None,
+    storage_options: Optional[Dict[str, Any]] = None,
+) -> Path | str:
     """Write ``index.faiss`` then ``index.json`` (each atomically) into a folder or an fsspec URL.
 
     For a URL, the index is written to a local temporary file and uploaded (one PUT, or a
@@ -38,8 +44,9 @@ def save_index(index, report: IndexReport, directory: os.PathLike | str, extra: 
     return d
 
 
-def _save_index_url(index, report: IndexReport, uri: str, extra: Optional[Dict[str, Any]],
-                    storage_options: Optional[Dict[str, Any]]) -> str:
+def _save_index_url(
+    index, report: IndexReport, uri: str, extra: Optional[Dict[str, Any]], storage_options: Optional[Dict[str, Any]]
+) -> str:
     import tempfile
 
     from .storage import file_sha256, join, upload_file, write_bytes
@@ -56,7 +63,9 @@ def _save_index_url(index, report: IndexReport, uri: str, extra: Optional[Dict[s
     return uri
 
 
-def fetch_index_file(uri: str, name: str, meta: Dict[str, Any], storage_options: Optional[Dict[str, Any]] = None) -> Path:
+def fetch_index_file(
+    uri: str, name: str, meta: Dict[str, Any], storage_options: Optional[Dict[str, Any]] = None
+) -> Path:
     """A local copy of the file ``name`` of the index at URL ``uri``, in this node's cache keyed by
     the digest ``index.json`` records (by the object's ETag for an index copied there by hand), so
     a rebuilt index is fetched again; :class:`index.storage.ObjectChangedError` when the file no
@@ -70,8 +79,10 @@ def fetch_index_file(uri: str, name: str, meta: Dict[str, Any], storage_options:
             return fetch_to_cache(furi, storage_options, sha256=rec["sha256"])
         return fetch_to_cache(furi, storage_options, version=object_version(furi, storage_options))
     except FileNotFoundError:
-        raise FileNotFoundError(f"{uri} holds no index (needs {INDEX_FILE}, {META_FILE} and the row table; "
-                                f"{name} is missing); run `reco build-index`") from None
+        raise FileNotFoundError(
+            f"{uri} holds no index (needs {INDEX_FILE}, {META_FILE} and the row table; "
+            f"{name} is missing); run `reco build-index`"
+        ) from None
 
 
 class IndexFileError(ReCoError):
@@ -84,8 +95,9 @@ def _parse_meta(text, where) -> Dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise IndexFileError(f"{where} is not valid JSON ({exc}): rebuild the index with `reco build-index`") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("report"), dict) or "factory" not in meta["report"]:
-        raise IndexFileError(f"{where} is not an index description (no report.factory): rebuild the index "
-                             "with `reco build-index`")
+        raise IndexFileError(
+            f"{where} is not an index description (no report.factory): rebuild the index with `reco build-index`"
+        )
     return meta
 
 
@@ -95,12 +107,14 @@ def _read_faiss(path):
         return faiss.read_index(str(path))
     except RuntimeError as exc:
         first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise IndexFileError(f"{path} cannot be read by FAISS (truncated or not an index: {first}): rebuild it "
-                             "with `reco build-index`") from None
+        raise IndexFileError(
+            f"{path} cannot be read by FAISS (truncated or not an index: {first}): rebuild it with `reco build-index`"
+        ) from None
 
 
-def load_index(directory: os.PathLike | str, storage_options: Optional[Dict[str, Any]] = None,
-               load_parts: bool = True) -> Tuple[Any, Dict[str, Any]]:
+def load_index(
+    directory: os.PathLike | str, storage_options: Optional[Dict[str, Any]] = None, load_parts: bool = True
+) -> Tuple[Any, Dict[str, Any]]:
     """(index with its tuned search parameters set, ``index.json``) of a folder or fsspec URL (the
     latter fetched into the node cache, see :func:`fetch_index_file`). An index kept as parts
     (``layout: shards``, :mod:`index.parts`) is loaded as one ``IndexShards`` of them, or not at
@@ -112,8 +126,9 @@ def load_index(directory: os.PathLike | str, storage_options: Optional[Dict[str,
     try:
         text = read_versioned(join(uri, META_FILE), storage_options)[0] if url else Path(uri, META_FILE).read_text()
     except FileNotFoundError:
-        raise FileNotFoundError(f"{uri} holds no index (needs {INDEX_FILE} and {META_FILE}); "
-                                f"run `reco build-index`") from None
+        raise FileNotFoundError(
+            f"{uri} holds no index (needs {INDEX_FILE} and {META_FILE}); run `reco build-index`"
+        ) from None
     meta = _parse_meta(text, join(uri, META_FILE))
     if meta.get("layout") == "shards":
         if not load_parts:
@@ -121,14 +136,19 @@ def load_index(directory: os.PathLike | str, storage_options: Optional[Dict[str,
         from . import parts as P
         from .storage import read_bytes
 
-        index = P.as_shards([P.from_bytes(read_bytes(join(uri, P.PARTS_DIR, f"part-{p['name']}.faiss"),
-                                                     storage_options)) for p in meta["parts"]])
+        index = P.as_shards(
+            [
+                P.from_bytes(read_bytes(join(uri, P.PARTS_DIR, f"part-{p['name']}.faiss"), storage_options))
+                for p in meta["parts"]
+            ]
+        )
     elif url:
         index = _read_faiss(fetch_index_file(uri, INDEX_FILE, meta, storage_options))
     else:
         if not Path(uri, INDEX_FILE).is_file():
-            raise FileNotFoundError(f"{uri} holds no index (needs {INDEX_FILE} and {META_FILE}); "
-                                    "run `reco build-index`")
+            raise FileNotFoundError(
+                f"{uri} holds no index (needs {INDEX_FILE} and {META_FILE}); run `reco build-index`"
+            )
         index = _read_faiss(Path(uri, INDEX_FILE))
     _apply_params(index, index_params(meta["report"].get("search_params") or {}, meta["report"]["factory"]))
     return index, meta

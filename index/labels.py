@@ -8,6 +8,7 @@
   every id is below 256 (viewable, colours = the VOC map), a 16-bit greyscale PNG beyond (a
   vocabulary of 1,000 concepts must not wrap). Ids are always the pixel values.
 """
+
 from __future__ import annotations
 
 import io

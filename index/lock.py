@@ -25,6 +25,7 @@ takeover ``If-Match``, release ``DELETE If-Match``; ages by the server's clock. 
 the local lock. On other fsspec file systems it is best effort (check-then-write), which a
 WARNING says.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -77,8 +78,10 @@ def _describe_owner(owner: Optional[Dict[str, Any]], age: Optional[float]) -> st
     if not owner:
         who = "an unknown writer (lock file empty or unreadable)"
     else:
-        who = (f"job {owner.get('job', '?')!r} on host {owner.get('host', '?')}, pid {owner.get('pid', '?')}, "
-               f"since {owner.get('since', '?')}")
+        who = (
+            f"job {owner.get('job', '?')!r} on host {owner.get('host', '?')}, pid {owner.get('pid', '?')}, "
+            f"since {owner.get('since', '?')}"
+        )
     if age is not None:
         who += f" (last heartbeat {age:.0f}s ago)"
     return who
@@ -96,9 +99,14 @@ class StoreLock:
         self.heartbeat_s = heartbeat_s
         self.stale_after_s = stale_after_s
         self.token = secrets.token_hex(8)
-        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "job": job,
-                      "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "since_epoch": time.time(),
-                      "token": self.token}
+        self.owner = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "job": job,
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "since_epoch": time.time(),
+            "token": self.token,
+        }
         self.lost: Optional[str] = None
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -119,8 +127,13 @@ class StoreLock:
     def _stale_reason(self, owner: Optional[Dict[str, Any]], age: float) -> Optional[str]:
         if age > self.stale_after_s:
             return f"no heartbeat for {age:.0f}s (timeout {self.stale_after_s:.0f}s)"
-        if owner and owner.get("host") == self.owner["host"] and isinstance(owner.get("pid"), int) \
-                and owner["pid"] != os.getpid() and not _pid_alive(owner["pid"]):
+        if (
+            owner
+            and owner.get("host") == self.owner["host"]
+            and isinstance(owner.get("pid"), int)
+            and owner["pid"] != os.getpid()
+            and not _pid_alive(owner["pid"])
+        ):
             return f"its process (pid {owner['pid']} on this host) is gone"
         return None
 
@@ -143,8 +156,7 @@ class StoreLock:
             with contextlib.suppress(OSError):
                 os.unlink(aside)
             return
-        logger.warning("breaking the stale writer lock %s held by %s: %s",
-                       self.path, _describe_owner(owner, None), why)
+        logger.warning("breaking the stale writer lock %s held by %s: %s", self.path, _describe_owner(owner, None), why)
         with contextlib.suppress(OSError):
             os.unlink(aside)
 
@@ -182,12 +194,15 @@ class StoreLock:
         return StoreLockedError(
             f"{self._where} is locked by another writer: {_describe_owner(owner, age)}. "
             f"Wait for it to finish; a dead writer's lock is broken automatically "
-            f"(after {self.stale_after_s:.0f}s without heartbeat, or at once on its host)")
+            f"(after {self.stale_after_s:.0f}s without heartbeat, or at once on its host)"
+        )
 
     def _lose(self, owner: Optional[Dict[str, Any]], age: Optional[float]) -> StoreLockedError:
-        self.lost = (f"lost the writer lock on {self._where}: it is now held by "
-                     f"{_describe_owner(owner, age) if owner else 'nobody (lock file removed)'}; "
-                     f"nothing more is committed by this job")
+        self.lost = (
+            f"lost the writer lock on {self._where}: it is now held by "
+            f"{_describe_owner(owner, age) if owner else 'nobody (lock file removed)'}; "
+            f"nothing more is committed by this job"
+        )
         return StoreLockedError(self.lost)
 
     def verify(self) -> None:
@@ -248,8 +263,14 @@ class ObjectStoreLock(StoreLock):
     a second writer that starts while the first holds the lock is refused, but two writers
     starting at the same moment are not excluded (a WARNING says so): one writer per store."""
 
-    def __init__(self, uri: str, job: str, heartbeat_s: float = 10.0, stale_after_s: float = 120.0,
-                 storage_options: Optional[Mapping[str, Any]] = None):
+    def __init__(
+        self,
+        uri: str,
+        job: str,
+        heartbeat_s: float = 10.0,
+        stale_after_s: float = 120.0,
+        storage_options: Optional[Mapping[str, Any]] = None,
+    ):
         super().__init__(Path(LOCK_FILE), job, heartbeat_s, stale_after_s)
         self.path = str(uri)
         self._where = self.path.rsplit("/", 1)[0]
@@ -278,9 +299,11 @@ class ObjectStoreLock(StoreLock):
 
     def acquire(self) -> "ObjectStoreLock":
         if not self.atomic:
-            logger.warning("%s: this file system has no conditional writes, so its writer lock is best effort "
-                           "(two writers starting at the same moment are not excluded): run one writer per store",
-                           self._where)
+            logger.warning(
+                "%s: this file system has no conditional writes, so its writer lock is best effort "
+                "(two writers starting at the same moment are not excluded): run one writer per store",
+                self._where,
+            )
         data = self._record()
         so = self.storage_options
         for _ in range(5):
@@ -302,8 +325,9 @@ class ObjectStoreLock(StoreLock):
                         self._version = storage.write_conditional(self.path, data, so, if_version=seen)
                     except storage.ConditionFailedError:
                         continue  # taken over, refreshed or released meanwhile: look again
-                    logger.warning("breaking the stale writer lock %s held by %s: %s",
-                                   self.path, _describe_owner(owner, None), why)
+                    logger.warning(
+                        "breaking the stale writer lock %s held by %s: %s", self.path, _describe_owner(owner, None), why
+                    )
             if self.atomic:
                 self._check_enforced(data)
             self._start_heartbeat()
@@ -314,13 +338,15 @@ class ObjectStoreLock(StoreLock):
         """A second conditional create of the (identical) record must fail; if it succeeds the
         endpoint ignores conditional writes and nothing is exclusive there."""
         try:
-            self._version = storage.write_conditional(self.path, data, self.storage_options,
-                                                      if_version=storage.CREATE)
+            self._version = storage.write_conditional(self.path, data, self.storage_options, if_version=storage.CREATE)
         except storage.ConditionFailedError:
             return
         self.atomic = False
-        logger.warning("%s: this S3 endpoint ignores conditional writes (If-None-Match), so the writer lock "
-                       "cannot exclude a concurrent writer: run one writer per store", self._where)
+        logger.warning(
+            "%s: this S3 endpoint ignores conditional writes (If-None-Match), so the writer lock "
+            "cannot exclude a concurrent writer: run one writer per store",
+            self._where,
+        )
 
     def verify(self) -> None:
         with self._io:
@@ -334,8 +360,9 @@ class ObjectStoreLock(StoreLock):
                 raise StoreLockedError(self.lost)
             self.owner["heartbeat_epoch"] = time.time()
             try:
-                self._version = storage.write_conditional(self.path, self._record(), self.storage_options,
-                                                          if_version=self._version)
+                self._version = storage.write_conditional(
+                    self.path, self._record(), self.storage_options, if_version=self._version
+                )
             except storage.ConditionFailedError:
                 self.verify()  # ours after all (a retried write): keep it; else the lock is lost
 
@@ -357,14 +384,23 @@ class ObjectStoreLock(StoreLock):
                 except storage.ConditionFailedError:
                     logger.warning("writer lock %s changed at release: left in place", self.path)
                 except OSError as exc:
-                    logger.warning("cannot remove the writer lock %s (%s): it goes stale after %.0fs",
-                                   self.path, exc, self.stale_after_s)
+                    logger.warning(
+                        "cannot remove the writer lock %s (%s): it goes stale after %.0fs",
+                        self.path,
+                        exc,
+                        self.stale_after_s,
+                    )
             elif not self.lost:
                 logger.warning("writer lock %s is no longer ours at release: left in place", self.path)
 
 
-def make_lock(uri: str, job: str, storage_options: Optional[Mapping[str, Any]] = None,
-              heartbeat_s: float = 10.0, stale_after_s: float = 120.0) -> StoreLock:
+def make_lock(
+    uri: str,
+    job: str,
+    storage_options: Optional[Mapping[str, Any]] = None,
+    heartbeat_s: float = 10.0,
+    stale_after_s: float = 120.0,
+) -> StoreLock:
     """The (not yet acquired) writer lock of the output folder ``uri``: ``URI/writer.lock``, a
     :class:`StoreLock` for a local folder (created), an :class:`ObjectStoreLock` for a URL."""
     if storage.is_url(uri):
@@ -375,8 +411,13 @@ def make_lock(uri: str, job: str, storage_options: Optional[Mapping[str, Any]] =
 
 
 @contextlib.contextmanager
-def writer_lock(uri: str, job: str, storage_options: Optional[Mapping[str, Any]] = None,
-                heartbeat_s: float = 10.0, stale_after_s: float = 120.0) -> Iterator[StoreLock]:
+def writer_lock(
+    uri: str,
+    job: str,
+    storage_options: Optional[Mapping[str, Any]] = None,
+    heartbeat_s: float = 10.0,
+    stale_after_s: float = 120.0,
+) -> Iterator[StoreLock]:
     """Hold the exclusive writer lock of the output folder ``uri`` (local or any fsspec URL) for
     the block; :class:`StoreLockedError` naming the owner when another job holds it."""
     lock = make_lock(uri, job, storage_options, heartbeat_s, stale_after_s).acquire()

@@ -35,6 +35,7 @@ twice). Writers that are not the lock holder (e.g. Ray tasks of a distributed in
 (``If-None-Match: *`` on S3, a hard link locally), so a part is written exactly once even when a
 task is retried; the lock holder lists them with :meth:`Parts.read_new`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,8 +52,17 @@ from .lock import StoreLock, StoreLockedError, make_lock
 from .outputs import check_output_folder
 from .report import EXIT_FAILED, EXIT_OK, EXIT_RERUN, JobReport
 
-__all__ = ["ResumableOutput", "Parts", "config_hash", "JobReport", "StoreLockedError",
-           "EXIT_OK", "EXIT_FAILED", "EXIT_RERUN", "REPORT_NAME"]
+__all__ = [
+    "ResumableOutput",
+    "Parts",
+    "config_hash",
+    "JobReport",
+    "StoreLockedError",
+    "EXIT_OK",
+    "EXIT_FAILED",
+    "EXIT_RERUN",
+    "REPORT_NAME",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +94,7 @@ class Parts:
         """One more than the highest part number committed (0 when none)."""
         seqs = []
         for p in self.list():
-            head = p.rsplit("/", 1)[-1][len("part-"):].split("-", 1)[0]
+            head = p.rsplit("/", 1)[-1][len("part-") :].split("-", 1)[0]
             if head.isdigit():
                 seqs.append(int(head))
         return max(seqs, default=-1) + 1
@@ -121,9 +131,17 @@ class Parts:
 class ResumableOutput:
     """A job's output folder under the one protocol of this module (see its docstring)."""
 
-    def __init__(self, uri: str, job: str, settings_file: str, parts_dir: str = "parts",
-                 part_suffix: str = ".parquet", storage_options: Optional[Mapping[str, Any]] = None,
-                 heartbeat_s: float = 10.0, stale_after_s: float = 120.0):
+    def __init__(
+        self,
+        uri: str,
+        job: str,
+        settings_file: str,
+        parts_dir: str = "parts",
+        part_suffix: str = ".parquet",
+        storage_options: Optional[Mapping[str, Any]] = None,
+        heartbeat_s: float = 10.0,
+        stale_after_s: float = 120.0,
+    ):
         self.uri = storage.absolute(str(uri).rstrip("/") or str(uri))
         self.job = job
         self.settings_file = settings_file
@@ -140,8 +158,13 @@ class ResumableOutput:
 
     # -- the protocol -----------------------------------------------------------------------
     @contextlib.contextmanager
-    def open(self, covered: Mapping[str, Any], overwrite: bool = False, extra: Optional[Mapping[str, Any]] = None,
-             describe: str = "") -> Iterator["ResumableOutput"]:
+    def open(
+        self,
+        covered: Mapping[str, Any],
+        overwrite: bool = False,
+        extra: Optional[Mapping[str, Any]] = None,
+        describe: str = "",
+    ) -> Iterator["ResumableOutput"]:
         """Hold the writer lock and make the output this configuration's for the block.
 
         ``covered``: what the outputs depend on (hashed with :func:`config_hash`); ``extra``:
@@ -164,10 +187,12 @@ class ResumableOutput:
                     raise ConfigError(
                         f"{self.uri} holds {self.job} output of another configuration (config hash "
                         f"{self.previous.get('config_hash')}, now {digest}{'; ' + describe if describe else ''}): "
-                        "use another output, or --overwrite to start it afresh")
+                        "use another output, or --overwrite to start it afresh"
+                    )
                 n = self.parts.forget()
-                logger.warning("--overwrite: forgot the %d committed part(s) of %s (another configuration)", n,
-                               self.uri)
+                logger.warning(
+                    "--overwrite: forgot the %d committed part(s) of %s (another configuration)", n, self.uri
+                )
             self.settings = {"config_hash": digest, **dict(covered), **dict(extra or {})}
             self._write_settings()
             yield self

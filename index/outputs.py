@@ -1,4 +1,5 @@
 """Driver-side checks of a job's output location and the trained-model reader (Ray-free)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,8 +40,9 @@ def load_segmodel(uri: str, storage_options: Optional[Mapping[str, Any]] = None,
         folder, weights_uri = uri.rsplit("/", 1)[0] if "/" in uri else ".", uri
     else:
         folder = uri
-        if not exists(join(folder, WEIGHTS_FILE), storage_options) and exists(join(uri, "model", WEIGHTS_FILE),
-                                                                               storage_options):
+        if not exists(join(folder, WEIGHTS_FILE), storage_options) and exists(
+            join(uri, "model", WEIGHTS_FILE), storage_options
+        ):
             folder = join(uri, "model")
         weights_uri = join(folder, WEIGHTS_FILE)
     try:

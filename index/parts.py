@@ -18,6 +18,7 @@ translation. Everything FAISS writes goes through ``serialize_index`` bytes, and
 those of one :class:`index.output.ResumableOutput` (settings + config hash in ``build.json``, the
 writer lock, parts created exactly once even by retried tasks, read back exactly once).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -83,8 +84,10 @@ def check_partable(factory: str) -> None:
     """Parts need an IVF base (ids kept per inverted list, ``merge_from``); HNSW and Flat are refused."""
     base, _ = split_refine(factory)
     if "IVF" not in base or "HNSW" in base.split("IVF")[0]:
-        raise ConfigError(f"factory {factory!r} cannot be built in parts: parts need an IVF index "
-                          "(e.g. IVF4096,PQ64 or OPQ64,IVF4096,PQ64,Refine(SQfp16))")
+        raise ConfigError(
+            f"factory {factory!r} cannot be built in parts: parts need an IVF index "
+            "(e.g. IVF4096,PQ64 or OPQ64,IVF4096,PQ64,Refine(SQfp16))"
+        )
 
 
 def partable_factory(chosen: str, n: int) -> str:
@@ -93,7 +96,7 @@ def partable_factory(chosen: str, n: int) -> str:
     from .faiss_factory import _pow2
 
     if chosen == "Flat":
-        return f"IVF{_pow2(4 * n ** 0.5)},Flat"
+        return f"IVF{_pow2(4 * n**0.5)},Flat"
     return chosen
 
 
@@ -119,8 +122,9 @@ def train_empty(source: VectorSource, factory: str, sample_rows: np.ndarray) -> 
     return base, refine
 
 
-def fill_part(trained: bytes, trained_refine: Optional[bytes], source: VectorSource, first_row: int,
-              block_rows: int = BLOCK_ROWS) -> Tuple[Any, Optional[Any]]:
+def fill_part(
+    trained: bytes, trained_refine: Optional[bytes], source: VectorSource, first_row: int, block_rows: int = BLOCK_ROWS
+) -> Tuple[Any, Optional[Any]]:
     """The trained empty index(es) with every row of ``source`` added (ids = first_row + row)."""
     base = from_bytes(trained)
     refine = from_bytes(trained_refine) if trained_refine else None

@@ -6,6 +6,7 @@ Bad files never crash a job: :func:`read_images` returns the decoded images and 
 symlink, ... never usable) and ``failed`` (transient: I/O errors, timeouts, a file missing on this
 node, after :func:`index.sources.fetch_bytes`' retries; worth trying again).
 """
+
 from __future__ import annotations
 
 import logging
@@ -44,8 +45,13 @@ class ReadReport:
         (self.skip if kind == BAD else self.fail)(uri, reason)
 
     def as_dict(self) -> Dict[str, object]:
-        return {"ok": self.ok, "skipped": len(self.skipped), "skipped_files": dict(self.skipped),
-                "failed": len(self.failed), "failed_files": dict(self.failed)}
+        return {
+            "ok": self.ok,
+            "skipped": len(self.skipped),
+            "skipped_files": dict(self.skipped),
+            "failed": len(self.failed),
+            "failed_files": dict(self.failed),
+        }
 
 
 def list_images(root: str, storage_options: Optional[Mapping[str, Any]] = None) -> List[str]:
@@ -61,16 +67,20 @@ def list_images(root: str, storage_options: Optional[Mapping[str, Any]] = None) 
     return uris
 
 
-def read_image(uri: str, storage_options: Optional[Mapping[str, Any]] = None,
-               retry: Optional[RetryPolicy] = None) -> Image.Image:
+def read_image(
+    uri: str, storage_options: Optional[Mapping[str, Any]] = None, retry: Optional[RetryPolicy] = None
+) -> Image.Image:
     """Decode one image. Raises :class:`reco.errors.ImageDecodeError` / :class:`reco.errors.BadInputError`
     (bad input) or :class:`reco.errors.TransientIOError` (after retries), each naming ``uri``."""
     return decode_image(fetch_bytes(uri, storage_options, retry=retry), source=uri)
 
 
-def read_images(uris: Sequence[str], report: ReadReport | None = None,
-                storage_options: Optional[Mapping[str, Any]] = None,
-                retry: Optional[RetryPolicy] = None) -> Tuple[List[Image.Image], List[str], ReadReport]:
+def read_images(
+    uris: Sequence[str],
+    report: ReadReport | None = None,
+    storage_options: Optional[Mapping[str, Any]] = None,
+    retry: Optional[RetryPolicy] = None,
+) -> Tuple[List[Image.Image], List[str], ReadReport]:
     """Decode many images, skipping bad inputs and counting transient failures apart."""
     report = report if report is not None else ReadReport()
     images, kept = [], []

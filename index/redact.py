@@ -2,6 +2,7 @@
 
 Ray-free, used by the job report (:mod:`index.report`) and re-exported by :mod:`cluster.config`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,8 +15,22 @@ from reco.config import to_dict
 REDACTED = "<redacted>"
 #: words that make a key sensitive wherever they appear in it (``aws_secret_access_key``,
 #: ``RAY_AUTH_TOKEN``, ``sessionToken``, ``db_password``, ``credentials``, ``Authorization``)
-_SENSITIVE_WORDS = {"secret", "secrets", "password", "passwd", "pwd", "passphrase", "token", "tokens",
-                    "credential", "credentials", "authorization", "cookie", "cookies", "signature"}
+_SENSITIVE_WORDS = {
+    "secret",
+    "secrets",
+    "password",
+    "passwd",
+    "pwd",
+    "passphrase",
+    "token",
+    "tokens",
+    "credential",
+    "credentials",
+    "authorization",
+    "cookie",
+    "cookies",
+    "signature",
+}
 _URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*):(?P<pw>[^/@\s]+)@")
 
 

@@ -24,6 +24,7 @@ else ``incomplete`` when inputs failed transiently (a rerun retries them); else 
 Jobs keep their own names for the counts (``built``, ``labelled``, ``embedded``...) through a
 :class:`JobResult`: a thin view whose fields are aliases of one report's counters.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -98,8 +99,14 @@ def _iso(t: Optional[float]) -> Optional[str]:
 class JobReport:
     """Counts, reasons, retries, stage times and peak memory of one job run."""
 
-    def __init__(self, job: str, *, config: Optional[Mapping[str, Any]] = None, unit: str = "images",
-                 max_failed_fraction: Optional[float] = None):
+    def __init__(
+        self,
+        job: str,
+        *,
+        config: Optional[Mapping[str, Any]] = None,
+        unit: str = "images",
+        max_failed_fraction: Optional[float] = None,
+    ):
         self.job = job
         self.unit = unit
         self.max_failed_fraction = max_failed_fraction
@@ -124,8 +131,9 @@ class JobReport:
         self.failed_items: Dict[str, str] = {}
         self.n_failed_before = 0  # of the already-done inputs, those an earlier run skipped (bad input)
 
-    def configure(self, config: Optional[Mapping[str, Any]] = None,
-                  max_failed_fraction: Optional[float] = None) -> "JobReport":
+    def configure(
+        self, config: Optional[Mapping[str, Any]] = None, max_failed_fraction: Optional[float] = None
+    ) -> "JobReport":
         """Set the job's configuration (redacted on the way in) and its failure threshold."""
         if config is not None:
             self.config = redact(dict(config))
@@ -149,8 +157,14 @@ class JobReport:
         self.n_failed_before += int(failed)
 
     @staticmethod
-    def _add(counter: _Counter, examples: Dict[str, List[str]], items: Dict[str, str], item: Optional[str],
-             reason: str, n: int) -> None:
+    def _add(
+        counter: _Counter,
+        examples: Dict[str, List[str]],
+        items: Dict[str, str],
+        item: Optional[str],
+        reason: str,
+        n: int,
+    ) -> None:
         kind = reason_kind(reason)
         counter[kind] += int(n)
         if item is not None:
@@ -233,9 +247,10 @@ class JobReport:
         n = self.n_skipped + self.n_failed_before
         decided = self.n_processed + self.n_skipped + self.n_already_done
         reasons = "; ".join(f"{k}: {v}" for k, v in list(self.skipped_items.items())[:first])
-        return (f"{self.job} failed: {n} of {decided} {self.unit} failed ({100 * self.failed_fraction:.1f}%, "
-                f"above jobs.max_failed_fraction {self.max_failed_fraction:g})"
-                + (f"; first: {reasons}" if reasons else ""))
+        return (
+            f"{self.job} failed: {n} of {decided} {self.unit} failed ({100 * self.failed_fraction:.1f}%, "
+            f"above jobs.max_failed_fraction {self.max_failed_fraction:g})" + (f"; first: {reasons}" if reasons else "")
+        )
 
     def as_dict(self) -> Dict[str, Any]:
         wall = self.wall_seconds
@@ -281,15 +296,23 @@ class JobReport:
         """A one-screen human summary (at most ~25 lines)."""
         d = self.as_dict()
         i = d["inputs"]
-        lines = [f"{self.job}: {d['status']} in {_fmt_seconds(d['wall_seconds'])}"
-                 + (f"  ({d['throughput_per_second']:.2f} {self.unit}/s)" if d["throughput_per_second"] else ""),
-                 (f"  {self.unit}: {i['seen']} seen, {i['processed']} processed, {i['already_done']} already done, "
-                  f"{i['skipped']} skipped, {i['failed_transient']} failed transiently (rerun to retry)")]
+        lines = [
+            f"{self.job}: {d['status']} in {_fmt_seconds(d['wall_seconds'])}"
+            + (f"  ({d['throughput_per_second']:.2f} {self.unit}/s)" if d["throughput_per_second"] else ""),
+            (
+                f"  {self.unit}: {i['seen']} seen, {i['processed']} processed, {i['already_done']} already done, "
+                f"{i['skipped']} skipped, {i['failed_transient']} failed transiently (rerun to retry)"
+            ),
+        ]
         if d["status"] == "failed":
-            lines.append(f"  FAILED: {100 * self.failed_fraction:.1f}% of the {self.unit} failed for good, above "
-                         f"jobs.max_failed_fraction {self.max_failed_fraction:g} (set it in the cluster config)")
-        for title, by, ex in (("skipped", d["skipped_by_reason"], d["skipped_examples"]),
-                              ("failed", d["failed_by_reason"], d["failed_examples"])):
+            lines.append(
+                f"  FAILED: {100 * self.failed_fraction:.1f}% of the {self.unit} failed for good, above "
+                f"jobs.max_failed_fraction {self.max_failed_fraction:g} (set it in the cluster config)"
+            )
+        for title, by, ex in (
+            ("skipped", d["skipped_by_reason"], d["skipped_examples"]),
+            ("failed", d["failed_by_reason"], d["failed_examples"]),
+        ):
             for k, n in list(by.items())[:5]:
                 sample = ", ".join(ex.get(k, [])[:2])
                 line = f"    {title} {n:>6}  {k}" + (f"  e.g. {sample}" if sample else "")
@@ -297,9 +320,10 @@ class JobReport:
             if len(by) > 5:
                 lines.append(f"    ... {len(by) - 5} more {title} reasons in the JSON report")
         r = d["retries"]
-        lines.append(f"  retries: {r['total']}" + (" (" + ", ".join(f"{k} {n}" for k, n in
-                                                                     list(r["by_reason"].items())[:4]) + ")"
-                                                   if r["total"] else ""))
+        lines.append(
+            f"  retries: {r['total']}"
+            + (" (" + ", ".join(f"{k} {n}" for k, n in list(r["by_reason"].items())[:4]) + ")" if r["total"] else "")
+        )
         if d["stages"]:
             lines.append("  stages:")
             for st in d["stages"][:8]:
@@ -308,8 +332,10 @@ class JobReport:
         if self.memory:
             lines.append("  peak memory per actor:")
             for name, m in sorted(self.memory.items(), key=lambda kv: -kv[1].get("rss", 0))[:6]:
-                lines.append(f"    {name:<28} rss {_fmt_bytes(m.get('rss'))}"
-                             + (f", cuda {_fmt_bytes(m['cuda'])}" if "cuda" in m else ""))
+                lines.append(
+                    f"    {name:<28} rss {_fmt_bytes(m.get('rss'))}"
+                    + (f", cuda {_fmt_bytes(m['cuda'])}" if "cuda" in m else "")
+                )
             if len(self.memory) > 6:
                 lines.append(f"    ... {len(self.memory) - 6} more actors in the JSON report")
         return "\n".join(lines)

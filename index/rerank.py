@@ -8,6 +8,7 @@ vector) becomes I/O per query: ``k * k_factor`` rows x dim x 2 bytes, counted in
 :attr:`StoreRefine.bytes_read` (rows read once per batch), reported per query. ``Refine(SQfp16)`` in RAM stays the choice
 when it fits (:func:`index.faiss_factory.choose_factory`).
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -39,7 +40,9 @@ def indexed_shards(store, meta: Dict[str, Any]) -> list:
             out.append(s)
         complete = sum(x.count for x in out) == total
     if not complete:
-        raise ValueError(f"the store {store.root} no longer holds the shards its index was built from: rebuild the index")
+        raise ValueError(
+            f"the store {store.root} no longer holds the shards its index was built from: rebuild the index"
+        )
     return out
 
 
@@ -91,7 +94,9 @@ class StoreRows:
 
             head = io.BytesIO(fs.cat_file(path, start=0, end=4096))
             version = np.lib.format.read_magic(head)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
             shape, fortran, dtype = read_header(head)
             assert dtype == np.float16 and not fortran and shape[1] == self.dim, (uri, shape, dtype)
             self._headers[si] = head.tell()
@@ -159,8 +164,8 @@ class StoreRefine:
         scores = np.full(cand.shape, -np.inf, np.float32)
         for a in range(0, len(q), QUERY_CHUNK):  # bounds the (chunk, kk, dim) gather
             if len(uniq):
-                s = np.einsum("qe,qke->qk", q[a:a + QUERY_CHUNK], vecs[pos[a:a + QUERY_CHUNK]])
-                scores[a:a + QUERY_CHUNK] = np.where(valid[a:a + QUERY_CHUNK], s, -np.inf)
+                s = np.einsum("qe,qke->qk", q[a : a + QUERY_CHUNK], vecs[pos[a : a + QUERY_CHUNK]])
+                scores[a : a + QUERY_CHUNK] = np.where(valid[a : a + QUERY_CHUNK], s, -np.inf)
         self.queries += len(q)
         return topk.order(scores, np.where(valid, cand, -1), k)
 

@@ -1,4 +1,5 @@
 """Retriever interface: top-k corpus items for query embeddings (cosine = inner product)."""
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod

@@ -29,6 +29,7 @@ stored in the Parquet metadata nor handed to Ray Data as strings. Such a file is
 undecodable bytes written ``%XX`` (id ``caf%E9.jpg``) and a :attr:`Item.problem`, so it is
 recorded as skipped (reason: the name is not valid UTF-8, rename it) instead of crashing the job.
 """
+
 from __future__ import annotations
 
 import errno
@@ -102,13 +103,17 @@ def _local_item(path: Path, root: Path) -> Item:
     if is_representable(rel) and is_representable(full):
         return Item(rel, full)
     raw = os.fsencode(full)
-    return Item(printable(rel), printable(full),
-                problem=f"file name is not valid UTF-8 ({raw!r}): rename it to UTF-8 "
-                        f"(e.g. convmv -f latin1 -t utf-8) and rerun")
+    return Item(
+        printable(rel),
+        printable(full),
+        problem=f"file name is not valid UTF-8 ({raw!r}): rename it to UTF-8 "
+        f"(e.g. convmv -f latin1 -t utf-8) and rerun",
+    )
 
 
-def list_folder(root: str, storage_options: Optional[Mapping[str, Any]] = None,
-                extensions: Sequence[str] = IMAGE_EXTENSIONS) -> List[Item]:
+def list_folder(
+    root: str, storage_options: Optional[Mapping[str, Any]] = None, extensions: Sequence[str] = IMAGE_EXTENSIONS
+) -> List[Item]:
     """Every image file under ``root`` (recursive), sorted by id (the relative path)."""
     exts = tuple(e.lower() for e in extensions)
     if is_url(root):
@@ -127,14 +132,17 @@ def list_folder(root: str, storage_options: Optional[Mapping[str, Any]] = None,
     if not p.is_dir():
         raise FileNotFoundError(f"image folder {p} does not exist")
     # broken symlinks are listed too (fetching them says why they are skipped)
-    files = [f for f in p.rglob("*") if (f.is_file() or (f.is_symlink() and not f.exists()))
-             and f.suffix.lower() in exts]
+    files = [
+        f for f in p.rglob("*") if (f.is_file() or (f.is_symlink() and not f.exists())) and f.suffix.lower() in exts
+    ]
     items = sorted((_local_item(f, p) for f in files), key=lambda i: i.id)
     seen = set()
     for it in items:
         if it.id in seen:  # only possible when an escaped non-UTF-8 name equals a real one
-            raise ConfigError(f"{root}: two files have the id {it.id!r} (one of them has a name that is "
-                              f"not valid UTF-8, written with %XX): rename it")
+            raise ConfigError(
+                f"{root}: two files have the id {it.id!r} (one of them has a name that is "
+                f"not valid UTF-8, written with %XX): rename it"
+            )
         seen.add(it.id)
     return items
 
@@ -153,8 +161,11 @@ def parquet_columns(schema) -> Tuple[Optional[str], Optional[str], Optional[str]
     bytes_col = None
     for name in names:
         t = schema.field(name).type
-        if name.lower() in BYTES_COLUMNS and (pa.types.is_binary(t) or pa.types.is_large_binary(t)
-                                              or (pa.types.is_struct(t) and t.get_field_index("bytes") >= 0)):
+        if name.lower() in BYTES_COLUMNS and (
+            pa.types.is_binary(t)
+            or pa.types.is_large_binary(t)
+            or (pa.types.is_struct(t) and t.get_field_index("bytes") >= 0)
+        ):
             bytes_col = name
             break
     path_col = _pick(names, PATH_COLUMNS)
@@ -212,8 +223,10 @@ def list_source(source: str, kind: str = "auto", storage_options: Optional[Mappi
         kind = "parquet" if source.rstrip("/").endswith(".parquet") else "folder"
         if kind == "folder" and not is_url(source):
             p = Path(source).expanduser()
-            if p.is_dir() and any(p.rglob("*.parquet")) and not any(
-                f.suffix.lower() in IMAGE_EXTENSIONS for f in p.rglob("*") if f.is_file()
+            if (
+                p.is_dir()
+                and any(p.rglob("*.parquet"))
+                and not any(f.suffix.lower() in IMAGE_EXTENSIONS for f in p.rglob("*") if f.is_file())
             ):
                 kind = "parquet"
     if kind == "folder":
@@ -256,7 +269,7 @@ class ParquetRowReader:
     def read(self, uri: str) -> bytes:
         import bisect
 
-        f, row_text = uri[len("parquet://"):].rsplit("#", 1)
+        f, row_text = uri[len("parquet://") :].rsplit("#", 1)
         row = int(row_text)
         self._open(f)
         g = bisect.bisect_right(self._offsets, row) - 1
@@ -287,7 +300,7 @@ class RetryPolicy:
 
     def delay(self, retry: int) -> float:
         """Seconds to wait before retry number ``retry`` (0-based)."""
-        d = min(self.max_backoff_s, self.backoff_s * (2 ** retry))
+        d = min(self.max_backoff_s, self.backoff_s * (2**retry))
         return d * (0.5 + 0.5 * random.random())
 
     @classmethod
@@ -295,9 +308,11 @@ class RetryPolicy:
         """Defaults, overridden by ``RECO_FETCH_ATTEMPTS``, ``RECO_FETCH_BACKOFF_S``, ``RECO_FETCH_MAX_BACKOFF_S``."""
         d = cls()
         try:
-            return cls(int(os.environ.get("RECO_FETCH_ATTEMPTS", d.attempts)),
-                       float(os.environ.get("RECO_FETCH_BACKOFF_S", d.backoff_s)),
-                       float(os.environ.get("RECO_FETCH_MAX_BACKOFF_S", d.max_backoff_s)))
+            return cls(
+                int(os.environ.get("RECO_FETCH_ATTEMPTS", d.attempts)),
+                float(os.environ.get("RECO_FETCH_BACKOFF_S", d.backoff_s)),
+                float(os.environ.get("RECO_FETCH_MAX_BACKOFF_S", d.max_backoff_s)),
+            )
         except ValueError as exc:
             raise ConfigError(f"bad RECO_FETCH_* environment variable: {exc}") from exc
 
@@ -339,8 +354,7 @@ def _fetch_local(uri: str) -> bytes:
         raise
 
 
-def _fetch_once(uri: str, storage_options: Optional[Mapping[str, Any]],
-                parquet: Optional[ParquetRowReader]) -> bytes:
+def _fetch_once(uri: str, storage_options: Optional[Mapping[str, Any]], parquet: Optional[ParquetRowReader]) -> bytes:
     if uri.startswith("parquet://"):
         return (parquet or ParquetRowReader(storage_options)).read(uri)
     if is_url(uri):
@@ -355,8 +369,12 @@ def _fetch_once(uri: str, storage_options: Optional[Mapping[str, Any]],
     return _fetch_local(uri)
 
 
-def fetch_bytes(uri: str, storage_options: Optional[Mapping[str, Any]] = None,
-                parquet: Optional[ParquetRowReader] = None, retry: Optional[RetryPolicy] = None) -> bytes:
+def fetch_bytes(
+    uri: str,
+    storage_options: Optional[Mapping[str, Any]] = None,
+    parquet: Optional[ParquetRowReader] = None,
+    retry: Optional[RetryPolicy] = None,
+) -> bytes:
     """Bytes of an item's uri: a local path, an fsspec URL, or ``parquet://file#row``.
 
     Bad input raises :class:`BadInputError` (or ``ValueError``) at once; an ``OSError`` is retried

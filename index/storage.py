@@ -15,6 +15,7 @@ it. This module is the one place that opens fsspec (:func:`filesystem`), writes 
 from a path (:func:`is_url`). Writer locks are in :mod:`index.lock`, resumable job outputs in
 :mod:`index.output`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -63,7 +64,6 @@ def filesystem(uri: str, storage_options: StorageOptions = None):
     import fsspec
 
     return fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
-
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -211,8 +211,9 @@ def cache_dir() -> Path:
     return Path(base)
 
 
-def fetch_to_cache(uri: str, storage_options: StorageOptions = None, sha256: Optional[str] = None,
-                   version: Optional[str] = None) -> Path:
+def fetch_to_cache(
+    uri: str, storage_options: StorageOptions = None, sha256: Optional[str] = None, version: Optional[str] = None
+) -> Path:
     """A local copy of the file at ``uri`` in this node's cache (downloaded once, atomically);
     local paths are returned as they are. For weights named by URL on a cluster.
 
@@ -271,8 +272,9 @@ def _fetch_versioned(uri: str, storage_options: StorageOptions, sha256: Optional
         except Exception as exc:
             raise OSError(f"cannot read {uri}: {type(exc).__name__}: {exc}") from exc
         if sha256 is not None and file_sha256(tmp) != sha256:
-            raise ObjectChangedError(f"{uri} does not have the expected content (sha256 {sha256[:12]}...): "
-                          f"it was replaced while being read")
+            raise ObjectChangedError(
+                f"{uri} does not have the expected content (sha256 {sha256[:12]}...): it was replaced while being read"
+            )
         os.replace(tmp, dest)
     finally:
         with contextlib.suppress(OSError):
@@ -294,7 +296,9 @@ def list_files(prefix: str, storage_options: StorageOptions = None, suffix: str 
             return []
         except Exception as exc:
             raise OSError(f"cannot list {prefix}: {type(exc).__name__}: {exc}") from exc
-        return sorted(f"{scheme}://{n}" for n in names if n.endswith(suffix) and not posixpath.basename(n).startswith("."))
+        return sorted(
+            f"{scheme}://{n}" for n in names if n.endswith(suffix) and not posixpath.basename(n).startswith(".")
+        )
     p = local_path(prefix)
     if not p.is_dir():
         return []
@@ -387,8 +391,9 @@ def read_versioned(uri: str, storage_options: StorageOptions = None):
     return data, resp.get("ETag"), age
 
 
-def write_conditional(uri: str, data: bytes, storage_options: StorageOptions = None,
-                      if_version: Optional[str] = None) -> str:
+def write_conditional(
+    uri: str, data: bytes, storage_options: StorageOptions = None, if_version: Optional[str] = None
+) -> str:
     """Write ``data`` to ``uri`` in one PUT, only if the object is absent (``if_version=CREATE``)
     or still at ``if_version`` (a version from :func:`read_versioned` or from an earlier call);
     ``None``: unconditionally. Returns the new version; raises :class:`ConditionFailedError`
@@ -410,8 +415,9 @@ def write_conditional(uri: str, data: bytes, storage_options: StorageOptions = N
         resp = fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **cond)
     except Exception as exc:
         if _condition_failed(exc):
-            raise ConditionFailedError(f"{uri}: precondition failed ({'exists' if if_version == CREATE else 'changed'})") \
-                from exc
+            raise ConditionFailedError(
+                f"{uri}: precondition failed ({'exists' if if_version == CREATE else 'changed'})"
+            ) from exc
         raise OSError(f"cannot write {uri}: {type(exc).__name__}: {exc}") from exc
     finally:
         fs.invalidate_cache(path)

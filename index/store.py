@@ -44,6 +44,7 @@ other fsspec file systems it is best effort (check-then-write, one writer per st
 Format 1 stores (files named ``img_emb_00003.npy`` etc., no token, no lock) are read as they are;
 the first commit to one rewrites its manifest as format 2 (older code then refuses it clearly).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -63,20 +64,33 @@ import numpy as np
 from . import storage
 from .lock import LOCK_FILE, ObjectStoreLock, StoreError, StoreLock, StoreLockedError, make_lock
 
-__all__ = ["EmbeddingStore", "ShardRecord", "StoreError", "StoreLockedError", "StoreLock", "ObjectStoreLock",
-           "LOCK_FILE", "MANIFEST", "FORMAT_VERSION"]
+__all__ = [
+    "EmbeddingStore",
+    "ShardRecord",
+    "StoreError",
+    "StoreLockedError",
+    "StoreLock",
+    "ObjectStoreLock",
+    "LOCK_FILE",
+    "MANIFEST",
+    "FORMAT_VERSION",
+]
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
-SHARD_DIRS = (("img_emb", "img_emb_", ".npy"), ("metadata", "metadata_", ".parquet"),
-              ("skipped", "skipped_", ".parquet"))
+SHARD_DIRS = (
+    ("img_emb", "img_emb_", ".npy"),
+    ("metadata", "metadata_", ".parquet"),
+    ("skipped", "skipped_", ".parquet"),
+)
 # a shard file: group "name" is set for a finished file, unset for a temporary one (always garbage)
 _SHARD_FILE = re.compile(
     r"^\.?(?:img_emb|metadata|skipped)_(?:\d{5,}(?:\.[0-9a-f]+)?)\.(?:npy|parquet)(?:\.[0-9a-f]+)?\.tmp$"
-    r"|^(?:img_emb|metadata|skipped)_(?P<name>\d{5,}(?:\.[0-9a-f]+)?)\.(?:npy|parquet)$")
+    r"|^(?:img_emb|metadata|skipped)_(?P<name>\d{5,}(?:\.[0-9a-f]+)?)\.(?:npy|parquet)$"
+)
 
 
 @dataclass(frozen=True)
@@ -98,6 +112,7 @@ class ShardRecord:
 
 
 # -- the store ---------------------------------------------------------------------------
+
 
 class EmbeddingStore:
     """An embedding store in a local folder or under an fsspec URL (see module docstring).
@@ -172,8 +187,10 @@ class EmbeddingStore:
             except json.JSONDecodeError as exc:
                 raise StoreError(f"{path} is corrupt: {exc}") from exc
             if m.get("format_version") not in READABLE_FORMATS:
-                raise StoreError(f"{path}: unsupported store format {m.get('format_version')} "
-                                 f"(this version reads formats {READABLE_FORMATS})")
+                raise StoreError(
+                    f"{path}: unsupported store format {m.get('format_version')} "
+                    f"(this version reads formats {READABLE_FORMATS})"
+                )
             self._manifest = m
         return self._manifest
 
@@ -199,15 +216,26 @@ class EmbeddingStore:
         if not self.is_url:  # object stores have no folders
             for sub, _, _ in SHARD_DIRS:
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
-        self._write_manifest({"format_version": FORMAT_VERSION, "model": model, "dim": dim, "shards": [],
-                              "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        self._write_manifest(
+            {
+                "format_version": FORMAT_VERSION,
+                "model": model,
+                "dim": dim,
+                "shards": [],
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }
+        )
 
     def _write_manifest(self, m: Dict[str, Any]) -> None:
         assert self._lock is not None, "manifest written without the writer lock"
         self._lock.verify()
         self._lock.touch()
-        m = dict(m, format_version=FORMAT_VERSION, total=sum(s["count"] for s in m["shards"]),
-                 skipped=sum(s["skipped"] for s in m["shards"]))
+        m = dict(
+            m,
+            format_version=FORMAT_VERSION,
+            total=sum(s["count"] for s in m["shards"]),
+            skipped=sum(s["skipped"] for s in m["shards"]),
+        )
         if self.is_url:
             self._put_manifest(json.dumps(m, indent=2).encode())
             self._manifest = m
@@ -224,7 +252,8 @@ class EmbeddingStore:
         expected = self._manifest_version if self._manifest is not None else None
         try:
             self._manifest_version = storage.write_conditional(
-                uri, data, self.storage_options, if_version=expected or storage.CREATE)
+                uri, data, self.storage_options, if_version=expected or storage.CREATE
+            )
         except storage.ConditionFailedError:
             try:  # our own PUT, answered late and retried by the client?
                 current, version, _ = storage.read_versioned(uri, self.storage_options)
@@ -232,14 +261,17 @@ class EmbeddingStore:
                 current, version = None, None
             if current != data:
                 self._manifest = None
-                raise StoreLockedError(f"{uri} was replaced by another writer while this job held the writer "
-                                       f"lock: nothing more is committed by this job") from None
+                raise StoreLockedError(
+                    f"{uri} was replaced by another writer while this job held the writer "
+                    f"lock: nothing more is committed by this job"
+                ) from None
             self._manifest_version = version
 
     @property
     def shards(self) -> List[ShardRecord]:
-        return [ShardRecord(s["index"], s["count"], s["skipped"], s.get("token", ""))
-                for s in self.manifest()["shards"]]
+        return [
+            ShardRecord(s["index"], s["count"], s["skipped"], s.get("token", "")) for s in self.manifest()["shards"]
+        ]
 
     @property
     def dim(self) -> int:
@@ -253,8 +285,9 @@ class EmbeddingStore:
 
     # -- the writer lock -----------------------------------------------------------------
     @contextlib.contextmanager
-    def writer(self, job: str = "writer", heartbeat_s: Optional[float] = None,
-               stale_after_s: Optional[float] = None) -> Iterator["EmbeddingStore"]:
+    def writer(
+        self, job: str = "writer", heartbeat_s: Optional[float] = None, stale_after_s: Optional[float] = None
+    ) -> Iterator["EmbeddingStore"]:
         """Hold the store's exclusive writer lock for the block (reentrant on this object).
 
         Raises :class:`StoreLockedError` naming the owner when another job holds it. On entry the
@@ -345,9 +378,15 @@ class EmbeddingStore:
             try:
                 str(text).encode("utf-8")
             except UnicodeEncodeError as exc:
-                raise StoreError(f"{text!r} is not valid UTF-8 and cannot be stored; list inputs with "
-                                 f"index.sources (it escapes such names)") from exc
-        emb = np.asarray(embeddings, dtype=np.float32).reshape(len(ids), -1) if len(ids) else np.zeros((0, self.dim), np.float32)
+                raise StoreError(
+                    f"{text!r} is not valid UTF-8 and cannot be stored; list inputs with "
+                    f"index.sources (it escapes such names)"
+                ) from exc
+        emb = (
+            np.asarray(embeddings, dtype=np.float32).reshape(len(ids), -1)
+            if len(ids)
+            else np.zeros((0, self.dim), np.float32)
+        )
         if emb.shape[1] != self.dim:
             raise StoreError(f"embedding dim {emb.shape[1]} != store dim {self.dim}")
         norms = np.linalg.norm(emb, axis=1, keepdims=True)
@@ -357,20 +396,24 @@ class EmbeddingStore:
             for sub, _, _ in SHARD_DIRS:
                 (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._write_file(self._path("img_emb", rec), _npy_bytes(emb))
-        meta = pa.table({
-            "id": pa.array([str(i) for i in ids], pa.string()),
-            "uri": pa.array([str(u) for u in uris], pa.string()),
-            "width": pa.array(list(widths), pa.int32()),
-            "height": pa.array(list(heights), pa.int32()),
-            "shard": pa.array([index] * len(ids), pa.int32()),
-            "row": pa.array(list(range(len(ids))), pa.int32()),
-        })
+        meta = pa.table(
+            {
+                "id": pa.array([str(i) for i in ids], pa.string()),
+                "uri": pa.array([str(u) for u in uris], pa.string()),
+                "width": pa.array(list(widths), pa.int32()),
+                "height": pa.array(list(heights), pa.int32()),
+                "shard": pa.array([index] * len(ids), pa.int32()),
+                "row": pa.array(list(range(len(ids))), pa.int32()),
+            }
+        )
         self._write_table(meta, self._path("metadata", rec))
-        sk = pa.table({
-            "id": pa.array([str(s[0]) for s in skipped], pa.string()),
-            "uri": pa.array([str(s[1]) for s in skipped], pa.string()),
-            "reason": pa.array([str(s[2]) for s in skipped], pa.string()),
-        })
+        sk = pa.table(
+            {
+                "id": pa.array([str(s[0]) for s in skipped], pa.string()),
+                "uri": pa.array([str(s[1]) for s in skipped], pa.string()),
+                "reason": pa.array([str(s[2]) for s in skipped], pa.string()),
+            }
+        )
         self._write_table(sk, self._path("skipped", rec))
         self._write_manifest(dict(m, shards=m["shards"] + [rec.as_dict()]))  # the commit
         return rec

@@ -12,6 +12,7 @@ float32; a bf16 score is within ``BF16_BOUND`` of the float32 one for unit vecto
 whose bf16 score is above (k-th bf16 score - 2 bounds) is a candidate and the float32 top-k of the
 candidates is the float32 top-k of the block.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -21,7 +22,7 @@ import numpy as np
 #: |bf16 inner product - float32 inner product| for unit vectors: inputs rounded to 8 mantissa
 #: bits (relative error 2^-9 each, 2^-8 for a product) summed over |q_i x_i| <= 1 (Cauchy-Schwarz),
 #: accumulated in float32; doubled for safety
-BF16_BOUND = 2.0 ** -7
+BF16_BOUND = 2.0**-7
 #: queries re-scored at a time on the GPU path
 QUERY_CHUNK = 1024
 
@@ -75,8 +76,9 @@ def select(scores: np.ndarray, first_row: int, k: int) -> Tuple[np.ndarray, np.n
     return order(s, r, k)
 
 
-def block_topk(queries: np.ndarray, block: np.ndarray, first_row: int, k: int,
-               device: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray]:
+def block_topk(
+    queries: np.ndarray, block: np.ndarray, first_row: int, k: int, device: Optional[str] = None
+) -> Tuple[np.ndarray, np.ndarray]:
     """Top-k of ``queries`` (Q, E) float32 over one block of corpus rows (n, E) starting at corpus
     row ``first_row``; ``device`` "cuda" (or any torch device) takes the bf16 + float32 path."""
     if device is not None:
@@ -85,8 +87,9 @@ def block_topk(queries: np.ndarray, block: np.ndarray, first_row: int, k: int,
     return select(queries @ x.T, first_row, k)
 
 
-def block_topk_torch(queries: np.ndarray, block: np.ndarray, first_row: int, k: int,
-                     device: str) -> Tuple[np.ndarray, np.ndarray]:
+def block_topk_torch(
+    queries: np.ndarray, block: np.ndarray, first_row: int, k: int, device: str
+) -> Tuple[np.ndarray, np.ndarray]:
     """bf16 matmul on ``device`` proposes candidates; they are re-scored in float32 (on the same
     device) and ordered like :func:`select`. Returns the same lists as the float32 path."""
     import torch
@@ -97,7 +100,7 @@ def block_topk_torch(queries: np.ndarray, block: np.ndarray, first_row: int, k: 
     xb, xf = x.to(torch.bfloat16), x.float()
     out_s, out_r = [], []
     for a in range(0, len(queries), QUERY_CHUNK):  # bounds the (Q, width, E) gather
-        q = torch.as_tensor(np.ascontiguousarray(queries[a:a + QUERY_CHUNK], np.float32), device=device)
+        q = torch.as_tensor(np.ascontiguousarray(queries[a : a + QUERY_CHUNK], np.float32), device=device)
         approx = (q.to(torch.bfloat16) @ xb.T).float()
         kth = torch.topk(approx, k, dim=1).values[:, -1:]
         cand = approx >= kth - 2 * BF16_BOUND  # holds the float32 top-k (see BF16_BOUND)

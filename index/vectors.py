@@ -1,4 +1,5 @@
 """Row-ordered access to a corpus stored in chunks (store shards) and exact streaming top-k."""
+
 from __future__ import annotations
 
 from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
@@ -70,7 +71,7 @@ class VectorSource:
             arr = self._chunk(i)
             off = int(self.offsets[i])
             for s in range(0, size, rows):
-                yield off + s, np.ascontiguousarray(arr[s:s + rows], dtype=np.float32)
+                yield off + s, np.ascontiguousarray(arr[s : s + rows], dtype=np.float32)
             del arr
 
     def take(self, rows: np.ndarray) -> np.ndarray:
@@ -94,8 +95,13 @@ class VectorSource:
         return out
 
 
-def exact_topk(source: VectorSource, queries: np.ndarray, k: int, exclude_rows: Optional[np.ndarray] = None,
-               block_rows: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+def exact_topk(
+    source: VectorSource,
+    queries: np.ndarray,
+    k: int,
+    exclude_rows: Optional[np.ndarray] = None,
+    block_rows: Optional[int] = None,
+) -> Tuple[np.ndarray, np.ndarray]:
     """Exact inner-product top-k of ``queries`` over ``source``, streaming it block by block.
 
     Each block's top-k comes from FAISS brute force (``faiss.knn``, exact) and is merged into the

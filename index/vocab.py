@@ -13,6 +13,7 @@ duplicates after normalising case and whitespace, lines that are not valid UTF-8
 could be read as paths (``/``, ``\\``, ``..``, only dots, NUL or other control characters): a name
 is a name, never a path. A UTF-8 byte-order mark at the start of the file is dropped.
 """
+
 from __future__ import annotations
 
 import unicodedata
@@ -141,7 +142,9 @@ def _from_yaml(p: Path, text: str) -> Vocabulary:
                 raise ConfigError(f"{p}:{line}: {name!r} must map to {{synonyms: [...], exemplars: DIR}}")
             unknown = set(spec) - {"synonyms", "exemplars"}
             if unknown:
-                raise ConfigError(f"{p}:{line}: unknown key(s) {sorted(unknown)} for {name!r}; valid: synonyms, exemplars")
+                raise ConfigError(
+                    f"{p}:{line}: unknown key(s) {sorted(unknown)} for {name!r}; valid: synonyms, exemplars"
+                )
             syn = spec.get("synonyms") or []
             if isinstance(syn, str) or not all(isinstance(s, str) and s.strip() for s in syn):
                 raise ConfigError(f"{p}:{line}: synonyms of {name!r} must be a list of non-blank names")

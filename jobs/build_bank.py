@@ -10,6 +10,7 @@ archive, seeds and seed scores, flags, seconds, config hash). The vocabulary, th
 folders (inside ``--exemplars`` only), the output location and the encoders are checked before
 Ray starts (a mistake is one line, exit 2).
 """
+
 from __future__ import annotations
 
 import logging
@@ -18,8 +19,7 @@ from typing import List, Optional
 
 from reco.errors import ConfigError
 
-from .common import (JobParser, add_cluster_args, load_section, parse_json_object,
-                     parse_storage_options, positive_int)
+from .common import JobParser, add_cluster_args, load_section, parse_json_object, parse_storage_options, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +60,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     cfg = from_dict(BankConfig, load_section(args.config, "bank"), "bank")
     if args.k is not None:
         cfg = replace(cfg, k=args.k)
-    encoders = EncoderSpec(args.dense_encoder, args.dense_weights, args.clip_model, args.clip_weights,
-                           clip_dense_head=args.clip_dense_head,
-                           dense_kwargs=parse_json_object(args.dense_kwargs, "--dense-kwargs"))
-    return build_bank_job(vocab, args.out, cfg, encoders, cluster, storage, exemplars=args.exemplars,
-                          index=args.index or args.store, exact_store=bool(args.store), actors=args.actors,
-                          commit_every=args.commit_every, overwrite=args.overwrite, browser=args.report,
-                          config=vars(args))
+    encoders = EncoderSpec(
+        args.dense_encoder,
+        args.dense_weights,
+        args.clip_model,
+        args.clip_weights,
+        clip_dense_head=args.clip_dense_head,
+        dense_kwargs=parse_json_object(args.dense_kwargs, "--dense-kwargs"),
+    )
+    return build_bank_job(
+        vocab,
+        args.out,
+        cfg,
+        encoders,
+        cluster,
+        storage,
+        exemplars=args.exemplars,
+        index=args.index or args.store,
+        exact_store=bool(args.store),
+        actors=args.actors,
+        commit_every=args.commit_every,
+        overwrite=args.overwrite,
+        browser=args.report,
+        config=vars(args),
+    )

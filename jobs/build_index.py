@@ -13,16 +13,17 @@ redoes only the missing parts. ``--update`` adds the shards committed since such
 parts with the same trained quantiser (a store whose indexed shards were removed or replaced
 must be rebuilt). ``--layout`` overrides ``index.layout``.
 """
+
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 from typing import List, Optional
 
+from jobs.common import JobParser, finite_float, positive_float, positive_int
 from reco.errors import ConfigError
 
 from .common import add_cluster_args, parse_storage_options
-from jobs.common import JobParser, finite_float, positive_float, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -47,18 +48,35 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--index", help="output directory or fsspec URL (default: STORE/index)")
     p.add_argument("--factory", help="FAISS factory string (default: chosen from corpus size and memory budget)")
     p.add_argument("--memory-budget-gb", type=positive_float, default=8.0, help="memory the index may take (default 8)")
-    p.add_argument("--target-recall", type=finite_float(0, 1, lo_open=True), default=0.95, help="recall@10 the search parameters are tuned to")
-    p.add_argument("--allow-low-recall", action="store_true",
-                   help="keep an index that misses --target-recall (a WARNING, target_met: false in index.json)")
-    p.add_argument("--num-queries", type=positive_int, default=1000,
-                   help="evaluation queries; as many other corpus rows are used to tune the search parameters")
+    p.add_argument(
+        "--target-recall",
+        type=finite_float(0, 1, lo_open=True),
+        default=0.95,
+        help="recall@10 the search parameters are tuned to",
+    )
+    p.add_argument(
+        "--allow-low-recall",
+        action="store_true",
+        help="keep an index that misses --target-recall (a WARNING, target_met: false in index.json)",
+    )
+    p.add_argument(
+        "--num-queries",
+        type=positive_int,
+        default=1000,
+        help="evaluation queries; as many other corpus rows are used to tune the search parameters",
+    )
     p.add_argument("--train-size", type=positive_int, help="training sample (default max(100k, 50 nlist) rows)")
-    p.add_argument("--text-queries",
-                   help="(T, E) .npy of text-like queries (the vocabulary's CLIP text embeddings): search parameters "
-                        "are tuned on half of them, text-like and image recall@10/@50 reported in index.json")
+    p.add_argument(
+        "--text-queries",
+        help="(T, E) .npy of text-like queries (the vocabulary's CLIP text embeddings): search parameters "
+        "are tuned on half of them, text-like and image recall@10/@50 reported in index.json",
+    )
     p.add_argument("--parts", action="store_true", help="build with Ray tasks in parts (IVF factories)")
-    p.add_argument("--update", action="store_true",
-                   help="add the shards committed since a --parts build as new parts (same quantiser)")
+    p.add_argument(
+        "--update",
+        action="store_true",
+        help="add the shards committed since a --parts build as new parts (same quantiser)",
+    )
     p.add_argument("--layout", choices=("merged", "ondisk", "shards"), help="override index.layout of --ray-config")
     add_cluster_args(p)  # --ray-config (its index: section) and --storage-options (s3:// stores and indexes)
     args = p.parse_args(argv)
@@ -66,8 +84,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     _check_args(args)
 
     from index.catalog import build_index_dir
-    from index.index_files import read_text_queries
     from index.faiss_index import choose_factory, validate_factory
+    from index.index_files import read_text_queries
     from index.store import EmbeddingStore, StoreError
 
     store = EmbeddingStore(args.store, storage_options=storage)
@@ -100,25 +118,64 @@ def main(argv: Optional[List[str]] = None) -> int:
     from index.storage import join
 
     out = args.index or join(args.store, "index")
-    rep = build_index_dir(store, out, args.factory, budget, args.target_recall, allow_low_recall=args.allow_low_recall,
-                          num_queries=args.num_queries, train_size=args.train_size, storage_options=storage,
-                          text_queries=text)
+    rep = build_index_dir(
+        store,
+        out,
+        args.factory,
+        budget,
+        args.target_recall,
+        allow_low_recall=args.allow_low_recall,
+        num_queries=args.num_queries,
+        train_size=args.train_size,
+        storage_options=storage,
+        text_queries=text,
+    )
     logger.info(
         "index %s over %d vectors: recall@1 %.3f, recall@%d %.3f on %d evaluation queries (vs exact; search params "
         "%s tuned on %d other queries; target %.2f %s); batched search %.3f ms/query (%.0f queries/s); single-query "
         "latency %.2f ms median, %.2f ms p95 (%d searches); %.1f MB, built in %.1f s -> %s",
-        rep.factory, rep.n, rep.recall_at_1, rep.k, rep.recall_at_10, rep.queries, rep.search_params or "{}",
-        rep.tune_queries, rep.target_recall, "met" if rep.target_met else "NOT met", rep.batched_ms_per_query,
-        rep.batched_qps, rep.single_query_ms, rep.single_query_p95_ms, rep.single_queries, rep.index_bytes / 2**20,
-        rep.build_seconds, out)
+        rep.factory,
+        rep.n,
+        rep.recall_at_1,
+        rep.k,
+        rep.recall_at_10,
+        rep.queries,
+        rep.search_params or "{}",
+        rep.tune_queries,
+        rep.target_recall,
+        "met" if rep.target_met else "NOT met",
+        rep.batched_ms_per_query,
+        rep.batched_qps,
+        rep.single_query_ms,
+        rep.single_query_p95_ms,
+        rep.single_queries,
+        rep.index_bytes / 2**20,
+        rep.build_seconds,
+        out,
+    )
     from cluster.report import job_report, peak_memory, write_job_report
 
-    write_job_report(job_report(
-        "build-index", unit="vectors", config=vars(args), seen=n, processed=rep.n, seconds=rep.build_seconds,
-        stages={"build (train, add, tune, evaluate)": (rep.build_seconds, rep.n)},
-        memory={"driver (index build)": peak_memory()},
-        extra={"factory": rep.factory, "recall_at_1": rep.recall_at_1, f"recall_at_{rep.k}": rep.recall_at_10,
-               "target_met": rep.target_met, "index_bytes": rep.index_bytes}), out, storage)
+    write_job_report(
+        job_report(
+            "build-index",
+            unit="vectors",
+            config=vars(args),
+            seen=n,
+            processed=rep.n,
+            seconds=rep.build_seconds,
+            stages={"build (train, add, tune, evaluate)": (rep.build_seconds, rep.n)},
+            memory={"driver (index build)": peak_memory()},
+            extra={
+                "factory": rep.factory,
+                "recall_at_1": rep.recall_at_1,
+                f"recall_at_{rep.k}": rep.recall_at_10,
+                "target_met": rep.target_met,
+                "index_bytes": rep.index_bytes,
+            },
+        ),
+        out,
+        storage,
+    )
     return 0
 
 
@@ -140,10 +197,31 @@ def _build_in_parts(args, store, budget: int, storage, text=None) -> int:
         check_partable(args.factory)
     out = args.index or join(args.store, "index")
     init_ray(cluster.ray)
-    rep = build_index_parts(store, out, args.factory, budget, args.target_recall, args.allow_low_recall,
-                            args.num_queries, args.train_size, cfg=cfg, storage_options=storage, update=args.update,
-                            text_queries=text, job_config=vars(args))
-    logger.info("index %s over %d vectors in parts (%s): recall@%d %.3f (params %s), %.1f MB, %.1f s -> %s",
-                rep.factory, rep.n, cfg.layout, rep.k, rep.recall_at_10, rep.search_params or "{}",
-                rep.index_bytes / 2**20, rep.build_seconds, out)
+    rep = build_index_parts(
+        store,
+        out,
+        args.factory,
+        budget,
+        args.target_recall,
+        args.allow_low_recall,
+        args.num_queries,
+        args.train_size,
+        cfg=cfg,
+        storage_options=storage,
+        update=args.update,
+        text_queries=text,
+        job_config=vars(args),
+    )
+    logger.info(
+        "index %s over %d vectors in parts (%s): recall@%d %.3f (params %s), %.1f MB, %.1f s -> %s",
+        rep.factory,
+        rep.n,
+        cfg.layout,
+        rep.k,
+        rep.recall_at_10,
+        rep.search_params or "{}",
+        rep.index_bytes / 2**20,
+        rep.build_seconds,
+        out,
+    )
     return 0

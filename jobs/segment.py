@@ -6,12 +6,20 @@ For people trying a bank or a model out: writes ``<name>.labels.png`` (class ids
 into ``--out``. Prints each image's classes with their pixel shares. Exit status 2 when an image
 could not be read (the others are still written).
 """
+
 from __future__ import annotations
 
 from typing import List, Optional
 
-from .common import (JobParser, add_encoder_args, add_storage_args, encoder_overrides, parse_storage_options,
-                     parse_vocab, segmenter_config)
+from .common import (
+    JobParser,
+    add_encoder_args,
+    add_storage_args,
+    encoder_overrides,
+    parse_storage_options,
+    parse_vocab,
+    segmenter_config,
+)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -19,7 +27,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("images", nargs="+", help="image files")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--bank", help="concept bank URI (ReCo)")
-    src.add_argument("--model", help="trained ReCo+ model URI (reco train's RUN folder, RUN/model, or its .safetensors)")
+    src.add_argument(
+        "--model", help="trained ReCo+ model URI (reco train's RUN folder, RUN/model, or its .safetensors)"
+    )
     p.add_argument("--out", help="output folder (default: next to each input)")
     add_storage_args(p)
     add_encoder_args(p)
@@ -27,8 +37,17 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from cluster.segment_local import segment_images
 
-    bank_args = {} if args.model else dict(vocab=parse_vocab(args.vocab), cfg=segmenter_config(args),
-                                            overrides=encoder_overrides(args))
-    failures = segment_images(args.images, args.out, parse_storage_options(args.storage_options), model=args.model,
-                              bank=args.bank, **bank_args)
+    bank_args = (
+        {}
+        if args.model
+        else dict(vocab=parse_vocab(args.vocab), cfg=segmenter_config(args), overrides=encoder_overrides(args))
+    )
+    failures = segment_images(
+        args.images,
+        args.out,
+        parse_storage_options(args.storage_options),
+        model=args.model,
+        bank=args.bank,
+        **bank_args,
+    )
     return 2 if failures else 0

@@ -6,6 +6,7 @@ size) with the seed token marked and, where the bank stored them, the co-segment
 heat-map overlaid. Written to ``BANK/report/index.html`` (or ``--out``) with thumbnails beside it.
 Also run by ``reco build-bank --report``.
 """
+
 from __future__ import annotations
 
 import logging

@@ -12,6 +12,7 @@ it starts an embedded local Ray.
 Exit status: 0 done (or submitted with --no-wait), 2 a usage / connection / auth error, else the
 failed job's own exit status (3: rerun to retry transient failures; 1 when unknown or stopped).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,9 +31,11 @@ CLUSTER_COMMANDS = ("submit", "status", "logs", "stop", "list")
 
 
 def _address_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", default=None,
-                   help="the cluster's job API, e.g. http://127.0.0.1:8265 (default: RAY_API_SERVER_ADDRESS, "
-                        "else RAY_ADDRESS)")
+    p.add_argument(
+        "--address",
+        default=None,
+        help="the cluster's job API, e.g. http://127.0.0.1:8265 (default: RAY_API_SERVER_ADDRESS, else RAY_ADDRESS)",
+    )
 
 
 def _jobs() -> List[str]:
@@ -48,8 +51,13 @@ def submit_main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--entrypoint-num-cpus", type=nonneg_float, default=None, help="CPUs reserved for the job's driver")
     p.add_argument("--entrypoint-num-gpus", type=nonneg_float, default=None, help="GPUs reserved for the job's driver")
     p.add_argument("--entrypoint-memory", type=nonneg_int, default=None, help="memory (bytes) reserved for the driver")
-    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                   help="environment variable for the job (repeatable; credentials are refused)")
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment variable for the job (repeatable; credentials are refused)",
+    )
     p.add_argument("--working-dir", default=None, help="code uploaded with the job (default: this checkout)")
     p.add_argument("--submission-id", default=None, help="choose the submission id (default: Ray makes one)")
     p.add_argument("--python", default="python", help="interpreter on the cluster (default: python)")
@@ -60,27 +68,44 @@ def submit_main(argv: Optional[List[str]] = None) -> int:
         raise SubmitError(f"unknown job {a.job!r}: one of {', '.join(_jobs())}")
     env = parse_env(a.env)
     client = JobClient(a.address)
-    sub_id = client.submit(a.job, list(a.args), working_dir=a.working_dir, env=env,
-                           entrypoint_num_cpus=a.entrypoint_num_cpus, entrypoint_num_gpus=a.entrypoint_num_gpus,
-                           entrypoint_memory=a.entrypoint_memory, submission_id=a.submission_id, python=a.python)
+    sub_id = client.submit(
+        a.job,
+        list(a.args),
+        working_dir=a.working_dir,
+        env=env,
+        entrypoint_num_cpus=a.entrypoint_num_cpus,
+        entrypoint_num_gpus=a.entrypoint_num_gpus,
+        entrypoint_memory=a.entrypoint_memory,
+        submission_id=a.submission_id,
+        python=a.python,
+    )
     print(sub_id, flush=True)
     if a.no_wait:
-        logger.info("submitted %s to %s: `reco status %s`, `reco logs %s --follow`, `reco stop %s`",
-                    sub_id, client.address, sub_id, sub_id, sub_id)
+        logger.info(
+            "submitted %s to %s: `reco status %s`, `reco logs %s --follow`, `reco stop %s`",
+            sub_id,
+            client.address,
+            sub_id,
+            sub_id,
+            sub_id,
+        )
         return 0
     try:
         client.follow(sub_id)
     except KeyboardInterrupt:
-        print(f"\nstopped following; the job keeps running: `reco logs {sub_id} --follow`, `reco stop {sub_id}`",
-              file=sys.stderr)
+        print(
+            f"\nstopped following; the job keeps running: `reco logs {sub_id} --follow`, `reco stop {sub_id}`",
+            file=sys.stderr,
+        )
         return 130
     return finish(client, client.wait(sub_id, timeout=60))
 
 
 def status_main(argv: Optional[List[str]] = None) -> int:
-    p = JobParser("reco status",
-                                description="A job's status (with its last log lines when it failed), or the "
-                                            "cluster's job summary without ID.")
+    p = JobParser(
+        "reco status",
+        description="A job's status (with its last log lines when it failed), or the cluster's job summary without ID.",
+    )
     _address_arg(p)
     p.add_argument("id", nargs="?", help="submission id")
     a = p.parse_args(argv)
@@ -108,7 +133,7 @@ def logs_main(argv: Optional[List[str]] = None) -> int:
         return exit_code(info)
     text = client.logs(a.id)
     if a.tail is not None:
-        text = "\n".join(text.splitlines()[-a.tail:]) + "\n" if a.tail > 0 else ""
+        text = "\n".join(text.splitlines()[-a.tail :]) + "\n" if a.tail > 0 else ""
     sys.stdout.write(text)
     return 0
 

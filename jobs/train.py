@@ -13,15 +13,15 @@ resumes from the latest intact checkpoint; a different configuration under the s
 ``--config`` takes YAML with a ``train:`` section (every key of cluster.train.TrainConfig,
 strictly checked); the flags below override it.
 """
+
 from __future__ import annotations
 
 import logging
 from typing import List, Optional
 
 from cluster.config import load_yaml_mapping, resolve_cluster_config
-from jobs.common import add_cluster_args, parse_json_object
+from jobs.common import JobParser, add_cluster_args, parse_json_object
 from reco.errors import ConfigError
-from jobs.common import JobParser
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +34,20 @@ def train_config(args):
     if unknown:
         raise ConfigError(f"{args.config}: unknown top-level key(s) {sorted(unknown)}; expected train")
     return load_train_config(
-        data.get("train") or {}, encoder=args.encoder, encoder_weights=args.encoder_weights,
-        iterations=args.iterations, batch_size=args.batch_size, num_workers=args.num_workers,
-        use_gpu=True if args.use_gpu else None, cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures,
-        checkpoint_every=args.checkpoint_every, selection=args.selection,
-        confidence_threshold=args.confidence_threshold, loader_workers=args.loader_workers)
+        data.get("train") or {},
+        encoder=args.encoder,
+        encoder_weights=args.encoder_weights,
+        iterations=args.iterations,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        use_gpu=True if args.use_gpu else None,
+        cpus_per_worker=args.cpus_per_worker,
+        max_failures=args.max_failures,
+        checkpoint_every=args.checkpoint_every,
+        selection=args.selection,
+        confidence_threshold=args.confidence_threshold,
+        loader_workers=args.loader_workers,
+    )
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -48,8 +57,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--storage", required=True, help="runs URI (local folder or s3://bucket/prefix)")
     p.add_argument("--config", help="YAML with a `train:` section (strict keys)")
     p.add_argument("--encoder", help="smp encoder (default resnet101; tu-<timm name> also works)")
-    p.add_argument("--encoder-weights", help="ImageNet weights of the encoder (URI of .safetensors/.pth); "
-                   "default: random init")
+    p.add_argument(
+        "--encoder-weights", help="ImageNet weights of the encoder (URI of .safetensors/.pth); default: random init"
+    )
     p.add_argument("--iterations", type=int)
     p.add_argument("--batch-size", type=int, help="global batch (split over the workers)")
     p.add_argument("--num-workers", type=int, help="Ray Train workers")
@@ -58,17 +68,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--loader-workers", type=int, help="DataLoader processes per train worker")
     p.add_argument("--max-failures", type=int, help="worker failures to recover from (-1: unlimited)")
     p.add_argument("--checkpoint-every", type=int)
-    p.add_argument("--selection", choices=("last", "holdout"),
-                   help="export the last checkpoint, or the best on a held-out slice of the pseudo-labelled images")
+    p.add_argument(
+        "--selection",
+        choices=("last", "holdout"),
+        help="export the last checkpoint, or the best on a held-out slice of the pseudo-labelled images",
+    )
     p.add_argument("--confidence-threshold", type=float, help="ignore pixels whose pseudo-label confidence is below it")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start NAME afresh when it holds a run of another configuration (its checkpoints go)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start NAME afresh when it holds a run of another configuration (its checkpoints go)",
+    )
     add_cluster_args(p)
     args = p.parse_args(argv)
 
     from cluster.runtime import init_ray
     from cluster.train import execute_training, plan_training
-
 
     storage = parse_json_object(args.storage_options, "--storage-options")
     cluster = resolve_cluster_config(args.ray_config)
@@ -79,19 +94,42 @@ def main(argv: Optional[List[str]] = None) -> int:
     plan = plan_training(absolute(args.labels), absolute(args.storage), args.name, cfg, storage, args.overwrite)
     res = execute_training(plan, start_ray=lambda: init_ray(cluster.ray))  # Ray starts once the run is locked
     rep = res.report
-    logger.info("%d/%d steps, %s img/s; encoder: %s; exported %s (%s) -> %s; report %s",
-                rep["steps"], rep["iterations"], f"{rep['throughput']['images_per_s'] or 0:.2f}", rep["encoder_init"],
-                rep["selection"]["checkpoint"], rep["selection"]["mode"], res.model_uri, rep["plot"])
+    logger.info(
+        "%d/%d steps, %s img/s; encoder: %s; exported %s (%s) -> %s; report %s",
+        rep["steps"],
+        rep["iterations"],
+        f"{rep['throughput']['images_per_s'] or 0:.2f}",
+        rep["encoder_init"],
+        rep["selection"]["checkpoint"],
+        rep["selection"]["mode"],
+        res.model_uri,
+        rep["plot"],
+    )
     from cluster.report import job_report, write_job_report
 
     attempts = rep.get("attempts") or []
-    write_job_report(job_report(  # steps over every attempt of this run name (resumed runs included)
-        "train", unit="steps", config=vars(args), seen=int(rep["iterations"]), processed=int(rep["steps"]),
-        seconds=float(rep.get("fit_seconds_this_call") or 0.0),
-        stages={"training loop (all attempts)": (float(rep["throughput"]["train_seconds"] or 0.0), int(rep["steps"])),
-                "fit (this call)": (float(rep.get("fit_seconds_this_call") or 0.0), None)},
-        retries={"restart from checkpoint (worker failure or rerun)": max(0, len(attempts) - 1)},
-        extra={"train_images": rep["train_images"], "holdout_images": rep["holdout_images"],
-               "checkpoint": rep["selection"]["checkpoint"], "selection": rep["selection"]["mode"],
-               "model": res.model_uri}), res.run_uri, storage)
+    write_job_report(
+        job_report(  # steps over every attempt of this run name (resumed runs included)
+            "train",
+            unit="steps",
+            config=vars(args),
+            seen=int(rep["iterations"]),
+            processed=int(rep["steps"]),
+            seconds=float(rep.get("fit_seconds_this_call") or 0.0),
+            stages={
+                "training loop (all attempts)": (float(rep["throughput"]["train_seconds"] or 0.0), int(rep["steps"])),
+                "fit (this call)": (float(rep.get("fit_seconds_this_call") or 0.0), None),
+            },
+            retries={"restart from checkpoint (worker failure or rerun)": max(0, len(attempts) - 1)},
+            extra={
+                "train_images": rep["train_images"],
+                "holdout_images": rep["holdout_images"],
+                "checkpoint": rep["selection"]["checkpoint"],
+                "selection": rep["selection"]["mode"],
+                "model": res.model_uri,
+            },
+        ),
+        res.run_uri,
+        storage,
+    )
     return 0

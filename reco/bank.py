@@ -2,6 +2,7 @@
 
 The builder (spec steps 2-4) is :mod:`reco.builder`, whole vocabularies :mod:`reco.vocabulary`;
 their public names are re-exported here."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,16 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .builder import (ConceptBuilder, ConceptReference, ContextLike, context_vectors, otsu_threshold,
-                      reused_reference, similarity_stats, threshold_stats)
+from .builder import (
+    ConceptBuilder,
+    ConceptReference,
+    ContextLike,
+    context_vectors,
+    otsu_threshold,
+    reused_reference,
+    similarity_stats,
+    threshold_stats,
+)
 from .config import config_hash, to_dict
 from .encoders import ClipModel, DenseEncoder
 from .errors import EmptyArchiveError, ReCoError, UnknownConceptError
@@ -68,8 +77,11 @@ class ConceptBank:
             raise ValueError("prototypes and prototype_concept go together")
         if self.prototypes is not None:
             pc = self._prototype_owner().long()
-            if self.prototypes.dim() != 2 or self.prototypes.shape[1] != self.references.shape[1] \
-                    or pc.shape != (self.prototypes.shape[0],):
+            if (
+                self.prototypes.dim() != 2
+                or self.prototypes.shape[1] != self.references.shape[1]
+                or pc.shape != (self.prototypes.shape[0],)
+            ):
                 raise ValueError("prototypes must be (P, D) with one prototype_concept entry each")
             if pc.numel() and (pc.min() < 0 or pc.max() >= len(self.names)):
                 raise ValueError("prototype_concept holds an index outside the concepts")
@@ -132,11 +144,22 @@ class ConceptBank:
             rows = [r for r in range(old_index.shape[0]) if int(old_index[r, 0]) in new_of]
             sums = old_sums[rows].clone()
             counts = old_counts[rows].clone()
-            index = torch.tensor([[new_of[int(old_index[r, 0])], int(old_index[r, 1]),
-                                   proto_map[int(old_index[r, 2])]] for r in rows],
-                                 dtype=torch.long).reshape(-1, 3)
-        return ConceptBank(tuple(names), self.references[idx].clone(), pick(self.text_embeddings),
-                           pick(self.calibration), dict(self.metadata), protos, owner, sums, index, counts)
+            index = torch.tensor(
+                [[new_of[int(old_index[r, 0])], int(old_index[r, 1]), proto_map[int(old_index[r, 2])]] for r in rows],
+                dtype=torch.long,
+            ).reshape(-1, 3)
+        return ConceptBank(
+            tuple(names),
+            self.references[idx].clone(),
+            pick(self.text_embeddings),
+            pick(self.calibration),
+            dict(self.metadata),
+            protos,
+            owner,
+            sums,
+            index,
+            counts,
+        )
 
     @property
     def has_text(self) -> bool:
@@ -188,13 +211,19 @@ class ConceptBank:
                 s_rows.append(r.member_sums.reshape(k * p, -1).float())
                 c_rows.append(r.member_counts.reshape(-1).float())
                 jj, pp = torch.meshgrid(torch.arange(k), torch.arange(p), indexing="ij")
-                i_rows.append(torch.stack([torch.full((k * p,), ci), jj.reshape(-1),
-                                           (pp.reshape(-1) + base) if protos is not None else torch.full((k * p,), ci)],
-                                          dim=1))
+                i_rows.append(
+                    torch.stack(
+                        [
+                            torch.full((k * p,), ci),
+                            jj.reshape(-1),
+                            (pp.reshape(-1) + base) if protos is not None else torch.full((k * p,), ci),
+                        ],
+                        dim=1,
+                    )
+                )
                 base += p
             sums, index, counts = torch.cat(s_rows), torch.cat(i_rows).long(), torch.cat(c_rows)
-        return cls(tuple(r.name for r in refs), references, text, calibration, meta, protos, owner,
-                   sums, index, counts)
+        return cls(tuple(r.name for r in refs), references, text, calibration, meta, protos, owner, sums, index, counts)
 
     @classmethod
     def build(
@@ -233,11 +262,17 @@ class ConceptBank:
         if cfg.context_elimination and cfg.context_concepts:
             ctx_texts = (
                 dict(zip(cfg.context_concepts, builder.text_embeddings(cfg.context_concepts)))
-                if builder.clip is not None else None
+                if builder.clip is not None
+                else None
             )
             ctx = builder.build_context_references(context_archives or {}, ctx_texts)
-        refs, order = build_vocabulary(builder, names, lambda n: builder.prepare(archives[n], texts.get(n)),
-                                       {n: len(archives[n]) for n in names}, ctx)
+        refs, order = build_vocabulary(
+            builder,
+            names,
+            lambda n: builder.prepare(archives[n], texts.get(n)),
+            {n: len(archives[n]) for n in names},
+            ctx,
+        )
         meta = bank_metadata(builder, archive_mode, archive_ids)
         meta["build_order"] = list(order)
         return cls.from_references([refs[n] for n in names], text, meta)
@@ -257,8 +292,13 @@ class ConceptBank:
         names = list(features)
         if not names:
             raise EmptyArchiveError("no concepts given")
-        refs, order = build_vocabulary(builder, names, lambda n: (features[n], (language or {}).get(n)),
-                                       {n: int(features[n].shape[0]) for n in names}, context or {})
+        refs, order = build_vocabulary(
+            builder,
+            names,
+            lambda n: (features[n], (language or {}).get(n)),
+            {n: int(features[n].shape[0]) for n in names},
+            context or {},
+        )
         meta = bank_metadata(builder, archive_mode, archive_ids)
         meta["build_order"] = list(order)
         return cls.from_references([refs[n] for n in names], None, meta)
@@ -350,7 +390,9 @@ class ConceptBank:
             except Exception as exc:
                 raise ReCoError(f"concept bank at {source} is unreadable: {exc}") from exc
         if header is None:
-            raise ReCoError(f"concept bank at {source} has no {_HEADER_KEY!r} header (not written by reco-cluster >= 2)")
+            raise ReCoError(
+                f"concept bank at {source} has no {_HEADER_KEY!r} header (not written by reco-cluster >= 2)"
+            )
         return cls._from_parts(json.loads(header), tensors, source)
 
     @classmethod
@@ -362,12 +404,21 @@ class ConceptBank:
         if "references" not in tensors:
             raise ReCoError(f"concept bank at {source} holds no 'references' tensor")
         try:
-            return cls(tuple(meta["names"]), tensors["references"], tensors.get("text_embeddings"),
-                       tensors.get("calibration"), dict(meta.get("metadata", {})), tensors.get("prototypes"),
-                       tensors.get("prototype_concept"), tensors.get("member_sums"), tensors.get("member_index"),
-                       tensors.get("member_counts"))
+            return cls(
+                tuple(meta["names"]),
+                tensors["references"],
+                tensors.get("text_embeddings"),
+                tensors.get("calibration"),
+                dict(meta.get("metadata", {})),
+                tensors.get("prototypes"),
+                tensors.get("prototype_concept"),
+                tensors.get("member_sums"),
+                tensors.get("member_index"),
+                tensors.get("member_counts"),
+            )
         except ValueError as exc:
             raise ReCoError(f"concept bank at {source} is inconsistent: {exc}") from exc
+
 
 def needs_bank_json(data: bytes, source: str = "<bytes>") -> bool:
     """True for a format-1 bank blob, whose names and metadata are in ``bank.json`` rather than
@@ -413,8 +464,7 @@ def bank_metadata(
         "archive_mode": archive_mode,
         "language_guidance": builder.uses_language,
         "context_elimination": list(builder.config.context_concepts) if builder.config.context_elimination else [],
-        "context_from_vocabulary": (builder.config.context_order if builder.config.context_from_vocabulary
-                                    else None),
+        "context_from_vocabulary": (builder.config.context_order if builder.config.context_from_vocabulary else None),
         "config": to_dict(builder.config),
         "bank_config_hash": config_hash(builder.config),
         "concepts": {n: {"archive": list(ids)} for n, ids in (archive_ids or {}).items()},
@@ -427,11 +477,24 @@ def weights_id(encoder: Union[DenseEncoder, ClipModel]) -> str:
     weights label (a hub tag, "random-init")."""
     return str(getattr(encoder, "weights_id", None) or encoder.weights)
 
-# the old private names, still imported by cluster/bank_job.py and jobs/show_bank.py (use the public ones)
-_safetensors_metadata = safetensors_metadata
-_reused = reused_reference
 
-__all__ = ["BANK_FORMAT_VERSION", "ConceptBank", "ConceptBuilder", "ConceptReference", "ContextLike",
-           "bank_json_bytes", "bank_metadata", "build_order", "build_vocabulary", "claimed_share",
-           "context_vectors", "otsu_threshold", "ownership_margins", "reused_reference", "safetensors_metadata", "similarity_stats",
-           "threshold_stats", "weights_id"]
+__all__ = [
+    "BANK_FORMAT_VERSION",
+    "ConceptBank",
+    "ConceptBuilder",
+    "ConceptReference",
+    "ContextLike",
+    "bank_json_bytes",
+    "bank_metadata",
+    "build_order",
+    "build_vocabulary",
+    "claimed_share",
+    "context_vectors",
+    "otsu_threshold",
+    "ownership_margins",
+    "reused_reference",
+    "safetensors_metadata",
+    "similarity_stats",
+    "threshold_stats",
+    "weights_id",
+]

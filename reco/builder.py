@@ -1,4 +1,5 @@
 """Concept references: the :class:`ConceptBuilder` (spec steps 2-4) and its statistics."""
+
 from __future__ import annotations
 
 import logging
@@ -8,8 +9,8 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union, overloa
 import torch
 import torch.nn.functional as F
 
-from .coseg import cosegment
 from .config import BankConfig
+from .coseg import cosegment
 from .encoders import ClipModel, DenseEncoder
 from .errors import ClipUnavailableError, EmptyArchiveError, ReCoError
 from .image import ImageLike, resize_center_crop, to_pil
@@ -86,8 +87,9 @@ class ConceptBuilder:
     only the config), everything that encodes images raises.
     """
 
-    def __init__(self, dense: Optional[DenseEncoder], clip: Optional[ClipModel] = None,
-                 config: BankConfig = BankConfig()):
+    def __init__(
+        self, dense: Optional[DenseEncoder], clip: Optional[ClipModel] = None, config: BankConfig = BankConfig()
+    ):
         self.dense = dense.eval() if dense is not None else None
         self.clip = clip.eval() if clip is not None else None
         self.config = config
@@ -160,8 +162,12 @@ class ConceptBuilder:
         feats = self.archive_features(images)
         lang = None
         if self.uses_language and text is not None:
-            lang = language_weights(self.archive_dense_clip(images), text, (feats.shape[-2], feats.shape[-1]),
-                                    self.config.language_temperature)
+            lang = language_weights(
+                self.archive_dense_clip(images),
+                text,
+                (feats.shape[-2], feats.shape[-1]),
+                self.config.language_temperature,
+            )
         return feats, lang
 
     @torch.no_grad()
@@ -222,13 +228,15 @@ class ConceptBuilder:
         used_ctx: Tuple[str, ...] = ()
         if context and cfg.context_elimination:
             used_ctx = tuple(context)
-            weights = weights * context_weights(feats, context_vectors(context).to(dev), cfg.context_temperature,
-                                                cfg.context_offset)
+            weights = weights * context_weights(
+                feats, context_vectors(context).to(dev), cfg.context_temperature, cfg.context_offset
+            )
         peel = {n: v for n, v in (peel or {}).items() if n != name and n not in context}
         if peel and cfg.context_from_vocabulary:
             used_ctx += tuple(peel)
-            weights = weights * context_weights(feats, context_vectors(peel).to(dev), cfg.peel_temperature,
-                                                cfg.peel_offset)
+            weights = weights * context_weights(
+                feats, context_vectors(peel).to(dev), cfg.peel_temperature, cfg.peel_offset
+            )
         res = cosegment(feats, weights, cfg.block_size, cfg.exclude_own_image, cfg.seed_tokens, cfg.prototypes)
         seed_scores = res.scores.reshape(k, -1).gather(1, res.seed_index[:, None])[:, 0]
         protos = res.prototypes if res.prototypes is not None and res.prototypes.shape[0] > 1 else None
@@ -239,10 +247,21 @@ class ConceptBuilder:
             if cfg.calibration == "archive-threshold":
                 calib = threshold_stats(feats, vecs, res.scores, calib)
         keep = cfg.keep_members
-        return ConceptReference(name, _cpu(res.reference), _cpu(res.seed_index), (h, w), k, language is not None,
-                                used_ctx, seed_scores=_cpu(seed_scores), prototypes=_cpu(protos),
-                                calibration=_cpu(calib), member_sums=_cpu(res.member_sums) if keep else None,
-                                member_counts=_cpu(res.member_counts) if keep else None, scores=_cpu(res.scores))
+        return ConceptReference(
+            name,
+            _cpu(res.reference),
+            _cpu(res.seed_index),
+            (h, w),
+            k,
+            language is not None,
+            used_ctx,
+            seed_scores=_cpu(seed_scores),
+            prototypes=_cpu(protos),
+            calibration=_cpu(calib),
+            member_sums=_cpu(res.member_sums) if keep else None,
+            member_counts=_cpu(res.member_counts) if keep else None,
+            scores=_cpu(res.scores),
+        )
 
     @property
     def compute_device(self) -> torch.device:
@@ -310,8 +329,9 @@ def similarity_stats(features: torch.Tensor, vectors: torch.Tensor) -> torch.Ten
 
 
 @torch.no_grad()
-def threshold_stats(features: torch.Tensor, vectors: torch.Tensor, coseg: torch.Tensor,
-                    stats: torch.Tensor) -> torch.Tensor:
+def threshold_stats(
+    features: torch.Tensor, vectors: torch.Tensor, coseg: torch.Tensor, stats: torch.Tensor
+) -> torch.Tensor:
     """Move the (mean, std) calibration of a concept so that z = 0 falls on its own
     foreground/background boundary in its archive: the foreground is the co-segmentation's
     (scores above the Otsu threshold of all the archive's scores), the boundary is the midpoint

@@ -7,6 +7,7 @@ YAML never reaches this module: jobs parse YAML at the edge and call :func:`from
 rejects unknown keys with a clear message, so a typo in a config file is an error instead of a
 silently ignored setting.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -133,8 +134,9 @@ class BankConfig:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"bank.{name} must be > 0, got {getattr(self, name)}")
         if self.context_order not in CONTEXT_ORDERS:
-            raise ConfigError(f"bank.context_order must be one of {', '.join(CONTEXT_ORDERS)}, "
-                              f"got {self.context_order!r}")
+            raise ConfigError(
+                f"bank.context_order must be one of {', '.join(CONTEXT_ORDERS)}, got {self.context_order!r}"
+            )
         if self.calibration not in CALIBRATIONS:
             raise ConfigError(f"bank.calibration must be one of {', '.join(CALIBRATIONS)}, got {self.calibration!r}")
         if not isinstance(self.context_concepts, tuple):
@@ -232,8 +234,7 @@ def from_dict(cls: type[T], data: Optional[Mapping[str, Any]], where: str = "") 
     prefix = f"{where}." if where else ""
     if unknown:
         raise ConfigError(
-            f"unknown config key(s) {', '.join(prefix + u for u in unknown)}; "
-            f"valid keys: {', '.join(sorted(names))}"
+            f"unknown config key(s) {', '.join(prefix + u for u in unknown)}; valid keys: {', '.join(sorted(names))}"
         )
     kwargs = {k: _coerce(hints[k], v, prefix + k) for k, v in data.items()}
     try:
@@ -253,16 +254,34 @@ def to_dict(obj: Any) -> Any:
 
 def _paper_bank() -> BankConfig:
     return BankConfig(
-        k=50, image_size=224, language_guidance=True, language_temperature=10.0, context_elimination=True,
-        context_concepts=REFERENCE_CONTEXT_CONCEPTS, context_from_vocabulary=False, context_order="given",
-        context_temperature=1.0, context_offset=0.0, exclude_own_image=False, seed_tokens=1, prototypes=1,
-        calibration="none", keep_members=False,
+        k=50,
+        image_size=224,
+        language_guidance=True,
+        language_temperature=10.0,
+        context_elimination=True,
+        context_concepts=REFERENCE_CONTEXT_CONCEPTS,
+        context_from_vocabulary=False,
+        context_order="given",
+        context_temperature=1.0,
+        context_offset=0.0,
+        exclude_own_image=False,
+        seed_tokens=1,
+        prototypes=1,
+        calibration="none",
+        keep_members=False,
     )
 
 
 def _paper_segmenter() -> SegmenterConfig:
-    return SegmenterConfig(image_size=320, dense_clip=True, text_temperature=10.0, calibrate=False,
-                           background_threshold=None, crf=None, exclude_own_archive=False)
+    return SegmenterConfig(
+        image_size=320,
+        dense_clip=True,
+        text_temperature=10.0,
+        calibrate=False,
+        background_threshold=None,
+        crf=None,
+        exclude_own_archive=False,
+    )
 
 
 #: Named configurations: ``reco-paper`` is the paper's (spec defaults: context archives for

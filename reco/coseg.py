@@ -11,6 +11,7 @@ This is the *intended* per-image maximum: the public reference code slices image
 ``start:start+end`` and so takes the max over images j..2j. The affinity is computed in row
 blocks, so memory is O(block * k * hw) instead of O((k * hw)^2).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -164,9 +165,16 @@ def cosegment(
     onehot = F.one_hot(assign, p).float().reshape(k, n, p)  # (k, n, P)
     member_sums = torch.einsum("knp,knd->kpd", onehot, region_feats)
     member_counts = onehot.sum(dim=1)
-    return CosegResult(reference=reference, seed_index=seed_index, seed_features=seeds, scores=scores,
-                       region_index=region, prototypes=protos, member_sums=member_sums,
-                       member_counts=member_counts)
+    return CosegResult(
+        reference=reference,
+        seed_index=seed_index,
+        seed_features=seeds,
+        scores=scores,
+        region_index=region,
+        prototypes=protos,
+        member_sums=member_sums,
+        member_counts=member_counts,
+    )
 
 
 @fp32

@@ -1,4 +1,5 @@
 """Optional DenseCRF refinement (spec step 6) with pydensecrf2 (imports as ``pydensecrf``)."""
+
 from __future__ import annotations
 
 import numpy as np

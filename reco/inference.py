@@ -3,6 +3,7 @@
 Every function here computes in float32 with autocast disabled (:mod:`reco.precision`), so
 encoders may run in bf16 without changing which concept wins a pixel.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -23,14 +24,14 @@ def reference_similarity(features: torch.Tensor, references: torch.Tensor) -> to
     Returns:
         (B, C, h, w) cosine similarities.
     """
-    return torch.einsum(
-        "bdhw,cd->bchw", F.normalize(features.float(), dim=1), F.normalize(references.float(), dim=1)
-    )
+    return torch.einsum("bdhw,cd->bchw", F.normalize(features.float(), dim=1), F.normalize(references.float(), dim=1))
 
 
 @fp32
 def concept_similarity(
-    features: torch.Tensor, vectors: torch.Tensor, owner: Optional[torch.Tensor] = None,
+    features: torch.Tensor,
+    vectors: torch.Tensor,
+    owner: Optional[torch.Tensor] = None,
     num_concepts: Optional[int] = None,
 ) -> torch.Tensor:
     """Each concept's best cosine over its prototypes: max_{p of c} cos(f, v_p).
@@ -74,9 +75,7 @@ def calibrate(similarity: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
 @fp32
 def text_similarity(dense_clip: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """cos(denseCLIP(pixel), text_c): (B, E, h', w') x (C, E) -> (B, C, h', w')."""
-    return torch.einsum(
-        "behw,ce->bchw", F.normalize(dense_clip.float(), dim=1), F.normalize(text.float(), dim=1)
-    )
+    return torch.einsum("behw,ce->bchw", F.normalize(dense_clip.float(), dim=1), F.normalize(text.float(), dim=1))
 
 
 @fp32

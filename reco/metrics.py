@@ -1,4 +1,5 @@
 """Running confusion-matrix segmentation metrics (the spec's evaluation protocol)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -75,8 +76,9 @@ def roc_auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
     return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
-def object_background_tokens(features: torch.Tensor, mask: torch.Tensor, background: int = 0,
-                             ignore_index: int = 255, min_share: float = 0.5):
+def object_background_tokens(
+    features: torch.Tensor, mask: torch.Tensor, background: int = 0, ignore_index: int = 255, min_share: float = 0.5
+):
     """Tokens of one image labelled object / background from its ground truth.
 
     Args:

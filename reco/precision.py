@@ -6,6 +6,7 @@ cosines differ in the third decimal (measured: ~4% of pixels). :func:`full_preci
 autocast off for the block it guards, whatever device type enabled it, and :func:`fp32` does the
 same for a whole function. Inputs are still cast with ``.float()`` by the functions themselves.
 """
+
 from __future__ import annotations
 
 import contextlib

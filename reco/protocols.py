@@ -12,6 +12,7 @@ always the images (or image windows) alone, never their masks.
 * :func:`drive_of` / :func:`drive_folds`: leave-one-drive-out folds (CamVid ids are
   ``<drive>_<frame>``), the only folds whose scored frames are not near-duplicates of an archive.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -52,8 +53,9 @@ def window_positions(length: int, size: int, stride: int) -> List[int]:
     return list(range(0, length - size + 1, stride))
 
 
-def best_windows(mask: np.ndarray, num_classes: int, size: int = 180, stride: int = 30
-                 ) -> Tuple[np.ndarray, np.ndarray]:
+def best_windows(
+    mask: np.ndarray, num_classes: int, size: int = 180, stride: int = 30
+) -> Tuple[np.ndarray, np.ndarray]:
     """Per class, the window with the largest share of the class in one (H, W) mask.
 
     Windows are ``size`` x ``size`` (clipped to a smaller image) at offsets every ``stride`` px in
@@ -79,8 +81,14 @@ def best_windows(mask: np.ndarray, num_classes: int, size: int = 180, stride: in
     return boxes, shares
 
 
-def crop_archives(ids: Sequence[str], masks: Sequence[np.ndarray], classes: Sequence[str], k: int = 50,
-                  size: int = 180, stride: int = 30) -> Dict[str, List[ArchiveEntry]]:
+def crop_archives(
+    ids: Sequence[str],
+    masks: Sequence[np.ndarray],
+    classes: Sequence[str],
+    k: int = 50,
+    size: int = 180,
+    stride: int = 30,
+) -> Dict[str, List[ArchiveEntry]]:
     """The concept-centric crop archives: per class, every frame's best window
     (:func:`best_windows`); the ``k`` frames whose window has the largest share (ties by id),
     frames without the class left out. Classes absent from every frame get no archive."""
@@ -101,8 +109,9 @@ def _box(row: np.ndarray) -> Tuple[int, int, int, int]:
     return left, top, right, bottom
 
 
-def frame_archives(ids: Sequence[str], masks: Sequence[np.ndarray], classes: Sequence[str], k: int = 50,
-                   min_coverage: float = 0.01) -> Dict[str, List[ArchiveEntry]]:
+def frame_archives(
+    ids: Sequence[str], masks: Sequence[np.ndarray], classes: Sequence[str], k: int = 50, min_coverage: float = 0.01
+) -> Dict[str, List[ArchiveEntry]]:
     """Per class: the frames where it covers at least ``min_coverage`` of the pixels, largest
     share first (ties by id), up to ``k``; the whole frame is the archive member."""
     cover = coverage(masks, len(classes))
@@ -111,13 +120,23 @@ def frame_archives(ids: Sequence[str], masks: Sequence[np.ndarray], classes: Seq
         cand = [i for i in range(len(ids)) if cover[i, c] >= min_coverage]
         cand.sort(key=lambda i: (-cover[i, c], ids[i]))
         if cand:
-            out[name] = [ArchiveEntry(i, (0, 0, int(masks[i].shape[1]), int(masks[i].shape[0])), float(cover[i, c]))
-                         for i in cand[:k]]
+            out[name] = [
+                ArchiveEntry(i, (0, 0, int(masks[i].shape[1]), int(masks[i].shape[0])), float(cover[i, c]))
+                for i in cand[:k]
+            ]
     return out
 
 
-def make_archives(mode: str, ids: Sequence[str], masks: Sequence[np.ndarray], classes: Sequence[str], k: int = 50,
-                  min_coverage: float = 0.01, size: int = 180, stride: int = 30) -> Dict[str, List[ArchiveEntry]]:
+def make_archives(
+    mode: str,
+    ids: Sequence[str],
+    masks: Sequence[np.ndarray],
+    classes: Sequence[str],
+    k: int = 50,
+    min_coverage: float = 0.01,
+    size: int = 180,
+    stride: int = 30,
+) -> Dict[str, List[ArchiveEntry]]:
     """:func:`crop_archives` or :func:`frame_archives` by ``mode`` (one of :data:`ARCHIVE_MODES`)."""
     if mode == "crops":
         return crop_archives(ids, masks, classes, k, size, stride)
@@ -144,13 +163,19 @@ def drive_folds(ids: Sequence[str]) -> List[Tuple[str, List[int], List[int]]]:
     drives = sorted({str(drive_of(i)) for i in ids})
     if len(drives) < 2 or any(drive_of(i) is None for i in ids):
         raise ValueError(f"leave-one-drive-out needs at least 2 drives, got {drives}")
-    return [(d, [i for i, x in enumerate(ids) if str(drive_of(x)) != d],
-             [i for i, x in enumerate(ids) if str(drive_of(x)) == d])
-            for d in drives]
+    return [
+        (
+            d,
+            [i for i, x in enumerate(ids) if str(drive_of(x)) != d],
+            [i for i, x in enumerate(ids) if str(drive_of(x)) == d],
+        )
+        for d in drives
+    ]
 
 
-def archives_from_labels(ids: Sequence[str], cover: np.ndarray, classes: Sequence[str], k: int,
-                         min_coverage: float = 0.01) -> Dict[str, List[int]]:
+def archives_from_labels(
+    ids: Sequence[str], cover: np.ndarray, classes: Sequence[str], k: int, min_coverage: float = 0.01
+) -> Dict[str, List[int]]:
     """Per class: indices of the images where it covers at least ``min_coverage`` of the pixels,
     largest coverage first (ties by id: deterministic, as a retrieval ranking would be), up to
     ``k``. Classes with no such image get no archive (they are not built, never predicted)."""
@@ -164,8 +189,9 @@ def archives_from_labels(ids: Sequence[str], cover: np.ndarray, classes: Sequenc
 
 
 @torch.no_grad()
-def supervised_references(feats: Sequence[torch.Tensor], masks: Sequence[np.ndarray], num_classes: int,
-                          purity: float = 0.5) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def supervised_references(
+    feats: Sequence[torch.Tensor], masks: Sequence[np.ndarray], num_classes: int, purity: float = 0.5
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The supervised-prototype ceiling's references: per class, the normalised mean of the
     L2-normalised feature tokens whose cell is at least ``purity`` that class in the ground
     truth (masks area-averaged onto each image's token grid).
@@ -212,8 +238,9 @@ def class_prior_map(masks: Sequence[np.ndarray], num_classes: int, grid: int = 6
 def prior_prediction(prior: np.ndarray, shape: Tuple[int, int]) -> np.ndarray:
     from PIL import Image
 
-    return np.asarray(Image.fromarray(prior.astype(np.int32), mode="I").resize((shape[1], shape[0]), Image.Resampling.NEAREST)
-                      ).astype(np.int64)
+    return np.asarray(
+        Image.fromarray(prior.astype(np.int32), mode="I").resize((shape[1], shape[0]), Image.Resampling.NEAREST)
+    ).astype(np.int64)
 
 
 def has_drives(ids: Sequence[str]) -> bool:

@@ -1,4 +1,5 @@
 """The :class:`Segmenter` facade: images in, full-resolution label maps and scores out."""
+
 from __future__ import annotations
 
 import logging
@@ -67,28 +68,34 @@ class Segmenter:
         if config.calibrate and bank.calibration is None:
             raise ConfigError("segmenter.calibrate is on but the bank has no calibration statistics")
         if config.exclude_own_archive and not bank.has_members:
-            raise ConfigError("segmenter.exclude_own_archive needs a bank that keeps its archive members "
-                              "(build it with bank.keep_members: true)")
+            raise ConfigError(
+                "segmenter.exclude_own_archive needs a bank that keeps its archive members "
+                "(build it with bank.keep_members: true)"
+            )
         mismatch = encoder_mismatches(bank, dense, clip if (config.dense_clip and bank.has_text) else None)
         if mismatch:
             msg = "the bank does not fit these encoders: " + "; ".join(mismatch)
             if not config.allow_encoder_mismatch:
-                raise ConfigError(msg + " (rebuild the bank with these encoders, or set "
-                                  "segmenter.allow_encoder_mismatch if you know they are interchangeable)")
+                raise ConfigError(
+                    msg + " (rebuild the bank with these encoders, or set "
+                    "segmenter.allow_encoder_mismatch if you know they are interchangeable)"
+                )
             logger.warning("%s (allowed by segmenter.allow_encoder_mismatch)", msg)
         self.bank = bank
         self.dense = dense.eval()
         self.clip = clip.eval() if clip is not None else None
         self.config = config
-        self.use_dense_clip = bool(
-            config.dense_clip and clip is not None and clip.supports_dense and bank.has_text
-        )
+        self.use_dense_clip = bool(config.dense_clip and clip is not None and clip.supports_dense and bank.has_text)
         if config.dense_clip and not self.use_dense_clip:
             logger.info("dense CLIP unavailable (no CLIP weights or no text embeddings): reference matching only")
-        self.calibrated = bool(bank.calibration is not None and (
-            config.calibrate is True or (config.calibrate is None and config.background_threshold is not None)))
+        self.calibrated = bool(
+            bank.calibration is not None
+            and (config.calibrate is True or (config.calibrate is None and config.background_threshold is not None))
+        )
         names = tuple(bank.names)
-        self.class_names: Tuple[str, ...] = ((BACKGROUND,) + names) if config.background_threshold is not None else names
+        self.class_names: Tuple[str, ...] = (
+            ((BACKGROUND,) + names) if config.background_threshold is not None else names
+        )
 
     @property
     def mode(self) -> str:
@@ -161,14 +168,18 @@ class Segmenter:
                 logits = calibrate(logits, self.bank.calibration)
         return logits
 
-    def _scores_same_size(self, pils: Sequence["Image.Image"], ids: Optional[Sequence[str]] = None) -> List[torch.Tensor]:
+    def _scores_same_size(
+        self, pils: Sequence["Image.Image"], ids: Optional[Sequence[str]] = None
+    ) -> List[torch.Tensor]:
         logits = self.concept_logits(self.features(pils), ids)
         text_sim = None
         if self.use_dense_clip:
             assert self.clip is not None and self.bank.text_embeddings is not None
             xc = torch.stack([resize_for_inference(p, self.config.image_size, self.clip.patch_size) for p in pils])
             xc = xc.to(self.clip.device)
-            text_sim = text_similarity(self.clip.dense(self.clip.normalize(xc)), self.bank.text_embeddings.to(xc.device))
+            text_sim = text_similarity(
+                self.clip.dense(self.clip.normalize(xc)), self.bank.text_embeddings.to(xc.device)
+            )
         out = []
         for i, p in enumerate(pils):
             t = None if text_sim is None else text_sim[i : i + 1]
@@ -176,8 +187,9 @@ class Segmenter:
         return out
 
     @torch.no_grad()
-    def finish_scores(self, logits: torch.Tensor, size: Tuple[int, int], text_sim: Optional[torch.Tensor] = None
-                      ) -> torch.Tensor:
+    def finish_scores(
+        self, logits: torch.Tensor, size: Tuple[int, int], text_sim: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """(B, C, h, w) logits -> (B, C', H, W) scores: sigmoid, upsampled, x dense CLIP when
         given, with the constant background class first when a threshold is configured."""
         s = combine_scores(logits, size, text_sim, self.config.text_temperature).float().cpu()
@@ -196,8 +208,9 @@ class Segmenter:
             labels = scores.float().argmax(dim=0)
         return labels, scores
 
-    def __call__(self, images: Union[ImageLike, Sequence[ImageLike]],
-                 ids: Optional[Sequence[str]] = None) -> List[SegmentationOutput]:
+    def __call__(
+        self, images: Union[ImageLike, Sequence[ImageLike]], ids: Optional[Sequence[str]] = None
+    ) -> List[SegmentationOutput]:
         """Segment one image or a list of images (PIL, (H, W, 3) uint8 array, (3, H, W) tensor).
         ``ids`` name the images (for ``exclude_own_archive``)."""
         if isinstance(images, (list, tuple)):

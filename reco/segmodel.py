@@ -14,6 +14,7 @@ encoder weights, export (safetensors + JSON, never pickle), reload and inference
 encoder's output stride, segmented, the padding removed, the logits upsampled (bilinear) to the
 image's own size and arg-maxed in float32. Labels index ``class_names``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -60,8 +61,13 @@ class SegModelSpec:
             raise ConfigError(f"decoder_channels must be >= 1, got {self.decoder_channels}")
 
     def smp_kwargs(self) -> Dict[str, Any]:
-        return {"encoder_name": self.encoder, "encoder_weights": None, "encoder_output_stride": self.output_stride,
-                "decoder_channels": self.decoder_channels, "classes": self.num_classes}
+        return {
+            "encoder_name": self.encoder,
+            "encoder_weights": None,
+            "encoder_output_stride": self.output_stride,
+            "decoder_channels": self.decoder_channels,
+            "classes": self.num_classes,
+        }
 
 
 def check_encoder(name: str) -> None:
@@ -78,8 +84,9 @@ def check_encoder(name: str) -> None:
     names = smp.encoders.get_encoder_names()
     if name not in names:
         close = [n for n in names if n.split("_")[0][:4] == name.split("_")[0][:4]][:8]
-        raise ConfigError(f"unknown encoder {name!r}; smp encoders include {', '.join(close or names[:12])} "
-                          f"(or tu-<timm model name>)")
+        raise ConfigError(
+            f"unknown encoder {name!r}; smp encoders include {', '.join(close or names[:12])} (or tu-<timm model name>)"
+        )
 
 
 def build_model(spec: SegModelSpec) -> torch.nn.Module:
@@ -133,7 +140,7 @@ def load_encoder_weights(model: torch.nn.Module, state: Mapping[str, torch.Tenso
     for k, v in state.items():
         for pre in ("module.", "encoder."):
             if k.startswith(pre):
-                k = k[len(pre):]
+                k = k[len(pre) :]
         if not k.startswith(_CLASSIFIER_PREFIXES):
             clean[k] = v
     best: Dict[str, torch.Tensor] = {}
@@ -146,7 +153,8 @@ def load_encoder_weights(model: torch.nn.Module, state: Mapping[str, torch.Tenso
     if missing or wrong:
         raise WeightsMismatchError(
             f"{source} does not fit encoder {type(enc).__name__}: {len(missing)} tensors missing "
-            f"(e.g. {missing[:3]}), {len(wrong)} of another shape (e.g. {wrong[:3]})")
+            f"(e.g. {missing[:3]}), {len(wrong)} of another shape (e.g. {wrong[:3]})"
+        )
     load = {k: best[k].to(own[k].dtype) for k in own if k in best}
     bad = [k for k, v in load.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
@@ -167,8 +175,9 @@ def file_sha256(path: Union[str, Path]) -> str:
 # inference
 
 
-def preprocess(image: Image.Image, base_size: int, mean: Sequence[float], std: Sequence[float],
-               multiple: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
+def preprocess(
+    image: Image.Image, base_size: int, mean: Sequence[float], std: Sequence[float], multiple: int
+) -> Tuple[torch.Tensor, Tuple[int, int]]:
     """(1, 3, H', W') normalised tensor of ``image`` resized to shorter side ``base_size`` and
     zero-padded (= the mean colour) to multiples of ``multiple``; and the unpadded (h, w)."""
     w, h = image.size
@@ -183,9 +192,15 @@ def preprocess(image: Image.Image, base_size: int, mean: Sequence[float], std: S
 
 
 @torch.no_grad()
-def predict_logits(model: torch.nn.Module, image: Image.Image, base_size: int, mean: Sequence[float],
-                   std: Sequence[float], device: Union[str, torch.device] = "cpu",
-                   bf16: bool = False) -> torch.Tensor:
+def predict_logits(
+    model: torch.nn.Module,
+    image: Image.Image,
+    base_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: Union[str, torch.device] = "cpu",
+    bf16: bool = False,
+) -> torch.Tensor:
     """(C, H, W) float32 logits of ``image`` at its own size (see the module docstring)."""
     was_training = model.training
     model.eval()
@@ -204,10 +219,18 @@ def predict_logits(model: torch.nn.Module, image: Image.Image, base_size: int, m
 class SegModel:
     """A trained ReCo+ model: ``predict(pil_image) -> (labels (H, W) int64, class_names)``."""
 
-    def __init__(self, model: torch.nn.Module, spec: SegModelSpec, class_names: Sequence[str],
-                 base_size: int = 320, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 training: Optional[Mapping[str, Any]] = None, device: Union[str, torch.device] = "cpu",
-                 bf16: bool = False):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        spec: SegModelSpec,
+        class_names: Sequence[str],
+        base_size: int = 320,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        training: Optional[Mapping[str, Any]] = None,
+        device: Union[str, torch.device] = "cpu",
+        bf16: bool = False,
+    ):
         if len(class_names) != spec.num_classes:
             raise ConfigError(f"{len(class_names)} class names for a {spec.num_classes}-class model")
         self.model = model.to(device).eval()
@@ -238,13 +261,22 @@ class SegModel:
 
     # -- export / load ------------------------------------------------------------------------
     def metadata(self) -> Dict[str, Any]:
-        return {"format": FORMAT, "version": VERSION, "architecture": ARCHITECTURE,
-                "spec": asdict(self.spec), "smp_kwargs": self.spec.smp_kwargs(), "classes": self.class_names,
-                "normalisation": {"input": "RGB scaled to [0, 1]", "mean": list(self.mean), "std": list(self.std)},
-                "inference": {"base_size": self.base_size, "resize": "shorter side to base_size, bilinear",
-                              "pad_to_multiple_of": required_multiple(self.model),
-                              "upsample": "bilinear logits to the input size, argmax in float32"},
-                "training": self.training}
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "architecture": ARCHITECTURE,
+            "spec": asdict(self.spec),
+            "smp_kwargs": self.spec.smp_kwargs(),
+            "classes": self.class_names,
+            "normalisation": {"input": "RGB scaled to [0, 1]", "mean": list(self.mean), "std": list(self.std)},
+            "inference": {
+                "base_size": self.base_size,
+                "resize": "shorter side to base_size, bilinear",
+                "pad_to_multiple_of": required_multiple(self.model),
+                "upsample": "bilinear logits to the input size, argmax in float32",
+            },
+            "training": self.training,
+        }
 
     def to_bytes(self) -> Tuple[bytes, bytes]:
         """(model.safetensors bytes, model.json bytes)."""
@@ -257,8 +289,13 @@ class SegModel:
         return weights, json.dumps(meta, indent=2).encode()
 
     @classmethod
-    def from_bytes(cls, weights: bytes, meta_json: Optional[bytes] = None, source: str = "<bytes>",
-                   device: Union[str, torch.device] = "cpu") -> "SegModel":
+    def from_bytes(
+        cls,
+        weights: bytes,
+        meta_json: Optional[bytes] = None,
+        source: str = "<bytes>",
+        device: Union[str, torch.device] = "cpu",
+    ) -> "SegModel":
         """Rebuild from :meth:`to_bytes` output (``meta_json`` None: the copy in the header)."""
         from safetensors.torch import load
 
@@ -270,15 +307,18 @@ class SegModel:
         if meta_text is None:
             meta_text = _header_metadata(weights)
             if meta_text is None:
-                raise WeightsMismatchError(f"{source}: no {_HEADER_KEY} metadata in the safetensors header "
-                                           f"and no {META_FILE}")
+                raise WeightsMismatchError(
+                    f"{source}: no {_HEADER_KEY} metadata in the safetensors header and no {META_FILE}"
+                )
         try:
             meta = json.loads(meta_text)
         except json.JSONDecodeError as exc:
             raise WeightsMismatchError(f"{source}: model.json is not valid JSON: {exc}") from exc
         if meta.get("format") != FORMAT or int(meta.get("version", 0)) > VERSION:
-            raise WeightsMismatchError(f"{source} is not a {FORMAT} v<={VERSION} model "
-                                       f"(format {meta.get('format')!r}, version {meta.get('version')!r})")
+            raise WeightsMismatchError(
+                f"{source} is not a {FORMAT} v<={VERSION} model "
+                f"(format {meta.get('format')!r}, version {meta.get('version')!r})"
+            )
         want = meta.get("weights_sha256")
         if want and hashlib.sha256(weights).hexdigest() != want:
             raise WeightsMismatchError(f"{source}: model.safetensors does not match the sha256 in model.json")
@@ -289,8 +329,16 @@ class SegModel:
         except RuntimeError as exc:
             raise WeightsMismatchError(f"{source}: weights do not fit {spec}: {exc}") from exc
         norm = meta.get("normalisation", {})
-        return cls(model, spec, meta["classes"], meta.get("inference", {}).get("base_size", 320),
-                   norm.get("mean", IMAGENET_MEAN), norm.get("std", IMAGENET_STD), meta.get("training"), device)
+        return cls(
+            model,
+            spec,
+            meta["classes"],
+            meta.get("inference", {}).get("base_size", 320),
+            norm.get("mean", IMAGENET_MEAN),
+            norm.get("std", IMAGENET_STD),
+            meta.get("training"),
+            device,
+        )
 
     def save(self, folder: Union[str, Path]) -> Path:
         """Write model.safetensors then model.json into a local folder (atomic renames)."""
@@ -320,9 +368,20 @@ def _header_metadata(data: bytes) -> Optional[str]:
     import struct
 
     n = struct.unpack("<Q", data[:8])[0]
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
     return (header.get("__metadata__") or {}).get(_HEADER_KEY)
 
 
-__all__ = ["SegModel", "SegModelSpec", "build_model", "check_encoder", "load_encoder_weights", "read_state_dict",
-           "predict_logits", "preprocess", "required_multiple", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = [
+    "SegModel",
+    "SegModelSpec",
+    "build_model",
+    "check_encoder",
+    "load_encoder_weights",
+    "read_state_dict",
+    "predict_logits",
+    "preprocess",
+    "required_multiple",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+]

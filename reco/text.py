@@ -4,6 +4,7 @@ A concept's embedding is the mean of its per-template embeddings, each L2-normal
 mean renormalised. The template list is the 80 CLIP ImageNet templates plus the five
 "... in the scene" templates used by MaskCLIP/ReCo for dense prediction (85 in all).
 """
+
 from __future__ import annotations
 
 from typing import Callable, Sequence, Tuple

@@ -1,4 +1,5 @@
 """Colour overlays of label maps (pure: PIL/numpy in, PIL out)."""
+
 from __future__ import annotations
 
 import numpy as np

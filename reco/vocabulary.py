@@ -15,6 +15,7 @@ Orders (``BankConfig.context_order``):
   by decreasing margin, each peeling the owners before it (``owners_peel``) or each keeping its
   plain co-segmentation (its archive is about it: nothing needs peeling).
 """
+
 from __future__ import annotations
 
 import logging
@@ -54,8 +55,9 @@ def build_order(
     if confidences is None:
         raise ConfigError(f"context_order {config.context_order!r} needs each concept's confidence")
     if config.context_order == "ownership":
-        return sorted(names, key=lambda n: (_finite(confidences[n]) <= config.own_margin, -_finite(confidences[n]),
-                                            pos[n]))
+        return sorted(
+            names, key=lambda n: (_finite(confidences[n]) <= config.own_margin, -_finite(confidences[n]), pos[n])
+        )
     return sorted(names, key=lambda n: (-_finite(confidences[n]), pos[n]))
 
 
@@ -114,27 +116,29 @@ def claimed_share(vectors: torch.Tensor, features: torch.Tensor, temperature: fl
     return float(torch.sigmoid(temperature * (sim - offset)).mean())
 
 
-def ownership_margins(refs: Mapping[str, ConceptReference], features: Mapping[str, torch.Tensor],
-                      temperature: float, offset: float) -> Dict[str, float]:
+def ownership_margins(
+    refs: Mapping[str, ConceptReference], features: Mapping[str, torch.Tensor], temperature: float, offset: float
+) -> Dict[str, float]:
     """Per concept: the share of its own archive its reference claims minus the largest share it
     claims of another concept's archive (:func:`claimed_share`, the peeling weight). Positive:
     the region is what this archive is about; negative: another archive is more about it."""
     out = {}
     for n, r in refs.items():
         own = claimed_share(r.vectors, features[n], temperature, offset)
-        other = max((claimed_share(r.vectors, features[m], temperature, offset) for m in features if m != n),
-                    default=0.0)
+        other = max(
+            (claimed_share(r.vectors, features[m], temperature, offset) for m in features if m != n), default=0.0
+        )
         out[n] = own - other
     return out
 
 
-def _build_by_ownership(builder: ConceptBuilder, names: Sequence[str], prepare,
-                        context: Mapping[str, ContextLike]) -> Tuple[Dict[str, ConceptReference], List[str]]:
+def _build_by_ownership(
+    builder: ConceptBuilder, names: Sequence[str], prepare, context: Mapping[str, ContextLike]
+) -> Tuple[Dict[str, ConceptReference], List[str]]:
     cfg = builder.config
     prepared = {n: prepare(n) for n in names if n not in context}
     plain = {n: builder.build_from_features(n, f, context, lang) for n, (f, lang) in prepared.items()}
-    margins = ownership_margins(plain, {n: f for n, (f, _) in prepared.items()}, cfg.peel_temperature,
-                                cfg.peel_offset)
+    margins = ownership_margins(plain, {n: f for n, (f, _) in prepared.items()}, cfg.peel_temperature, cfg.peel_offset)
     margins.update({n: float("inf") for n in names if n in context})
     order = build_order(cfg, names, None, margins)
     owners = {n for n in names if margins[n] > cfg.own_margin}
@@ -149,6 +153,9 @@ def _build_by_ownership(builder: ConceptBuilder, names: Sequence[str], prepare,
             continue
         f, lang = prepared[n]
         refs[n] = builder.build_from_features(n, f, context, lang, peel)
-    logger.info("ownership margins: %s; owners peel: %s",
-                {n: round(v, 3) for n, v in margins.items()}, [n for n in order if n in owners])
+    logger.info(
+        "ownership margins: %s; owners peel: %s",
+        {n: round(v, 3) for n, v in margins.items()},
+        [n for n in order if n in owners],
+    )
     return refs, order

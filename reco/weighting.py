@@ -3,6 +3,7 @@
 Both functions return weights in [0, 1] on the dense encoder's token grid; the co-segmentation
 multiplies the affinity to each *target* token by its weight.
 """
+
 from __future__ import annotations
 
 from typing import Tuple
@@ -52,7 +53,5 @@ def context_weights(
     k, _, h, w = features.shape
     if context_refs.numel() == 0:
         return torch.ones(k, h, w, device=features.device)
-    cos = torch.einsum(
-        "kdhw,md->kmhw", F.normalize(features.float(), dim=1), F.normalize(context_refs.float(), dim=1)
-    )
+    cos = torch.einsum("kdhw,md->kmhw", F.normalize(features.float(), dim=1), F.normalize(context_refs.float(), dim=1))
     return torch.prod(1.0 - torch.sigmoid(temperature * (cos - offset)), dim=1)

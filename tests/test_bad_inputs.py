@@ -5,6 +5,7 @@ value, or garbage reported as success (``--background-threshold nan``: exit 0, e
 background). Here every case must exit 2 with exactly one ERROR line naming the problem, without
 Ray being started and within seconds.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,8 @@ import os
 import time
 
 import pytest
-
 from conftest import TINY_VIT, make_image
+
 from jobs.cli import main
 
 DENSE_KW = json.dumps(TINY_VIT)
@@ -66,8 +67,10 @@ def bank_dir(tmp_path, tiny_dense_path):
 
     dense = create_dense_encoder("dino_vits16", tiny_dense_path, **TINY_VIT)
     imgs = [make_image(i, (64, 64)) for i in range(4)]
-    bank = ConceptBank.build({"cat": imgs[:2], "dog": imgs[2:]},
-                             ConceptBuilder(dense, None, BankConfig(image_size=64, context_elimination=False)))
+    bank = ConceptBank.build(
+        {"cat": imgs[:2], "dog": imgs[2:]},
+        ConceptBuilder(dense, None, BankConfig(image_size=64, context_elimination=False)),
+    )
     return save_bank(bank, str(tmp_path / "bank"))
 
 
@@ -84,35 +87,61 @@ def broken_weights(tmp_path, tiny_dense_path):
     (tmp_path / "garbage.pth").write_bytes(os.urandom(4096))
     other = create_dense_encoder("dino_vits16", None, **dict(TINY_VIT, embed_dim=48, num_heads=3))
     save_file({k: v.contiguous() for k, v in other.model.state_dict().items()}, str(tmp_path / "other.safetensors"))
-    return {name: tmp_path / f"{name}" for name in ("truncated.safetensors", "garbage.safetensors", "garbage.pth",
-                                                    "other.safetensors", "missing.safetensors")}
+    return {
+        name: tmp_path / f"{name}"
+        for name in (
+            "truncated.safetensors",
+            "garbage.safetensors",
+            "garbage.pth",
+            "other.safetensors",
+            "missing.safetensors",
+        )
+    }
 
 
-def test_build_bank_checks_encoders_and_numbers_before_ray(no_ray, caplog, tmp_path, exemplars, tiny_dense_path,
-                                                            broken_weights):
+def test_build_bank_checks_encoders_and_numbers_before_ray(
+    no_ray, caplog, tmp_path, exemplars, tiny_dense_path, broken_weights
+):
     vocab = tmp_path / "names.txt"
     vocab.write_text("cat\ndog\n")
     cfg = tmp_path / "bank.yaml"
     cfg.write_text("bank:\n  image_size: 64\n  context_elimination: false\n")
-    base = ["build-bank", "--vocab", vocab, "--exemplars", exemplars, "--out", tmp_path / "bank", "--config", cfg,
-            "--dense-encoder", "dino_vits16"]
+    base = [
+        "build-bank",
+        "--vocab",
+        vocab,
+        "--exemplars",
+        exemplars,
+        "--out",
+        tmp_path / "bank",
+        "--config",
+        cfg,
+        "--dense-encoder",
+        "dino_vits16",
+    ]
     good = ["--dense-weights", tiny_dense_path, "--dense-kwargs", DENSE_KW]
     for name, path in broken_weights.items():
         msg = "does not exist" if name.startswith("missing") else str(path)
         refused(caplog, [*base, "--dense-weights", path, "--dense-kwargs", DENSE_KW], msg)
     refused(caplog, [*base, "--dense-weights", tiny_dense_path], "does not fit")  # tiny weights, full-size ViT
     refused(caplog, [*base[:-1], "no_such_encoder", *good], "unknown dense encoder 'no_such_encoder'")
-    refused(caplog, [*base, "--dense-weights", tiny_dense_path, "--dense-kwargs",
-                     json.dumps(dict(TINY_VIT, no_such_key=1))], "--dense-kwargs")
+    refused(
+        caplog,
+        [*base, "--dense-weights", tiny_dense_path, "--dense-kwargs", json.dumps(dict(TINY_VIT, no_such_key=1))],
+        "--dense-kwargs",
+    )
     refused(caplog, [*base, *good, "--clip-model", "local-dir:/no/such/clip"], "open_clip_config.json")
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     refused(caplog, [*base[:-5], a_file, *base[-4:], *good], "is a file, not a folder")
     refused(caplog, [*base[:-5], a_file / "bank", *base[-4:], *good], "is a file, not a folder")
-    for option, value, message in (("--k", "0", "--k must be >= 1"), ("--k", "nan", "--k must be an integer"),
-                                   ("--actors", "0", "--actors must be >= 1"),
-                                   ("--actors=-3", None, "--actors must be >= 1"),
-                                   ("--commit-every", "0", "--commit-every must be >= 1")):
+    for option, value, message in (
+        ("--k", "0", "--k must be >= 1"),
+        ("--k", "nan", "--k must be an integer"),
+        ("--actors", "0", "--actors must be >= 1"),
+        ("--actors=-3", None, "--actors must be >= 1"),
+        ("--commit-every", "0", "--commit-every must be >= 1"),
+    ):
         refused(caplog, [*base, *good, option, *([value] if value else [])], message, seconds=5)
     assert not (tmp_path / "bank").exists()
 
@@ -123,11 +152,30 @@ def test_vocabulary_names_are_names_never_paths(no_ray, caplog, tmp_path, exempl
     outside = tmp_path / "outside"
     outside.mkdir()
     make_image(1, (64, 64)).save(outside / "0.png")
-    base = ["build-bank", "--exemplars", exemplars, "--out", tmp_path / "bank", "--dense-encoder", "dino_vits16",
-            "--dense-weights", tiny_dense_path, "--dense-kwargs", DENSE_KW]
-    for i, (line, message) in enumerate((("../ex/cat", "path separator"), (str(outside), "path separator"),
-                                         ("..", "only dots"), (".", "only dots"), ("a\\b", "path separator"),
-                                         ("c\x00t", "control character"), ("c\x1bt", "control character"))):
+    base = [
+        "build-bank",
+        "--exemplars",
+        exemplars,
+        "--out",
+        tmp_path / "bank",
+        "--dense-encoder",
+        "dino_vits16",
+        "--dense-weights",
+        tiny_dense_path,
+        "--dense-kwargs",
+        DENSE_KW,
+    ]
+    for i, (line, message) in enumerate(
+        (
+            ("../ex/cat", "path separator"),
+            (str(outside), "path separator"),
+            ("..", "only dots"),
+            (".", "only dots"),
+            ("a\\b", "path separator"),
+            ("c\x00t", "control character"),
+            ("c\x1bt", "control character"),
+        )
+    ):
         vocab = tmp_path / f"v{i}.txt"
         vocab.write_text(f"dog\n{line}\n", encoding="utf-8")
         refused(caplog, [*base, "--vocab", vocab], message, seconds=5)
@@ -179,8 +227,7 @@ def test_pseudo_label_checks_before_ray(no_ray, caplog, tmp_path, bank_dir, brok
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     refused(caplog, [*base[:-1], a_file, *good], "is a file, not a folder", 5)
-    refused(caplog, [*base, "--dense-weights", broken_weights["truncated.safetensors"], *good],
-            "truncated.safetensors")
+    refused(caplog, [*base, "--dense-weights", broken_weights["truncated.safetensors"], *good], "truncated.safetensors")
     refused(caplog, [*base, "--dense-weights", broken_weights["missing.safetensors"], *good], "does not exist")
     refused(caplog, [*base, "--dense-kwargs", json.dumps(dict(TINY_VIT, no_such_key=1))], "--dense-kwargs")
     refused(caplog, [*base, *good, "--clip-model", "local-dir:/no/such/clip"], "open_clip_config.json")
@@ -224,9 +271,19 @@ def test_number_types_refuse_nan_infinities_and_out_of_range():
 
     assert positive_int("3") == 3 and int_range(0, 5)("5") == 5 and threshold("0.25") == 0.25
     assert finite_float(-1, 1)("-1") == -1.0 and positive_float("1e-3") == 1e-3
-    for parse, text in ((positive_int, "0"), (positive_int, "1.5"), (positive_int, "nan"), (int_range(0, 5), "6"),
-                        (threshold, "nan"), (threshold, "inf"), (threshold, "-0.1"), (threshold, "1.01"),
-                        (positive_float, "0"), (positive_float, "-inf"), (finite_float(), "NaN"),
-                        (finite_float(), "x")):
+    for parse, text in (
+        (positive_int, "0"),
+        (positive_int, "1.5"),
+        (positive_int, "nan"),
+        (int_range(0, 5), "6"),
+        (threshold, "nan"),
+        (threshold, "inf"),
+        (threshold, "-0.1"),
+        (threshold, "1.01"),
+        (positive_float, "0"),
+        (positive_float, "-inf"),
+        (finite_float(), "NaN"),
+        (finite_float(), "x"),
+    ):
         with pytest.raises(argparse.ArgumentTypeError):
             parse(text)

@@ -3,9 +3,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import make_image
 from PIL import Image
 
-from conftest import make_image
 from index.storage import load_bank, save_bank
 from reco import (
     BankConfig,
@@ -90,8 +90,9 @@ def test_context_elimination_changes_the_reference(tiny_dense, images):
 def test_language_guidance_with_clip(tiny_dense, tiny_clip, images):
     cfg = _cfg()
     with_lang = ConceptBank.build({"cat": images, "dog": images[::-1]}, ConceptBuilder(tiny_dense, tiny_clip, cfg))
-    no_lang = ConceptBank.build({"cat": images, "dog": images[::-1]},
-                                ConceptBuilder(tiny_dense, tiny_clip, _cfg(language_guidance=False)))
+    no_lang = ConceptBank.build(
+        {"cat": images, "dog": images[::-1]}, ConceptBuilder(tiny_dense, tiny_clip, _cfg(language_guidance=False))
+    )
     assert with_lang.metadata["language_guidance"] is True
     assert with_lang.text_embeddings.shape == (2, 32)
     assert no_lang.metadata["language_guidance"] is False
@@ -155,9 +156,11 @@ def test_segmenter_refuses_a_bank_built_with_another_encoder(tiny_dense, images)
     other_name = ConceptBank(bank.names, bank.references, metadata=dict(bank.metadata, dense_encoder="dinov2_vits14"))
     with pytest.raises(ConfigError, match="dense encoder: bank 'dinov2_vits14', given 'dino_vits16'"):
         Segmenter(other_name, tiny_dense)
-    other_weights = ConceptBank(bank.names, bank.references,
-                                metadata=dict(bank.metadata, dense_weights="/x/other.safetensors",
-                                              dense_weights_id="sha256:0000"))
+    other_weights = ConceptBank(
+        bank.names,
+        bank.references,
+        metadata=dict(bank.metadata, dense_weights="/x/other.safetensors", dense_weights_id="sha256:0000"),
+    )
     with pytest.raises(ConfigError, match="dense weights"):
         Segmenter(other_weights, tiny_dense)
     # experts may override; the matching bank passes untouched
@@ -167,8 +170,9 @@ def test_segmenter_refuses_a_bank_built_with_another_encoder(tiny_dense, images)
 
 def test_segmenter_refuses_text_embeddings_of_another_clip(tiny_dense, tiny_clip, images):
     bank = _bank(tiny_dense, images, tiny_clip)
-    other = ConceptBank(bank.names, bank.references, bank.text_embeddings,
-                        metadata=dict(bank.metadata, clip="ViT-L-14"))
+    other = ConceptBank(
+        bank.names, bank.references, bank.text_embeddings, metadata=dict(bank.metadata, clip="ViT-L-14")
+    )
     with pytest.raises(ConfigError, match="CLIP model"):
         Segmenter(other, tiny_dense, tiny_clip)
     # without dense CLIP the bank's text embeddings are unused: no CLIP check
@@ -244,6 +248,7 @@ def test_weights_identity_is_the_file_content_not_its_path(tmp_path, tiny_dense_
     import shutil
 
     from conftest import TINY_VIT
+
     from reco.encoders import create_dense_encoder
 
     a = create_dense_encoder("dino_vits16", tiny_dense_path, **TINY_VIT)

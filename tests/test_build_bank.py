@@ -1,22 +1,26 @@
 """`reco build-bank`: vocabulary validation, Ray == sequential, crash + rerun exactly once."""
+
 import json
 
 import pytest
 import torch
-
 from conftest import TINY_VIT, crash_on_call, make_image, write_corrupt_files
-from reco.errors import ConfigError
 
+from reco.errors import ConfigError
 
 # -- vocabulary files --------------------------------------------------------------------
 
-@pytest.mark.parametrize("content,needle", [
-    (b"cat\n\ndog\n", ":2: blank concept name"),
-    (b"cat\ndog\n  Cat \n", ":3: duplicate concept 'Cat' (first on line 1)"),
-    (b"cat\ncaf\xe9\n", ":2: not valid UTF-8"),
-    (b"cat\n" + b"x" * 101 + b"\n", ":2: concept name longer than 100"),
-    (b"# only a comment\n", "no concept names"),
-])
+
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        (b"cat\n\ndog\n", ":2: blank concept name"),
+        (b"cat\ndog\n  Cat \n", ":3: duplicate concept 'Cat' (first on line 1)"),
+        (b"cat\ncaf\xe9\n", ":2: not valid UTF-8"),
+        (b"cat\n" + b"x" * 101 + b"\n", ":2: concept name longer than 100"),
+        (b"# only a comment\n", "no concept names"),
+    ],
+)
 def test_bad_vocabulary_files_name_the_line(tmp_path, content, needle):
     from index.vocab import read_vocabulary
 
@@ -49,6 +53,7 @@ def test_vocabulary_text_and_yaml(tmp_path):
 
 
 # -- the Ray job -------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def exemplars(tmp_path_factory):
@@ -83,8 +88,11 @@ def _local_bank(exemplars, tiny_dense_path, cfg, names, context=()):
 
     dense = create_dense_encoder("dino_vits16", tiny_dense_path, **TINY_VIT)
     imgs = {n: read_images([str(p) for p in sorted((exemplars / n).iterdir())])[0] for n in [*names, *context]}
-    return ConceptBank.build({n: imgs[n] for n in names}, ConceptBuilder(dense, None, cfg),
-                             context_archives={c: imgs[c] for c in context} or None)
+    return ConceptBank.build(
+        {n: imgs[n] for n in names},
+        ConceptBuilder(dense, None, cfg),
+        context_archives={c: imgs[c] for c in context} or None,
+    )
 
 
 @pytest.mark.slow
@@ -97,12 +105,23 @@ def test_two_actors_equal_sequential_and_failures_stay_alone(ray_local, exemplar
     from index.storage import load_bank
     from reco import BankConfig
 
-    cfg = BankConfig(image_size=64, block_size=64, context_elimination=True, context_concepts=("tree", "sky"),
-                     context_from_vocabulary=False)
+    cfg = BankConfig(
+        image_size=64,
+        block_size=64,
+        context_elimination=True,
+        context_concepts=("tree", "sky"),
+        context_from_vocabulary=False,
+    )
     names = ["cat", "dog", "ghost", "hot dog", "sky"]
-    bank, rep = run_build_bank(_tasks(exemplars, names), _spec(tiny_dense_path), cfg, str(tmp_path / "bank"),
-                               ActorConfig(num_actors=2, cpus_per_actor=0.5), _tasks(exemplars, ["tree", "sky"]),
-                               commit_every=2)
+    bank, rep = run_build_bank(
+        _tasks(exemplars, names),
+        _spec(tiny_dense_path),
+        cfg,
+        str(tmp_path / "bank"),
+        ActorConfig(num_actors=2, cpus_per_actor=0.5),
+        _tasks(exemplars, ["tree", "sky"]),
+        commit_every=2,
+    )
     assert rep.built == 4 and list(rep.failed) == ["ghost"] and "no usable image" in rep.failed["ghost"]
     assert bank.names == ("cat", "dog", "hot dog", "sky")
     # the same computation in one process: references and per-concept calibration
@@ -123,8 +142,7 @@ def test_two_actors_equal_sequential_and_failures_stay_alone(ray_local, exemplar
     assert again.names == bank.names
 
 
-def _crash_then_rerun(monkeypatch, exemplars, tiny_dense_path, cfg, names, out: str, crash_at: int,
-                      commit_every: int):
+def _crash_then_rerun(monkeypatch, exemplars, tiny_dense_path, cfg, names, out: str, crash_at: int, commit_every: int):
     """Build-bank on two actors interrupted at the ``crash_at``-th commit, then rerun to the end:
     (the rows committed before the crash, the bank and report of the rerun)."""
     import cluster.bank_job as bj
@@ -133,19 +151,32 @@ def _crash_then_rerun(monkeypatch, exemplars, tiny_dense_path, cfg, names, out: 
     real = bj._commit
     crash_on_call(monkeypatch, bj, "_commit", crash_at)
     with pytest.raises(KeyboardInterrupt):
-        bj.run_build_bank(_tasks(exemplars, names), _spec(tiny_dense_path), cfg, out,
-                          ActorConfig(num_actors=2, cpus_per_actor=0.5), commit_every=commit_every)
+        bj.run_build_bank(
+            _tasks(exemplars, names),
+            _spec(tiny_dense_path),
+            cfg,
+            out,
+            ActorConfig(num_actors=2, cpus_per_actor=0.5),
+            commit_every=commit_every,
+        )
     rows, _, _ = bj.committed(out)
     monkeypatch.setattr(bj, "_commit", real)
-    bank, rep = bj.run_build_bank(_tasks(exemplars, names), _spec(tiny_dense_path), cfg, out,
-                                  ActorConfig(num_actors=2, cpus_per_actor=0.5), commit_every=commit_every)
+    bank, rep = bj.run_build_bank(
+        _tasks(exemplars, names),
+        _spec(tiny_dense_path),
+        cfg,
+        out,
+        ActorConfig(num_actors=2, cpus_per_actor=0.5),
+        commit_every=commit_every,
+    )
     return rows, bank, rep
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("order", ["archive-size", "confidence"])
-def test_peeling_chain_equals_sequential_and_resumes(ray_local, exemplars, tiny_dense_path, tmp_path, monkeypatch,
-                                                     order):
+def test_peeling_chain_equals_sequential_and_resumes(
+    ray_local, exemplars, tiny_dense_path, tmp_path, monkeypatch, order
+):
     """The default configuration: concepts peel off the ones built before them. Two actors
     encode ahead; the chain gives exactly the one-process bank (references, prototypes,
     calibration, order), also when it is interrupted and resumed halfway."""
@@ -173,8 +204,9 @@ def test_peeling_chain_equals_sequential_and_resumes(ray_local, exemplars, tiny_
 
 
 @pytest.mark.slow
-def test_crash_then_rerun_builds_every_concept_exactly_once(ray_local, exemplars, tiny_dense_path, tmp_path,
-                                                            monkeypatch):
+def test_crash_then_rerun_builds_every_concept_exactly_once(
+    ray_local, exemplars, tiny_dense_path, tmp_path, monkeypatch
+):
     import cluster.bank_job as bj
     from reco import BankConfig
 
@@ -188,8 +220,12 @@ def test_crash_then_rerun_builds_every_concept_exactly_once(ray_local, exemplars
     assert sorted(r["name"] for r in rows.values()) == sorted(names)
     assert bank.names == tuple(names)
     with pytest.raises(ConfigError, match="another configuration"):
-        bj.run_build_bank(_tasks(exemplars, names), _spec(tiny_dense_path),
-                          BankConfig(image_size=64, context_elimination=False, k=7), out)
+        bj.run_build_bank(
+            _tasks(exemplars, names),
+            _spec(tiny_dense_path),
+            BankConfig(image_size=64, context_elimination=False, k=7),
+            out,
+        )
 
 
 def _cli_build_bank(tmp_path, exemplars, tiny_dense_path, names: str):
@@ -198,10 +234,32 @@ def _cli_build_bank(tmp_path, exemplars, tiny_dense_path, names: str):
     vocab.write_text(names)
     cfg = tmp_path / "bank.yaml"
     cfg.write_text("bank:\n  image_size: 64\n  context_elimination: false\n")
-    enc = ["--dense-encoder", "dino_vits16", "--dense-weights", str(tiny_dense_path),
-           "--dense-kwargs", json.dumps(TINY_VIT)]
-    return (["build-bank", "--vocab", str(vocab), "--exemplars", str(exemplars), "--out", str(tmp_path / "bank"),
-             "--config", str(cfg), "--actors", "1", *enc], enc, vocab)
+    enc = [
+        "--dense-encoder",
+        "dino_vits16",
+        "--dense-weights",
+        str(tiny_dense_path),
+        "--dense-kwargs",
+        json.dumps(TINY_VIT),
+    ]
+    return (
+        [
+            "build-bank",
+            "--vocab",
+            str(vocab),
+            "--exemplars",
+            str(exemplars),
+            "--out",
+            str(tmp_path / "bank"),
+            "--config",
+            str(cfg),
+            "--actors",
+            "1",
+            *enc,
+        ],
+        enc,
+        vocab,
+    )
 
 
 @pytest.mark.slow
@@ -227,15 +285,43 @@ def test_cli_build_bank_then_pseudo_label(ray_local, exemplars, tiny_dense_path,
     cfg2 = tmp_path / "paper.yaml"
     cfg2.write_text("bank:\n  image_size: 64\n  context_elimination: true\n")
     caplog.clear()
-    assert main(["build-bank", "--vocab", str(vocab), "--exemplars", str(exemplars), "--out",
-                 str(tmp_path / "b2"), "--config", str(cfg2), *enc]) == 2
+    assert (
+        main(
+            [
+                "build-bank",
+                "--vocab",
+                str(vocab),
+                "--exemplars",
+                str(exemplars),
+                "--out",
+                str(tmp_path / "b2"),
+                "--config",
+                str(cfg2),
+                *enc,
+            ]
+        )
+        == 2
+    )
     assert "context concepts" in caplog.text
     # the bank feeds pseudo-labelling directly (encoders read from its metadata)
     src = tmp_path / "src"
     src.mkdir()
     make_image(30, (64, 48)).save(src / "x.png")
-    assert main(["pseudo-label", str(src), "--bank", str(out), "--out", str(tmp_path / "pl"),
-                 "--dense-kwargs", json.dumps(TINY_VIT)]) == 0
+    assert (
+        main(
+            [
+                "pseudo-label",
+                str(src),
+                "--bank",
+                str(out),
+                "--out",
+                str(tmp_path / "pl"),
+                "--dense-kwargs",
+                json.dumps(TINY_VIT),
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "pl" / "pseudo_label.json").read_text())["classes"] == ["cat", "dog"]
     job = json.loads((tmp_path / "pl" / "job_report.json").read_text())
     assert job["job"] == "pseudo-label" and job["inputs"]["processed"] == 1 and job["inputs"]["seen"] == 1
@@ -276,8 +362,9 @@ def _check_browser(page, names):
 
 
 @pytest.mark.slow
-def test_cli_build_bank_mostly_failed_exits_non_zero_and_reports_failed(ray_local, exemplars, tiny_dense_path,
-                                                                      tmp_path, caplog):
+def test_cli_build_bank_mostly_failed_exits_non_zero_and_reports_failed(
+    ray_local, exemplars, tiny_dense_path, tmp_path, caplog
+):
     """#16: 2 of 3 concepts failed (more than jobs.max_failed_fraction 0.5): exit 1, the report says
     failed with the fraction and the rule, one log line gives the count and the first reasons. A
     user who accepts more failures says so in the cluster config: the rerun (nothing left to

@@ -1,14 +1,15 @@
 """Ray glue: distributed bank building and Ray Data segmentation with tiny models."""
+
 import json
 
 import numpy as np
 import pytest
+from conftest import REPO, TINY_VIT, make_image, write_corrupt_files
 
 from cluster.bank import BankWorker
 from cluster.config import ActorConfig, load_cluster_config
 from cluster.models import EncoderSpec
 from cluster.segment import run_segmentation
-from conftest import REPO, TINY_VIT, make_image, write_corrupt_files
 from index.storage import save_bank
 from reco import BankConfig, ConceptBank, SegmenterConfig
 from reco.errors import ConfigError
@@ -63,8 +64,9 @@ def test_ray_data_segmentation_writes_labels_and_counts_bad_inputs(ray_local, ar
     uris, bad = archive
     spec = _spec(tiny_dense_path)
     worker = BankWorker(spec, BankConfig(image_size=64, context_from_vocabulary=False))
-    bank = ConceptBank.from_references([worker.build(c, uris[c], None, {})[0] for c in ("cat", "dog")],
-                                       metadata=worker.metadata("exemplar"))
+    bank = ConceptBank.from_references(
+        [worker.build(c, uris[c], None, {})[0] for c in ("cat", "dog")], metadata=worker.metadata("exemplar")
+    )
     bank_dir = save_bank(bank, str(tmp_path / "bank"))
     masks = tmp_path / "masks"
     masks.mkdir()
@@ -82,8 +84,17 @@ def test_ray_data_segmentation_writes_labels_and_counts_bad_inputs(ray_local, ar
     items.append({"id": "bad.png", "uri": bad[1], "mask_uri": ""})
     items.append({"id": "gone.png", "uri": str(tmp_path / "vanished.png"), "mask_uri": ""})
     out = tmp_path / "out"
-    rows = run_segmentation(items, str(bank_dir), spec, SegmenterConfig(image_size=64), [1, 2], 3, 255,
-                            str(out), ActorConfig(num_actors=1, cpus_per_actor=0.5, batch_size=2))
+    rows = run_segmentation(
+        items,
+        str(bank_dir),
+        spec,
+        SegmenterConfig(image_size=64),
+        [1, 2],
+        3,
+        255,
+        str(out),
+        ActorConfig(num_actors=1, cpus_per_actor=0.5, batch_size=2),
+    )
     by_id = {r["id"]: r for r in rows}
     assert len(rows) == 4
     assert by_id["bad.png"]["status"] == "skipped" and "not an image" in by_id["bad.png"]["error"]

@@ -1,13 +1,14 @@
 """The cluster-launcher config (checked by Ray's own validator), the per-stage settings file, the
 KubeRay manifests and the Dockerfile they name. No cloud or Kubernetes call is made."""
+
 import copy
 import re
 
 import pytest
 import yaml
+from conftest import REPO
 
 from cluster.config import ActorConfig, ClusterConfig, RayRuntimeConfig, load_cluster_config, resolve_cluster_config
-from conftest import REPO
 from reco.errors import ConfigError
 
 LAUNCHER = REPO / "ray_config.yaml"
@@ -94,8 +95,9 @@ def test_settings_file_is_the_default_and_parses_strictly(tmp_path):
         bad.write_text(text)
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_cluster_config(bad)
-    assert load_cluster_config({"train": {"num_actors": 4, "gpus_per_actor": 1, "cpus_per_actor": 0}}).train == \
-        ActorConfig(num_actors=4, cpus_per_actor=0.0, gpus_per_actor=1.0)
+    assert load_cluster_config(
+        {"train": {"num_actors": 4, "gpus_per_actor": 1, "cpus_per_actor": 0}}
+    ).train == ActorConfig(num_actors=4, cpus_per_actor=0.0, gpus_per_actor=1.0)
     assert load_cluster_config(None) == ClusterConfig()
 
 
@@ -107,18 +109,66 @@ def test_launcher_config_given_as_settings_is_refused_with_the_right_file():
 # -- KubeRay ------------------------------------------------------------------------------------
 # No Kubernetes / CRD validator is pip-installable here, so the manifests are checked against the
 # fields of KubeRay's ray.io/v1 types (RayCluster, RayJob) and of the core pod template.
-RAYCLUSTER_SPEC = {"headGroupSpec", "workerGroupSpecs", "rayVersion", "enableInTreeAutoscaling",
-                   "autoscalerOptions", "headServiceAnnotations", "suspend", "authOptions", "managedBy",
-                   "gcsFaultToleranceOptions", "upgradeStrategy"}
+RAYCLUSTER_SPEC = {
+    "headGroupSpec",
+    "workerGroupSpecs",
+    "rayVersion",
+    "enableInTreeAutoscaling",
+    "autoscalerOptions",
+    "headServiceAnnotations",
+    "suspend",
+    "authOptions",
+    "managedBy",
+    "gcsFaultToleranceOptions",
+    "upgradeStrategy",
+}
 HEAD_GROUP = {"serviceType", "headService", "enableIngress", "rayStartParams", "template"}
-WORKER_GROUP = {"groupName", "replicas", "minReplicas", "maxReplicas", "numOfHosts", "rayStartParams",
-                "template", "scaleStrategy", "suspend", "idleTimeoutSeconds"}
-AUTOSCALER = {"resources", "image", "imagePullPolicy", "env", "envFrom", "volumeMounts", "securityContext",
-              "idleTimeoutSeconds", "upscalingMode", "version"}
-RAYJOB_SPEC = {"activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "submitterPodTemplate", "metadata",
-               "clusterSelector", "submitterConfig", "managedBy", "deletionStrategy", "entrypoint",
-               "runtimeEnvYAML", "jobId", "submissionMode", "entrypointResources", "entrypointNumCpus",
-               "entrypointNumGpus", "ttlSecondsAfterFinished", "shutdownAfterJobFinishes", "suspend", "schedule"}
+WORKER_GROUP = {
+    "groupName",
+    "replicas",
+    "minReplicas",
+    "maxReplicas",
+    "numOfHosts",
+    "rayStartParams",
+    "template",
+    "scaleStrategy",
+    "suspend",
+    "idleTimeoutSeconds",
+}
+AUTOSCALER = {
+    "resources",
+    "image",
+    "imagePullPolicy",
+    "env",
+    "envFrom",
+    "volumeMounts",
+    "securityContext",
+    "idleTimeoutSeconds",
+    "upscalingMode",
+    "version",
+}
+RAYJOB_SPEC = {
+    "activeDeadlineSeconds",
+    "backoffLimit",
+    "rayClusterSpec",
+    "submitterPodTemplate",
+    "metadata",
+    "clusterSelector",
+    "submitterConfig",
+    "managedBy",
+    "deletionStrategy",
+    "entrypoint",
+    "runtimeEnvYAML",
+    "jobId",
+    "submissionMode",
+    "entrypointResources",
+    "entrypointNumCpus",
+    "entrypointNumGpus",
+    "ttlSecondsAfterFinished",
+    "shutdownAfterJobFinishes",
+    "suspend",
+    "schedule",
+}
 DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 

@@ -18,7 +18,7 @@ def toy_three_images():
     z = _unit(0, 0, 1, 0, 0)
     a1 = _unit(1, 0, 0, 0.2, 0)
     a2 = _unit(1, 0, 0, 0, 0.2)
-    img0 = torch.stack([y, x])   # distractor first so that a tie would pick it
+    img0 = torch.stack([y, x])  # distractor first so that a tie would pick it
     img1 = torch.stack([a1, z])
     img2 = torch.stack([y, a2])
     feats = torch.stack([img0, img1, img2])  # (k=3, n=2, D)
@@ -44,7 +44,9 @@ def test_toy_seeds_are_the_object():
     feats = toy_three_images()
     res = cosegment(feats, block_size=1)
     assert res.seed_index.tolist() == [1, 0, 1]
-    expected_ref = F.normalize(F.normalize(feats.permute(0, 2, 3, 1).reshape(3, 2, 5), dim=-1)[[0, 1, 2], [1, 0, 1]].mean(0), dim=0)
+    expected_ref = F.normalize(
+        F.normalize(feats.permute(0, 2, 3, 1).reshape(3, 2, 5), dim=-1)[[0, 1, 2], [1, 0, 1]].mean(0), dim=0
+    )
     assert torch.allclose(res.reference, expected_ref, atol=1e-6)
     assert abs(res.reference.norm().item() - 1) < 1e-6
 
@@ -77,7 +79,9 @@ def test_scores_match_definition_by_loops():
     expected = torch.zeros(3, 4)
     for i in range(3):
         for p in range(4):
-            expected[i, p] = sum(max(float(f[i, p] @ f[j, q]) * float(wf[j, q]) for q in range(4)) for j in range(3)) / 3
+            expected[i, p] = (
+                sum(max(float(f[i, p] @ f[j, q]) * float(wf[j, q]) for q in range(4)) for j in range(3)) / 3
+            )
     assert torch.allclose(coseg_scores(feats, w, block_size=3), expected.reshape(3, 2, 2), atol=1e-5)
 
 

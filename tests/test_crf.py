@@ -13,7 +13,7 @@ def _toy(classes: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     h, w = 40, 60
     truth = np.zeros((h, w), dtype=np.int64)
-    truth[:, w // 2:] = 1
+    truth[:, w // 2 :] = 1
     colours = [(200, 40, 40), (30, 60, 210), (40, 200, 40)]
     if classes == 3:
         truth[15:25, 10:20] = 2  # a small object inside class 0

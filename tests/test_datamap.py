@@ -1,4 +1,5 @@
 """cluster/datamap.py: the one actor-pool map gives every actor call a full batch but the last."""
+
 import numpy as np
 
 from cluster.config import ActorConfig

@@ -1,5 +1,6 @@
 """Evaluation dataset readers (index/datasets.py): every layout on a tiny tree made here, the real
 shared voc-sample / camvid-val folders read-only, and the label maps against their references."""
+
 from __future__ import annotations
 
 import io
@@ -19,12 +20,112 @@ IGNORE = 255
 # The IIC / STEGO (src/data.py, Coco.fine_to_coarse) / ReCo (datasets/coco_stuff.py) table, raw
 # COCO-Stuff id 0..181 -> coarse id, written out here independently of the data file it checks.
 REFERENCE_FINE_TO_COARSE = (
-    [9] + [11] * 8 + [8] * 6 + [7] * 10 + [6] * 8 + [10] * 10 + [5] * 8 + [2] * 10 + [3] * 10 + [0] * 6
-    + [1] * 6 + [4] * 8
-    + [17, 17, 22, 20, 20, 22, 15, 25, 16, 13, 12, 12, 17, 17, 23, 15, 15, 17, 15, 21, 15, 25, 13, 13, 13, 13,
-       13, 22, 26, 14, 14, 15, 22, 21, 21, 24, 20, 22, 15, 17, 16, 15, 22, 24, 21, 17, 25, 16, 21, 17, 22, 16,
-       21, 21, 25, 21, 26, 21, 24, 20, 17, 14, 21, 26, 15, 23, 20, 21, 24, 15, 24, 22, 25, 15, 20, 17, 17, 22,
-       14, 18, 18, 18, 18, 18, 18, 18, 26, 26, 19, 19, 24])
+    [9]
+    + [11] * 8
+    + [8] * 6
+    + [7] * 10
+    + [6] * 8
+    + [10] * 10
+    + [5] * 8
+    + [2] * 10
+    + [3] * 10
+    + [0] * 6
+    + [1] * 6
+    + [4] * 8
+    + [
+        17,
+        17,
+        22,
+        20,
+        20,
+        22,
+        15,
+        25,
+        16,
+        13,
+        12,
+        12,
+        17,
+        17,
+        23,
+        15,
+        15,
+        17,
+        15,
+        21,
+        15,
+        25,
+        13,
+        13,
+        13,
+        13,
+        13,
+        22,
+        26,
+        14,
+        14,
+        15,
+        22,
+        21,
+        21,
+        24,
+        20,
+        22,
+        15,
+        17,
+        16,
+        15,
+        22,
+        24,
+        21,
+        17,
+        25,
+        16,
+        21,
+        17,
+        22,
+        16,
+        21,
+        21,
+        25,
+        21,
+        26,
+        21,
+        24,
+        20,
+        17,
+        14,
+        21,
+        26,
+        15,
+        23,
+        20,
+        21,
+        24,
+        15,
+        24,
+        22,
+        25,
+        15,
+        20,
+        17,
+        17,
+        22,
+        14,
+        18,
+        18,
+        18,
+        18,
+        18,
+        18,
+        18,
+        26,
+        26,
+        19,
+        19,
+        24,
+    ]
+)
 COCO_UNUSED_RAW = (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)  # 1-based 12, 26, 29, 30, 45, 66, 68, 69, 71, 83, 91
 
 
@@ -85,8 +186,18 @@ def _check(spec, items, root, ids, masks_expected):
 
 
 def test_list_datasets_names():
-    assert list_datasets() == ["voc", "context59", "context60", "cocostuff171", "cocostuff27", "cityscapes19",
-                               "cityscapes27", "kitti-step", "ade150", "camvid"]
+    assert list_datasets() == [
+        "voc",
+        "context59",
+        "context60",
+        "cocostuff171",
+        "cocostuff27",
+        "cityscapes19",
+        "cityscapes27",
+        "kitti-step",
+        "ade150",
+        "camvid",
+    ]
 
 
 def test_unknown_dataset_is_config_error_listing_names(tmp_path):
@@ -98,9 +209,21 @@ def test_unknown_dataset_is_config_error_listing_names(tmp_path):
         dataset_spec("cityscapes")
 
 
-@pytest.mark.parametrize("name,count", [("voc", 21), ("context59", 59), ("context60", 60), ("cocostuff171", 171),
-                                        ("cocostuff27", 27), ("cityscapes19", 19), ("cityscapes27", 27),
-                                        ("kitti-step", 19), ("ade150", 150), ("camvid", 11)])
+@pytest.mark.parametrize(
+    "name,count",
+    [
+        ("voc", 21),
+        ("context59", 59),
+        ("context60", 60),
+        ("cocostuff171", 171),
+        ("cocostuff27", 27),
+        ("cityscapes19", 19),
+        ("cityscapes27", 27),
+        ("kitti-step", 19),
+        ("ade150", 150),
+        ("camvid", 11),
+    ],
+)
 def test_spec_lut_is_well_formed(name, count):
     spec = dataset_spec(name)
     assert spec.name == name and spec.num_classes == count == len(set(spec.classes))
@@ -148,8 +271,27 @@ def test_cocostuff27_table_matches_the_reference_and_covers_all_171():
 def test_cityscapes_maps():
     cs19, cs27 = dataset_spec("cityscapes19"), dataset_spec("cityscapes27")
     lut19, lut27 = cs19.lut(), cs27.lut()
-    trainid = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
-               26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+    trainid = {
+        7: 0,
+        8: 1,
+        11: 2,
+        12: 3,
+        13: 4,
+        17: 5,
+        19: 6,
+        20: 7,
+        21: 8,
+        22: 9,
+        23: 10,
+        24: 11,
+        25: 12,
+        26: 13,
+        27: 14,
+        28: 15,
+        31: 16,
+        32: 17,
+        33: 18,
+    }
     assert {i: int(lut19[i]) for i in range(34) if lut19[i] != IGNORE} == trainid
     assert cs19.classes[0] == "road" and cs19.classes[13] == "car" and cs19.classes[18] == "bicycle"
     assert [int(lut27[i]) for i in range(34)] == [IGNORE] * 7 + list(range(27))
@@ -174,8 +316,13 @@ def test_voc2012_layout(tmp_path):
     _put(root, "ImageSets/Segmentation/train.txt", "2007_000099\n")
     spec, items = open_dataset("voc", root)
     assert spec.num_classes == 21 and spec.classes[15] == "person" and spec.ignore_index == IGNORE
-    _check(spec, items, root, ["JPEGImages/2007_000042.jpg", "JPEGImages/2007_000033.jpg"],
-           [[[3, 3, IGNORE, IGNORE], [0, 0, 0, IGNORE]], [[0, 1, 15, 20], [IGNORE, IGNORE, 0, 7]]])
+    _check(
+        spec,
+        items,
+        root,
+        ["JPEGImages/2007_000042.jpg", "JPEGImages/2007_000033.jpg"],
+        [[[3, 3, IGNORE, IGNORE], [0, 0, 0, IGNORE]], [[0, 1, 15, 20], [IGNORE, IGNORE, 0, 7]]],
+    )
     # the devkit folder (or its parent) as root: ids stay relative to the root given
     spec2, items2 = open_dataset("voc", tmp_path, split="train")
     assert [it.id for it in items2] == ["VOCdevkit/VOC2012/JPEGImages/2007_000099.jpg"]
@@ -193,8 +340,7 @@ def test_voc_flat_layout_with_grey_and_palette_masks(tmp_path):
     _put(tmp_path, ".hidden/x.jpg", _image())
     spec, items = open_dataset("voc", tmp_path, split="val")
     assert "flat" in spec.layout
-    _check(spec, items, tmp_path, ["images/a.jpg", "images/b.jpg"],
-           [[[0, 12, IGNORE, 20]], [[5, 5, IGNORE, 0]]])
+    _check(spec, items, tmp_path, ["images/a.jpg", "images/b.jpg"], [[[0, 12, IGNORE, 20]], [[5, 5, IGNORE, 0]]])
 
 
 @pytest.mark.parametrize("name", ["context59", "context60"])
@@ -217,8 +363,10 @@ def test_pascal_context_layout(tmp_path, name):
 
 
 def _coco_tree(root: Path) -> None:
-    masks = {"000000000139": [[0, 11, 12, 90], [91, 168, 181, 255]],
-             "000000000285": [[182, 23, 105, 149], [170, 2, 0, 0]]}
+    masks = {
+        "000000000139": [[0, 11, 12, 90], [91, 168, 181, 255]],
+        "000000000285": [[182, 23, 105, 149], [170, 2, 0, 0]],
+    }
     for stem, values in masks.items():
         _put(root, f"images/val2017/{stem}.jpg", _image())
         _put(root, f"annotations/val2017/{stem}.png", _png(values))
@@ -232,8 +380,13 @@ def test_cocostuff171_layout(tmp_path):
     assert spec.num_classes == 171
     # raw 11 (street sign, unused) -> ignore, 12 stop sign -> 11, 90 unused -> ignore, 91 banner -> 80,
     # 168 tree -> 157, 181 wood -> 170, 182 -> ignore, 23 giraffe -> 22, 105 clouds -> 94, 149 rock -> 138
-    _check(spec, items, tmp_path, ["images/val2017/000000000139.jpg", "images/val2017/000000000285.jpg"],
-           [[[0, IGNORE, 11, IGNORE], [80, 157, 170, IGNORE]], [[IGNORE, 22, 94, 138], [159, 2, 0, 0]]])
+    _check(
+        spec,
+        items,
+        tmp_path,
+        ["images/val2017/000000000139.jpg", "images/val2017/000000000285.jpg"],
+        [[[0, IGNORE, 11, IGNORE], [80, 157, 170, IGNORE]], [[IGNORE, 22, 94, 138], [159, 2, 0, 0]]],
+    )
     assert spec.classes[157] == "tree" and spec.classes[94] == "clouds" and spec.classes[159] == "wall-brick"
 
 
@@ -243,8 +396,13 @@ def test_cocostuff27_layout_and_curated_split(tmp_path):
     assert spec.num_classes == 27 and spec.classes[9] == "person" and spec.classes[22] == "plant"
     # person -> person 9, stop sign -> outdoor 8, banner -> textile 17, tree -> plant 22, wood -> solid 24,
     # giraffe -> animal 7, clouds -> sky 23, rock -> solid 24, wall-brick -> wall 18, car -> vehicle 11
-    _check(spec, items, tmp_path, ["images/val2017/000000000139.jpg", "images/val2017/000000000285.jpg"],
-           [[[9, IGNORE, 8, IGNORE], [17, 22, 24, IGNORE]], [[IGNORE, 7, 23, 24], [18, 11, 9, 9]]])
+    _check(
+        spec,
+        items,
+        tmp_path,
+        ["images/val2017/000000000139.jpg", "images/val2017/000000000285.jpg"],
+        [[[9, IGNORE, 8, IGNORE], [17, 22, 24, IGNORE]], [[IGNORE, 7, 23, 24], [18, 11, 9, 9]]],
+    )
     spec_c, items_c = open_dataset("cocostuff27", tmp_path, split="curated-val")
     assert [it.id for it in items_c] == ["images/val2017/000000000285.jpg"] and "curated" in spec_c.layout
     with pytest.raises(FileNotFoundError, match="Coco164kFull_Stuff_Coarse_7"):
@@ -261,8 +419,10 @@ def test_cocostuff_only_mmseg_train_ids_is_explained(tmp_path):
 
 
 def _cityscapes_tree(root: Path) -> None:
-    frames = {"frankfurt/frankfurt_000000_000294": [[7, 26, 0, 33], [8, 11, 24, 255]],
-              "lindau/lindau_000001_000019": [[9, 29, 30, 6], [23, 21, 34, 31]]}
+    frames = {
+        "frankfurt/frankfurt_000000_000294": [[7, 26, 0, 33], [8, 11, 24, 255]],
+        "lindau/lindau_000001_000019": [[9, 29, 30, 6], [23, 21, 34, 31]],
+    }
     for frame, values in frames.items():
         _put(root, f"leftImg8bit/val/{frame}_leftImg8bit.png", _image("PNG"))
         _put(root, f"gtFine/val/{frame}_gtFine_labelIds.png", _png(values))
@@ -270,8 +430,10 @@ def _cityscapes_tree(root: Path) -> None:
         _put(root, f"gtFine/val/{frame}_gtFine_labelTrainIds.png", _png(np.zeros((2, 4))))
 
 
-CITYSCAPES_IDS = ["leftImg8bit/val/frankfurt/frankfurt_000000_000294_leftImg8bit.png",
-                  "leftImg8bit/val/lindau/lindau_000001_000019_leftImg8bit.png"]
+CITYSCAPES_IDS = [
+    "leftImg8bit/val/frankfurt/frankfurt_000000_000294_leftImg8bit.png",
+    "leftImg8bit/val/lindau/lindau_000001_000019_leftImg8bit.png",
+]
 
 
 def test_cityscapes19_layout(tmp_path):
@@ -281,8 +443,13 @@ def test_cityscapes19_layout(tmp_path):
     # road 7 -> 0, car 26 -> 13, 0 -> ignore, bicycle 33 -> 18, sidewalk 8 -> 1, building 11 -> 2,
     # person 24 -> 11; parking 9, caravan 29, trailer 30, ground 6 -> ignore; sky 23 -> 10,
     # vegetation 21 -> 8, 34 (not a labelId) -> ignore, train 31 -> 16
-    _check(spec, items, tmp_path, CITYSCAPES_IDS,
-           [[[0, 13, IGNORE, 18], [1, 2, 11, IGNORE]], [[IGNORE, IGNORE, IGNORE, IGNORE], [10, 8, IGNORE, 16]]])
+    _check(
+        spec,
+        items,
+        tmp_path,
+        CITYSCAPES_IDS,
+        [[[0, 13, IGNORE, 18], [1, 2, 11, IGNORE]], [[IGNORE, IGNORE, IGNORE, IGNORE], [10, 8, IGNORE, 16]]],
+    )
     assert items[0].mask_uri.endswith("gtFine/val/frankfurt/frankfurt_000000_000294_gtFine_labelIds.png")
 
 
@@ -290,8 +457,13 @@ def test_cityscapes27_layout(tmp_path):
     _cityscapes_tree(tmp_path)
     spec, items = open_dataset("cityscapes27", tmp_path)
     assert spec.num_classes == 27
-    _check(spec, items, tmp_path, CITYSCAPES_IDS,
-           [[[0, 19, IGNORE, 26], [1, 4, 17, IGNORE]], [[2, 22, 23, IGNORE], [16, 14, IGNORE, 24]]])
+    _check(
+        spec,
+        items,
+        tmp_path,
+        CITYSCAPES_IDS,
+        [[[0, 19, IGNORE, 26], [1, 4, 17, IGNORE]], [[2, 22, 23, IGNORE], [16, 14, IGNORE, 24]]],
+    )
     with pytest.raises(FileNotFoundError, match="splits there: val"):
         open_dataset("cityscapes27", tmp_path, split="test")
 
@@ -305,8 +477,13 @@ def test_kitti_step_layout_reads_the_red_channel(tmp_path, images_dir):
         _put(tmp_path, f"panoptic_maps/val/{frame}.png", _rgb_png(r, [[0, 1, 0, 0]], [[0, 7, 0, 3]]))
     spec, items = open_dataset("kitti-step", tmp_path)
     assert spec.num_classes == 19 and spec.mask_channel == 0
-    _check(spec, items, tmp_path, [f"{images_dir}/0002/000000.png", f"{images_dir}/0006/000011.png"],
-           [[[0, 13, IGNORE, 18]], [[10, 11, IGNORE, 2]]])
+    _check(
+        spec,
+        items,
+        tmp_path,
+        [f"{images_dir}/0002/000000.png", f"{images_dir}/0006/000011.png"],
+        [[[0, 13, IGNORE, 18]], [[10, 11, IGNORE, 2]]],
+    )
     # a semantic-only single-channel export reads as the ids themselves
     np.testing.assert_array_equal(read_mask(spec, _png([[3, 255, 40]])), [[3, IGNORE, IGNORE]])
 
@@ -321,9 +498,16 @@ def test_ade150_layout(tmp_path):
     spec, items = open_dataset("ade150", tmp_path, split="val")
     assert spec.num_classes == 150 and spec.classes[0] == "wall" and spec.classes[12] == "person"
     assert spec.classes[7] == "bed"
-    _check(spec, items, tmp_path, ["ADEChallengeData2016/images/validation/ADE_val_00000001.jpg",
-                                   "ADEChallengeData2016/images/validation/ADE_val_00000002.jpg"],
-           [[[IGNORE, 0, 149, IGNORE]], [[12, 1, IGNORE, IGNORE]]])
+    _check(
+        spec,
+        items,
+        tmp_path,
+        [
+            "ADEChallengeData2016/images/validation/ADE_val_00000001.jpg",
+            "ADEChallengeData2016/images/validation/ADE_val_00000002.jpg",
+        ],
+        [[[IGNORE, 0, 149, IGNORE]], [[12, 1, IGNORE, IGNORE]]],
+    )
     _, train = open_dataset("ade150", root, split="training")
     assert [it.id for it in train] == ["images/training/ADE_train_00000001.jpg"]
 
@@ -333,13 +517,29 @@ def test_camvid_flat_layout_and_classes_txt(tmp_path):
     _put(tmp_path, "images/0001TP_006720.jpg", _image())
     _put(tmp_path, "masks/0001TP_006690.png", _png([[0, 10, 11, 3]]))
     _put(tmp_path, "masks/0001TP_006720.png", _png([[8, 9, 12, 255]]))
-    names = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian",
-             "Bicyclist"]
+    names = [
+        "Sky",
+        "Building",
+        "Pole",
+        "Road",
+        "Pavement",
+        "Tree",
+        "SignSymbol",
+        "Fence",
+        "Car",
+        "Pedestrian",
+        "Bicyclist",
+    ]
     _put(tmp_path, "classes.txt", "\n".join(names) + "\n")
     spec, items = open_dataset("camvid", tmp_path)
     assert spec.classes == tuple(names)  # the folder's own names
-    _check(spec, items, tmp_path, ["images/0001TP_006690.jpg", "images/0001TP_006720.jpg"],
-           [[[0, 10, IGNORE, 3]], [[8, 9, IGNORE, IGNORE]]])
+    _check(
+        spec,
+        items,
+        tmp_path,
+        ["images/0001TP_006690.jpg", "images/0001TP_006720.jpg"],
+        [[[0, 10, IGNORE, 3]], [[8, 9, IGNORE, IGNORE]]],
+    )
     _put(tmp_path, "classes.txt", "sky\nroad\n")
     with pytest.raises(ConfigError, match="lists 2 classes"):
         open_dataset("camvid", tmp_path)
@@ -354,8 +554,13 @@ def test_camvid_segnet_layout(tmp_path):
     _put(root, "train/x.png", _image("PNG"))
     spec, items = open_dataset("camvid", tmp_path, split="test")
     assert spec.classes[6] == "sign symbol" and "SegNet" in spec.layout
-    _check(spec, items, tmp_path, ["CamVid/test/0016E5_07959.png", "CamVid/test/0016E5_07961.png"],
-           [[[1, IGNORE], [4, 6]]] * 2)
+    _check(
+        spec,
+        items,
+        tmp_path,
+        ["CamVid/test/0016E5_07959.png", "CamVid/test/0016E5_07961.png"],
+        [[[1, IGNORE], [4, 6]]] * 2,
+    )
     with pytest.raises(FileNotFoundError, match="train/ \\+ trainannot/"):
         open_dataset("camvid", tmp_path, split="train")
 
@@ -364,10 +569,18 @@ def test_camvid_segnet_layout(tmp_path):
 # errors
 
 
-@pytest.mark.parametrize("name,needle", [("voc", "SegmentationClass/"), ("context59", "SegmentationClassContext/"),
-                                         ("cocostuff27", "images/val2017"), ("cityscapes19", "leftImg8bit/"),
-                                         ("kitti-step", "panoptic_maps/"), ("ade150", "annotations/"),
-                                         ("camvid", "images/ + masks/")])
+@pytest.mark.parametrize(
+    "name,needle",
+    [
+        ("voc", "SegmentationClass/"),
+        ("context59", "SegmentationClassContext/"),
+        ("cocostuff27", "images/val2017"),
+        ("cityscapes19", "leftImg8bit/"),
+        ("kitti-step", "panoptic_maps/"),
+        ("ade150", "annotations/"),
+        ("camvid", "images/ + masks/"),
+    ],
+)
 def test_wrong_layout_names_root_dataset_and_expectation(tmp_path, name, needle):
     _put(tmp_path, "something/else.jpg", _image())
     with pytest.raises(FileNotFoundError) as e:
@@ -441,16 +654,20 @@ def test_fsspec_url_root(tmp_path):
     fs = fsspec.filesystem("memory")
     base = f"/reco-datasets-{uuid.uuid4().hex}"
     try:
-        files = {"leftImg8bit/val/aachen/aachen_000000_000019_leftImg8bit.png": _image("PNG"),
-                 "gtFine/val/aachen/aachen_000000_000019_gtFine_labelIds.png": _png([[7, 26, 0]]),
-                 "leftImg8bit/val/bonn/bonn_000001_000019_leftImg8bit.png": _image("PNG"),
-                 "gtFine/val/bonn/bonn_000001_000019_gtFine_labelIds.png": _png([[33, 24, 255]])}
+        files = {
+            "leftImg8bit/val/aachen/aachen_000000_000019_leftImg8bit.png": _image("PNG"),
+            "gtFine/val/aachen/aachen_000000_000019_gtFine_labelIds.png": _png([[7, 26, 0]]),
+            "leftImg8bit/val/bonn/bonn_000001_000019_leftImg8bit.png": _image("PNG"),
+            "gtFine/val/bonn/bonn_000001_000019_gtFine_labelIds.png": _png([[33, 24, 255]]),
+        }
         for rel, data in files.items():
             fs.pipe(f"{base}/{rel}", data)
         root = f"memory://{base}"
         spec, items = open_dataset("cityscapes19", root, storage_options={})
-        assert [it.id for it in items] == ["leftImg8bit/val/aachen/aachen_000000_000019_leftImg8bit.png",
-                                           "leftImg8bit/val/bonn/bonn_000001_000019_leftImg8bit.png"]
+        assert [it.id for it in items] == [
+            "leftImg8bit/val/aachen/aachen_000000_000019_leftImg8bit.png",
+            "leftImg8bit/val/bonn/bonn_000001_000019_leftImg8bit.png",
+        ]
         assert items[0].image_uri == f"{root}/{items[0].id}"
         assert items[1].mask_uri == f"{root}/gtFine/val/bonn/bonn_000001_000019_gtFine_labelIds.png"
         masks = [read_mask(spec, fs.cat(it.mask_uri.removeprefix("memory://"))) for it in items]
@@ -477,7 +694,9 @@ def test_real_voc_sample_opens_and_reads():
     root = SHARED_DATA / "voc-sample"
     spec, items = open_dataset("voc", root)
     assert len(items) == 18 and spec.num_classes == 21
-    assert spec.classes == tuple(l.strip() for l in (root / "classes.txt").read_text().splitlines() if l.strip())
+    assert spec.classes == tuple(
+        line.strip() for line in (root / "classes.txt").read_text().splitlines() if line.strip()
+    )
     assert all(it.id.startswith("images/") for it in items)
     seen = set()
     for it in items:

@@ -5,6 +5,7 @@ The references below rebuild each head from the towers' parameters with plain te
 Every parameter and BatchNorm statistic is perturbed first, so zero-initialised biases, layer
 scales and BN weights cannot hide a missing term.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_CLIP_CFG
 from safetensors.torch import save_file
 
-from conftest import TINY_CLIP_CFG
 from reco.encoders import DENSE_CLIP_HEADS, create_clip, create_encoder
 from reco.errors import ConfigError
 
@@ -31,8 +32,13 @@ VIT_CFGS = {
     "normformer": {  # open_clip's custom block: per-head scale, inner/attn/fc norms, qk-norm, layer scale
         "embed_dim": 32,
         "vision_cfg": {
-            **TINY_CLIP_CFG["vision_cfg"], "ls_init_value": 0.5, "qk_norm": True, "scale_heads": True,
-            "scale_attn_inner": True, "scale_attn": True, "scale_fc": True,
+            **TINY_CLIP_CFG["vision_cfg"],
+            "ls_init_value": 0.5,
+            "qk_norm": True,
+            "scale_heads": True,
+            "scale_attn_inner": True,
+            "scale_attn": True,
+            "scale_fc": True,
         },
         "text_cfg": TEXT_CFG,
     },
@@ -282,9 +288,7 @@ def test_dense_rejects_sizes_that_are_not_cell_multiples(vit_dirs, rn_dir):
         create_clip(f"local-dir:{rn_dir}").dense(torch.zeros(1, 3, 64, 80))
 
 
-@pytest.mark.parametrize(
-    "which,head", [("vit", "maskclip"), ("vit", "maskclip-noresidual"), ("rn", "maskclip")]
-)
+@pytest.mark.parametrize("which,head", [("vit", "maskclip"), ("vit", "maskclip-noresidual"), ("rn", "maskclip")])
 def test_dense_heads_under_bf16_weights(vit_dirs, rn_dir, which, head):
     d = vit_dirs["layerscale"] if which == "vit" else rn_dir
     clip = create_clip(f"local-dir:{d}", dense_head=head)

@@ -1,4 +1,5 @@
 """Ray Data embedding into the store: folder, Parquet and S3 inputs, bad files, resume, CLI."""
+
 import io
 import json
 import logging
@@ -12,10 +13,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import REPO, make_image, write_corrupt_files
 
 from cluster.config import ActorConfig
 from cluster.embed import run_embed
-from conftest import REPO, make_image, write_corrupt_files
 from index.sources import list_folder, list_source
 from index.store import EmbeddingStore
 from jobs.cli import main
@@ -64,8 +65,9 @@ def test_parquet_source_with_embedded_bytes(ray_local, tiny_clip_spec, tmp_path)
         make_image(i).save(b, format="JPEG")
         blobs.append(b.getvalue())
     blobs[4] = b"corrupt"
-    pq.write_table(pa.table({"id": [f"row{i}" for i in range(6)], "jpg": blobs}), tmp_path / "c.parquet",
-                   row_group_size=4)
+    pq.write_table(
+        pa.table({"id": [f"row{i}" for i in range(6)], "jpg": blobs}), tmp_path / "c.parquet", row_group_size=4
+    )
     store = EmbeddingStore(tmp_path / "store")
     rep = run_embed(list_source(str(tmp_path / "c.parquet")), store, tiny_clip_spec, ACTORS, shard_size=10)
     assert rep.embedded == 5 and list(rep.skipped) == ["row4"]
@@ -73,12 +75,16 @@ def test_parquet_source_with_embedded_bytes(ray_local, tiny_clip_spec, tmp_path)
 
 
 def test_s3_source_through_a_local_endpoint(ray_local, tiny_clip_spec, s3_server, tmp_path):
+    import boto3
     import s3fs
 
-    import boto3
-
-    boto3.client("s3", endpoint_url=s3_server["endpoint_url"], aws_access_key_id="testing",
-                 aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket="corpus-bucket")
+    boto3.client(
+        "s3",
+        endpoint_url=s3_server["endpoint_url"],
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    ).create_bucket(Bucket="corpus-bucket")
     fs = s3fs.S3FileSystem(**s3_server)
     for i in range(5):
         b = io.BytesIO()
@@ -93,8 +99,10 @@ def test_s3_source_through_a_local_endpoint(ray_local, tiny_clip_spec, s3_server
     with pytest.raises(FileNotFoundError):
         list_folder("s3://corpus-bucket/nothing", s3_server)
     with pytest.raises(OSError, match="cannot list"):
-        list_folder("s3://no-such-bucket-xyz/imgs", dict(s3_server, key="wrong", secret="wrong",
-                                                          endpoint_url="http://127.0.0.1:9"))
+        list_folder(
+            "s3://no-such-bucket-xyz/imgs",
+            dict(s3_server, key="wrong", secret="wrong", endpoint_url="http://127.0.0.1:9"),
+        )
 
 
 def test_cli_embed_build_index_search(ray_local, tiny_clip_dir, tmp_path, capsys):
@@ -114,8 +122,21 @@ def test_cli_embed_build_index_search(ray_local, tiny_clip_dir, tmp_path, capsys
     assert meta["report"]["factory"] == "Flat" and meta["report"]["recall_at_10"] == 1.0
     capsys.readouterr()
     sheet = tmp_path / "sheet.png"
-    assert main(["search", "a photo of a fire extinguisher", "-k", "5", "--index", str(index),
-                 "--contact-sheet", str(sheet)]) == 0
+    assert (
+        main(
+            [
+                "search",
+                "a photo of a fire extinguisher",
+                "-k",
+                "5",
+                "--index",
+                str(index),
+                "--contact-sheet",
+                str(sheet),
+            ]
+        )
+        == 0
+    )
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 6 and "top 5 of 12" in lines[0]
     faiss_hits = [ln.split()[2] for ln in lines[1:]]
@@ -133,14 +154,34 @@ def test_killed_job_resumes_with_exactly_once_ids(tiny_clip_dir, tmp_path):
     src = _folder(tmp_path / "src", 40)
     store = tmp_path / "store"
     cfg = tmp_path / "ray.yaml"
-    cfg.write_text("ray:\n  num_cpus: 2\n  object_store_memory_mb: 256\n"
-                   "embed:\n  num_actors: 1\n  cpus_per_actor: 0.5\n  batch_size: 2\n")
-    cmd = [sys.executable, "-m", "jobs.cli", "embed", str(src), "--store", str(store), "--clip-model",
-           f"local-dir:{tiny_clip_dir}", "--shard-size", "4", "--ray-config", str(cfg)]
-    env = dict(os.environ, RECO_FAULT_HOOKS=str(REPO / "tests" / "fault_hooks.py"), RECO_TEST_EMBED_DELAY_S="0.3",
-               PYTHONPATH=str(REPO))
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cfg.write_text(
+        "ray:\n  num_cpus: 2\n  object_store_memory_mb: 256\n"
+        "embed:\n  num_actors: 1\n  cpus_per_actor: 0.5\n  batch_size: 2\n"
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "jobs.cli",
+        "embed",
+        str(src),
+        "--store",
+        str(store),
+        "--clip-model",
+        f"local-dir:{tiny_clip_dir}",
+        "--shard-size",
+        "4",
+        "--ray-config",
+        str(cfg),
+    ]
+    env = dict(
+        os.environ,
+        RECO_FAULT_HOOKS=str(REPO / "tests" / "fault_hooks.py"),
+        RECO_TEST_EMBED_DELAY_S="0.3",
+        PYTHONPATH=str(REPO),
+    )
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     manifest = store / "manifest.json"
     deadline = time.time() + 180
     committed = 0
@@ -206,8 +247,10 @@ def test_tensor_crop_matches_pil_crop():
 
 # -- issue #8: transient failures, bad inputs, argument checks ---------------------------
 
-def test_transient_failures_are_not_committed_and_a_rerun_picks_them_up(ray_local, tiny_clip_spec, tmp_path,
-                                                                        monkeypatch):
+
+def test_transient_failures_are_not_committed_and_a_rerun_picks_them_up(
+    ray_local, tiny_clip_spec, tmp_path, monkeypatch
+):
     """Files listed but unreadable at embed time (here: moved away, as on a node that lacks them)
     are retried, reported as transient and NOT committed; the group's other rows are; a rerun
     embeds them into a new shard. The old code committed them as 'skipped' for good."""
@@ -249,8 +292,9 @@ def _latin1_jpeg(folder, seed=5):
     os.close(fd)
 
 
-def test_cli_bad_inputs_are_skipped_with_reasons_and_transient_ones_exit_3(ray_local, tiny_clip_dir, tmp_path,
-                                                                           monkeypatch, caplog):
+def test_cli_bad_inputs_are_skipped_with_reasons_and_transient_ones_exit_3(
+    ray_local, tiny_clip_dir, tmp_path, monkeypatch, caplog
+):
     """A folder of bad files through `reco embed`: a Latin-1 file name (crashed every run with
     UnicodeEncodeError), a broken symlink (silently dropped), a text file (reason named a BytesIO),
     plus a file missing at embed time (transient: exit 3, WARNING, rerun embeds it)."""
@@ -280,8 +324,14 @@ def test_cli_bad_inputs_are_skipped_with_reasons_and_transient_ones_exit_3(ray_l
     assert "not valid UTF-8" in skipped["caf%E9.jpg"]
     assert "broken symlink" in skipped["dangling.jpg"]
     assert "notes.jpg: not an image" in skipped["notes.jpg"] and "BytesIO" not in skipped["notes.jpg"]
-    assert EmbeddingStore(store).committed_ids() == {"sub/img_001.jpg", "img_002.jpg", "sub/img_003.jpg",
-                                                     "caf%E9.jpg", "dangling.jpg", "notes.jpg"}
+    assert EmbeddingStore(store).committed_ids() == {
+        "sub/img_001.jpg",
+        "img_002.jpg",
+        "sub/img_003.jpg",
+        "caf%E9.jpg",
+        "dangling.jpg",
+        "notes.jpg",
+    }
     monkeypatch.setattr("index.sources.list_source", real_listing)
     os.rename(tmp_path / "img_000.jpg", src / "img_000.jpg")
     assert main(argv) == 0

@@ -1,5 +1,6 @@
 """Issue #9 item 7 (pipeline efficiency): the embedding actor's input path, its per-batch
 profile, and whole-batch blocks (no short batches between full ones)."""
+
 import platform
 
 import numpy as np
@@ -48,10 +49,17 @@ def udf(tiny_clip_spec):
 
 def _batch(pixels, status):
     n = len(status)
-    return {"id": np.array([f"i{k}" for k in range(n)], dtype=object), "uri": np.array(["u"] * n, dtype=object),
-            "group": np.zeros(n, np.int64), "width": np.ones(n, np.int32), "height": np.ones(n, np.int32),
-            "status": np.array(status, dtype=object), "error": np.array([""] * n, dtype=object),
-            "decode_s": np.zeros(n), "pixels": pixels}
+    return {
+        "id": np.array([f"i{k}" for k in range(n)], dtype=object),
+        "uri": np.array(["u"] * n, dtype=object),
+        "group": np.zeros(n, np.int64),
+        "width": np.ones(n, np.int32),
+        "height": np.ones(n, np.int32),
+        "status": np.array(status, dtype=object),
+        "error": np.array([""] * n, dtype=object),
+        "decode_s": np.zeros(n),
+        "pixels": pixels,
+    }
 
 
 def test_fused_input_matches_the_model_normalisation(udf):
@@ -96,8 +104,13 @@ def test_run_embed_gives_the_actor_whole_batches(ray_local, tiny_clip_spec, tmp_
     src.mkdir()
     for i in range(11):
         make_image(i, (40, 30)).save(src / f"img_{i:03d}.jpg")
-    rep = run_embed(list_folder(str(src)), EmbeddingStore(tmp_path / "store"), tiny_clip_spec,
-                    ActorConfig(num_actors=1, cpus_per_actor=0.5, batch_size=4), shard_size=5)
+    rep = run_embed(
+        list_folder(str(src)),
+        EmbeddingStore(tmp_path / "store"),
+        tiny_clip_spec,
+        ActorConfig(num_actors=1, cpus_per_actor=0.5, batch_size=4),
+        shard_size=5,
+    )
     assert rep.embedded == 11
     assert rep.batch_sizes == {3: 1, 4: 2}  # from_items(override_num_blocks=2) gave 4 + 2, 4 + 1
     assert rep.actor_torch_threads >= 1 and rep.actor_warmup_seconds > 0

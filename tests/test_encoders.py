@@ -1,8 +1,8 @@
 import pytest
 import torch
+from conftest import TINY_VIT
 from safetensors.torch import save_file
 
-from conftest import TINY_VIT
 from reco.encoders import create_clip, create_dense_encoder, create_encoder
 from reco.errors import ConfigError, WeightsMismatchError, WeightsNotFoundError
 

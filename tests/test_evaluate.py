@@ -2,6 +2,7 @@
 tiny fixture made here (tiny random encoders from conftest), metrics checked by hand, the
 in-domain exemplar protocol (split, archives, baselines, ceiling, CV), the background threshold
 chosen by cross-validation, and the Ray Data path giving the same numbers as the in-process one."""
+
 from __future__ import annotations
 
 import json
@@ -10,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_VIT, make_image
 from PIL import Image
 
-from conftest import TINY_VIT, make_image
 from index.datasets import dataset_spec, list_datasets, open_dataset, read_mask
 from index.storage import load_bank, save_bank
 
@@ -35,7 +36,7 @@ def _ignore_raw(name: str) -> int:
 def _mask_values(name: str, seed: int) -> np.ndarray:
     """Left part class 0, right part class 1, one ignored row (raw ids of the dataset)."""
     m = np.full((H, W), _raw_for(name, 0), dtype=np.uint8)
-    m[:, W // 2 + seed:] = _raw_for(name, 1)
+    m[:, W // 2 + seed :] = _raw_for(name, 1)
     m[0, :] = _ignore_raw(name)
     return m
 
@@ -51,13 +52,19 @@ LAYOUTS = {
     "context60": lambda stem: (f"VOC2010/JPEGImages/{stem}.jpg", f"VOC2010/SegmentationClassContext/{stem}.png"),
     "cocostuff171": lambda stem: (f"images/val2017/{stem}.jpg", f"annotations/val2017/{stem}.png"),
     "cocostuff27": lambda stem: (f"images/val2017/{stem}.jpg", f"annotations/val2017/{stem}.png"),
-    "cityscapes19": lambda stem: (f"leftImg8bit/val/aachen/{stem}_leftImg8bit.png",
-                                  f"gtFine/val/aachen/{stem}_gtFine_labelIds.png"),
-    "cityscapes27": lambda stem: (f"leftImg8bit/val/aachen/{stem}_leftImg8bit.png",
-                                  f"gtFine/val/aachen/{stem}_gtFine_labelIds.png"),
+    "cityscapes19": lambda stem: (
+        f"leftImg8bit/val/aachen/{stem}_leftImg8bit.png",
+        f"gtFine/val/aachen/{stem}_gtFine_labelIds.png",
+    ),
+    "cityscapes27": lambda stem: (
+        f"leftImg8bit/val/aachen/{stem}_leftImg8bit.png",
+        f"gtFine/val/aachen/{stem}_gtFine_labelIds.png",
+    ),
     "kitti-step": lambda stem: (f"images/val/0002/{stem}.png", f"panoptic_maps/val/0002/{stem}.png"),
-    "ade150": lambda stem: (f"ADEChallengeData2016/images/validation/{stem}.jpg",
-                            f"ADEChallengeData2016/annotations/validation/{stem}.png"),
+    "ade150": lambda stem: (
+        f"ADEChallengeData2016/images/validation/{stem}.jpg",
+        f"ADEChallengeData2016/annotations/validation/{stem}.png",
+    ),
     "camvid": lambda stem: (f"images/{stem}.jpg", f"masks/{stem}.png"),
 }
 
@@ -117,8 +124,27 @@ def test_evaluate_runs_on_every_dataset_fixture(name, tmp_path, tiny_dense):
     spec = dataset_spec(name)
     bank = _bank_for([spec.classes[0], spec.classes[1]], tiny_dense, tmp_path / "bank")
     out = tmp_path / "out"
-    assert main(["evaluate", "--dataset", name, "--root", str(root), "--bank", str(bank), "--out", str(out),
-                 "--protocol", "full", "--overlays", "1", *_enc_args()]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--dataset",
+                name,
+                "--root",
+                str(root),
+                "--bank",
+                str(bank),
+                "--out",
+                str(out),
+                "--protocol",
+                "full",
+                "--overlays",
+                "1",
+                *_enc_args(),
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "report.json").read_text())
     assert report["dataset"] == name and report["images"]["evaluated"] == 2
     n = spec.num_classes
@@ -127,8 +153,10 @@ def test_evaluate_runs_on_every_dataset_fixture(name, tmp_path, tiny_dense):
     assert cm.sum() == 2 * (H - 1) * W  # every pixel but the ignored row, at full resolution
     assert cm[:, 2:].sum() == 0  # the bank only predicts classes 0 and 1
     assert report["miou"] == pytest.approx(
-        np.nanmean([cm[c, c] / (cm[c].sum() + cm[:, c].sum() - cm[c, c]) for c in range(n)
-                    if cm[c].sum() + cm[:, c].sum() > 0]))
+        np.nanmean(
+            [cm[c, c] / (cm[c].sum() + cm[:, c].sum() - cm[c, c]) for c in range(n) if cm[c].sum() + cm[:, c].sum() > 0]
+        )
+    )
     assert report["pixel_accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
     assert set(report["metrics"]["iou"]) == set(spec.classes)
     for key in ("protocol", "encoders", "bank", "seconds_per_image", "mode", "executor"):
@@ -150,8 +178,27 @@ def test_metrics_are_the_hand_computed_ones_under_the_paper_protocol(tmp_path, t
     spec, items = open_dataset("camvid", root)
     bank_dir = _bank_for(["road", "sky"], tiny_dense, tmp_path / "bank")
     out = tmp_path / "out"
-    assert main(["evaluate", "--dataset", "camvid", "--root", str(root), "--bank", str(bank_dir), "--out", str(out),
-                 "--protocol", "paper", "--protocol-size", "32", *_enc_args()]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--dataset",
+                "camvid",
+                "--root",
+                str(root),
+                "--bank",
+                str(bank_dir),
+                "--out",
+                str(out),
+                "--protocol",
+                "paper",
+                "--protocol-size",
+                "32",
+                *_enc_args(),
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "report.json").read_text())
     seg = Segmenter(load_bank(str(bank_dir)), tiny_dense, None, SegmenterConfig())
     lut = np.array([spec.classes.index(c) for c in seg.class_names])
@@ -188,9 +235,13 @@ def test_evaluator_confusion_by_hand():
     truth = np.array([[2, 0, 1, 0], [255, 0, 2, 1]])
     res = ev(Image.new("RGB", (4, 2)), truth)
     # predictions in dataset ids: [[2, 0, 1, 1], [0, 0, 2, 1]]; the 255 pixel is ignored
-    expected = np.array([[2, 1, 0],   # truth a: predicted a, b, a
-                         [0, 2, 0],   # truth b: b, b
-                         [0, 0, 2]])  # truth c: c, c
+    expected = np.array(
+        [
+            [2, 1, 0],  # truth a: predicted a, b, a
+            [0, 2, 0],  # truth b: b, b
+            [0, 0, 2],
+        ]
+    )  # truth c: c, c
     assert res.confusion.tolist() == expected.tolist()
     m = metrics_of(res.confusion, spec)
     assert m["miou"] == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
@@ -217,8 +268,12 @@ def test_label_map_names_background_and_errors():
     from reco.errors import ConfigError
 
     voc = dataset_spec("voc")
-    assert label_map_for(["background", "Dining_Table", "water"], voc,
-                         background_concepts=["water"], class_map={"Dining_Table": "diningtable"}) == [0, 11, 0]
+    assert label_map_for(
+        ["background", "Dining_Table", "water"],
+        voc,
+        background_concepts=["water"],
+        class_map={"Dining_Table": "diningtable"},
+    ) == [0, 11, 0]
     with pytest.raises(ConfigError, match="unicorn"):
         label_map_for(["unicorn"], voc)
     with pytest.raises(ConfigError, match="no background class"):
@@ -236,7 +291,7 @@ def _coverage_dataset(root: Path) -> Path:
     for i in range(6):
         m = np.zeros((H, W), np.uint8)
         if i in (1, 4):
-            m[H // 2:] = 3
+            m[H // 2 :] = 3
         if i in (0, 2):
             m[: H // 4, : W // 4] = 5
         if i == 2:
@@ -260,8 +315,7 @@ def test_split_archives_follow_the_written_rule():
     assert cov.tolist() == [[0.75, 0.25, 0.0], [0.25, 0.75, 0.0], [0.5, 0.0, 0.25]]
     ar = archives_from_labels(["a", "b", "c"], cov, ["x", "y", "z"], k=2, min_coverage=0.25)
     assert ar == {"x": [0, 2], "y": [1, 0], "z": [2]}  # largest coverage first, up to k
-    assert archives_from_labels(["a", "b", "c"], cov, ["x", "y", "z"], k=5, min_coverage=0.3) == \
-        {"x": [0, 2], "y": [1]}
+    assert archives_from_labels(["a", "b", "c"], cov, ["x", "y", "z"], k=5, min_coverage=0.3) == {"x": [0, 2], "y": [1]}
 
 
 def test_exemplars_from_split_with_baselines_ceiling_and_cv(tmp_path, tiny_dense_path):
@@ -269,10 +323,34 @@ def test_exemplars_from_split_with_baselines_ceiling_and_cv(tmp_path, tiny_dense
 
     root = _coverage_dataset(tmp_path / "cam")
     out = tmp_path / "out"
-    assert main(["evaluate", "--dataset", "camvid", "--root", str(root), "--exemplars-from-split", "--out", str(out),
-                 "--protocol", "full", "--baselines", "--ceiling", "--cv", "--config", str(_small_cfg(tmp_path)),
-                 "--dense-encoder", "dino_vits16", "--dense-weights", str(tiny_dense_path),
-                 "--cache-features", *_enc_args()]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--dataset",
+                "camvid",
+                "--root",
+                str(root),
+                "--exemplars-from-split",
+                "--out",
+                str(out),
+                "--protocol",
+                "full",
+                "--baselines",
+                "--ceiling",
+                "--cv",
+                "--config",
+                str(_small_cfg(tmp_path)),
+                "--dense-encoder",
+                "dino_vits16",
+                "--dense-weights",
+                str(tiny_dense_path),
+                "--cache-features",
+                *_enc_args(),
+            ]
+        )
+        == 0
+    )
     r = json.loads((out / "report.json").read_text())
     assert r["archives"]["archive_items"] == ["images/f0.jpg", "images/f1.jpg", "images/f2.jpg"]
     assert r["archives"]["scored_items"] == ["images/f3.jpg", "images/f4.jpg", "images/f5.jpg"]
@@ -308,16 +386,44 @@ def test_archives_from_another_root_crops_and_drive_cv(tmp_path, tiny_dense_path
     for drive in ("A", "B"):
         for i in range(2):
             m = np.zeros((H, W), np.uint8)
-            m[H // 2:] = 3  # road below, sky above
+            m[H // 2 :] = 3  # road below, sky above
             m[:8, :8] = 2  # a pole in the top-left corner
             _save(arch_root / f"images/{drive}_{i}.jpg", Image.fromarray(rng.integers(0, 255, (H, W, 3), np.uint8)))
             _save(arch_root / f"masks/{drive}_{i}.png", Image.fromarray(m, "L"))
     _coverage_dataset(val_root)
     out = tmp_path / "out"
-    assert main(["evaluate", "--dataset", "camvid", "--root", str(val_root), "--archives-from", str(arch_root),
-                 "--crop-size", "16", "--crop-stride", "8", "--out", str(out), "--protocol", "full", "--baselines",
-                 "--ceiling", "--cv", "--config", str(_small_cfg(tmp_path)), "--dense-encoder", "dino_vits16",
-                 "--dense-weights", str(tiny_dense_path), *_enc_args()]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--dataset",
+                "camvid",
+                "--root",
+                str(val_root),
+                "--archives-from",
+                str(arch_root),
+                "--crop-size",
+                "16",
+                "--crop-stride",
+                "8",
+                "--out",
+                str(out),
+                "--protocol",
+                "full",
+                "--baselines",
+                "--ceiling",
+                "--cv",
+                "--config",
+                str(_small_cfg(tmp_path)),
+                "--dense-encoder",
+                "dino_vits16",
+                "--dense-weights",
+                str(tiny_dense_path),
+                *_enc_args(),
+            ]
+        )
+        == 0
+    )
     r = json.loads((out / "report.json").read_text())
     assert r["archives"]["mode"] == "crops" and r["images"]["evaluated"] == 6
     assert r["archives"]["archives"]["pole"][0] == "images/A_0.jpg@0,0,16,16"  # the window holding the pole
@@ -343,12 +449,30 @@ def test_exemplar_mapping_protocol_and_background_threshold_cv(tmp_path, tiny_de
     for i in range(5):
         make_image(200 + i, (64, 64)).save(arch / f"a{i}.jpg")
     mapping = tmp_path / "map.yaml"
-    mapping.write_text("classes:\n  aeroplane: [a0.jpg, a1.jpg]\n  bicycle: [a2.jpg, missing.jpg]\n"
-                       "background:\n  water: [a3.jpg, a4.jpg]\n")
+    mapping.write_text(
+        "classes:\n  aeroplane: [a0.jpg, a1.jpg]\n  bicycle: [a2.jpg, missing.jpg]\n"
+        "background:\n  water: [a3.jpg, a4.jpg]\n"
+    )
     out = tmp_path / "out"
-    common = ["evaluate", "--dataset", "voc", "--root", str(root), "--exemplars", str(mapping), "--archive-root",
-              str(arch), "--config", str(_small_cfg(tmp_path)), "--dense-encoder", "dino_vits16",
-              "--dense-weights", str(tiny_dense_path), "--baselines", *_enc_args()]
+    common = [
+        "evaluate",
+        "--dataset",
+        "voc",
+        "--root",
+        str(root),
+        "--exemplars",
+        str(mapping),
+        "--archive-root",
+        str(arch),
+        "--config",
+        str(_small_cfg(tmp_path)),
+        "--dense-encoder",
+        "dino_vits16",
+        "--dense-weights",
+        str(tiny_dense_path),
+        "--baselines",
+        *_enc_args(),
+    ]
     assert main(common + ["--out", str(out), "--background-threshold", "cv", "--ceiling", "--overlays", "2"]) == 0
     r = json.loads((out / "report.json").read_text())
     assert r["label_map"]["water"] == 0 and r["label_map"]["aeroplane"] == 1
@@ -386,21 +510,39 @@ def test_evaluate_refuses_inconsistent_arguments(tmp_path, tiny_dense, caplog):
     assert main(["evaluate", "--dataset", "camvid", "--root", str(tmp_path / "nothing"), "--bank", str(bank)]) == 2
 
 
-@pytest.mark.parametrize("extra, says", [
-    (["--limit", "0"], "--limit must be >= 1"),
-    (["--limit", "-2"], "--limit must be >= 1"),
-    (["--background-threshold", "nan"], "--background-threshold must be a number in [0, 1]"),
-    (["--background-threshold", "1.5"], "--background-threshold must be a number in [0, 1]"),
-    (["--archive-mode", "crops"], "--archive-mode needs"),
-    (["--crop-size", "0"], "--crop-size must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "extra, says",
+    [
+        (["--limit", "0"], "--limit must be >= 1"),
+        (["--limit", "-2"], "--limit must be >= 1"),
+        (["--background-threshold", "nan"], "--background-threshold must be a number in [0, 1]"),
+        (["--background-threshold", "1.5"], "--background-threshold must be a number in [0, 1]"),
+        (["--archive-mode", "crops"], "--archive-mode needs"),
+        (["--crop-size", "0"], "--crop-size must be >= 1"),
+    ],
+)
 def test_evaluate_refuses_bad_values_in_one_line(tmp_path, caplog, extra, says):
     """Issue 16: refused before any work, one line on stderr, exit 2."""
     from jobs.cli import main
 
     root = make_dataset(tmp_path / "data", "camvid")
-    assert main(["evaluate", "--dataset", "camvid", "--root", str(root), "--bank", str(tmp_path / "no-bank"),
-                 "--out", str(tmp_path / "o"), *extra]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--dataset",
+                "camvid",
+                "--root",
+                str(root),
+                "--bank",
+                str(tmp_path / "no-bank"),
+                "--out",
+                str(tmp_path / "o"),
+                *extra,
+            ]
+        )
+        == 2
+    )
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and says in errors[0] and "\n" not in errors[0]
 
@@ -411,8 +553,10 @@ def test_evaluate_out_naming_a_file_is_one_line(tmp_path, caplog):
     root = make_dataset(tmp_path / "data", "camvid")
     f = tmp_path / "report.txt"
     f.write_text("x")
-    assert main(["evaluate", "--dataset", "camvid", "--root", str(root), "--bank", str(tmp_path / "b"),
-                 "--out", str(f)]) == 2
+    assert (
+        main(["evaluate", "--dataset", "camvid", "--root", str(root), "--bank", str(tmp_path / "b"), "--out", str(f)])
+        == 2
+    )
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "is an existing file" in errors[0] and "\n" not in errors[0]
     assert f.read_text() == "x"
@@ -431,9 +575,33 @@ def test_ray_data_path_gives_the_same_numbers(ray_local, tmp_path, tiny_dense):
     reports = {}
     for executor in ("local", "ray"):
         out = tmp_path / executor
-        assert main(["evaluate", "--dataset", "cityscapes27", "--root", str(root), "--bank", str(bank),
-                     "--out", str(out), "--executor", executor, "--actors", "1", "--overlays", "2",
-                     "--protocol", "paper", "--protocol-size", "28", *_enc_args()]) == 0
+        assert (
+            main(
+                [
+                    "evaluate",
+                    "--dataset",
+                    "cityscapes27",
+                    "--root",
+                    str(root),
+                    "--bank",
+                    str(bank),
+                    "--out",
+                    str(out),
+                    "--executor",
+                    executor,
+                    "--actors",
+                    "1",
+                    "--overlays",
+                    "2",
+                    "--protocol",
+                    "paper",
+                    "--protocol-size",
+                    "28",
+                    *_enc_args(),
+                ]
+            )
+            == 0
+        )
         reports[executor] = json.loads((out / "report.json").read_text())
     local, ray_ = reports["local"], reports["ray"]
     assert ray_["executor"] == "ray" and local["executor"] == "local"
@@ -457,13 +625,32 @@ def _pseudo_label_output(root: Path, image_uris) -> Path:
 
     from cluster.pseudo_label import COLUMNS
 
-    rows = [{"id": f"img{i}", "uri": str(u), "status": "ok", "error": "", "label": f"labels/img{i}.png",
-             "confidence": "", "overlay": "", "width": W, "height": H, "classes": "[]", "shares": "[]",
-             "mean_confidence": 1.0, "seconds": 0.0, "mode": "reference"} for i, u in enumerate(image_uris)]
+    rows = [
+        {
+            "id": f"img{i}",
+            "uri": str(u),
+            "status": "ok",
+            "error": "",
+            "label": f"labels/img{i}.png",
+            "confidence": "",
+            "overlay": "",
+            "width": W,
+            "height": H,
+            "classes": "[]",
+            "shares": "[]",
+            "mean_confidence": 1.0,
+            "seconds": 0.0,
+            "mode": "reference",
+        }
+        for i, u in enumerate(image_uris)
+    ]
     (root / "manifest").mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({c: [r[c] for r in rows] for c in COLUMNS}), root / "manifest" / "part-00000-00000000.parquet")
-    (root / "pseudo_label.json").write_text(json.dumps({"classes": ["building", "sky"], "config_hash": "toy",
-                                                        "bank_sha256": "abc"}))
+    pq.write_table(
+        pa.table({c: [r[c] for r in rows] for c in COLUMNS}), root / "manifest" / "part-00000-00000000.parquet"
+    )
+    (root / "pseudo_label.json").write_text(
+        json.dumps({"classes": ["building", "sky"], "config_hash": "toy", "bank_sha256": "abc"})
+    )
     return root
 
 
@@ -481,9 +668,16 @@ def _constant_model(run: Path, classes, winner: str, labels_uri=None, selection:
         conv.weight.zero_()
         conv.bias.zero_()
         conv.bias[list(classes).index(winner)] = 5.0
-    prov = {"checkpoint": "checkpoint_00000012", "step": 12, "selection": selection, "config": {"iterations": 12},
-            "selection_rule": "toy rule", "labels_uri": str(labels_uri) if labels_uri else None,
-            "encoder_init": "random init (no encoder_weights given)", "config_hash": "toyhash"}
+    prov = {
+        "checkpoint": "checkpoint_00000012",
+        "step": 12,
+        "selection": selection,
+        "config": {"iterations": 12},
+        "selection_rule": "toy rule",
+        "labels_uri": str(labels_uri) if labels_uri else None,
+        "encoder_init": "random init (no encoder_weights given)",
+        "config_hash": "toyhash",
+    }
     SegModel(net, spec, list(classes), base_size=32, training=prov).save(run / "model")
     return run
 
@@ -507,8 +701,28 @@ def test_model_that_predicts_the_ground_truth_scores_100(tmp_path):
     root = _sky_dataset(tmp_path / "cam")
     run = _constant_model(tmp_path / "run", ["building", "sky"], "sky")
     out = tmp_path / "out"
-    assert main(["evaluate", "--dataset", "camvid", "--root", str(root), "--model", str(run), "--out", str(out),
-                 "--protocol", "paper", "--protocol-size", "32", "--overlays", "1"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--dataset",
+                "camvid",
+                "--root",
+                str(root),
+                "--model",
+                str(run),
+                "--out",
+                str(out),
+                "--protocol",
+                "paper",
+                "--protocol-size",
+                "32",
+                "--overlays",
+                "1",
+            ]
+        )
+        == 0
+    )
     r = json.loads((out / "report.json").read_text())
     plus = r["reco_plus"]
     assert plus["miou"] == 1.0 and plus["pixel_accuracy"] == 1.0
@@ -523,8 +737,24 @@ def test_model_that_predicts_the_ground_truth_scores_100(tmp_path):
     assert plus["overlays"] == ["reco_plus/overlays/images/s0.jpg.png"] and (out / plus["overlays"][0]).is_file()
     # the .safetensors file itself and RUN/model load the same model
     for uri in (run / "model", run / "model" / "model.safetensors"):
-        assert main(["evaluate", "--dataset", "camvid", "--root", str(root), "--model", str(uri), "--out",
-                     str(tmp_path / "o2"), "--protocol", "full"]) == 0
+        assert (
+            main(
+                [
+                    "evaluate",
+                    "--dataset",
+                    "camvid",
+                    "--root",
+                    str(root),
+                    "--model",
+                    str(uri),
+                    "--out",
+                    str(tmp_path / "o2"),
+                    "--protocol",
+                    "full",
+                ]
+            )
+            == 0
+        )
         assert json.loads((tmp_path / "o2" / "report.json").read_text())["reco_plus"]["miou"] == 1.0
 
 
@@ -559,11 +789,24 @@ def test_reco_and_reco_plus_side_by_side(tmp_path, tiny_dense, capsys):
     root = make_dataset(tmp_path / "data", "camvid", n=3)
     bank = _bank_for(["road", "sky"], tiny_dense, tmp_path / "bank")
     run = _constant_model(tmp_path / "run", ["building", "sky"], "sky")
-    base = ["evaluate", "--dataset", "camvid", "--root", str(root), "--protocol", "paper", "--protocol-size", "32",
-            *_enc_args()]
+    base = [
+        "evaluate",
+        "--dataset",
+        "camvid",
+        "--root",
+        str(root),
+        "--protocol",
+        "paper",
+        "--protocol-size",
+        "32",
+        *_enc_args(),
+    ]
     reports = {}
-    for name, extra in (("both", ["--bank", str(bank), "--model", str(run)]), ("bank", ["--bank", str(bank)]),
-                        ("model", ["--model", str(run)])):
+    for name, extra in (
+        ("both", ["--bank", str(bank), "--model", str(run)]),
+        ("bank", ["--bank", str(bank)]),
+        ("model", ["--model", str(run)]),
+    ):
         capsys.readouterr()
         assert main(base + extra + ["--out", str(tmp_path / name)]) == 0
         reports[name] = (json.loads((tmp_path / name / "report.json").read_text()), capsys.readouterr().out)
@@ -588,13 +831,33 @@ def test_in_domain_protocol_with_model_records_training_overlap(tmp_path, tiny_d
     root = _coverage_dataset(tmp_path / "cam")
     spec, items = open_dataset("camvid", root)
     archive = [it.image_uri for it in items[:3]]
-    base = ["evaluate", "--dataset", "camvid", "--root", str(root), "--exemplars-from-split", "--protocol", "full",
-            "--config", str(_small_cfg(tmp_path)), "--dense-encoder", "dino_vits16", "--dense-weights",
-            str(tiny_dense_path), "--cache-features", *_enc_args()]
-    clean = _constant_model(tmp_path / "clean", ["building", "sky"], "sky",
-                            _pseudo_label_output(tmp_path / "pl_clean", archive))
-    leaky = _constant_model(tmp_path / "leaky", ["building", "sky"], "sky",
-                            _pseudo_label_output(tmp_path / "pl_leaky", archive + [items[4].image_uri]))
+    base = [
+        "evaluate",
+        "--dataset",
+        "camvid",
+        "--root",
+        str(root),
+        "--exemplars-from-split",
+        "--protocol",
+        "full",
+        "--config",
+        str(_small_cfg(tmp_path)),
+        "--dense-encoder",
+        "dino_vits16",
+        "--dense-weights",
+        str(tiny_dense_path),
+        "--cache-features",
+        *_enc_args(),
+    ]
+    clean = _constant_model(
+        tmp_path / "clean", ["building", "sky"], "sky", _pseudo_label_output(tmp_path / "pl_clean", archive)
+    )
+    leaky = _constant_model(
+        tmp_path / "leaky",
+        ["building", "sky"],
+        "sky",
+        _pseudo_label_output(tmp_path / "pl_leaky", archive + [items[4].image_uri]),
+    )
     for run, overlap in ((clean, 0), (leaky, 1)):
         out = tmp_path / f"out_{run.name}"
         assert main(base + ["--model", str(run), "--out", str(out)]) == 0
@@ -641,11 +904,36 @@ def test_save_bank_writes_the_bank_it_scored(tmp_path, tiny_dense_path):
     from jobs.cli import main
 
     root = _coverage_dataset(tmp_path / "cam")
-    common = ["--dataset", "camvid", "--protocol", "full", "--config", str(_small_cfg(tmp_path)),
-              "--dense-encoder", "dino_vits16", "--dense-weights", str(tiny_dense_path), *_enc_args()]
+    common = [
+        "--dataset",
+        "camvid",
+        "--protocol",
+        "full",
+        "--config",
+        str(_small_cfg(tmp_path)),
+        "--dense-encoder",
+        "dino_vits16",
+        "--dense-weights",
+        str(tiny_dense_path),
+        *_enc_args(),
+    ]
     saved = tmp_path / "bank"
-    assert main(["evaluate", *common, "--root", str(root), "--exemplars-from-split", "--save-bank", str(saved),
-                 "--out", str(tmp_path / "a")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                *common,
+                "--root",
+                str(root),
+                "--exemplars-from-split",
+                "--save-bank",
+                str(saved),
+                "--out",
+                str(tmp_path / "a"),
+            ]
+        )
+        == 0
+    )
     a = json.loads((tmp_path / "a" / "report.json").read_text())
     assert a["bank"]["saved_to"] == str(saved) and (saved / "bank.safetensors").is_file()
     half = tmp_path / "eval_half"  # the evaluation half alone (f3-f5), as its own dataset root
@@ -668,10 +956,36 @@ def test_ray_data_path_scores_a_model_like_the_local_one(ray_local, tmp_path):
     reports = {}
     for executor in ("local", "ray"):
         out = tmp_path / executor
-        assert main(["evaluate", "--dataset", "camvid", "--root", str(root), "--model", str(run), "--out", str(out),
-                     "--executor", executor, "--actors", "1", "--overlays", "1", "--protocol", "paper",
-                     "--protocol-size", "32"]) == 0
+        assert (
+            main(
+                [
+                    "evaluate",
+                    "--dataset",
+                    "camvid",
+                    "--root",
+                    str(root),
+                    "--model",
+                    str(run),
+                    "--out",
+                    str(out),
+                    "--executor",
+                    executor,
+                    "--actors",
+                    "1",
+                    "--overlays",
+                    "1",
+                    "--protocol",
+                    "paper",
+                    "--protocol-size",
+                    "32",
+                ]
+            )
+            == 0
+        )
         reports[executor] = json.loads((out / "report.json").read_text())["reco_plus"]
     assert reports["ray"]["executor"] == "ray" and reports["local"]["executor"] == "local"
     assert reports["ray"]["metrics"]["confusion_matrix"] == reports["local"]["metrics"]["confusion_matrix"]
-    assert reports["ray"]["overlays"] == reports["local"]["overlays"] and (tmp_path / "ray" / reports["ray"]["overlays"][0]).is_file()
+    assert (
+        reports["ray"]["overlays"] == reports["local"]["overlays"]
+        and (tmp_path / "ray" / reports["ray"]["overlays"][0]).is_file()
+    )

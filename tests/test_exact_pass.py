@@ -1,5 +1,6 @@
 """#17.1: exact retrieval for a vocabulary in one Ray Data pass over the store, equal to ExactRetriever
 (ids and scores), ties included, fewer rows than k, 1,000 concepts; the bf16 GPU path's re-check."""
+
 import numpy as np
 import pytest
 from test_faiss import clustered
@@ -15,7 +16,7 @@ def store_of(root, x, sizes, model=None):
     a = 0
     for i, n in enumerate(sizes):
         rows = range(a, a + n)
-        st.commit_shard(i, [f"id{j}" for j in rows], [f"u{j}" for j in rows], x[a:a + n], [1] * n, [1] * n)
+        st.commit_shard(i, [f"id{j}" for j in rows], [f"u{j}" for j in rows], x[a : a + n], [1] * n, [1] * n)
         a += n
     assert a == len(x)
     return st

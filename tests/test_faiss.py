@@ -1,6 +1,7 @@
 """FAISS index build (issue #8): re-ranking and recall errors, GPU parameter setting, streaming
 store build, disjoint tuning / evaluation queries with honest latency fields, build-index CLI
 argument checks. Small corpora and tiny IVF/PQ settings keep these fast."""
+
 import json
 import logging
 import tracemalloc
@@ -27,12 +28,14 @@ def make_store(root, x, shard=2000):
     st.create_or_check({"clip_model": "test"}, x.shape[1])
     for i, s in enumerate(range(0, len(x), shard)):
         rows = range(s, min(s + shard, len(x)))
-        st.commit_shard(i, [f"id{j}" for j in rows], [f"u{j}" for j in rows], x[s:s + shard], [1] * len(rows),
-                        [1] * len(rows))
+        st.commit_shard(
+            i, [f"id{j}" for j in rows], [f"u{j}" for j in rows], x[s : s + shard], [1] * len(rows), [1] * len(rows)
+        )
     return st
 
 
 # -- defect 1: PQ without re-ranking, low recall returned silently --------------------------
+
 
 def test_pq_band_is_refined_and_counts_refine_memory_in_the_budget():
     for budget in (1 << 30, 3 << 29, 7 << 28):
@@ -93,6 +96,7 @@ def test_tiny_corpora_build_exact_indexes():
 
 # -- defect 2: GPU tuning crashed (CPU ParameterSpace on a GpuIndexIVF) ----------------------
 
+
 class GpuIndexIVFFlat:
     """Stands in for faiss.GpuIndexIVFFlat (the CPU ParameterSpace rejects it): delegates to a CPU index."""
 
@@ -137,8 +141,9 @@ def test_gpu_build_branch_tunes_nprobe(monkeypatch):
     faiss = fi._faiss()
     clones = []
     monkeypatch.setattr(faiss, "StandardGpuResources", lambda: object(), raising=False)
-    monkeypatch.setattr(faiss, "index_cpu_to_gpu", lambda res, dev, ix: clones.append(GpuIndexIVFFlat(ix)) or clones[-1],
-                        raising=False)
+    monkeypatch.setattr(
+        faiss, "index_cpu_to_gpu", lambda res, dev, ix: clones.append(GpuIndexIVFFlat(ix)) or clones[-1], raising=False
+    )
     monkeypatch.setattr(faiss, "index_gpu_to_cpu", lambda g: g.cpu, raising=False)
     x = clustered(4000, 32)
     index, rep = fi.build_index(x, "IVF32,Flat", num_queries=100, use_gpu=True)
@@ -147,6 +152,7 @@ def test_gpu_build_branch_tunes_nprobe(monkeypatch):
 
 
 # -- defect 3: build loaded the corpus as float32 (twice) --------------------------------------
+
 
 def test_exact_topk_streams_chunks_and_excludes_self():
     x = clustered(2500, 16)
@@ -196,8 +202,9 @@ def test_store_build_memory_is_a_sample_and_a_block_not_the_corpus(tmp_path, mon
     monkeypatch.setattr(fi, "BLOCK_ROWS", 1000)  # add blocks
     tracemalloc.start()
     try:
-        rep = build_index_dir(EmbeddingStore(tmp_path / "store"), tmp_path / "ix", "IVF32,Flat", num_queries=100,
-                              train_size=2000)
+        rep = build_index_dir(
+            EmbeddingStore(tmp_path / "store"), tmp_path / "ix", "IVF32,Flat", num_queries=100, train_size=2000
+        )
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -207,6 +214,7 @@ def test_store_build_memory_is_a_sample_and_a_block_not_the_corpus(tmp_path, mon
 
 
 # -- defect 4: tuning and evaluation queries, latency fields -----------------------------------
+
 
 def test_recall_is_reported_on_queries_disjoint_from_the_tuning_queries(monkeypatch):
     calls = []
@@ -238,12 +246,20 @@ def test_report_has_batched_throughput_and_single_query_latency(tmp_path):
     assert rep.single_queries == 100 and 0 < rep.single_query_ms <= rep.single_query_p95_ms
     fi.save_index(index, rep, tmp_path / "ix")
     report = json.loads((tmp_path / "ix" / "index.json").read_text())["report"]
-    for key in ("batched_ms_per_query", "batched_qps", "single_query_ms", "single_query_p95_ms", "tune_queries",
-                "queries", "target_met"):
+    for key in (
+        "batched_ms_per_query",
+        "batched_qps",
+        "single_query_ms",
+        "single_query_p95_ms",
+        "tune_queries",
+        "queries",
+        "target_met",
+    ):
         assert key in report
 
 
 # -- defect 5: build-index argument checks -----------------------------------------------------
+
 
 def _cli(argv, caplog):
     from jobs.cli import main
@@ -260,8 +276,15 @@ def small_store(tmp_path):
     return make_store(tmp_path / "store", clustered(3000, 32), shard=1000)
 
 
-@pytest.mark.parametrize("kind,expect", [("missing", "no such directory"), ("a_file", "is a file"),
-                                         ("not_a_store", "not an embedding store"), ("empty", "holds no embeddings")])
+@pytest.mark.parametrize(
+    "kind,expect",
+    [
+        ("missing", "no such directory"),
+        ("a_file", "is a file"),
+        ("not_a_store", "not an embedding store"),
+        ("empty", "holds no embeddings"),
+    ],
+)
 def test_build_index_cli_rejects_bad_stores_with_one_line(tmp_path, caplog, kind, expect):
     store = tmp_path / kind
     if kind == "a_file":
@@ -278,18 +301,32 @@ def test_build_index_cli_rejects_bad_stores_with_one_line(tmp_path, caplog, kind
 
 @pytest.mark.parametrize("target", ["0", "-0.5", "1.5"])
 def test_build_index_cli_rejects_target_recall_outside_0_1(small_store, tmp_path, caplog, target):
-    rc, errors = _cli(["build-index", "--store", str(small_store.root), "--index", str(tmp_path / "ix"),
-                       "--target-recall", target], caplog)
+    rc, errors = _cli(
+        ["build-index", "--store", str(small_store.root), "--index", str(tmp_path / "ix"), "--target-recall", target],
+        caplog,
+    )
     assert rc == 2 and len(errors) == 1 and "--target-recall" in errors[0]
     assert not (tmp_path / "ix").exists()
 
 
 def test_build_index_cli_rejects_bad_factory_and_budget(small_store, tmp_path, caplog):
-    rc, errors = _cli(["build-index", "--store", str(small_store.root), "--index", str(tmp_path / "ix"),
-                       "--factory", "IVFnope,Flat"], caplog)
+    rc, errors = _cli(
+        ["build-index", "--store", str(small_store.root), "--index", str(tmp_path / "ix"), "--factory", "IVFnope,Flat"],
+        caplog,
+    )
     assert rc == 2 and "invalid FAISS factory" in errors[0]
-    rc, errors = _cli(["build-index", "--store", str(small_store.root), "--index", str(tmp_path / "ix"),
-                       "--memory-budget-gb", "0.00001"], caplog)
+    rc, errors = _cli(
+        [
+            "build-index",
+            "--store",
+            str(small_store.root),
+            "--index",
+            str(tmp_path / "ix"),
+            "--memory-budget-gb",
+            "0.00001",
+        ],
+        caplog,
+    )
     assert rc == 2 and "GiB" in errors[0]
     assert not (tmp_path / "ix").exists()
 

@@ -1,5 +1,6 @@
 """cluster/faults.py: fault points do nothing unless a test fills the registry; hook modules load
 only from tests/."""
+
 import pytest
 
 from cluster import faults

@@ -8,12 +8,12 @@ the ground truth of the *other* 5 images; the object-vs-background ROC AUC over 
 computed. Measured (2026-11-26, this checkpoint): mean 0.976, lowest 0.952; a random-init ViT-S/14
 scores mean 0.585 (lowest 0.199). Thresholds: mean >= 0.90 and every image >= 0.80.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-
 from conftest import SHARED_DATA
 
 VOC = SHARED_DATA / "voc-sample"
@@ -66,8 +66,9 @@ def test_real_dinov2_separates_objects_from_background(real_dinov2):
     for stem in stems:
         img = Image.open(VOC / "images" / f"{stem}.jpg").convert("RGB")
         mask = torch.from_numpy(np.array(Image.open(VOC / "masks" / f"{stem}.png")).astype(np.int64))
-        t, lab = object_background_tokens(enc(enc.normalize(resize_for_inference(img, 224, enc.patch_size)[None]))[0],
-                                          mask)
+        t, lab = object_background_tokens(
+            enc(enc.normalize(resize_for_inference(img, 224, enc.patch_size)[None]))[0], mask
+        )
         tokens.append(t)
         labels.append(lab)
     aucs = object_background_auc(tokens, labels)

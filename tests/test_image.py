@@ -31,8 +31,11 @@ def test_decodes_common_modes_to_rgb():
 
 @pytest.mark.parametrize(
     "data, why",
-    [(b"", "empty"), (b"not an image at all", "not an image"),
-     (b"\xff\xd8\xff\xe0" + b"\x00" * 20, "not an image|cannot decode")],
+    [
+        (b"", "empty"),
+        (b"not an image at all", "not an image"),
+        (b"\xff\xd8\xff\xe0" + b"\x00" * 20, "not an image|cannot decode"),
+    ],
 )
 def test_bad_bytes_raise_clear_errors(data, why):
     with pytest.raises(ImageDecodeError, match=why):

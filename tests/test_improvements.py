@@ -2,6 +2,7 @@
 answer is known: vocabulary context (peeling) and its order, seeds from a region, several
 prototypes, per-concept calibration with the automatic rule, the background threshold, leave-one-
 out inference for archive images, a sharp CRF unary, presets and bank persistence."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 
 from reco import ConceptBank, ConceptBuilder, Segmenter, SegmenterConfig
 from reco.bank import build_order, similarity_stats
-from reco.config import BankConfig, CRFConfig, PRESETS, config_hash, preset
+from reco.config import PRESETS, BankConfig, CRFConfig, config_hash, preset
 from reco.errors import ConfigError
 
 
@@ -41,7 +42,7 @@ def e(i: int, d: int = D, noise: float = 0.0, seed: int = 0) -> torch.Tensor:
     v = torch.zeros(d)
     v[i] = 1.0
     if noise:  # a perturbation of norm ~noise: cos(e(i, noise), e(i)) ~ 1 / sqrt(1 + noise^2)
-        v = v + noise * torch.randn(d, generator=torch.Generator().manual_seed(seed)) / d ** 0.5
+        v = v + noise * torch.randn(d, generator=torch.Generator().manual_seed(seed)) / d**0.5
     return F.normalize(v, dim=0)
 
 
@@ -51,8 +52,15 @@ def archive(tokens_per_image):
 
 
 def cfg(**kw):
-    base = dict(context_elimination=False, context_from_vocabulary=False, exclude_own_image=True,
-                calibration="none", block_size=64, peel_temperature=20.0, peel_offset=0.6)
+    base = dict(
+        context_elimination=False,
+        context_from_vocabulary=False,
+        exclude_own_image=True,
+        calibration="none",
+        block_size=64,
+        peel_temperature=20.0,
+        peel_offset=0.6,
+    )
     base.update(kw)
     return BankConfig(**base)
 
@@ -91,8 +99,9 @@ def test_vocabulary_peeling_on_and_off():
     feats = street_archives()
     off = ConceptBank.build_from_features(feats, ConceptBuilder(Stub(), None, cfg()))
     assert _seed_vectors(off) == {"sky": SKY, "road": SKY, "car": SKY}  # every seed on sky
-    on = ConceptBank.build_from_features(feats, ConceptBuilder(
-        Stub(), None, cfg(context_from_vocabulary=True, context_order="given")))
+    on = ConceptBank.build_from_features(
+        feats, ConceptBuilder(Stub(), None, cfg(context_from_vocabulary=True, context_order="given"))
+    )
     assert _seed_vectors(on) == {"sky": SKY, "road": ROAD, "car": CAR}
     assert on.metadata["build_order"] == ["sky", "road", "car"]
     assert on.metadata["concepts"]["car"]["context_eliminated"] == ["sky", "road"]
@@ -106,15 +115,21 @@ def test_given_order_cascades_and_confidence_order_does_not():
     cyclist = 3  # also in every sky image, less alike than sky: where sky's seeds go once sky is peeled
     feats["sky"] = archive([[e(SKY), e(cyclist, noise=0.2, seed=60 + i), u(), u()] for i in range(3)])
     # in the car archive sky is perturbed: its agreement there is below the sky archive's
-    feats["car"] = archive([[e(SKY, noise=0.15, seed=50 + i), e(ROAD, noise=0.3, seed=20 + i),
-                             e(CAR, noise=0.4, seed=30 + i), u()] for i in range(3)])
+    feats["car"] = archive(
+        [
+            [e(SKY, noise=0.15, seed=50 + i), e(ROAD, noise=0.3, seed=20 + i), e(CAR, noise=0.4, seed=30 + i), u()]
+            for i in range(3)
+        ]
+    )
     names = ["car", "sky", "road"]
     ordered = {n: feats[n] for n in names}
-    given = ConceptBank.build_from_features(ordered, ConceptBuilder(
-        Stub(), None, cfg(context_from_vocabulary=True, context_order="given")))
+    given = ConceptBank.build_from_features(
+        ordered, ConceptBuilder(Stub(), None, cfg(context_from_vocabulary=True, context_order="given"))
+    )
     assert _seed_vectors(given)["car"] == SKY and _seed_vectors(given)["sky"] == cyclist
-    conf = ConceptBank.build_from_features(ordered, ConceptBuilder(
-        Stub(), None, cfg(context_from_vocabulary=True, context_order="confidence")))
+    conf = ConceptBank.build_from_features(
+        ordered, ConceptBuilder(Stub(), None, cfg(context_from_vocabulary=True, context_order="confidence"))
+    )
     assert conf.metadata["build_order"][0] == "sky"
     assert _seed_vectors(conf)["sky"] == SKY and _seed_vectors(conf)["car"] == CAR
     assert conf.names == tuple(names)  # the bank keeps the vocabulary order
@@ -124,8 +139,9 @@ def test_build_order_rules():
     c = BankConfig(context_order="archive-size")
     assert build_order(c, ["a", "b", "c"], {"a": 2, "b": 5, "c": 5}) == ["b", "c", "a"]
     assert build_order(BankConfig(context_order="given"), ["b", "a"]) == ["b", "a"]
-    assert build_order(BankConfig(context_order="confidence"), ["a", "b", "c"], None,
-                       {"a": 0.5, "b": 0.9, "c": float("nan")}) == ["b", "a", "c"]
+    assert build_order(
+        BankConfig(context_order="confidence"), ["a", "b", "c"], None, {"a": 0.5, "b": 0.9, "c": float("nan")}
+    ) == ["b", "a", "c"]
     with pytest.raises(ConfigError):
         build_order(BankConfig(context_order="confidence"), ["a"])
     with pytest.raises(ConfigError, match="context_order"):
@@ -195,11 +211,17 @@ def test_archive_calibration_and_the_automatic_rule():
     assert on.calibrated and on.mode.startswith("reference(calibrated)")
     raw = auto.concept_logits(image)
     z = on.concept_logits(image)
-    assert torch.allclose(z, (raw - bank.calibration[:, 0].view(1, -1, 1, 1)) / bank.calibration[:, 1].view(1, -1, 1, 1))
+    assert torch.allclose(
+        z, (raw - bank.calibration[:, 0].view(1, -1, 1, 1)) / bank.calibration[:, 1].view(1, -1, 1, 1)
+    )
     thr = Segmenter(bank, Stub(image), None, SegmenterConfig(image_size=16, dense_clip=False, background_threshold=0.5))
     assert thr.calibrated and thr.class_names[0] == "background"
-    off = Segmenter(bank, Stub(image), None, SegmenterConfig(image_size=16, dense_clip=False, calibrate=False,
-                                                             background_threshold=0.5))
+    off = Segmenter(
+        bank,
+        Stub(image),
+        None,
+        SegmenterConfig(image_size=16, dense_clip=False, calibrate=False, background_threshold=0.5),
+    )
     assert not off.calibrated
     none = ConceptBank.build_from_features(feats, ConceptBuilder(Stub(), None, cfg(calibration="none")))
     assert none.calibration is None
@@ -217,11 +239,12 @@ def test_archive_threshold_calibration_moves_zero_to_the_concepts_boundary():
 
 def test_background_threshold_labels_none_of_these():
     feats = street_archives()
-    bank = ConceptBank.build_from_features(feats, ConceptBuilder(
-        Stub(), None, cfg(calibration="archive", context_from_vocabulary=True, context_order="given")))
+    bank = ConceptBank.build_from_features(
+        feats,
+        ConceptBuilder(Stub(), None, cfg(calibration="archive", context_from_vocabulary=True, context_order="given")),
+    )
     image = archive([[e(SKY), e(5), e(6), e(7)]])  # sky and three tokens like no concept
-    seg = Segmenter(bank, Stub(image), None, SegmenterConfig(image_size=16, dense_clip=False,
-                                                             background_threshold=0.7))
+    seg = Segmenter(bank, Stub(image), None, SegmenterConfig(image_size=16, dense_clip=False, background_threshold=0.7))
     s = seg.finish_scores(seg.concept_logits(image), (2, 2))[0]
     lab = s.argmax(0).reshape(-1).tolist()
     assert lab[0] == 1 + bank.names.index("sky") and lab[1:] == [0, 0, 0]
@@ -252,13 +275,18 @@ def test_exclude_own_archive_on_and_off():
     assert torch.equal(on.concept_logits(image, ["elsewhere"]), off.concept_logits(image, ["elsewhere"]))
     assert on.mode.endswith("leave-own-archive-out")
     # a one-image concept scored on its own exemplar matches nothing
-    solo = ConceptBank.from_references([builder.build_from_features("x", feats[:1])],
-                                       metadata={"concepts": {"x": {"archive": ["a"]}}})
+    solo = ConceptBank.from_references(
+        [builder.build_from_features("x", feats[:1])], metadata={"concepts": {"x": {"archive": ["a"]}}}
+    )
     seg = Segmenter(solo, Stub(image), None, SegmenterConfig(image_size=16, dense_clip=False, exclude_own_archive=True))
     assert (seg.concept_logits(image, ["a"]) == -2).all()
     with pytest.raises(ConfigError, match="keep_members"):
-        Segmenter(ConceptBank.from_references([ConceptBuilder(Stub(), None, cfg()).build_from_features("x", feats)]),
-                  Stub(image), None, SegmenterConfig(exclude_own_archive=True))
+        Segmenter(
+            ConceptBank.from_references([ConceptBuilder(Stub(), None, cfg()).build_from_features("x", feats)]),
+            Stub(image),
+            None,
+            SegmenterConfig(exclude_own_archive=True),
+        )
 
 
 def test_sharp_crf_unary_keeps_what_the_scores_say():
@@ -282,8 +310,13 @@ def test_sharp_crf_unary_keeps_what_the_scores_say():
 def test_presets_and_config_hash():
     assert PRESETS == ("reco-paper", "default")
     paper_bank, paper_seg = preset("reco-paper")
-    assert paper_bank.context_elimination and paper_bank.context_concepts == ("tree", "sky", "building", "road",
-                                                                               "person")
+    assert paper_bank.context_elimination and paper_bank.context_concepts == (
+        "tree",
+        "sky",
+        "building",
+        "road",
+        "person",
+    )
     assert not paper_bank.context_from_vocabulary and paper_bank.seed_tokens == 1 and paper_bank.prototypes == 1
     assert (paper_bank.context_temperature, paper_bank.context_offset) == (1.0, 0.0)
     assert paper_bank.calibration == "none" and not paper_bank.exclude_own_image
@@ -299,8 +332,10 @@ def test_presets_and_config_hash():
 
 def test_default_bank_builds_without_context_archives_or_clip(tiny_dense, images):
     """The default configuration needs neither context archives nor CLIP."""
-    bank = ConceptBank.build({"cat": images[:2], "dog": images[2:]},
-                             ConceptBuilder(tiny_dense, None, BankConfig(image_size=64, block_size=64)))
+    bank = ConceptBank.build(
+        {"cat": images[:2], "dog": images[2:]},
+        ConceptBuilder(tiny_dense, None, BankConfig(image_size=64, block_size=64)),
+    )
     assert bank.names == ("cat", "dog") and bank.metadata["context_from_vocabulary"] == "archive-size"
     assert bank.calibration is not None and bank.metadata["build_order"] == ["cat", "dog"]
     seg = Segmenter(bank, tiny_dense, None, SegmenterConfig(image_size=64))
@@ -314,10 +349,16 @@ def test_a_target_that_is_also_a_context_concept_keeps_its_seeds(tiny_dense, ima
 
     ctx = {"tree": [make_image(10), make_image(11)], "sky": [make_image(12), make_image(13)]}
     for vocab_context in (False, True):
-        c = BankConfig(image_size=64, block_size=64, context_elimination=True, context_concepts=("tree", "sky"),
-                       context_from_vocabulary=vocab_context)
-        bank = ConceptBank.build({"cat": images[:2], "sky": images[2:]}, ConceptBuilder(tiny_dense, None, c),
-                                 context_archives=ctx)
+        c = BankConfig(
+            image_size=64,
+            block_size=64,
+            context_elimination=True,
+            context_concepts=("tree", "sky"),
+            context_from_vocabulary=vocab_context,
+        )
+        bank = ConceptBank.build(
+            {"cat": images[:2], "sky": images[2:]}, ConceptBuilder(tiny_dense, None, c), context_archives=ctx
+        )
         sky = bank.metadata["concepts"]["sky"]
         assert sky["reused_context_reference"] and len(sky["seed_index"]) == 2
         assert bank.metadata["concepts"]["cat"]["context_eliminated"][:2] == ["tree", "sky"]

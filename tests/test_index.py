@@ -1,12 +1,13 @@
 """index/: sources, embedding store, FAISS vs exact retrieval."""
+
 import io
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import make_image
+
 from index.faiss_index import FaissRetriever, build_index, choose_factory, load_index, recall_at, save_index
 from index.retriever import ExactRetriever
 from index.sources import ParquetRowReader, fetch_bytes, list_folder, list_parquet, list_source
@@ -28,6 +29,7 @@ def clustered(n, dim, clusters=50, noise=0.3, seed=0):
 
 # -- sources -----------------------------------------------------------------------------
 
+
 def test_folder_listing_is_recursive_sorted_and_filtered(tmp_path):
     (tmp_path / "a" / "b").mkdir(parents=True)
     (tmp_path / "a" / "b" / "x.JPG").write_bytes(_png(1))
@@ -42,10 +44,12 @@ def test_folder_listing_is_recursive_sorted_and_filtered(tmp_path):
 
 def test_parquet_with_bytes_struct_and_paths(tmp_path):
     imgs = [_png(i) for i in range(5)]
-    pq.write_table(pa.table({"key": [f"k{i}" for i in range(5)], "image": imgs}), tmp_path / "a.parquet",
-                   row_group_size=2)
-    struct = pa.array([{"bytes": b, "path": None} for b in imgs[:2]],
-                      pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    pq.write_table(
+        pa.table({"key": [f"k{i}" for i in range(5)], "image": imgs}), tmp_path / "a.parquet", row_group_size=2
+    )
+    struct = pa.array(
+        [{"bytes": b, "path": None} for b in imgs[:2]], pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    )
     pq.write_table(pa.table({"image": struct}), tmp_path / "b.parquet")
     items = list_parquet(str(tmp_path))
     ids = [i.id for i in items]
@@ -76,11 +80,19 @@ def test_parquet_errors(tmp_path):
 
 # -- store -------------------------------------------------------------------------------
 
+
 def test_store_commits_normalised_float16_shards(tmp_path):
     st = EmbeddingStore(tmp_path / "s")
     st.create_or_check({"clip_model": "m"}, 4)
-    st.commit_shard(0, ["a", "b"], ["ua", "ub"], np.array([[3.0, 0, 0, 4], [0, 2, 0, 0]]), [10, 20], [5, 6],
-                    skipped=[("c", "uc", "decode: bad")])
+    st.commit_shard(
+        0,
+        ["a", "b"],
+        ["ua", "ub"],
+        np.array([[3.0, 0, 0, 4], [0, 2, 0, 0]]),
+        [10, 20],
+        [5, 6],
+        skipped=[("c", "uc", "decode: bad")],
+    )
     st.commit_shard(1, ["d"], ["ud"], np.array([[1.0, 1, 1, 1]]), [1], [1])
     assert len(st) == 3 and st.manifest()["skipped"] == 1
     e = st.shard_embeddings(st.shards[0])
@@ -114,11 +126,14 @@ def test_store_ignores_files_not_in_the_manifest(tmp_path):
 
 # -- FAISS -------------------------------------------------------------------------------
 
+
 def test_choose_factory_by_size_and_budget():
     assert choose_factory(50_000, 512) == "Flat"
     assert choose_factory(1_000_000, 512) == "IVF4096,Flat"
     assert choose_factory(1_000_000, 512, 1 << 30).startswith("OPQ64,IVF")
-    assert choose_factory(5_000_000, 512, 32 << 30).startswith("IVF") and choose_factory(5_000_000, 512, 32 << 30).endswith(",Flat")
+    assert choose_factory(5_000_000, 512, 32 << 30).startswith("IVF") and choose_factory(
+        5_000_000, 512, 32 << 30
+    ).endswith(",Flat")
     assert "_HNSW32" in choose_factory(200_000_000, 768, 256 << 30)
     assert choose_factory(1_000_000, 512, 1 << 30).endswith(",Refine(SQ8)")  # PQ is always re-ranked
     with pytest.raises(ValueError):

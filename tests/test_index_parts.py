@@ -1,6 +1,7 @@
 """#17.2 / #17.6: an IVF index built by Ray tasks in parts sharing one trained quantiser, written
 exactly once (a rerun redoes only missing parts), merged in RAM / on disk or kept as shards, and
 updated with the shards committed since."""
+
 import json
 
 import numpy as np
@@ -65,8 +66,14 @@ def test_parts_merged_hold_every_row_once_and_resume_redoes_only_missing(store, 
 
 def test_parts_with_refine_codes_and_opq_reach_the_target(store, tmp_path, ray_local):
     out = tmp_path / "ix"
-    rep = build_index_parts(store, str(out), "OPQ8,IVF16,PQ8x4,Refine(SQfp16)", num_queries=100, train_size=2000,
-                            cfg=IndexClusterConfig(part_rows=1500))
+    rep = build_index_parts(
+        store,
+        str(out),
+        "OPQ8,IVF16,PQ8x4,Refine(SQfp16)",
+        num_queries=100,
+        train_size=2000,
+        cfg=IndexClusterConfig(part_rows=1500),
+    )
     assert rep.recall_at_10 >= 0.95 and rep.search_params["k_factor"] >= 1
     index, meta = load_index(out)
     assert index.ntotal == 3000 and len(meta["parts"]) == 2
@@ -75,8 +82,14 @@ def test_parts_with_refine_codes_and_opq_reach_the_target(store, tmp_path, ray_l
 def test_ondisk_layout_searches_like_the_merged_index(store, tmp_path, ray_local):
     cfg = IndexClusterConfig(part_rows=1000)
     build_index_parts(store, str(tmp_path / "m"), "IVF16,Flat", cfg=cfg, num_queries=50, train_size=1500)
-    build_index_parts(store, str(tmp_path / "d"), "IVF16,Flat", num_queries=50, train_size=1500,
-                      cfg=IndexClusterConfig(part_rows=1000, layout="ondisk"))
+    build_index_parts(
+        store,
+        str(tmp_path / "d"),
+        "IVF16,Flat",
+        num_queries=50,
+        train_size=1500,
+        cfg=IndexClusterConfig(part_rows=1000, layout="ondisk"),
+    )
     assert (tmp_path / "d" / "index.ivfdata").stat().st_size > 0
     merged, _ = load_index(tmp_path / "m")
     ondisk, meta = load_index(tmp_path / "d")
@@ -101,8 +114,9 @@ def test_update_adds_new_shards_as_new_parts_and_refuses_replaced_ones(store, tm
     x = clustered(700, 32, seed=13)
     for i, (a, b) in enumerate([(0, 400), (400, 700)]):
         rows = range(3000 + a, 3000 + b)
-        store.commit_shard(6 + i, [f"id{j}" for j in rows], [f"u{j}" for j in rows], x[a:b], [1] * (b - a),
-                           [1] * (b - a))
+        store.commit_shard(
+            6 + i, [f"id{j}" for j in rows], [f"u{j}" for j in rows], x[a:b], [1] * (b - a), [1] * (b - a)
+        )
     rep = build_index_parts(store, str(out), cfg=cfg, num_queries=50, update=True)
     assert rep.n == 3700
     after = set(_parts(out))
@@ -134,14 +148,22 @@ def test_sharded_serving_equals_the_merged_index(store, tmp_path, ray_local):
     from index import parts as P
 
     out = tmp_path / "ix"
-    build_index_parts(store, str(out), "IVF16,PQ8", num_queries=100, train_size=1500, allow_low_recall=True,
-                      cfg=IndexClusterConfig(part_rows=500, layout="shards"))
+    build_index_parts(
+        store,
+        str(out),
+        "IVF16,PQ8",
+        num_queries=100,
+        train_size=1500,
+        allow_low_recall=True,
+        cfg=IndexClusterConfig(part_rows=500, layout="shards"),
+    )
     assert not (out / "index.faiss").exists()
     meta = json.loads((out / "index.json").read_text())
     assert len(meta["parts"]) == 6 and meta["layout"] == "shards"
     trained = (out / "trained.faiss").read_bytes()
-    merged = P.merge_parts(trained, None, [((out / "parts" / f"part-{p['name']}.faiss").read_bytes(), None)
-                                            for p in meta["parts"]])
+    merged = P.merge_parts(
+        trained, None, [((out / "parts" / f"part-{p['name']}.faiss").read_bytes(), None) for p in meta["parts"]]
+    )
     merged.nprobe = meta["report"]["search_params"]["nprobe"]
     q = clustered(50, 32, seed=21)
     want_s, want_r = merged.search(q, 10)
@@ -164,8 +186,19 @@ def test_build_index_cli_parts_update_and_lag(store, tmp_path, ray_local, caplog
     out = tmp_path / "ix"
     cfg = tmp_path / "cluster.yaml"
     cfg.write_text("index: {part_rows: 1000, workers: 2}\n")
-    args = ["build-index", "--store", str(store.root), "--index", str(out), "--ray-config", str(cfg),
-            "--num-queries", "50", "--train-size", "1500"]
+    args = [
+        "build-index",
+        "--store",
+        str(store.root),
+        "--index",
+        str(out),
+        "--ray-config",
+        str(cfg),
+        "--num-queries",
+        "50",
+        "--train-size",
+        "1500",
+    ]
     assert main(args + ["--parts"]) == 0
     meta = json.loads((out / "index.json").read_text())
     assert meta["report"]["factory"].startswith("IVF") and len(meta["parts"]) == 3
@@ -187,8 +220,14 @@ def test_parts_served_by_actors_and_reranked_from_the_store(store, tmp_path, ray
     from cluster.retrieval import open_index
 
     out = tmp_path / "ix"
-    rep = build_index_parts(store, str(out), "IVF16,PQ8x4,Refine(store)", num_queries=100, train_size=1500,
-                            cfg=IndexClusterConfig(part_rows=1000, layout="shards"))
+    rep = build_index_parts(
+        store,
+        str(out),
+        "IVF16,PQ8x4,Refine(store)",
+        num_queries=100,
+        train_size=1500,
+        cfg=IndexClusterConfig(part_rows=1000, layout="shards"),
+    )
     assert rep.recall_at_10 >= 0.95 and rep.rerank_bytes_per_query > 0
     retriever, _, _ = open_index(str(out), serve_actors=2)
     assert type(retriever.index).__name__ == "StoreRefine" and isinstance(retriever.index.base, ShardedRetriever)

@@ -1,10 +1,11 @@
 """Inference numerics: the score formula pinned on known inputs, and float32 under bf16 autocast."""
+
 import math
 
 import torch
 import torch.nn.functional as F
-
 from conftest import make_image
+
 from reco import ConceptBank, Segmenter, SegmenterConfig
 from reco.coseg import cosegment
 from reco.inference import combine_scores, reference_similarity, text_similarity
@@ -18,7 +19,7 @@ def _sig(x: float) -> float:
 def test_combine_scores_is_sigmoid_cos_times_sigmoid_10_cos_on_known_inputs():
     # one token, two concepts; features and references chosen so the cosines are known exactly
     feats = torch.tensor([1.0, 0.0]).view(1, 2, 1, 1)
-    refs = torch.tensor([[1.0, 0.0], [0.6, 0.8]])                  # cos = 1.0 and 0.6
+    refs = torch.tensor([[1.0, 0.0], [0.6, 0.8]])  # cos = 1.0 and 0.6
     clip = torch.tensor([0.0, 1.0, 0.0]).view(1, 3, 1, 1)
     text = torch.tensor([[0.0, 0.5, math.sqrt(0.75)], [0.0, -1.0, 0.0]])  # cos = 0.5 and -1.0
     ref_cos = reference_similarity(feats, refs)
@@ -105,8 +106,8 @@ def test_language_guidance_moves_the_seed_to_the_text_matched_region():
     assert plain.seed_index.tolist() == [0, 0, 0]
     text = torch.tensor([1.0, 0.0, 0.0])
     clip = torch.zeros(k, 3, 2, 2)
-    clip[:, 0, 1, 1] = 1.0   # concept tokens match the text
-    clip[:, 1, 0, 0] = 1.0   # distractor is orthogonal to it
+    clip[:, 0, 1, 1] = 1.0  # concept tokens match the text
+    clip[:, 1, 0, 0] = 1.0  # distractor is orthogonal to it
     clip[:, 2, 0, 1] = 1.0
     clip[:, 2, 1, 0] = 1.0
     w = language_weights(clip, text, (2, 2), temperature=10.0)

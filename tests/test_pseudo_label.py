@@ -1,11 +1,11 @@
 """`reco pseudo-label` / `reco segment`: distinct outputs, exactly once across crashes, bad inputs."""
+
 import json
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import TINY_VIT, crash_on_call, make_image, write_corrupt_files
+from PIL import Image
 
 pytestmark = pytest.mark.slow
 
@@ -18,8 +18,10 @@ def bank_dir(tmp_path_factory, tiny_dense_path):
 
     dense = create_dense_encoder("dino_vits16", tiny_dense_path, **TINY_VIT)
     imgs = [make_image(i, (64, 64)) for i in range(6)]
-    bank = ConceptBank.build({"cat": imgs[:2], "dog": imgs[2:4], "sky": imgs[4:]},
-                             ConceptBuilder(dense, None, BankConfig(image_size=64, context_elimination=False)))
+    bank = ConceptBank.build(
+        {"cat": imgs[:2], "dog": imgs[2:4], "sky": imgs[4:]},
+        ConceptBuilder(dense, None, BankConfig(image_size=64, context_elimination=False)),
+    )
     return save_bank(bank, str(tmp_path_factory.mktemp("plbank") / "bank"))
 
 
@@ -54,8 +56,17 @@ def test_pseudo_label_folder_distinct_outputs_and_manifest(ray_local, bank_dir, 
     src = _corpus(tmp_path / "src")
     items = list_folder(str(src))
     out = tmp_path / "out"
-    rep = run_pseudo_label(items, str(bank_dir), _spec(tiny_dense_path), SegmenterConfig(image_size=64), str(out),
-                           _actors(), overlays=2, confidence_maps=True, commit_every=3)
+    rep = run_pseudo_label(
+        items,
+        str(bank_dir),
+        _spec(tiny_dense_path),
+        SegmenterConfig(image_size=64),
+        str(out),
+        _actors(),
+        overlays=2,
+        confidence_maps=True,
+        commit_every=3,
+    )
     assert rep.labelled == 6 and set(rep.skipped) == {"bad/empty.jpg", "bad/garbage.jpg", "bad/truncated.jpg"}
     assert rep.failed_transient == {}
     rows = {r["id"]: r for r in committed_rows(str(out))}
@@ -78,18 +89,33 @@ def test_pseudo_label_folder_distinct_outputs_and_manifest(ray_local, bank_dir, 
     settings = json.loads((out / "pseudo_label.json").read_text())
     assert settings["classes"] == ["cat", "dog", "sky"]
     # a rerun does nothing; a different configuration into the same output is refused
-    again = run_pseudo_label(items, str(bank_dir), _spec(tiny_dense_path), SegmenterConfig(image_size=64), str(out),
-                             _actors(), commit_every=3)
+    again = run_pseudo_label(
+        items,
+        str(bank_dir),
+        _spec(tiny_dense_path),
+        SegmenterConfig(image_size=64),
+        str(out),
+        _actors(),
+        commit_every=3,
+    )
     assert again.already_done == len(items) and again.labelled == 0
     from reco.errors import ConfigError
 
     with pytest.raises(ConfigError, match="another configuration"):
-        run_pseudo_label(items, str(bank_dir), _spec(tiny_dense_path), SegmenterConfig(image_size=64), str(out),
-                         _actors(), vocab=["cat", "sky"])
+        run_pseudo_label(
+            items,
+            str(bank_dir),
+            _spec(tiny_dense_path),
+            SegmenterConfig(image_size=64),
+            str(out),
+            _actors(),
+            vocab=["cat", "sky"],
+        )
 
 
-def test_pseudo_label_crash_and_transient_failures_rerun_exactly_once(ray_local, bank_dir, tiny_dense_path,
-                                                                      tmp_path, monkeypatch):
+def test_pseudo_label_crash_and_transient_failures_rerun_exactly_once(
+    ray_local, bank_dir, tiny_dense_path, tmp_path, monkeypatch
+):
     import cluster.pseudo_label as pl
     from index.sources import list_folder
     from reco import SegmenterConfig
@@ -130,8 +156,24 @@ def test_cli_pseudo_label_and_segment(ray_local, bank_dir, tiny_dense_path, tmp_
     enc = ["--dense-weights", str(tiny_dense_path), "--dense-kwargs", json.dumps(TINY_VIT)]
     # 3 of the 5 images are corrupt: more than jobs.max_failed_fraction (0.5), so the run is
     # "failed" (#16: exit 1, not "ok"), its good images labelled all the same
-    assert main(["pseudo-label", str(src), "--bank", str(bank_dir), "--out", str(out), "--vocab", "cat,dog",
-                 *enc, "--overlays", "1"]) == 1
+    assert (
+        main(
+            [
+                "pseudo-label",
+                str(src),
+                "--bank",
+                str(bank_dir),
+                "--out",
+                str(out),
+                "--vocab",
+                "cat,dog",
+                *enc,
+                "--overlays",
+                "1",
+            ]
+        )
+        == 1
+    )
     report = json.loads((out / "report.json").read_text())
     assert report["labelled"] == 2 and report["skipped_count"] == 3
     job = json.loads((out / "job_report.json").read_text())

@@ -1,4 +1,5 @@
 """The uniform job report (JSON + one-screen summary) and the metrics helper outside Ray."""
+
 import json
 
 import pytest
@@ -67,8 +68,13 @@ def test_report_to_a_storage_uri(s3_server):
     import boto3
     import fsspec
 
-    boto3.client("s3", endpoint_url=s3_server["endpoint_url"], aws_access_key_id="testing",
-                 aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket="reports-bucket")
+    boto3.client(
+        "s3",
+        endpoint_url=s3_server["endpoint_url"],
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    ).create_bucket(Bucket="reports-bucket")
     fs = fsspec.filesystem("s3", **s3_server)
     uri = _report().write("s3://reports-bucket/run1", s3_server)
     assert uri == "s3://reports-bucket/run1/embed_report.json"
@@ -120,8 +126,16 @@ def test_ray_actor_restarts_are_counted_in_the_job_report(ray_local, tmp_path):
         time.sleep(0.2)
     assert ray.get(a.pid.remote(), timeout=60) > 0  # restarted and serving again
     assert ray_actor_restarts()["Flaky"] == before + 1
-    rep = job_report("demo-job", unit="concepts", seen=3, processed=2, skipped={"ghost": "no usable image: x"},
-                     stages={"job": (2.0, 3)}, memory={"actor 0": 2**20}, retries={"read retry": 2})
+    rep = job_report(
+        "demo-job",
+        unit="concepts",
+        seen=3,
+        processed=2,
+        skipped={"ghost": "no usable image: x"},
+        stages={"job": (2.0, 3)},
+        memory={"actor 0": 2**20},
+        retries={"read retry": 2},
+    )
     d = rep.as_dict()
     assert d["inputs"]["seen"] == 3 and d["inputs"]["skipped"] == 1
     assert d["retries"]["by_reason"]["actor restart (Flaky)"] == before + 1

@@ -1,6 +1,7 @@
 """#17.4: PQ proposes k x k_factor candidates, their float16 vectors are read back from the store
 (memory map locally, coalesced ranged reads on S3) and re-ranked exactly; the index holds only
 PQ codes; the re-rank I/O per query is reported."""
+
 import secrets
 
 import numpy as np
@@ -32,8 +33,7 @@ def test_chooser_keeps_only_pq_codes_in_ram_when_refine_codes_do_not_fit():
 
 def test_store_rerank_reaches_the_target_with_only_pq_codes(store, tmp_path):
     rep = build_index_dir(store, tmp_path / "ix", "IVF16,PQ8x4,Refine(store)", num_queries=200, train_size=3000)
-    in_ram = build_index_dir(store, tmp_path / "ram", "IVF16,PQ8x4,Refine(SQfp16)", num_queries=200,
-                             train_size=3000)
+    in_ram = build_index_dir(store, tmp_path / "ram", "IVF16,PQ8x4,Refine(SQfp16)", num_queries=200, train_size=3000)
     assert rep.recall_at_10 >= 0.95 and rep.search_params["k_factor"] > 1
     assert rep.index_bytes < in_ram.index_bytes - 5000 * 32 * 2 * 0.9  # no 2 bytes/dim per vector in RAM
     kf = rep.search_params["k_factor"]
@@ -64,8 +64,9 @@ def test_store_rows_ranged_reads_on_s3_match_local(store, s3_server):
     a = 0
     for s in store.shards:
         rows = range(a, a + s.count)
-        remote.commit_shard(s.index, [f"id{j}" for j in rows], ["u"] * s.count, x[a:a + s.count], [1] * s.count,
-                            [1] * s.count)
+        remote.commit_shard(
+            s.index, [f"id{j}" for j in rows], ["u"] * s.count, x[a : a + s.count], [1] * s.count, [1] * s.count
+        )
         a += s.count
     rows = np.array([4999, 3, 4, 5, 1200, 1201, 2999, 3000, 17, 4], np.int64)
     local, ranged = StoreRows(store), StoreRows(remote)

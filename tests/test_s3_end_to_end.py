@@ -14,6 +14,7 @@ the ``reco`` entry point in this process, on the session's local Ray (its worker
 over TCP like any S3 endpoint). Credentials are given once, in ``--storage-options``, and must not
 appear in anything written.
 """
+
 from __future__ import annotations
 
 import http.client
@@ -29,8 +30,8 @@ from typing import List, Tuple
 
 import numpy as np
 import pytest
-
 from conftest import TINY_VIT, make_bucket, make_image
+
 from jobs.cli import main
 
 pytestmark = pytest.mark.slow
@@ -56,8 +57,10 @@ train:
   loader_workers: 0
   cpus_per_worker: 0.5
 """
-_SLOWDOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
-             b"<Message>Please reduce your request rate.</Message></Error>")
+_SLOWDOWN = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message></Error>"
+)
 
 
 class FaultProxy(ThreadingHTTPServer):
@@ -180,9 +183,13 @@ def s3(s3_server):
 
     make_bucket(s3_server, BUCKET)
     direct = s3fs.S3FileSystem(**s3_server)
-    opts = {"endpoint_url": proxy.url, "key": "AKIAE2ETEST", "secret": "e2e-" + secrets.token_hex(12),
-            "client_kwargs": {"region_name": "us-east-1"},
-            "config_kwargs": {"read_timeout": READ_TIMEOUT_S, "connect_timeout": READ_TIMEOUT_S}}
+    opts = {
+        "endpoint_url": proxy.url,
+        "key": "AKIAE2ETEST",
+        "secret": "e2e-" + secrets.token_hex(12),
+        "client_kwargs": {"region_name": "us-east-1"},
+        "config_kwargs": {"read_timeout": READ_TIMEOUT_S, "connect_timeout": READ_TIMEOUT_S},
+    }
     try:
         yield opts, proxy, direct
     finally:
@@ -196,8 +203,9 @@ def _png(img) -> bytes:
     return b.getvalue()
 
 
-def test_corpus_bank_labels_and_training_through_s3_with_faults_retried(ray_local, s3, tiny_clip_dir, tiny_dense_path,
-                                                                      tmp_path, monkeypatch, capsys):
+def test_corpus_bank_labels_and_training_through_s3_with_faults_retried(
+    ray_local, s3, tiny_clip_dir, tiny_dense_path, tmp_path, monkeypatch, capsys
+):
     from cluster.bank_job import PARTS_DIR, committed
     from cluster.pseudo_label import committed_rows
     from index.labels import decode_labels
@@ -224,8 +232,18 @@ def test_corpus_bank_labels_and_training_through_s3_with_faults_retried(ray_loca
     # 1. corpus in S3 -> store in S3; one image read is throttled once
     mark = proxy.fail_once("GET", f"{run}/corpus/a/0001.png", "throttle")
     store_uri = f"{root}/store"
-    embed_args = ["embed", corpus, "--store", store_uri, "--clip-model", f"local-dir:{tiny_clip_dir}",
-                  "--shard-size", "4", "--storage-options", so]
+    embed_args = [
+        "embed",
+        corpus,
+        "--store",
+        store_uri,
+        "--clip-model",
+        f"local-dir:{tiny_clip_dir}",
+        "--shard-size",
+        "4",
+        "--storage-options",
+        so,
+    ]
     assert main(embed_args) == 0
     store = EmbeddingStore(store_uri, storage_options=opts)
     assert store.committed_ids() == set(first)
@@ -261,10 +279,17 @@ def test_corpus_bank_labels_and_training_through_s3_with_faults_retried(ray_loca
     from index.catalog import open_retriever
 
     index_uri = f"{root}/index"
-    assert main(["build-index", "--store", store_uri, "--index", index_uri, "--num-queries", "5",
-                 "--storage-options", so]) == 0
+    assert (
+        main(["build-index", "--store", store_uri, "--index", index_uri, "--num-queries", "5", "--storage-options", so])
+        == 0
+    )
     assert sorted(posixpath.basename(u) for u in list_files(index_uri, opts, refresh=True)) == [
-        "index.faiss", "index.json", "job_report.json", "job_report.txt", "rows.parquet"]
+        "index.faiss",
+        "index.json",
+        "job_report.json",
+        "job_report.txt",
+        "rows.parquet",
+    ]
     faiss_r, id_uri, meta = open_retriever(index_uri, storage_options=opts)
     exact_r, _, _ = open_retriever(index_uri, exact=True, storage_options=opts)
     assert meta["store"] == store_uri and meta["store_total"] == 10 and len(faiss_r) == 10
@@ -281,11 +306,34 @@ def test_corpus_bank_labels_and_training_through_s3_with_faults_retried(ray_loca
     #     from the S3 corpus by the bank actors
     (tmp_path / "retrieve.txt").write_text("cat\ndog\n")
     (tmp_path / "bank_small.yaml").write_text("bank:\n  image_size: 64\n")
-    assert main(["build-bank", "--vocab", str(tmp_path / "retrieve.txt"), "--index", index_uri, "--k", "3",
-                 "--clip-model", f"local-dir:{tiny_clip_dir}", "--out", f"{root}/bank_retrieved",
-                 "--config", str(tmp_path / "bank_small.yaml"), "--dense-encoder", "dino_vits16",
-                 "--dense-weights", str(tiny_dense_path), "--dense-kwargs", json.dumps(TINY_VIT),
-                 "--storage-options", so]) == 0
+    assert (
+        main(
+            [
+                "build-bank",
+                "--vocab",
+                str(tmp_path / "retrieve.txt"),
+                "--index",
+                index_uri,
+                "--k",
+                "3",
+                "--clip-model",
+                f"local-dir:{tiny_clip_dir}",
+                "--out",
+                f"{root}/bank_retrieved",
+                "--config",
+                str(tmp_path / "bank_small.yaml"),
+                "--dense-encoder",
+                "dino_vits16",
+                "--dense-weights",
+                str(tiny_dense_path),
+                "--dense-kwargs",
+                json.dumps(TINY_VIT),
+                "--storage-options",
+                so,
+            ]
+        )
+        == 0
+    )
     rows, _, _ = committed(f"{root}/bank_retrieved", opts)
     assert {r["name"] for r in rows.values()} == {"cat", "dog"}
     for r in rows.values():
@@ -303,10 +351,27 @@ def test_corpus_bank_labels_and_training_through_s3_with_faults_retried(ray_loca
     (tmp_path / "bank.yaml").write_text("bank:\n  image_size: 64\n  context_elimination: false\n")
     bank_uri = f"{root}/bank"
     mark = proxy.fail_once("PUT", f"{run}/bank/{PARTS_DIR}/part-00000-", "throttle")
-    bank_args = ["build-bank", "--vocab", str(tmp_path / "names.txt"), "--exemplars", str(ex), "--out", bank_uri,
-                 "--config", str(tmp_path / "bank.yaml"), "--dense-encoder", "dino_vits16",
-                 "--dense-weights", str(tiny_dense_path), "--dense-kwargs", json.dumps(TINY_VIT),
-                 "--commit-every", "2", "--storage-options", so]
+    bank_args = [
+        "build-bank",
+        "--vocab",
+        str(tmp_path / "names.txt"),
+        "--exemplars",
+        str(ex),
+        "--out",
+        bank_uri,
+        "--config",
+        str(tmp_path / "bank.yaml"),
+        "--dense-encoder",
+        "dino_vits16",
+        "--dense-weights",
+        str(tiny_dense_path),
+        "--dense-kwargs",
+        json.dumps(TINY_VIT),
+        "--commit-every",
+        "2",
+        "--storage-options",
+        so,
+    ]
     assert main(bank_args) == 0
     outcomes = proxy.seen("PUT", f"{run}/bank/{PARTS_DIR}/part-00000-", since=mark)
     assert outcomes[0] == "throttle" and outcomes[-1] == 200, outcomes
@@ -330,8 +395,24 @@ def test_corpus_bank_labels_and_training_through_s3_with_faults_retried(ray_loca
     #    one image read times out once
     out = f"{root}/labels"
     mark = proxy.fail_once("GET", f"{run}/corpus/b/0002.png", "timeout")
-    pl_args = ["pseudo-label", corpus, "--bank", bank_uri, "--out", out, "--overlays", "2", "--commit-every", "4",
-               "--dense-weights", str(tiny_dense_path), "--dense-kwargs", json.dumps(TINY_VIT), "--storage-options", so]
+    pl_args = [
+        "pseudo-label",
+        corpus,
+        "--bank",
+        bank_uri,
+        "--out",
+        out,
+        "--overlays",
+        "2",
+        "--commit-every",
+        "4",
+        "--dense-weights",
+        str(tiny_dense_path),
+        "--dense-kwargs",
+        json.dumps(TINY_VIT),
+        "--storage-options",
+        so,
+    ]
     assert main(pl_args) == 0
     outcomes = proxy.seen("GET", f"{run}/corpus/b/0002.png", since=mark)
     assert outcomes[0] == "timeout" and outcomes[-1] in (200, 206), outcomes
@@ -356,13 +437,30 @@ def test_corpus_bank_labels_and_training_through_s3_with_faults_retried(ray_loca
     (tmp_path / "train.yaml").write_text(TRAIN_YAML)
     runs = f"{root}/runs"
     mark = proxy.fail_once("PUT", f"{run}/runs/e2e/checkpoint_00000002/model.safetensors", "throttle")
-    assert main(["train", out, "--name", "e2e", "--storage", runs, "--config", str(tmp_path / "train.yaml"),
-                 "--storage-options", so]) == 0
+    assert (
+        main(
+            [
+                "train",
+                out,
+                "--name",
+                "e2e",
+                "--storage",
+                runs,
+                "--config",
+                str(tmp_path / "train.yaml"),
+                "--storage-options",
+                so,
+            ]
+        )
+        == 0
+    )
     outcomes = proxy.seen("PUT", f"{run}/runs/e2e/checkpoint_00000002/model.safetensors", since=mark)
     assert outcomes[0] == "throttle" and outcomes[-1] == 200, outcomes
     rep = json.loads(read_bytes(join(runs, "e2e", "train_report.json"), opts))
-    assert rep["steps"] == 4 and [c["name"] for c in rep["checkpoints"]] == ["checkpoint_00000002",
-                                                                          "checkpoint_00000004"]
+    assert rep["steps"] == 4 and [c["name"] for c in rep["checkpoints"]] == [
+        "checkpoint_00000002",
+        "checkpoint_00000004",
+    ]
     for c in rep["checkpoints"]:  # read back from S3
         state = json.loads(read_bytes(join(runs, "e2e", c["name"], "state.json"), opts))
         assert state["step"] == int(c["name"].split("_")[1]) and state["classes"] == names

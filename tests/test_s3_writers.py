@@ -2,6 +2,7 @@
 `build-bank` or `pseudo-label` is refused with one clear line naming the holder (exit 2, nothing
 written), and `--overwrite` happens under the lock (a held lock stops it before it forgets any
 committed part). Before, index.storage.writer_lock held nothing for a URL."""
+
 import json
 import secrets
 
@@ -67,15 +68,29 @@ def test_embed_on_s3_refuses_a_second_writer(s3out, tiny_clip_dir, tmp_path, cap
     src = _images(tmp_path / "src", 3)
     with writer_lock(store, "embed-elsewhere", opts):
         caplog.clear()
-        assert main(["embed", str(src), "--store", store, "--clip-model", f"local-dir:{tiny_clip_dir}",
-                     "--storage-options", so]) == 2
+        assert (
+            main(
+                [
+                    "embed",
+                    str(src),
+                    "--store",
+                    store,
+                    "--clip-model",
+                    f"local-dir:{tiny_clip_dir}",
+                    "--storage-options",
+                    so,
+                ]
+            )
+            == 2
+        )
         _refused(caplog, "embed-elsewhere")
     assert not storage.exists(f"{store}/manifest.json", opts)  # nothing was written by the refused job
 
 
 @pytest.mark.slow
-def test_build_bank_on_s3_refuses_a_second_writer_and_overwrites_under_the_lock(ray_local, s3out, tiny_dense_path,
-                                                                                tmp_path, caplog):
+def test_build_bank_on_s3_refuses_a_second_writer_and_overwrites_under_the_lock(
+    ray_local, s3out, tiny_dense_path, tmp_path, caplog
+):
     from jobs.cli import main
 
     root, opts, so = s3out
@@ -87,14 +102,34 @@ def test_build_bank_on_s3_refuses_a_second_writer_and_overwrites_under_the_lock(
     vocab.write_text("cat\ndog\n")
     cfg = tmp_path / "bank.yaml"
     cfg.write_text("bank:\n  image_size: 64\n  context_elimination: false\n")
-    args = ["build-bank", "--vocab", str(vocab), "--exemplars", str(ex), "--out", out, "--config", str(cfg),
-            "--actors", "1", "--dense-encoder", "dino_vits16", "--dense-weights", str(tiny_dense_path),
-            "--dense-kwargs", json.dumps(TINY_VIT), "--storage-options", so]
+    args = [
+        "build-bank",
+        "--vocab",
+        str(vocab),
+        "--exemplars",
+        str(ex),
+        "--out",
+        out,
+        "--config",
+        str(cfg),
+        "--actors",
+        "1",
+        "--dense-encoder",
+        "dino_vits16",
+        "--dense-weights",
+        str(tiny_dense_path),
+        "--dense-kwargs",
+        json.dumps(TINY_VIT),
+        "--storage-options",
+        so,
+    ]
     _refused_then_overwritten(main, args, out, opts, caplog, "build-bank", "build.json", "parts", ".safetensors")
 
+
 @pytest.mark.slow
-def test_pseudo_label_on_s3_refuses_a_second_writer_and_overwrites_under_the_lock(ray_local, s3out, tiny_dense_path,
-                                                                                  tmp_path, caplog):
+def test_pseudo_label_on_s3_refuses_a_second_writer_and_overwrites_under_the_lock(
+    ray_local, s3out, tiny_dense_path, tmp_path, caplog
+):
     from jobs.cli import main
     from reco import BankConfig, ConceptBank, ConceptBuilder
     from reco.encoders import create_dense_encoder
@@ -102,12 +137,27 @@ def test_pseudo_label_on_s3_refuses_a_second_writer_and_overwrites_under_the_loc
     root, opts, so = s3out
     dense = create_dense_encoder("dino_vits16", tiny_dense_path, **TINY_VIT)
     imgs = [make_image(i, (64, 64)) for i in range(4)]
-    bank = ConceptBank.build({"cat": imgs[:2], "dog": imgs[2:]},
-                             ConceptBuilder(dense, None, BankConfig(image_size=64, context_elimination=False)))
+    bank = ConceptBank.build(
+        {"cat": imgs[:2], "dog": imgs[2:]},
+        ConceptBuilder(dense, None, BankConfig(image_size=64, context_elimination=False)),
+    )
     bank_dir = storage.save_bank(bank, str(tmp_path / "bank"))
     src = _images(tmp_path / "src", 2, seed=40)
     out = f"{root}/labels"
-    args = ["pseudo-label", str(src), "--bank", str(bank_dir), "--out", out, "--dense-weights", str(tiny_dense_path),
-            "--dense-kwargs", json.dumps(TINY_VIT), "--storage-options", so]
-    _refused_then_overwritten(main, args, out, opts, caplog, "pseudo-label", "pseudo_label.json", "manifest",
-                              ".parquet")
+    args = [
+        "pseudo-label",
+        str(src),
+        "--bank",
+        str(bank_dir),
+        "--out",
+        out,
+        "--dense-weights",
+        str(tiny_dense_path),
+        "--dense-kwargs",
+        json.dumps(TINY_VIT),
+        "--storage-options",
+        so,
+    ]
+    _refused_then_overwritten(
+        main, args, out, opts, caplog, "pseudo-label", "pseudo_label.json", "manifest", ".parquet"
+    )

@@ -1,5 +1,6 @@
 """`reco search` (#16 bad input, #17.1 --store): every bad argument or unreadable index is one
 line and exit 2; --store searches the store exactly and agrees with --index --exact."""
+
 import logging
 
 import numpy as np
@@ -14,8 +15,10 @@ from jobs.cli import main
 @pytest.fixture()
 def clip_store(tmp_path, tiny_clip_dir):
     def make(dim=32, name="s"):
-        return store_of(tmp_path / name, clustered(60, dim, seed=dim), [30, 30],
-                        {"clip_model": f"local-dir:{tiny_clip_dir}"})
+        return store_of(
+            tmp_path / name, clustered(60, dim, seed=dim), [30, 30], {"clip_model": f"local-dir:{tiny_clip_dir}"}
+        )
+
     return make
 
 
@@ -63,8 +66,9 @@ def test_search_store_is_exact_and_agrees_with_index_exact(clip_store, tmp_path,
     by_index = capsys.readouterr().out.splitlines()
     assert len(by_store) == 8 and "Ray Data pass" in by_store[0]
     assert [line.split()[2:] for line in by_store[1:]] == [line.split()[2:] for line in by_index[1:]]
-    np.testing.assert_allclose([float(x.split()[1]) for x in by_store[1:]],
-                               [float(x.split()[1]) for x in by_index[1:]], atol=1e-4)
+    np.testing.assert_allclose(
+        [float(x.split()[1]) for x in by_store[1:]], [float(x.split()[1]) for x in by_index[1:]], atol=1e-4
+    )
 
 
 def test_build_bank_store_retrieves_exact_archives(ray_local, tiny_clip_dir, tiny_dense_path, tmp_path):
@@ -88,10 +92,32 @@ def test_build_bank_store_retrieves_exact_archives(ray_local, tiny_clip_dir, tin
     (tmp_path / "v.txt").write_text("cat\ndog\n")
     (tmp_path / "b.yaml").write_text("bank:\n  image_size: 64\n  context_elimination: false\n")
     out = tmp_path / "bank"
-    assert main(["build-bank", "--vocab", str(tmp_path / "v.txt"), "--store", str(store), "--k", "3",
-                 "--clip-model", clip, "--out", str(out), "--config", str(tmp_path / "b.yaml"),
-                 "--dense-encoder", "dino_vits16", "--dense-weights", str(tiny_dense_path),
-                 "--dense-kwargs", json.dumps(TINY_VIT)]) == 0
+    assert (
+        main(
+            [
+                "build-bank",
+                "--vocab",
+                str(tmp_path / "v.txt"),
+                "--store",
+                str(store),
+                "--k",
+                "3",
+                "--clip-model",
+                clip,
+                "--out",
+                str(out),
+                "--config",
+                str(tmp_path / "b.yaml"),
+                "--dense-encoder",
+                "dino_vits16",
+                "--dense-weights",
+                str(tiny_dense_path),
+                "--dense-kwargs",
+                json.dumps(TINY_VIT),
+            ]
+        )
+        == 0
+    )
     import pyarrow.parquet as pq
 
     rows = {r["name"]: r for r in pq.read_table(out / "concepts.parquet").to_pylist()}

@@ -1,5 +1,6 @@
 """Security defaults: credentials redacted from everything written, and the embedded local Ray on
 127.0.0.1 only with token auth on (checked with ``ss`` on a real Ray started in a child process)."""
+
 import json
 import os
 import shutil
@@ -12,21 +13,32 @@ import types
 
 import pytest
 import yaml
+from conftest import REPO, make_image
 
 from cluster.config import REDACTED, RayRuntimeConfig, is_sensitive_key, redact, redact_text
 from cluster.runtime import cluster_address, local_auth_mode
-from conftest import REPO, make_image
 from reco.errors import ConfigError
 
 SECRET = "s3cr3t-Value-0123456789"
 
 
 def test_redact_masks_storage_options_and_nested_credentials():
-    opts = {"endpoint_url": "http://127.0.0.1:9000", "key": "AKIAEXAMPLE", "secret": SECRET, "token": SECRET,
-            "password": SECRET, "anon": False,
-            "client_kwargs": {"region_name": "us-east-1", "aws_secret_access_key": SECRET,
-                              "aws_session_token": SECRET, "aws_access_key_id": "AKIAEXAMPLE"},
-            "headers": [{"Authorization": f"Bearer {SECRET}"}], "config_kwargs": {"signature_version": "s3v4"}}
+    opts = {
+        "endpoint_url": "http://127.0.0.1:9000",
+        "key": "AKIAEXAMPLE",
+        "secret": SECRET,
+        "token": SECRET,
+        "password": SECRET,
+        "anon": False,
+        "client_kwargs": {
+            "region_name": "us-east-1",
+            "aws_secret_access_key": SECRET,
+            "aws_session_token": SECRET,
+            "aws_access_key_id": "AKIAEXAMPLE",
+        },
+        "headers": [{"Authorization": f"Bearer {SECRET}"}],
+        "config_kwargs": {"signature_version": "s3v4"},
+    }
     out = redact({"storage_options": opts, "env_vars": {"RAY_AUTH_TOKEN": SECRET, "HF_HUB_OFFLINE": "1"}})
     text = json.dumps(out)
     assert SECRET not in text and "AKIAEXAMPLE" in text  # an access key *id* is not a secret
@@ -39,9 +51,15 @@ def test_redact_masks_storage_options_and_nested_credentials():
 
 
 def test_redact_handles_cli_args_urls_and_dataclasses():
-    args = types.SimpleNamespace(source="s3://bucket/imgs", store="runs/store", ray_config=None, shard_size=10,
-                                 storage_options=json.dumps({"key": "K", "secret": SECRET, "endpoint_url": "http://h"}),
-                                 clip_weights=f"https://user:{SECRET}@weights.example.com/w.bin", tags=("a", "b"))
+    args = types.SimpleNamespace(
+        source="s3://bucket/imgs",
+        store="runs/store",
+        ray_config=None,
+        shard_size=10,
+        storage_options=json.dumps({"key": "K", "secret": SECRET, "endpoint_url": "http://h"}),
+        clip_weights=f"https://user:{SECRET}@weights.example.com/w.bin",
+        tags=("a", "b"),
+    )
     out = redact(vars(args))
     assert SECRET not in json.dumps(out)
     assert json.loads(out["storage_options"]) == {"key": REDACTED, "secret": REDACTED, "endpoint_url": "http://h"}
@@ -51,16 +69,39 @@ def test_redact_handles_cli_args_urls_and_dataclasses():
     # empty credentials stay visible as empty: a report shows that none was given
     assert redact({"token": None, "secret": ""}) == {"token": None, "secret": ""}
     assert redact(RayRuntimeConfig(env_vars={"MY_API_KEY": SECRET}))["env_vars"] == {"MY_API_KEY": REDACTED}
-    assert redact_text(f"postgres://me:{SECRET}@db/x and s3://bucket/k") == f"postgres://me:{REDACTED}@db/x and s3://bucket/k"
+    assert (
+        redact_text(f"postgres://me:{SECRET}@db/x and s3://bucket/k")
+        == f"postgres://me:{REDACTED}@db/x and s3://bucket/k"
+    )
 
 
-@pytest.mark.parametrize("key, sensitive", [
-    ("key", True), ("secret", True), ("token", True), ("password", True), ("api_key", True),
-    ("aws_secret_access_key", True), ("secretAccessKey", True), ("sessionToken", True), ("private_key", True),
-    ("RAY_AUTH_TOKEN", True), ("credentials", True), ("auth", True), ("Authorization", True),
-    ("auth_mode", False), ("key_column", False), ("keys", False), ("tokenizer", False), ("monkey", False),
-    ("endpoint_url", False), ("aws_access_key_id", False), ("region_name", False), (3, False),
-])
+@pytest.mark.parametrize(
+    "key, sensitive",
+    [
+        ("key", True),
+        ("secret", True),
+        ("token", True),
+        ("password", True),
+        ("api_key", True),
+        ("aws_secret_access_key", True),
+        ("secretAccessKey", True),
+        ("sessionToken", True),
+        ("private_key", True),
+        ("RAY_AUTH_TOKEN", True),
+        ("credentials", True),
+        ("auth", True),
+        ("Authorization", True),
+        ("auth_mode", False),
+        ("key_column", False),
+        ("keys", False),
+        ("tokenizer", False),
+        ("monkey", False),
+        ("endpoint_url", False),
+        ("aws_access_key_id", False),
+        ("region_name", False),
+        (3, False),
+    ],
+)
 def test_sensitive_key_names(key, sensitive):
     assert is_sensitive_key(key) is sensitive
 
@@ -88,8 +129,21 @@ def test_embed_config_written_beside_the_store_is_redacted(tiny_clip_dir, tmp_pa
     monkeypatch.setattr(cluster.embed, "run_embed", fake_run_embed)
     store = tmp_path / "store"
     opts = json.dumps({"key": "AKIAEXAMPLE", "secret": SECRET, "endpoint_url": "http://127.0.0.1:9"})
-    assert main(["embed", str(src), "--store", str(store), "--clip-model", f"local-dir:{tiny_clip_dir}",
-                 "--storage-options", opts]) == 0
+    assert (
+        main(
+            [
+                "embed",
+                str(src),
+                "--store",
+                str(store),
+                "--clip-model",
+                f"local-dir:{tiny_clip_dir}",
+                "--storage-options",
+                opts,
+            ]
+        )
+        == 0
+    )
     written = (store / "embed_config.yaml").read_text()
     assert SECRET not in written and REDACTED in written
     dumped = yaml.safe_load(written)
@@ -121,7 +175,7 @@ def test_address_and_auth_mode_rules(monkeypatch):
 
 # The embedded Ray is started in a child process: its auth mode and token are process-wide in Ray,
 # and this test session has its own Ray (the ray_local fixture).
-_PROBE = textwrap.dedent('''
+_PROBE = textwrap.dedent("""
     import json, os, re, subprocess, sys, time, urllib.error, urllib.request
     repo, tmp, dash_port = sys.argv[1], sys.argv[2], int(sys.argv[3])
     sys.path.insert(0, repo)
@@ -201,7 +255,7 @@ _PROBE = textwrap.dedent('''
             except OSError:
                 pass
     print("LEAKED " + json.dumps(leaked), flush=True)
-''')
+""")
 
 
 def _free_port() -> int:
@@ -221,8 +275,9 @@ def test_embedded_ray_listens_on_loopback_only_with_token_auth(tmp_path):
     script = tmp_path / "probe.py"
     script.write_text(_PROBE)
     cmd = [sys.executable, str(script), str(REPO), temp, str(_free_port())] + ([ss] if ss else [])
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         out, _ = proc.communicate(timeout=150)
     finally:
@@ -230,7 +285,9 @@ def test_embedded_ray_listens_on_loopback_only_with_token_auth(tmp_path):
             os.killpg(proc.pid, 9)
             proc.wait()
         shutil.rmtree(temp, ignore_errors=True)
-    lines = {ln.split(" ", 1)[0]: ln.split(" ", 1)[1] for ln in out.splitlines() if ln.startswith(("RESULT ", "LEAKED "))}
+    lines = {
+        ln.split(" ", 1)[0]: ln.split(" ", 1)[1] for ln in out.splitlines() if ln.startswith(("RESULT ", "LEAKED "))
+    }
     assert proc.returncode == 0 and "RESULT" in lines, out[-3000:]
     r = json.loads(lines["RESULT"])
     assert r["node_ip"] == "127.0.0.1"
@@ -278,12 +335,11 @@ def test_training_listens_and_talks_on_loopback_only(ray_local, tmp_path, worker
     127.0.0.1 and talks to 127.0.0.1 only. (It once had the torch rendezvous server on *:PORT.)"""
     import threading
 
+    import psutil  # noqa: F401  (Ray's copy: fail here, not in the thread, if it is missing)
     import ray
-
-    from cluster.train import TrainConfig, run_training
     from test_train import TOY, write_pseudo_labels
 
-    import psutil  # noqa: F401  (Ray's copy: fail here, not in the thread, if it is missing)
+    from cluster.train import TrainConfig, run_training
 
     assert {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]} == {"127.0.0.1"}
     labels = write_pseudo_labels(tmp_path, n=4)

@@ -1,22 +1,36 @@
 """Storage URIs (local and s3:// through a local moto endpoint), label files, output names."""
+
 import io
 
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_VIT, make_bucket, make_image
 from PIL import Image
 
-from conftest import TINY_VIT, make_bucket, make_image
 from index.labels import decode_labels, encode_labels, output_name
 from index.storage import fetch_to_cache, join, load_bank, read_bytes, save_bank, write_bytes
 from reco import BankConfig, ConceptBank, ConceptBuilder, SegmenterConfig
 
-
 # -- output names ------------------------------------------------------------------------
 
+
 def test_output_names_keep_folders_and_extensions_apart():
-    ids = ["a/0001.jpg", "b/0001.jpg", "0001.jpg", "0001.png", "a b/caf\u00e9.jpg", "x.parquet#12",
-           "..", "a/../b", "%41", "A", "a//b", "a/b", "/abs/p.jpg"]
+    ids = [
+        "a/0001.jpg",
+        "b/0001.jpg",
+        "0001.jpg",
+        "0001.png",
+        "a b/caf\u00e9.jpg",
+        "x.parquet#12",
+        "..",
+        "a/../b",
+        "%41",
+        "A",
+        "a//b",
+        "a/b",
+        "/abs/p.jpg",
+    ]
     names = [output_name(i) for i in ids]
     assert len(set(names)) == len(ids)  # injective: no two inputs share an output
     assert output_name("a/0001.jpg") == "a/0001.jpg.png"
@@ -30,6 +44,7 @@ def test_output_names_keep_folders_and_extensions_apart():
 
 
 # -- label PNGs --------------------------------------------------------------------------
+
 
 def test_labels_are_palette_png_up_to_256_classes():
     lab = np.arange(256, dtype=np.int64).reshape(16, 16)
@@ -61,6 +76,7 @@ def _rgb_png() -> bytes:
 
 # -- storage URIs ------------------------------------------------------------------------
 
+
 @pytest.fixture()
 def bucket(s3_server):
 
@@ -80,8 +96,10 @@ def test_local_write_is_atomic_and_read_errors_name_the_uri(tmp_path):
 
 
 def test_bank_and_weights_through_s3(bucket, s3_server, tiny_dense, images, tmp_path, monkeypatch):
-    bank = ConceptBank.build({"cat": images[:2], "dog": images[2:]},
-                             ConceptBuilder(tiny_dense, None, BankConfig(image_size=64, context_elimination=False)))
+    bank = ConceptBank.build(
+        {"cat": images[:2], "dog": images[2:]},
+        ConceptBuilder(tiny_dense, None, BankConfig(image_size=64, context_elimination=False)),
+    )
     uri = f"{bucket}/banks/voc"
     save_bank(bank, uri, s3_server)
     back = load_bank(uri, s3_server)
@@ -109,8 +127,10 @@ def test_segmentation_reads_bank_and_writes_outputs_by_uri(ray_local, s3_server,
     spec = EncoderSpec("dino_vits16", str(tiny_dense_path), dense_kwargs=TINY_VIT)
     dense = create_dense_encoder("dino_vits16", tiny_dense_path, **TINY_VIT)
     imgs = [make_image(i, (64, 64)) for i in range(4)]
-    bank = ConceptBank.build({"cat": imgs[:2], "dog": imgs[2:]},
-                             ConceptBuilder(dense, None, BankConfig(image_size=64, context_elimination=False)))
+    bank = ConceptBank.build(
+        {"cat": imgs[:2], "dog": imgs[2:]},
+        ConceptBuilder(dense, None, BankConfig(image_size=64, context_elimination=False)),
+    )
     bank_uri = f"{bucket}/seg/bank"
     save_bank(bank, bank_uri, s3_server)
     items = []
@@ -119,9 +139,18 @@ def test_segmentation_reads_bank_and_writes_outputs_by_uri(ray_local, s3_server,
         imgs[i].save(b, format="PNG")
         write_bytes(f"{bucket}/seg/in/{name}", b.getvalue(), s3_server)
         items.append({"id": name, "uri": f"{bucket}/seg/in/{name}", "mask_uri": ""})
-    rows = run_segmentation(items, bank_uri, spec, SegmenterConfig(image_size=64), [0, 1], 2, None,
-                            f"{bucket}/seg/out", ActorConfig(num_actors=1, cpus_per_actor=0.5),
-                            storage_options=s3_server)
+    rows = run_segmentation(
+        items,
+        bank_uri,
+        spec,
+        SegmenterConfig(image_size=64),
+        [0, 1],
+        2,
+        None,
+        f"{bucket}/seg/out",
+        ActorConfig(num_actors=1, cpus_per_actor=0.5),
+        storage_options=s3_server,
+    )
     assert sorted(r["status"] for r in rows) == ["ok", "ok"]
     fs = s3fs.S3FileSystem(**s3_server)
     written = sorted(fs.find(f"{bucket}/seg/out/labels".removeprefix("s3://")))
@@ -142,8 +171,10 @@ def test_pseudo_label_job_from_and_to_s3(ray_local, s3_server, bucket, tiny_dens
 
     dense = create_dense_encoder("dino_vits16", tiny_dense_path, **TINY_VIT)
     imgs = [make_image(i, (64, 48)) for i in range(4)]
-    bank = ConceptBank.build({"cat": imgs[:2], "dog": imgs[2:]},
-                             ConceptBuilder(dense, None, BankConfig(image_size=64, context_elimination=False)))
+    bank = ConceptBank.build(
+        {"cat": imgs[:2], "dog": imgs[2:]},
+        ConceptBuilder(dense, None, BankConfig(image_size=64, context_elimination=False)),
+    )
     save_bank(bank, f"{bucket}/pl/bank", s3_server)
     for i, name in enumerate(["p/1.png", "q/1.png", "q/2.png"]):
         b = io.BytesIO()
@@ -153,16 +184,32 @@ def test_pseudo_label_job_from_and_to_s3(ray_local, s3_server, bucket, tiny_dens
     items = list_folder(f"{bucket}/pl/in", s3_server)
     spec = EncoderSpec("dino_vits16", str(tiny_dense_path), dense_kwargs=TINY_VIT)
     out = f"{bucket}/pl/out"
-    rep = run_pseudo_label(items, f"{bucket}/pl/bank", spec, SegmenterConfig(image_size=64), out,
-                           ActorConfig(num_actors=1, cpus_per_actor=0.5), s3_server, commit_every=2)
+    rep = run_pseudo_label(
+        items,
+        f"{bucket}/pl/bank",
+        spec,
+        SegmenterConfig(image_size=64),
+        out,
+        ActorConfig(num_actors=1, cpus_per_actor=0.5),
+        s3_server,
+        commit_every=2,
+    )
     assert rep.labelled == 3 and list(rep.skipped) == ["q/broken.png"]
     rows = committed_rows(out, s3_server)
     assert sorted(r["id"] for r in rows) == ["p/1.png", "q/1.png", "q/2.png", "q/broken.png"]
-    lab = decode_labels(read_bytes(join(out, rows[0]["label"]) if rows[0]["label"] else
-                                   join(out, "labels/p/1.png.png"), s3_server))
+    lab = decode_labels(
+        read_bytes(join(out, rows[0]["label"]) if rows[0]["label"] else join(out, "labels/p/1.png.png"), s3_server)
+    )
     assert lab.shape == (48, 64)
-    again = run_pseudo_label(items, f"{bucket}/pl/bank", spec, SegmenterConfig(image_size=64), out,
-                             ActorConfig(num_actors=1, cpus_per_actor=0.5), s3_server)
+    again = run_pseudo_label(
+        items,
+        f"{bucket}/pl/bank",
+        spec,
+        SegmenterConfig(image_size=64),
+        out,
+        ActorConfig(num_actors=1, cpus_per_actor=0.5),
+        s3_server,
+    )
     assert again.already_done == 4 and len(committed_rows(out, s3_server)) == 4
 
 
@@ -185,8 +232,13 @@ def test_bank_job_reads_archives_from_s3_with_an_endpoint(ray_local, s3_server, 
             uris.append(uri)
         tasks.append(ConceptTask(name, tuple(uris)))
     spec = EncoderSpec("dino_vits16", str(tiny_dense_path), dense_kwargs=TINY_VIT)
-    bank, rep = run_build_bank(tasks, spec, BankConfig(image_size=64, context_elimination=False),
-                               f"{bucket}/banks/from-s3", ActorConfig(num_actors=1, cpus_per_actor=0.5),
-                               storage_options=s3_server)
+    bank, rep = run_build_bank(
+        tasks,
+        spec,
+        BankConfig(image_size=64, context_elimination=False),
+        f"{bucket}/banks/from-s3",
+        ActorConfig(num_actors=1, cpus_per_actor=0.5),
+        storage_options=s3_server,
+    )
     assert rep.failed_transient == {} and bank.names == ("cat", "dog")
     assert load_bank(f"{bucket}/banks/from-s3", s3_server).names == ("cat", "dog")

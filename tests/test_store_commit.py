@@ -1,6 +1,7 @@
 """Issue #8/5c: the manifest is the only commit point; shard files are named by a commit token,
 so a crash mid-commit leaves only unreferenced orphans and no reader ever pairs one commit's
 tensors with another commit's metadata. Plus reading format-1 stores."""
+
 import json
 
 import numpy as np
@@ -88,8 +89,11 @@ def test_every_commit_writes_new_files_named_in_the_manifest(tmp_path):
     m = json.loads((tmp_path / "s" / "manifest.json").read_text())
     assert m["format_version"] == store_mod.FORMAT_VERSION == 2
     tok = m["shards"][0]["token"]
-    for f in (f"img_emb/img_emb_00000.{tok}.npy", f"metadata/metadata_00000.{tok}.parquet",
-              f"skipped/skipped_00000.{tok}.parquet"):
+    for f in (
+        f"img_emb/img_emb_00000.{tok}.npy",
+        f"metadata/metadata_00000.{tok}.parquet",
+        f"skipped/skipped_00000.{tok}.parquet",
+    ):
         assert (tmp_path / "s" / f).is_file()
     assert st.skipped() == {"z": "decode: bad"} and st.committed_ids() == {"a", "z"}
     assert not list((tmp_path / "s").rglob("*.tmp"))
@@ -100,14 +104,35 @@ def _write_v1_store(root, dim=2):
     for sub in ("img_emb", "metadata", "skipped"):
         (root / sub).mkdir(parents=True)
     np.save(root / "img_emb" / "img_emb_00000.npy", np.array([[1, 0], [0, 1]], np.float16))
-    pq.write_table(pa.table({"id": ["a", "b"], "uri": ["ua", "ub"], "width": pa.array([1, 2], pa.int32()),
-                             "height": pa.array([3, 4], pa.int32()), "shard": pa.array([0, 0], pa.int32()),
-                             "row": pa.array([0, 1], pa.int32())}), root / "metadata" / "metadata_00000.parquet")
-    pq.write_table(pa.table({"id": ["c"], "uri": ["uc"], "reason": ["decode: bad"]}),
-                   root / "skipped" / "skipped_00000.parquet")
-    (root / "manifest.json").write_text(json.dumps({
-        "format_version": 1, "model": MODEL, "dim": dim, "created": "2025-01-01T00:00:00",
-        "shards": [{"index": 0, "count": 2, "skipped": 1}], "total": 2, "skipped": 1}))
+    pq.write_table(
+        pa.table(
+            {
+                "id": ["a", "b"],
+                "uri": ["ua", "ub"],
+                "width": pa.array([1, 2], pa.int32()),
+                "height": pa.array([3, 4], pa.int32()),
+                "shard": pa.array([0, 0], pa.int32()),
+                "row": pa.array([0, 1], pa.int32()),
+            }
+        ),
+        root / "metadata" / "metadata_00000.parquet",
+    )
+    pq.write_table(
+        pa.table({"id": ["c"], "uri": ["uc"], "reason": ["decode: bad"]}), root / "skipped" / "skipped_00000.parquet"
+    )
+    (root / "manifest.json").write_text(
+        json.dumps(
+            {
+                "format_version": 1,
+                "model": MODEL,
+                "dim": dim,
+                "created": "2025-01-01T00:00:00",
+                "shards": [{"index": 0, "count": 2, "skipped": 1}],
+                "total": 2,
+                "skipped": 1,
+            }
+        )
+    )
 
 
 def test_format_1_stores_are_read_and_upgraded_on_the_next_commit(tmp_path):

@@ -1,13 +1,14 @@
 """Issue #8/5a and /12 without Ray: the one rule that separates bad input (skipped for good)
 from transient failures (retried, then left for a rerun), in fetch_bytes and the readers."""
+
 import io
 import os
 import time
 
 import pytest
+from conftest import make_image
 
 import index.sources as sources
-from conftest import make_image
 from index.readers import ReadReport, list_images, read_images
 from index.sources import BAD, TRANSIENT, RetryPolicy, classify_failure, fetch_bytes, list_folder
 from reco.errors import BadInputError, ImageDecodeError, TransientIOError
@@ -82,15 +83,18 @@ def test_a_file_that_appears_during_the_retries_is_read(tmp_path, monkeypatch):
     assert fetch_bytes(str(target), retry=FAST) == b"here now"
 
 
-@pytest.mark.parametrize("exc, kind, prefix", [
-    (ImageDecodeError("x: not an image"), BAD, "decode: "),
-    (BadInputError("x: broken symlink"), BAD, "bad input: "),
-    (ValueError("row out of range"), BAD, "bad input: "),
-    (TransientIOError("x: cannot read"), TRANSIENT, "io: "),
-    (FileNotFoundError("x"), TRANSIENT, "io: "),
-    (TimeoutError("x"), TRANSIENT, "io: "),
-    (RuntimeError("a bug"), TRANSIENT, "unexpected RuntimeError"),
-])
+@pytest.mark.parametrize(
+    "exc, kind, prefix",
+    [
+        (ImageDecodeError("x: not an image"), BAD, "decode: "),
+        (BadInputError("x: broken symlink"), BAD, "bad input: "),
+        (ValueError("row out of range"), BAD, "bad input: "),
+        (TransientIOError("x: cannot read"), TRANSIENT, "io: "),
+        (FileNotFoundError("x"), TRANSIENT, "io: "),
+        (TimeoutError("x"), TRANSIENT, "io: "),
+        (RuntimeError("a bug"), TRANSIENT, "unexpected RuntimeError"),
+    ],
+)
 def test_classification_table(exc, kind, prefix):
     k, reason = classify_failure(exc)
     assert k == kind and reason.startswith(prefix)

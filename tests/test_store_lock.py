@@ -1,5 +1,6 @@
 """Issue #8/5b: the store's writer lock (no Ray). Two writers on one store must never both
 believe they committed while one's shards are lost."""
+
 import json
 import logging
 import os
@@ -11,8 +12,8 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import REPO
+
 from index.store import LOCK_FILE, EmbeddingStore, StoreError, StoreLockedError
 
 MODEL = {"clip_model": "m"}
@@ -36,8 +37,9 @@ def _dead_pid() -> int:
 
 def _fake_lock(root, host, pid, job="other-job", age_s=0.0):
     path = root / LOCK_FILE
-    path.write_text(json.dumps({"host": host, "pid": pid, "job": job, "since": "2020-01-01T00:00:00",
-                                "token": "feedfacefeedface"}))
+    path.write_text(
+        json.dumps({"host": host, "pid": pid, "job": job, "since": "2020-01-01T00:00:00", "token": "feedfacefeedface"})
+    )
     t = time.time() - age_s
     os.utime(path, (t, t))
     return path
@@ -87,8 +89,10 @@ def test_lock_of_a_dead_process_on_this_host_is_broken_with_a_warning(tmp_path, 
     with caplog.at_level(logging.WARNING, logger="index.store"):
         with st.writer(job="next"):
             st.commit_shard(0, ["a"], ["ua"], _emb(1), [1], [1])
-    assert any("breaking the stale writer lock" in r.message and f"pid {pid}" in r.message
-               and r.levelno == logging.WARNING for r in caplog.records)
+    assert any(
+        "breaking the stale writer lock" in r.message and f"pid {pid}" in r.message and r.levelno == logging.WARNING
+        for r in caplog.records
+    )
     assert st.committed_ids() == {"a"}
 
 
@@ -168,16 +172,24 @@ def test_two_processes_committing_never_lose_a_reported_commit(tmp_path):
     barrier = tmp_path / "barrier"
     barrier.mkdir()
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    procs = [subprocess.Popen([sys.executable, "-c", _RACER, str(tmp_path / "s"), tag, str(barrier)],
-                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for tag in ("A", "B")]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _RACER, str(tmp_path / "s"), tag, str(barrier)],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for tag in ("A", "B")
+    ]
     outs = [p.communicate(timeout=120) for p in procs]
     reported = []
     for p, (out, err) in zip(procs, outs):
         assert p.returncode in (0, 3), err[-2000:]
         for line in out.splitlines():
             if line.startswith("COMMITTED "):
-                reported += json.loads(line[len("COMMITTED "):])
+                reported += json.loads(line[len("COMMITTED ") :])
         if p.returncode == 3:
             assert any(w in out for w in ("already committed", "locked by another writer")), out
     final = EmbeddingStore(tmp_path / "s")
@@ -221,12 +233,24 @@ def test_concurrent_jobs_one_is_refused_and_a_rerun_completes(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     root = str(tmp_path / "s")
     hold = tmp_path / "first_may_finish"
-    first = subprocess.Popen([sys.executable, "-c", _EMBED_LIKE, root, "one", "60", str(hold)], cwd=REPO, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-c", _EMBED_LIKE, root, "one", "60", str(hold)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert first.stdout.readline().strip() == "LOCKED"
-        second = subprocess.run([sys.executable, "-c", _EMBED_LIKE, root, "two", "120"], cwd=REPO, env=env,
-                                capture_output=True, text=True, timeout=120)
+        second = subprocess.run(
+            [sys.executable, "-c", _EMBED_LIKE, root, "two", "120"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     finally:
         hold.touch()
     out, err = first.communicate(timeout=120)
@@ -235,8 +259,14 @@ def test_concurrent_jobs_one_is_refused_and_a_rerun_completes(tmp_path):
     assert "locked by another writer" in second.stdout and "embed-one" in second.stdout
     assert f"pid {first.pid}" in second.stdout
     assert sorted(EmbeddingStore(root).committed_ids()) == [f"img-{i:03d}" for i in range(60)]
-    rerun = subprocess.run([sys.executable, "-c", _EMBED_LIKE, root, "two", "120"], cwd=REPO, env=env,
-                           capture_output=True, text=True, timeout=120)
+    rerun = subprocess.run(
+        [sys.executable, "-c", _EMBED_LIKE, root, "two", "120"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     _, ids, _ = EmbeddingStore(root).load_all()
     assert sorted(ids) == [f"img-{i:03d}" for i in range(120)]

@@ -6,6 +6,7 @@ leaves nothing visible and its orphans are deleted by the next writer; the write
 conditional create (``If-None-Match: *``), its heartbeat and takeovers ``If-Match``; a writer that
 lost its lock (or whose manifest was replaced behind it) commits nothing. The index is built
 locally, uploaded with ``index.json`` last, and read through the node cache keyed by content."""
+
 import json
 import logging
 import secrets
@@ -17,8 +18,8 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import make_bucket
+
 import index.storage as storage
 import index.store as store_mod
 from index.store import LOCK_FILE, EmbeddingStore, ObjectStoreLock, StoreError, StoreLockedError
@@ -40,7 +41,7 @@ def s3root(s3_server):
 def _keys(fs, root):
     fs.invalidate_cache()
     base = root.removeprefix("s3://")
-    return sorted(k[len(base) + 1:] for k in fs.find(base))
+    return sorted(k[len(base) + 1 :] for k in fs.find(base))
 
 
 def _unit(x):
@@ -55,9 +56,13 @@ def _dead_pid() -> int:
 
 
 def _fake_lock(root, opts, host, pid, job="other-job"):
-    storage.write_bytes(f"{root}/{LOCK_FILE}", json.dumps(
-        {"host": host, "pid": pid, "job": job, "since": "2020-01-01T00:00:00", "token": "feedfacefeedface"}).encode(),
-        opts)
+    storage.write_bytes(
+        f"{root}/{LOCK_FILE}",
+        json.dumps(
+            {"host": host, "pid": pid, "job": job, "since": "2020-01-01T00:00:00", "token": "feedfacefeedface"}
+        ).encode(),
+        opts,
+    )
 
 
 def test_commit_and_read_back_with_the_local_layout(s3root):
@@ -69,8 +74,14 @@ def test_commit_and_read_back_with_the_local_layout(s3root):
     rec = st.commit_shard(0, ["a", "b"], ["ua", "ub"], ab, [1, 2], [3, 4], skipped=[("z", "uz", "decode: bad")])
     m = json.loads(storage.read_bytes(f"{root}/manifest.json", opts))
     assert m["format_version"] == 2 and m["shards"] == [{"index": 0, "count": 2, "skipped": 1, "token": rec.token}]
-    assert _keys(fs, root) == sorted(["manifest.json", f"img_emb/img_emb_{rec.name}.npy",
-                                      f"metadata/metadata_{rec.name}.parquet", f"skipped/skipped_{rec.name}.parquet"])
+    assert _keys(fs, root) == sorted(
+        [
+            "manifest.json",
+            f"img_emb/img_emb_{rec.name}.npy",
+            f"metadata/metadata_{rec.name}.parquet",
+            f"skipped/skipped_{rec.name}.parquet",
+        ]
+    )
     back = EmbeddingStore(root + "/", storage_options=opts)  # a trailing slash names the same store
     emb, ids, uris = back.load_all()
     assert ids == ["a", "b"] and uris == ["ua", "ub"] and np.allclose(emb, ab, atol=1e-3)
@@ -95,8 +106,10 @@ def test_crash_between_shard_files_and_manifest_leaves_nothing_visible_then_resu
     st.create_or_check(MODEL, 4)
     st.commit_shard(0, ["a"], ["ua"], np.array([[1.0, 0, 0, 0]]), [1], [1])
     if die == "before_manifest":
+
         def dying(self, data):
             raise KeyboardInterrupt("killed before the manifest PUT")
+
         monkeypatch.setattr(EmbeddingStore, "_put_manifest", dying)
     else:
         real, calls = store_mod._atomic_write_parquet, {"n": 0}
@@ -106,6 +119,7 @@ def test_crash_between_shard_files_and_manifest_leaves_nothing_visible_then_resu
             if calls["n"] > (0 if die == "after_tensors" else 1):
                 raise KeyboardInterrupt("killed mid-commit")
             return real(table, path, *a)
+
         monkeypatch.setattr(store_mod, "_atomic_write_parquet", dying)
     with pytest.raises(KeyboardInterrupt):
         st.commit_shard(1, ["c", "d"], ["uc", "ud"], np.array([[0, 1.0, 0, 0], [0, 0, 1.0, 0]]), [1, 1], [1, 1])
@@ -124,8 +138,12 @@ def test_crash_between_shard_files_and_manifest_leaves_nothing_visible_then_resu
     assert ids == ["a", "c", "d"] and uris == ["ua", "uc2", "ud2"] and np.allclose(emb[1:], cd, atol=1e-3)
     rec = fresh.shards[1]
     assert [k for k in _keys(fs, root) if "_00001." in k] == sorted(
-        [f"img_emb/img_emb_{rec.name}.npy", f"metadata/metadata_{rec.name}.parquet",
-         f"skipped/skipped_{rec.name}.parquet"])
+        [
+            f"img_emb/img_emb_{rec.name}.npy",
+            f"metadata/metadata_{rec.name}.parquet",
+            f"skipped/skipped_{rec.name}.parquet",
+        ]
+    )
 
 
 def test_second_writer_is_refused_naming_the_owner_and_the_lock_is_released(s3root):
@@ -260,8 +278,9 @@ def test_a_retried_conditional_write_that_had_landed_is_recognised(s3root, monke
 def test_an_endpoint_ignoring_conditional_writes_is_reported(s3root, monkeypatch, caplog):
     root, opts, _ = s3root
     real = storage.write_conditional
-    monkeypatch.setattr(storage, "write_conditional",
-                        lambda uri, data, so=None, if_version=None: real(uri, data, so, None))
+    monkeypatch.setattr(
+        storage, "write_conditional", lambda uri, data, so=None, if_version=None: real(uri, data, so, None)
+    )
     with caplog.at_level(logging.WARNING, logger="index.store"):
         lock = ObjectStoreLock(f"{root}/{LOCK_FILE}", "probe", storage_options=opts).acquire()
     lock.release()
@@ -269,6 +288,7 @@ def test_an_endpoint_ignoring_conditional_writes_is_reported(s3root, monkeypatch
 
 
 # -- the FAISS index on S3 ---------------------------------------------------------------
+
 
 def _clustered(n, dim, seed=0):
     rng = np.random.default_rng(seed)
@@ -287,11 +307,18 @@ def test_index_built_into_s3_and_read_through_the_cache_by_content(s3root, tmp_p
     st = EmbeddingStore(root, storage_options=opts)
     st.create_or_check({"clip_model": "test"}, 16)
     for i, s in enumerate(range(0, len(x), 500)):
-        st.commit_shard(i, [f"id{j}" for j in range(s, s + 500)], [f"u{j}" for j in range(s, s + 500)],
-                        x[s:s + 500], [1] * 500, [1] * 500)
+        st.commit_shard(
+            i,
+            [f"id{j}" for j in range(s, s + 500)],
+            [f"u{j}" for j in range(s, s + 500)],
+            x[s : s + 500],
+            [1] * 500,
+            [1] * 500,
+        )
     ix = root.rsplit("/", 1)[0] + "/index"
-    rep = build_index_dir(EmbeddingStore(root, storage_options=opts), ix, "IVF16,Flat", num_queries=100,
-                          storage_options=opts)
+    rep = build_index_dir(
+        EmbeddingStore(root, storage_options=opts), ix, "IVF16,Flat", num_queries=100, storage_options=opts
+    )
     assert rep.n == 1500 and rep.target_met
     assert _keys(fs, ix) == ["index.faiss", "index.json", "rows.parquet"]
     meta = json.loads(storage.read_bytes(f"{ix}/index.json", opts))

@@ -1,5 +1,6 @@
 """`reco submit | status | logs | stop | list` against a real Ray head with token auth, started by
 the test on 127.0.0.1 (its own temp dir, ports and token) and stopped by its process group."""
+
 import contextlib
 import logging
 import os
@@ -14,10 +15,18 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
-from cluster.submit import (WORKING_DIR_EXCLUDES, JobClient, SubmitError, Token, entrypoint, job_api_address,
-                            load_token, parse_env)
 from conftest import REPO, free_port, process_tree
+
+from cluster.submit import (
+    WORKING_DIR_EXCLUDES,
+    JobClient,
+    SubmitError,
+    Token,
+    entrypoint,
+    job_api_address,
+    load_token,
+    parse_env,
+)
 from jobs.cli import main
 
 VENV_BIN = Path(sys.executable).parent
@@ -38,15 +47,41 @@ def ray_head(token: str):
     token_file.write_text(token)
     token_file.chmod(0o600)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file), HOME=temp,
-               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # keep the node IP on loopback
-               PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    env.update(
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN_PATH=str(token_file),
+        HOME=temp,
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # keep the node IP on loopback
+        PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
     dash = free_port()
-    cmd = [str(RAY), "start", "--head", "--block", "--port", "0", "--node-ip-address", "127.0.0.1",
-           "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-           "--dashboard-agent-listen-port", str(free_port()), "--ray-client-server-port", str(free_port()),
-           "--num-cpus", "1", "--object-store-memory", str(100 * 2**20), "--temp-dir", temp,
-           "--disable-usage-stats"]
+    cmd = [
+        str(RAY),
+        "start",
+        "--head",
+        "--block",
+        "--port",
+        "0",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--include-dashboard",
+        "true",
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dash),
+        "--dashboard-agent-listen-port",
+        str(free_port()),
+        "--ray-client-server-port",
+        str(free_port()),
+        "--num-cpus",
+        "1",
+        "--object-store-memory",
+        str(100 * 2**20),
+        "--temp-dir",
+        temp,
+        "--disable-usage-stats",
+    ]
     log = open(Path(temp) / "head.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
@@ -63,8 +98,9 @@ def ray_head(token: str):
             except (urllib.error.URLError, OSError):
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError("the Ray head did not answer in 120 s:\n" +
-                                   (Path(temp) / "head.log").read_text()[-3000:])
+                raise RuntimeError(
+                    "the Ray head did not answer in 120 s:\n" + (Path(temp) / "head.log").read_text()[-3000:]
+                )
             time.sleep(0.5)
         yield address, token_file
     finally:
@@ -111,8 +147,7 @@ def _errors(caplog):
 @pytest.mark.slow
 def test_submit_status_logs_list(with_token, capsys, caplog):
     address = with_token
-    assert main(["submit", "--address", address, "--no-wait", "--entrypoint-num-cpus", "0.1",
-                 "search", "--help"]) == 0
+    assert main(["submit", "--address", address, "--no-wait", "--entrypoint-num-cpus", "0.1", "search", "--help"]) == 0
     sub_id = capsys.readouterr().out.strip().splitlines()[0]
     assert sub_id.startswith("raysubmit_")
     info = JobClient(address).wait(sub_id, timeout=120)
@@ -152,12 +187,15 @@ def test_a_submitted_job_joins_the_cluster_with_its_token_and_can_be_stopped(wit
     """Inside a submitted job, init_ray joins the cluster (RAY_ADDRESS from the Jobs API) instead of
     starting a Ray of its own, with the job's runtime env vars merged without conflict."""
     client = JobClient(with_token)
-    code = ("from cluster.config import resolve_cluster_config; from cluster.runtime import init_ray; "
-            "ray = init_ray(resolve_cluster_config(None).ray); import os; "
-            "print('NODES', len(ray.nodes()), ray.get_runtime_context().gcs_address, os.environ['RAY_AUTH_MODE'])")
-    sub = client._client.submit_job(entrypoint=f"python -c \"{code}\"",
-                                    runtime_env={"working_dir": str(REPO), "excludes": WORKING_DIR_EXCLUDES,
-                                                 "env_vars": {"HF_HUB_OFFLINE": "1"}})
+    code = (
+        "from cluster.config import resolve_cluster_config; from cluster.runtime import init_ray; "
+        "ray = init_ray(resolve_cluster_config(None).ray); import os; "
+        "print('NODES', len(ray.nodes()), ray.get_runtime_context().gcs_address, os.environ['RAY_AUTH_MODE'])"
+    )
+    sub = client._client.submit_job(
+        entrypoint=f'python -c "{code}"',
+        runtime_env={"working_dir": str(REPO), "excludes": WORKING_DIR_EXCLUDES, "env_vars": {"HF_HUB_OFFLINE": "1"}},
+    )
     long = client._client.submit_job(entrypoint="python -c 'import time; time.sleep(300)'")
     info = client.wait(sub, timeout=120)
     logs = client.logs(sub)
@@ -184,8 +222,13 @@ def test_token_missing_or_wrong_is_refused_with_one_clear_line(head, tmp_path, m
     # no token at all, in a fresh process (Ray caches tokens per process): refused before anything runs
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(HOME=str(tmp_path), PYTHONPATH=str(REPO))
-    r = subprocess.run([sys.executable, "-m", "jobs.cli", "submit", "--address", address, "search", "--help"],
-                       env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "submit", "--address", address, "search", "--help"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2, r.stderr[-2000:]
     errors = [ln for ln in r.stderr.splitlines() if " ERROR " in ln]
     assert len(errors) == 1 and "requires a token and none was found" in errors[0], r.stderr[-2000:]
@@ -237,8 +280,10 @@ def test_address_token_and_entrypoint_rules(tmp_path, monkeypatch):
     assert load_token({"HOME": str(home), "RAY_AUTH_MODE": "disabled"}) is None  # not the default file then
     with pytest.raises(SubmitError, match="cannot read the token file"):
         load_token({"HOME": str(home), "RAY_AUTH_TOKEN_PATH": str(tmp_path / "missing")})
-    assert entrypoint("embed", ["s3://b/x y", "--store", "runs/s"]) == \
-        "python -m jobs.cli embed 's3://b/x y' --store runs/s"
+    assert (
+        entrypoint("embed", ["s3://b/x y", "--store", "runs/s"])
+        == "python -m jobs.cli embed 's3://b/x y' --store runs/s"
+    )
     assert parse_env(["A=1", "B=x=y"]) == {"A": "1", "B": "x=y"}
     for bad in ("NOEQUALS", "MY_TOKEN=1", "DB_PASSWORD=x", "AWS_ACCESS_KEY_ID=x"):
         with pytest.raises(SubmitError):
@@ -250,10 +295,23 @@ def test_working_dir_excludes_keep_the_code_and_drop_the_rest(tmp_path):
     from ray._private.runtime_env.packaging import _get_excludes
 
     match = _get_excludes(REPO, WORKING_DIR_EXCLUDES)
-    for keep in ("jobs/cli.py", "jobs/data/voc_exemplars.yaml", "configs/cluster.yaml", "cluster/submit.py",
-                 "pyproject.toml", "index/data"):
+    for keep in (
+        "jobs/cli.py",
+        "jobs/data/voc_exemplars.yaml",
+        "configs/cluster.yaml",
+        "cluster/submit.py",
+        "pyproject.toml",
+        "index/data",
+    ):
         assert not match(REPO / keep), keep
-    for drop in (".venv/bin/python", ".git/HEAD", "outputs/demo/index.html", "runs/store/manifest.json",
-                 "data/corpus/a.jpg", "cluster/__pycache__/x.pyc", "reco_cluster.egg-info/PKG-INFO",
-                 "weights/model.safetensors"):
+    for drop in (
+        ".venv/bin/python",
+        ".git/HEAD",
+        "outputs/demo/index.html",
+        "runs/store/manifest.json",
+        "data/corpus/a.jpg",
+        "cluster/__pycache__/x.pyc",
+        "reco_cluster.egg-info/PKG-INFO",
+        "weights/model.safetensors",
+    ):
         assert match(REPO / drop), drop

@@ -1,5 +1,6 @@
 """#17.5: recall on the queries ReCo sends. The synthetic generator reproduces CLIP's modality gap
 on a continuum corpus; search parameters tuned on text-like queries, both recalls in index.json."""
+
 import json
 
 import numpy as np
@@ -32,10 +33,12 @@ def test_tuning_on_text_like_queries_meets_the_target_image_tuning_misses(gap_co
     ix = faiss.index_factory(128, "IVF128,Flat", faiss.METRIC_INNER_PRODUCT)
     ix.train(x)
     ix.add(x)
-    _, by_image = fi.evaluate_index(ix, src, "IVF128,Flat", 0.0, len(x), target_recall=0.9, num_queries=200,
-                                    allow_low_recall=True)
-    _, by_text = fi.evaluate_index(ix, src, "IVF128,Flat", 0.0, len(x), target_recall=0.9, num_queries=200,
-                                   text_queries=t, allow_low_recall=True)
+    _, by_image = fi.evaluate_index(
+        ix, src, "IVF128,Flat", 0.0, len(x), target_recall=0.9, num_queries=200, allow_low_recall=True
+    )
+    _, by_text = fi.evaluate_index(
+        ix, src, "IVF128,Flat", 0.0, len(x), target_recall=0.9, num_queries=200, text_queries=t, allow_low_recall=True
+    )
     assert by_text.tuned_on == "text-like queries" and by_text.text_queries == 300
     assert by_text.recall_text_at_10 >= 0.88  # held-out queries: the tuning sample's 0.9, up to sampling noise
     assert 0 < by_text.recall_text_at_50 <= 1 and 0 < by_text.recall_image_at_50 <= 1
@@ -52,13 +55,42 @@ def test_build_index_cli_text_queries_recorded_in_index_json(gap_corpus, tmp_pat
     x, t = gap_corpus
     st = store_of(tmp_path / "s", x[:5000], [2500, 2500])
     np.save(tmp_path / "text.npy", t[:60])
-    assert main(["build-index", "--store", str(st.root), "--index", str(tmp_path / "ix"), "--factory",
-                 "IVF32,Flat", "--num-queries", "100", "--text-queries", str(tmp_path / "text.npy"),
-                 "--target-recall", "0.9"]) == 0
+    assert (
+        main(
+            [
+                "build-index",
+                "--store",
+                str(st.root),
+                "--index",
+                str(tmp_path / "ix"),
+                "--factory",
+                "IVF32,Flat",
+                "--num-queries",
+                "100",
+                "--text-queries",
+                str(tmp_path / "text.npy"),
+                "--target-recall",
+                "0.9",
+            ]
+        )
+        == 0
+    )
     rep = json.loads((tmp_path / "ix" / "index.json").read_text())["report"]
     assert rep["tuned_on"] == "text-like queries" and rep["text_queries"] == 30
     for key in ("recall_text_at_10", "recall_text_at_50", "recall_at_10", "recall_image_at_50"):
         assert 0 < rep[key] <= 1, key
     np.save(tmp_path / "bad.npy", t[:5, :64])
-    assert main(["build-index", "--store", str(st.root), "--index", str(tmp_path / "iy"),
-                 "--text-queries", str(tmp_path / "bad.npy")]) == 2
+    assert (
+        main(
+            [
+                "build-index",
+                "--store",
+                str(st.root),
+                "--index",
+                str(tmp_path / "iy"),
+                "--text-queries",
+                str(tmp_path / "bad.npy"),
+            ]
+        )
+        == 2
+    )

@@ -4,6 +4,7 @@ killed and resumed (whole job, and one worker mid-run) on pseudo-labels made her
 The toy: blocky random colour images whose pseudo-label is the dominant RGB channel (a function
 of the pixels, so learnable), with confidence maps; written in the layout of `reco pseudo-label`.
 """
+
 from __future__ import annotations
 
 import io
@@ -22,9 +23,23 @@ from PIL import Image
 CLASSES = ["red", "green", "blue"]
 SIZES = ((64, 48), (72, 56), (56, 64))
 # a tiny smp DeepLabV3+ (timm MobileNetV3-small-0.5 encoder, random init): ~0.34M parameters
-TOY = dict(encoder="tu-mobilenetv3_small_050", output_stride=16, decoder_channels=32, iterations=12, batch_size=4,
-           crop_size=48, base_size=56, lr_head=1e-2, lr_encoder=1e-2, jitter_hue=0.0, checkpoint_every=4, log_every=2,
-           num_workers=2, loader_workers=0, cpus_per_worker=0.5)
+TOY = dict(
+    encoder="tu-mobilenetv3_small_050",
+    output_stride=16,
+    decoder_channels=32,
+    iterations=12,
+    batch_size=4,
+    crop_size=48,
+    base_size=56,
+    lr_head=1e-2,
+    lr_encoder=1e-2,
+    jitter_hue=0.0,
+    checkpoint_every=4,
+    log_every=2,
+    num_workers=2,
+    loader_workers=0,
+    cpus_per_worker=0.5,
+)
 
 
 def toy_image(i: int, size=(64, 48)) -> np.ndarray:
@@ -56,16 +71,44 @@ def write_pseudo_labels(root: Path, n: int = 12, confidence: bool = True, skippe
         (out / "labels" / iid).write_bytes(encode_labels(lab))
         if confidence:
             Image.fromarray(conf).save(out / "confidence" / iid)
-        rows.append({"id": iid, "uri": str(imgs / iid), "status": "ok", "error": "", "label": f"labels/{iid}",
-                     "confidence": f"confidence/{iid}" if confidence else "", "overlay": "", "width": arr.shape[1],
-                     "height": arr.shape[0], "classes": "[0, 1, 2]", "shares": "[]",
-                     "mean_confidence": float(conf.mean() / 255), "seconds": 0.0})
-    rows.append({"id": "bad.jpg", "uri": str(root / "bad.jpg"), "status": "skipped", "error": "corrupt", "label": "",
-                 "confidence": "", "overlay": "", "width": 0, "height": 0, "classes": "[]", "shares": "[]",
-                 "mean_confidence": float("nan"), "seconds": 0.0})
+        rows.append(
+            {
+                "id": iid,
+                "uri": str(imgs / iid),
+                "status": "ok",
+                "error": "",
+                "label": f"labels/{iid}",
+                "confidence": f"confidence/{iid}" if confidence else "",
+                "overlay": "",
+                "width": arr.shape[1],
+                "height": arr.shape[0],
+                "classes": "[0, 1, 2]",
+                "shares": "[]",
+                "mean_confidence": float(conf.mean() / 255),
+                "seconds": 0.0,
+            }
+        )
+    rows.append(
+        {
+            "id": "bad.jpg",
+            "uri": str(root / "bad.jpg"),
+            "status": "skipped",
+            "error": "corrupt",
+            "label": "",
+            "confidence": "",
+            "overlay": "",
+            "width": 0,
+            "height": 0,
+            "classes": "[]",
+            "shares": "[]",
+            "mean_confidence": float("nan"),
+            "seconds": 0.0,
+        }
+    )
     (out / "manifest").mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({c: [r.get(c, "") for r in rows] for c in COLUMNS}),
-                   out / "manifest" / "part-00000-0a1b2c3d.parquet")
+    pq.write_table(
+        pa.table({c: [r.get(c, "") for r in rows] for c in COLUMNS}), out / "manifest" / "part-00000-0a1b2c3d.parquet"
+    )
     (out / "pseudo_label.json").write_text(json.dumps({"classes": CLASSES, "config_hash": "toy"}))
     return out
 
@@ -114,8 +157,15 @@ def test_defaults_are_the_paper_recipe_and_yaml_is_strict():
     assert (c.lr_head, c.lr_encoder, c.weight_decay, c.poly_power) == (5e-4, 5e-5, 2e-4, 0.9)
     assert (c.scale_min, c.scale_max, c.hflip, c.selection, c.encoder_weights) == (0.5, 2.0, True, "last", None)
     assert load_train_config({"iterations": 100, "confidence_threshold": 0.5}).confidence_threshold == 0.5
-    for bad in ({"lr": 1e-3}, {"iterations": "many"}, {"iterations": 0}, {"selection": "val"},
-                {"batch_size": 8, "num_workers": 3}, {"crop_size": 50}, {"precision": "fp16"}):
+    for bad in (
+        {"lr": 1e-3},
+        {"iterations": "many"},
+        {"iterations": 0},
+        {"selection": "val"},
+        {"batch_size": 8, "num_workers": 3},
+        {"crop_size": 50},
+        {"precision": "fp16"},
+    ):
         with pytest.raises(ConfigError):
             load_train_config(bad)
     # operational settings may change on a resume; what is learned may not
@@ -147,8 +197,12 @@ def test_errors_at_the_boundaries_come_before_ray(tmp_path, toy_labels):
         plan_training(str(toy_labels), runs, "r", _cfg(encoder_weights=str(tmp_path / "missing.pth")))
     assert isinstance(err.value, FileNotFoundError)
     with pytest.raises(ConfigError, match="confidence map"):
-        plan_training(str(write_pseudo_labels(tmp_path / "noconf", n=3, confidence=False)), runs, "r",
-                      _cfg(confidence_threshold=0.3))
+        plan_training(
+            str(write_pseudo_labels(tmp_path / "noconf", n=3, confidence=False)),
+            runs,
+            "r",
+            _cfg(confidence_threshold=0.3),
+        )
     with pytest.raises(ConfigError, match="run name"):
         plan_training(str(toy_labels), runs, "a/b", _cfg())
     plan = plan_training(str(toy_labels), runs, "r", _cfg(selection="holdout", holdout_fraction=0.25))
@@ -166,8 +220,16 @@ def test_errors_at_the_boundaries_come_before_ray(tmp_path, toy_labels):
 
 
 def test_sampler_and_augmentation_are_indexed_by_step(toy_labels):
-    from cluster.train import IGNORE, PseudoLabelDataset, StepSampler, augment, load_sample, read_pseudo_labels, \
-        split_holdout, target_ids
+    from cluster.train import (
+        IGNORE,
+        PseudoLabelDataset,
+        StepSampler,
+        augment,
+        load_sample,
+        read_pseudo_labels,
+        split_holdout,
+        target_ids,
+    )
 
     cfg = _cfg(confidence_threshold=0.2, selection="holdout", holdout_fraction=0.25)
     data = read_pseudo_labels(str(toy_labels))
@@ -178,7 +240,7 @@ def test_sampler_and_augmentation_are_indexed_by_step(toy_labels):
     # the global batches of steps [0, 5): ranks are disjoint and together make each global batch
     full = [list(StepSampler(len(train), 4, r, 2, 0, 5, seed=0)) for r in range(2)]
     for step in range(5):
-        got = sorted(p for r in range(2) for _, p in full[r][2 * step:2 * step + 2])
+        got = sorted(p for r in range(2) for _, p in full[r][2 * step : 2 * step + 2])
         assert got == list(range(4 * step, 4 * step + 4))
     # resuming at step 3 yields exactly the tail of the uninterrupted stream
     assert list(StepSampler(len(train), 4, 1, 2, 3, 5, seed=0)) == full[1][6:]
@@ -211,8 +273,11 @@ def test_encoder_weights_load_from_a_local_file(tmp_path):
     torch.manual_seed(1)
     src = build_model(SegModelSpec("resnet18", 3, 16, 16))
     # an ImageNet-style checkpoint: torchvision names plus the classifier smp drops
-    state = {**{k: v.clone() for k, v in src.encoder.state_dict().items()}, "fc.weight": torch.zeros(1000, 512),
-             "fc.bias": torch.zeros(1000)}
+    state = {
+        **{k: v.clone() for k, v in src.encoder.state_dict().items()},
+        "fc.weight": torch.zeros(1000, 512),
+        "fc.bias": torch.zeros(1000),
+    }
     save_file(state, str(tmp_path / "r18.safetensors"))
     torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "r18.pth")
     for f in ("r18.safetensors", "r18.pth"):
@@ -225,8 +290,11 @@ def test_encoder_weights_load_from_a_local_file(tmp_path):
     with pytest.raises(WeightsNotFoundError):
         read_state_dict(tmp_path / "absent.pth")
     with pytest.raises(WeightsMismatchError, match="does not fit"):
-        load_encoder_weights(build_model(SegModelSpec("tu-mobilenetv3_small_050", 3, 16, 16)),
-                             read_state_dict(tmp_path / "r18.safetensors"), "r18")
+        load_encoder_weights(
+            build_model(SegModelSpec("tu-mobilenetv3_small_050", 3, 16, 16)),
+            read_state_dict(tmp_path / "r18.safetensors"),
+            "r18",
+        )
 
 
 def test_export_is_safetensors_and_json_and_reloads(tmp_path):
@@ -242,7 +310,7 @@ def test_export_is_safetensors_and_json_and_reloads(tmp_path):
     seg.save(tmp_path / "model")
     raw = (tmp_path / "model" / "model.safetensors").read_bytes()
     n = struct.unpack("<Q", raw[:8])[0]
-    assert raw[8:9] == b"{" and "reco_segmodel" in json.loads(raw[8:8 + n])["__metadata__"]  # not a pickle
+    assert raw[8:9] == b"{" and "reco_segmodel" in json.loads(raw[8 : 8 + n])["__metadata__"]  # not a pickle
     meta = json.loads((tmp_path / "model" / "model.json").read_text())
     assert meta["classes"] == CLASSES and meta["spec"]["encoder"] == spec.encoder
     assert meta["normalisation"]["mean"] == [0.485, 0.456, 0.406] and meta["training"]["config_hash"] == "abc"
@@ -256,8 +324,12 @@ def test_export_is_safetensors_and_json_and_reloads(tmp_path):
     from jobs.cli import main
 
     img.save(tmp_path / "photo.png")
-    assert main(["segment", str(tmp_path / "photo.png"), "--model", str(tmp_path / "model"),
-                 "--out", str(tmp_path / "seg")]) == 0
+    assert (
+        main(
+            ["segment", str(tmp_path / "photo.png"), "--model", str(tmp_path / "model"), "--out", str(tmp_path / "seg")]
+        )
+        == 0
+    )
     assert np.array_equal(np.array(Image.open(tmp_path / "seg" / "photo.png.labels.png")), want)
     assert (tmp_path / "seg" / "legend.png").is_file() and (tmp_path / "seg" / "photo.png.overlay.png").is_file()
     (tmp_path / "bare").mkdir()
@@ -283,8 +355,17 @@ def test_holdout_selection_and_curve_in_one_process(tmp_path, toy_labels):
     torch.manual_seed(5)  # "ImageNet" weights for the encoder, given as a local file
     enc = build_model(SegModelSpec(TOY["encoder"], 3, 16, 32)).encoder.state_dict()
     save_file({k: v.contiguous() for k, v in enc.items()}, str(tmp_path / "enc.safetensors"))
-    cfg = _cfg(num_workers=1, cpus_per_worker=1, batch_size=2, iterations=4, checkpoint_every=2, log_every=1,
-               selection="holdout", holdout_fraction=0.25, encoder_weights=str(tmp_path / "enc.safetensors"))
+    cfg = _cfg(
+        num_workers=1,
+        cpus_per_worker=1,
+        batch_size=2,
+        iterations=4,
+        checkpoint_every=2,
+        log_every=1,
+        selection="holdout",
+        holdout_fraction=0.25,
+        encoder_weights=str(tmp_path / "enc.safetensors"),
+    )
     plan = plan_training(str(toy_labels), str(tmp_path / "runs"), "w", cfg)
     assert plan.settings["encoder_weights_sha256"] == file_sha256(tmp_path / "enc.safetensors")
     state = run_local(str(toy_labels), str(tmp_path / "run"), cfg)
@@ -292,8 +373,11 @@ def test_holdout_selection_and_curve_in_one_process(tmp_path, toy_labels):
     assert state["holdout"]["count"] == 3 and len(state["holdout"]["ids"]) == 3
     metrics = [json.loads((tmp_path / "run" / f"checkpoint_{s:08d}" / "metrics.json").read_text()) for s in (2, 4)]
     assert all(0.0 <= m["holdout_miou"] <= 1.0 for m in metrics)
-    ck = [("a", {"step": 2, "holdout_miou": 0.4}), ("b", {"step": 4, "holdout_miou": 0.3}),
-          ("c", {"step": 6, "holdout_miou": 0.4})]
+    ck = [
+        ("a", {"step": 2, "holdout_miou": 0.4}),
+        ("b", {"step": 4, "holdout_miou": 0.3}),
+        ("c", {"step": 6, "holdout_miou": 0.4}),
+    ]
     assert select_checkpoint(ck, cfg)[0] == "c" and select_checkpoint(ck[:2], cfg)[0] == "a"
     assert select_checkpoint(ck[:2], replace(cfg, selection="last"))[0] == "b"
     png = Image.open(io.BytesIO(render_curve(state["history"], "toy")))
@@ -374,8 +458,13 @@ def test_worker_killed_mid_run_recovers_on_s3_and_export_matches(resumed_run, to
     from index.outputs import load_segmodel
     from reco.segmodel import SegModelSpec, build_model, predict_logits
 
-    boto3.client("s3", endpoint_url=s3_server["endpoint_url"], aws_access_key_id="testing",
-                 aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket="reco-train")
+    boto3.client(
+        "s3",
+        endpoint_url=s3_server["endpoint_url"],
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    ).create_bucket(Bucket="reco-train")
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -391,8 +480,14 @@ def test_worker_killed_mid_run_recovers_on_s3_and_export_matches(resumed_run, to
 
     runs_uri = "s3://reco-train/runs"
     runs, cfg, resumed, _ = resumed_run
-    res = run_training("s3://reco-train/labels", runs_uri, "toy", replace(cfg, max_failures=1), s3_server,
-                       worker_setup=exit_once_after(10, 1, tmp_path / "fault_fired"))
+    res = run_training(
+        "s3://reco-train/labels",
+        runs_uri,
+        "toy",
+        replace(cfg, max_failures=1),
+        s3_server,
+        worker_setup=exit_once_after(10, 1, tmp_path / "fault_fired"),
+    )
     rep = res.report
     assert (tmp_path / "fault_fired").exists() and rep["steps"] == 12
     assert [a["start_step"] for a in rep["attempts"]] == [0, 8]
@@ -432,14 +527,20 @@ def test_cli_train_with_relative_paths_and_its_job_report(ray_local, tmp_path, m
 
     write_pseudo_labels(tmp_path, n=6)
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "t.yaml").write_text(yaml.safe_dump({"train": {**TOY, "num_workers": 1, "iterations": 4,
-                                                               "checkpoint_every": 2}}))
+    (tmp_path / "t.yaml").write_text(
+        yaml.safe_dump({"train": {**TOY, "num_workers": 1, "iterations": 4, "checkpoint_every": 2}})
+    )
     assert main(["train", "labels_out", "--name", "rel", "--storage", "runs", "--config", "t.yaml"]) == 0
     rep = json.loads((tmp_path / "runs" / "rel" / "train_report.json").read_text())
     assert rep["steps"] == 4 and rep["labels"] == str(tmp_path / "labels_out")
     job = json.loads((tmp_path / "runs" / "rel" / "job_report.json").read_text())
-    assert job["job"] == "train" and job["inputs"] == {"seen": 4, "processed": 4, "already_done": 0, "skipped": 0,
-                                                       "failed_transient": 0}
+    assert job["job"] == "train" and job["inputs"] == {
+        "seen": 4,
+        "processed": 4,
+        "already_done": 0,
+        "skipped": 0,
+        "failed_transient": 0,
+    }
 
 
 # -- bad inputs: one line, exit 2, before Ray -----------------------------------------------------
@@ -464,12 +565,18 @@ def test_bad_train_inputs_are_one_line_errors_before_ray(tmp_path, toy_labels, c
         assert all(w in errors[0] for w in words), (args, errors[0])
 
     # numbers: NaN, infinities and out-of-range values (flags and YAML)
-    for flag, value, word in [("--cpus-per-worker", "nan", "cpus_per_worker"), ("--cpus-per-worker", "inf", "finite"),
-                              ("--confidence-threshold", "nan", "confidence_threshold"),
-                              ("--confidence-threshold", "-inf", "confidence_threshold"),
-                              ("--iterations", "0", "iterations"), ("--batch-size", "-4", "batch_size"),
-                              ("--num-workers", "0", "num_workers"), ("--max-failures", "-2", "max_failures"),
-                              ("--checkpoint-every", "0", "checkpoint_every"), ("--loader-workers", "-1", "loader_workers")]:
+    for flag, value, word in [
+        ("--cpus-per-worker", "nan", "cpus_per_worker"),
+        ("--cpus-per-worker", "inf", "finite"),
+        ("--confidence-threshold", "nan", "confidence_threshold"),
+        ("--confidence-threshold", "-inf", "confidence_threshold"),
+        ("--iterations", "0", "iterations"),
+        ("--batch-size", "-4", "batch_size"),
+        ("--num-workers", "0", "num_workers"),
+        ("--max-failures", "-2", "max_failures"),
+        ("--checkpoint-every", "0", "checkpoint_every"),
+        ("--loader-workers", "-1", "loader_workers"),
+    ]:
         refused(base + [f"{flag}={value}"], word)
     for yaml_value in (".inf", ".nan", "-.inf"):
         (tmp_path / "t.yaml").write_text(f"train:\n  lr_head: {yaml_value}\n")
@@ -492,7 +599,10 @@ def test_bad_train_inputs_are_one_line_errors_before_ray(tmp_path, toy_labels, c
     from reco.segmodel import SegModelSpec, build_model
 
     def weights(encoder, path, poison=False):
-        state = {k: v.clone().contiguous() for k, v in build_model(SegModelSpec(encoder, 3, 16, 16)).encoder.state_dict().items()}
+        state = {
+            k: v.clone().contiguous()
+            for k, v in build_model(SegModelSpec(encoder, 3, 16, 16)).encoder.state_dict().items()
+        }
         if poison:
             k = next(k for k, v in state.items() if v.is_floating_point())
             state[k][...] = float("nan")
@@ -501,8 +611,9 @@ def test_bad_train_inputs_are_one_line_errors_before_ray(tmp_path, toy_labels, c
 
     small = ["train", str(toy_labels), "--name", "w", "--storage", str(runs), "--encoder", TOY["encoder"]]
     refused(small + ["--encoder-weights", weights("resnet18", tmp_path / "r18.safetensors")], "does not fit")
-    refused(small + ["--encoder-weights", weights(TOY["encoder"], tmp_path / "nan.safetensors", poison=True)],
-            "NaN/Inf")
+    refused(
+        small + ["--encoder-weights", weights(TOY["encoder"], tmp_path / "nan.safetensors", poison=True)], "NaN/Inf"
+    )
     assert ray.is_initialized() == ray_was_up
     # --help names the default it uses (configs/cluster.yaml), which a job then accepts
     with pytest.raises(SystemExit):
@@ -525,6 +636,7 @@ def test_a_label_set_with_every_image_skipped_exits_2_every_time(tmp_path):
     import sys
 
     from conftest import REPO
+
     from jobs.cli import main
 
     labels = write_pseudo_labels(tmp_path, skipped_only=True)
@@ -532,6 +644,8 @@ def test_a_label_set_with_every_image_skipped_exits_2_every_time(tmp_path):
     assert not (tmp_path / "runs").exists()
     code = f"import torch\nfrom cluster.pseudo_label import committed_rows\nassert len(committed_rows({str(labels)!r})) == 1"
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    codes = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=120).returncode
-             for _ in range(6)]
+    codes = [
+        subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=120).returncode
+        for _ in range(6)
+    ]
     assert codes == [0] * 6, codes

@@ -2,6 +2,7 @@
 checkpoints reported and skipped (fall back to the newest intact one, or one clear error), and a
 NaN loss that stops training instead of exporting. Checkpoints are made by the real loop
 (`run_local`, and Ray Train for the end-to-end cases) on the toy pseudo-labels of test_train."""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_train import TOY, write_pseudo_labels
 
 TINY = dict(TOY, num_workers=1, cpus_per_worker=1, iterations=4, checkpoint_every=2, log_every=1)
@@ -55,7 +55,7 @@ def _random_tensor_bytes(folder: Path, name: str = "model.safetensors") -> None:
     raw = bytearray((folder / name).read_bytes())
     n = struct.unpack("<Q", raw[:8])[0]
     body = os.urandom(len(raw) - 8 - n)  # the header stays intact: the file still loads
-    (folder / name).write_bytes(bytes(raw[:8 + n]) + body)
+    (folder / name).write_bytes(bytes(raw[: 8 + n]) + body)
 
 
 def _truncate(folder: Path) -> None:
@@ -102,8 +102,13 @@ def test_intact_checkpoint_verifies_and_carries_a_digest_of_every_file(local_run
     state = verify_checkpoint(str(ck))
     assert state["step"] == 4
     digest = json.loads((ck / "digest_rank0.json").read_text())["files"]
-    assert set(digest) == {"model.safetensors", "optimizer.safetensors", "optimizer.json", "state.json",
-                           "rng_rank0.json"}
+    assert set(digest) == {
+        "model.safetensors",
+        "optimizer.safetensors",
+        "optimizer.json",
+        "state.json",
+        "rng_rank0.json",
+    }
     assert all(digest[n] == file_sha256(ck / n) for n in digest)
 
 
@@ -169,8 +174,9 @@ def test_nan_loss_stops_the_local_loop(labels, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_damaged_latest_checkpoint_on_ray_falls_back_and_ends_where_an_intact_run_ends(ray_local, labels, tmp_path,
-                                                                                       caplog):
+def test_damaged_latest_checkpoint_on_ray_falls_back_and_ends_where_an_intact_run_ends(
+    ray_local, labels, tmp_path, caplog
+):
     from safetensors.torch import load_file
 
     from cluster.train import run_training

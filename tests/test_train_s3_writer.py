@@ -2,25 +2,27 @@
 (index.output.ResumableOutput): a second writer is refused with one line naming the holder,
 before Ray starts and before anything of the run is touched, and `--overwrite` of a run of another
 configuration happens under that lock. Before, train runs on S3 were written unlocked."""
+
 import json
 import logging
 import secrets
 
 import pytest
 import yaml
-
 from conftest import make_bucket
+from test_train import TOY, write_pseudo_labels
+
 from index import storage
 from index.lock import writer_lock
 from index.output import ResumableOutput
-from test_train import TOY, write_pseudo_labels
 
 BUCKET = "reco-train-writer"
 
 
 @pytest.mark.slow
-def test_train_on_s3_refuses_a_second_writer_and_overwrites_under_the_lock(ray_local, s3_server, tmp_path, caplog,
-                                                                           monkeypatch):
+def test_train_on_s3_refuses_a_second_writer_and_overwrites_under_the_lock(
+    ray_local, s3_server, tmp_path, caplog, monkeypatch
+):
     import cluster.runtime
     from jobs.cli import main
 
@@ -32,13 +34,25 @@ def test_train_on_s3_refuses_a_second_writer_and_overwrites_under_the_lock(ray_l
     runs = f"s3://{BUCKET}/{secrets.token_hex(4)}/runs"
     run, opts = f"{runs}/r", dict(s3_server)
     labels = write_pseudo_labels(tmp_path, n=4)
-    (tmp_path / "t.yaml").write_text(yaml.safe_dump({"train": {**TOY, "num_workers": 1, "iterations": 2,
-                                                               "checkpoint_every": 2, "log_every": 1}}))
-    args = ["train", str(labels), "--name", "r", "--storage", runs, "--config", str(tmp_path / "t.yaml"),
-            "--storage-options", json.dumps(s3_server)]
+    (tmp_path / "t.yaml").write_text(
+        yaml.safe_dump({"train": {**TOY, "num_workers": 1, "iterations": 2, "checkpoint_every": 2, "log_every": 1}})
+    )
+    args = [
+        "train",
+        str(labels),
+        "--name",
+        "r",
+        "--storage",
+        runs,
+        "--config",
+        str(tmp_path / "t.yaml"),
+        "--storage-options",
+        json.dumps(s3_server),
+    ]
     # an earlier run of another configuration: its settings and a checkpoint
     with ResumableOutput(run, "train", "train_settings.json", storage_options=opts).open(
-            {"train": {"lr_head": 1.0}, "data_digest": "older", "encoder_weights_sha256": None}):
+        {"train": {"lr_head": 1.0}, "data_digest": "older", "encoder_weights_sha256": None}
+    ):
         pass
     old_ckpt = f"{run}/checkpoint_00000002/state.json"
     storage.write_bytes(old_ckpt, b'{"step": 2}', opts)

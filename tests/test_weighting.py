@@ -7,9 +7,9 @@ from reco.weighting import context_weights, language_weights
 def test_language_weights_follow_text_similarity():
     text = torch.tensor([1.0, 0.0, 0.0])
     dense = torch.zeros(2, 3, 2, 2)
-    dense[:, 0, 0, 0] = 1.0          # token (0,0) is the concept
-    dense[:, 1, 0, 1] = 1.0          # token (0,1) is orthogonal
-    dense[:, 0, 1, :] = -1.0         # row 1 is the opposite
+    dense[:, 0, 0, 0] = 1.0  # token (0,0) is the concept
+    dense[:, 1, 0, 1] = 1.0  # token (0,1) is orthogonal
+    dense[:, 0, 1, :] = -1.0  # row 1 is the opposite
     w = language_weights(dense, text, (2, 2), temperature=10.0)
     assert w.shape == (2, 2, 2)
     assert torch.allclose(w[:, 0, 0], torch.sigmoid(torch.tensor(10.0)))
@@ -26,7 +26,7 @@ def test_context_weights_suppress_context_tokens():
     sky = F.normalize(torch.tensor([0.0, 1.0, 0.0, 0.0]), dim=0)
     feats = torch.zeros(1, 4, 1, 2)
     feats[0, :, 0, 0] = torch.tensor([1.0, 0.0, 0.0, 0.0])  # object token
-    feats[0, :, 0, 1] = sky                                 # sky token
+    feats[0, :, 0, 1] = sky  # sky token
     w = context_weights(feats, sky[None])
     assert w[0, 0, 1] < w[0, 0, 0]
     assert torch.allclose(w[0, 0, 0], 1 - torch.sigmoid(torch.tensor(0.0)))

@@ -8,6 +8,7 @@ whatever the address, and offers no way to choose. When every node of the Ray cl
 their own sockets on the loopback interface (``GLOO_SOCKET_IFNAME`` / ``NCCL_SOCKET_IFNAME``).
 On any other cluster Ray Train's own set-up is used as it is.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -53,11 +54,12 @@ def torch_config(use_gpu: bool, loopback: bool):
         return TorchConfig(backend=backend)
     try:
         from ray.train._internal.worker_group import WorkerGroup as V1WorkerGroup
-        from ray.train.torch.config import _set_torch_distributed_env_vars, _setup_torch_process_group, \
-            _TorchBackend
+        from ray.train.torch.config import _set_torch_distributed_env_vars, _setup_torch_process_group, _TorchBackend
     except ImportError:  # pragma: no cover - Ray moved its internals
-        logger.warning("this Ray version cannot keep the torch process group on loopback: its rendezvous "
-                       "server listens on all interfaces")
+        logger.warning(
+            "this Ray version cannot keep the torch process group on loopback: its rendezvous "
+            "server listens on all interfaces"
+        )
         return TorchConfig(backend=backend)
 
     class LoopbackTorchBackend(_TorchBackend):
@@ -70,10 +72,20 @@ def torch_config(use_gpu: bool, loopback: bool):
             worker_group.execute(_pin_sockets, loopback_interface())
             if not isinstance(worker_group, V1WorkerGroup):
                 worker_group.execute(_set_torch_distributed_env_vars)
-            ray.get([worker_group.execute_single_async(
-                i, _setup_torch_process_group, backend=backend_config.backend, world_rank=i,
-                world_size=len(worker_group), init_method=f"file://{self.store_path}",
-                timeout_s=backend_config.timeout_s) for i in range(len(worker_group))])
+            ray.get(
+                [
+                    worker_group.execute_single_async(
+                        i,
+                        _setup_torch_process_group,
+                        backend=backend_config.backend,
+                        world_rank=i,
+                        world_size=len(worker_group),
+                        init_method=f"file://{self.store_path}",
+                        timeout_s=backend_config.timeout_s,
+                    )
+                    for i in range(len(worker_group))
+                ]
+            )
 
         def on_shutdown(self, worker_group, backend_config) -> None:
             super().on_shutdown(worker_group, backend_config)

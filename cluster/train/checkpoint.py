@@ -12,6 +12,7 @@ A checkpoint folder (``RUN/checkpoint_<step:08d>``)::
 must write exist, ``state.json`` parses and names a step, every digest of every rank that wrote
 the checkpoint matches the bytes, and every floating tensor of the model and optimiser is finite.
 """
+
 from __future__ import annotations
 
 import base64
@@ -70,8 +71,10 @@ def _optimizer_from_files(tensors: Mapping[str, torch.Tensor], meta: Mapping[str
 
 
 def _rng_state() -> Dict[str, Any]:
-    st = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
-          "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
+    st = {
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
     if torch.cuda.is_available():
         st["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode() for s in torch.cuda.get_rng_state_all()]
     return st
@@ -83,8 +86,9 @@ def _set_rng_state(st: Mapping[str, Any]) -> None:
     if py:
         random.setstate((py[0], tuple(py[1]), py[2]))
     if st.get("cuda") and torch.cuda.is_available() and len(st["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
-                                      for s in st["cuda"]])
+        torch.cuda.set_rng_state_all(
+            [torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8) for s in st["cuda"]]
+        )
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -101,8 +105,11 @@ def write_checkpoint(folder: str, rank: int, model: torch.nn.Module, opt, sched,
     written = []
     if rank == 0:
         meta = {"config_hash": str(state["config_hash"]), "step": str(state["step"])}
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                  os.path.join(folder, "model.safetensors"), metadata=meta)
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+            os.path.join(folder, "model.safetensors"),
+            metadata=meta,
+        )
         tensors, ometa = _optimizer_to_files(opt)
         save_file(tensors, os.path.join(folder, "optimizer.safetensors"), metadata=meta)
         _write_json(os.path.join(folder, "optimizer.json"), ometa)
@@ -110,8 +117,10 @@ def write_checkpoint(folder: str, rank: int, model: torch.nn.Module, opt, sched,
         written += list(RANK0_FILES)
     _write_json(os.path.join(folder, f"rng_rank{rank}.json"), _rng_state())
     written.append(f"rng_rank{rank}.json")
-    _write_json(os.path.join(folder, DIGEST.format(rank)),
-                {"step": int(state["step"]), "files": {n: _sha256(os.path.join(folder, n)) for n in written}})
+    _write_json(
+        os.path.join(folder, DIGEST.format(rank)),
+        {"step": int(state["step"]), "files": {n: _sha256(os.path.join(folder, n)) for n in written}},
+    )
 
 
 def read_checkpoint_state(folder: str) -> Dict[str, Any]:
@@ -170,7 +179,11 @@ def verify_checkpoint(folder: str) -> Dict[str, Any]:
             if _sha256(p) != want:
                 raise CheckpointDamaged(f"{n} was altered since it was written (sha256 differs from the digest)")
     state = read_checkpoint_state(folder)
-    lacking = [r for r in range(int(state.get("world_size") or 1)) if not os.path.isfile(os.path.join(folder, DIGEST.format(r)))]
+    lacking = [
+        r
+        for r in range(int(state.get("world_size") or 1))
+        if not os.path.isfile(os.path.join(folder, DIGEST.format(r)))
+    ]
     if lacking:
         raise CheckpointDamaged(f"the digest of rank(s) {lacking} is missing")
     try:
@@ -189,8 +202,10 @@ def restore_checkpoint(folder: str, rank: int, model: torch.nn.Module, opt, sche
     returns its state. A checkpoint of another configuration raises :class:`ConfigError`."""
     state = read_checkpoint_state(folder)
     if state.get("config_hash") != want_hash:
-        raise ConfigError(f"checkpoint {folder} was written by configuration {state.get('config_hash')}, "
-                          f"this run is {want_hash}: refusing to resume from it")
+        raise ConfigError(
+            f"checkpoint {folder} was written by configuration {state.get('config_hash')}, "
+            f"this run is {want_hash}: refusing to resume from it"
+        )
     model.load_state_dict(_load_tensors(folder, "model.safetensors"), strict=True)
     with open(os.path.join(folder, "optimizer.json")) as f:
         ometa = json.load(f)
@@ -213,8 +228,16 @@ def checkpoint_segmodel(folder: str, device: str = "cpu"):
     spec = SegModelSpec(**state["spec"])
     model = build_model(spec)
     model.load_state_dict(_load_tensors(folder, "model.safetensors"), strict=True)
-    return SegModel(model, spec, state["classes"], state["base_size"], state["mean"], state["std"],
-                    {"config_hash": state["config_hash"], "step": state["step"]}, device)
+    return SegModel(
+        model,
+        spec,
+        state["classes"],
+        state["base_size"],
+        state["mean"],
+        state["std"],
+        {"config_hash": state["config_hash"], "step": state["step"]},
+        device,
+    )
 
 
 # -- the checkpoints of a run on its storage URI --------------------------------------------------
@@ -228,8 +251,11 @@ def list_checkpoints(run_uri: str, storage_options=None) -> List[Tuple[int, str]
         fs, path = filesystem(run_uri, storage_options)
         fs.invalidate_cache(path)
         try:
-            names = [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(path, detail=True)
-                     if e.get("type") == "directory"]
+            names = [
+                e["name"].rstrip("/").rsplit("/", 1)[-1]
+                for e in fs.ls(path, detail=True)
+                if e.get("type") == "directory"
+            ]
         except FileNotFoundError:
             names = []
     else:
@@ -283,5 +309,6 @@ def survey(run_uri: str, storage_options=None) -> Tuple[Optional[str], List[Tupl
         raise NoIntactCheckpoint(
             f"run {run_uri} cannot be resumed: none of its {len(damaged)} checkpoint(s) is intact "
             f"({'; '.join(f'{n}: {p}' for n, p in damaged[:3])}); start afresh with another --name "
-            "(or remove the run folder)")
+            "(or remove the run folder)"
+        )
     return None, damaged

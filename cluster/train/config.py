@@ -1,5 +1,6 @@
 """`reco train` settings: :class:`TrainConfig` (the recipe, YAML ``train:``), the config hash,
 and :class:`LoopConfig` (what the driver hands every training loop)."""
+
 from __future__ import annotations
 
 import math
@@ -85,23 +86,34 @@ class TrainConfig:
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         need(self.lr_head > 0 and self.lr_encoder >= 0, "lr_head must be > 0 and lr_encoder >= 0")
         need(self.weight_decay >= 0 and self.poly_power >= 0, "weight_decay and poly_power must be >= 0")
-        need(self.crop_size >= 16 and self.crop_size % 16 == 0, f"crop_size must be a multiple of 16, got {self.crop_size}")
+        need(
+            self.crop_size >= 16 and self.crop_size % 16 == 0,
+            f"crop_size must be a multiple of 16, got {self.crop_size}",
+        )
         need(self.base_size >= 16, f"base_size must be >= 16, got {self.base_size}")
-        need(0 < self.scale_min <= self.scale_max, f"need 0 < scale_min <= scale_max, got {self.scale_min}, {self.scale_max}")
+        need(
+            0 < self.scale_min <= self.scale_max,
+            f"need 0 < scale_min <= scale_max, got {self.scale_min}, {self.scale_max}",
+        )
         for name in ("jitter_prob", "blur_prob", "jitter_hue"):
             need(0 <= getattr(self, name) <= 1, f"{name} must lie in [0, 1], got {getattr(self, name)}")
         for name in ("jitter_brightness", "jitter_contrast", "jitter_saturation"):
             need(0 <= getattr(self, name) < 1, f"{name} must lie in [0, 1), got {getattr(self, name)}")
         need(0 < self.blur_sigma_min <= self.blur_sigma_max, "need 0 < blur_sigma_min <= blur_sigma_max")
         if self.confidence_threshold is not None:
-            need(0 <= self.confidence_threshold <= 1, f"confidence_threshold must lie in [0, 1], got {self.confidence_threshold}")
+            need(
+                0 <= self.confidence_threshold <= 1,
+                f"confidence_threshold must lie in [0, 1], got {self.confidence_threshold}",
+            )
         need(self.selection in SELECTIONS, f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         need(0 < self.holdout_fraction < 1, f"holdout_fraction must lie in (0, 1), got {self.holdout_fraction}")
         need(self.checkpoint_every >= 1 and self.log_every >= 1, "checkpoint_every and log_every must be >= 1")
         need(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         need(self.num_workers >= 1, f"num_workers must be >= 1, got {self.num_workers}")
-        need(self.batch_size % self.num_workers == 0,
-             f"batch_size ({self.batch_size}, global) must be divisible by num_workers ({self.num_workers})")
+        need(
+            self.batch_size % self.num_workers == 0,
+            f"batch_size ({self.batch_size}, global) must be divisible by num_workers ({self.num_workers})",
+        )
         need(self.cpus_per_worker > 0, f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
         need(self.loader_workers >= 0, "loader_workers must be >= 0")
         need(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
@@ -114,8 +126,19 @@ class TrainConfig:
 
 
 #: fields that do not change what is learned (or only its speed) and may differ on a resume
-OPERATIONAL = frozenset({"checkpoint_every", "keep_checkpoints", "log_every", "num_workers", "use_gpu",
-                         "cpus_per_worker", "loader_workers", "precision", "max_failures"})
+OPERATIONAL = frozenset(
+    {
+        "checkpoint_every",
+        "keep_checkpoints",
+        "log_every",
+        "num_workers",
+        "use_gpu",
+        "cpus_per_worker",
+        "loader_workers",
+        "precision",
+        "max_failures",
+    }
+)
 
 
 def load_train_config(data: Optional[Mapping[str, Any]] = None, **overrides: Any) -> TrainConfig:
@@ -126,8 +149,6 @@ def load_train_config(data: Optional[Mapping[str, Any]] = None, **overrides: Any
     if unknown:
         raise ConfigError(f"unknown train setting(s) {sorted(unknown)}")
     return replace(cfg, **extra) if extra else cfg
-
-
 
 
 def config_hash(cfg: TrainConfig, data_digest: str, weights_sha256: Optional[str]) -> Tuple[str, Dict[str, Any]]:

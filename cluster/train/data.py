@@ -7,6 +7,7 @@ Every worker reads the manifest itself (storage URI rule) and draws its batches 
 num_workers)``; the augmentation of position ``p`` is seeded by ``(seed, p)``. A run resumed from
 step ``s`` therefore sees exactly the batches an uninterrupted run sees from step ``s`` on.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,6 +25,7 @@ from reco.errors import ConfigError
 from .config import IGNORE, TrainConfig
 
 logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class Sample:
@@ -44,15 +46,16 @@ class PseudoLabels:
 def read_pseudo_labels(labels_uri: str, storage_options: Optional[Mapping[str, Any]] = None) -> PseudoLabels:
     """The usable rows of a ``reco pseudo-label`` output. ``FileNotFoundError`` when it is not one
     (no ``pseudo_label.json`` or no manifest), :class:`ConfigError` when no row is usable."""
+    from cluster.pseudo_label import MANIFEST_DIR, committed_rows
+    from cluster.pseudo_label import SETTINGS_FILE as PL_SETTINGS
     from index.storage import join, read_bytes
-
-    from cluster.pseudo_label import MANIFEST_DIR, SETTINGS_FILE as PL_SETTINGS, committed_rows
 
     try:
         settings = json.loads(read_bytes(join(labels_uri, PL_SETTINGS), storage_options))
     except FileNotFoundError:
-        raise FileNotFoundError(f"{labels_uri} is not a pseudo-label output (no {PL_SETTINGS}): "
-                                "run `reco pseudo-label` first") from None
+        raise FileNotFoundError(
+            f"{labels_uri} is not a pseudo-label output (no {PL_SETTINGS}): run `reco pseudo-label` first"
+        ) from None
     classes = tuple(settings.get("classes") or ())
     if not classes:
         raise ConfigError(f"{join(labels_uri, PL_SETTINGS)} names no classes")
@@ -63,10 +66,13 @@ def read_pseudo_labels(labels_uri: str, storage_options: Optional[Mapping[str, A
     for r in sorted(rows, key=lambda r: str(r["id"])):
         if r.get("status") == "ok" and r.get("label") and str(r["id"]) not in seen:
             conf = r.get("confidence") or ""
-            seen[str(r["id"])] = Sample(str(r["id"]), str(r["uri"]), join(labels_uri, r["label"]),
-                                        join(labels_uri, conf) if conf else "")
+            seen[str(r["id"])] = Sample(
+                str(r["id"]), str(r["uri"]), join(labels_uri, r["label"]), join(labels_uri, conf) if conf else ""
+            )
     if not seen:
-        raise ConfigError(f"the manifest of {labels_uri} has {len(rows)} rows but none with status ok: nothing to train on")
+        raise ConfigError(
+            f"the manifest of {labels_uri} has {len(rows)} rows but none with status ok: nothing to train on"
+        )
     samples = tuple(seen.values())
     # classes, the labelling configuration (a relabelled --overwrite output keeps its file names) and the rows
     h = hashlib.sha256(json.dumps([list(classes), settings.get("config_hash")]).encode())
@@ -88,7 +94,6 @@ def split_holdout(samples: Sequence[Sample], cfg: TrainConfig) -> Tuple[List[Sam
     return [s for s in samples if s.id not in held], [s for s in samples if s.id in held]
 
 
-
 def load_sample(sample: Sample, storage_options=None):
     """(RGB PIL image, (H, W) int64 ids, (H, W) uint8 confidence or None)."""
     from PIL import Image
@@ -107,8 +112,7 @@ def load_sample(sample: Sample, storage_options=None):
     return img, lab, conf
 
 
-def target_ids(lab: np.ndarray, conf: Optional[np.ndarray], num_classes: int,
-               threshold: Optional[float]) -> np.ndarray:
+def target_ids(lab: np.ndarray, conf: Optional[np.ndarray], num_classes: int, threshold: Optional[float]) -> np.ndarray:
     """Label ids with ignore (id >= num_classes, e.g. 255; confidence < threshold) set to IGNORE."""
     y = lab.astype(np.int64)
     y[(y < 0) | (y >= num_classes)] = IGNORE
@@ -130,7 +134,9 @@ def _jitter(img, cfg: TrainConfig, rng: np.random.Generator):
 
     for op in rng.permutation(4):
         if op == 0 and cfg.jitter_brightness:
-            img = ImageEnhance.Brightness(img).enhance(rng.uniform(1 - cfg.jitter_brightness, 1 + cfg.jitter_brightness))
+            img = ImageEnhance.Brightness(img).enhance(
+                rng.uniform(1 - cfg.jitter_brightness, 1 + cfg.jitter_brightness)
+            )
         elif op == 1 and cfg.jitter_contrast:
             img = ImageEnhance.Contrast(img).enhance(rng.uniform(1 - cfg.jitter_contrast, 1 + cfg.jitter_contrast))
         elif op == 2 and cfg.jitter_saturation:
@@ -143,8 +149,9 @@ def _jitter(img, cfg: TrainConfig, rng: np.random.Generator):
     return img
 
 
-def augment(img, y: np.ndarray, cfg: TrainConfig, rng: np.random.Generator,
-            mean: Sequence[float], std: Sequence[float]) -> Tuple[torch.Tensor, torch.Tensor]:
+def augment(
+    img, y: np.ndarray, cfg: TrainConfig, rng: np.random.Generator, mean: Sequence[float], std: Sequence[float]
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """One training crop: shorter side to ``base_size`` x U(scale_min, scale_max), pad (ignore)
     to the crop, random crop, h-flip, colour jitter, Gaussian blur, normalise."""
     from PIL import Image, ImageFilter
@@ -166,7 +173,7 @@ def augment(img, y: np.ndarray, cfg: TrainConfig, rng: np.random.Generator,
         y = np.pad(y, ((0, ph), (0, pw)), constant_values=IGNORE)
     top = int(rng.integers(0, arr.shape[0] - c + 1))
     left = int(rng.integers(0, arr.shape[1] - c + 1))
-    arr, y = arr[top:top + c, left:left + c], y[top:top + c, left:left + c]
+    arr, y = arr[top : top + c, left : left + c], y[top : top + c, left : left + c]
     if cfg.hflip and rng.random() < 0.5:
         arr, y = arr[:, ::-1], y[:, ::-1]
     img = Image.fromarray(np.ascontiguousarray(arr))
@@ -182,8 +189,15 @@ def augment(img, y: np.ndarray, cfg: TrainConfig, rng: np.random.Generator,
 class PseudoLabelDataset(torch.utils.data.Dataset):
     """Map-style dataset keyed by ``(index, position)`` (see :class:`StepSampler`)."""
 
-    def __init__(self, samples: Sequence[Sample], cfg: TrainConfig, num_classes: int, storage_options=None,
-                 mean: Sequence[float] = (0.485, 0.456, 0.406), std: Sequence[float] = (0.229, 0.224, 0.225)):
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        cfg: TrainConfig,
+        num_classes: int,
+        storage_options=None,
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+    ):
         self.samples, self.cfg, self.num_classes = list(samples), cfg, num_classes
         self.storage_options = dict(storage_options or {})
         self.mean, self.std = tuple(mean), tuple(std)
@@ -203,7 +217,9 @@ class PseudoLabelDataset(torch.utils.data.Dataset):
             except ConfigError:
                 raise
             except Exception as exc:  # noqa: BLE001 - bad or vanished input
-                logger.warning("training sample %s unusable (%s: %s); using the next one", s.id, type(exc).__name__, exc)
+                logger.warning(
+                    "training sample %s unusable (%s: %s); using the next one", s.id, type(exc).__name__, exc
+                )
                 last = exc
         else:
             raise RuntimeError(f"4 consecutive training samples from {index} are unusable: {last}")
@@ -216,8 +232,9 @@ class StepSampler(torch.utils.data.Sampler):
     ``[start_step, end_step)``: position ``p = step * global_batch + j``; rank ``r`` takes
     ``j`` in ``[r * b, (r + 1) * b)``; index = epoch ``p // n``'s seeded permutation at ``p % n``."""
 
-    def __init__(self, n: int, global_batch: int, rank: int, world_size: int, start_step: int, end_step: int,
-                 seed: int):
+    def __init__(
+        self, n: int, global_batch: int, rank: int, world_size: int, start_step: int, end_step: int, seed: int
+    ):
         if n < 1:
             raise ConfigError("no training images")
         self.n, self.B, self.rank, self.world = n, global_batch, rank, world_size
@@ -242,5 +259,3 @@ class StepSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return max(0, self.end - self.start) * self.b
-
-

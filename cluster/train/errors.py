@@ -1,4 +1,5 @@
 """The errors of `reco train` (all :class:`reco.errors.ReCoError`: one line and exit 2 at the CLI)."""
+
 from __future__ import annotations
 
 from reco.errors import ConfigError, ReCoError

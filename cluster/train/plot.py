@@ -1,9 +1,11 @@
 """The loss / learning-rate curve of a run as a PNG (PIL: matplotlib is not a dependency)."""
+
 from __future__ import annotations
 
 import io
 import math
 from typing import Any, Mapping, Sequence, Tuple
+
 
 def render_curve(history: Sequence[Mapping[str, Any]], title: str = "training") -> bytes:
     """PNG bytes: loss over steps (top) and both learning rates over steps (bottom, log scale)."""
@@ -15,9 +17,21 @@ def render_curve(history: Sequence[Mapping[str, Any]], title: str = "training") 
     font = ImageFont.load_default()
     draw.text((L, 12), title, fill="black", font=font)
     steps = [float(h["step"]) for h in history]
-    panels = [("loss (mean over the log window, all workers)", [("loss", [h["loss"] for h in history], (31, 119, 180))], False),
-              ("learning rate (log scale)", [("head", [h["lr_head"] for h in history], (214, 39, 40)),
-                                             ("encoder", [h["lr_encoder"] for h in history], (44, 160, 44))], True)]
+    panels = [
+        (
+            "loss (mean over the log window, all workers)",
+            [("loss", [h["loss"] for h in history], (31, 119, 180))],
+            False,
+        ),
+        (
+            "learning rate (log scale)",
+            [
+                ("head", [h["lr_head"] for h in history], (214, 39, 40)),
+                ("encoder", [h["lr_encoder"] for h in history], (44, 160, 44)),
+            ],
+            True,
+        ),
+    ]
     for i, (label, series, logy) in enumerate(panels):
         top = T + i * (ph + gap)
         box = (L, top, W - R, top + ph)
@@ -47,9 +61,9 @@ def render_curve(history: Sequence[Mapping[str, Any]], title: str = "training") 
             yv = lo + (hi - lo) * k / 4
             yy = top + ph - ph * k / 4
             draw.line((L - 4, yy, L, yy), fill="black")
-            draw.text((4, yy - 6), f"{(10 ** yv if logy else yv):.3g}", fill="black", font=font)
+            draw.text((4, yy - 6), f"{(10**yv if logy else yv):.3g}", fill="black", font=font)
             xv = round(x0 + (x1 - x0) * k / 4)  # integer steps, drawn where they are
-            xx = px(xv, hi if not logy else 10 ** hi)[0]
+            xx = px(xv, hi if not logy else 10**hi)[0]
             draw.line((xx, top + ph, xx, top + ph + 4), fill="black")
             draw.text((xx - 12, top + ph + 6), f"{xv:d}", fill="black", font=font)
         for j, (name, ys, colour) in enumerate(series):

@@ -1,5 +1,6 @@
 """Where a training loop runs: a Ray Train worker (:class:`RaySession`) or this process
 (:class:`LocalSession`, no Ray and no DDP: benchmarks and tools)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -11,6 +12,7 @@ from typing import Any, Dict
 import torch
 
 from .config import CKPT_PREFIX, TrainConfig
+
 
 class RaySession:
     """Ray Train V2 worker context."""
@@ -89,8 +91,15 @@ class LocalSession:
         return loader
 
     def get_checkpoint(self):
-        names = sorted(n for n in os.listdir(self.run_dir) if n.startswith(CKPT_PREFIX)
-                       and os.path.isdir(os.path.join(self.run_dir, n))) if os.path.isdir(self.run_dir) else []
+        names = (
+            sorted(
+                n
+                for n in os.listdir(self.run_dir)
+                if n.startswith(CKPT_PREFIX) and os.path.isdir(os.path.join(self.run_dir, n))
+            )
+            if os.path.isdir(self.run_dir)
+            else []
+        )
         return LocalCheckpoint(os.path.join(self.run_dir, names[-1])) if names else None
 
     def report(self, metrics: Dict[str, Any], folder: str, name: str) -> None:
@@ -105,5 +114,3 @@ class LocalSession:
 
     def broadcast_buffers(self, module: torch.nn.Module) -> None:
         pass
-
-
