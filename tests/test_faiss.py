@@ -341,6 +341,6 @@ def test_build_index_cli_recall_error_and_allow_low_recall(small_store, tmp_path
     assert json.loads((tmp_path / "low" / "index.json").read_text())["report"]["target_met"] is False
     rc, _ = _cli(base + ["--index", str(tmp_path / "ok"), "--factory", "IVF16,Flat"], caplog)
     assert rc == 0
-    line = [r.getMessage() for r in caplog.records if r.name == "jobs.build_index"][-1]
+    line = [r.getMessage() for r in caplog.records if r.name == "cluster.index_job"][-1]
     assert "100 evaluation queries" in line and "tuned on 100 other queries" in line
     assert "ms/query" in line and "queries/s" in line and "single-query latency" in line and "median" in line
