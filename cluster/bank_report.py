@@ -147,7 +147,7 @@ def _heatmaps(bank_uri: str, storage_options) -> Dict[str, np.ndarray]:
     from index.storage import join, list_files, read_bytes
     from reco.bank import safetensors_metadata
 
-    from .bank_job import _HEADER, PARTS_DIR
+    from .bank_parts import _HEADER, PARTS_DIR
 
     out: Dict[str, np.ndarray] = {}
     for part in list_files(join(bank_uri, PARTS_DIR), storage_options, suffix=".safetensors"):

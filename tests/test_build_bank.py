@@ -146,10 +146,11 @@ def _crash_then_rerun(monkeypatch, exemplars, tiny_dense_path, cfg, names, out: 
     """Build-bank on two actors interrupted at the ``crash_at``-th commit, then rerun to the end:
     (the rows committed before the crash, the bank and report of the rerun)."""
     import cluster.bank_job as bj
+    from cluster.bank_parts import committed
     from cluster.config import ActorConfig
 
-    real = bj._commit
-    crash_on_call(monkeypatch, bj, "_commit", crash_at)
+    real = bj.commit_part
+    crash_on_call(monkeypatch, bj, "commit_part", crash_at)
     with pytest.raises(KeyboardInterrupt):
         bj.run_build_bank(
             _tasks(exemplars, names),
@@ -159,8 +160,8 @@ def _crash_then_rerun(monkeypatch, exemplars, tiny_dense_path, cfg, names, out: 
             ActorConfig(num_actors=2, cpus_per_actor=0.5),
             commit_every=commit_every,
         )
-    rows, _, _ = bj.committed(out)
-    monkeypatch.setattr(bj, "_commit", real)
+    rows, _, _ = committed(out)
+    monkeypatch.setattr(bj, "commit_part", real)
     bank, rep = bj.run_build_bank(
         _tasks(exemplars, names),
         _spec(tiny_dense_path),
@@ -208,6 +209,7 @@ def test_crash_then_rerun_builds_every_concept_exactly_once(
     ray_local, exemplars, tiny_dense_path, tmp_path, monkeypatch
 ):
     import cluster.bank_job as bj
+    from cluster.bank_parts import committed
     from reco import BankConfig
 
     cfg = BankConfig(image_size=64, block_size=64, context_elimination=False)
@@ -216,7 +218,7 @@ def test_crash_then_rerun_builds_every_concept_exactly_once(
     rows, bank, rep = _crash_then_rerun(monkeypatch, exemplars, tiny_dense_path, cfg, names, out, 3, commit_every=1)
     assert len(rows) == 2
     assert rep.already_done == 2 and rep.built == 4
-    rows, refs, _ = bj.committed(out)  # raises if any concept were committed twice
+    rows, refs, _ = committed(out)  # raises if any concept were committed twice
     assert sorted(r["name"] for r in rows.values()) == sorted(names)
     assert bank.names == tuple(names)
     with pytest.raises(ConfigError, match="another configuration"):

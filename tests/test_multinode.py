@@ -624,7 +624,7 @@ def test_build_bank_survives_losing_the_worker_node(workers, ray_config, tiny_de
     """`reco build-bank` (a pool of 2 bank actors with max_restarts / max_task_retries) loses both
     actors with their node after its first part is committed; they are recreated on the
     replacement and the concepts in flight are built again; every concept is committed once."""
-    from cluster.bank_job import PARTS_DIR, committed
+    from cluster.bank_parts import PARTS_DIR, committed
     from index.storage import load_bank
 
     names = [f"concept {i:02d}" for i in range(16)]

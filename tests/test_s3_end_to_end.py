@@ -206,7 +206,7 @@ def _png(img) -> bytes:
 def test_corpus_bank_labels_and_training_through_s3_with_faults_retried(
     ray_local, s3, tiny_clip_dir, tiny_dense_path, tmp_path, monkeypatch, capsys
 ):
-    from cluster.bank_job import PARTS_DIR, committed
+    from cluster.bank_parts import PARTS_DIR, committed
     from cluster.pseudo_label import committed_rows
     from index.labels import decode_labels
     from index.sources import list_folder
