@@ -410,23 +410,11 @@ class EvaluateUDF:
         return out
 
 
-def run_on_ray(
-    items: Sequence[EvalItem],
-    bank_bytes: Optional[bytes],
-    encoders,
-    config,
-    spec: DatasetSpec,
-    label_map: Sequence[int],
-    protocol: Protocol,
-    actors,
-    overlays: int = 0,
-    out_uri: Optional[str] = None,
-    storage_options=None,
-    model_bytes: Optional[Tuple[bytes, Optional[bytes]]] = None,
-    model_source: str = "",
-) -> List[Dict[str, Any]]:
+def run_on_ray(items: Sequence[EvalItem], actors, overlays: int = 0, **udf: Any) -> List[Dict[str, Any]]:
     """The Ray Data path (Ray must be running): an actor pool of :class:`EvaluateUDF` (a bank and
-    its encoders, or a trained ReCo+ model given as ``model_bytes``)."""
+    its encoders, or a trained ReCo+ model given as ``model_bytes``). ``udf``: the constructor
+    arguments of :class:`EvaluateUDF` but ``threads``, which ``actors`` sets; the first
+    ``overlays`` items also get an overlay."""
     import ray.data
 
     rows = [
@@ -439,17 +427,10 @@ def run_on_ray(
     ds = ds.map_batches(
         EvaluateUDF,
         fn_constructor_kwargs=dict(
-            bank_bytes=bank_bytes,
-            encoders=encoders,
-            config=config,
-            spec=spec,
-            label_map=list(label_map),
-            protocol=protocol,
-            out_uri=out_uri,
+            udf,
+            label_map=list(udf["label_map"]),
+            storage_options=dict(udf.get("storage_options") or {}),
             threads=actors.torch_threads,
-            storage_options=dict(storage_options or {}),
-            model_bytes=model_bytes,
-            model_source=model_source,
         ),
         batch_size=actors.batch_size,
         batch_format="numpy",

@@ -494,16 +494,16 @@ def _score_model(
         init_ray(cluster.ray)
         rows = run_on_ray(
             eval_items,
-            None,
-            None,
-            None,
-            spec,
-            label_map,
-            protocol,
             actors,
             req.overlays,
-            plus_out,
-            storage,
+            bank_bytes=None,
+            encoders=None,
+            config=None,
+            spec=spec,
+            label_map=label_map,
+            protocol=protocol,
+            out_uri=plus_out,
+            storage_options=storage,
             model_bytes=model.to_bytes(),
             model_source=str(req.model),
         )
@@ -690,5 +690,15 @@ def _score(executor, items, segmenter, bank, encoders, seg_cfg, spec, label_map,
     actors = cluster.segment if not req.actors else replace(cluster.segment, num_actors=req.actors)
     init_ray(cluster.ray)
     return run_on_ray(
-        items, bank.to_bytes(), encoders, seg_cfg, spec, label_map, protocol, actors, req.overlays, out, storage
+        items,
+        actors,
+        req.overlays,
+        bank_bytes=bank.to_bytes(),
+        encoders=encoders,
+        config=seg_cfg,
+        spec=spec,
+        label_map=label_map,
+        protocol=protocol,
+        out_uri=out,
+        storage_options=storage,
     )

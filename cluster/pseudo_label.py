@@ -192,7 +192,7 @@ def run_pseudo_label(
         todo = [it for it in pending if not getattr(it, "problem", "")]
         buffer: List[Dict[str, Any]] = []
         for it in bad_now:  # bad already at listing time (e.g. a name that is not UTF-8)
-            buffer.append(_bad_row(it))
+            buffer.append(skipped_row(it))
             report.report.skip(str(it.id), it.problem)
         model_s = 0.0
         if todo:
@@ -266,7 +266,8 @@ def _py(v: Any) -> Any:
     return v.item() if hasattr(v, "item") else v
 
 
-def _bad_row(it) -> Dict[str, Any]:
+def skipped_row(it) -> Dict[str, Any]:
+    """The manifest row of an item skipped before labelling (``it``: id, uri, problem)."""
     return {
         "id": str(it.id),
         "uri": str(it.uri),

@@ -272,20 +272,16 @@ def default_id(uri: str) -> str:
 def run_segmentation(
     items: Sequence[Mapping[str, str]],
     bank_uri: str,
-    encoders: EncoderSpec,
-    config: SegmenterConfig,
-    label_map: Sequence[int],
-    num_classes: int,
-    ignore_index: Optional[int],
-    out_uri: Optional[str],
-    actors: ActorConfig = ActorConfig(),
+    *args: Any,
     storage_options: Optional[Mapping[str, Any]] = None,
-    write_overlays: bool = True,
+    **options: Any,
 ) -> List[Dict[str, object]]:
     """Segment ``items`` ({id, uri, mask_uri}) with a Ray Data actor pool; one row per image.
 
     ``bank_uri`` is read here, on the driver, and its bytes are shipped to the actors; ``id``
-    (default: the uri's path) names the outputs under ``out_uri``.
+    (default: the uri's path) names the outputs under ``out_uri``. The other arguments are those of
+    :func:`segmentation_dataset` after ``bank_bytes`` (encoders, config, label_map, num_classes,
+    ignore_index, out_uri, actors, ..., write_overlays), passed on as given.
     """
     from index.storage import join, read_bytes
 
@@ -296,17 +292,5 @@ def run_segmentation(
     if len(set(ids)) != len(ids):
         raise ValueError("item ids must be unique (they name the output files)")
     bank_bytes = read_bytes(join(bank_uri, "bank.safetensors"), storage_options)
-    ds = segmentation_dataset(
-        items,
-        bank_bytes,
-        encoders,
-        config,
-        label_map,
-        num_classes,
-        ignore_index,
-        out_uri,
-        actors,
-        storage_options,
-        write_overlays,
-    )
+    ds = segmentation_dataset(items, bank_bytes, *args, storage_options=storage_options, **options)
     return ds.take_all()

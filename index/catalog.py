@@ -75,6 +75,17 @@ def build_index_dir(
     shards = list(store.shards)
     if sum(s.count for s in shards) == 0:
         raise ValueError(f"{root} holds no embeddings: run `reco embed` first")
+    build = dict(
+        factory=factory,
+        memory_budget_bytes=memory_budget_bytes,
+        target_recall=target_recall,
+        num_queries=num_queries,
+        train_size=train_size,
+        seed=seed,
+        allow_low_recall=allow_low_recall,
+        use_gpu=use_gpu,
+        text_queries=text_queries,
+    )
     remote = is_url(str(out_dir))
     if remote:  # FAISS writes local files: build in a staging folder, upload when done
         import shutil
@@ -82,23 +93,7 @@ def build_index_dir(
 
         d = Path(tempfile.mkdtemp(prefix="reco-index-"))
         try:
-            return _build_and_upload(
-                store,
-                root,
-                shards,
-                str(out_dir).rstrip("/"),
-                d,
-                storage_options,
-                factory,
-                memory_budget_bytes,
-                target_recall,
-                allow_low_recall,
-                num_queries,
-                train_size,
-                seed,
-                use_gpu,
-                text_queries,
-            )
+            return _build_and_upload(store, root, shards, str(out_dir).rstrip("/"), d, storage_options, build)
         finally:
             shutil.rmtree(d, ignore_errors=True)
     d = Path(out_dir)
@@ -107,34 +102,31 @@ def build_index_dir(
     # row table first (cheap, and checks every shard's metadata against the manifest)
     tmp_rows = d / (ROWS_FILE + ".tmp")
     try:
-        _write_rows(store, root, shards, tmp_rows)
-        index, report = build_index_from_source(
-            VectorSource.from_store(store, shards),
-            factory,
-            memory_budget_bytes,
-            target_recall,
-            num_queries=num_queries,
-            train_size=train_size,
-            seed=seed,
-            allow_low_recall=allow_low_recall,
-            use_gpu=use_gpu,
-            text_queries=text_queries,
-        )
+        index, report = _rows_and_index(store, root, shards, tmp_rows, build)
     except BaseException:
         tmp_rows.unlink(missing_ok=True)
         raise
     os.replace(tmp_rows, d / ROWS_FILE)
-    save_index(
-        index,
-        report,
-        d,
-        {
-            "store": str(root.resolve()) if isinstance(root, Path) else root,
-            "model": store.manifest()["model"],
-            "store_total": report.n,
-        },
-    )
+    save_index(index, report, d, _index_meta(store, root, report))
     return report
+
+
+def _index_meta(store: EmbeddingStore, root: Any, report: IndexReport) -> Dict[str, Any]:
+    """The store fields of ``index.json``: the store's root, its model and the rows indexed."""
+    return {
+        "store": str(root.resolve()) if isinstance(root, Path) else root,
+        "model": store.manifest()["model"],
+        "store_total": report.n,
+    }
+
+
+def _rows_and_index(
+    store: EmbeddingStore, root: Any, shards, rows: Path, build: Dict[str, Any]
+) -> Tuple[Any, IndexReport]:
+    """Write the row table to ``rows`` (it checks every shard's metadata against the manifest),
+    then build the index over the same shards: ``build`` holds build_index_from_source's options."""
+    _write_rows(store, root, shards, rows)
+    return build_index_from_source(VectorSource.from_store(store, shards), **build)
 
 
 def _write_rows(store: EmbeddingStore, root: Any, shards, path: Path) -> None:
@@ -185,46 +177,21 @@ def _build_and_upload(
     uri: str,
     staging: Path,
     storage_options,
-    factory,
-    memory_budget_bytes,
-    target_recall,
-    allow_low_recall,
-    num_queries,
-    train_size,
-    seed,
-    use_gpu,
-    text_queries=None,
+    build: Dict[str, Any],
 ) -> IndexReport:
     """build_index_dir for an output URL: rows and index built in ``staging``, then uploaded: the
     row table, ``index.faiss``, and ``index.json`` (with both files' sha256) last."""
     from .storage import file_sha256, join, upload_file
 
     rows = staging / ROWS_FILE
-    _write_rows(store, root, shards, rows)
-    index, report = build_index_from_source(
-        VectorSource.from_store(store, shards),
-        factory,
-        memory_budget_bytes,
-        target_recall,
-        num_queries=num_queries,
-        train_size=train_size,
-        seed=seed,
-        allow_low_recall=allow_low_recall,
-        use_gpu=use_gpu,
-        text_queries=text_queries,
-    )
+    index, report = _rows_and_index(store, root, shards, rows, build)
     files = {ROWS_FILE: {"sha256": file_sha256(rows), "bytes": rows.stat().st_size}}
     upload_file(rows, join(uri, ROWS_FILE), storage_options)
     save_index(
         index,
         report,
         uri,
-        {
-            "store": str(Path(root).resolve()) if isinstance(root, Path) else root,
-            "model": store.manifest()["model"],
-            "store_total": report.n,
-            "files": files,
-        },
+        {**_index_meta(store, root, report), "files": files},
         storage_options,
     )
     return report

@@ -256,20 +256,26 @@ _VOC_EXPECTED = (
 )
 
 
+def _voc_pairs(dataset: str, root: _Root, base: str, split: str, list_dir: str, mask_dir: str) -> List[Tuple[str, str]]:
+    """The (image, mask) pairs of a VOC-style tree: ``ImageSets/<list_dir>/<split>.txt`` names
+    ``JPEGImages/<name>.jpg`` and ``<mask_dir>/<name>.png``."""
+    names = _read_list(dataset, root, _under(base, f"ImageSets/{list_dir}"), split)
+    jpg, seg = _under(base, "JPEGImages"), _under(base, mask_dir)
+    return _listed_pairs(
+        dataset,
+        root,
+        names,
+        lambda n: f"{jpg}/{n}.jpg",
+        jpg,
+        lambda img: f"{seg}/{_strip_ext(posixpath.basename(img))}.png",
+        seg,
+    )
+
+
 def _open_voc(root: _Root, split: str) -> _Opened:
     base = _first_base(root, ["", "VOC2012", "VOCdevkit/VOC2012"], "SegmentationClass")
     if base is not None:
-        names = _read_list("voc", root, _under(base, "ImageSets/Segmentation"), split)
-        jpg, seg = _under(base, "JPEGImages"), _under(base, "SegmentationClass")
-        pairs = _listed_pairs(
-            "voc",
-            root,
-            names,
-            lambda n: f"{jpg}/{n}.jpg",
-            jpg,
-            lambda img: f"{seg}/{_strip_ext(posixpath.basename(img))}.png",
-            seg,
-        )
+        pairs = _voc_pairs("voc", root, base, split, "Segmentation", "SegmentationClass")
         return f"VOC2012 ({split})", pairs, None
     if root.isdir("images") and root.isdir("masks"):
         return _open_flat("voc", root, "", split)
@@ -287,17 +293,7 @@ def _open_context(dataset: str) -> Callable[[_Root, str], _Opened]:
                 f"the mmsegmentation PASCAL-Context layout (JPEGImages/, SegmentationClassContext/, "
                 f"ImageSets/SegmentationContext/{split}.txt)",
             )
-        names = _read_list(dataset, root, _under(base, "ImageSets/SegmentationContext"), split)
-        jpg, seg = _under(base, "JPEGImages"), _under(base, "SegmentationClassContext")
-        pairs = _listed_pairs(
-            dataset,
-            root,
-            names,
-            lambda n: f"{jpg}/{n}.jpg",
-            jpg,
-            lambda img: f"{seg}/{_strip_ext(posixpath.basename(img))}.png",
-            seg,
-        )
+        pairs = _voc_pairs(dataset, root, base, split, "SegmentationContext", "SegmentationClassContext")
         return f"PASCAL-Context mmseg ({split})", pairs, None
 
     return opener

@@ -540,31 +540,10 @@ def evaluate_index(
     return index, rep
 
 
-def build_index(
-    embeddings: np.ndarray,
-    factory: Optional[str] = None,
-    memory_budget_bytes: int = 8 << 30,
-    target_recall: float = 0.95,
-    num_queries: int = 1000,
-    train_size: Optional[int] = None,
-    use_gpu: Optional[bool] = None,
-    seed: int = 0,
-    allow_low_recall: bool = False,
-    tune_queries: Optional[int] = None,
-) -> Tuple[Any, IndexReport]:
-    """:func:`build_index_from_source` over an in-memory (N, E) array (no float32 copy if it is one)."""
-    return build_index_from_source(
-        VectorSource.from_array(embeddings),
-        factory,
-        memory_budget_bytes,
-        target_recall,
-        num_queries,
-        train_size,
-        use_gpu,
-        seed,
-        allow_low_recall,
-        tune_queries,
-    )
+def build_index(embeddings: np.ndarray, factory: Optional[str] = None, **options: Any) -> Tuple[Any, IndexReport]:
+    """:func:`build_index_from_source` over an in-memory (N, E) array (no float32 copy if it is one);
+    ``options`` are that function's keyword options."""
+    return build_index_from_source(VectorSource.from_array(embeddings), factory, **options)
 
 
 def _index_bytes(index) -> int:

@@ -13,6 +13,7 @@ import os
 import struct
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
@@ -54,7 +55,7 @@ def write_pseudo_labels(root: Path, n: int = 12, confidence: bool = True, skippe
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from cluster.pseudo_label import COLUMNS
+    from cluster.pseudo_label import COLUMNS, skipped_row
     from index.labels import encode_labels
 
     out, imgs = root / "labels_out", root / "images"
@@ -88,23 +89,7 @@ def write_pseudo_labels(root: Path, n: int = 12, confidence: bool = True, skippe
                 "seconds": 0.0,
             }
         )
-    rows.append(
-        {
-            "id": "bad.jpg",
-            "uri": str(root / "bad.jpg"),
-            "status": "skipped",
-            "error": "corrupt",
-            "label": "",
-            "confidence": "",
-            "overlay": "",
-            "width": 0,
-            "height": 0,
-            "classes": "[]",
-            "shares": "[]",
-            "mean_confidence": float("nan"),
-            "seconds": 0.0,
-        }
-    )
+    rows.append(skipped_row(SimpleNamespace(id="bad.jpg", uri=str(root / "bad.jpg"), problem="corrupt")))
     (out / "manifest").mkdir(parents=True, exist_ok=True)
     pq.write_table(
         pa.table({c: [r.get(c, "") for r in rows] for c in COLUMNS}), out / "manifest" / "part-00000-0a1b2c3d.parquet"
