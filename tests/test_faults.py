@@ -46,4 +46,4 @@ def test_the_test_hook_module_delays_each_point(monkeypatch):
     t0 = time.perf_counter()
     faults.fire("bank.concept", "cat")
     assert time.perf_counter() - t0 >= 0.3
-    assert set(faults._hooks) == {"bank.concept", "embed.batch", "segment.batch"}
+    assert set(faults._hooks) == {"bank.concept", "embed.batch", "segment.batch", "index.part", "exact.block"}
