@@ -19,9 +19,7 @@ from __future__ import annotations
 import logging
 from typing import List, Optional
 
-from jobs.common import JobParser, finite_float, positive_float, positive_int
-
-from .common import add_cluster_args, parse_storage_options
+from .common import JobParser, add_cluster_args, finite_float, parse_storage_options, positive_float, positive_int
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,7 @@ from __future__ import annotations
 import logging
 from typing import List, Optional
 
-from .common import (  # noqa: F401
-    EXIT_RERUN,
+from .common import (
     JobParser,
     add_cluster_args,
     add_encoder_args,

@@ -13,10 +13,9 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from jobs.common import JobParser, positive_int
 from reco.errors import ConfigError
 
-from .common import add_cluster_args, parse_storage_options
+from .common import JobParser, add_cluster_args, parse_storage_options, positive_int
 
 logger = logging.getLogger(__name__)
 _PROMPT_PREFIX = re.compile(r"^(a|an|the)?\s*(photo|picture|image) of (a |an |the )?", re.IGNORECASE)
