@@ -1,18 +1,20 @@
 """The index as a cluster (#17.8): a synthetic store with the modality gap, built in parts with 1
 and 2 Ray workers, store re-rank vs Refine(SQfp16), text-like and image recall, exact pass rate.
 
-    .venv/bin/python -m bench.bench_index_scale [--sizes 100000,1000000] [--dim 512] [--concepts 1000,10000]
-                                                [--data DIR] [--parts-rows 50000]
+    .venv/bin/python -m bench.bench_index_scale --sizes 1000000,10000000 --builds store:1,store:2,SQfp16:2 \
+        --nlist 2048 --shard-rows 100000 --part-rows 500000 --exact-size 1000000 [--data DIR]
 
 For each corpus size: a store of float16 shards (``bench.synth_modality``: a continuum corpus
 whose text-like queries sit apart from the images, see ``bench/README.md``) is written under
 ``--data`` (kept between runs: not committed), then ``reco build-index --parts`` is run through
-:func:`cluster.index_build.build_index_parts` on an embedded Ray with 1 and with 2 part workers
-(``num_cpus`` 2), for ``IVF{nlist},PQ32,Refine(store)`` (PQ codes in RAM, re-rank from the
+:func:`cluster.index_build.build_index_parts` on an embedded Ray (``num_cpus`` 2) with the
+part workers each ``--builds`` entry names (``REFINE:WORKERS``), for ``IVF{nlist},PQ32,Refine(store)`` (PQ codes in RAM, re-rank from the
 store) and ``...,Refine(SQfp16)`` (re-rank codes in RAM), tuned on text-like queries (``--opq
-OPQ32,`` adds the rotation, whose training is slow on 2 cores). Exact
-retrieval: :func:`cluster.retrieval.exact_search_store` with 1k and 10k text-like concepts over
-the smallest store, as (rows x concepts) per second per core. Writes
+OPQ32,`` adds the rotation, whose training is slow on 2 cores). Each build reports the
+peak RSS of its training task and of its largest part task (Ray workers: flat in corpus size when
+``--part-rows`` is fixed) and the load average around it. Exact retrieval:
+:func:`cluster.retrieval.exact_search_store` with 1k and 10k text-like concepts over the
+``--exact-size`` store, as (rows x concepts) per second per core. Writes
 ``bench/results/index_scale.{md,json}``.
 """
 
@@ -22,6 +24,7 @@ import argparse
 import logging
 import math
 import os
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -51,12 +54,15 @@ def make_store(root: Path, n: int, gap: ModalityGap, n_concepts: int, shard_rows
     return st
 
 
-def build_row(store, out: Path, factory: str, workers: int, part_rows: int, text: np.ndarray) -> Dict[str, Any]:
+def build_row(
+    store, out: Path, factory: str, workers: int, part_rows: int, text: np.ndarray, train_size: int, train_cpus: int
+) -> Dict[str, Any]:
     import json
 
     from cluster.index_build import build_index_parts
     from cluster.index_config import IndexClusterConfig
 
+    load0 = os.getloadavg()[0]
     t = time.perf_counter()
     rep = build_index_parts(
         store,
@@ -65,11 +71,12 @@ def build_row(store, out: Path, factory: str, workers: int, part_rows: int, text
         target_recall=0.95,
         allow_low_recall=True,
         num_queries=500,
-        train_size=min(len(store), 100_000),
+        train_size=min(len(store), train_size),
         text_queries=text,
-        cfg=IndexClusterConfig(part_rows=part_rows, workers=workers, cpus_per_task=1),
+        cfg=IndexClusterConfig(part_rows=part_rows, workers=workers, cpus_per_task=1, train_cpus=train_cpus),
     )
     stages = json.loads((out / "index.json").read_text())["build_stages"]
+    mb = 2**20
     return {
         "factory": factory,
         "n": rep.n,
@@ -77,6 +84,11 @@ def build_row(store, out: Path, factory: str, workers: int, part_rows: int, text
         "wall_s": round(time.perf_counter() - t, 1),
         "train_s": round(stages["train_s"], 1),
         "parts_s": round(stages["parts_s"], 1),
+        "train_size": min(len(store), train_size),
+        "train_peak_mb": round(stages["train_peak_rss"] / mb),
+        "part_peak_mb": round(stages["part_peak_rss"] / mb),
+        "driver_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),  # cumulative
+        "load_before_after": [round(load0, 1), round(os.getloadavg()[0], 1)],
         "index_mb": round(rep.index_bytes / 2**20, 1),
         "params": rep.search_params,
         "text_r10": round(rep.recall_text_at_10, 3),
@@ -107,11 +119,16 @@ def main(argv=None) -> None:
     p.add_argument("--sizes", default="100000")
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--concepts", default="1000,10000")
-    p.add_argument("--workers", default="1,2")
+    p.add_argument(
+        "--builds", default="store:1,store:2,SQfp16:1,SQfp16:2", help="REFINE:WORKERS, comma separated, per size"
+    )
+    p.add_argument("--nlist", type=int, default=0, help="IVF lists (0: 4 sqrt(n) rounded to a power of 2)")
+    p.add_argument("--train-size", type=int, default=0, help="quantiser sample rows (0: max(100k, 40 nlist))")
+    p.add_argument("--train-cpus", type=int, default=2, help="CPUs (FAISS threads) of the training task")
+    p.add_argument("--exact-size", type=int, default=0, help="store size of the exact pass (0: the smallest)")
     p.add_argument("--data", default=os.path.join(tempfile.gettempdir(), "reco-index-scale"))
     p.add_argument("--shard-rows", type=int, default=50_000)
     p.add_argument("--part-rows", type=int, default=50_000)
-    p.add_argument("--refines", default="store,SQfp16")
     p.add_argument(
         "--images-per-concept",
         type=int,
@@ -145,37 +162,43 @@ def main(argv=None) -> None:
             args.shard_rows,
         )
         print(f"store {n} x {args.dim}: {time.perf_counter() - t:.1f} s", flush=True)
-        nlist = 1 << max(4, int(round(math.log2(4 * math.sqrt(n)))))
+        nlist = args.nlist or 1 << max(4, int(round(math.log2(4 * math.sqrt(n)))))
         m = 32 if args.dim % 32 == 0 else 16
-        for refine in args.refines.split(","):
-            for w in [int(x) for x in args.workers.split(",")]:
-                f = f"{args.opq}IVF{nlist},PQ{m},Refine({refine})"
-                with tempfile.TemporaryDirectory(dir=args.data) as out:
-                    row = build_row(stores[n], Path(out), f, w, args.part_rows, text)
-                print(row, flush=True)
-                builds.append(row)
-    exact = [exact_row(stores[sizes[0]], gap, int(c)) for c in args.concepts.split(",")]
+        for spec in args.builds.split(","):
+            refine, w = spec.split(":")
+            f = f"{args.opq}IVF{nlist},PQ{m},Refine({refine})"
+            ts = args.train_size or max(100_000, 40 * nlist)
+            with tempfile.TemporaryDirectory(dir=args.data) as out:
+                row = build_row(stores[n], Path(out), f, int(w), args.part_rows, text, ts, args.train_cpus)
+            print(row, flush=True)
+            builds.append(row)
+    exact_n = args.exact_size or sizes[0]
+    exact = [exact_row(stores[exact_n], gap, int(c)) for c in args.concepts.split(",")]
     for r in exact:
         print(r, flush=True)
     ray.shutdown()
     md = [
-        "| n | factory | Ray workers | wall s | train s | parts s | index MB | search params | text r@10 | text r@50 "
-        "| image r@10 | image r@50 | ms/query (batched) | re-rank KB/query |",
-        "|" + "---|" * 14,
+        "| n | factory | Ray workers | wall s | train s (rows) | parts s | index MB | search params | text r@10 "
+        "| text r@50 | image r@10 | image r@50 | ms/query (batched) | re-rank KB/query | peak RSS MB: train task "
+        "/ part task / driver (cumulative) | load avg before / after |",
+        "|" + "---|" * 16,
     ]
     for r in builds:
         md.append(
-            f"| {r['n']:,} | `{r['factory']}` | {r['workers']} | {r['wall_s']} | {r['train_s']} | {r['parts_s']} "
-            f"| {r['index_mb']} | {r['params']} | {r['text_r10']} | {r['text_r50']} | {r['image_r10']} "
-            f"| {r['image_r50']} | {r['ms_per_query']} | {r['rerank_kb_per_query']} |"
+            f"| {r['n']:,} | `{r['factory']}` | {r['workers']} | {r['wall_s']} | {r['train_s']} ({r['train_size']:,}) "
+            f"| {r['parts_s']} | {r['index_mb']} | {r['params']} | {r['text_r10']} | {r['text_r50']} "
+            f"| {r['image_r10']} | {r['image_r50']} | {r['ms_per_query']} | {r['rerank_kb_per_query']} "
+            f"| {r['train_peak_mb']} / {r['part_peak_mb']} / {r['driver_peak_mb']} "
+            f"| {r['load_before_after'][0]} / {r['load_before_after'][1]} |"
         )
     md += ["", "| store rows | concepts | seconds | (rows x concepts)/s per core |", "|---|---|---|---|"]
     md += [f"| {r['n']:,} | {r['concepts']:,} | {r['seconds']} | {r['pairs_per_s_per_core']:.3g} |" for r in exact]
     md += [
         "",
         f"Command: `python -m bench.bench_index_scale --sizes {args.sizes} --dim {args.dim} "
-        f"--concepts {args.concepts} --workers {args.workers} --refines {args.refines} --shard-rows "
-        f"{args.shard_rows} --part-rows {args.part_rows} --images-per-concept {args.images_per_concept}`; "
+        f"--concepts {args.concepts} --builds {args.builds} --nlist {args.nlist} --train-size {args.train_size} "
+        f"--train-cpus {args.train_cpus} --exact-size {args.exact_size} --shard-rows {args.shard_rows} "
+        f"--part-rows {args.part_rows} --images-per-concept {args.images_per_concept}`; "
         f"data generated under {args.data} (not committed).",
     ]
     path = write_results("index_scale", {"builds": builds, "exact": exact, "args": vars(args)}, "\n".join(md))

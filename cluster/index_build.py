@@ -1,7 +1,7 @@
 """A FAISS index built by Ray tasks in parts (#17.2) and updated with new store shards (#17.6).
 
-1. One task trains the empty index (OPQ/IVF/PQ, and refine codes) on a random sample of store
-   rows; the driver writes it once (``trained.faiss``) under the index URI.
+1. One task (``index.train_cpus`` CPUs) trains the empty index (OPQ/IVF/PQ, and refine codes) on
+   a random sample of store rows; the driver writes it once (``trained.faiss``) under the index URI.
 2. Part tasks (``index.workers`` in flight, ``index.cpus_per_task`` each) fill copies of that
    trained index from whole store shards (``index.part_rows`` rows a part, ids = store rows) and
    create their part exactly once (:meth:`index.output.Parts.create`: a retried task, or a rerun
@@ -23,7 +23,7 @@ import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -64,20 +64,42 @@ def _shard(d: Dict[str, Any]) -> ShardRecord:
     return ShardRecord(int(d["index"]), int(d["count"]), int(d.get("skipped", 0)), str(d.get("token", "")))
 
 
+def _faiss_threads(cpus: float) -> None:
+    """As many FAISS (OpenMP) threads as the task holds CPUs: a reused Ray worker keeps the thread
+    count of the first task it ran otherwise."""
+    from index.faiss_factory import _faiss
+
+    _faiss().omp_set_num_threads(max(1, int(cpus)))
+
+
 def _train_task(
-    root: str, storage_options: Dict[str, Any], shards: List[Dict[str, Any]], factory: str, sample_rows: np.ndarray
-) -> Tuple[bytes, Optional[bytes], float]:
+    root: str,
+    storage_options: Dict[str, Any],
+    shards: List[Dict[str, Any]],
+    factory: str,
+    sample_rows: np.ndarray,
+    cpus: float = 1.0,
+) -> Tuple[bytes, Optional[bytes], float, int]:
     t = time.perf_counter()
+    _faiss_threads(cpus)
     store = _open_store(root, storage_options)
     base, refine = P.train_empty(VectorSource.from_store(store, [_shard(s) for s in shards]), factory, sample_rows)
-    return P.to_bytes(base), (P.to_bytes(refine) if refine is not None else None), time.perf_counter() - t
+    trained = P.to_bytes(base), (P.to_bytes(refine) if refine is not None else None)
+    return trained[0], trained[1], time.perf_counter() - t, peak_memory()["rss"]
 
 
 def _part_task(
-    root: str, storage_options: Dict[str, Any], plan: P.PartPlan, trained: bytes, trained_refine: Optional[bytes], parts
+    root: str,
+    storage_options: Dict[str, Any],
+    plan: P.PartPlan,
+    trained: bytes,
+    trained_refine: Optional[bytes],
+    parts,
+    cpus: float = 1.0,
 ) -> Dict[str, Any]:
     """Fill one part and create its file(s) exactly once (``parts``: :class:`index.output.Parts`)."""
     t = time.perf_counter()
+    _faiss_threads(cpus)
     faults.fire("index.part", plan.name)
     store = _open_store(root, storage_options)
     source = VectorSource.from_store(store, [_shard(s) for s in plan.shards])
@@ -94,6 +116,8 @@ def _part_task(
         "bytes": len(data),
         "written": written,
         "seconds": time.perf_counter() - t,
+        # the worker process's high-water mark: set by part_rows (one part in RAM), not by the corpus
+        "peak_rss": peak_memory()["rss"],
     }
 
 
@@ -209,15 +233,16 @@ def build_index_parts(
         if same and storage.exists(trained_uri, so):  # the quantiser of this configuration: reuse it
             trained = storage.read_bytes(trained_uri, so)
             trained_refine = storage.read_bytes(refine_uri, so) if storage.exists(refine_uri, so) else None
-            train_s = 0.0
+            train_s, train_rss = 0.0, 0
         else:
             if update:
                 raise ConfigError(f"--update: {out} lost its trained quantiser ({P.TRAINED_FILE}): rebuild it")
             rng = np.random.default_rng(seed)
             sample = np.sort(rng.choice(n, size=ts, replace=False)) if ts < n else np.arange(n)
-            task = ray.remote(num_cpus=cfg.cpus_per_task, max_retries=3)(_train_task)
-            trained, trained_refine, train_s = ray.get(
-                task.remote(root, so, [s.as_dict() for s in shards], factory, sample)
+            # max_calls=1: the worker that held the training sample exits, so part workers' peaks are theirs
+            task = ray.remote(num_cpus=cfg.train_cpus, max_retries=3, max_calls=1)(_train_task)
+            trained, trained_refine, train_s, train_rss = ray.get(
+                task.remote(root, so, [s.as_dict() for s in shards], factory, sample, cfg.train_cpus)
             )
             if trained_refine is not None:
                 output.write_file(P.TRAINED_REFINE_FILE, trained_refine)
@@ -260,6 +285,8 @@ def build_index_parts(
                 "parts_written": sum(d["written"] for d in done),
                 "parts_reused": sum(not d["written"] for d in done),
                 "workers": cfg.workers,
+                "train_peak_rss": train_rss,
+                "part_peak_rss": max((d["peak_rss"] for d in done if "peak_rss" in d), default=0),
             },
             "files": rows_uri,
         }
@@ -298,7 +325,11 @@ def _job_report(
             "fill parts (Ray tasks)": (stages["parts_s"], written),
             "build (train, parts, merge, tune, evaluate)": (rep.build_seconds, rep.n),
         },
-        memory={"driver (index build)": peak_memory()},
+        memory={
+            "driver (index build)": peak_memory(),
+            "quantiser training task": {"rss": stages["train_peak_rss"]},
+            "part task (largest)": {"rss": stages["part_peak_rss"]},
+        },
         extra={
             "factory": rep.factory,
             "layout": extra["layout"],
@@ -334,7 +365,7 @@ def _run_parts(
     pending, queue = [], list(todo)
     while queue or pending:
         while queue and len(pending) < cfg.workers:
-            pending.append(task.remote(root, so, queue.pop(0), tref, rref, output.parts))
+            pending.append(task.remote(root, so, queue.pop(0), tref, rref, output.parts, cfg.cpus_per_task))
         ready, pending = ray.wait(pending, num_returns=1)
         for r in ray.get(ready):
             done.append(r)
@@ -349,13 +380,14 @@ def _run_parts(
     return done
 
 
-def _part_bytes(output: ResumableOutput, plans: Sequence[P.PartPlan], refine: bool, so) -> List[bytes]:
+def _part_bytes(output: ResumableOutput, plans: Sequence[P.PartPlan], refine: bool, so) -> Iterator[Optional[bytes]]:
+    """Each part's file (or its refine codes), read lazily in part order (None when ``refine`` is
+    asked of an index without refine codes)."""
     from index import storage
 
-    return [
-        storage.read_bytes(storage.join(output.parts.uri, f"part-{p.name}{'.refine' if refine else ''}.faiss"), so)
-        for p in plans
-    ]
+    for p in plans:
+        name = f"part-{p.name}{'.refine' if refine else ''}.faiss"
+        yield storage.read_bytes(storage.join(output.parts.uri, name), so)
 
 
 def _assemble(layout: str, output: ResumableOutput, plans, trained: bytes, trained_refine: Optional[bytes], so):
@@ -372,9 +404,9 @@ def _assemble(layout: str, output: ResumableOutput, plans, trained: bytes, train
         Path(ivf).unlink(missing_ok=True)
         return P.merge_ondisk(output.join(P.TRAINED_FILE), paths, ivf)
     bases = _part_bytes(output, plans, False, so)
-    refines = _part_bytes(output, plans, True, so) if trained_refine is not None else [None] * len(plans)
-    if layout == "merged":
-        return P.merge_parts(trained, trained_refine, list(zip(bases, refines)))
+    refines = _part_bytes(output, plans, True, so) if trained_refine is not None else iter([None] * len(plans))
+    if layout == "merged":  # one part at a time beside the merged index, not every part's bytes at once
+        return P.merge_parts(trained, trained_refine, zip(bases, refines))
     if trained_refine is not None:
         raise ConfigError(
             "index.layout shards serves PQ codes only: use a factory without Refine(...) "

@@ -40,6 +40,25 @@ def split_refine(factory: str) -> Tuple[str, Optional[str]]:
     return m.group("base"), ("Flat" if m.group("rflat") else m.group("inner").strip())
 
 
+def new_index(dim: int, factory: str):
+    """``faiss.index_factory(dim, factory, METRIC_INNER_PRODUCT)`` without polysemous training.
+
+    For a ``PQm`` token FAISS's factory turns on polysemous training (a simulated-annealing
+    reordering of every PQ codebook, ``"PQmnp"`` turns it off): it only serves Hamming-threshold
+    search (``polysemous_ht``), which nothing here uses, and it made training ``IVF64,PQ32`` on
+    20k x 512 take 46 s instead of 2 s on one core. The codes and ADC distances are the same
+    without it."""
+    faiss = _faiss()
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    inner = faiss.downcast_index(index)
+    while inner is not None:
+        if hasattr(inner, "do_polysemous_training"):
+            inner.do_polysemous_training = False
+        nested = getattr(inner, "index", None) if isinstance(inner, faiss.IndexPreTransform) else None
+        inner = faiss.downcast_index(nested) if nested is not None else None
+    return index
+
+
 def validate_factory(factory: str, dim: int) -> None:
     """Raise :class:`ConfigError` if ``factory`` is not a FAISS factory string FAISS accepts for ``dim``."""
     faiss = _faiss()

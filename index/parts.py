@@ -24,13 +24,13 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from reco.errors import ConfigError
 
-from .faiss_factory import _faiss, split_refine
+from .faiss_factory import _faiss, new_index, split_refine
 from .vectors import BLOCK_ROWS, VectorSource
 
 logger = logging.getLogger(__name__)
@@ -110,11 +110,10 @@ def from_bytes(data: bytes):
 
 def train_empty(source: VectorSource, factory: str, sample_rows: np.ndarray) -> Tuple[Any, Optional[Any]]:
     """(trained empty base index, trained empty refine index or None) from the given sample rows."""
-    faiss = _faiss()
     base_f, refine_f = split_refine(factory)
-    base = faiss.index_factory(source.dim, base_f, faiss.METRIC_INNER_PRODUCT)
-    in_ram = refine_f is not None and refine_f != "store"  # Refine(store) re-ranks from the store
-    refine = faiss.index_factory(source.dim, refine_f, faiss.METRIC_INNER_PRODUCT) if in_ram else None
+    base = new_index(source.dim, base_f)
+    # Refine(store) re-ranks from the store: no refine codes to train
+    refine = new_index(source.dim, refine_f) if refine_f is not None and refine_f != "store" else None
     sample = source.take(np.sort(np.asarray(sample_rows, np.int64)))
     base.train(sample)
     if refine is not None and not refine.is_trained:
@@ -135,8 +134,9 @@ def fill_part(
     return base, refine
 
 
-def merge_parts(trained: bytes, trained_refine: Optional[bytes], parts: Sequence[Tuple[bytes, Optional[bytes]]]):
-    """One index from the parts, in part order (``merge_from``: ids kept; refine codes appended)."""
+def merge_parts(trained: bytes, trained_refine: Optional[bytes], parts: Iterable[Tuple[bytes, Optional[bytes]]]):
+    """One index from the parts, in part order (``merge_from``: ids kept; refine codes appended).
+    ``parts`` may be a lazy iterable: one part's bytes are then held beside the merged index at a time."""
     faiss = _faiss()
     base = from_bytes(trained)
     refine = from_bytes(trained_refine) if trained_refine else None

@@ -344,3 +344,22 @@ def test_build_index_cli_recall_error_and_allow_low_recall(small_store, tmp_path
     line = [r.getMessage() for r in caplog.records if r.name == "cluster.index_job"][-1]
     assert "100 evaluation queries" in line and "tuned on 100 other queries" in line
     assert "ms/query" in line and "queries/s" in line and "single-query latency" in line and "median" in line
+
+
+@pytest.mark.parametrize("factory", ["IVF16,PQ8", "OPQ8,IVF16,PQ8", "PQ8"])
+def test_new_index_skips_polysemous_training(factory):
+    """FAISS's factory turns on polysemous training for PQm (a codebook reordering only Hamming
+    search uses, 20x the training time): indexes built here never do it, and train to the same codes."""
+    import faiss
+
+    from index.faiss_factory import new_index
+
+    x = clustered(2000, 32, seed=3)
+    index = new_index(32, factory)
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, faiss.IndexPreTransform):
+        inner = faiss.downcast_index(inner.index)
+    assert inner.do_polysemous_training is False
+    index.train(x)
+    index.add(x)
+    assert index.ntotal == 2000 and index.metric_type == faiss.METRIC_INNER_PRODUCT

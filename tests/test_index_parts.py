@@ -48,6 +48,8 @@ def test_parts_merged_hold_every_row_once_and_resume_redoes_only_missing(store, 
     assert sorted(ids.tolist()) == list(range(3000))  # every store row exactly once
     assert len(meta["parts"]) == 3 and meta["layout"] == "merged"
     assert meta["build_stages"]["parts_written"] == 3
+    # peak memory of the Ray tasks is reported (bench/results/index_scale.md: flat in corpus size)
+    assert meta["build_stages"]["part_peak_rss"] > 0 and meta["build_stages"]["train_peak_rss"] > 0
     names = _parts(out)
     assert len(names) == 3 and all(n.startswith("part-") for n in names)
     kept = {n: (out / "parts" / n).stat().st_mtime_ns for n in names}
@@ -59,6 +61,7 @@ def test_parts_merged_hold_every_row_once_and_resume_redoes_only_missing(store, 
     assert report["job"] == "build-index" and report["status"] == "ok" and report["unit"] == "vectors"
     assert report["inputs"]["processed"] == 1000 and report["inputs"]["already_done"] == 2000
     assert report["extra"]["parts_written"] == 1 and report["extra"]["parts_reused"] == 2
+    assert report["peak_memory_bytes"]["part task (largest)"]["rss"] > 0
     for n in (names[0], names[2]):
         assert (out / "parts" / n).stat().st_mtime_ns == kept[n]
     assert sorted(ivf_ids(load_index(out)[0]).tolist()) == list(range(3000))
