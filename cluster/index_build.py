@@ -79,11 +79,13 @@ def _train_task(
     factory: str,
     sample_rows: np.ndarray,
     cpus: float = 1.0,
+    gpu: bool = False,
 ) -> Tuple[bytes, Optional[bytes], float, int]:
     t = time.perf_counter()
     _faiss_threads(cpus)
     store = _open_store(root, storage_options)
-    base, refine = P.train_empty(VectorSource.from_store(store, [_shard(s) for s in shards]), factory, sample_rows)
+    source = VectorSource.from_store(store, [_shard(s) for s in shards])
+    base, refine = P.train_empty(source, factory, sample_rows, gpu=gpu)
     trained = P.to_bytes(base), (P.to_bytes(refine) if refine is not None else None)
     return trained[0], trained[1], time.perf_counter() - t, peak_memory()["rss"]
 
@@ -96,6 +98,7 @@ def _part_task(
     trained_refine: Optional[bytes],
     parts,
     cpus: float = 1.0,
+    gpu: bool = False,
 ) -> Dict[str, Any]:
     """Fill one part and create its file(s) exactly once (``parts``: :class:`index.output.Parts`)."""
     t = time.perf_counter()
@@ -103,7 +106,7 @@ def _part_task(
     faults.fire("index.part", plan.name)
     store = _open_store(root, storage_options)
     source = VectorSource.from_store(store, [_shard(s) for s in plan.shards])
-    base, refine = P.fill_part(trained, trained_refine, source, plan.first_row)
+    base, refine = P.fill_part(trained, trained_refine, source, plan.first_row, gpu=gpu)
     assert base.ntotal == plan.rows, (plan.name, base.ntotal, plan.rows)
     data = P.to_bytes(base)
     written = True
@@ -239,10 +242,13 @@ def build_index_parts(
                 raise ConfigError(f"--update: {out} lost its trained quantiser ({P.TRAINED_FILE}): rebuild it")
             rng = np.random.default_rng(seed)
             sample = np.sort(rng.choice(n, size=ts, replace=False)) if ts < n else np.arange(n)
+            gpu = cfg.gpus_per_task > 0
             # max_calls=1: the worker that held the training sample exits, so part workers' peaks are theirs
-            task = ray.remote(num_cpus=cfg.train_cpus, max_retries=3, max_calls=1)(_train_task)
+            task = ray.remote(num_cpus=cfg.train_cpus, num_gpus=cfg.gpus_per_task, max_retries=3, max_calls=1)(
+                _train_task
+            )
             trained, trained_refine, train_s, train_rss = ray.get(
-                task.remote(root, so, [s.as_dict() for s in shards], factory, sample, cfg.train_cpus)
+                task.remote(root, so, [s.as_dict() for s in shards], factory, sample, cfg.train_cpus, gpu)
             )
             if trained_refine is not None:
                 output.write_file(P.TRAINED_REFINE_FILE, trained_refine)
@@ -360,12 +366,13 @@ def _run_parts(
     done = [{"name": p.name, "rows": p.rows, "written": False} for p in plans if p not in todo]
     if not todo:
         return done
-    task = ray.remote(num_cpus=cfg.cpus_per_task, max_retries=3)(_part_task)
+    task = ray.remote(num_cpus=cfg.cpus_per_task, num_gpus=cfg.gpus_per_task, max_retries=3)(_part_task)
+    gpu = cfg.gpus_per_task > 0
     tref, rref = ray.put(trained), (ray.put(trained_refine) if trained_refine is not None else None)
     pending, queue = [], list(todo)
     while queue or pending:
         while queue and len(pending) < cfg.workers:
-            pending.append(task.remote(root, so, queue.pop(0), tref, rref, output.parts, cfg.cpus_per_task))
+            pending.append(task.remote(root, so, queue.pop(0), tref, rref, output.parts, cfg.cpus_per_task, gpu))
         ready, pending = ray.wait(pending, num_returns=1)
         for r in ray.get(ready):
             done.append(r)

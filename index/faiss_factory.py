@@ -3,11 +3,14 @@ estimate it is compared with, and validation (see :mod:`index.faiss_index` for t
 
 from __future__ import annotations
 
+import logging
 import math
 import re
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 from reco.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 
 def _faiss():
@@ -57,6 +60,21 @@ def new_index(dim: int, factory: str):
         nested = getattr(inner, "index", None) if isinstance(inner, faiss.IndexPreTransform) else None
         inner = faiss.downcast_index(nested) if nested is not None else None
     return index
+
+
+def to_gpu(index, factory: str) -> Tuple[Any, Any]:
+    """``(copy of index on GPU 0, its StandardGpuResources)`` for training and adding, or
+    ``(index, None)`` when the factory has no GPU implementation (HNSW) or FAISS cannot clone it
+    (logged). Bring the result back with ``faiss.index_gpu_to_cpu``."""
+    if "HNSW" in factory:
+        return index, None
+    faiss = _faiss()
+    try:
+        res = faiss.StandardGpuResources()
+        return faiss.index_cpu_to_gpu(res, 0, index), res
+    except Exception as exc:  # e.g. a transform FAISS cannot clone to the GPU
+        logger.warning("cannot move %s to the GPU (%s): building on the CPU", factory, exc)
+        return index, None
 
 
 def validate_factory(factory: str, dim: int) -> None:

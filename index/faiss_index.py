@@ -73,6 +73,7 @@ from .faiss_factory import (  # noqa: F401  (re-exported: the public API of this
     gpu_count,
     new_index,
     split_refine,
+    to_gpu,
     validate_factory,
 )
 from .rerank import STORE
@@ -355,15 +356,7 @@ def build_index_from_source(
     base = new_index(dim, base_factory)
     in_ram = refine_factory is not None and refine_factory != STORE  # Refine(store): re-ranked from the store
     refine = new_index(dim, refine_factory) if refine_factory is not None and in_ram else None
-    work = base
-    gpu_res = None
-    if use_gpu and "HNSW" not in base_factory:
-        try:
-            gpu_res = faiss.StandardGpuResources()
-            work = faiss.index_cpu_to_gpu(gpu_res, 0, base)
-        except Exception as exc:  # e.g. a transform FAISS cannot clone to the GPU
-            logger.warning("cannot move %s to the GPU (%s): building on the CPU", base_factory, exc)
-            work, gpu_res = base, None
+    work, gpu_res = to_gpu(base, base_factory) if use_gpu else (base, None)
     ts = 0
     if not work.is_trained or (refine is not None and not refine.is_trained):
         ts = min(n, train_size or default_train_size(n, factory))

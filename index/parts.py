@@ -30,7 +30,7 @@ import numpy as np
 
 from reco.errors import ConfigError
 
-from .faiss_factory import _faiss, new_index, split_refine
+from .faiss_factory import _faiss, new_index, split_refine, to_gpu
 from .vectors import BLOCK_ROWS, VectorSource
 
 logger = logging.getLogger(__name__)
@@ -108,29 +108,46 @@ def from_bytes(data: bytes):
     return _faiss().deserialize_index(np.frombuffer(data, dtype=np.uint8))
 
 
-def train_empty(source: VectorSource, factory: str, sample_rows: np.ndarray) -> Tuple[Any, Optional[Any]]:
-    """(trained empty base index, trained empty refine index or None) from the given sample rows."""
+def train_empty(
+    source: VectorSource, factory: str, sample_rows: np.ndarray, gpu: bool = False
+) -> Tuple[Any, Optional[Any]]:
+    """(trained empty base index, trained empty refine index or None) from the given sample rows;
+    ``gpu``: the base index (IVF k-means, PQ) is trained on GPU 0 and brought back."""
     base_f, refine_f = split_refine(factory)
     base = new_index(source.dim, base_f)
     # Refine(store) re-ranks from the store: no refine codes to train
     refine = new_index(source.dim, refine_f) if refine_f is not None and refine_f != "store" else None
     sample = source.take(np.sort(np.asarray(sample_rows, np.int64)))
-    base.train(sample)
+    work, res = to_gpu(base, base_f) if gpu else (base, None)
+    work.train(sample)
+    if work is not base:
+        base = _faiss().index_gpu_to_cpu(work)
+        del work, res
     if refine is not None and not refine.is_trained:
         refine.train(sample)
     return base, refine
 
 
 def fill_part(
-    trained: bytes, trained_refine: Optional[bytes], source: VectorSource, first_row: int, block_rows: int = BLOCK_ROWS
+    trained: bytes,
+    trained_refine: Optional[bytes],
+    source: VectorSource,
+    first_row: int,
+    block_rows: int = BLOCK_ROWS,
+    gpu: bool = False,
 ) -> Tuple[Any, Optional[Any]]:
-    """The trained empty index(es) with every row of ``source`` added (ids = first_row + row)."""
+    """The trained empty index(es) with every row of ``source`` added (ids = first_row + row);
+    ``gpu``: the base index's adds (coarse assignment, encoding) run on GPU 0."""
     base = from_bytes(trained)
     refine = from_bytes(trained_refine) if trained_refine else None
+    work, res = to_gpu(base, "IVF part") if gpu else (base, None)  # parts are never HNSW (check_partable)
     for off, blk in source.blocks(block_rows):
-        base.add_with_ids(blk, np.arange(first_row + off, first_row + off + len(blk), dtype=np.int64))
+        work.add_with_ids(blk, np.arange(first_row + off, first_row + off + len(blk), dtype=np.int64))
         if refine is not None:
             refine.add(blk)
+    if work is not base:
+        base = _faiss().index_gpu_to_cpu(work)
+        del work, res
     return base, refine
 
 

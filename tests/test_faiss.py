@@ -125,6 +125,9 @@ class GpuIndexIVFFlat:
     def add(self, x):
         self.cpu.add(x)
 
+    def add_with_ids(self, x, ids):
+        self.cpu.add_with_ids(x, ids)
+
     def search(self, q, k):
         return self.cpu.search(q, k)
 
@@ -149,6 +152,31 @@ def test_gpu_build_branch_tunes_nprobe(monkeypatch):
     index, rep = fi.build_index(x, "IVF32,Flat", num_queries=100, use_gpu=True)
     assert clones and rep.gpu and rep.recall_at_10 >= 0.95
     assert index.nprobe == rep.search_params["nprobe"]
+
+
+def test_parts_train_and_add_on_the_gpu_branch(monkeypatch):
+    """#17.9: index.gpus_per_task > 0 trains the quantiser and fills parts on a GPU copy of the
+    index, brought back to the CPU to be written; the part equals the CPU-built one."""
+    from index import parts as P
+    from index.vectors import VectorSource
+
+    faiss = fi._faiss()
+    clones = []
+    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: object(), raising=False)
+    monkeypatch.setattr(
+        faiss, "index_cpu_to_gpu", lambda res, dev, ix: clones.append(GpuIndexIVFFlat(ix)) or clones[-1], raising=False
+    )
+    monkeypatch.setattr(faiss, "index_gpu_to_cpu", lambda g: g.cpu, raising=False)
+    x = clustered(3000, 32)
+    src = VectorSource.from_array(x)
+    trained, _ = P.train_empty(src, "IVF16,Flat", np.arange(0, 3000, 2), gpu=True)
+    assert len(clones) == 1 and trained.is_trained and trained.ntotal == 0
+    on_gpu, _ = P.fill_part(P.to_bytes(trained), None, src, first_row=100, gpu=True)
+    assert len(clones) == 2 and on_gpu.ntotal == 3000
+    on_cpu, _ = P.fill_part(P.to_bytes(trained), None, src, first_row=100)
+    on_gpu.nprobe = on_cpu.nprobe = 4
+    got, want = on_gpu.search(x[:20], 5), on_cpu.search(x[:20], 5)
+    assert (got[1] == want[1]).all() and (got[1] >= 100).all()  # ids are store rows from first_row
 
 
 # -- defect 3: build loaded the corpus as float32 (twice) --------------------------------------

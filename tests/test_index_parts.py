@@ -143,6 +143,14 @@ def test_hnsw_and_flat_cannot_be_built_in_parts(store, tmp_path, ray_local):
             build_index_parts(store, str(tmp_path / f), f, num_queries=10)
 
 
+@pytest.mark.parametrize(
+    "bad", [{"gpus_per_task": -1}, {"train_cpus": 0}, {"cpus_per_task": -0.5}, {"layout": "tree"}, {"part_rows": 0}]
+)
+def test_index_section_rejects_bad_values_in_one_line(bad):
+    with pytest.raises(ConfigError, match="index\\."):
+        IndexClusterConfig(**bad)
+
+
 def test_sharded_serving_equals_the_merged_index(store, tmp_path, ray_local):
     """#17.3: parts kept as shards, served by 2 Ray actors: same ids and scores as the same parts
     merged into one index; build-bank/search open it through cluster.retrieval.open_index."""
