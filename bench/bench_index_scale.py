@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import resource
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -55,7 +56,15 @@ def make_store(root: Path, n: int, gap: ModalityGap, n_concepts: int, shard_rows
 
 
 def build_row(
-    store, out: Path, factory: str, workers: int, part_rows: int, text: np.ndarray, train_size: int, train_cpus: int
+    store,
+    out: Path,
+    factory: str,
+    workers: int,
+    part_rows: int,
+    text: np.ndarray,
+    train_size: int,
+    train_cpus: int,
+    max_nprobe: int = 0,
 ) -> Dict[str, Any]:
     import json
 
@@ -74,6 +83,7 @@ def build_row(
         train_size=min(len(store), train_size),
         text_queries=text,
         cfg=IndexClusterConfig(part_rows=part_rows, workers=workers, cpus_per_task=1, train_cpus=train_cpus),
+        max_nprobe=max_nprobe or None,
     )
     stages = json.loads((out / "index.json").read_text())["build_stages"]
     mb = 2**20
@@ -120,8 +130,12 @@ def main(argv=None) -> None:
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--concepts", default="1000,10000")
     p.add_argument(
-        "--builds", default="store:1,store:2,SQfp16:1,SQfp16:2", help="REFINE:WORKERS, comma separated, per size"
+        "--builds",
+        default="store:1,store:2,SQfp16:2",
+        help="REFINE:WORKERS[@SIZE], comma separated: every size, or only SIZE",
     )
+    p.add_argument("--pq", type=int, default=0, help="PQ bytes per vector (0: 32)")
+    p.add_argument("--max-nprobe", type=int, default=0, help="tuning probes at most this many lists (0: nlist)")
     p.add_argument("--nlist", type=int, default=0, help="IVF lists (0: 4 sqrt(n) rounded to a power of 2)")
     p.add_argument("--train-size", type=int, default=0, help="quantiser sample rows (0: max(100k, 40 nlist))")
     p.add_argument("--train-cpus", type=int, default=2, help="CPUs (FAISS threads) of the training task")
@@ -163,15 +177,22 @@ def main(argv=None) -> None:
         )
         print(f"store {n} x {args.dim}: {time.perf_counter() - t:.1f} s", flush=True)
         nlist = args.nlist or 1 << max(4, int(round(math.log2(4 * math.sqrt(n)))))
-        m = 32 if args.dim % 32 == 0 else 16
-        for spec in args.builds.split(","):
-            refine, w = spec.split(":")
-            f = f"{args.opq}IVF{nlist},PQ{m},Refine({refine})"
-            ts = args.train_size or max(100_000, 40 * nlist)
-            with tempfile.TemporaryDirectory(dir=args.data) as out:
-                row = build_row(stores[n], Path(out), f, int(w), args.part_rows, text, ts, args.train_cpus)
-            print(row, flush=True)
-            builds.append(row)
+        m = args.pq or (32 if args.dim % 32 == 0 else 16)
+        ts = args.train_size or max(100_000, 40 * nlist)
+        with tempfile.TemporaryDirectory(dir=args.data) as tmp:
+            for spec in args.builds.split(","):
+                spec, _, only = spec.partition("@")
+                if only and int(only) != n:
+                    continue
+                refine, w = spec.split(":")
+                f = f"{args.opq}IVF{nlist},PQ{m},Refine({refine})"
+                # builds of one factory share one output folder: the second finds the trained quantiser of
+                # the same configuration there and reuses it (as a rerun would); its parts are rebuilt
+                out = Path(tmp) / refine
+                shutil.rmtree(out / "parts", ignore_errors=True)
+                row = build_row(stores[n], out, f, int(w), args.part_rows, text, ts, args.train_cpus, args.max_nprobe)
+                print(row, flush=True)
+                builds.append(row)
     exact_n = args.exact_size or sizes[0]
     exact = [exact_row(stores[exact_n], gap, int(c)) for c in args.concepts.split(",")]
     for r in exact:
@@ -185,10 +206,10 @@ def main(argv=None) -> None:
     ]
     for r in builds:
         md.append(
-            f"| {r['n']:,} | `{r['factory']}` | {r['workers']} | {r['wall_s']} | {r['train_s']} ({r['train_size']:,}) "
+            f"| {r['n']:,} | `{r['factory']}` | {r['workers']} | {r['wall_s']} | {r['train_s'] or 'reused'} ({r['train_size']:,}) "
             f"| {r['parts_s']} | {r['index_mb']} | {r['params']} | {r['text_r10']} | {r['text_r50']} "
             f"| {r['image_r10']} | {r['image_r50']} | {r['ms_per_query']} | {r['rerank_kb_per_query']} "
-            f"| {r['train_peak_mb']} / {r['part_peak_mb']} / {r['driver_peak_mb']} "
+            f"| {r['train_peak_mb'] or '-'} / {r['part_peak_mb']} / {r['driver_peak_mb']} "
             f"| {r['load_before_after'][0]} / {r['load_before_after'][1]} |"
         )
     md += ["", "| store rows | concepts | seconds | (rows x concepts)/s per core |", "|---|---|---|---|"]
@@ -196,7 +217,7 @@ def main(argv=None) -> None:
     md += [
         "",
         f"Command: `python -m bench.bench_index_scale --sizes {args.sizes} --dim {args.dim} "
-        f"--concepts {args.concepts} --builds {args.builds} --nlist {args.nlist} --train-size {args.train_size} "
+        f"--concepts {args.concepts} --builds {args.builds} --pq {args.pq} --max-nprobe {args.max_nprobe} --nlist {args.nlist} --train-size {args.train_size} "
         f"--train-cpus {args.train_cpus} --exact-size {args.exact_size} --shard-rows {args.shard_rows} "
         f"--part-rows {args.part_rows} --images-per-concept {args.images_per_concept}`; "
         f"data generated under {args.data} (not committed).",

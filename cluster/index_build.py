@@ -181,6 +181,7 @@ def build_index_parts(
     update: bool = False,
     text_queries: Optional[np.ndarray] = None,
     job_config: Optional[Dict[str, Any]] = None,
+    max_nprobe: Optional[int] = None,
 ) -> IndexReport:
     """Build (or ``update``) the index at ``out`` from ``store`` with Ray tasks; returns the report
     also written to ``index.json``; the uniform job report (config ``job_config``) is written
@@ -274,6 +275,7 @@ def build_index_parts(
             rng=np.random.default_rng(seed + 1),
             search_index=store_refined(index, factory, source),
             text_queries=text_queries,
+            max_nprobe=max_nprobe,
         )
         layout = cfg.layout if not update else old.get("layout", cfg.layout)
         rows_uri = write_rows_table(store, [s for p in plans for s in map(_shard, p.shards)], out, so)

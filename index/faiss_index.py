@@ -219,12 +219,22 @@ def _evaluate(index, queries: np.ndarray, q_rows: np.ndarray, truth: np.ndarray,
 
 
 def _tune(
-    index, factory: str, queries, q_rows, truth, k: int, target: float, gpu: bool, ks: Sequence[int] = ()
+    index,
+    factory: str,
+    queries,
+    q_rows,
+    truth,
+    k: int,
+    target: float,
+    gpu: bool,
+    ks: Sequence[int] = (),
+    max_nprobe: Optional[int] = None,
 ) -> Tuple[Dict[str, int], float]:
     """Search parameters reaching ``target`` recall@k on the tuning queries (with ``ks``: the
     lowest of recall@k' over those k', each against the first k' columns of ``truth``).
 
-    nprobe / efSearch double from small up to the cap (nlist; 4096 for efSearch); the first value
+    nprobe / efSearch double from small up to the cap (nlist, or ``max_nprobe``: a latency budget;
+    4096 for efSearch); the first value
     at which the largest k_factor reaches the target is kept, with the smallest k_factor that
     reaches it there. If no setting reaches the target, the best one seen is returned (the
     caller decides what a miss means). Returns (params, tuning recall@k).
@@ -234,6 +244,7 @@ def _tune(
     values: List[Optional[int]]
     if param == "nprobe":
         cap = min(_nlist(factory), GPU_MAX_NPROBE) if gpu else _nlist(factory)
+        cap = min(cap, max_nprobe) if max_nprobe else cap  # a latency budget: scan at most this many lists
         values, probes = [], 1
         while probes < cap:
             values.append(probes)
@@ -334,6 +345,7 @@ def build_index_from_source(
     tune_queries: Optional[int] = None,
     single_queries: int = 100,
     text_queries: Optional[np.ndarray] = None,
+    max_nprobe: Optional[int] = None,
 ) -> Tuple[Any, IndexReport]:
     """Build an inner-product index over the L2-normalised vectors of ``source`` and report its quality.
 
@@ -393,6 +405,7 @@ def build_index_from_source(
         search_index=search_index,
         gpu=work is not base,
         text_queries=text_queries,
+        max_nprobe=max_nprobe,
     )
     del gpu_res
     return index, rep
@@ -413,6 +426,7 @@ def evaluate_index(
     search_index=None,
     gpu: bool = False,
     text_queries: Optional[np.ndarray] = None,
+    max_nprobe: Optional[int] = None,
 ) -> Tuple[Any, IndexReport]:
     """Tune the search parameters of a built ``index`` over ``source`` on one sample of corpus rows
     and report recall, throughput and latency on another (see the module docstring); raises
@@ -459,7 +473,16 @@ def evaluate_index(
     r10_tune = float("nan")
     if has_params and nt:
         params, r10_tune = _tune(
-            search_index, factory, tq, tune_self, tt, k, target_recall, gpu, ks=(k, k50) if text is not None else ()
+            search_index,
+            factory,
+            tq,
+            tune_self,
+            tt,
+            k,
+            target_recall,
+            gpu,
+            ks=(k, k50) if text is not None else (),
+            max_nprobe=max_nprobe,
         )
         _apply_params(search_index, params)
     if hasattr(search_index, "bytes_read"):  # re-rank I/O of the evaluation queries only

@@ -120,3 +120,21 @@ def test_text_tuning_meets_the_target_at_50_too(gap_corpus):
     )
     assert rep.recall_text_at_10 >= 0.88 and rep.recall_text_at_50 >= 0.88  # held-out: 0.9 up to noise
     assert rep.target_met
+
+
+def test_max_nprobe_caps_the_tuning(gap_corpus):
+    """A latency budget: tuning never probes more than max_nprobe lists, and says the target was
+    missed when the budget cannot reach it."""
+    import faiss
+
+    x, t = gap_corpus
+    ix = faiss.index_factory(128, "IVF128,Flat", faiss.METRIC_INNER_PRODUCT)
+    ix.train(x)
+    ix.add(x)
+    src = VectorSource.from_array(x)
+    _, capped = fi.evaluate_index(
+        ix, src, "IVF128,Flat", 0.0, len(x), 0.99, 200, text_queries=t, allow_low_recall=True, max_nprobe=4
+    )
+    assert capped.search_params["nprobe"] <= 4 and not capped.target_met
+    _, free = fi.evaluate_index(ix, src, "IVF128,Flat", 0.0, len(x), 0.99, 200, text_queries=t, allow_low_recall=True)
+    assert free.search_params["nprobe"] > 4
