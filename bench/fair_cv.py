@@ -161,6 +161,11 @@ def rows() -> Dict[str, Tuple[BankConfig, SegmenterConfig]]:
         "nopeel": (replace(d_bank, context_from_vocabulary=False), d_seg),
         "confidence": (replace(d_bank, context_order="confidence"), d_seg),
         "ownership": (replace(d_bank, context_order="ownership"), d_seg),
+        # order-free: every archive token weighted by its neighbourhood's enrichment in its own
+        # archive among all the vocabulary's archives (reco/enrichment.py); alone, and on top of
+        # the paper's fixed context
+        "enrich": (replace(d_bank, context_order="enrichment"), d_seg),
+        "paper-enrich": (replace(p_bank, context_from_vocabulary=True, context_order="enrichment"), p_seg),
         # the paper's fixed context, eliminated with the sharp peeling weight instead of T=1, offset 0
         "paper-sharp": (replace(p_bank, context_temperature=20.0, context_offset=0.6), p_seg),
     }

@@ -14,6 +14,17 @@ Orders (``BankConfig.context_order``):
   never peels anything, and it is built last, with the owners peeled off. Owners are built first,
   by decreasing margin, each peeling the owners before it (``owners_peel``) or each keeping its
   plain co-segmentation (its archive is about it: nothing needs peeling).
+* ``enrichment``: no order and no peeling (:mod:`reco.enrichment`). Every archive token is
+  weighted by how much its nearest neighbours among *all* the vocabulary's archive tokens come
+  from its own concept's archive, relative to chance; each concept is then co-segmented once with
+  these weights. A diffuse archive's road tokens have road-archive neighbours and get a low
+  weight in the diffuse concept, while road's own archive keeps its road: nothing one concept
+  builds can change another concept's reference.
+
+``ownership`` and ``enrichment`` need every archive's features at once: they are built in one
+process (:meth:`reco.bank.ConceptBank.build`); :func:`build_order` refuses ``ownership`` without the
+margins it is ordered by, and ``enrichment`` always (it has no order), so the distributed bank
+job's peeling chain refuses both instead of building something else.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ import torch.nn.functional as F
 
 from .builder import ConceptBuilder, ConceptReference, ContextLike, reused_reference
 from .config import BankConfig
+from .enrichment import enrichment_ratios, enrichment_weights
 from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -52,6 +64,11 @@ def build_order(
         if archive_sizes is None:
             raise ConfigError("context_order 'archive-size' needs the archive sizes")
         return sorted(names, key=lambda n: (-int(archive_sizes[n]), pos[n]))
+    if config.context_order == "enrichment":
+        raise ConfigError(
+            "context_order 'enrichment' has no build order: it weighs every archive against all the others "
+            "at once (reco.bank.ConceptBank.build, one process), nothing is peeled"
+        )
     if confidences is None:
         raise ConfigError(f"context_order {config.context_order!r} needs each concept's confidence")
     if config.context_order == "ownership":
@@ -85,6 +102,8 @@ def build_vocabulary(
     confidences = None
     if cfg.context_order == "ownership":
         return _build_by_ownership(builder, names, prepare, context)
+    if cfg.context_order == "enrichment":
+        return _build_by_enrichment(builder, names, prepare, context)
     if cfg.context_order == "confidence":
         confidences = {}
         for n in names:
@@ -159,3 +178,28 @@ def _build_by_ownership(
         [n for n in order if n in owners],
     )
     return refs, order
+
+
+def _build_by_enrichment(
+    builder: ConceptBuilder, names: Sequence[str], prepare, context: Mapping[str, ContextLike]
+) -> Tuple[Dict[str, ConceptReference], List[str]]:
+    """``context_order="enrichment"``: the enrichment ratios of every archive token against the
+    pool of all the vocabulary's archives (context concepts' included), then one weighted
+    co-segmentation per concept; a concept that is also a context concept reuses its reference."""
+    cfg = builder.config
+    dev = builder.compute_device
+    prepared = {n: prepare(n) for n in names}
+    ratios = enrichment_ratios([prepared[n][0].to(dev) for n in names], cfg.enrichment_neighbours, cfg.block_size)
+    refs: Dict[str, ConceptReference] = {}
+    for n, r in zip(names, ratios):
+        if n in context:
+            refs[n] = reused_reference(n, context[n])
+            continue
+        f, lang = prepared[n]
+        w = enrichment_weights(r, cfg.enrichment_temperature)
+        refs[n] = builder.build_from_features(n, f, context, lang, token_weights=w)
+    logger.info(
+        "enrichment: 90th percentile of each archive's ratios: %s",
+        {n: round(float(r.flatten().quantile(0.9)), 2) for n, r in zip(names, ratios)},
+    )
+    return refs, list(names)

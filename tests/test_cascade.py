@@ -109,3 +109,91 @@ def test_ownership_order_cannot_cascade(owners_peel):
     labels = seg(torch.zeros(3, 16, 16))[0].labels
     names = [seg.class_names[int(i)] for i in labels[[0, 0, 15, 15], [0, 15, 0, 15]]]
     assert names == ["road", "building", "pole", "road"]
+
+
+def _street_image() -> torch.Tensor:
+    return torch.stack(
+        [
+            e(ROAD, noise=0.1, seed=1000),
+            e(BUILDING, noise=0.1, seed=1001),
+            e(POLE, noise=0.3, seed=1002),
+            e(ROAD, noise=0.1, seed=1003),
+        ]
+    ).T.reshape(1, D, 2, 2)
+
+
+def test_without_any_context_the_diffuse_concept_is_road():
+    """What enrichment has to fix: co-segmented alone, pole's archive agrees most on the road."""
+    feats = _street()
+    bank = ConceptBank.build_from_features(feats, ConceptBuilder(Stub(), None, _cfg(context_from_vocabulary=False)))
+    assert _cos(bank, "pole", ROAD) > 0.9
+
+
+def test_enrichment_cannot_cascade():
+    """``context_order="enrichment"`` on the pole-steals-road archives (the archive-size order
+    and plain co-segmentation both fail here, above): the pole archive's road tokens have their
+    neighbours in the road archive, so pole seeds on the pole; nothing is peeled, so road keeps
+    road; the street image is labelled road / building / pole."""
+    feats = _street()
+    cfg = BankConfig(block_size=64, context_order="enrichment", enrichment_neighbours=4)
+    bank = ConceptBank.build_from_features(feats, ConceptBuilder(Stub(), None, cfg))
+    assert _cos(bank, "road", ROAD) > 0.9
+    assert _cos(bank, "building", BUILDING) > 0.9
+    assert _cos(bank, "pole", POLE) > 0.5 > max(_cos(bank, "pole", ROAD), _cos(bank, "pole", BUILDING))
+    assert all(not bank.metadata["concepts"][n]["context_eliminated"] for n in feats)  # nothing peeled
+    seg = Segmenter(bank, Stub(_street_image()), None, SegmenterConfig(image_size=16, calibrate=False))
+    labels = seg(torch.zeros(3, 16, 16))[0].labels
+    names = [seg.class_names[int(i)] for i in labels[[0, 0, 15, 15], [0, 15, 0, 15]]]
+    assert names == ["road", "building", "pole", "road"]
+    # order-free: the vocabulary order changes nothing
+    back = ConceptBank.build_from_features(
+        {n: feats[n] for n in reversed(list(feats))}, ConceptBuilder(Stub(), None, cfg)
+    )
+    for n in feats:
+        assert torch.allclose(back.references[back.index(n)], bank.references[bank.index(n)], atol=1e-6)
+
+
+def _ratios_dense(archives, k):
+    """Brute force of reco.enrichment.enrichment_ratios: the whole pool's similarity at once."""
+    pool = torch.cat([F.normalize(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]), dim=1) for f in archives])
+    concept = torch.cat([torch.full((f.shape[0] * f.shape[2] * f.shape[3],), c) for c, f in enumerate(archives)])
+    image = torch.cat(
+        [torch.arange(f.shape[0]).repeat_interleave(f.shape[2] * f.shape[3]) + 100 * c for c, f in enumerate(archives)]
+    )
+    sim = (pool @ pool.T).masked_fill(image[:, None] == image[None, :], float("-inf"))
+    nn = sim.topk(k, dim=1).indices
+    share = (concept[nn] == concept[:, None]).float().mean(1)
+    n_img = (image[:, None] == image[None, :]).sum(1).float()
+    chance = ((concept[:, None] == concept[None, :]).sum(1).float() - n_img) / (len(pool) - n_img)
+    return share / chance
+
+
+def test_enrichment_ratios_blockwise_equal_brute_force():
+    from reco.enrichment import enrichment_ratios, enrichment_weights
+
+    g = torch.Generator().manual_seed(0)
+    archives = [
+        torch.randn(3, 8, 2, 3, generator=g),
+        torch.randn(4, 8, 2, 2, generator=g),
+        torch.randn(2, 8, 3, 3, generator=g),
+    ]
+    want = _ratios_dense(archives, 5)
+    for block, pool_block in ((7, 5), (64, 1000), (1, 3)):
+        got = torch.cat([r.reshape(-1) for r in enrichment_ratios(archives, 5, block, pool_block)])
+        assert torch.allclose(got, want, atol=1e-5)
+    assert [tuple(r.shape) for r in enrichment_ratios(archives, 5)] == [(3, 2, 3), (4, 2, 2), (2, 3, 3)]
+    # one archive alone has nothing to be enriched against: chance everywhere
+    assert torch.equal(enrichment_ratios(archives[:1], 5)[0], torch.ones(3, 2, 3))
+    w = enrichment_weights(torch.tensor([0.0, 1.0, 3.0]), 2.0)
+    assert torch.allclose(w, torch.tensor([0.0, 0.5, 0.9]))
+
+
+def test_enrichment_has_no_build_order_and_validates():
+    from reco.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="enrichment"):
+        build_order(BankConfig(context_order="enrichment"), ["a", "b"], {"a": 1, "b": 1})
+    with pytest.raises(ConfigError, match="enrichment_neighbours"):
+        BankConfig(enrichment_neighbours=0)
+    with pytest.raises(ConfigError, match="enrichment_temperature"):
+        BankConfig(enrichment_temperature=0.0)
