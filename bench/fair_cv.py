@@ -75,6 +75,24 @@ class _Features(torch.nn.Module):
         self.p = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
 
 
+def _memo_margins() -> None:
+    """The enrichment margins (reco/enrichment.py) depend only on the archives, not on the
+    config: computed once per set of archives (a fold) and reused by every enrichment row."""
+    import reco.vocabulary as vocabulary
+
+    compute = vocabulary.enrichment_margins
+    memo: Dict[tuple, List[torch.Tensor]] = {}
+
+    def margins(archives, *args, **kw):
+        key = tuple((tuple(a.shape), float(a.double().sum()), float(a.double().abs().sum())) for a in archives)
+        key += tuple(args) + tuple(sorted(kw.items()))
+        if key not in memo:
+            memo[key] = compute(archives, *args, **kw)
+        return memo[key]
+
+    vocabulary.enrichment_margins = margins  # type: ignore[assignment]
+
+
 def build(cfg: BankConfig, feats: Dict[str, torch.Tensor]) -> ConceptBank:
     builder = ConceptBuilder(_Features(), None, cfg)
     ctx = {}
@@ -204,6 +222,7 @@ def main() -> None:
     for noisy in ("reco.bank", "reco.builder"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     cache = Cache(a.cache)
+    _memo_margins()
     if a.floors:
         print(json.dumps({"row": "floors-and-ceiling", **floors_and_ceiling(cache)}, default=float), flush=True)
     for name in a.rows.split():

@@ -75,8 +75,8 @@ class BankConfig:
     # (cascade-proof: every concept is first co-segmented alone and the concepts whose archives
     # agree most on a region claim it first), "ownership" (only concepts whose reference is about
     # their own archive peel, reco.vocabulary), "enrichment" (no order and no peeling: each
-    # archive's tokens are weighted by how much their neighbourhood among all the vocabulary's
-    # archives is enriched in that archive, reco.enrichment).
+    # archive's tokens are weighted by how much commoner their look is in that archive than in
+    # any other archive of the vocabulary, reco.enrichment).
     context_from_vocabulary: bool = True
     context_order: str = "archive-size"
     # Peeling weight of a token: prod_c (1 - sigmoid(T * (cos(f, v_c) - offset))) over the prototypes
@@ -92,12 +92,11 @@ class BankConfig:
     # co-segmentation; only the diffuse concepts are built with the owners peeled off).
     owners_peel: bool = True
     # context_order "enrichment" (reco.enrichment): order-free, nothing is peeled. Every archive
-    # token is weighted by how enriched its ``enrichment_neighbours`` nearest neighbours among all
-    # the vocabulary's archive tokens (its own image excluded) are in its own concept's archive,
-    # relative to that archive's share of the pool: weight sigmoid(T log ratio), T =
-    # ``enrichment_temperature`` (0.5 at chance).
-    enrichment_neighbours: int = 20
-    enrichment_temperature: float = 2.0
+    # token p of concept c is weighted by min(1, 2 sigmoid(T * (a_c(p) - max_{c' != c} a_c'(p)))),
+    # where a_c'(p) is its co-segmentation score against concept c''s archive (mean over the
+    # images of its best match there, its own image excluded) and T = ``enrichment_temperature``:
+    # a token another archive is more about fades out, the others keep weight 1.
+    enrichment_temperature: float = 100.0
     # The same weight for the paper's context concepts (context archives); the paper: 1 and 0.
     context_temperature: float = 1.0
     context_offset: float = 0.0
@@ -140,8 +139,6 @@ class BankConfig:
             raise ConfigError(f"bank.seed_tokens must be >= 1, got {self.seed_tokens}")
         if self.prototypes < 1:
             raise ConfigError(f"bank.prototypes must be >= 1, got {self.prototypes}")
-        if self.enrichment_neighbours < 1:
-            raise ConfigError(f"bank.enrichment_neighbours must be >= 1, got {self.enrichment_neighbours}")
         for name in ("context_temperature", "peel_temperature", "enrichment_temperature"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"bank.{name} must be > 0, got {getattr(self, name)}")

@@ -1,23 +1,34 @@
-"""Neighbourhood enrichment: which archive tokens are *about* their concept, judged against the
-other concepts' archives of the same vocabulary (``BankConfig.context_order = "enrichment"``).
+"""Discriminative co-segmentation: which archive tokens are *about* their concept, judged against
+the other concepts' archives of the same vocabulary (``BankConfig.context_order = "enrichment"``).
 
-Every token of every archive is compared with the pooled tokens of all the vocabulary's archives
-(its own image excluded). Among its ``K`` nearest neighbours (cosine), the share that comes from
-its own concept's archive, divided by that archive's share of the pool, is its *enrichment ratio*
+ReCo's co-segmentation score of a token p of concept c's archive is its mean, over the archive's
+other images j, of its best match in j: ``a_c(p) = mean_j max_{q in j} <f_p, f_q>``. The same
+statistic against another concept's archive, ``a_c'(p)``, says how common p's look is there.
+The *enrichment margin* of p is
 
-    r(p) = (#{q in kNN(p) : concept(q) = c} / K) / ((N_c - n_i) / (N - n_i))
+    margin(p) = a_c(p) - max_{c' != c} a_c'(p)
 
-(c: p's concept, N_c: tokens of c's archive, N: tokens of the pool, n_i: tokens of p's own
-image, all excluded from the neighbours). r = 1 is chance; r > 1: the token's neighbourhood is
-enriched in its own archive, so it is what that archive is about rather than something every
-archive shows. A pole archive that is mostly road has road tokens whose neighbours come from the
-road archive (r < 1) and pole tokens whose neighbours come from the pole archive (r > 1).
+positive when p's look is commoner in its own archive than in any other archive of the
+vocabulary; negative for what another archive is more about (the road under a pole archive's
+poles: the road archive matches road better). The co-segmentation weight of a token is one-sided,
+``min(1, 2 sigmoid(T * margin))``: a token that another archive is more about fades out (the
+diffuse archive gives up the road), every other token keeps its full weight, so ReCo's own
+criterion (the region the archive agrees on) still chooses among them. A symmetric weight would
+also favour what is merely *unique* to an archive (the pavement beside the road in road crops)
+over what the archive is about but shares with others (its road, also under every pole). Nothing
+is built before anything else, so no concept's reference can remove another's region: there is
+no cascade to start.
 
-The co-segmentation weight of a token is ``sigmoid(T * log r) = r^T / (1 + r^T)`` (0.5 at
-chance). Nothing is built before anything else, so no concept's reference can remove another's
-region: there is no cascade to start. Memory is bounded by blocks of queries against blocks of
-the pool (O(block_size * pool_block) similarities), whatever the vocabulary size; the cost is one
-pass over all pairs of the vocabulary's archive tokens.
+(A token-level version, the share of a token's K nearest pool tokens that come from its own
+archive, was measured first and dropped: on video archives consecutive frames of one archive are
+each other's nearest neighbours, so nearly every token's neighbours were all its own archive's.
+Averaging over the archive's images, as the co-segmentation itself does, is not dominated by a few
+near-duplicate images.)
+
+Memory is bounded by blocks of query tokens against blocks of pool images (O(block_size *
+pool_tokens) similarities) and O(tokens) for the result, whatever the vocabulary size; the cost is
+one pass over all pairs of the vocabulary's archive tokens (C times one concept's co-segmentation
+per concept).
 """
 
 from __future__ import annotations
@@ -31,80 +42,70 @@ from .precision import fp32
 
 
 def _tokens(features: torch.Tensor) -> torch.Tensor:
-    """(k, D, h, w) -> (k*h*w, D) L2-normalised, image-major."""
+    """(k, D, h, w) -> (k, h*w, D) L2-normalised."""
     k, d, h, w = features.shape
-    return F.normalize(features.float().permute(0, 2, 3, 1).reshape(k * h * w, d), dim=-1)
+    return F.normalize(features.float().permute(0, 2, 3, 1).reshape(k, h * w, d), dim=-1)
 
 
 @fp32
-def enrichment_ratios(
-    archives: Sequence[torch.Tensor], neighbours: int = 20, block_size: int = 256, pool_block: int = 32768
+def _archive_affinity(query: torch.Tensor, pool: torch.Tensor, images_per_block: int) -> torch.Tensor:
+    """(b, D) query tokens, (k', n', D) one archive's tokens -> (b, k') best match in each image."""
+    out = []
+    for j0 in range(0, pool.shape[0], images_per_block):
+        chunk = pool[j0 : j0 + images_per_block]  # (m, n', D)
+        sim = query @ chunk.reshape(-1, chunk.shape[-1]).T  # (b, m * n')
+        out.append(sim.reshape(query.shape[0], chunk.shape[0], chunk.shape[1]).amax(dim=2))
+    return torch.cat(out, dim=1)
+
+
+@fp32
+def enrichment_margins(
+    archives: Sequence[torch.Tensor], block_size: int = 256, pool_tokens: int = 16384
 ) -> List[torch.Tensor]:
-    """Enrichment ratio of every archive token (see the module docstring).
+    """Enrichment margin of every archive token (see the module docstring).
 
     Args:
         archives: one (k_c, D, h_c, w_c) feature tensor per concept (sizes and grids may differ).
-        neighbours: K nearest neighbours per token (fewer when the pool outside the token's
-            image is smaller).
         block_size: query tokens per block.
-        pool_block: pool tokens compared with a query block at once.
+        pool_tokens: about how many pool tokens a query block is compared with at once (whole
+            images: at least one).
     Returns:
-        one (k_c, h_c, w_c) tensor of ratios per concept (>= 0; 1 = chance). A concept whose
-        archive is the only one, or a single image, has no neighbours to judge by: all ones.
+        one (k_c, h_c, w_c) tensor of margins per concept. Without another archive (a vocabulary
+        of one) the margin is +inf (nothing competes); a one-image archive has no own score to
+        compare: its margins are 0 (neutral).
     """
-    if not archives:
-        return []
-    device = archives[0].device
-    pool = torch.cat([_tokens(f.to(device)) for f in archives])  # (N, D)
-    concept = torch.cat(
-        [torch.full((f.shape[0] * f.shape[2] * f.shape[3],), c, dtype=torch.long) for c, f in enumerate(archives)]
-    ).to(device)
-    sizes = [f.shape[2] * f.shape[3] for f in archives]
-    image = torch.cat(
-        [
-            torch.arange(f.shape[0]).repeat_interleave(n) + sum(a.shape[0] for a in archives[:c])
-            for c, (f, n) in enumerate(zip(archives, sizes))
-        ]
-    ).to(device)
-    total = pool.shape[0]
-    per_concept = torch.bincount(concept, minlength=len(archives)).float()
-    image_tokens = torch.bincount(image).float()  # tokens of each image
-    ratios = torch.ones(total, device=device)
-    for start in range(0, total, block_size):
-        stop = min(start + block_size, total)
-        q, q_img, q_con = pool[start:stop], image[start:stop], concept[start:stop]
-        best = torch.full((stop - start, 0), float("-inf"), device=device)
-        best_con = torch.empty((stop - start, 0), dtype=torch.long, device=device)
-        for p0 in range(0, total, pool_block):
-            p1 = min(p0 + pool_block, total)
-            sim = q @ pool[p0:p1].T  # (b, P)
-            sim = sim.masked_fill(q_img[:, None] == image[None, p0:p1], float("-inf"))
-            local = sim.topk(min(neighbours, p1 - p0), dim=1)
-            cand = torch.cat([best, local.values], dim=1)
-            cand_con = torch.cat([best_con, concept[p0 + local.indices]], dim=1)
-            top = cand.topk(min(neighbours, cand.shape[1]), dim=1)
-            best, best_con = top.values, cand_con.gather(1, top.indices)
-        found = torch.isfinite(best)  # fewer than K tokens outside the image: count what exists
-        hits = ((best_con == q_con[:, None]) & found).sum(1).float()
-        share = hits / found.sum(1).clamp_min(1).float()
-        own_pool = per_concept[q_con] - image_tokens[q_img]
-        chance = own_pool / (total - image_tokens[q_img]).clamp_min(1.0)
-        ok = (own_pool > 0) & (found.sum(1) > 0) & (per_concept[q_con] < total)
-        ratios[start:stop] = torch.where(ok, share / chance.clamp_min(1e-12), torch.ones_like(share))
-    out, at = [], 0
-    for f in archives:
-        n = f.shape[0] * f.shape[2] * f.shape[3]
-        out.append(ratios[at : at + n].reshape(f.shape[0], f.shape[2], f.shape[3]))
-        at += n
+    flat = [_tokens(f) for f in archives]
+    out = []
+    for c, own in enumerate(flat):
+        k, n, _ = own.shape
+        q = own.reshape(k * n, -1)
+        margin = torch.empty(k * n, device=q.device)
+        image = torch.arange(k, device=q.device).repeat_interleave(n)
+        for start in range(0, k * n, block_size):
+            stop = min(start + block_size, k * n)
+            qb = q[start:stop]
+            rows = torch.arange(stop - start, device=q.device)
+            best_other = torch.full((stop - start,), float("-inf"), device=q.device)
+            own_score = torch.zeros(stop - start, device=q.device)
+            for c2, pool in enumerate(flat):
+                per_image = _archive_affinity(qb, pool.to(q.device), max(1, pool_tokens // pool.shape[1]))
+                if c2 != c:
+                    best_other = torch.maximum(best_other, per_image.mean(dim=1))
+                elif k > 1:
+                    per_image[rows, image[start:stop]] = 0.0
+                    own_score = per_image.sum(dim=1) / (k - 1)
+            if k > 1:
+                margin[start:stop] = own_score - best_other
+            else:
+                margin[start:stop] = torch.where(torch.isinf(best_other), best_other.abs(), 0.0)
+        out.append(margin.reshape(k, archives[c].shape[2], archives[c].shape[3]))
     return out
 
 
-def enrichment_weights(ratios: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
-    """Co-segmentation weights in [0, 1] from enrichment ratios: sigmoid(T * log r)
-    = r^T / (1 + r^T); 0.5 at chance, 0 for a token none of whose neighbours is its concept's."""
-    r = ratios.float().clamp_min(0.0)
-    rt = r.pow(temperature)
-    return rt / (1.0 + rt)
+def enrichment_weights(margins: torch.Tensor, temperature: float = 100.0) -> torch.Tensor:
+    """Co-segmentation weights in [0, 1] from enrichment margins: min(1, 2 sigmoid(T * margin));
+    1 where no other archive is more about the token, towards 0 where one is."""
+    return (2.0 * torch.sigmoid(temperature * margins.float())).clamp(max=1.0)
 
 
-__all__ = ["enrichment_ratios", "enrichment_weights"]
+__all__ = ["enrichment_margins", "enrichment_weights"]

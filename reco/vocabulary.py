@@ -15,11 +15,11 @@ Orders (``BankConfig.context_order``):
   by decreasing margin, each peeling the owners before it (``owners_peel``) or each keeping its
   plain co-segmentation (its archive is about it: nothing needs peeling).
 * ``enrichment``: no order and no peeling (:mod:`reco.enrichment`). Every archive token is
-  weighted by how much its nearest neighbours among *all* the vocabulary's archive tokens come
-  from its own concept's archive, relative to chance; each concept is then co-segmented once with
-  these weights. A diffuse archive's road tokens have road-archive neighbours and get a low
-  weight in the diffuse concept, while road's own archive keeps its road: nothing one concept
-  builds can change another concept's reference.
+  weighted by how much better it is matched by its own concept's archive than by the best other
+  archive of the vocabulary (co-segmentation scores against each archive); each concept is then
+  co-segmented once with these weights. A diffuse archive's road tokens are matched better by
+  the road archive and get a low weight in the diffuse concept, while road's own archive keeps
+  its road: nothing one concept builds can change another concept's reference.
 
 ``ownership`` and ``enrichment`` need every archive's features at once: they are built in one
 process (:meth:`reco.bank.ConceptBank.build`); :func:`build_order` refuses ``ownership`` without the
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from .builder import ConceptBuilder, ConceptReference, ContextLike, reused_reference
 from .config import BankConfig
-from .enrichment import enrichment_ratios, enrichment_weights
+from .enrichment import enrichment_margins, enrichment_weights
 from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -183,23 +183,23 @@ def _build_by_ownership(
 def _build_by_enrichment(
     builder: ConceptBuilder, names: Sequence[str], prepare, context: Mapping[str, ContextLike]
 ) -> Tuple[Dict[str, ConceptReference], List[str]]:
-    """``context_order="enrichment"``: the enrichment ratios of every archive token against the
-    pool of all the vocabulary's archives (context concepts' included), then one weighted
-    co-segmentation per concept; a concept that is also a context concept reuses its reference."""
+    """``context_order="enrichment"``: the enrichment margin of every archive token against all
+    the vocabulary's archives (context concepts' included), then one weighted co-segmentation per
+    concept; a concept that is also a context concept reuses its reference."""
     cfg = builder.config
     dev = builder.compute_device
     prepared = {n: prepare(n) for n in names}
-    ratios = enrichment_ratios([prepared[n][0].to(dev) for n in names], cfg.enrichment_neighbours, cfg.block_size)
+    margins = enrichment_margins([prepared[n][0].to(dev) for n in names], cfg.block_size)
     refs: Dict[str, ConceptReference] = {}
-    for n, r in zip(names, ratios):
+    for n, m in zip(names, margins):
         if n in context:
             refs[n] = reused_reference(n, context[n])
             continue
         f, lang = prepared[n]
-        w = enrichment_weights(r, cfg.enrichment_temperature)
+        w = enrichment_weights(m, cfg.enrichment_temperature)
         refs[n] = builder.build_from_features(n, f, context, lang, token_weights=w)
     logger.info(
-        "enrichment: 90th percentile of each archive's ratios: %s",
-        {n: round(float(r.flatten().quantile(0.9)), 2) for n, r in zip(names, ratios)},
+        "enrichment: share of each archive's tokens with a positive margin: %s",
+        {n: round(float((m > 0).float().mean()), 3) for n, m in zip(names, margins)},
     )
     return refs, list(names)

@@ -131,11 +131,11 @@ def test_without_any_context_the_diffuse_concept_is_road():
 
 def test_enrichment_cannot_cascade():
     """``context_order="enrichment"`` on the pole-steals-road archives (the archive-size order
-    and plain co-segmentation both fail here, above): the pole archive's road tokens have their
-    neighbours in the road archive, so pole seeds on the pole; nothing is peeled, so road keeps
-    road; the street image is labelled road / building / pole."""
+    and plain co-segmentation both fail here, above): the pole archive's road tokens are matched
+    better by the road archive than by the pole archive, so pole seeds on the pole; nothing is
+    peeled, so road keeps road; the street image is labelled road / building / pole."""
     feats = _street()
-    cfg = BankConfig(block_size=64, context_order="enrichment", enrichment_neighbours=4)
+    cfg = BankConfig(block_size=64, context_order="enrichment", enrichment_temperature=1000.0)
     bank = ConceptBank.build_from_features(feats, ConceptBuilder(Stub(), None, cfg))
     assert _cos(bank, "road", ROAD) > 0.9
     assert _cos(bank, "building", BUILDING) > 0.9
@@ -153,23 +153,23 @@ def test_enrichment_cannot_cascade():
         assert torch.allclose(back.references[back.index(n)], bank.references[bank.index(n)], atol=1e-6)
 
 
-def _ratios_dense(archives, k):
-    """Brute force of reco.enrichment.enrichment_ratios: the whole pool's similarity at once."""
-    pool = torch.cat([F.normalize(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]), dim=1) for f in archives])
-    concept = torch.cat([torch.full((f.shape[0] * f.shape[2] * f.shape[3],), c) for c, f in enumerate(archives)])
-    image = torch.cat(
-        [torch.arange(f.shape[0]).repeat_interleave(f.shape[2] * f.shape[3]) + 100 * c for c, f in enumerate(archives)]
-    )
-    sim = (pool @ pool.T).masked_fill(image[:, None] == image[None, :], float("-inf"))
-    nn = sim.topk(k, dim=1).indices
-    share = (concept[nn] == concept[:, None]).float().mean(1)
-    n_img = (image[:, None] == image[None, :]).sum(1).float()
-    chance = ((concept[:, None] == concept[None, :]).sum(1).float() - n_img) / (len(pool) - n_img)
-    return share / chance
+def _margins_dense(archives):
+    """Brute force of reco.enrichment.enrichment_margins: every pair of images at once."""
+    flat = [F.normalize(f.permute(0, 2, 3, 1).reshape(f.shape[0], -1, f.shape[1]), dim=2) for f in archives]
+    out = []
+    for c, own in enumerate(flat):
+        # aff[c2][p, j]: token p's best match in image j of archive c2
+        aff = [torch.einsum("ipd,jqd->ipjq", own, pool).amax(dim=3) for pool in flat]
+        k = own.shape[0]
+        mask = ~torch.eye(k, dtype=torch.bool)[:, None, :].expand(k, own.shape[1], k)
+        own_score = (aff[c] * mask).sum(2) / (k - 1)
+        other = torch.stack([a.mean(2) for c2, a in enumerate(aff) if c2 != c]).amax(0)
+        out.append((own_score - other).reshape(k, *archives[c].shape[2:]))
+    return out
 
 
-def test_enrichment_ratios_blockwise_equal_brute_force():
-    from reco.enrichment import enrichment_ratios, enrichment_weights
+def test_enrichment_margins_blockwise_equal_brute_force():
+    from reco.enrichment import enrichment_margins, enrichment_weights
 
     g = torch.Generator().manual_seed(0)
     archives = [
@@ -177,15 +177,33 @@ def test_enrichment_ratios_blockwise_equal_brute_force():
         torch.randn(4, 8, 2, 2, generator=g),
         torch.randn(2, 8, 3, 3, generator=g),
     ]
-    want = _ratios_dense(archives, 5)
-    for block, pool_block in ((7, 5), (64, 1000), (1, 3)):
-        got = torch.cat([r.reshape(-1) for r in enrichment_ratios(archives, 5, block, pool_block)])
-        assert torch.allclose(got, want, atol=1e-5)
-    assert [tuple(r.shape) for r in enrichment_ratios(archives, 5)] == [(3, 2, 3), (4, 2, 2), (2, 3, 3)]
-    # one archive alone has nothing to be enriched against: chance everywhere
-    assert torch.equal(enrichment_ratios(archives[:1], 5)[0], torch.ones(3, 2, 3))
-    w = enrichment_weights(torch.tensor([0.0, 1.0, 3.0]), 2.0)
-    assert torch.allclose(w, torch.tensor([0.0, 0.5, 0.9]))
+    want = _margins_dense(archives)
+    for block, pool_tokens in ((7, 5), (64, 1000), (1, 1)):
+        got = enrichment_margins(archives, block, pool_tokens)
+        assert [tuple(m.shape) for m in got] == [(3, 2, 3), (4, 2, 2), (2, 3, 3)]
+        for a, b in zip(got, want):
+            assert torch.allclose(a, b, atol=1e-5)
+    # the own-archive term is the plain co-segmentation score (its own image excluded)
+    from reco.coseg import coseg_scores
+
+    others = torch.stack(
+        [
+            a.mean(2)
+            for a in [
+                torch.einsum(
+                    "ipd,jqd->ipjq",
+                    *[F.normalize(x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, 8), dim=2) for x in (archives[0], b)],
+                ).amax(3)
+                for b in archives[1:]
+            ]
+        ]
+    ).amax(0)
+    own = coseg_scores(archives[0], None, 4, exclude_own_image=True).reshape(3, -1)
+    assert torch.allclose(want[0].reshape(3, -1), own - others, atol=1e-5)
+    # a vocabulary of one has nothing to compete with
+    assert torch.isinf(enrichment_margins(archives[:1])[0]).all()
+    w = enrichment_weights(torch.tensor([-1.0, -0.01, 0.0, 0.01, float("inf")]), 100.0)
+    assert torch.allclose(w, torch.tensor([0.0, 2 / (1 + 2.718281828), 1.0, 1.0, 1.0]), atol=1e-6)
 
 
 def test_enrichment_has_no_build_order_and_validates():
@@ -193,7 +211,5 @@ def test_enrichment_has_no_build_order_and_validates():
 
     with pytest.raises(ConfigError, match="enrichment"):
         build_order(BankConfig(context_order="enrichment"), ["a", "b"], {"a": 1, "b": 1})
-    with pytest.raises(ConfigError, match="enrichment_neighbours"):
-        BankConfig(enrichment_neighbours=0)
     with pytest.raises(ConfigError, match="enrichment_temperature"):
         BankConfig(enrichment_temperature=0.0)
