@@ -75,20 +75,26 @@ class _Features(torch.nn.Module):
         self.p = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
 
 
-def _memo_margins() -> None:
+def _memo_margins(root: Path) -> None:
     """The enrichment margins (reco/enrichment.py) depend only on the archives, not on the
-    config: computed once per set of archives (a fold) and reused by every enrichment row."""
+    config: computed once per set of archives (a fold) and reused by every enrichment row, also
+    across runs (``root/margins-<digest>.pt``)."""
+    import hashlib
+
     import reco.vocabulary as vocabulary
 
     compute = vocabulary.enrichment_margins
-    memo: Dict[tuple, List[torch.Tensor]] = {}
 
     def margins(archives, *args, **kw):
-        key = tuple((tuple(a.shape), float(a.double().sum()), float(a.double().abs().sum())) for a in archives)
-        key += tuple(args) + tuple(sorted(kw.items()))
-        if key not in memo:
-            memo[key] = compute(archives, *args, **kw)
-        return memo[key]
+        h = hashlib.sha256(repr((args, sorted(kw.items()))).encode())
+        for a in archives:
+            h.update(a.float().contiguous().numpy().tobytes())
+        path = root / f"margins-{h.hexdigest()[:16]}.pt"
+        if path.exists():
+            return torch.load(path)
+        out = compute(archives, *args, **kw)
+        torch.save(out, path)
+        return out
 
     vocabulary.enrichment_margins = margins  # type: ignore[assignment]
 
@@ -216,13 +222,15 @@ def main() -> None:
     p.add_argument("--floors", action="store_true", help="also the ceiling and the trivial baselines")
     p.add_argument("--segs", default="plain", help="segmenter variants scored on every bank: " + ", ".join(SEGS))
     p.add_argument("--cache", default="/tmp/quality-cache")
+    p.add_argument("--margins", default="outputs/quality", help="where enrichment margins are kept between runs")
     a = p.parse_args()
     torch.set_num_threads(2)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("reco.bank", "reco.builder"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     cache = Cache(a.cache)
-    _memo_margins()
+    Path(a.margins).mkdir(parents=True, exist_ok=True)
+    _memo_margins(Path(a.margins))
     if a.floors:
         print(json.dumps({"row": "floors-and-ceiling", **floors_and_ceiling(cache)}, default=float), flush=True)
     for name in a.rows.split():

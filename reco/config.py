@@ -47,7 +47,7 @@ class CRFConfig:
                 raise ConfigError(f"crf.{name} must be > 0, got {getattr(self, name)}")
 
 
-CONTEXT_ORDERS: Tuple[str, ...] = ("given", "archive-size", "confidence", "ownership", "enrichment")
+CONTEXT_ORDERS: Tuple[str, ...] = ("given", "archive-size", "confidence", "ownership", "enrichment", "others")
 CALIBRATIONS: Tuple[str, ...] = ("none", "archive", "archive-threshold")
 
 
@@ -76,7 +76,8 @@ class BankConfig:
     # agree most on a region claim it first), "ownership" (only concepts whose reference is about
     # their own archive peel, reco.vocabulary), "enrichment" (no order and no peeling: each
     # archive's tokens are weighted by how much commoner their look is in that archive than in
-    # any other archive of the vocabulary, reco.enrichment).
+    # any other archive of the vocabulary, reco.enrichment), "others" (no order: each concept
+    # peels every other concept's plain co-segmentation reference, reco.vocabulary).
     context_from_vocabulary: bool = True
     context_order: str = "archive-size"
     # Peeling weight of a token: prod_c (1 - sigmoid(T * (cos(f, v_c) - offset))) over the prototypes

@@ -21,10 +21,17 @@ Orders (``BankConfig.context_order``):
   the road archive and get a low weight in the diffuse concept, while road's own archive keeps
   its road: nothing one concept builds can change another concept's reference.
 
-``ownership`` and ``enrichment`` need every archive's features at once: they are built in one
+* ``others``: no order. Every concept is first co-segmented alone; each is then co-segmented
+  again with the plain references of *all* the other concepts peeled off (the paper's context
+  elimination with the whole vocabulary as context). Only plain references peel, so nothing
+  propagates beyond one step; with the paper's flat weight (``peel_temperature`` 1,
+  ``peel_offset`` 0) a diffuse concept's road-like reference only lowers the road's weight in the
+  road archive, as every other concept's does, and cannot remove it.
+
+``ownership``, ``enrichment`` and ``others`` need every archive's features at once: they are built in one
 process (:meth:`reco.bank.ConceptBank.build`); :func:`build_order` refuses ``ownership`` without the
-margins it is ordered by, and ``enrichment`` always (it has no order), so the distributed bank
-job's peeling chain refuses both instead of building something else.
+margins it is ordered by, and ``enrichment`` and ``others`` always (they have no order), so the
+distributed bank job's peeling chain refuses them instead of building something else.
 """
 
 from __future__ import annotations
@@ -64,10 +71,10 @@ def build_order(
         if archive_sizes is None:
             raise ConfigError("context_order 'archive-size' needs the archive sizes")
         return sorted(names, key=lambda n: (-int(archive_sizes[n]), pos[n]))
-    if config.context_order == "enrichment":
+    if config.context_order in ("enrichment", "others"):
         raise ConfigError(
-            "context_order 'enrichment' has no build order: it weighs every archive against all the others "
-            "at once (reco.bank.ConceptBank.build, one process), nothing is peeled"
+            f"context_order {config.context_order!r} has no build order: it weighs every archive against all "
+            "the others at once (reco.bank.ConceptBank.build, one process)"
         )
     if confidences is None:
         raise ConfigError(f"context_order {config.context_order!r} needs each concept's confidence")
@@ -104,6 +111,8 @@ def build_vocabulary(
         return _build_by_ownership(builder, names, prepare, context)
     if cfg.context_order == "enrichment":
         return _build_by_enrichment(builder, names, prepare, context)
+    if cfg.context_order == "others":
+        return _build_against_others(builder, names, prepare, context)
     if cfg.context_order == "confidence":
         confidences = {}
         for n in names:
@@ -202,4 +211,22 @@ def _build_by_enrichment(
         "enrichment: share of each archive's tokens with a positive margin: %s",
         {n: round(float((m > 0).float().mean()), 3) for n, m in zip(names, margins)},
     )
+    return refs, list(names)
+
+
+def _build_against_others(
+    builder: ConceptBuilder, names: Sequence[str], prepare, context: Mapping[str, ContextLike]
+) -> Tuple[Dict[str, ConceptReference], List[str]]:
+    """``context_order="others"``: plain co-segmentations, then each concept again with every
+    other concept's plain reference peeled; context concepts reuse their references."""
+    prepared = {n: prepare(n) for n in names if n not in context}
+    plain = {n: builder.build_from_features(n, f, context, lang) for n, (f, lang) in prepared.items()}
+    refs: Dict[str, ConceptReference] = {}
+    for n in names:
+        if n in context:
+            refs[n] = reused_reference(n, context[n])
+            continue
+        f, lang = prepared[n]
+        others = {m: r for m, r in plain.items() if m != n}
+        refs[n] = builder.build_from_features(n, f, context, lang, others) if others else plain[n]
     return refs, list(names)

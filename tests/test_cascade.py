@@ -14,6 +14,7 @@ from test_improvements import Stub, archive, e
 from reco import ConceptBank, ConceptBuilder, Segmenter, SegmenterConfig
 from reco.bank import build_order, ownership_margins
 from reco.config import BankConfig
+from reco.errors import ConfigError
 
 D = 48
 BUILDING, POLE, ROAD, PAVEMENT = 0, 1, 2, 3
@@ -207,9 +208,27 @@ def test_enrichment_margins_blockwise_equal_brute_force():
 
 
 def test_enrichment_has_no_build_order_and_validates():
-    from reco.errors import ConfigError
-
     with pytest.raises(ConfigError, match="enrichment"):
         build_order(BankConfig(context_order="enrichment"), ["a", "b"], {"a": 1, "b": 1})
     with pytest.raises(ConfigError, match="enrichment_temperature"):
         BankConfig(enrichment_temperature=0.0)
+
+
+def test_others_peels_every_other_plain_reference_in_any_order():
+    """``context_order="others"``: each concept is rebuilt with every other concept's *plain*
+    reference peeled, whatever the vocabulary order. It is not cascade-proof in the strict sense:
+    pole's plain reference is road, and with the sharp default weight that removes road from the
+    road archive in one step (road seeds on the pavement), which enrichment avoids (above)."""
+    feats = _street()
+    cfg = _cfg(context_order="others")
+    bank = ConceptBank.build_from_features(feats, ConceptBuilder(Stub(), None, cfg))
+    for n in feats:
+        assert sorted(bank.metadata["concepts"][n]["context_eliminated"]) == sorted(m for m in feats if m != n)
+    back = ConceptBank.build_from_features(
+        {n: feats[n] for n in reversed(list(feats))}, ConceptBuilder(Stub(), None, cfg)
+    )
+    assert torch.allclose(back.subset(list(feats)).references, bank.references, atol=1e-6)
+    assert _cos(bank, "pole", POLE) > 0.8  # road and building peeled: pole finds the pole
+    assert _cos(bank, "road", PAVEMENT) > 0.9  # ...but pole's plain (road) reference peeled road
+    with pytest.raises(ConfigError, match="others"):
+        build_order(cfg, list(feats), {n: 4 for n in feats})
