@@ -98,6 +98,9 @@ class BankConfig:
     # images of its best match there, its own image excluded) and T = ``enrichment_temperature``:
     # a token another archive is more about fades out, the others keep weight 1.
     enrichment_temperature: float = 100.0
+    # ... then every concept is co-segmented once more with the other concepts' enrichment
+    # references peeled (``peel_temperature`` / ``peel_offset``; order-free, one step).
+    enrichment_peel_others: bool = False
     # The same weight for the paper's context concepts (context archives); the paper: 1 and 0.
     context_temperature: float = 1.0
     context_offset: float = 0.0
@@ -296,15 +299,19 @@ def _paper_segmenter() -> SegmenterConfig:
 
 #: Named configurations: ``reco-paper`` is the paper's (spec defaults: context archives for
 #: tree/sky/building/road/person, one seed token, one mean reference, raw sigmoid(cos) argmax);
-#: ``default`` is ``BankConfig()`` / ``SegmenterConfig()``, the best configuration measured
-#: (``docs/results.md``).
-PRESETS = ("reco-paper", "default")
+#: ``default`` is ``BankConfig()`` / ``SegmenterConfig()`` (needs no context archives);
+#: ``reco-paper-regions`` is the paper's with a seed region of 100 tokens per archive image, the
+#: configuration leave-one-drive-out CV inside camvid-train chose on the crop protocol
+#: (``docs/results.md``; it needs the paper's context archives, like ``reco-paper``).
+PRESETS = ("reco-paper", "default", "reco-paper-regions")
 
 
 def preset(name: str) -> Tuple[BankConfig, SegmenterConfig]:
     """(bank config, segmenter config) of a named preset (see :data:`PRESETS`)."""
     if name == "reco-paper":
         return _paper_bank(), _paper_segmenter()
+    if name == "reco-paper-regions":
+        return dataclasses.replace(_paper_bank(), seed_tokens=100), _paper_segmenter()
     if name in ("default", "best"):
         return BankConfig(), SegmenterConfig()
     raise ConfigError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")

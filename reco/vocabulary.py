@@ -194,7 +194,10 @@ def _build_by_enrichment(
 ) -> Tuple[Dict[str, ConceptReference], List[str]]:
     """``context_order="enrichment"``: the enrichment margin of every archive token against all
     the vocabulary's archives (context concepts' included), then one weighted co-segmentation per
-    concept; a concept that is also a context concept reuses its reference."""
+    concept; a concept that is also a context concept reuses its reference. With
+    ``enrichment_peel_others`` each concept is then co-segmented once more (same weights) with the
+    other concepts' enrichment references peeled (weight ``peel_temperature`` / ``peel_offset``):
+    order-free, and what peels is already what each archive is about."""
     cfg = builder.config
     dev = builder.compute_device
     prepared = {n: prepare(n) for n in names}
@@ -207,6 +210,15 @@ def _build_by_enrichment(
         f, lang = prepared[n]
         w = enrichment_weights(m, cfg.enrichment_temperature)
         refs[n] = builder.build_from_features(n, f, context, lang, token_weights=w)
+    if cfg.enrichment_peel_others:
+        first = dict(refs)
+        for n, m in zip(names, margins):
+            others = {o: r for o, r in first.items() if o != n}
+            if n in context or not others:
+                continue
+            f, lang = prepared[n]
+            w = enrichment_weights(m, cfg.enrichment_temperature)
+            refs[n] = builder.build_from_features(n, f, context, lang, others, token_weights=w)
     logger.info(
         "enrichment: share of each archive's tokens with a positive margin: %s",
         {n: round(float((m > 0).float().mean()), 3) for n, m in zip(names, margins)},
