@@ -232,3 +232,22 @@ def test_others_peels_every_other_plain_reference_in_any_order():
     assert _cos(bank, "road", PAVEMENT) > 0.9  # ...but pole's plain (road) reference peeled road
     with pytest.raises(ConfigError, match="others"):
         build_order(cfg, list(feats), {n: 4 for n in feats})
+
+
+def test_enrichment_then_peel_the_others_enrichment_references():
+    """``enrichment_peel_others``: a second, order-free pass peels the other concepts'
+    *enrichment* references (already about their own archives), so pole's peeled reference is
+    the pole and road keeps road, unlike ``others`` with its plain (road-like) pole reference."""
+    feats = _street()
+    cfg = BankConfig(
+        block_size=64, context_order="enrichment", enrichment_temperature=1000.0, enrichment_peel_others=True
+    )
+    bank = ConceptBank.build_from_features(feats, ConceptBuilder(Stub(), None, cfg))
+    for n in feats:
+        assert sorted(bank.metadata["concepts"][n]["context_eliminated"]) == sorted(m for m in feats if m != n)
+    assert _cos(bank, "road", ROAD) > 0.9 and _cos(bank, "building", BUILDING) > 0.9
+    assert _cos(bank, "pole", POLE) > 0.5
+    back = ConceptBank.build_from_features(
+        {n: feats[n] for n in reversed(list(feats))}, ConceptBuilder(Stub(), None, cfg)
+    )
+    assert torch.allclose(back.subset(list(feats)).references, bank.references, atol=1e-6)
