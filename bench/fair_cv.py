@@ -75,6 +75,30 @@ class _Features(torch.nn.Module):
         self.p = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
 
 
+def _memo_margins(root: Path) -> None:
+    """The enrichment margins (reco/enrichment.py) depend only on the archives, not on the
+    config: computed once per set of archives (a fold) and reused by every enrichment row, also
+    across runs (``root/margins-<digest>.pt``)."""
+    import hashlib
+
+    import reco.vocabulary as vocabulary
+
+    compute = vocabulary.enrichment_margins
+
+    def margins(archives, *args, **kw):
+        h = hashlib.sha256(repr((args, sorted(kw.items()))).encode())
+        for a in archives:
+            h.update(a.float().contiguous().numpy().tobytes())
+        path = root / f"margins-{h.hexdigest()[:16]}.pt"
+        if path.exists():
+            return torch.load(path)
+        out = compute(archives, *args, **kw)
+        torch.save(out, path)
+        return out
+
+    vocabulary.enrichment_margins = margins  # type: ignore[assignment]
+
+
 def build(cfg: BankConfig, feats: Dict[str, torch.Tensor]) -> ConceptBank:
     builder = ConceptBuilder(_Features(), None, cfg)
     ctx = {}
@@ -161,6 +185,11 @@ def rows() -> Dict[str, Tuple[BankConfig, SegmenterConfig]]:
         "nopeel": (replace(d_bank, context_from_vocabulary=False), d_seg),
         "confidence": (replace(d_bank, context_order="confidence"), d_seg),
         "ownership": (replace(d_bank, context_order="ownership"), d_seg),
+        # order-free: every archive token weighted by its neighbourhood's enrichment in its own
+        # archive among all the vocabulary's archives (reco/enrichment.py); alone, and on top of
+        # the paper's fixed context
+        "enrich": (replace(d_bank, context_order="enrichment"), d_seg),
+        "paper-enrich": (replace(p_bank, context_from_vocabulary=True, context_order="enrichment"), p_seg),
         # the paper's fixed context, eliminated with the sharp peeling weight instead of T=1, offset 0
         "paper-sharp": (replace(p_bank, context_temperature=20.0, context_offset=0.6), p_seg),
     }
@@ -193,12 +222,15 @@ def main() -> None:
     p.add_argument("--floors", action="store_true", help="also the ceiling and the trivial baselines")
     p.add_argument("--segs", default="plain", help="segmenter variants scored on every bank: " + ", ".join(SEGS))
     p.add_argument("--cache", default="/tmp/quality-cache")
+    p.add_argument("--margins", default="outputs/quality", help="where enrichment margins are kept between runs")
     a = p.parse_args()
     torch.set_num_threads(2)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("reco.bank", "reco.builder"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     cache = Cache(a.cache)
+    Path(a.margins).mkdir(parents=True, exist_ok=True)
+    _memo_margins(Path(a.margins))
     if a.floors:
         print(json.dumps({"row": "floors-and-ceiling", **floors_and_ceiling(cache)}, default=float), flush=True)
     for name in a.rows.split():

@@ -32,7 +32,8 @@ Where the concept bank comes from (at most one; none with ``--model`` alone):
 
 Protocols: ``--protocol paper`` (shorter side 320, centre crop 320, nearest-neighbour labels; the
 ReCo/STEGO protocol) or ``full`` (full resolution). Configurations: ``--preset default`` (the best
-measured, no CLIP or context archives needed) or ``reco-paper``; ``--config YAML`` (``bank:`` /
+measured, no CLIP or context archives needed) or ``reco-paper`` or ``reco-paper-regions`` (the paper's with 100-token seed regions, what
+cross-validation chose on the CamVid crop protocol); ``--config YAML`` (``bank:`` /
 ``segmenter:``) and the flags override the preset. Prints and writes ``OUT/report.json``: mIoU,
 pixel accuracy, per-class IoU, confusion matrix, protocol, encoders and weights, dense-CLIP head,
 bank config hash, seconds per image; ``--overlays N`` writes N image | truth | prediction PNGs with a
@@ -49,6 +50,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from jobs.common import JobParser, finite_float, nonneg_int, positive_int
+from reco.config import PRESETS
 from reco.errors import ConfigError
 
 
@@ -89,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
         help="trained ReCo+ model (reco train's RUN folder, RUN/model or its .safetensors): "
         "scored alone, or side by side with the bank source's ReCo",
     )
-    p.add_argument("--preset", default="default", choices=("default", "reco-paper"))
+    p.add_argument("--preset", default="default", choices=PRESETS)
     p.add_argument("--config", help="YAML with optional bank: and segmenter: sections (strict keys)")
     p.add_argument(
         "--set",

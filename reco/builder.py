@@ -210,9 +210,11 @@ class ConceptBuilder:
         context: Optional[Mapping[str, ContextLike]] = None,
         language: Optional[torch.Tensor] = None,
         peel: Optional[Mapping[str, ContextLike]] = None,
+        token_weights: Optional[torch.Tensor] = None,
     ) -> ConceptReference:
         """:meth:`build` on precomputed (k, D, h, w) archive features (and optional (k, h, w)
-        language weights, see :meth:`prepare`)."""
+        language weights, see :meth:`prepare`). ``token_weights``: further (k, h, w) weights in
+        [0, 1] of the target tokens (``context_order="enrichment"``, :mod:`reco.enrichment`)."""
         context = dict(context or {})
         if name in context:
             return reused_reference(name, context[name])
@@ -225,6 +227,8 @@ class ConceptBuilder:
         weights = torch.ones(k, h, w, device=dev)
         if language is not None:
             weights = weights * language.float().to(dev)
+        if token_weights is not None:
+            weights = weights * token_weights.float().to(dev)
         used_ctx: Tuple[str, ...] = ()
         if context and cfg.context_elimination:
             used_ctx = tuple(context)

@@ -14,6 +14,24 @@ Orders (``BankConfig.context_order``):
   never peels anything, and it is built last, with the owners peeled off. Owners are built first,
   by decreasing margin, each peeling the owners before it (``owners_peel``) or each keeping its
   plain co-segmentation (its archive is about it: nothing needs peeling).
+* ``enrichment``: no order and no peeling (:mod:`reco.enrichment`). Every archive token is
+  weighted by how much better it is matched by its own concept's archive than by the best other
+  archive of the vocabulary (co-segmentation scores against each archive); each concept is then
+  co-segmented once with these weights. A diffuse archive's road tokens are matched better by
+  the road archive and get a low weight in the diffuse concept, while road's own archive keeps
+  its road: nothing one concept builds can change another concept's reference.
+
+* ``others``: no order. Every concept is first co-segmented alone; each is then co-segmented
+  again with the plain references of *all* the other concepts peeled off (the paper's context
+  elimination with the whole vocabulary as context). Only plain references peel, so nothing
+  propagates beyond one step; with the paper's flat weight (``peel_temperature`` 1,
+  ``peel_offset`` 0) a diffuse concept's road-like reference only lowers the road's weight in the
+  road archive, as every other concept's does, and cannot remove it.
+
+``ownership``, ``enrichment`` and ``others`` need every archive's features at once: they are built in one
+process (:meth:`reco.bank.ConceptBank.build`); :func:`build_order` refuses ``ownership`` without the
+margins it is ordered by, and ``enrichment`` and ``others`` always (they have no order), so the
+distributed bank job's peeling chain refuses them instead of building something else.
 """
 
 from __future__ import annotations
@@ -26,6 +44,7 @@ import torch.nn.functional as F
 
 from .builder import ConceptBuilder, ConceptReference, ContextLike, reused_reference
 from .config import BankConfig
+from .enrichment import enrichment_margins, enrichment_weights
 from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -52,6 +71,11 @@ def build_order(
         if archive_sizes is None:
             raise ConfigError("context_order 'archive-size' needs the archive sizes")
         return sorted(names, key=lambda n: (-int(archive_sizes[n]), pos[n]))
+    if config.context_order in ("enrichment", "others"):
+        raise ConfigError(
+            f"context_order {config.context_order!r} has no build order: it weighs every archive against all "
+            "the others at once (reco.bank.ConceptBank.build, one process)"
+        )
     if confidences is None:
         raise ConfigError(f"context_order {config.context_order!r} needs each concept's confidence")
     if config.context_order == "ownership":
@@ -85,6 +109,10 @@ def build_vocabulary(
     confidences = None
     if cfg.context_order == "ownership":
         return _build_by_ownership(builder, names, prepare, context)
+    if cfg.context_order == "enrichment":
+        return _build_by_enrichment(builder, names, prepare, context)
+    if cfg.context_order == "others":
+        return _build_against_others(builder, names, prepare, context)
     if cfg.context_order == "confidence":
         confidences = {}
         for n in names:
@@ -159,3 +187,58 @@ def _build_by_ownership(
         [n for n in order if n in owners],
     )
     return refs, order
+
+
+def _build_by_enrichment(
+    builder: ConceptBuilder, names: Sequence[str], prepare, context: Mapping[str, ContextLike]
+) -> Tuple[Dict[str, ConceptReference], List[str]]:
+    """``context_order="enrichment"``: the enrichment margin of every archive token against all
+    the vocabulary's archives (context concepts' included), then one weighted co-segmentation per
+    concept; a concept that is also a context concept reuses its reference. With
+    ``enrichment_peel_others`` each concept is then co-segmented once more (same weights) with the
+    other concepts' enrichment references peeled (weight ``peel_temperature`` / ``peel_offset``):
+    order-free, and what peels is already what each archive is about."""
+    cfg = builder.config
+    dev = builder.compute_device
+    prepared = {n: prepare(n) for n in names}
+    margins = enrichment_margins([prepared[n][0].to(dev) for n in names], cfg.block_size)
+    refs: Dict[str, ConceptReference] = {}
+    for n, m in zip(names, margins):
+        if n in context:
+            refs[n] = reused_reference(n, context[n])
+            continue
+        f, lang = prepared[n]
+        w = enrichment_weights(m, cfg.enrichment_temperature)
+        refs[n] = builder.build_from_features(n, f, context, lang, token_weights=w)
+    if cfg.enrichment_peel_others:
+        first = dict(refs)
+        for n, m in zip(names, margins):
+            others = {o: r for o, r in first.items() if o != n}
+            if n in context or not others:
+                continue
+            f, lang = prepared[n]
+            w = enrichment_weights(m, cfg.enrichment_temperature)
+            refs[n] = builder.build_from_features(n, f, context, lang, others, token_weights=w)
+    logger.info(
+        "enrichment: share of each archive's tokens with a positive margin: %s",
+        {n: round(float((m > 0).float().mean()), 3) for n, m in zip(names, margins)},
+    )
+    return refs, list(names)
+
+
+def _build_against_others(
+    builder: ConceptBuilder, names: Sequence[str], prepare, context: Mapping[str, ContextLike]
+) -> Tuple[Dict[str, ConceptReference], List[str]]:
+    """``context_order="others"``: plain co-segmentations, then each concept again with every
+    other concept's plain reference peeled; context concepts reuse their references."""
+    prepared = {n: prepare(n) for n in names if n not in context}
+    plain = {n: builder.build_from_features(n, f, context, lang) for n, (f, lang) in prepared.items()}
+    refs: Dict[str, ConceptReference] = {}
+    for n in names:
+        if n in context:
+            refs[n] = reused_reference(n, context[n])
+            continue
+        f, lang = prepared[n]
+        others = {m: r for m, r in plain.items() if m != n}
+        refs[n] = builder.build_from_features(n, f, context, lang, others) if others else plain[n]
+    return refs, list(names)

@@ -14,6 +14,7 @@ from test_improvements import Stub, archive, e
 from reco import ConceptBank, ConceptBuilder, Segmenter, SegmenterConfig
 from reco.bank import build_order, ownership_margins
 from reco.config import BankConfig
+from reco.errors import ConfigError
 
 D = 48
 BUILDING, POLE, ROAD, PAVEMENT = 0, 1, 2, 3
@@ -109,3 +110,144 @@ def test_ownership_order_cannot_cascade(owners_peel):
     labels = seg(torch.zeros(3, 16, 16))[0].labels
     names = [seg.class_names[int(i)] for i in labels[[0, 0, 15, 15], [0, 15, 0, 15]]]
     assert names == ["road", "building", "pole", "road"]
+
+
+def _street_image() -> torch.Tensor:
+    return torch.stack(
+        [
+            e(ROAD, noise=0.1, seed=1000),
+            e(BUILDING, noise=0.1, seed=1001),
+            e(POLE, noise=0.3, seed=1002),
+            e(ROAD, noise=0.1, seed=1003),
+        ]
+    ).T.reshape(1, D, 2, 2)
+
+
+def test_without_any_context_the_diffuse_concept_is_road():
+    """What enrichment has to fix: co-segmented alone, pole's archive agrees most on the road."""
+    feats = _street()
+    bank = ConceptBank.build_from_features(feats, ConceptBuilder(Stub(), None, _cfg(context_from_vocabulary=False)))
+    assert _cos(bank, "pole", ROAD) > 0.9
+
+
+def test_enrichment_cannot_cascade():
+    """``context_order="enrichment"`` on the pole-steals-road archives (the archive-size order
+    and plain co-segmentation both fail here, above): the pole archive's road tokens are matched
+    better by the road archive than by the pole archive, so pole seeds on the pole; nothing is
+    peeled, so road keeps road; the street image is labelled road / building / pole."""
+    feats = _street()
+    cfg = BankConfig(block_size=64, context_order="enrichment", enrichment_temperature=1000.0)
+    bank = ConceptBank.build_from_features(feats, ConceptBuilder(Stub(), None, cfg))
+    assert _cos(bank, "road", ROAD) > 0.9
+    assert _cos(bank, "building", BUILDING) > 0.9
+    assert _cos(bank, "pole", POLE) > 0.5 > max(_cos(bank, "pole", ROAD), _cos(bank, "pole", BUILDING))
+    assert all(not bank.metadata["concepts"][n]["context_eliminated"] for n in feats)  # nothing peeled
+    seg = Segmenter(bank, Stub(_street_image()), None, SegmenterConfig(image_size=16, calibrate=False))
+    labels = seg(torch.zeros(3, 16, 16))[0].labels
+    names = [seg.class_names[int(i)] for i in labels[[0, 0, 15, 15], [0, 15, 0, 15]]]
+    assert names == ["road", "building", "pole", "road"]
+    # order-free: the vocabulary order changes nothing
+    back = ConceptBank.build_from_features(
+        {n: feats[n] for n in reversed(list(feats))}, ConceptBuilder(Stub(), None, cfg)
+    )
+    for n in feats:
+        assert torch.allclose(back.references[back.index(n)], bank.references[bank.index(n)], atol=1e-6)
+
+
+def _margins_dense(archives):
+    """Brute force of reco.enrichment.enrichment_margins: every pair of images at once."""
+    flat = [F.normalize(f.permute(0, 2, 3, 1).reshape(f.shape[0], -1, f.shape[1]), dim=2) for f in archives]
+    out = []
+    for c, own in enumerate(flat):
+        # aff[c2][p, j]: token p's best match in image j of archive c2
+        aff = [torch.einsum("ipd,jqd->ipjq", own, pool).amax(dim=3) for pool in flat]
+        k = own.shape[0]
+        mask = ~torch.eye(k, dtype=torch.bool)[:, None, :].expand(k, own.shape[1], k)
+        own_score = (aff[c] * mask).sum(2) / (k - 1)
+        other = torch.stack([a.mean(2) for c2, a in enumerate(aff) if c2 != c]).amax(0)
+        out.append((own_score - other).reshape(k, *archives[c].shape[2:]))
+    return out
+
+
+def test_enrichment_margins_blockwise_equal_brute_force():
+    from reco.enrichment import enrichment_margins, enrichment_weights
+
+    g = torch.Generator().manual_seed(0)
+    archives = [
+        torch.randn(3, 8, 2, 3, generator=g),
+        torch.randn(4, 8, 2, 2, generator=g),
+        torch.randn(2, 8, 3, 3, generator=g),
+    ]
+    want = _margins_dense(archives)
+    for block, pool_tokens in ((7, 5), (64, 1000), (1, 1)):
+        got = enrichment_margins(archives, block, pool_tokens)
+        assert [tuple(m.shape) for m in got] == [(3, 2, 3), (4, 2, 2), (2, 3, 3)]
+        for a, b in zip(got, want):
+            assert torch.allclose(a, b, atol=1e-5)
+    # the own-archive term is the plain co-segmentation score (its own image excluded)
+    from reco.coseg import coseg_scores
+
+    others = torch.stack(
+        [
+            a.mean(2)
+            for a in [
+                torch.einsum(
+                    "ipd,jqd->ipjq",
+                    *[F.normalize(x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, 8), dim=2) for x in (archives[0], b)],
+                ).amax(3)
+                for b in archives[1:]
+            ]
+        ]
+    ).amax(0)
+    own = coseg_scores(archives[0], None, 4, exclude_own_image=True).reshape(3, -1)
+    assert torch.allclose(want[0].reshape(3, -1), own - others, atol=1e-5)
+    # a vocabulary of one has nothing to compete with
+    assert torch.isinf(enrichment_margins(archives[:1])[0]).all()
+    w = enrichment_weights(torch.tensor([-1.0, -0.01, 0.0, 0.01, float("inf")]), 100.0)
+    assert torch.allclose(w, torch.tensor([0.0, 2 / (1 + 2.718281828), 1.0, 1.0, 1.0]), atol=1e-6)
+
+
+def test_enrichment_has_no_build_order_and_validates():
+    with pytest.raises(ConfigError, match="enrichment"):
+        build_order(BankConfig(context_order="enrichment"), ["a", "b"], {"a": 1, "b": 1})
+    with pytest.raises(ConfigError, match="enrichment_temperature"):
+        BankConfig(enrichment_temperature=0.0)
+
+
+def test_others_peels_every_other_plain_reference_in_any_order():
+    """``context_order="others"``: each concept is rebuilt with every other concept's *plain*
+    reference peeled, whatever the vocabulary order. It is not cascade-proof in the strict sense:
+    pole's plain reference is road, and with the sharp default weight that removes road from the
+    road archive in one step (road seeds on the pavement), which enrichment avoids (above)."""
+    feats = _street()
+    cfg = _cfg(context_order="others")
+    bank = ConceptBank.build_from_features(feats, ConceptBuilder(Stub(), None, cfg))
+    for n in feats:
+        assert sorted(bank.metadata["concepts"][n]["context_eliminated"]) == sorted(m for m in feats if m != n)
+    back = ConceptBank.build_from_features(
+        {n: feats[n] for n in reversed(list(feats))}, ConceptBuilder(Stub(), None, cfg)
+    )
+    assert torch.allclose(back.subset(list(feats)).references, bank.references, atol=1e-6)
+    assert _cos(bank, "pole", POLE) > 0.8  # road and building peeled: pole finds the pole
+    assert _cos(bank, "road", PAVEMENT) > 0.9  # ...but pole's plain (road) reference peeled road
+    with pytest.raises(ConfigError, match="others"):
+        build_order(cfg, list(feats), {n: 4 for n in feats})
+
+
+def test_enrichment_then_peel_the_others_enrichment_references():
+    """``enrichment_peel_others``: a second, order-free pass peels the other concepts'
+    *enrichment* references (already about their own archives), so pole's peeled reference is
+    the pole and road keeps road, unlike ``others`` with its plain (road-like) pole reference."""
+    feats = _street()
+    cfg = BankConfig(
+        block_size=64, context_order="enrichment", enrichment_temperature=1000.0, enrichment_peel_others=True
+    )
+    bank = ConceptBank.build_from_features(feats, ConceptBuilder(Stub(), None, cfg))
+    for n in feats:
+        assert sorted(bank.metadata["concepts"][n]["context_eliminated"]) == sorted(m for m in feats if m != n)
+    assert _cos(bank, "road", ROAD) > 0.9 and _cos(bank, "building", BUILDING) > 0.9
+    assert _cos(bank, "pole", POLE) > 0.5
+    back = ConceptBank.build_from_features(
+        {n: feats[n] for n in reversed(list(feats))}, ConceptBuilder(Stub(), None, cfg)
+    )
+    assert torch.allclose(back.subset(list(feats)).references, bank.references, atol=1e-6)

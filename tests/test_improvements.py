@@ -5,6 +5,8 @@ out inference for archive images, a sharp CRF unary, presets and bank persistenc
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -308,7 +310,10 @@ def test_sharp_crf_unary_keeps_what_the_scores_say():
 
 
 def test_presets_and_config_hash():
-    assert PRESETS == ("reco-paper", "default")
+    assert PRESETS == ("reco-paper", "default", "reco-paper-regions")
+    regions_bank, regions_seg = preset("reco-paper-regions")
+    assert regions_bank.seed_tokens == 100 and regions_seg == preset("reco-paper")[1]
+    assert dataclasses.replace(regions_bank, seed_tokens=1) == preset("reco-paper")[0]  # nothing else differs
     paper_bank, paper_seg = preset("reco-paper")
     assert paper_bank.context_elimination and paper_bank.context_concepts == (
         "tree",
