@@ -4,9 +4,9 @@ text-like and image queries of a synthetic store of ``bench.bench_index_scale``.
 Three steps (autofaiss lives in its own virtual environment: it pins numpy < 2, which the
 project's pyarrow does not accept)::
 
-    # 1. project venv: queries, exact truth, and our build (reco build-index --parts, store re-rank)
+    # 1. project venv: queries, exact truth, and our index (store re-rank, tuned on text-like queries)
     PYTHONPATH=$PWD .venv/bin/python -m bench.bench_autofaiss ours --store /tmp/reco-index-scale/store_1000000_512_10 \\
-        --work /tmp/reco-autofaiss --factory "IVF2048,PQ32,Refine(store)"
+        --work /tmp/reco-autofaiss --factory "IVF2048,PQ64,Refine(store)" --max-nprobe 512
     # 2. a venv with autofaiss (python -m venv /tmp/afvenv; /tmp/afvenv/bin/pip install autofaiss faiss-cpu==1.15.1
     #    "pyarrow<18"), patched for faiss 1.15 (see bench/README.md), at our index's bytes as its budget:
     /tmp/afvenv/bin/python bench/bench_autofaiss.py autofaiss --store ... --work /tmp/reco-autofaiss
@@ -64,11 +64,6 @@ def _measure(search, work: Path) -> Dict[str, Any]:
 
 def ours(args) -> None:
     from bench.synth_modality import ModalityGap
-    from cluster.config import RayRuntimeConfig
-    from cluster.index_build import build_index_parts
-    from cluster.index_config import IndexClusterConfig
-    from cluster.retrieval import open_index
-    from cluster.runtime import init_ray
     from index.store import EmbeddingStore
     from index.vectors import VectorSource, exact_topk
 
@@ -88,28 +83,29 @@ def ours(args) -> None:
             np.save(work / f"{name}_queries.npy", np.ascontiguousarray(q, np.float32))
             np.save(work / f"{name}_truth.npy", truth)
             np.save(work / f"{name}_self.npy", self_rows)
-    init_ray(RayRuntimeConfig(num_cpus=2, object_store_memory_mb=1024))
-    out = work / "ours"
+    import index.faiss_index as fi
+
     t = time.perf_counter()
-    rep = build_index_parts(
-        store,
-        str(out),
+    index, rep = fi.build_index_from_source(
+        source,
         args.factory,
         target_recall=0.95,
         allow_low_recall=True,
         num_queries=500,
         train_size=min(source.n, args.train_size),
         text_queries=texts[:500],
-        cfg=IndexClusterConfig(part_rows=args.part_rows, workers=2, train_cpus=2),
+        max_nprobe=args.max_nprobe or None,
+        use_gpu=False,
     )
     build_s = time.perf_counter() - t
-    retriever, _, _ = open_index(str(out))
+    search_index = fi.store_refined(index, args.factory, source)
+    fi._apply_params(search_index, rep.search_params)
 
     def search(q, k):
-        return np.stack([r.rows for r in retriever.search(q, k)])
+        return search_index.search(q, k)[1]
 
     row = {
-        "system": "reco build-index --parts",
+        "system": "reco build-index (one process; --parts builds the same index)",
         "factory": args.factory,
         "build_s": round(build_s, 1),
         "index_bytes": rep.index_bytes,
@@ -186,9 +182,9 @@ def main(argv=None) -> None:
     p.add_argument("step", choices=("ours", "autofaiss", "report"))
     p.add_argument("--store", default="/tmp/reco-index-scale/store_1000000_512_10")
     p.add_argument("--work", default="/tmp/reco-autofaiss")
-    p.add_argument("--factory", default="IVF2048,PQ32,Refine(store)")
+    p.add_argument("--factory", default="IVF2048,PQ64,Refine(store)")
     p.add_argument("--train-size", type=int, default=100_000)
-    p.add_argument("--part-rows", type=int, default=500_000)
+    p.add_argument("--max-nprobe", type=int, default=512)
     p.add_argument("--budget", type=int, default=0, help="autofaiss memory budget in bytes (0: our index's bytes)")
     p.add_argument("--memory", default="8G", help="autofaiss current_memory_available")
     args = p.parse_args(argv)
