@@ -69,6 +69,9 @@ WORKING_DIR_EXCLUDES = [
     "*.tmp",
 ]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+#: The head's answer while its job agent is not up (cluster starting, or loaded): transient.
+NO_AGENT = "No available agent to submit job"
+AGENT_WAIT_S = 60.0
 #: lines of a failed job's log shown with its error
 TAIL_LINES = 20
 
@@ -308,7 +311,22 @@ class JobClient:
         ):
             if v is not None:
                 kwargs[k] = v
-        return self._call(self._client.submit_job, **kwargs)
+        return self._submit_retrying(kwargs)
+
+    def _submit_retrying(self, kwargs: Dict[str, Any], wait_s: float = AGENT_WAIT_S) -> str:
+        """``submit_job``, retried while the head's job agent is not up yet (a cluster that is still
+        starting, or one under load, answers 500 "No available agent to submit job, please try again
+        later": nothing was submitted, so a retry cannot submit twice); any other refusal at once."""
+        deadline, delay = time.monotonic() + wait_s, 1.0
+        while True:
+            try:
+                return self._call(self._client.submit_job, **kwargs)
+            except SubmitError as exc:
+                if NO_AGENT not in str(exc) or time.monotonic() + delay > deadline:
+                    raise
+                logger.warning("the Ray job API at %s has no job agent yet: retrying in %.0f s", self.address, delay)
+                time.sleep(delay)
+                delay = min(2 * delay, 10.0)
 
     def info(self, job_id: str):
         return self._call(self._client.get_job_info, job_id, job_id=job_id)

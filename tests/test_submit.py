@@ -315,3 +315,35 @@ def test_working_dir_excludes_keep_the_code_and_drop_the_rest(tmp_path):
         "weights/model.safetensors",
     ):
         assert match(REPO / drop), drop
+
+
+def test_submit_retries_while_the_head_has_no_job_agent_and_nothing_else(monkeypatch, caplog):
+    """A head that is starting (or loaded) answers 500 "No available agent to submit job": nothing
+    was submitted, so `reco submit` waits for the agent (bounded) instead of failing; any other
+    refusal is one error at once."""
+    import cluster.submit as sub
+
+    class FakeRayClient:
+        def __init__(self, failures, message):
+            self.calls, self.failures, self.message = 0, failures, message
+
+        def submit_job(self, **kwargs):
+            self.calls += 1
+            if self.calls <= self.failures:
+                raise RuntimeError(f"Request failed with status code 500: {self.message}")
+            return "raysubmit_ok"
+
+    monkeypatch.setattr(sub.time, "sleep", lambda s: None)
+    client = object.__new__(sub.JobClient)
+    client.address = "http://127.0.0.1:8265"
+    client._client = FakeRayClient(2, "No available agent to submit job, please try again later.")
+    with caplog.at_level("WARNING"):
+        assert client._submit_retrying({"entrypoint": "true"}) == "raysubmit_ok"
+    assert client._client.calls == 3 and "no job agent yet" in caplog.text
+    client._client = FakeRayClient(99, "No available agent to submit job, please try again later.")
+    with pytest.raises(sub.SubmitError, match="No available agent"):
+        client._submit_retrying({"entrypoint": "true"}, wait_s=5.0)  # bounded: gives up after the wait
+    client._client = FakeRayClient(1, "runtime_env working_dir is too large")
+    with pytest.raises(sub.SubmitError, match="too large"):
+        client._submit_retrying({"entrypoint": "true"})
+    assert client._client.calls == 1
