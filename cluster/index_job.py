@@ -75,6 +75,7 @@ def build_index_job(args, storage: dict) -> int:
         train_size=args.train_size,
         storage_options=storage,
         text_queries=text,
+        max_nprobe=args.max_nprobe,
     )
     logger.info(
         "index %s over %d vectors: recall@1 %.3f, recall@%d %.3f on %d evaluation queries (vs exact; search params "
@@ -157,6 +158,7 @@ def _build_in_parts(args, store, budget: int, storage, text=None) -> int:
         update=args.update,
         text_queries=text,
         job_config=vars(args),
+        max_nprobe=args.max_nprobe,
     )
     logger.info(
         "index %s over %d vectors in parts (%s): recall@%d %.3f (params %s), %.1f MB, %.1f s -> %s",

@@ -54,6 +54,7 @@ def build_index_dir(
     use_gpu: Optional[bool] = None,
     storage_options: Optional[Dict[str, Any]] = None,
     text_queries=None,
+    max_nprobe: Optional[int] = None,
 ) -> IndexReport:
     """Build an index over every committed embedding of ``store`` into ``out_dir`` (a folder or
     an fsspec URL reached with ``storage_options``).
@@ -85,6 +86,7 @@ def build_index_dir(
         allow_low_recall=allow_low_recall,
         use_gpu=use_gpu,
         text_queries=text_queries,
+        max_nprobe=max_nprobe,
     )
     remote = is_url(str(out_dir))
     if remote:  # FAISS writes local files: build in a staging folder, upload when done

@@ -53,6 +53,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         help="(T, E) .npy of text-like queries (the vocabulary's CLIP text embeddings): search parameters "
         "are tuned on half of them, text-like and image recall@10/@50 reported in index.json",
     )
+    p.add_argument(
+        "--max-nprobe",
+        type=positive_int,
+        help="a latency budget: tuning probes at most this many IVF lists (the target may then be missed)",
+    )
     p.add_argument("--parts", action="store_true", help="build with Ray tasks in parts (IVF factories)")
     p.add_argument(
         "--update",

@@ -138,3 +138,19 @@ def test_max_nprobe_caps_the_tuning(gap_corpus):
     assert capped.search_params["nprobe"] <= 4 and not capped.target_met
     _, free = fi.evaluate_index(ix, src, "IVF128,Flat", 0.0, len(x), 0.99, 200, text_queries=t, allow_low_recall=True)
     assert free.search_params["nprobe"] > 4
+
+
+def test_build_index_cli_max_nprobe_is_a_latency_budget(gap_corpus, tmp_path):
+    from jobs.cli import main
+
+    x, t = gap_corpus
+    st = store_of(tmp_path / "s", x[:5000], [2500, 2500])
+    np.save(tmp_path / "text.npy", t[:60])
+    args = ["build-index", "--store", str(st.root), "--factory", "IVF32,Flat", "--num-queries", "100"]
+    args += ["--text-queries", str(tmp_path / "text.npy"), "--target-recall", "0.99", "--allow-low-recall"]
+    assert main(args + ["--index", str(tmp_path / "capped"), "--max-nprobe", "2"]) == 0
+    capped = json.loads((tmp_path / "capped" / "index.json").read_text())["report"]
+    assert capped["search_params"]["nprobe"] <= 2 and not capped["target_met"]
+    assert main(args + ["--index", str(tmp_path / "free")]) == 0
+    assert json.loads((tmp_path / "free" / "index.json").read_text())["report"]["search_params"]["nprobe"] > 2
+    assert main(args + ["--index", str(tmp_path / "bad"), "--max-nprobe", "0"]) == 2  # one-line parser error
