@@ -140,7 +140,9 @@ def test_search_params_are_set_on_the_gpu_index_itself():
     assert gpu.nprobe == 3 and cpu.nprobe == 3
 
 
-def test_gpu_build_branch_tunes_nprobe(monkeypatch):
+@pytest.fixture()
+def fake_gpu(monkeypatch):
+    """faiss's GPU clone functions replaced by GpuIndexIVFFlat stand-ins; yields the clones made."""
     faiss = fi._faiss()
     clones = []
     monkeypatch.setattr(faiss, "StandardGpuResources", lambda: object(), raising=False)
@@ -148,25 +150,24 @@ def test_gpu_build_branch_tunes_nprobe(monkeypatch):
         faiss, "index_cpu_to_gpu", lambda res, dev, ix: clones.append(GpuIndexIVFFlat(ix)) or clones[-1], raising=False
     )
     monkeypatch.setattr(faiss, "index_gpu_to_cpu", lambda g: g.cpu, raising=False)
+    return clones
+
+
+def test_gpu_build_branch_tunes_nprobe(fake_gpu):
+    clones = fake_gpu
     x = clustered(4000, 32)
     index, rep = fi.build_index(x, "IVF32,Flat", num_queries=100, use_gpu=True)
     assert clones and rep.gpu and rep.recall_at_10 >= 0.95
     assert index.nprobe == rep.search_params["nprobe"]
 
 
-def test_parts_train_and_add_on_the_gpu_branch(monkeypatch):
+def test_parts_train_and_add_on_the_gpu_branch(fake_gpu):
     """#17.9: index.gpus_per_task > 0 trains the quantiser and fills parts on a GPU copy of the
     index, brought back to the CPU to be written; the part equals the CPU-built one."""
     from index import parts as P
     from index.vectors import VectorSource
 
-    faiss = fi._faiss()
-    clones = []
-    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: object(), raising=False)
-    monkeypatch.setattr(
-        faiss, "index_cpu_to_gpu", lambda res, dev, ix: clones.append(GpuIndexIVFFlat(ix)) or clones[-1], raising=False
-    )
-    monkeypatch.setattr(faiss, "index_gpu_to_cpu", lambda g: g.cpu, raising=False)
+    clones = fake_gpu
     x = clustered(3000, 32)
     src = VectorSource.from_array(x)
     trained, _ = P.train_empty(src, "IVF16,Flat", np.arange(0, 3000, 2), gpu=True)
