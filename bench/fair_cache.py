@@ -4,8 +4,8 @@ camvid-val; leave-one-drive-out CV inside camvid-train), so many configurations 
     PYTHONPATH=$PWD .venv/bin/python -m bench.fair_cache [--cache /tmp/quality-cache] [--size 320]
 
 Writes CACHE/frames-<split>-<size>.pt (inference features of every frame, full protocol),
-CACHE/archive-<mode>.pt (224 px archive features of every window / frame that any fold's or the
-full archive uses) and CACHE/masks-<split>.npz. Nothing here goes into the repository.
+CACHE/archive-<mode>[-<size>].pt (archive features at ``--archive-size``, 224 px by default, of every
+window / frame that any fold's or the full archive uses) and CACHE/masks-<split>.npz. Nothing here goes into the repository.
 """
 
 from __future__ import annotations
@@ -47,12 +47,19 @@ def encode(dense, tensors: List[torch.Tensor], bs: int = 8) -> List[torch.Tensor
     return out
 
 
+def archive_file(mode: str, size: int = 224) -> str:
+    """The archive cache of ``mode`` at side ``size`` (224, the default bank.image_size, keeps the old name)."""
+    return f"archive-{mode}.pt" if size == 224 else f"archive-{mode}-{size}.pt"
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--cache", default="/tmp/quality-cache")
     p.add_argument("--size", type=int, default=320, help="inference shorter side")
     p.add_argument("--splits", default="train,val")
     p.add_argument("--skip-archives", action="store_true")
+    p.add_argument("--archive-size", type=int, default=224, help="archive side (bank.image_size; 224: the default)")
+    p.add_argument("--modes", default="crops,frames", help="archive modes to cache")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cache = Path(a.cache)
@@ -74,8 +81,8 @@ def main() -> None:
     if a.skip_archives or "train" not in data:
         return
     spec, ids, imgs, masks = data["train"]
-    for mode in ("crops", "frames"):
-        path = cache / f"archive-{mode}.pt"
+    for mode in a.modes.split(","):
+        path = cache / archive_file(mode, a.archive_size)
         if path.exists():
             continue
         selections = [make_archives(mode, ids, masks, spec.classes)]
@@ -88,7 +95,7 @@ def main() -> None:
                 for e in es:
                     keys.setdefault((e.index, e.box), len(keys))
         t0 = time.perf_counter()
-        tensors = [resize_center_crop(imgs[i].crop(box), 224) for (i, box) in keys]
+        tensors = [resize_center_crop(imgs[i].crop(box), a.archive_size) for (i, box) in keys]
         feats = encode(dense, tensors)
         sec = (time.perf_counter() - t0) / max(len(keys), 1)
         torch.save(

@@ -21,8 +21,9 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 
+from bench.fair_cache import archive_file
 from reco.bank import ConceptBank, ConceptBuilder
-from reco.config import BankConfig, SegmenterConfig, preset
+from reco.config import BankConfig, SegmenterConfig, preset, resolve_context
 from reco.inference import calibrate, combine_scores, concept_similarity
 from reco.protocols import drive_folds, make_archives
 
@@ -50,19 +51,21 @@ class Cache:
             z = np.load(root / f"masks-{s}.npz")
             self.ids[s], self.masks[s] = [str(i) for i in z["ids"]], list(z["masks"])
             self.frames[s] = torch.load(root / f"frames-{s}-{size}.pt")["feats"]
-        self.archive = {}
-        for mode in ("crops", "frames"):
-            p = root / f"archive-{mode}.pt"
-            if p.exists():
-                d = torch.load(p)
-                self.archive[mode] = {(i, tuple(b)): f for (i, b), f in zip(d["keys"], d["feats"])}
+        self.root = root
+        self.archive: Dict[Tuple[str, int], Dict] = {}
 
-    def archives(self, mode: str, idx: Sequence[int]) -> Dict[str, torch.Tensor]:
+    def _archive(self, mode: str, size: int) -> Dict:
+        if (mode, size) not in self.archive:  # loaded on first use (bench/fair_cache.py --archive-size)
+            d = torch.load(self.root / archive_file(mode, size))
+            self.archive[mode, size] = {(i, tuple(b)): f for (i, b), f in zip(d["keys"], d["feats"])}
+        return self.archive[mode, size]
+
+    def archives(self, mode: str, idx: Sequence[int], size: int = 224) -> Dict[str, torch.Tensor]:
+        """{class: (k, D, h, w)} archive features of the archive frames ``idx`` at side ``size``."""
         ids = [self.ids["train"][i] for i in idx]
         sel = make_archives(mode, ids, [self.masks["train"][i] for i in idx], CLASSES)
-        return {
-            n: torch.stack([self.archive[mode][(ids[e.index], e.box)] for e in es]).float() for n, es in sel.items()
-        }
+        cached = self._archive(mode, size)
+        return {n: torch.stack([cached[(ids[e.index], e.box)] for e in es]).float() for n, es in sel.items()}
 
 
 class _Features(torch.nn.Module):
@@ -100,12 +103,12 @@ def _memo_margins(root: Path) -> None:
 
 
 def build(cfg: BankConfig, feats: Dict[str, torch.Tensor]) -> ConceptBank:
+    cfg, _ = resolve_context(cfg, feats)  # as ConceptBank.build: person -> pedestrian, the rest dropped
     builder = ConceptBuilder(_Features(), None, cfg)
     ctx = {}
     if cfg.context_elimination:
         for n in cfg.context_concepts:
-            if n in feats:
-                ctx[n] = builder.build_from_features(n, feats[n], ctx)
+            ctx[n] = builder.build_from_features(n, feats[n], ctx)
     return ConceptBank.build_from_features(feats, builder, ctx)
 
 
@@ -153,7 +156,7 @@ def evaluate(
     t_build = 0.0
     for drive, arch_idx, test_idx in drive_folds(ids):
         t0 = time.perf_counter()
-        bank = build(cfg, cache.archives(mode, arch_idx))
+        bank = build(cfg, cache.archives(mode, arch_idx, cfg.image_size))
         t_build += time.perf_counter() - t0
         for v, sc in variants.items():
             c = confusion_of(bank, sc, cache.frames["train"][test_idx], [cache.masks["train"][i] for i in test_idx])
@@ -168,7 +171,7 @@ def evaluate(
     out = {v: {"cv": miou(tot[v])[:2], "folds": folds[v]} for v in variants}
     out["build_s"] = t_build / 3
     if val:
-        bank = build(cfg, cache.archives(mode, range(len(ids))))
+        bank = build(cfg, cache.archives(mode, range(len(ids)), cfg.image_size))
         for v, sc in variants.items():
             out[v]["val"] = miou(confusion_of(bank, sc, cache.frames["val"], cache.masks["val"]))
         out["order"] = bank.metadata.get("build_order")
