@@ -39,7 +39,7 @@ import torch
 from index.output import JobReport, ResumableOutput
 from index.report import JobResult
 from reco.bank import ConceptBank, ConceptReference
-from reco.config import BankConfig, to_dict
+from reco.config import BankConfig, resolve_context, to_dict
 from reco.errors import ConfigError, EmptyArchiveError
 
 from .bank import BankWorker
@@ -85,7 +85,9 @@ class BankJobReport(JobResult):
         "concept_seconds": 0.0,
         "actor_peak_rss_mb": list,
         "left_for_rerun": 0,
-    }  # left_for_rerun: concepts after a transient failure in the peeling chain
+        "context_dropped": list,
+    }  # left_for_rerun: concepts after a transient failure in the peeling chain; context_dropped:
+    # context concepts left out for want of an archive (reco.config.resolve_context)
 
     @property
     def concepts_per_minute(self) -> float:
@@ -159,21 +161,14 @@ def run_build_bank(
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise ConfigError("concept names must be unique")
-    covered = bank_settings(config, encoders, archive_mode)
     report = BankJobReport(
         JobReport("build-bank", unit="concepts", config=job_config, max_failed_fraction=max_failed_fraction)
     )
     report.concepts = len(tasks)
+    config, context_tasks, report.context_dropped = resolve_context_tasks(config, tasks, context_tasks)
+    report.report.extra["context_dropped"] = list(report.context_dropped)
+    covered = bank_settings(config, encoders, archive_mode)
     use_context = bool(config.context_elimination and config.context_concepts)
-    if use_context:
-        have = {t.name for t in context_tasks if t.uris}
-        missing = [c for c in config.context_concepts if c not in have]
-        if missing:
-            raise ConfigError(
-                f"context elimination needs archives for the context concepts {missing}: give them "
-                "(exemplar folders or an index), change bank.context_concepts, or set "
-                "bank.context_elimination: false"
-            )
     out = ResumableOutput(out_uri, "build-bank", BUILD_FILE, PARTS_DIR, ".safetensors", storage_options)
     with out.open(covered, overwrite):
         digest = out.settings["config_hash"]
@@ -254,9 +249,26 @@ def run_build_bank(
         except EmptyArchiveError:
             out.write_report(report.report)
             raise
+        bank.metadata["context_dropped"] = list(report.context_dropped)
         _write_outputs(out, bank, tasks, rows)
         out.write_report(report.report)
     return bank, report
+
+
+def resolve_context_tasks(
+    config: BankConfig, tasks: Sequence[ConceptTask], context_tasks: Sequence[ConceptTask]
+) -> Tuple[BankConfig, List[ConceptTask], List[str]]:
+    """The context concepts' tasks (:func:`reco.config.resolve_context`): a context concept
+    without an archive of its own takes the vocabulary concept's of the same name or alias; the
+    others are left out with a warning (an error with ``bank.context_required``)."""
+    given = {t.name: t for t in context_tasks if t.uris}
+    targets = {t.name: t for t in tasks if t.uris}
+    cfg, dropped = resolve_context(config, [*given, *targets])
+    if dropped:
+        logger.warning("context concepts without an archive are left out: %s", ", ".join(dropped))
+    if not cfg.context_elimination:
+        return cfg, [], list(dropped)
+    return cfg, [given[c] if c in given else targets[c] for c in cfg.context_concepts], list(dropped)
 
 
 def _finish_report(report: BankJobReport) -> None:

@@ -101,8 +101,9 @@ def write_page(out: Path, report: Dict[str, Any]) -> Path:
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>reco demo: street scenes</title></head><body>
 <h1>reco demo: street scenes (exemplar mode)</h1>
 <p><b>Mode that ran:</b> configuration hash {html.escape(str((report.get("bank") or {}).get("config_hash")))}
-(<code>reco demo</code> runs the paper's configuration with context from the vocabulary's own archives,
-the one leave-one-drive-out CV inside camvid-train chose); exemplar archives ({html.escape(str(arch.get("mode")))} from
+(<code>reco demo</code> runs the default configuration: the paper's context elimination with context from
+the vocabulary's own archives and 100-token seed regions, the one leave-one-drive-out CV inside camvid-train
+chose); exemplar archives ({html.escape(str(arch.get("mode")))} from
 {html.escape(str(arch.get("source")))}), inference <code>{html.escape(str(report.get("mode")))}</code>.
 Dense encoder {html.escape(str(enc.get("dense_encoder")))} ({html.escape(str(enc.get("dense_weights")))}).
 <b>CLIP: {html.escape(str(clip))}.</b></p>

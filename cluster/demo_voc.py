@@ -71,13 +71,11 @@ def voc_demo(args, data_root: Path, t_start: float) -> int:
     user = load_demo_yaml(args.config)
     clip_mode = bool(args.clip_model)
 
-    # Mode-dependent defaults, overridable by --config. With CLIP, retrieval gives the paper's
-    # context concepts their archives, so they are eliminated too (on top of the default's
-    # peeling). Exemplar archives hold 1-8 images, so a token's own image is excluded from its
-    # score, and no context archives exist.
-    bank_defaults = {"context_elimination": True} if clip_mode else {"exclude_own_image": True}
+    # The default configuration in both modes (overridable by --config): with CLIP, retrieval
+    # gives the paper's context concepts their archives; with the exemplar mapping they come from
+    # the vocabulary where it names them (building, person) and the rest are left out.
     seg_defaults = {"calibrate": True} if args.calibration_images > 0 else {}
-    bank_cfg = from_dict(BankConfig, {**bank_defaults, **(user.get("bank") or {})}, "bank")
+    bank_cfg = from_dict(BankConfig, dict(user.get("bank") or {}), "bank")
     if args.k:
         bank_cfg = replace(bank_cfg, k=args.k)
     seg_cfg = from_dict(SegmenterConfig, {**seg_defaults, **(user.get("segmenter") or {})}, "segmenter")

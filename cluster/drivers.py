@@ -143,6 +143,7 @@ def build_bank_job(
     from dataclasses import replace
 
     from index.outputs import check_output_folder
+    from reco.config import resolve_context
 
     from .bank_inputs import exemplar_archives, retrieve_archives, text_embeddings_remote
     from .bank_job import ConceptTask, run_build_bank
@@ -160,13 +161,9 @@ def build_bank_job(
     all_names = list(dict.fromkeys(vocab.names + ctx_names))
     archives = exemplar_archives(all_names, {c.name: c.exemplars for c in vocab.concepts}, exemplars, storage)
     source = {n: "exemplars" for n in archives}
-    lacking = [n for n in ctx_names if n not in archives]
-    if lacking and not index:
-        raise ConfigError(
-            f"context elimination needs archives for the context concepts {lacking}: add exemplar "
-            "folders for them, give --index, change bank.context_concepts, or set "
-            "bank.context_elimination: false"
-        )
+    if not index:  # context concepts without exemplars take the vocabulary's (or are left out)
+        cfg, _ = resolve_context(cfg, archives)
+        ctx_names = list(cfg.context_concepts) if cfg.context_elimination else []
     load_on_driver(encoders)
     runtime.init_ray(cluster.ray)
     texts: Dict[str, Any] = {}

@@ -14,13 +14,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from reco.config import BankConfig, SegmenterConfig, config_hash, to_dict
+from reco.config import BankConfig, SegmenterConfig, config_hash, resolve_context, to_dict
 from reco.errors import ConfigError, EmptyArchiveError
 
 logger = logging.getLogger(__name__)
-
-#: the paper's context concepts under the names some datasets use
-CONTEXT_ALIASES = {"person": ("pedestrian", "people")}
 
 
 def _names(text: str) -> List[str]:
@@ -38,19 +35,13 @@ def _pairs(text: str) -> Dict[str, str]:
 
 
 def _context_for(bank_cfg: BankConfig, archives: Dict[str, list]) -> Tuple[BankConfig, Dict[str, list], List[str]]:
-    """The paper's context concepts that have an archive here (others dropped, reported)."""
-    if not bank_cfg.context_elimination:
-        return bank_cfg, {}, []
-    named = [
-        c if c in archives else next((a for a in CONTEXT_ALIASES.get(c, ()) if a in archives), c)
-        for c in bank_cfg.context_concepts
-    ]
-    have = [c for c in named if c in archives]
-    dropped = [c for c in named if c not in archives]
+    """The paper's context concepts that have an archive here (:func:`reco.config.resolve_context`:
+    aliases matched, the others dropped and reported)."""
+    cfg, dropped = resolve_context(bank_cfg, archives)
     if dropped:
-        logger.warning("context concepts without an archive here are left out: %s", dropped)
-    cfg = replace(bank_cfg, context_concepts=tuple(have), context_elimination=bool(have))
-    return cfg, {c: archives[c] for c in have}, dropped
+        logger.warning("context concepts without an archive here are left out: %s", list(dropped))
+    have = cfg.context_concepts if cfg.context_elimination else ()
+    return cfg, {c: archives[c] for c in have}, list(dropped)
 
 
 def build_bank(

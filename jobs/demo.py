@@ -83,9 +83,9 @@ def _street(args, data_root: Path) -> int:
         raise ConfigError("--clip-model / --index / --calibration-images belong to the VOC demo (--dataset voc)")
     from reco.config import preset
 
-    # the configuration leave-one-drive-out CV inside camvid-train chose (docs/results.md)
+    # the default: the configuration leave-one-drive-out CV inside camvid-train chose (docs/results.md)
     user = load_demo_yaml(args.config)
-    base_bank, base_seg = preset("reco-paper")
+    base_bank, base_seg = preset("default")
     bank_cfg = from_dict(BankConfig, {**to_dict(base_bank), **(user.get("bank") or {})}, "bank")
     if args.k:
         bank_cfg = replace(bank_cfg, k=args.k)
@@ -98,8 +98,9 @@ def _street(args, data_root: Path) -> int:
         data_root, out, bank_cfg, seg_cfg, args.overlays, args.dense_encoder, args.dense_weights, args.limit
     )
     logger.info(
-        "mode: exemplar crops from camvid-train, reference matching only, configuration reco-paper "
-        "(chosen by leave-one-drive-out CV inside camvid-train); CLIP absent"
+        "mode: exemplar crops from camvid-train, reference matching only, the default configuration "
+        "(the paper's context elimination with 100-token seed regions, chosen by leave-one-drive-out CV "
+        "inside camvid-train); CLIP absent"
     )
     for label, miou, acc in figure_rows(report):
         logger.info("%-70s mIoU %6s%%  pixel accuracy %6s%%", label, miou, acc)

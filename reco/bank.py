@@ -5,6 +5,7 @@ their public names are re-exported here."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from .builder import (
     similarity_stats,
     threshold_stats,
 )
-from .config import config_hash, to_dict
+from .config import config_hash, resolve_context, to_dict
 from .encoders import ClipModel, DenseEncoder
 from .errors import EmptyArchiveError, ReCoError, UnknownConceptError
 from .image import ImageLike
@@ -237,9 +238,12 @@ class ConceptBank:
         """Build a bank in this process (see ``cluster`` for the distributed version).
 
         With ``context_elimination`` the context concepts are built first from
-        ``context_archives``; with ``context_from_vocabulary`` the concepts are then built one
-        after the other in :func:`build_order`, each eliminating every concept built before it.
-        The bank keeps the vocabulary order of ``archives``.
+        ``context_archives``, or from the vocabulary's own archive of that name (or alias) where
+        ``context_archives`` lacks one (:func:`reco.config.resolve_context`: the others are left
+        out with a warning and listed in ``metadata["context_dropped"]``); with
+        ``context_from_vocabulary`` the concepts are then built one after the other in
+        :func:`build_order`, each eliminating every concept built before it. The bank keeps the
+        vocabulary order of ``archives``.
         """
         names = list(archives)
         if not names:
@@ -247,11 +251,26 @@ class ConceptBank:
         for n in names:
             if len(archives[n]) == 0:
                 raise EmptyArchiveError(f"archive of concept {n!r} holds no usable image")
-        builder._memo = {}
+        given = {n: a for n, a in (context_archives or {}).items() if len(a)}
+        cfg, dropped = resolve_context(builder.config, [*given, *names])
+        if dropped:
+            logger.warning("context concepts without an archive are left out: %s", ", ".join(dropped))
+        ctx_archives = (
+            {c: given[c] if c in given else archives[c] for c in cfg.context_concepts}
+            if cfg.context_elimination
+            else {}
+        )
+        resolved = builder
+        if cfg is not builder.config:  # a shallow copy with the resolved config (the caller's is left as it was)
+            resolved = copy.copy(builder)
+            resolved.config = cfg
+        resolved._memo = {}
         try:
-            return cls._build(names, archives, builder, context_archives, archive_ids, archive_mode)
+            bank = cls._build(names, archives, resolved, ctx_archives, archive_ids, archive_mode)
         finally:
-            builder._memo = None
+            resolved._memo = None
+        bank.metadata["context_dropped"] = list(dropped)
+        return bank
 
     @classmethod
     def _build(cls, names, archives, builder, context_archives, archive_ids, archive_mode) -> "ConceptBank":

@@ -1,9 +1,11 @@
 """Frozen configuration dataclasses for the ReCo core.
 
-Defaults need neither CLIP nor context archives (chosen on the old split protocol); the paper's
-reference values of ``RECO_SPEC.md`` are the preset ``preset("reco-paper")`` (``reco evaluate
---preset reco-paper``), and what cross-validation chose on the fair CamVid crop protocol is
-``preset("reco-paper-regions")`` (``docs/results.md``).
+The defaults are what leave-one-drive-out cross-validation inside ``camvid-train`` chose on the
+fair CamVid crop protocol (``docs/results.md``): the paper's fixed context elimination with a seed
+region of 100 tokens per archive image. They need no CLIP and no separate context archives: a
+context concept takes its archive from the vocabulary when it is there (or an alias of it, see
+:func:`resolve_context`) and is left out, with a warning, when no archive exists. The paper's
+reference values of ``RECO_SPEC.md`` are the preset ``preset("reco-paper")``.
 YAML never reaches this module: jobs parse YAML at the edge and call :func:`from_dict`, which
 rejects unknown keys with a clear message, so a typo in a config file is an error instead of a
 silently ignored setting.
@@ -15,7 +17,7 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Tuple, TypeVar
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Tuple, TypeVar
 
 from .errors import ConfigError
 
@@ -25,6 +27,9 @@ if TYPE_CHECKING:
 T = TypeVar("T", bound="DataclassInstance")
 
 REFERENCE_CONTEXT_CONCEPTS: Tuple[str, ...] = ("tree", "sky", "building", "road", "person")
+#: The paper's context concepts under the names some vocabularies use for them (CamVid's person is
+#: ``pedestrian``): :func:`resolve_context` takes the first alias that has an archive.
+CONTEXT_ALIASES: Mapping[str, Tuple[str, ...]] = {"person": ("pedestrian", "people")}
 
 
 @dataclass(frozen=True)
@@ -56,9 +61,11 @@ CALIBRATIONS: Tuple[str, ...] = ("none", "archive", "archive-threshold")
 class BankConfig:
     """How reference embeddings are built from a concept's archive (spec steps 1-4).
 
-    The defaults need neither CLIP nor context archives. The paper's configuration is
-    :func:`preset` ``("reco-paper")``; the one leave-one-drive-out CV chose on the fair CamVid
-    crop protocol is ``("reco-paper-regions")`` (``docs/results.md``).
+    The defaults are the configuration leave-one-drive-out CV inside ``camvid-train`` chose on
+    the fair CamVid crop protocol (``docs/results.md``; the same as :func:`preset`
+    ``("reco-paper-regions")``): the paper's context elimination with context archives taken from
+    the vocabulary where it names them, and seed regions of 100 tokens. They need no CLIP. The
+    paper's configuration is :func:`preset` ``("reco-paper")``.
     """
 
     k: int = 50
@@ -67,8 +74,12 @@ class BankConfig:
     language_temperature: float = 10.0
     # The paper's context elimination: references of ``context_concepts`` are built first from
     # their own archives (each with the earlier ones eliminated) and eliminated from every target.
-    context_elimination: bool = False
+    # A context concept without an archive of its own takes the vocabulary's archive of the same
+    # name (or of an alias, ``CONTEXT_ALIASES``); one with neither is left out with a warning
+    # (recorded in the bank's metadata) unless ``context_required``, which makes it an error.
+    context_elimination: bool = True
     context_concepts: Tuple[str, ...] = REFERENCE_CONTEXT_CONCEPTS
+    context_required: bool = False
     # Context taken from the vocabulary itself ("peeling"): concepts are built one after the
     # other in ``context_order`` and each eliminates every concept built before it, so no
     # separate context archives are needed. Orders: "given" (vocabulary order, cascades),
@@ -79,7 +90,7 @@ class BankConfig:
     # archive's tokens are weighted by how much commoner their look is in that archive than in
     # any other archive of the vocabulary, reco.enrichment), "others" (no order: each concept
     # peels every other concept's plain co-segmentation reference, reco.vocabulary).
-    context_from_vocabulary: bool = True
+    context_from_vocabulary: bool = False
     context_order: str = "archive-size"
     # Peeling weight of a token: prod_c (1 - sigmoid(T * (cos(f, v_c) - offset))) over the prototypes
     # v_c of the concepts built before. The paper's elimination weight (T = 1, offset = 0, kept
@@ -106,12 +117,13 @@ class BankConfig:
     context_temperature: float = 1.0
     context_offset: float = 0.0
     # The paper averages the per-image maxima over all k images including the token's own
-    # image. With tiny archives (1-3 exemplars) that term dominates; excluding it is the
-    # better estimate of "how well does this token match the *other* images".
-    exclude_own_image: bool = True
+    # image; True excludes it (the estimate of "how well does this token match the *other*
+    # images"). CV on the crop protocol could not tell them apart (22.69 vs 22.72 with seed
+    # regions), so the paper's value is kept; with 1-8 exemplars (VOC) including it measured better.
+    exclude_own_image: bool = False
     # Seeds from a region: the top ``seed_tokens`` tokens of every archive image by
     # co-segmentation score (1 = the paper's single seed token).
-    seed_tokens: int = 1
+    seed_tokens: int = 100
     # Several prototypes per concept: spherical k-means of the seed-region features (1 = the
     # paper's single mean reference). Inference takes the best prototype of each concept.
     prototypes: int = 1
@@ -300,10 +312,10 @@ def _paper_segmenter() -> SegmenterConfig:
 
 #: Named configurations: ``reco-paper`` is the paper's (spec defaults: context archives for
 #: tree/sky/building/road/person, one seed token, one mean reference, raw sigmoid(cos) argmax);
-#: ``default`` is ``BankConfig()`` / ``SegmenterConfig()`` (needs no context archives);
 #: ``reco-paper-regions`` is the paper's with a seed region of 100 tokens per archive image, the
 #: configuration leave-one-drive-out CV inside camvid-train chose on the crop protocol
-#: (``docs/results.md``; it needs the paper's context archives, like ``reco-paper``).
+#: (``docs/results.md``); ``default`` is ``BankConfig()`` / ``SegmenterConfig()``: that choice,
+#: plus the archive statistics a background threshold needs (which change no reference).
 PRESETS = ("reco-paper", "default", "reco-paper-regions")
 
 
@@ -316,6 +328,36 @@ def preset(name: str) -> Tuple[BankConfig, SegmenterConfig]:
     if name in ("default", "best"):
         return BankConfig(), SegmenterConfig()
     raise ConfigError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
+
+
+def resolve_context(cfg: BankConfig, available: Iterable[str]) -> Tuple[BankConfig, Tuple[str, ...]]:
+    """Match the context concepts of ``cfg`` to the concept names that have an archive.
+
+    A context concept keeps its name when ``available`` holds it, else takes the first of its
+    :data:`CONTEXT_ALIASES` that is available (so the context reference and the vocabulary concept
+    of that name are one), else it is dropped. Returns (the config with the matched context
+    concepts, in order; context elimination off when none is left, the dropped names).
+
+    Raises:
+        ConfigError: a context concept has no archive and ``cfg.context_required`` is set.
+    """
+    if not (cfg.context_elimination and cfg.context_concepts):
+        return cfg, ()
+    have = set(available)
+    named = [
+        c if c in have else next((a for a in CONTEXT_ALIASES.get(c, ()) if a in have), c) for c in cfg.context_concepts
+    ]
+    matched = tuple(dict.fromkeys(c for c in named if c in have))
+    dropped = tuple(c for c in named if c not in have)
+    if dropped and cfg.context_required:
+        raise ConfigError(
+            f"context elimination needs archives for the context concepts {list(dropped)}: give them "
+            "(exemplar folders or an index), change bank.context_concepts, set "
+            "bank.context_required: false to leave them out, or bank.context_elimination: false"
+        )
+    if matched == cfg.context_concepts:
+        return cfg, dropped
+    return dataclasses.replace(cfg, context_concepts=matched, context_elimination=bool(matched)), dropped
 
 
 def config_hash(obj: Any) -> str:
@@ -331,6 +373,8 @@ __all__ = [
     "CONTEXT_ORDERS",
     "PRESETS",
     "preset",
+    "resolve_context",
+    "CONTEXT_ALIASES",
     "config_hash",
     "BankConfig",
     "CRFConfig",

@@ -21,7 +21,8 @@ from reco.errors import ConfigError, ReCoError
 
 
 def _cfg(**kw):
-    base = dict(image_size=64, context_elimination=False, block_size=16, batch_size=2)
+    # single seed tokens: a 64 px image has 16 tokens, fewer than the default's 100-token seed region
+    base = dict(image_size=64, context_elimination=False, block_size=16, batch_size=2, seed_tokens=1)
     base.update(kw)
     return BankConfig(**base)
 
@@ -68,8 +69,9 @@ def test_unknown_concept_and_empty_archive(tiny_dense, images):
         bank.subset(["zebra"])
     with pytest.raises(EmptyArchiveError, match="'dog'"):
         ConceptBank.build({"cat": images, "dog": []}, builder)
-    with pytest.raises(EmptyArchiveError, match="context concept 'tree'"):
-        ConceptBank.build({"cat": images}, ConceptBuilder(tiny_dense, None, _cfg(context_elimination=True)))
+    strict = _cfg(context_elimination=True, context_required=True)
+    with pytest.raises(ConfigError, match=r"context concepts \['tree', 'sky', 'building', 'road', 'person'\]"):
+        ConceptBank.build({"cat": images}, ConceptBuilder(tiny_dense, None, strict))
 
 
 def test_context_elimination_changes_the_reference(tiny_dense, images):

@@ -178,13 +178,20 @@ def _crash_then_rerun(monkeypatch, exemplars, tiny_dense_path, cfg, names, out: 
 def test_peeling_chain_equals_sequential_and_resumes(
     ray_local, exemplars, tiny_dense_path, tmp_path, monkeypatch, order
 ):
-    """The default configuration: concepts peel off the ones built before them. Two actors
-    encode ahead; the chain gives exactly the one-process bank (references, prototypes,
+    """Peeling (context from the vocabulary): concepts peel off the ones built before them. Two
+    actors encode ahead; the chain gives exactly the one-process bank (references, prototypes,
     calibration, order), also when it is interrupted and resumed halfway."""
     from reco import BankConfig
 
-    cfg = BankConfig(image_size=64, block_size=64, context_order=order, seed_tokens=3, prototypes=2)
-    assert cfg.context_from_vocabulary and not cfg.context_elimination
+    cfg = BankConfig(
+        image_size=64,
+        block_size=64,
+        context_order=order,
+        seed_tokens=3,
+        prototypes=2,
+        context_elimination=False,
+        context_from_vocabulary=True,
+    )
     names = ["cat", "dog", "hot dog", "bird", "sky", "tree"]
     local = _local_bank(exemplars, tiny_dense_path, cfg, names)
     out = str(tmp_path / "bank")
@@ -202,6 +209,30 @@ def test_peeling_chain_equals_sequential_and_resumes(
     for i, n in enumerate(order_built):  # each concept eliminated exactly the ones before it
         assert bank.metadata["concepts"][n]["context_eliminated"] == order_built[:i]
         assert bank.metadata["concepts"][n]["seed_index"] == local.metadata["concepts"][n]["seed_index"]
+
+
+def test_default_takes_context_archives_from_the_vocabulary(ray_local, exemplars, tiny_dense_path, tmp_path):
+    """The default configuration with exemplars for the vocabulary only: the paper's context
+    concepts the vocabulary names (sky) are built from its own archives and eliminated from the
+    others, the rest are left out and reported; the job equals the one-process build."""
+    from cluster.bank_job import run_build_bank
+    from cluster.config import ActorConfig
+    from reco import BankConfig
+
+    cfg = BankConfig(image_size=64, block_size=64, seed_tokens=4)
+    names = ["cat", "sky", "dog"]
+    bank, rep = run_build_bank(
+        _tasks(exemplars, names), _spec(tiny_dense_path), cfg, str(tmp_path / "bank"), ActorConfig(num_actors=1)
+    )
+    assert rep.built == 3 and rep.context_dropped == ["tree", "building", "road", "person"]
+    assert bank.metadata["context_elimination"] == ["sky"]
+    assert bank.metadata["context_dropped"] == ["tree", "building", "road", "person"]
+    assert bank.metadata["concepts"]["cat"]["context_eliminated"] == ["sky"]
+    local = _local_bank(exemplars, tiny_dense_path, cfg, names)
+    assert local.metadata["context_dropped"] == bank.metadata["context_dropped"]
+    assert torch.allclose(bank.references, local.references, atol=1e-5)
+    job = json.loads((tmp_path / "bank" / "job_report.json").read_text())
+    assert job["extra"]["context_dropped"] == rep.context_dropped
 
 
 @pytest.mark.slow
@@ -283,9 +314,10 @@ def test_cli_build_bank_then_pseudo_label(ray_local, exemplars, tiny_dense_path,
     assert job["skipped_examples"]["archive of concept 'unicorn' holds no usable image"] == ["unicorn"]
     assert (out / "job_report.txt").read_text().startswith("build-bank: ok")
     assert job["wall_seconds"] >= job["stages"][0]["seconds"] > 0  # the job's own time, not the report's
-    # the paper's context elimination needs context archives: a clear error, before any work
+    # context archives required (none of the vocabulary's names is a context concept): a clear
+    # error, before any work
     cfg2 = tmp_path / "paper.yaml"
-    cfg2.write_text("bank:\n  image_size: 64\n  context_elimination: true\n")
+    cfg2.write_text("bank:\n  image_size: 64\n  context_elimination: true\n  context_required: true\n")
     caplog.clear()
     assert (
         main(

@@ -56,7 +56,15 @@ def _street(k: int = 4):
 
 
 def _cfg(**kw) -> BankConfig:
-    base = dict(calibration="none", block_size=64)
+    """Peeling with single seed tokens (the earlier default), so each order's mechanism shows."""
+    base = dict(
+        calibration="none",
+        block_size=64,
+        context_elimination=False,
+        context_from_vocabulary=True,
+        seed_tokens=1,
+        exclude_own_image=True,
+    )
     base.update(kw)
     return BankConfig(**base)
 
@@ -91,7 +99,7 @@ def test_ownership_order_cannot_cascade(owners_peel):
     order, see above): road keeps road, pole finds the pole, and a street image's road pixels are
     labelled road."""
     feats = _street()
-    cfg = BankConfig(block_size=64, context_order="ownership", owners_peel=owners_peel)
+    cfg = _cfg(context_order="ownership", owners_peel=owners_peel)
     bank = ConceptBank.build_from_features(feats, ConceptBuilder(Stub(), None, cfg))
     assert _cos(bank, "road", ROAD) > 0.9
     assert _cos(bank, "building", BUILDING) > 0.9
@@ -136,7 +144,7 @@ def test_enrichment_cannot_cascade():
     better by the road archive than by the pole archive, so pole seeds on the pole; nothing is
     peeled, so road keeps road; the street image is labelled road / building / pole."""
     feats = _street()
-    cfg = BankConfig(block_size=64, context_order="enrichment", enrichment_temperature=1000.0)
+    cfg = _cfg(context_order="enrichment", enrichment_temperature=1000.0)
     bank = ConceptBank.build_from_features(feats, ConceptBuilder(Stub(), None, cfg))
     assert _cos(bank, "road", ROAD) > 0.9
     assert _cos(bank, "building", BUILDING) > 0.9
@@ -239,9 +247,7 @@ def test_enrichment_then_peel_the_others_enrichment_references():
     *enrichment* references (already about their own archives), so pole's peeled reference is
     the pole and road keeps road, unlike ``others`` with its plain (road-like) pole reference."""
     feats = _street()
-    cfg = BankConfig(
-        block_size=64, context_order="enrichment", enrichment_temperature=1000.0, enrichment_peel_others=True
-    )
+    cfg = _cfg(context_order="enrichment", enrichment_temperature=1000.0, enrichment_peel_others=True)
     bank = ConceptBank.build_from_features(feats, ConceptBuilder(Stub(), None, cfg))
     for n in feats:
         assert sorted(bank.metadata["concepts"][n]["context_eliminated"]) == sorted(m for m in feats if m != n)
@@ -251,3 +257,77 @@ def test_enrichment_then_peel_the_others_enrichment_references():
         {n: feats[n] for n in reversed(list(feats))}, ConceptBuilder(Stub(), None, cfg)
     )
     assert torch.allclose(back.subset(list(feats)).references, bank.references, atol=1e-6)
+
+
+class _ToyBuilder(ConceptBuilder):
+    """ConceptBank.build on the toy: an archive 'image' is its (D, 2, 2) feature map."""
+
+    def archive_features(self, images):
+        return torch.stack(list(images))
+
+
+def _toy_build(feats, cfg: BankConfig, context_archives=None) -> ConceptBank:
+    return ConceptBank.build({n: list(f) for n, f in feats.items()}, _ToyBuilder(Stub(), None, cfg), context_archives)
+
+
+@pytest.mark.parametrize("seed_tokens", [1, 2])
+def test_default_cannot_cascade_pole_steals_road(seed_tokens, caplog):
+    """The default (the paper's fixed context, taken from the vocabulary's own archives) on the
+    archives where the earlier default cascaded: only the context concepts the vocabulary holds
+    (building, road) are eliminated, so the diffuse pole can peel nothing; road keeps road, and
+    pole, built with building and road eliminated, lands on the pole. Single seeds show it is the
+    context rule, not the seed regions, that stops it."""
+    cfg = BankConfig(calibration="none", block_size=64, seed_tokens=seed_tokens)
+    assert cfg.context_elimination and not cfg.context_from_vocabulary
+    bank = _toy_build(_street(), cfg)
+    assert bank.metadata["context_elimination"] == ["building", "road"]
+    assert (
+        bank.metadata["context_dropped"] == ["tree", "sky", "person"] and "left out: tree, sky, person" in caplog.text
+    )
+    assert bank.metadata["concepts"]["pole"]["context_eliminated"] == ["building", "road"]
+    assert _cos(bank, "road", ROAD) > 0.99 and _cos(bank, "building", BUILDING) > 0.99
+    if seed_tokens == 1:
+        assert _cos(bank, "pole", POLE) > 0.85  # pole's seeds found the pole once road and building were gone
+        # the earlier default (peeling in archive-size order, single seeds) on the same archives
+        old = ConceptBank.build_from_features(_street(), ConceptBuilder(Stub(), None, _cfg()))
+        assert _cos(old, "road", ROAD) < 0.5
+
+
+def test_a_diffuse_context_concept_still_cascades_with_single_seeds():
+    """What the default does not prevent: a *context* concept whose archive is diffuse (here the
+    pole crops named "tree", built first) is eliminated from every later concept. With single
+    seeds it takes road's region even at the paper's flat weight; seed regions (as the default's
+    100 of 256 tokens) keep road on road."""
+    feats = _street()
+    street = {"tree": feats["pole"], "building": feats["building"], "road": feats["road"]}
+    single = _toy_build(street, BankConfig(calibration="none", block_size=64, seed_tokens=1))
+    assert _cos(single, "tree", ROAD) > 0.9 and _cos(single, "road", ROAD) < 0.1
+    regions = _toy_build(street, BankConfig(calibration="none", block_size=64, seed_tokens=2))
+    assert _cos(regions, "road", ROAD) > 0.7 and _cos(regions, "road", BUILDING) < 0.1
+
+
+def test_context_concepts_resolve_to_vocabulary_names_and_aliases():
+    """person -> the vocabulary's pedestrian (one reference for both); context archives given
+    win over the vocabulary's; context_required makes a missing archive an error."""
+    from reco.config import resolve_context
+
+    cfg = BankConfig()
+    got, dropped = resolve_context(cfg, ["sky", "pedestrian", "road", "car"])
+    assert got.context_concepts == ("sky", "road", "pedestrian") and dropped == ("tree", "building")
+    assert resolve_context(cfg, ["car"])[0].context_elimination is False
+    assert resolve_context(BankConfig(context_elimination=False), ["car"]) == (
+        BankConfig(context_elimination=False),
+        (),
+    )
+    with pytest.raises(ConfigError, match=r"context concepts \['tree'"):
+        resolve_context(BankConfig(context_required=True), ["sky", "building", "road", "person"])
+    feats = _street()
+    bank = _toy_build(
+        {"road": feats["road"], "pedestrian": feats["pole"]},
+        BankConfig(calibration="none", block_size=64, seed_tokens=1),
+        context_archives={"building": list(feats["building"])},
+    )
+    assert bank.metadata["context_elimination"] == ["building", "road", "pedestrian"]
+    meta = bank.metadata["concepts"]["pedestrian"]  # the context reference of person, reused
+    assert meta["context_eliminated"] == ["building", "road"] and meta["reused_context_reference"]
+    assert _cos(bank, "road", ROAD) > 0.99

@@ -58,6 +58,7 @@ def cfg(**kw):
         context_elimination=False,
         context_from_vocabulary=False,
         exclude_own_image=True,
+        seed_tokens=1,
         calibration="none",
         block_size=64,
         peel_temperature=20.0,
@@ -328,20 +329,31 @@ def test_presets_and_config_hash():
     assert paper_seg.calibrate is False and paper_seg.crf is None and paper_seg.background_threshold is None
     default_bank, default_seg = preset("default")
     assert default_bank == BankConfig() and default_seg == SegmenterConfig()
-    assert not default_bank.context_elimination and default_bank.context_from_vocabulary  # no context archives
+    # the CV choice (reco-paper-regions) plus the archive statistics a background threshold needs
+    regions_bank, regions_seg = preset("reco-paper-regions")
+    assert regions_bank.seed_tokens == 100 and regions_seg == paper_seg
+    for f in ("context_elimination", "context_concepts", "context_from_vocabulary", "context_temperature"):
+        assert getattr(default_bank, f) == getattr(regions_bank, f), f
+    for f in ("context_offset", "exclude_own_image", "seed_tokens", "prototypes", "k", "image_size"):
+        assert getattr(default_bank, f) == getattr(regions_bank, f), f
+    assert default_bank.calibration == "archive" and not default_bank.context_required
+    assert default_seg.calibrate is None and default_seg.background_threshold is None  # raw argmax, as the paper
     assert config_hash(default_bank) != config_hash(paper_bank)
     assert config_hash(BankConfig()) == config_hash(BankConfig())
     with pytest.raises(ConfigError, match="preset"):
         preset("reco-plus")
 
 
-def test_default_bank_builds_without_context_archives_or_clip(tiny_dense, images):
-    """The default configuration needs neither context archives nor CLIP."""
+def test_default_bank_builds_without_context_archives_or_clip(tiny_dense, images, caplog):
+    """The default configuration needs neither context archives nor CLIP: the paper's context
+    concepts without an archive are left out, with a warning, and recorded in the bank."""
     bank = ConceptBank.build(
         {"cat": images[:2], "dog": images[2:]},
         ConceptBuilder(tiny_dense, None, BankConfig(image_size=64, block_size=64)),
     )
-    assert bank.names == ("cat", "dog") and bank.metadata["context_from_vocabulary"] == "archive-size"
+    assert bank.names == ("cat", "dog") and bank.metadata["context_from_vocabulary"] is None
+    assert bank.metadata["context_dropped"] == ["tree", "sky", "building", "road", "person"]
+    assert bank.metadata["context_elimination"] == [] and "left out: tree, sky" in caplog.text
     assert bank.calibration is not None and bank.metadata["build_order"] == ["cat", "dog"]
     seg = Segmenter(bank, tiny_dense, None, SegmenterConfig(image_size=64))
     assert seg(images[0])[0].labels.shape == (images[0].size[1], images[0].size[0])

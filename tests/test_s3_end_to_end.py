@@ -335,7 +335,9 @@ def test_corpus_bank_labels_and_training_through_s3_with_faults_retried(
         == 0
     )
     rows, _, _ = committed(f"{root}/bank_retrieved", opts)
-    assert {r["name"] for r in rows.values()} == {"cat", "dog"}
+    assert {r["name"] for r in rows.values() if r["kind"] == "target"} == {"cat", "dog"}
+    # the default's context concepts are retrieved from the index too (the paper's retrieval mode)
+    assert {r["name"] for r in rows.values() if r["kind"] == "context"} == {"tree", "sky", "building", "road", "person"}
     for r in rows.values():
         assert r["status"] == "ok" and r["source"] == "retrieval" and len(r["archive"]) == 3, r
         assert all(u.startswith(corpus) for u in r["archive"])
