@@ -45,7 +45,7 @@ from reco.errors import ConfigError
 
 from . import faults
 from .index_config import IndexClusterConfig
-from .report import job_report, peak_memory
+from .report import job_report, peak_memory, reset_peak_memory
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ def _train_task(
     gpu: bool = False,
 ) -> Tuple[bytes, Optional[bytes], float, int]:
     t = time.perf_counter()
+    reset_peak_memory()  # a reused worker: this task's peak, not the worker's lifetime one
     _faiss_threads(cpus)
     store = _open_store(root, storage_options)
     source = VectorSource.from_store(store, [_shard(s) for s in shards])
@@ -102,6 +103,7 @@ def _part_task(
 ) -> Dict[str, Any]:
     """Fill one part and create its file(s) exactly once (``parts``: :class:`index.output.Parts`)."""
     t = time.perf_counter()
+    reset_peak_memory()  # Ray reuses workers: the peak below is this part's (see index.report)
     _faiss_threads(cpus)
     faults.fire("index.part", plan.name)
     store = _open_store(root, storage_options)
@@ -119,7 +121,7 @@ def _part_task(
         "bytes": len(data),
         "written": written,
         "seconds": time.perf_counter() - t,
-        # the worker process's high-water mark: set by part_rows (one part in RAM), not by the corpus
+        # this task's high-water mark: set by part_rows (one part in RAM), not by the corpus
         "peak_rss": peak_memory()["rss"],
     }
 

@@ -12,7 +12,17 @@ import logging
 from collections import Counter as _Counter
 from typing import Any, Dict, Mapping, Optional
 
-from index.report import EXIT_FAILED, EXIT_OK, EXIT_RERUN, REPORT_FORMAT, JobReport, JobResult, peak_memory, reason_kind  # noqa: F401
+from index.report import (  # noqa: F401
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_RERUN,
+    REPORT_FORMAT,
+    JobReport,
+    JobResult,
+    peak_memory,
+    reason_kind,
+    reset_peak_memory,
+)
 
 logger = logging.getLogger(__name__)
 

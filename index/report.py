@@ -59,11 +59,47 @@ def reason_kind(reason: str) -> str:
     return head or "unknown"
 
 
+def reset_peak_memory() -> bool:
+    """Start a new resident-memory high-water mark for this process, so that a Ray worker that
+    runs several tasks reports each task's own peak (:func:`peak_memory` after it). Linux: writing
+    ``5`` to ``/proc/self/clear_refs`` resets ``VmHWM``; also resets torch's CUDA peak when CUDA is
+    initialised. Returns False where the RSS mark cannot be reset (then the process's lifetime
+    high-water mark is what :func:`peak_memory` reports)."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        try:
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.reset_peak_memory_stats()
+        except Exception:  # pragma: no cover - no usable CUDA
+            pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _vm_hwm() -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_memory() -> Dict[str, int]:
-    """This process's peak memory in bytes: ``rss`` (high-water mark of resident memory) and, when
-    torch has initialised CUDA, ``cuda`` (peak allocated on the current device)."""
-    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = {"rss": int(ru) * (1 if sys.platform == "darwin" else 1024)}
+    """This process's peak memory in bytes: ``rss`` (high-water mark of resident memory since the
+    process started or since :func:`reset_peak_memory`) and, when torch has initialised CUDA,
+    ``cuda`` (peak allocated on the current device)."""
+    hwm = _vm_hwm()
+    if hwm is None:
+        ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        hwm = int(ru) * (1 if sys.platform == "darwin" else 1024)
+    out = {"rss": hwm}
     torch = sys.modules.get("torch")
     if torch is not None:
         try:

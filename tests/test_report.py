@@ -1,6 +1,7 @@
 """The uniform job report (JSON + one-screen summary) and the metrics helper outside Ray."""
 
 import json
+import os
 
 import pytest
 
@@ -144,3 +145,23 @@ def test_ray_actor_restarts_are_counted_in_the_job_report(ray_local, tmp_path):
     path = write_job_report(rep, str(tmp_path))
     assert path.endswith("job_report.json") and (tmp_path / "job_report.txt").read_text().startswith("demo-job: ok")
     ray.kill(a)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux /proc only")
+def test_peak_memory_is_per_task_after_a_reset():
+    """A Ray worker runs many tasks: after reset_peak_memory the peak is the next task's, not the
+    largest of every task the process ran before (the index build's per-task RSS rows)."""
+    import numpy as np
+
+    from cluster.report import reset_peak_memory
+
+    assert reset_peak_memory() is True  # earlier tests in this process may have peaked higher
+    before = peak_memory()["rss"]
+    big = np.ones(400 * 2**20 // 8)  # 400 MiB, touched
+    assert peak_memory()["rss"] >= before + 350 * 2**20
+    del big
+    assert reset_peak_memory() is True
+    small = np.ones(20 * 2**20 // 8)
+    after = peak_memory()["rss"]
+    assert after < before + 200 * 2**20, (before, after)  # the 400 MiB task is forgotten
+    assert small.sum() > 0
