@@ -44,13 +44,7 @@ def rss_mb(field):
     for line in open('/proc/self/status'):
         if line.startswith(field + ':'):
             return int(line.split()[1]) / 1024
-def reset_peak():
-    try:
-        with open('/proc/self/clear_refs', 'w') as f:
-            f.write('5')
-        return True
-    except OSError:
-        return False
+from index.report import reset_peak_memory as reset_peak
 def warm_up(d):
     # one tiny build first, so that lazily allocated BLAS/OpenMP buffers and imports are not counted as build memory
     from index.faiss_index import build_index
