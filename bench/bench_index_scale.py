@@ -134,7 +134,15 @@ def main(argv=None) -> None:
         default="store:1,store:2,SQfp16:2",
         help="REFINE:WORKERS[@SIZE], comma separated: every size, or only SIZE",
     )
-    p.add_argument("--pq", type=int, default=0, help="PQ bytes per vector (0: 32)")
+    p.add_argument("--pq", type=int, default=0, help="PQ sub-quantisers (0: 32)")
+    p.add_argument(
+        "--pq-bits",
+        type=int,
+        default=8,
+        choices=(8, 4),
+        help="bits per PQ code: 8 (PQm, m bytes per vector) or 4 (PQmx4fs: FAISS's SIMD fast-scan, m/2 bytes)",
+    )
+    p.add_argument("--results", default="index_scale", help="bench/results/NAME.{md,json}")
     p.add_argument("--max-nprobe", type=int, default=0, help="tuning probes at most this many lists (0: nlist)")
     p.add_argument("--nlist", type=int, default=0, help="IVF lists (0: 4 sqrt(n) rounded to a power of 2)")
     p.add_argument("--train-size", type=int, default=0, help="quantiser sample rows (0: max(100k, 40 nlist))")
@@ -185,7 +193,8 @@ def main(argv=None) -> None:
                 if only and int(only) != n:
                     continue
                 refine, w = spec.split(":")
-                f = f"{args.opq}IVF{nlist},PQ{m},Refine({refine})"
+                pq = f"PQ{m}x4fs" if args.pq_bits == 4 else f"PQ{m}"
+                f = f"{args.opq}IVF{nlist},{pq},Refine({refine})"
                 # builds of one factory share one output folder: the second finds the trained quantiser of
                 # the same configuration there and reuses it (as a rerun would); its parts are rebuilt
                 out = Path(tmp) / refine
@@ -194,7 +203,7 @@ def main(argv=None) -> None:
                 print(row, flush=True)
                 builds.append(row)
     exact_n = args.exact_size or sizes[0]
-    exact = [exact_row(stores[exact_n], gap, int(c)) for c in args.concepts.split(",")]
+    exact = [exact_row(stores[exact_n], gap, int(c)) for c in args.concepts.split(",") if c]
     for r in exact:
         print(r, flush=True)
     ray.shutdown()
@@ -212,17 +221,19 @@ def main(argv=None) -> None:
             f"| {r['train_peak_mb'] or '-'} / {r['part_peak_mb']} / {r['driver_peak_mb']} "
             f"| {r['load_before_after'][0]} / {r['load_before_after'][1]} |"
         )
-    md += ["", "| store rows | concepts | seconds | (rows x concepts)/s per core |", "|---|---|---|---|"]
-    md += [f"| {r['n']:,} | {r['concepts']:,} | {r['seconds']} | {r['pairs_per_s_per_core']:.3g} |" for r in exact]
+    if exact:
+        md += ["", "| store rows | concepts | seconds | (rows x concepts)/s per core |", "|---|---|---|---|"]
+        md += [f"| {r['n']:,} | {r['concepts']:,} | {r['seconds']} | {r['pairs_per_s_per_core']:.3g} |" for r in exact]
     md += [
         "",
         f"Command: `python -m bench.bench_index_scale --sizes {args.sizes} --dim {args.dim} "
-        f"--concepts {args.concepts} --builds {args.builds} --pq {args.pq} --max-nprobe {args.max_nprobe} --nlist {args.nlist} --train-size {args.train_size} "
+        f"--concepts '{args.concepts}' --builds {args.builds} --pq {args.pq} --pq-bits {args.pq_bits} "
+        f"--results {args.results} --max-nprobe {args.max_nprobe} --nlist {args.nlist} --train-size {args.train_size} "
         f"--train-cpus {args.train_cpus} --exact-size {args.exact_size} --shard-rows {args.shard_rows} "
         f"--part-rows {args.part_rows} --images-per-concept {args.images_per_concept}`; "
         f"data generated under {args.data} (not committed).",
     ]
-    path = write_results("index_scale", {"builds": builds, "exact": exact, "args": vars(args)}, "\n".join(md))
+    path = write_results(args.results, {"builds": builds, "exact": exact, "args": vars(args)}, "\n".join(md))
     print(path)
 
 

@@ -222,7 +222,7 @@ def build_index_parts(
         part_rows = cfg.part_rows
         cov = _covered(factory, dim, ts, seed, root, part_rows)
         plans = P.plan_parts(shards, part_rows)
-    P.check_partable(factory)
+    P.check_partable(factory, cfg.layout)
     output = ResumableOutput(
         out,
         job="build-index",

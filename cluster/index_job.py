@@ -141,7 +141,7 @@ def _build_in_parts(args, store, budget: int, storage, text=None) -> int:
     cfg = cluster.index if not args.layout else replace(cluster.index, layout=args.layout)
     if args.factory:
         validate_factory(args.factory, store.dim)
-        check_partable(args.factory)
+        check_partable(args.factory, cfg.layout)
     out = args.index or join(args.store, "index")
     init_ray(cluster.ray)
     rep = build_index_parts(

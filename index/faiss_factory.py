@@ -92,12 +92,13 @@ def validate_factory(factory: str, dim: int) -> None:
 
 
 def _code_bytes(token: str, d: int) -> Optional[float]:
-    """Bytes per vector of a storage token (Flat, PQm[xb], SQ8, SQfp16, ...) on d dims."""
+    """Bytes per vector of a storage token (Flat, PQm[xb], PQmx4fs (SIMD fast-scan), SQ8, SQfp16, ...) on d
+    dims (fast-scan lists are padded to blocks of 32 codes: at most 31 codes per list, not counted)."""
     if token == "Flat":
         return 4.0 * d
     if token == "store":  # Refine(store): re-ranking vectors stay in the store, not in RAM
         return 0.0
-    m = re.fullmatch(r"PQ(\d+)(?:x(\d+))?(?:np)?", token)
+    m = re.fullmatch(r"PQ(\d+)(?:x(\d+))?(?:np|fsr?)?", token)
     if m:
         return int(m.group(1)) * int(m.group(2) or 8) / 8.0
     sq = {"SQ8": 1.0, "SQ6": 0.75, "SQ4": 0.5, "SQfp16": 2.0, "SQbf16": 2.0, "SQ8_direct": 1.0}
@@ -150,7 +151,7 @@ def estimate_index_bytes(factory: str, n: int, dim: int) -> int:
         if per is None:
             raise ValueError(f"cannot estimate the memory of factory component {tok!r} in {factory!r}")
         total += per * n
-        pq = re.fullmatch(r"PQ(\d+)(?:x(\d+))?(?:np)?", tok)
+        pq = re.fullmatch(r"PQ(\d+)(?:x(\d+))?(?:np|fsr?)?", tok)
         if pq:
             total += 4.0 * (1 << int(pq.group(2) or 8)) * d  # codebooks
         stored = True

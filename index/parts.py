@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -80,13 +81,20 @@ def _plan(shards: List[Dict[str, Any]], first_row: int, rows: int) -> PartPlan:
     return PartPlan(name, tuple(shards), first_row, rows)
 
 
-def check_partable(factory: str) -> None:
-    """Parts need an IVF base (ids kept per inverted list, ``merge_from``); HNSW and Flat are refused."""
+def check_partable(factory: str, layout: str = "merged") -> None:
+    """Parts need an IVF base (ids kept per inverted list, ``merge_from``); HNSW and Flat are refused.
+    The ``ondisk`` layout needs plain inverted lists: FAISS's fast-scan PQ (``PQmx4fs``) keeps its
+    codes in blocks of 32 that ``merge_ondisk`` cannot write (checked before any part is built)."""
     base, _ = split_refine(factory)
     if "IVF" not in base or "HNSW" in base.split("IVF")[0]:
         raise ConfigError(
             f"factory {factory!r} cannot be built in parts: parts need an IVF index "
             "(e.g. IVF4096,PQ64 or OPQ64,IVF4096,PQ64,Refine(SQfp16))"
+        )
+    if layout == "ondisk" and re.search(r"PQ\d+x4fsr?(,|$)", base):
+        raise ConfigError(
+            f"index.layout ondisk cannot hold the fast-scan PQ of {factory!r} (codes in blocks of 32): "
+            "use layout merged or shards, or PQm (8-bit codes)"
         )
 
 

@@ -51,7 +51,7 @@ def test_pq_band_is_refined_and_counts_refine_memory_in_the_budget():
 
 def test_memory_estimate_matches_the_built_index():
     x = clustered(4000, 32)
-    for f in ("IVF16,PQ8x4,Refine(SQ8)", "IVF16,Flat"):
+    for f in ("IVF16,PQ8x4,Refine(SQ8)", "IVF16,Flat", "IVF16,PQ16x4fs,Refine(SQ8)"):
         _, rep = fi.build_index(x, f, num_queries=50, allow_low_recall=True)
         est = fi.estimate_index_bytes(f, len(x), 32)
         assert abs(est - rep.index_bytes) <= 0.1 * rep.index_bytes, (f, est, rep.index_bytes)
