@@ -65,6 +65,7 @@ def build_row(
     train_size: int,
     train_cpus: int,
     max_nprobe: int = 0,
+    layout: str = "merged",
 ) -> Dict[str, Any]:
     import json
 
@@ -82,13 +83,16 @@ def build_row(
         num_queries=500,
         train_size=min(len(store), train_size),
         text_queries=text,
-        cfg=IndexClusterConfig(part_rows=part_rows, workers=workers, cpus_per_task=1, train_cpus=train_cpus),
+        cfg=IndexClusterConfig(
+            part_rows=part_rows, workers=workers, cpus_per_task=1, train_cpus=train_cpus, layout=layout
+        ),
         max_nprobe=max_nprobe or None,
     )
     stages = json.loads((out / "index.json").read_text())["build_stages"]
     mb = 2**20
     return {
         "factory": factory,
+        "layout": layout,
         "n": rep.n,
         "workers": workers,
         "wall_s": round(time.perf_counter() - t, 1),
@@ -143,6 +147,9 @@ def main(argv=None) -> None:
         help="bits per PQ code: 8 (PQm, m bytes per vector) or 4 (PQmx4fs: FAISS's SIMD fast-scan, m/2 bytes)",
     )
     p.add_argument("--results", default="index_scale", help="bench/results/NAME.{md,json}")
+    p.add_argument(
+        "--layout", default="merged", choices=("merged", "shards"), help="index.layout (fast-scan PQ: shards only)"
+    )
     p.add_argument("--max-nprobe", type=int, default=0, help="tuning probes at most this many lists (0: nlist)")
     p.add_argument("--nlist", type=int, default=0, help="IVF lists (0: 4 sqrt(n) rounded to a power of 2)")
     p.add_argument("--train-size", type=int, default=0, help="quantiser sample rows (0: max(100k, 40 nlist))")
@@ -199,7 +206,9 @@ def main(argv=None) -> None:
                 # the same configuration there and reuses it (as a rerun would); its parts are rebuilt
                 out = Path(tmp) / refine
                 shutil.rmtree(out / "parts", ignore_errors=True)
-                row = build_row(stores[n], out, f, int(w), args.part_rows, text, ts, args.train_cpus, args.max_nprobe)
+                row = build_row(
+                    stores[n], out, f, int(w), args.part_rows, text, ts, args.train_cpus, args.max_nprobe, args.layout
+                )
                 print(row, flush=True)
                 builds.append(row)
     exact_n = args.exact_size or sizes[0]
@@ -215,7 +224,7 @@ def main(argv=None) -> None:
     ]
     for r in builds:
         md.append(
-            f"| {r['n']:,} | `{r['factory']}` | {r['workers']} | {r['wall_s']} | {r['train_s'] or 'reused'} ({r['train_size']:,}) "
+            f"| {r['n']:,} | `{r['factory']}` ({r.get('layout', 'merged')}) | {r['workers']} | {r['wall_s']} | {r['train_s'] or 'reused'} ({r['train_size']:,}) "
             f"| {r['parts_s']} | {r['index_mb']} | {r['params']} | {r['text_r10']} | {r['text_r50']} "
             f"| {r['image_r10']} | {r['image_r50']} | {r['ms_per_query']} | {r['rerank_kb_per_query']} "
             f"| {r['train_peak_mb'] or '-'} / {r['part_peak_mb']} / {r['driver_peak_mb']} "
@@ -228,7 +237,7 @@ def main(argv=None) -> None:
         "",
         f"Command: `python -m bench.bench_index_scale --sizes {args.sizes} --dim {args.dim} "
         f"--concepts '{args.concepts}' --builds {args.builds} --pq {args.pq} --pq-bits {args.pq_bits} "
-        f"--results {args.results} --max-nprobe {args.max_nprobe} --nlist {args.nlist} --train-size {args.train_size} "
+        f"--results {args.results} --layout {args.layout} --max-nprobe {args.max_nprobe} --nlist {args.nlist} --train-size {args.train_size} "
         f"--train-cpus {args.train_cpus} --exact-size {args.exact_size} --shard-rows {args.shard_rows} "
         f"--part-rows {args.part_rows} --images-per-concept {args.images_per_concept}`; "
         f"data generated under {args.data} (not committed).",

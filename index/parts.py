@@ -83,19 +83,30 @@ def _plan(shards: List[Dict[str, Any]], first_row: int, rows: int) -> PartPlan:
 
 def check_partable(factory: str, layout: str = "merged") -> None:
     """Parts need an IVF base (ids kept per inverted list, ``merge_from``); HNSW and Flat are refused.
-    The ``ondisk`` layout needs plain inverted lists: FAISS's fast-scan PQ (``PQmx4fs``) keeps its
-    codes in blocks of 32 that ``merge_ondisk`` cannot write (checked before any part is built)."""
+    FAISS's fast-scan PQ (``PQmx4fs``) is built in parts kept as ``shards`` only: ``merge_ondisk``
+    cannot write its blocked codes, and ``merge_from`` of its lists corrupted the heap at 7-8M rows
+    (faiss 1.15.1; checked before any part is built)."""
     base, _ = split_refine(factory)
     if "IVF" not in base or "HNSW" in base.split("IVF")[0]:
         raise ConfigError(
             f"factory {factory!r} cannot be built in parts: parts need an IVF index "
             "(e.g. IVF4096,PQ64 or OPQ64,IVF4096,PQ64,Refine(SQfp16))"
         )
-    if layout == "ondisk" and re.search(r"PQ\d+x4fsr?(,|$)", base):
-        raise ConfigError(
-            f"index.layout ondisk cannot hold the fast-scan PQ of {factory!r} (codes in blocks of 32): "
-            "use layout merged or shards, or PQm (8-bit codes)"
+    if layout in ("ondisk", "merged") and is_fast_scan(factory):
+        why = (
+            "merge_ondisk cannot write its codes (blocks of 32)"
+            if layout == "ondisk"
+            else "merging fast-scan inverted lists corrupted the heap past ~7M rows with faiss 1.15 (reproduced)"
         )
+        raise ConfigError(
+            f"index.layout {layout} cannot hold the fast-scan PQ of {factory!r}: {why}; "
+            "use layout shards (`--layout shards`), or PQm (8-bit codes)"
+        )
+
+
+def is_fast_scan(factory: str) -> bool:
+    """Whether ``factory`` uses FAISS's SIMD fast-scan PQ (``PQmx4fs``: 4-bit codes kept in blocks)."""
+    return re.search(r"PQ\d+x4fsr?(,|$)", split_refine(factory)[0]) is not None
 
 
 def partable_factory(chosen: str, n: int) -> str:
