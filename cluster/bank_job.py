@@ -212,8 +212,9 @@ def run_build_bank(
                     ref, info = ray.get(workers[0].build.remote(c, list(t.uris), t.text, dict(chain)))
                     if ref is None or info["read"].get("failed"):
                         raise EmptyArchiveError(
-                            f"context concept {c!r} could not be built: "
-                            f"{info.get('error') or info['read'].get('failed_files')}"
+                            f"context concept {c!r} (archive: {t.source}) could not be built: "
+                            f"{info.get('error') or info['read'].get('failed_files')}; every target "
+                            "depends on it: fix its archive and rerun, or leave it out of bank.context_concepts"
                         )
                     chain[c] = _light(ref)
                     parts.buffer.append((concept_row(c, "context", ref, info, t, digest), ref))
@@ -223,7 +224,7 @@ def run_build_bank(
             if config.context_from_vocabulary:
                 order = _build_chain(tasks, rows, refs, context, workers, config, digest, parts, report)
             elif todo:
-                _build_parallel(todo, rows, context, workers, digest, parts, report)
+                _build_parallel(todo, rows, refs, context, workers, digest, parts, report)
             parts.flush()
             if workers:
                 report.actor_peak_rss_mb = [
@@ -335,12 +336,22 @@ def _record(
     return row
 
 
-def _build_parallel(todo, rows, context, workers, digest, parts: _Parts, report: BankJobReport) -> None:
+def _build_parallel(todo, rows, refs, context, workers, digest, parts: _Parts, report: BankJobReport) -> None:
     """Every concept independent of the others (``context_from_vocabulary`` off): co-segmented
-    in parallel by the actor pool, committed in completion order."""
+    in parallel by the actor pool, committed in completion order. A concept that is also a
+    context concept reuses its whole context reference (members included), as in one process:
+    its archive is not read twice."""
     from ray.util import ActorPool
     from tqdm import tqdm
 
+    from reco.bank import reused_reference
+
+    for t in [t for t in todo if t.name in context]:
+        ref = reused_reference(t.name, refs[f"context:{t.name}"])
+        row = _record(t.name, ref, {"name": t.name, "archive": [], "read": {}, "seconds": 0.0}, t, rows, digest, report)
+        if row is not None:
+            parts.add(row, ref)
+    todo = [t for t in todo if t.name not in context]
     by_task = {t.name: t for t in todo}
     jobs = ActorPool(workers).map_unordered(lambda w, t: w.build.remote(t.name, list(t.uris), t.text, context), todo)
     for ref, info in tqdm(jobs, total=len(todo), desc="concepts", unit="concept"):
@@ -430,8 +441,8 @@ def _build_chain(
 
     bar = tqdm(pending, desc="concepts (peeling chain)", unit="concept")
     for i, t in enumerate(bar):
-        if t.name in context:  # also a context concept: reuses that reference as it is
-            ref: Optional[ConceptReference] = reused_reference(t.name, context[t.name])
+        if t.name in context:  # also a context concept: reuses that whole reference (members too)
+            ref: Optional[ConceptReference] = reused_reference(t.name, refs[f"context:{t.name}"])
             info: Dict[str, Any] = {"name": t.name, "archive": [], "read": {}, "seconds": 0.0}
         else:
             top_up()

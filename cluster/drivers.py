@@ -143,7 +143,7 @@ def build_bank_job(
     from dataclasses import replace
 
     from index.outputs import check_output_folder
-    from reco.config import resolve_context
+    from reco.config import alias_context, resolve_context
 
     from .bank_inputs import exemplar_archives, retrieve_archives, text_embeddings_remote
     from .bank_job import ConceptTask, run_build_bank
@@ -161,9 +161,15 @@ def build_bank_job(
     all_names = list(dict.fromkeys(vocab.names + ctx_names))
     archives = exemplar_archives(all_names, {c.name: c.exemplars for c in vocab.concepts}, exemplars, storage)
     source = {n: "exemplars" for n in archives}
-    if not index:  # context concepts without exemplars take the vocabulary's (or are left out)
-        cfg, _ = resolve_context(cfg, archives)
-        ctx_names = list(cfg.context_concepts) if cfg.context_elimination else []
+    # context concepts take the vocabulary's concept of their name or alias (person -> pedestrian)
+    # before anything is retrieved for them; without --index, run_build_bank leaves out (and
+    # reports) those with no archive at all, or refuses them here with bank.context_required
+    have = [n for n, a in archives.items() if a]
+    cfg = alias_context(cfg, have + (list(vocab.names) if index else []))
+    ctx_names = list(cfg.context_concepts) if cfg.context_elimination else []
+    all_names = list(dict.fromkeys(vocab.names + ctx_names))
+    if not index and cfg.context_required:
+        resolve_context(cfg, have)
     load_on_driver(encoders)
     runtime.init_ray(cluster.ray)
     texts: Dict[str, Any] = {}

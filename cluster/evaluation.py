@@ -34,32 +34,24 @@ def _pairs(text: str) -> Dict[str, str]:
     return out
 
 
-def _context_for(bank_cfg: BankConfig, archives: Dict[str, list]) -> Tuple[BankConfig, Dict[str, list], List[str]]:
-    """The paper's context concepts that have an archive here (:func:`reco.config.resolve_context`:
-    aliases matched, the others dropped and reported)."""
-    cfg, dropped = resolve_context(bank_cfg, archives)
-    if dropped:
-        logger.warning("context concepts without an archive here are left out: %s", list(dropped))
-    have = cfg.context_concepts if cfg.context_elimination else ()
-    return cfg, {c: archives[c] for c in have}, list(dropped)
-
-
 def build_bank(
     builder_cfg: BankConfig, dense, clip, archives: Dict[str, list], ids: Dict[str, List[str]], archive_mode: str
 ):
     """Build a bank in this process from ``archives`` ({name: [PIL]}); returns (bank, info)."""
     from reco.bank import ConceptBank, ConceptBuilder
 
-    cfg, ctx_archives, dropped = _context_for(builder_cfg, archives)
+    # the paper's context concepts take the vocabulary's archives (reco.config.resolve_context,
+    # inside ConceptBank.build, which warns about and records the ones it leaves out)
+    cfg, dropped = resolve_context(builder_cfg, archives)
     t0 = time.perf_counter()
-    bank = ConceptBank.build(archives, ConceptBuilder(dense, clip, cfg), ctx_archives, ids, archive_mode)
+    bank = ConceptBank.build(archives, ConceptBuilder(dense, clip, builder_cfg), None, ids, archive_mode)
     seconds = time.perf_counter() - t0
     info = {
         "source": archive_mode,
         "concepts": list(bank.names),
         "build_seconds": seconds,
         "archive_sizes": {n: len(a) for n, a in archives.items()},
-        "context_dropped": dropped,
+        "context_dropped": list(dropped),
         "config": to_dict(cfg),
         "config_hash": config_hash(cfg),
         "build_order": bank.metadata.get("build_order"),

@@ -222,7 +222,8 @@ def build_index_parts(
         part_rows = cfg.part_rows
         cov = _covered(factory, dim, ts, seed, root, part_rows)
         plans = P.plan_parts(shards, part_rows)
-    P.check_partable(factory, cfg.layout)
+    layout = cfg.layout if not update else old.get("layout", cfg.layout)  # --update keeps the index's layout
+    P.check_partable(factory, layout)
     output = ResumableOutput(
         out,
         job="build-index",
@@ -261,9 +262,7 @@ def build_index_parts(
         parts_s = time.perf_counter() - t_parts
         source = VectorSource.from_store(store, [s for p in plans for s in map(_shard, p.shards)])
         assert source.n == sum(p.rows for p in plans)
-        index = _assemble(
-            cfg.layout if not update else old.get("layout", cfg.layout), output, plans, trained, trained_refine, so
-        )
+        index = _assemble(layout, output, plans, trained, trained_refine, so)
         build_s = time.perf_counter() - t0
         index, rep = evaluate_index(
             index,
@@ -279,7 +278,6 @@ def build_index_parts(
             text_queries=text_queries,
             max_nprobe=max_nprobe,
         )
-        layout = cfg.layout if not update else old.get("layout", cfg.layout)
         rows_uri = write_rows_table(store, [s for p in plans for s in map(_shard, p.shards)], out, so)
         extra = {
             "store": root,

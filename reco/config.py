@@ -344,9 +344,7 @@ def resolve_context(cfg: BankConfig, available: Iterable[str]) -> Tuple[BankConf
     if not (cfg.context_elimination and cfg.context_concepts):
         return cfg, ()
     have = set(available)
-    named = [
-        c if c in have else next((a for a in CONTEXT_ALIASES.get(c, ()) if a in have), c) for c in cfg.context_concepts
-    ]
+    named = _aliased(cfg.context_concepts, have)
     matched = tuple(dict.fromkeys(c for c in named if c in have))
     dropped = tuple(c for c in named if c not in have)
     if dropped and cfg.context_required:
@@ -358,6 +356,20 @@ def resolve_context(cfg: BankConfig, available: Iterable[str]) -> Tuple[BankConf
     if matched == cfg.context_concepts:
         return cfg, dropped
     return dataclasses.replace(cfg, context_concepts=matched, context_elimination=bool(matched)), dropped
+
+
+def _aliased(concepts: Iterable[str], names: set) -> list:
+    return [c if c in names else next((a for a in CONTEXT_ALIASES.get(c, ()) if a in names), c) for c in concepts]
+
+
+def alias_context(cfg: BankConfig, names: Iterable[str]) -> BankConfig:
+    """The context concepts renamed to the alias ``names`` holds where it lacks the name itself
+    (``person`` -> ``pedestrian``), nothing dropped: before retrieving the context archives, so a
+    vocabulary concept and the context concept it stands for share one archive and one reference."""
+    if not (cfg.context_elimination and cfg.context_concepts):
+        return cfg
+    renamed = tuple(dict.fromkeys(_aliased(cfg.context_concepts, set(names))))
+    return cfg if renamed == cfg.context_concepts else dataclasses.replace(cfg, context_concepts=renamed)
 
 
 def config_hash(obj: Any) -> str:
@@ -374,6 +386,7 @@ __all__ = [
     "PRESETS",
     "preset",
     "resolve_context",
+    "alias_context",
     "CONTEXT_ALIASES",
     "config_hash",
     "BankConfig",

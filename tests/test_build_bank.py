@@ -219,7 +219,7 @@ def test_default_takes_context_archives_from_the_vocabulary(ray_local, exemplars
     from cluster.config import ActorConfig
     from reco import BankConfig
 
-    cfg = BankConfig(image_size=64, block_size=64, seed_tokens=4)
+    cfg = BankConfig(image_size=64, block_size=64, seed_tokens=4, keep_members=True)
     names = ["cat", "sky", "dog"]
     bank, rep = run_build_bank(
         _tasks(exemplars, names), _spec(tiny_dense_path), cfg, str(tmp_path / "bank"), ActorConfig(num_actors=1)
@@ -231,6 +231,10 @@ def test_default_takes_context_archives_from_the_vocabulary(ray_local, exemplars
     local = _local_bank(exemplars, tiny_dense_path, cfg, names)
     assert local.metadata["context_dropped"] == bank.metadata["context_dropped"]
     assert torch.allclose(bank.references, local.references, atol=1e-5)
+    # sky reuses its whole context reference (members too: leave-one-out still works), as in one process
+    assert bank.member_sums is not None and local.member_sums is not None
+    assert torch.allclose(bank.member_sums, local.member_sums, atol=1e-4)
+    assert torch.equal(bank.member_counts, local.member_counts)
     job = json.loads((tmp_path / "bank" / "job_report.json").read_text())
     assert job["extra"]["context_dropped"] == rep.context_dropped
 
@@ -337,6 +341,21 @@ def test_cli_build_bank_then_pseudo_label(ray_local, exemplars, tiny_dense_path,
         == 2
     )
     assert "context concepts" in caplog.text
+    # the default configuration: context concepts from exemplar folders of their names (tree, sky
+    # here), the others left out and reported by the job, not refused
+    cfg3 = tmp_path / "default.yaml"
+    cfg3.write_text("bank:\n  image_size: 64\n  seed_tokens: 4\n")
+    out3 = tmp_path / "b3"
+    assert (
+        main(
+            ["build-bank", "--vocab", str(vocab), "--exemplars", str(exemplars), "--out", str(out3)]
+            + ["--config", str(cfg3), *enc]
+        )
+        == 0
+    )
+    job3 = json.loads((out3 / "job_report.json").read_text())
+    assert job3["extra"]["context_dropped"] == ["building", "road", "person"]
+    assert json.loads((out3 / "build.json").read_text())["bank"]["context_concepts"] == ["tree", "sky"]
     # the bank feeds pseudo-labelling directly (encoders read from its metadata)
     src = tmp_path / "src"
     src.mkdir()

@@ -306,6 +306,18 @@ def test_a_diffuse_context_concept_still_cascades_with_single_seeds():
     assert _cos(regions, "road", ROAD) > 0.7 and _cos(regions, "road", BUILDING) < 0.1
 
 
+def test_alias_context_renames_without_dropping():
+    """Before retrieval (build-bank --index): person becomes the vocabulary's pedestrian, the
+    names the vocabulary lacks stay (they are retrieved), nothing is dropped."""
+    from reco.config import alias_context
+
+    cfg = alias_context(BankConfig(), ["pedestrian", "sky", "car"])
+    assert cfg.context_concepts == ("tree", "sky", "building", "road", "pedestrian")
+    assert alias_context(BankConfig(), ["person", "pedestrian"]).context_concepts[-1] == "person"
+    off = BankConfig(context_elimination=False)
+    assert alias_context(off, ["pedestrian"]) is off
+
+
 def test_context_concepts_resolve_to_vocabulary_names_and_aliases():
     """person -> the vocabulary's pedestrian (one reference for both); context archives given
     win over the vocabulary's; context_required makes a missing archive an error."""

@@ -155,7 +155,8 @@ def test_peak_memory_is_per_task_after_a_reset():
 
     from cluster.report import reset_peak_memory
 
-    assert reset_peak_memory() is True  # earlier tests in this process may have peaked higher
+    if not reset_peak_memory():  # earlier tests in this process may have peaked higher
+        pytest.skip("/proc/self/clear_refs is not writable here")
     before = peak_memory()["rss"]
     big = np.ones(400 * 2**20 // 8)  # 400 MiB, touched
     assert peak_memory()["rss"] >= before + 350 * 2**20
