@@ -14,6 +14,7 @@ silently ignored setting.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
 T = TypeVar("T", bound="DataclassInstance")
+logger = logging.getLogger(__name__)
 
 REFERENCE_CONTEXT_CONCEPTS: Tuple[str, ...] = ("tree", "sky", "building", "road", "person")
 #: The paper's context concepts under the names some vocabularies use for them (CamVid's person is
@@ -169,6 +171,20 @@ class BankConfig:
             object.__setattr__(self, "context_concepts", tuple(self.context_concepts))
 
 
+#: BankConfig keys that only act when concepts peel each other (``context_from_vocabulary``).
+PEELING_KEYS = frozenset(
+    {
+        "context_order",
+        "peel_temperature",
+        "peel_offset",
+        "own_margin",
+        "owners_peel",
+        "enrichment_temperature",
+        "enrichment_peel_others",
+    }
+)
+
+
 @dataclass(frozen=True)
 class SegmenterConfig:
     """Dense inference settings (spec steps 5-6)."""
@@ -264,9 +280,20 @@ def from_dict(cls: type[T], data: Optional[Mapping[str, Any]], where: str = "") 
         )
     kwargs = {k: _coerce(hints[k], v, prefix + k) for k, v in data.items()}
     try:
-        return cls(**kwargs)
+        out = cls(**kwargs)
     except TypeError as exc:  # pragma: no cover - defensive, fields are checked above
         raise ConfigError(f"{where or cls.__name__}: {exc}") from exc
+    if isinstance(out, BankConfig) and not out.context_from_vocabulary:
+        defaults = {f.name: f.default for f in dataclasses.fields(BankConfig)}
+        idle = sorted(k for k in set(data) & PEELING_KEYS if getattr(out, k) != defaults[k])
+        if idle:
+            logger.warning(
+                "%s have no effect without %scontext_from_vocabulary: true (off by default: the paper's "
+                "context elimination is the default)",
+                ", ".join(prefix + k for k in idle),
+                prefix,
+            )
+    return out
 
 
 def to_dict(obj: Any) -> Any:
@@ -286,8 +313,7 @@ def _paper_bank() -> BankConfig:
         language_temperature=10.0,
         context_elimination=True,
         context_concepts=REFERENCE_CONTEXT_CONCEPTS,
-        context_from_vocabulary=False,
-        context_order="given",
+        context_from_vocabulary=False,  # (so context_order plays no part)
         context_temperature=1.0,
         context_offset=0.0,
         exclude_own_image=False,

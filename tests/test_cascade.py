@@ -343,3 +343,15 @@ def test_context_concepts_resolve_to_vocabulary_names_and_aliases():
     meta = bank.metadata["concepts"]["pedestrian"]  # the context reference of person, reused
     assert meta["context_eliminated"] == ["building", "road"] and meta["reused_context_reference"]
     assert _cos(bank, "road", ROAD) > 0.99
+
+
+def test_peeling_keys_without_peeling_are_reported(caplog):
+    """context_from_vocabulary is off by default now: a YAML that still sets a peeling order is told
+    it has no effect (instead of being silently ignored); with peeling on, nothing is said."""
+    from reco.config import from_dict
+
+    from_dict(BankConfig, {"context_order": "ownership", "peel_offset": 0.5}, "bank")
+    assert "bank.context_order, bank.peel_offset have no effect without bank.context_from_vocabulary" in caplog.text
+    caplog.clear()
+    cfg = from_dict(BankConfig, {"context_order": "ownership", "context_from_vocabulary": True}, "bank")
+    assert cfg.context_order == "ownership" and "no effect" not in caplog.text
