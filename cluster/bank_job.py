@@ -264,9 +264,7 @@ def resolve_context_tasks(
     others are left out with a warning (an error with ``bank.context_required``)."""
     given = {t.name: t for t in context_tasks if t.uris}
     targets = {t.name: t for t in tasks if t.uris}
-    cfg, dropped = resolve_context(config, [*given, *targets])
-    if dropped:
-        logger.warning("context concepts without an archive are left out: %s", ", ".join(dropped))
+    cfg, dropped = resolve_context(config, [*given, *targets])  # warns about the dropped
     if not cfg.context_elimination:
         return cfg, [], list(dropped)
     return cfg, [given[c] if c in given else targets[c] for c in cfg.context_concepts], list(dropped)

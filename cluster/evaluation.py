@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from reco.config import BankConfig, SegmenterConfig, config_hash, resolve_context, to_dict
+from reco.config import BankConfig, SegmenterConfig, config_hash, to_dict
 from reco.errors import ConfigError, EmptyArchiveError
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,6 @@ def build_bank(
 
     # the paper's context concepts take the vocabulary's archives (reco.config.resolve_context,
     # inside ConceptBank.build, which warns about and records the ones it leaves out)
-    cfg, dropped = resolve_context(builder_cfg, archives)
     t0 = time.perf_counter()
     bank = ConceptBank.build(archives, ConceptBuilder(dense, clip, builder_cfg), None, ids, archive_mode)
     seconds = time.perf_counter() - t0
@@ -51,9 +50,9 @@ def build_bank(
         "concepts": list(bank.names),
         "build_seconds": seconds,
         "archive_sizes": {n: len(a) for n, a in archives.items()},
-        "context_dropped": list(dropped),
-        "config": to_dict(cfg),
-        "config_hash": config_hash(cfg),
+        "context_dropped": bank.metadata["context_dropped"],
+        "config": bank.metadata["config"],  # the resolved config ConceptBank.build used
+        "config_hash": bank.metadata["bank_config_hash"],
         "build_order": bank.metadata.get("build_order"),
     }
     return bank, info

@@ -252,9 +252,7 @@ class ConceptBank:
             if len(archives[n]) == 0:
                 raise EmptyArchiveError(f"archive of concept {n!r} holds no usable image")
         given = {n: a for n, a in (context_archives or {}).items() if len(a)}
-        cfg, dropped = resolve_context(builder.config, [*given, *names])
-        if dropped:
-            logger.warning("context concepts without an archive are left out: %s", ", ".join(dropped))
+        cfg, dropped = resolve_context(builder.config, [*given, *names])  # warns about the dropped
         ctx_archives = (
             {c: given[c] if c in given else archives[c] for c in cfg.context_concepts}
             if cfg.context_elimination

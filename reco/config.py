@@ -373,6 +373,8 @@ def resolve_context(cfg: BankConfig, available: Iterable[str]) -> Tuple[BankConf
     named = _aliased(cfg.context_concepts, have)
     matched = tuple(dict.fromkeys(c for c in named if c in have))
     dropped = tuple(c for c in named if c not in have)
+    if dropped and not cfg.context_required:
+        logger.warning("context concepts without an archive are left out: %s", ", ".join(dropped))
     if dropped and cfg.context_required:
         raise ConfigError(
             f"context elimination needs archives for the context concepts {list(dropped)}: give them "
