@@ -102,7 +102,8 @@ def write_page(out: Path, report: Dict[str, Any]) -> Path:
 <h1>reco demo: street scenes (exemplar mode)</h1>
 <p><b>Mode that ran:</b> configuration hash {html.escape(str((report.get("bank") or {}).get("config_hash")))}
 (<code>reco demo</code> runs the default configuration: the paper's context elimination with context from
-the vocabulary's own archives and 100-token seed regions, the one leave-one-drive-out CV inside camvid-train
+the vocabulary's own archives, 100-token seed regions and sliding-window inference (windows of 2/3 of the
+shorter side, encoded like the archive crops), the one leave-one-drive-out CV inside camvid-train
 chose); exemplar archives ({html.escape(str(arch.get("mode")))} from
 {html.escape(str(arch.get("source")))}), inference <code>{html.escape(str(report.get("mode")))}</code>.
 Dense encoder {html.escape(str(enc.get("dense_encoder")))} ({html.escape(str(enc.get("dense_weights")))}).

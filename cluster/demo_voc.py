@@ -173,8 +173,13 @@ def voc_demo(args, data_root: Path, t_start: float) -> int:
     failed = dict(pl_report.failed_transient)
     mode = str(ok[0]["mode"]) if ok else "n/a"
     protocol = (
-        f"VOC sample ({len(ok)} images), 21 classes, full resolution, shorter side {seg_cfg.image_size}px "
-        f"for features, ignore 255, CRF {'on' if seg_cfg.crf else 'off'}; background = "
+        f"VOC sample ({len(ok)} images), 21 classes, full resolution, features of "
+        + (
+            f"sliding windows ({seg_cfg.window:g} of the shorter side, stride {seg_cfg.window_stride:g})"
+            if seg_cfg.window is not None
+            else f"the whole image at shorter side {seg_cfg.image_size}px"
+        )
+        + f", ignore 255, CRF {'on' if seg_cfg.crf else 'off'}; background = "
         + (f"stuff concepts {background_concepts}" if background_concepts else "")
         + (f" + threshold {seg_cfg.background_threshold}" if seg_cfg.background_threshold is not None else "")
     )

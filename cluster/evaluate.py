@@ -70,7 +70,10 @@ class Protocol:
                 f"paper: shorter side {self.size} px (bicubic), centre crop {self.size}x{self.size}, "
                 f"labels resized with nearest neighbours"
             )
-        return "full resolution (features at the segmenter's image_size, scores upsampled to the image)"
+        return (
+            "full resolution (features of the segmenter's views: sliding windows (segmenter.window) or the whole "
+            "image at segmenter.image_size; scores upsampled to the image)"
+        )
 
 
 def apply_protocol(image, mask: np.ndarray, protocol: Protocol):
@@ -482,10 +485,18 @@ class CachedScores:
     """What re-thresholding needs of one image: its token logits, truth and output size."""
 
     id: str
-    logits: torch.Tensor  # (1, C, h, w)
+    logits: torch.Tensor  # (n, C, h, w): one row per view (the whole image, or its windows)
     truth: np.ndarray
     seconds: float
     image: Any = None
+    boxes: Optional[List[Tuple[int, int, int, int]]] = None  # the views in image pixels (None: whole image)
+    image_hw: Optional[Tuple[int, int]] = None
+
+    def scores(self, segmenter) -> torch.Tensor:
+        """(C', H, W) scores of ``segmenter`` at the truth's resolution from the cached logits."""
+        if self.boxes is None or self.image_hw is None:
+            return segmenter.finish_scores(self.logits, self.truth.shape)[0]
+        return segmenter.assemble(self.logits, self.boxes, self.image_hw, self.truth.shape)
 
 
 def threshold_cv(
@@ -507,7 +518,7 @@ def threshold_cv(
         total = np.zeros((spec.num_classes, spec.num_classes), dtype=np.int64)
         for i in idx:
             c = cached[i]
-            s = segs[t].finish_scores(c.logits, c.truth.shape)[0]
+            s = c.scores(segs[t])
             labels, _ = segs[t].labels(s, None)
             total += confusion(luts[t][labels.numpy()], c.truth, spec)
         return total

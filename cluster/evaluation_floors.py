@@ -10,7 +10,7 @@ import logging
 import sys
 import time
 from dataclasses import replace
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -121,9 +121,10 @@ def threshold_cv_run(
     for it in items:
         img, mask = apply_protocol(*load_pair(spec, it.image_uri, it.mask_uri, storage), protocol)
         t0 = time.perf_counter()
-        logits = probe.concept_logits(probe.features([img]), [it.id])
+        boxes, feats = probe.views(img)
+        logits = probe.concept_logits(feats, [it.id] * len(boxes))
         seconds = time.perf_counter() - t0
-        cached.append(CachedScores(it.id, logits, mask, seconds))
+        cached.append(CachedScores(it.id, logits, mask, seconds, boxes=boxes, image_hw=(img.size[1], img.size[0])))
         rows.append(
             {
                 "id": it.id,
@@ -152,7 +153,7 @@ def threshold_cv_run(
             t = chosen[0] if i % 2 else chosen[1]  # each half is labelled with the other half's choice
             seg = seg_for(t)
             lm = np.asarray(label_map_for(seg.class_names, spec, background_concepts, class_map))
-            labels, _ = seg.labels(seg.finish_scores(c.logits, c.truth.shape)[0], None)
+            labels, _ = seg.labels(c.scores(seg), None)
             img, _ = apply_protocol(*load_pair(spec, items[i].image_uri, items[i].mask_uri, storage), protocol)
             rel = "overlays/" + output_name(c.id)
             write_bytes(join(out, rel), png_bytes(render_overlay(img, c.truth, lm[labels.numpy()], spec)), storage)
@@ -225,6 +226,29 @@ def baselines(
     return out
 
 
+def view_masks(mask: np.ndarray, boxes, img) -> List[np.ndarray]:
+    """The ground truth under each view of ``img`` (boxes in image pixels, mapped onto the mask)."""
+    from reco.image import scale_box
+
+    out = []
+    for b in boxes:
+        x0, y0, x1, y1 = scale_box(b, (img.size[1], img.size[0]), mask.shape)
+        out.append(mask[y0:y1, x0:x1])
+    return out
+
+
+def view_tokens(probe, pairs) -> Tuple[List[Any], List[np.ndarray]]:
+    """Every view's (1, D, h, w) features (:meth:`Segmenter.views`: the whole image or its sliding
+    windows) with the ground truth under it: what supervised prototypes are averaged over, so the
+    ceiling sees the tokens inference scores."""
+    feats, masks = [], []
+    for img, mask in pairs:
+        boxes, f = probe.views(img)
+        feats += [v[None].cpu() for v in f]
+        masks += view_masks(mask, boxes, img)
+    return feats, masks
+
+
 def ceiling(spec, arch_pairs, items, dense, clip, seg_cfg, protocol, background_concepts, class_map, storage, bank):
     """Supervised-prototype ceiling: one mean feature per class from the ground-truth masks of the
     archive half (same features, same inference), scored on the evaluation half."""
@@ -241,8 +265,8 @@ def ceiling(spec, arch_pairs, items, dense, clip, seg_cfg, protocol, background_
         replace(seg_cfg, calibrate=False, background_threshold=None),
     )
     t0 = time.perf_counter()
-    feats = [probe.features([img]).cpu() for img, _ in arch_pairs]
-    refs, seen, stats = supervised_references(feats, [m for _, m in arch_pairs], spec.num_classes)
+    feats, masks = view_tokens(probe, arch_pairs)
+    refs, seen, stats = supervised_references(feats, masks, spec.num_classes)
     names = tuple(c for c, s in zip(spec.classes, seen.tolist()) if s)
     meta = {
         k: bank.metadata.get(k)
@@ -299,7 +323,9 @@ def ceiling_loo(spec, items, dense, clip, seg_cfg, protocol, background_concepts
     )
     pairs = [apply_protocol(*load_pair(spec, it.image_uri, it.mask_uri, storage), protocol) for it in items]
     t0 = time.perf_counter()
-    feats = [probe.features([img]).cpu() for img, _ in pairs]
+    views = [probe.views(img) for img, _ in pairs]
+    feats = [[f[None].cpu() for f in v[1]] for v in views]
+    masks = [view_masks(mask, v[0], img) for (img, mask), v in zip(pairs, views)]
     feat_seconds = (time.perf_counter() - t0) / max(len(pairs), 1)
     n = spec.num_classes
     total = np.zeros((n, n), dtype=np.int64)
@@ -308,13 +334,15 @@ def ceiling_loo(spec, items, dense, clip, seg_cfg, protocol, background_concepts
         others = [j for j in range(len(pairs)) if j != i]
         if not others:
             continue
-        refs, seen, stats = supervised_references([feats[j] for j in others], [pairs[j][1] for j in others], n)
+        refs, seen, stats = supervised_references(
+            [f for j in others for f in feats[j]], [m for j in others for m in masks[j]], n
+        )
         names = tuple(c for c, s in zip(spec.classes, seen.tolist()) if s)
         cb = ConceptBank(names, refs[seen], None, stats[None].repeat(len(names), 1), meta)
         seg = Segmenter(cb, dense, None, replace(seg_cfg, dense_clip=False))
         lm = np.asarray(label_map_for(seg.class_names, spec, background_concepts, class_map))
         t1 = time.perf_counter()
-        s = seg.finish_scores(seg.concept_logits(feats[i]), mask.shape)[0]
+        s = seg.assemble(seg.concept_logits(torch.cat(feats[i])), views[i][0], (img.size[1], img.size[0]), mask.shape)
         labels, _ = seg.labels(s, np.asarray(img) if seg_cfg.crf is not None else None)
         seconds.append(time.perf_counter() - t1 + feat_seconds)
         total += confusion(lm[labels.numpy()], mask, spec)

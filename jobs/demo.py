@@ -99,8 +99,8 @@ def _street(args, data_root: Path) -> int:
     )
     logger.info(
         "mode: exemplar crops from camvid-train, reference matching only, the default configuration "
-        "(the paper's context elimination with 100-token seed regions, chosen by leave-one-drive-out CV "
-        "inside camvid-train); CLIP absent"
+        "(the paper's context elimination with 100-token seed regions, sliding-window inference at 2/3 of "
+        "the shorter side; both chosen by leave-one-drive-out CV inside camvid-train); CLIP absent"
     )
     for label, miou, acc in figure_rows(report):
         logger.info("%-70s mIoU %6s%%  pixel accuracy %6s%%", label, miou, acc)

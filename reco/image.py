@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from typing import Tuple, Union
+from typing import List, Tuple, Union
 
 import numpy as np
 import torch
@@ -114,3 +114,45 @@ def resize_for_inference(img: Image.Image, size: int, patch: int) -> torch.Tenso
     """(3, h', w') float in [0, 1] with the shorter side ~``size`` and sides multiples of ``patch``."""
     h, w = inference_size((img.size[1], img.size[0]), size, patch)
     return pil_to_float(img.resize((w, h), Image.Resampling.BICUBIC))
+
+
+Box = Tuple[int, int, int, int]  # (left, top, right, bottom) in pixels, right/bottom exclusive
+
+
+def _starts(length: int, side: int, step: int) -> List[int]:
+    if length <= side:
+        return [0]
+    out = list(range(0, length - side + 1, step))
+    if out[-1] != length - side:  # one flush with the far edge: every pixel is covered
+        out.append(length - side)
+    return out
+
+
+def window_boxes(hw: Tuple[int, int], fraction: float, stride: float) -> List[Box]:
+    """Square sliding windows over an (H, W) image, row-major.
+
+    The side is ``fraction`` of the shorter side (at least 1 px), windows start every
+    ``stride`` x side px along each axis, and the last window of a row/column is flush with the
+    edge, so every pixel is covered at least once. ``fraction`` 1 gives the windows of side
+    min(H, W) that tile the longer side.
+    """
+    h, w = hw
+    if not (0 < fraction <= 1) or not (0 < stride <= 1):
+        raise ValueError(f"window fraction and stride must be in (0, 1], got {fraction}, {stride}")
+    side = max(1, round(fraction * min(h, w)))
+    step = max(1, round(stride * side))
+    return [(x, y, x + min(side, w), y + min(side, h)) for y in _starts(h, side, step) for x in _starts(w, side, step)]
+
+
+def scale_box(box: Box, src_hw: Tuple[int, int], dst_hw: Tuple[int, int]) -> Box:
+    """``box`` in an (H, W) image mapped onto a (H', W') grid of the same image (at least 1 px)."""
+    (sh, sw), (dh, dw) = src_hw, dst_hw
+    x0, y0, x1, y1 = box
+    nx0, ny0 = min(dw - 1, round(x0 * dw / sw)), min(dh - 1, round(y0 * dh / sh))
+    return nx0, ny0, max(nx0 + 1, round(x1 * dw / sw)), max(ny0 + 1, round(y1 * dh / sh))
+
+
+def resize_window(img: Image.Image, box: Box, size: int, patch: int) -> torch.Tensor:
+    """The ``box`` of ``img`` resized (bicubic) to ``size`` px square, snapped to a multiple of
+    ``patch``: (3, s, s) in [0, 1], exactly as an archive image of that size is encoded."""
+    return resize_center_crop(img.crop(box), max(patch, round(size / patch) * patch))

@@ -10,11 +10,11 @@ import numpy as np
 import torch
 
 from .bank import ConceptBank, weights_id
-from .config import SegmenterConfig
+from .config import BankConfig, SegmenterConfig
 from .crf import dense_crf
 from .encoders import ClipModel, DenseEncoder
 from .errors import ConfigError
-from .image import ImageLike, inference_size, resize_for_inference, to_pil
+from .image import Box, ImageLike, inference_size, resize_for_inference, resize_window, scale_box, to_pil, window_boxes
 from .inference import calibrate, combine_scores, concept_similarity, text_similarity
 from .precision import full_precision
 
@@ -105,6 +105,8 @@ class Segmenter:
         if self.bank.prototypes is not None:
             parts[0] += f"[{self.bank.prototypes.shape[0]} prototypes]"
         mode = " x ".join(parts)
+        if self.config.window is not None:
+            mode += f", windows {self.config.window:g} at {self.window_size}px"
         if self.config.background_threshold is not None:
             mode += f", background<{self.config.background_threshold:g}"
         if self.config.crf is not None:
@@ -112,6 +114,16 @@ class Segmenter:
         if self.config.exclude_own_archive:
             mode += ", leave-own-archive-out"
         return mode
+
+    @property
+    def window_size(self) -> int:
+        """Side (px) each sliding window is encoded at: ``segmenter.window_image_size``, else the
+        side the bank's archive images were encoded at (``bank.image_size`` in its metadata)."""
+        if self.config.window_image_size is not None:
+            return int(self.config.window_image_size)
+        cfg = self.bank.metadata.get("config")
+        size = cfg.get("image_size") if isinstance(cfg, dict) else None
+        return int(size) if size else BankConfig().image_size
 
     @property
     def device(self) -> torch.device:
@@ -135,6 +147,8 @@ class Segmenter:
         if ids is not None and len(ids) != len(pils):
             raise ValueError(f"{len(ids)} ids for {len(pils)} images")
         out: List[Optional[torch.Tensor]] = [None] * len(pils)
+        if self.config.window is not None:  # one image at a time, its windows batched
+            return [self.windowed_scores(p, None if ids is None else str(ids[i])) for i, p in enumerate(pils)]
         patches = [self.dense.patch_size] + ([self.clip.patch_size] if self.use_dense_clip and self.clip else [])
         for idx in _batches(pils, self.config, patches):
             sub_ids = None if ids is None else [ids[i] for i in idx]
@@ -147,6 +161,71 @@ class Segmenter:
         """(B, D, h, w) dense features of same-size images at the inference resolution."""
         x = torch.stack([resize_for_inference(p, self.config.image_size, self.dense.patch_size) for p in pils])
         return self.dense(self.dense.normalize(x.to(self.device)))
+
+    @torch.no_grad()
+    def views(self, pil: "Image.Image") -> Tuple[List[Box], torch.Tensor]:
+        """One image -> (boxes, (n, D, h, w) dense features) of the n views inference scores:
+        its sliding windows (``config.window``; boxes in image pixels, each window encoded at
+        :attr:`window_size`, ``4 x config.batch_size`` windows per forward pass), or, without
+        windows, the whole image at ``config.image_size`` as one box."""
+        hw = (pil.size[1], pil.size[0])
+        if self.config.window is None:
+            return [(0, 0, hw[1], hw[0])], self.features([pil])
+        boxes = window_boxes(hw, self.config.window, self.config.window_stride)
+        step = 4 * self.config.batch_size
+        feats = []
+        for i in range(0, len(boxes), step):
+            x = torch.stack(
+                [resize_window(pil, b, self.window_size, self.dense.patch_size) for b in boxes[i : i + step]]
+            )
+            feats.append(self.dense(self.dense.normalize(x.to(self.device))))
+        return boxes, torch.cat(feats)
+
+    @torch.no_grad()
+    def windowed_scores(self, pil: "Image.Image", image_id: Optional[str] = None) -> torch.Tensor:
+        """One image -> (C', H, W) scores from its views (:meth:`views`), averaged where they
+        overlap (:meth:`assemble`); dense CLIP, when used, scores the same windows."""
+        boxes, feats = self.views(pil)
+        logits = self.concept_logits(feats, None if image_id is None else [image_id] * len(boxes))
+        text_sim = None
+        if self.use_dense_clip:
+            assert self.clip is not None and self.bank.text_embeddings is not None
+            size = getattr(self.clip, "image_size", self.window_size)
+            xc = torch.stack([resize_window(pil, b, size, self.clip.patch_size) for b in boxes]).to(self.clip.device)
+            text_sim = text_similarity(
+                self.clip.dense(self.clip.normalize(xc)), self.bank.text_embeddings.to(xc.device)
+            )
+        hw = (pil.size[1], pil.size[0])
+        return self.assemble(logits, boxes, hw, hw, text_sim)
+
+    @torch.no_grad()
+    def assemble(
+        self,
+        logits: torch.Tensor,
+        boxes: Sequence[Box],
+        image_hw: Tuple[int, int],
+        out_hw: Tuple[int, int],
+        text_sim: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """(n, C, h, w) logits of an image's n views -> (C', H, W) scores at ``out_hw``.
+
+        Each view is finished (:meth:`finish_scores`) at its box (given in ``image_hw`` pixels,
+        mapped onto ``out_hw``) and the scores are averaged where boxes overlap; a single
+        whole-image box is exactly :meth:`finish_scores`."""
+        if len(boxes) == 1 and tuple(boxes[0]) == (0, 0, image_hw[1], image_hw[0]):
+            return self.finish_scores(logits, out_hw, text_sim)[0]
+        total: Optional[torch.Tensor] = None
+        count = torch.zeros(tuple(out_hw))
+        for i, box in enumerate(boxes):
+            x0, y0, x1, y1 = scale_box(box, image_hw, out_hw)
+            t = None if text_sim is None else text_sim[i : i + 1]
+            s = self.finish_scores(logits[i : i + 1], (y1 - y0, x1 - x0), t)[0]
+            if total is None:
+                total = torch.zeros((s.shape[0],) + tuple(out_hw))
+            total[:, y0:y1, x0:x1] += s
+            count[y0:y1, x0:x1] += 1
+        assert total is not None, "no views"
+        return total / count.clamp_min(1)
 
     @torch.no_grad()
     def concept_logits(self, feats: torch.Tensor, ids: Optional[Sequence[Optional[str]]] = None) -> torch.Tensor:

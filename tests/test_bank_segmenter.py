@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -108,17 +109,18 @@ def _bank(tiny_dense, images, clip=None):
 
 def test_segmenter_full_resolution_and_modes(tiny_dense, tiny_clip, images):
     img = make_image(99, size=(70, 45))
-    seg = Segmenter(_bank(tiny_dense, images), tiny_dense, None, SegmenterConfig(image_size=64))
-    out = seg(img)[0]
-    assert out.labels.shape == (45, 70) and out.scores.shape == (2, 45, 70)
-    assert out.labels.dtype == torch.int64 and set(out.labels.unique().tolist()) <= {0, 1}
-    assert out.mode == "reference" and out.class_names == ("cat", "dog")
-    assert torch.equal(out.labels, out.scores.argmax(0))
+    for window, mode in ((None, "reference"), (0.5, "reference, windows 0.5 at 64px")):
+        seg = Segmenter(_bank(tiny_dense, images), tiny_dense, None, SegmenterConfig(image_size=64, window=window))
+        out = seg(img)[0]
+        assert out.labels.shape == (45, 70) and out.scores.shape == (2, 45, 70)
+        assert out.labels.dtype == torch.int64 and set(out.labels.unique().tolist()) <= {0, 1}
+        assert out.mode == mode and out.class_names == ("cat", "dog")
+        assert torch.equal(out.labels, out.scores.argmax(0))
 
     bank = _bank(tiny_dense, images, tiny_clip)
-    full = Segmenter(bank, tiny_dense, tiny_clip, SegmenterConfig(image_size=64))
+    full = Segmenter(bank, tiny_dense, tiny_clip, SegmenterConfig(image_size=64, window=None))
     assert full.mode == "reference x dense-clip"
-    ref_only = Segmenter(bank, tiny_dense, tiny_clip, SegmenterConfig(image_size=64, dense_clip=False))
+    ref_only = Segmenter(bank, tiny_dense, tiny_clip, SegmenterConfig(image_size=64, dense_clip=False, window=None))
     s_full, s_ref = full.scores(img), ref_only.scores(img)
     # the full score is the reference-only score times sigmoid(10 cos(dense CLIP, text)), upsampled
     from reco.image import resize_for_inference
@@ -128,6 +130,63 @@ def test_segmenter_full_resolution_and_modes(tiny_dense, tiny_clip, images):
     t = torch.sigmoid(10 * text_similarity(tiny_clip.dense(tiny_clip.normalize(xc)), bank.text_embeddings))
     t = torch.nn.functional.interpolate(t, size=(45, 70), mode="bilinear", align_corners=False)[0]
     assert torch.allclose(s_full, s_ref * t, atol=1e-5)
+
+
+def test_window_boxes_cover_every_pixel_flush_with_the_edges():
+    from reco.image import scale_box, window_boxes
+
+    boxes = window_boxes((360, 480), 0.5, 0.5)  # CamVid: 180 px windows every 90 px
+    assert len(boxes) == 3 * 5 and boxes[0] == (0, 0, 180, 180) and boxes[-1] == (300, 180, 480, 360)
+    assert sorted({b[0] for b in boxes}) == [0, 90, 180, 270, 300]  # the last column flush with the edge
+    cover = np.zeros((360, 480), dtype=int)
+    for x0, y0, x1, y1 in boxes:
+        assert x1 - x0 == y1 - y0 == 180
+        cover[y0:y1, x0:x1] += 1
+    assert cover.min() >= 1
+    assert window_boxes((45, 70), 1.0, 0.5) == [(0, 0, 45, 45), (22, 0, 67, 45), (25, 0, 70, 45)]
+    assert window_boxes((10, 10), 1.0, 1.0) == [(0, 0, 10, 10)]
+    assert scale_box((300, 180, 480, 360), (360, 480), (180, 240)) == (150, 90, 240, 180)
+    with pytest.raises(ValueError, match="fraction"):
+        window_boxes((10, 10), 0.0, 0.5)
+    for bad in ({"window": 1.5}, {"window": 0}, {"window_stride": 0}, {"window_image_size": 8}):
+        with pytest.raises(ConfigError, match="segmenter.window"):
+            SegmenterConfig(**bad)
+
+
+def test_windowed_scores_are_the_mean_of_each_windows_scores(tiny_dense, images, monkeypatch):
+    """Sliding windows: each window is encoded like an archive image (resized to the bank's
+    image_size), finished at its box and averaged where windows overlap."""
+    from reco.image import resize_window, window_boxes
+
+    bank = _bank(tiny_dense, images)
+    img = make_image(7, size=(70, 45))
+    cfg = SegmenterConfig(image_size=64, window=0.5, window_stride=0.5, batch_size=2)
+    seg = Segmenter(bank, tiny_dense, None, cfg)
+    assert seg.window_size == _cfg().image_size  # the bank's archive side
+    calls = []
+    forward = type(tiny_dense).forward
+    monkeypatch.setattr(type(tiny_dense), "forward", lambda self, x: calls.append(tuple(x.shape)) or forward(self, x))
+    got = seg.scores(img)
+    boxes = window_boxes((45, 70), 0.5, 0.5)
+    assert len(boxes) == 4 * 6  # side 22 px, every 11 px, plus the flush ones
+    side = seg.window_size
+    assert [c[0] for c in calls] == [8, 8, 8] and all(c[2:] == (side, side) for c in calls)  # 4 x batch_size per pass
+    total, count = torch.zeros(2, 45, 70), torch.zeros(45, 70)
+    for x0, y0, x1, y1 in boxes:
+        x = resize_window(img, (x0, y0, x1, y1), side, tiny_dense.patch_size)[None]
+        f = forward(tiny_dense, tiny_dense.normalize(x))
+        s = seg.finish_scores(seg.concept_logits(f), (y1 - y0, x1 - x0))[0]
+        total[:, y0:y1, x0:x1] += s
+        count[y0:y1, x0:x1] += 1
+    assert got.shape == (2, 45, 70) and torch.allclose(got, total / count, atol=1e-5)
+    assert count[0, 0] == 1 and count.min() >= 1 and count.max() > 1  # a corner: one window; overlaps averaged
+    # the same image labelled as a list (the batch path) gives the same scores
+    assert torch.allclose(seg([img, img])[1].scores, got, atol=1e-5)
+    # window 1.0 on a square image: one window, the whole image at the window size
+    sq = make_image(3, size=(50, 50))
+    one = Segmenter(bank, tiny_dense, None, replace(cfg, window=1.0, window_image_size=48))
+    whole = Segmenter(bank, tiny_dense, None, replace(cfg, window=None, image_size=48))
+    assert torch.allclose(one.scores(sq), whole.scores(sq), atol=1e-5)
 
 
 def test_segmenter_background_and_crf(tiny_dense, images):
@@ -184,8 +243,8 @@ def test_segmenter_refuses_text_embeddings_of_another_clip(tiny_dense, tiny_clip
 def test_batched_inference_equals_one_by_one(tiny_dense, images, monkeypatch):
     bank = _bank(tiny_dense, images)
     imgs = [make_image(i, (70, 45)) for i in range(3)] + [make_image(9, (40, 64)), make_image(8, (70, 45))]
-    single = Segmenter(bank, tiny_dense, None, SegmenterConfig(image_size=64, batch_size=1))
-    batched = Segmenter(bank, tiny_dense, None, SegmenterConfig(image_size=64, batch_size=3))
+    single = Segmenter(bank, tiny_dense, None, SegmenterConfig(image_size=64, batch_size=1, window=None))
+    batched = Segmenter(bank, tiny_dense, None, SegmenterConfig(image_size=64, batch_size=3, window=None))
     calls = []
     forward = type(tiny_dense).forward
     monkeypatch.setattr(type(tiny_dense), "forward", lambda self, x: calls.append(x.shape[0]) or forward(self, x))

@@ -248,6 +248,32 @@ def test_evaluator_confusion_by_hand():
     assert m["pixel_accuracy"] == pytest.approx(6 / 7)
 
 
+def test_ceiling_prototypes_average_the_tokens_inference_scores(tiny_dense):
+    """Supervised prototypes ("same features, same inference") come from the segmenter's views:
+    with sliding windows, every window's tokens with the ground truth under that window (mapped
+    onto a mask of another resolution); without, the whole image once."""
+    from cluster.evaluation_floors import view_masks, view_tokens
+    from reco.bank import ConceptBank
+    from reco.config import SegmenterConfig
+    from reco.image import window_boxes
+    from reco.segmenter import Segmenter
+
+    img = make_image(4, size=(60, 40))
+    mask = np.zeros((20, 30), dtype=np.int64)  # half the image's resolution
+    mask[:, 15:] = 1
+    bank = ConceptBank(("x",), torch.zeros(1, tiny_dense.embed_dim), metadata={"config": {"image_size": 32}})
+    probe = Segmenter(bank, tiny_dense, None, SegmenterConfig(window=0.5, window_stride=0.5))
+    feats, masks = view_tokens(probe, [(img, mask)])
+    boxes = window_boxes((40, 60), 0.5, 0.5)
+    assert len(feats) == len(masks) == len(boxes) == 3 * 5
+    assert all(f.shape[0] == 1 and f.shape[-1] == 32 // tiny_dense.patch_size for f in feats)
+    assert view_masks(mask, [(40, 20, 60, 40)], img)[0].tolist() == mask[10:20, 20:30].tolist()
+    assert [m.shape for m in masks] == [(10, 10)] * 15
+    whole = Segmenter(bank, tiny_dense, None, SegmenterConfig(window=None, image_size=32))
+    feats, masks = view_tokens(whole, [(img, mask)])
+    assert len(feats) == 1 and masks[0] is not None and masks[0].shape == (20, 30)
+
+
 def test_paper_protocol_crop_and_nearest_labels():
     from cluster.evaluate import Protocol, apply_protocol
 

@@ -209,7 +209,7 @@ def test_archive_calibration_and_the_automatic_rule():
     assert torch.allclose(bank.calibration[1], expect)
     image = feats["car"][:1]
     auto = Segmenter(bank, Stub(image), None, SegmenterConfig(image_size=16, dense_clip=False))
-    assert not auto.calibrated and auto.mode == "reference"  # no threshold: raw cosines
+    assert not auto.calibrated and auto.mode == "reference, windows 0.667 at 224px"  # no threshold: raw cosines
     on = Segmenter(bank, Stub(image), None, SegmenterConfig(image_size=16, dense_clip=False, calibrate=True))
     assert on.calibrated and on.mode.startswith("reference(calibrated)")
     raw = auto.concept_logits(image)

@@ -7,6 +7,7 @@ import pytest
 from conftest import REPO, SHARED_DATA, has_real_dinov2
 
 from jobs.cli import main
+from reco.config import SegmenterConfig
 
 needs_real = pytest.mark.skipif(
     not (has_real_dinov2() and (SHARED_DATA / "voc-sample").is_dir()),
@@ -45,7 +46,7 @@ def test_demo_exemplar_mode_on_real_data(ray_local, tmp_path, monkeypatch):
     assert main(["demo", "--dataset", "voc", "--limit", "2", "--out", str(out), "--data-root", str(SHARED_DATA)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["mode"]["archives"].startswith("exemplar")
-    assert report["mode"]["inference"] == "reference"
+    assert report["mode"]["inference"] == f"reference, windows {SegmenterConfig().window:g} at 224px"
     assert report["mode"]["language_guidance"] is False
     assert report["images"]["segmented"] == 2
     # the reported figures equal mIoU / pixel accuracy computed here by hand from the written
@@ -104,7 +105,7 @@ def test_demo_full_reco_mode_with_a_clip_checkpoint(ray_local, tmp_path, tiny_cl
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
     assert report["mode"]["archives"] == "clip-retrieval"
-    assert report["mode"]["inference"] == "reference x dense-clip"
+    assert report["mode"]["inference"] == f"reference x dense-clip, windows {SegmenterConfig().window:g} at 224px"
     assert report["mode"]["language_guidance"] is True
     assert report["mode"]["context_elimination"] == ["tree", "sky", "building", "road", "person"]
     assert report["retrieval"]["archive_images"] == 1000
