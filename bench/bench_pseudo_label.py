@@ -52,7 +52,7 @@ def main() -> None:
         bank = ConceptBank.build(archives, builder)
         save_bank(bank, str(tmp / "bank"))
         items = list_folder(str(DATA / "camvid-val" / "images"))[: args.images]
-        cfg = SegmenterConfig()
+        cfg = SegmenterConfig(window=None)  # whole-image inference, as the recorded results were measured
 
         # in-process: read, segment, encode the label PNG (what an actor does per image)
         seg = Segmenter(bank, dense, None, cfg)

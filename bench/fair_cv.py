@@ -179,7 +179,8 @@ def evaluate(
 
 
 def rows() -> Dict[str, Tuple[BankConfig, SegmenterConfig]]:
-    d_bank, d_seg = BankConfig(), SegmenterConfig()
+    # whole frames: this harness scores the cached whole-frame features (bench/fair_windows.py: windows)
+    d_bank, d_seg = BankConfig(), SegmenterConfig(window=None)
     p_bank, p_seg = preset("reco-paper")
     p_bank = replace(p_bank, context_concepts=PAPER_CONTEXT)
     return {

@@ -12,10 +12,9 @@ Protocols (:class:`Protocol`):
 ``paper``  the ReCo / STEGO evaluation: the image's shorter side is resized to ``size`` (bicubic)
            and centre-cropped to ``size x size``; the mask is resized the same way with nearest
            neighbours; the prediction is made on the crop.
-``full``   the image at its own resolution (the segmenter resizes the shorter side to its
-           ``image_size`` for the features and upsamples the scores back); the mask as it is.
-           ViTs with interpolated position embeddings (all registered encoders) take the whole
-           image in one pass, so no sliding window is needed.
+``full``   the image at its own resolution (the segmenter scores its views, sliding windows by
+           default or the whole image at ``image_size`` with ``segmenter.window: null``, and
+           upsamples the scores back); the mask as it is.
 """
 
 from __future__ import annotations

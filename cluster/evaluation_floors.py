@@ -256,8 +256,9 @@ def ceiling(spec, arch_pairs, items, dense, clip, seg_cfg, protocol, background_
 
     from cluster.evaluate import Evaluator, run_in_process, summarize, supervised_references
     from reco.bank import ConceptBank
-    from reco.segmenter import Segmenter
+    from reco.segmenter import Segmenter, window_side
 
+    seg_cfg = replace(seg_cfg, window_image_size=window_side(seg_cfg, bank))  # the run's windows, also for its bank
     probe = Segmenter(
         ConceptBank(("x",), torch.zeros(1, dense.embed_dim), metadata=dict(bank.metadata)),
         dense,
@@ -315,6 +316,9 @@ def ceiling_loo(spec, items, dense, clip, seg_cfg, protocol, background_concepts
         k: bank.metadata.get(k) for k in ("dense_encoder", "dense_weights", "dense_weights_id", "dense_weights_spec")
     }
     meta["archive_mode"] = "supervised prototypes (ground truth of the other images, leave one out)"
+    from reco.segmenter import window_side
+
+    seg_cfg = replace(seg_cfg, window_image_size=window_side(seg_cfg, bank))  # the run's windows
     probe = Segmenter(
         ConceptBank(("x",), torch.zeros(1, dense.embed_dim), metadata=meta),
         dense,

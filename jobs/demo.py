@@ -97,11 +97,14 @@ def _street(args, data_root: Path) -> int:
     report = street_demo(
         data_root, out, bank_cfg, seg_cfg, args.overlays, args.dense_encoder, args.dense_weights, args.limit
     )
-    logger.info(
-        "mode: exemplar crops from camvid-train, reference matching only, the default configuration "
-        "(the paper's context elimination with 100-token seed regions, sliding-window inference at 2/3 of "
-        "the shorter side; both chosen by leave-one-drive-out CV inside camvid-train); CLIP absent"
+    chosen = (
+        "the default configuration (the paper's context elimination with 100-token seed regions, "
+        "sliding-window inference at 2/3 of the shorter side; both chosen by leave-one-drive-out CV inside "
+        "camvid-train)"
+        if (bank_cfg, seg_cfg) == (base_bank, base_seg)
+        else f"the configuration of --config (inference: {report.get('mode')})"
     )
+    logger.info("mode: exemplar crops from camvid-train, reference matching only, %s; CLIP absent", chosen)
     for label, miou, acc in figure_rows(report):
         logger.info("%-70s mIoU %6s%%  pixel accuracy %6s%%", label, miou, acc)
     logger.info("page: %s", out / "index.html")

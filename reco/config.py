@@ -205,7 +205,8 @@ class SegmenterConfig:
     # "below the concept's archive mean".
     background_threshold: Optional[float] = None
     crf: Optional[CRFConfig] = None
-    # Images per encoder forward pass (images with the same inference size are batched).
+    # Images per encoder forward pass (images with the same inference size are batched); with
+    # sliding windows, 4 x batch_size windows of one image per pass.
     batch_size: int = 4
     # A bank is refused on encoders other than the ones it was built with (name and weights);
     # experts who know two checkpoints are interchangeable may allow it (logged as a warning).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from typing import List, Tuple, Union
 
@@ -120,21 +121,22 @@ Box = Tuple[int, int, int, int]  # (left, top, right, bottom) in pixels, right/b
 
 
 def _starts(length: int, side: int, step: int) -> List[int]:
+    """Evenly spaced starts from 0 to ``length - side`` (both edges flush), about ``step`` apart
+    (the nearest whole number of steps) and never more than ``side`` apart (no pixel uncovered)."""
     if length <= side:
         return [0]
-    out = list(range(0, length - side + 1, step))
-    if out[-1] != length - side:  # one flush with the far edge: every pixel is covered
-        out.append(length - side)
-    return out
+    span = length - side
+    gaps = max(1, round(span / step), math.ceil(span / side))
+    return [round(i * span / gaps) for i in range(gaps + 1)]
 
 
 def window_boxes(hw: Tuple[int, int], fraction: float, stride: float) -> List[Box]:
     """Square sliding windows over an (H, W) image, row-major.
 
-    The side is ``fraction`` of the shorter side (at least 1 px), windows start every
-    ``stride`` x side px along each axis, and the last window of a row/column is flush with the
-    edge, so every pixel is covered at least once. ``fraction`` 1 gives the windows of side
-    min(H, W) that tile the longer side.
+    The side is ``fraction`` of the shorter side (at least 1 px); along each axis the first and
+    last windows are flush with the edges and the starts between are evenly spaced about
+    ``stride`` x side px apart (never more than a side apart), so every pixel is covered.
+    ``fraction`` 1 gives windows of side min(H, W) along the longer side.
     """
     h, w = hw
     if not (0 < fraction <= 1) or not (0 < stride <= 1):

@@ -119,11 +119,7 @@ class Segmenter:
     def window_size(self) -> int:
         """Side (px) each sliding window is encoded at: ``segmenter.window_image_size``, else the
         side the bank's archive images were encoded at (``bank.image_size`` in its metadata)."""
-        if self.config.window_image_size is not None:
-            return int(self.config.window_image_size)
-        cfg = self.bank.metadata.get("config")
-        size = cfg.get("image_size") if isinstance(cfg, dict) else None
-        return int(size) if size else BankConfig().image_size
+        return window_side(self.config, self.bank)
 
     @property
     def device(self) -> torch.device:
@@ -191,10 +187,13 @@ class Segmenter:
         if self.use_dense_clip:
             assert self.clip is not None and self.bank.text_embeddings is not None
             size = getattr(self.clip, "image_size", self.window_size)
-            xc = torch.stack([resize_window(pil, b, size, self.clip.patch_size) for b in boxes]).to(self.clip.device)
-            text_sim = text_similarity(
-                self.clip.dense(self.clip.normalize(xc)), self.bank.text_embeddings.to(xc.device)
-            )
+            text = self.bank.text_embeddings.to(self.clip.device)
+            step = 4 * self.config.batch_size
+            sims = []
+            for i in range(0, len(boxes), step):
+                xc = torch.stack([resize_window(pil, b, size, self.clip.patch_size) for b in boxes[i : i + step]])
+                sims.append(text_similarity(self.clip.dense(self.clip.normalize(xc.to(self.clip.device))), text))
+            text_sim = torch.cat(sims)
         hw = (pil.size[1], pil.size[0])
         return self.assemble(logits, boxes, hw, hw, text_sim)
 
@@ -238,8 +237,11 @@ class Segmenter:
             c = len(self.bank.names)
             logits = concept_similarity(feats, vectors.to(dev), owner, c)
             if self.config.exclude_own_archive and ids is not None:
+                memo: dict = {}  # the windows of one image share its id: rebuild its references once
                 for i, image_id in enumerate(ids):
-                    loo = None if image_id is None else self.bank.leave_one_out(str(image_id))
+                    if image_id is not None and str(image_id) not in memo:
+                        memo[str(image_id)] = self.bank.leave_one_out(str(image_id))
+                    loo = None if image_id is None else memo[str(image_id)]
                     if loo is not None:
                         logits[i : i + 1] = concept_similarity(feats[i : i + 1], loo[0].to(dev), loo[1], c)
             if self.calibrated:
@@ -303,6 +305,18 @@ class Segmenter:
             labels, s = self.labels(s, np.asarray(pil, dtype=np.uint8) if self.config.crf is not None else None)
             outs.append(SegmentationOutput(labels, s, self.class_names, self.mode))
         return outs
+
+
+def window_side(config: SegmenterConfig, bank: ConceptBank) -> int:
+    """The side (px) sliding windows are encoded at: ``config.window_image_size``, else the side
+    ``bank``'s archive images were encoded at (its recorded ``bank.image_size``), else the
+    default ``bank.image_size``. Banks made elsewhere (supervised prototypes) should be given
+    the run's side explicitly."""
+    if config.window_image_size is not None:
+        return int(config.window_image_size)
+    cfg = bank.metadata.get("config")
+    size = cfg.get("image_size") if isinstance(cfg, dict) else None
+    return int(size) if size else BankConfig().image_size
 
 
 def _batches(pils: Sequence["Image.Image"], config: SegmenterConfig, patches: Sequence[int]) -> List[List[int]]:

@@ -135,15 +135,29 @@ def test_segmenter_full_resolution_and_modes(tiny_dense, tiny_clip, images):
 def test_window_boxes_cover_every_pixel_flush_with_the_edges():
     from reco.image import scale_box, window_boxes
 
-    boxes = window_boxes((360, 480), 0.5, 0.5)  # CamVid: 180 px windows every 90 px
-    assert len(boxes) == 3 * 5 and boxes[0] == (0, 0, 180, 180) and boxes[-1] == (300, 180, 480, 360)
-    assert sorted({b[0] for b in boxes}) == [0, 90, 180, 270, 300]  # the last column flush with the edge
-    cover = np.zeros((360, 480), dtype=int)
-    for x0, y0, x1, y1 in boxes:
-        assert x1 - x0 == y1 - y0 == 180
-        cover[y0:y1, x0:x1] += 1
-    assert cover.min() >= 1
-    assert window_boxes((45, 70), 1.0, 0.5) == [(0, 0, 45, 45), (22, 0, 67, 45), (25, 0, 70, 45)]
+    boxes = window_boxes((360, 480), 0.667, 0.5)  # the default on a CamVid frame: 240 px every 120 px
+    assert boxes == [(x, y, x + 240, y + 240) for y in (0, 120) for x in (0, 120, 240)]
+    boxes = window_boxes((360, 480), 0.5, 0.5)  # 180 px, about every 90 px, both edges flush
+    assert sorted({b[0] for b in boxes}) == [0, 100, 200, 300] and sorted({b[1] for b in boxes}) == [0, 90, 180]
+    for hw, fraction, stride in (
+        ((360, 480), 0.5, 0.5),
+        ((333, 500), 0.667, 0.5),
+        ((45, 70), 0.3, 1.0),
+        ((7, 300), 1, 1),
+    ):
+        cover = np.zeros(hw, dtype=int)
+        for x0, y0, x1, y1 in window_boxes(hw, fraction, stride):
+            assert x1 - x0 == y1 - y0 == round(fraction * min(hw))
+            cover[y0:y1, x0:x1] += 1
+        assert cover.min() >= 1  # every pixel covered
+    # a square image gets 2 x 2 windows, not a near-duplicate third one 1 px from the second
+    assert window_boxes((320, 320), 0.667, 0.5) == [
+        (0, 0, 213, 213),
+        (107, 0, 320, 213),
+        (0, 107, 213, 320),
+        (107, 107, 320, 320),
+    ]
+    assert window_boxes((45, 70), 1.0, 0.5) == [(0, 0, 45, 45), (25, 0, 70, 45)]
     assert window_boxes((10, 10), 1.0, 1.0) == [(0, 0, 10, 10)]
     assert scale_box((300, 180, 480, 360), (360, 480), (180, 240)) == (150, 90, 240, 180)
     with pytest.raises(ValueError, match="fraction"):
@@ -168,9 +182,9 @@ def test_windowed_scores_are_the_mean_of_each_windows_scores(tiny_dense, images,
     monkeypatch.setattr(type(tiny_dense), "forward", lambda self, x: calls.append(tuple(x.shape)) or forward(self, x))
     got = seg.scores(img)
     boxes = window_boxes((45, 70), 0.5, 0.5)
-    assert len(boxes) == 4 * 6  # side 22 px, every 11 px, plus the flush ones
+    assert len(boxes) == 3 * 5  # side 22 px, about every 11 px, both edges flush
     side = seg.window_size
-    assert [c[0] for c in calls] == [8, 8, 8] and all(c[2:] == (side, side) for c in calls)  # 4 x batch_size per pass
+    assert [c[0] for c in calls] == [8, 7] and all(c[2:] == (side, side) for c in calls)  # 4 x batch_size per pass
     total, count = torch.zeros(2, 45, 70), torch.zeros(45, 70)
     for x0, y0, x1, y1 in boxes:
         x = resize_window(img, (x0, y0, x1, y1), side, tiny_dense.patch_size)[None]
