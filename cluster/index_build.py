@@ -224,6 +224,9 @@ def build_index_parts(
         plans = P.plan_parts(shards, part_rows)
     layout = cfg.layout if not update else old.get("layout", cfg.layout)  # --update keeps the index's layout
     P.check_partable(factory, layout)
+    small = P.small_fast_scan_parts(factory, layout, plans)
+    if small:
+        logger.warning("%s", small)
     output = ResumableOutput(
         out,
         job="build-index",

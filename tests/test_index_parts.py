@@ -147,6 +147,21 @@ def test_fast_scan_is_refused_except_as_shards_before_any_part(store, tmp_path, 
     assert not (tmp_path / "d").exists()
 
 
+def test_small_fast_scan_parts_are_warned_about():
+    """Fast-scan shards whose lists hold < 128 codes on average search several times slower than
+    the same rows in larger parts (measured 4.03 vs 1.60 ms per query at 1M): the build says so."""
+    from index.parts import PartPlan, small_fast_scan_parts
+
+    def plans(*rows):
+        return [PartPlan(f"p{i}", (), sum(rows[:i]), r) for i, r in enumerate(rows)]
+
+    msg = small_fast_scan_parts("IVF2048,PQ256x4fs,Refine(store)", "shards", plans(500_000, 50_000))
+    assert msg is not None and "1 of 2 fast-scan parts" in msg and "at least 262144" in msg
+    assert small_fast_scan_parts("IVF2048,PQ256x4fs", "shards", plans(500_000, 300_000)) is None
+    assert small_fast_scan_parts("IVF2048,PQ64,Refine(store)", "shards", plans(50_000)) is None  # 8-bit PQ
+    assert small_fast_scan_parts("IVF2048,PQ256x4fs", "merged", plans(50_000)) is None
+
+
 def test_hnsw_and_flat_cannot_be_built_in_parts(store, tmp_path, ray_local):
     for f in ("Flat", "HNSW16"):
         with pytest.raises(ConfigError, match="cannot be built in parts"):
