@@ -487,14 +487,12 @@ class CachedScores:
     logits: torch.Tensor  # (n, C, h, w): one row per view (the whole image, or its windows)
     truth: np.ndarray
     seconds: float
+    boxes: List[Tuple[int, int, int, int]]  # the views in image pixels (Segmenter.views)
+    image_hw: Tuple[int, int]
     image: Any = None
-    boxes: Optional[List[Tuple[int, int, int, int]]] = None  # the views in image pixels (None: whole image)
-    image_hw: Optional[Tuple[int, int]] = None
 
     def scores(self, segmenter) -> torch.Tensor:
         """(C', H, W) scores of ``segmenter`` at the truth's resolution from the cached logits."""
-        if self.boxes is None or self.image_hw is None:
-            return segmenter.finish_scores(self.logits, self.truth.shape)[0]
         return segmenter.assemble(self.logits, self.boxes, self.image_hw, self.truth.shape)
 
 

@@ -310,14 +310,12 @@ def ceiling_loo(spec, items, dense, clip, seg_cfg, protocol, background_concepts
 
     from cluster.evaluate import apply_protocol, confusion, label_map_for, load_pair, metrics_of, supervised_references
     from reco.bank import ConceptBank
-    from reco.segmenter import Segmenter
+    from reco.segmenter import Segmenter, window_side
 
     meta = {
         k: bank.metadata.get(k) for k in ("dense_encoder", "dense_weights", "dense_weights_id", "dense_weights_spec")
     }
     meta["archive_mode"] = "supervised prototypes (ground truth of the other images, leave one out)"
-    from reco.segmenter import window_side
-
     seg_cfg = replace(seg_cfg, window_image_size=window_side(seg_cfg, bank))  # the run's windows
     probe = Segmenter(
         ConceptBank(("x",), torch.zeros(1, dense.embed_dim), metadata=meta),

@@ -13,7 +13,7 @@ from .config import BankConfig
 from .coseg import cosegment
 from .encoders import ClipModel, DenseEncoder
 from .errors import ClipUnavailableError, EmptyArchiveError, ReCoError
-from .image import ImageLike, resize_center_crop, to_pil
+from .image import ImageLike, resize_center_crop, snap_to_patch, to_pil
 from .text import text_embeddings
 from .weighting import context_weights, language_weights
 
@@ -121,7 +121,7 @@ class ConceptBuilder:
         memo = getattr(self, "_memo", None)
         todo = [im for im in images if memo is None or id(im) not in memo]
         todo = list({id(im): im for im in todo}.values())
-        size = _snap(self.config.image_size, self.dense.patch_size)
+        size = snap_to_patch(self.config.image_size, self.dense.patch_size)
         new = []
         bs = self.config.batch_size
         for i in range(0, len(todo), bs):
@@ -141,7 +141,7 @@ class ConceptBuilder:
         """k images -> (k, E, h', w') MaskCLIP features at CLIP's input size."""
         if self.clip is None:
             raise ClipUnavailableError("language guidance needs CLIP weights")
-        size = _snap(self.clip.image_size, self.clip.patch_size)
+        size = snap_to_patch(self.clip.image_size, self.clip.patch_size)
         out = []
         for i in range(0, len(images), self.config.batch_size):
             x = self._prepare(images[i : i + self.config.batch_size], size).to(self.clip.device)
@@ -364,7 +364,3 @@ def otsu_threshold(values: torch.Tensor, bins: int = 128) -> float:
     between = w0 * w1 * (m0 - m1) ** 2
     cut = int(between[:-1].argmax())
     return float(0.5 * (centres[cut] + centres[cut + 1]))
-
-
-def _snap(size: int, patch: int) -> int:
-    return max(patch, round(size / patch) * patch)

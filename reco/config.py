@@ -217,7 +217,7 @@ class SegmenterConfig:
     # Needs a bank built with ``bank.keep_members`` and image ids passed to the segmenter.
     exclude_own_archive: bool = False
     # Sliding-window inference: square windows whose side is this fraction of the image's shorter
-    # side, one every ``window_stride`` of that side (plus one flush with each edge), each encoded
+    # side, evenly spaced about ``window_stride`` of that side apart with both edges flush, each encoded
     # like an archive image (resized to ``window_image_size`` px; None: the bank's
     # ``bank.image_size``); a pixel's score is the mean over the windows that cover it. Archive
     # images are photos *of* a concept, so their tokens look like tokens of a close-up, not of a

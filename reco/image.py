@@ -143,7 +143,7 @@ def window_boxes(hw: Tuple[int, int], fraction: float, stride: float) -> List[Bo
         raise ValueError(f"window fraction and stride must be in (0, 1], got {fraction}, {stride}")
     side = max(1, round(fraction * min(h, w)))
     step = max(1, round(stride * side))
-    return [(x, y, x + min(side, w), y + min(side, h)) for y in _starts(h, side, step) for x in _starts(w, side, step)]
+    return [(x, y, x + side, y + side) for y in _starts(h, side, step) for x in _starts(w, side, step)]
 
 
 def scale_box(box: Box, src_hw: Tuple[int, int], dst_hw: Tuple[int, int]) -> Box:
@@ -154,7 +154,12 @@ def scale_box(box: Box, src_hw: Tuple[int, int], dst_hw: Tuple[int, int]) -> Box
     return nx0, ny0, max(nx0 + 1, round(x1 * dw / sw)), max(ny0 + 1, round(y1 * dh / sh))
 
 
+def snap_to_patch(size: int, patch: int) -> int:
+    """``size`` rounded to a multiple of ``patch`` (at least one patch)."""
+    return max(patch, round(size / patch) * patch)
+
+
 def resize_window(img: Image.Image, box: Box, size: int, patch: int) -> torch.Tensor:
     """The ``box`` of ``img`` resized (bicubic) to ``size`` px square, snapped to a multiple of
     ``patch``: (3, s, s) in [0, 1], exactly as an archive image of that size is encoded."""
-    return resize_center_crop(img.crop(box), max(patch, round(size / patch) * patch))
+    return resize_center_crop(img.crop(box), snap_to_patch(size, patch))

@@ -168,14 +168,20 @@ class Segmenter:
         if self.config.window is None:
             return [(0, 0, hw[1], hw[0])], self.features([pil])
         boxes = window_boxes(hw, self.config.window, self.config.window_stride)
+        dense = self.dense
+        return boxes, self._encode_windows(
+            pil, boxes, self.window_size, dense.patch_size, lambda x: dense(dense.normalize(x)), self.device
+        )
+
+    def _encode_windows(self, pil, boxes, size: int, patch: int, encode, device) -> torch.Tensor:
+        """``encode`` ((B, 3, s, s) in [0, 1] -> (B, D, h, w)) over the ``boxes`` of ``pil``, each
+        resized to ``size`` px, ``4 x config.batch_size`` windows per forward pass."""
         step = 4 * self.config.batch_size
-        feats = []
+        out = []
         for i in range(0, len(boxes), step):
-            x = torch.stack(
-                [resize_window(pil, b, self.window_size, self.dense.patch_size) for b in boxes[i : i + step]]
-            )
-            feats.append(self.dense(self.dense.normalize(x.to(self.device))))
-        return boxes, torch.cat(feats)
+            x = torch.stack([resize_window(pil, b, size, patch) for b in boxes[i : i + step]])
+            out.append(encode(x.to(device)))
+        return torch.cat(out)
 
     @torch.no_grad()
     def windowed_scores(self, pil: "Image.Image", image_id: Optional[str] = None) -> torch.Tensor:
@@ -186,14 +192,12 @@ class Segmenter:
         text_sim = None
         if self.use_dense_clip:
             assert self.clip is not None and self.bank.text_embeddings is not None
-            size = getattr(self.clip, "image_size", self.window_size)
-            text = self.bank.text_embeddings.to(self.clip.device)
-            step = 4 * self.config.batch_size
-            sims = []
-            for i in range(0, len(boxes), step):
-                xc = torch.stack([resize_window(pil, b, size, self.clip.patch_size) for b in boxes[i : i + step]])
-                sims.append(text_similarity(self.clip.dense(self.clip.normalize(xc.to(self.clip.device))), text))
-            text_sim = torch.cat(sims)
+            clip = self.clip
+            size = getattr(clip, "image_size", self.window_size)
+            dense_clip = self._encode_windows(
+                pil, boxes, size, clip.patch_size, lambda x: clip.dense(clip.normalize(x)), clip.device
+            )
+            text_sim = text_similarity(dense_clip, self.bank.text_embeddings.to(clip.device))
         hw = (pil.size[1], pil.size[0])
         return self.assemble(logits, boxes, hw, hw, text_sim)
 

@@ -271,7 +271,7 @@ def test_ceiling_prototypes_average_the_tokens_inference_scores(tiny_dense):
     assert [m.shape for m in masks] == [(10, 10)] * 15
     whole = Segmenter(bank, tiny_dense, None, SegmenterConfig(window=None, image_size=32))
     feats, masks = view_tokens(whole, [(img, mask)])
-    assert len(feats) == 1 and masks[0] is not None and masks[0].shape == (20, 30)
+    assert len(feats) == 1 and masks[0].shape == (20, 30)
 
 
 def test_paper_protocol_crop_and_nearest_labels():
