@@ -246,23 +246,26 @@ def test_store_build_memory_is_a_sample_and_a_block_not_the_corpus(tmp_path, mon
 
 
 def test_recall_is_reported_on_queries_disjoint_from_the_tuning_queries(monkeypatch):
-    calls = []
-    real = getattr(fi, "_evaluate", None)
+    calls, evaluated = [], []
+    real_found, real_evaluate = fi._found, fi._evaluate
 
-    def spy(index, queries, q_rows, truth, k):
-        out = real(index, queries, q_rows, truth, k)
-        calls.append((set(np.asarray(q_rows).tolist()), out))
-        return out
+    def spy(index, queries, q_rows, k):  # every search, tuning or evaluation
+        calls.append(set(np.asarray(q_rows).tolist()))
+        return real_found(index, queries, q_rows, k)
 
-    monkeypatch.setattr(fi, "_evaluate", spy, raising=False)
+    def spy_evaluate(*args):
+        evaluated.append(real_evaluate(*args))
+        return evaluated[-1]
+
+    monkeypatch.setattr(fi, "_found", spy)
+    monkeypatch.setattr(fi, "_evaluate", spy_evaluate)
     x = clustered(5000, 32)
     _, rep = fi.build_index(x, "IVF64,Flat", num_queries=200)
     assert len(calls) >= 2, "tuning and evaluation searches"
-    eval_rows = calls[-1][0]  # the evaluation searches (recall@10, then @50) come last
-    evals = [c for c in calls if c[0] == eval_rows]
-    assert len(evals) == 2
-    r1, r10, _ = evals[0][1]
-    tuned_on = set().union(*(c[0] for c in calls if c[0] != eval_rows))
+    eval_rows = calls[-1]  # the evaluation searches (recall@10, then @50) come last
+    assert sum(c == eval_rows for c in calls) == len(evaluated) == 2
+    r1, r10, _ = evaluated[0]
+    tuned_on = set().union(*(c for c in calls if c != eval_rows))
     assert len(eval_rows) == rep.queries == 200 and len(tuned_on) == rep.tune_queries == 200
     assert not eval_rows & tuned_on
     assert rep.recall_at_10 == r10 and rep.recall_at_1 == r1
@@ -392,3 +395,87 @@ def test_new_index_skips_polysemous_training(factory):
     index.train(x)
     index.add(x)
     assert index.ntotal == 2000 and index.metric_type == faiss.METRIC_INNER_PRODUCT
+
+
+class _StepIndex:
+    """A stand-in index whose results are the truth from ``nprobe >= need`` on (recall 0 below)."""
+
+    def __init__(self, truth, need):
+        self.truth, self.need, self.nprobe, self.calls = truth, need, 1, []
+
+    def set_search_param(self, name, value):
+        assert name == "nprobe"
+        self.nprobe = int(value)
+
+    def search(self, q, k):
+        self.calls.append(self.nprobe)
+        ids = self.truth[:, :k] if self.nprobe >= self.need else self.truth[:, :k] + 10_000
+        return np.zeros(ids.shape, np.float32), ids
+
+
+@pytest.mark.parametrize("need", [37, 64, 3, 1, 128])
+def test_tuning_bisects_nprobe_below_the_doubling_grid(need):
+    """nprobe doubles to its first hit, then is bisected between the last miss and the hit: the
+    kept value reaches the target and lies within 1/BISECT_STEPS of the smallest that does (the
+    doubling grid alone gave 64 where 37 was needed: 1.7x the scanned lists)."""
+    truth = np.arange(40 * 11).reshape(40, 11)
+    ix = _StepIndex(truth, need)
+    params, r = fi._tune(ix, "IVF128,Flat", np.zeros((40, 4), np.float32), np.full(40, -1), truth, 10, 0.95, False)
+    nprobe = params["nprobe"]
+    assert r == 1.0 and need <= nprobe <= need + max(1, nprobe // fi.BISECT_STEPS)
+    assert max(ix.calls) == 1 << (need - 1).bit_length()  # never past the doubling grid's first hit
+
+
+@pytest.mark.parametrize("first", ["index.index_files", "index.faiss_index"])
+def test_index_modules_import_in_either_order(first):
+    """index.faiss_index re-exports index.index_files' load/save, which imports faiss_index: a fresh
+    interpreter importing index_files first used to fail with a circular ImportError."""
+    import subprocess
+    import sys
+
+    code = f"import {first}; from index.faiss_index import load_index, IndexFileError; import index.index_files"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+class _Clock:
+    t = 0.0
+
+    @classmethod
+    def perf_counter(cls):
+        return cls.t
+
+
+class _CostIndex(_StepIndex):
+    """Recall 1 from nprobe >= need with k_factor >= 4, or from nprobe >= need + 8 with any k_factor;
+    each search advances a fake clock by nprobe + kk_cost * k_factor."""
+
+    def __init__(self, truth, need, kk_cost):
+        super().__init__(truth, need)
+        self.k_factor, self.kk_cost = 1, kk_cost
+
+    def set_search_param(self, name, value):
+        if name == "k_factor":
+            self.k_factor = int(value)
+        else:
+            super().set_search_param(name, value)
+
+    def search(self, q, k):
+        _Clock.t += self.nprobe + self.kk_cost * self.k_factor
+        ok = self.nprobe >= self.need + 8 or (self.nprobe >= self.need and self.k_factor >= 4)
+        ids = self.truth[:, :k] if ok else self.truth[:, :k] + 10_000
+        return np.zeros(ids.shape, np.float32), ids
+
+
+@pytest.mark.parametrize(
+    "kk_cost, expect", [(1.0, {"nprobe": 38, "k_factor": 4}), (50.0, {"nprobe": 48, "k_factor": 1})]
+)
+def test_tuning_keeps_the_fastest_setting_reaching_the_target(monkeypatch, kk_cost, expect):
+    """Fewer probes with more re-ranked candidates, or more probes with fewer: the tuner times both
+    (probes tried: 64, bisected 48, 40, 38; k_factor 1 suffices from 45 probes, 4 below)."""
+    monkeypatch.setattr(fi, "time", _Clock)
+    truth = np.arange(40 * 11).reshape(40, 11)
+    ix = _CostIndex(truth, 37, kk_cost)
+    params, r = fi._tune(
+        ix, "IVF128,PQ8,Refine(store)", np.zeros((40, 4), np.float32), np.full(40, -1), truth, 10, 0.95, False
+    )
+    assert r == 1.0 and params == expect
