@@ -109,11 +109,12 @@ def is_fast_scan(factory: str) -> bool:
     return re.search(r"PQ\d+x4fsr?(,|$)", split_refine(factory)[0]) is not None
 
 
-#: Fast-scan codes are scanned in blocks of 32 per inverted list; below this many codes per list on
-#: average a shard spends its search on list overheads and half-empty blocks (measured at 1M rows,
-#: IVF2048,PQ256x4fs, 1 Ray worker, same recall and search parameters: 20 parts of 50k rows, ~24
-#: codes per list, 4.03 ms per query; one part of 1M rows, ~490 per list, 1.60 ms).
-FAST_SCAN_MIN_CODES_PER_LIST = 128
+#: Fast-scan codes are scanned in blocks of 32 per inverted list, and every shard visits every probed
+#: list of every query: each visit costs about the scan of ~100 codes here. Below this many codes per
+#: list a shard's search goes to visits, not codes. Measured with IVF2048,PQ256x4fs, nprobe 768, the
+#: same 10M rows as 20 shards of 500k (~244 codes per list): 8.63 ms per query, 4 of 2.5M (~1,220):
+#: 6.52 ms, 2 of 5M: 6.23 ms (0.13 ms per shard); at 1M, 20 parts of 50k (~24): 4.03 ms, one part 1.60 ms.
+FAST_SCAN_MIN_CODES_PER_LIST = 1024
 
 
 def small_fast_scan_parts(factory: str, layout: str, plans: Sequence[PartPlan]) -> Optional[str]:
@@ -123,13 +124,14 @@ def small_fast_scan_parts(factory: str, layout: str, plans: Sequence[PartPlan]) 
     if layout != "shards" or not is_fast_scan(factory) or m is None or not plans:
         return None
     nlist = int(m.group(1))
-    small = [p for p in plans if p.rows / nlist < FAST_SCAN_MIN_CODES_PER_LIST]
-    if not small:
-        return None
+    size = max(p.rows for p in plans)  # index.part_rows, give or take a shard (the last part: the rest)
+    if len(plans) == 1 or size / nlist >= FAST_SCAN_MIN_CODES_PER_LIST:
+        return None  # (one shard has no visit to save)
     return (
-        f"{len(small)} of {len(plans)} fast-scan parts hold fewer than {FAST_SCAN_MIN_CODES_PER_LIST} codes per "
-        f"inverted list on average (e.g. {small[0].rows} rows over {nlist} lists): searching many small shards is "
-        f"several times slower than the same rows in larger parts; raise index.part_rows to at least "
+        f"the {len(plans)} fast-scan parts hold {size / nlist:.0f} codes per inverted list on average at most "
+        f"({size} rows over {nlist} lists), fewer than {FAST_SCAN_MIN_CODES_PER_LIST}: every part visits every "
+        f"probed list, so many small shards search slower than the same rows in fewer, larger parts "
+        f"(measured at 10M: 20 parts 8.6 ms per query, 4 parts 6.5 ms); raise index.part_rows to at least "
         f"{FAST_SCAN_MIN_CODES_PER_LIST * nlist}"
     )
 
@@ -213,13 +215,39 @@ def merge_parts(trained: bytes, trained_refine: Optional[bytes], parts: Iterable
     return faiss.IndexRefine(base, refine)
 
 
+def _shared_quantizer(parts: Sequence[Any]):
+    """The coarse quantizer of IVF parts that all hold the same one (parts of one trained index),
+    else None."""
+    faiss = _faiss()
+    # a wrapper (an OPQ pre-transform) changes the queries before the lists: not shared then
+    if not all(isinstance(faiss.downcast_index(p), faiss.IndexIVF) for p in parts):
+        return None
+    ivfs = [faiss.extract_index_ivf(p) for p in parts]
+    first, nlist = ivfs[0], ivfs[0].nlist
+    centroids = first.quantizer.reconstruct_n(0, nlist)
+    for ivf in ivfs[1:]:
+        if ivf.nlist != nlist or not np.array_equal(ivf.quantizer.reconstruct_n(0, nlist), centroids):
+            return None
+    return first.quantizer
+
+
 def as_shards(parts: Sequence[Any]):
     """The parts searched as one index (``IndexShards``: each part's top-k merged; ids are store
-    rows already, so no offsets). The parts stay referenced by the returned object."""
+    rows already, so no offsets). IVF parts sharing one coarse quantizer (the parts build) are
+    searched as ``IndexShardsIVF``: the lists to probe are found once per query, not once per part.
+    The parts stay referenced by the returned object."""
     faiss = _faiss()
-    sh = faiss.IndexShards(parts[0].d, False, False)
+    quantizer = _shared_quantizer(parts) if len(parts) > 1 else None
+    if quantizer is None:
+        sh = faiss.IndexShards(parts[0].d, False, False)
+    else:
+        sh = faiss.IndexShardsIVF(quantizer, faiss.extract_index_ivf(parts[0]).nlist, False, False)
+        sh.metric_type = parts[0].metric_type
+        faiss.add_to_referenced_objects(sh, quantizer)
     for p in parts:
         sh.add_shard(p)
+        if quantizer is not None:
+            faiss.add_to_referenced_objects(sh, p)
     return sh
 
 

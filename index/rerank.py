@@ -19,8 +19,6 @@ from . import topk
 
 #: the refine token of a factory string whose re-ranking vectors are read from the store
 STORE = "store"
-#: queries re-scored at a time
-QUERY_CHUNK = 64
 
 
 def indexed_shards(store, meta: Dict[str, Any]) -> list:
@@ -65,14 +63,18 @@ class StoreRows:
     def take(self, rows: np.ndarray) -> np.ndarray:
         """float32 (len(rows), dim) of the given rows (any order, no -1)."""
         rows = np.asarray(rows, np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.n):
+            raise IndexError(f"store rows out of range [0, {self.n})")
         out = np.empty((len(rows), self.dim), np.float32)
-        order = np.argsort(rows, kind="stable")
-        srt = rows[order]
-        where = np.searchsorted(self.offsets, srt, side="right") - 1
-        for si in np.unique(where):
-            sel = np.flatnonzero(where == si)
-            local = srt[sel] - self.offsets[si]
-            out[order[sel]] = self._read(int(si), local)
+        ascending = bool(np.all(rows[1:] >= rows[:-1]))  # (re-ranking reads sorted unique rows)
+        order = None if ascending else np.argsort(rows, kind="stable")
+        srt = rows if order is None else rows[order]
+        bounds = np.searchsorted(srt, self.offsets)
+        for si in range(len(self.shards)):
+            lo, hi = int(bounds[si]), int(bounds[si + 1])
+            if lo < hi:
+                got = self._read(si, srt[lo:hi] - self.offsets[si])
+                out[slice(lo, hi) if order is None else order[lo:hi]] = got
         return out
 
     def _read(self, si: int, local: np.ndarray) -> np.ndarray:
@@ -115,6 +117,24 @@ class StoreRows:
         uniq = np.unique(local)
         arr = np.frombuffer(b"".join(blobs), dtype=np.float16).reshape(len(uniq), self.dim)
         return arr[np.searchsorted(uniq, local)].astype(np.float32)
+
+
+def inner_products_by_idx(q: np.ndarray, vecs: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """(nq, kk) float32: ``q[i] . vecs[pos[i, j]]`` (FAISS ``fvec_inner_products_by_idx``: threaded,
+    no (nq, kk, dim) gather of the candidates' vectors)."""
+    from .faiss_factory import _faiss
+
+    faiss = _faiss()
+    q = np.ascontiguousarray(q, np.float32)
+    vecs = np.ascontiguousarray(vecs, np.float32)
+    pos = np.ascontiguousarray(pos, np.int64)
+    assert pos.ndim == 2 and len(pos) == len(q) and q.shape[1] == vecs.shape[1], (q.shape, vecs.shape, pos.shape)
+    assert pos.size == 0 or (0 <= pos.min() and pos.max() < len(vecs)), "candidate positions out of range"
+    out = np.empty(pos.shape, np.float32)
+    faiss.fvec_inner_products_by_idx(
+        faiss.swig_ptr(out), faiss.swig_ptr(q), faiss.swig_ptr(vecs), faiss.swig_ptr(pos), q.shape[1], *pos.shape
+    )
+    return out
 
 
 class StoreRefine:
@@ -162,10 +182,8 @@ class StoreRefine:
         self.bytes_read += len(uniq) * self.rows.dim * 2
         pos = np.searchsorted(uniq, np.where(valid, cand, 0)).clip(0, max(0, len(uniq) - 1))
         scores = np.full(cand.shape, -np.inf, np.float32)
-        for a in range(0, len(q), QUERY_CHUNK):  # bounds the (chunk, kk, dim) gather
-            if len(uniq):
-                s = np.einsum("qe,qke->qk", q[a : a + QUERY_CHUNK], vecs[pos[a : a + QUERY_CHUNK]])
-                scores[a : a + QUERY_CHUNK] = np.where(valid[a : a + QUERY_CHUNK], s, -np.inf)
+        if len(uniq):
+            scores = np.where(valid, inner_products_by_idx(q, vecs, pos), np.float32(-np.inf))
         self.queries += len(q)
         return topk.order(scores, np.where(valid, cand, -1), k)
 

@@ -80,8 +80,9 @@ class VectorSource:
         if rows.size and (rows.min() < 0 or rows.max() >= self.n):
             raise IndexError("row out of range")
         out = np.empty((len(rows), self.dim), dtype=np.float32)
-        order = np.argsort(rows, kind="stable")
-        srt = rows[order]
+        ascending = bool(np.all(rows[1:] >= rows[:-1]))  # (re-ranking reads sorted unique rows)
+        order = None if ascending else np.argsort(rows, kind="stable")
+        srt = rows if order is None else rows[order]
         bounds = np.searchsorted(srt, self.offsets)
         for i in range(len(self.sizes)):
             lo, hi = int(bounds[i]), int(bounds[i + 1])
@@ -90,7 +91,7 @@ class VectorSource:
             arr = self._chunk(i)
             for a in range(lo, hi, BLOCK_ROWS):  # bounded temporaries
                 b = min(hi, a + BLOCK_ROWS)
-                out[order[a:b]] = arr[srt[a:b] - self.offsets[i]]
+                out[slice(a, b) if order is None else order[a:b]] = arr[srt[a:b] - self.offsets[i]]
             del arr
         return out
 

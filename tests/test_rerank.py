@@ -74,3 +74,36 @@ def test_store_rows_ranged_reads_on_s3_match_local(store, s3_server):
     np.testing.assert_array_equal(ranged.take(rows), x[rows])
     # 3..5 coalesce into one range (4 twice is read once), 17; 1200/1201 into one, 2999; 3000; 4999: 6 GETs
     assert ranged.requests == 2 * 6
+
+
+def test_store_rows_take_any_order_and_the_rerank_scores(store):
+    """take: sorted rows (the re-rank's unique candidates), any order with repeats, across shard
+    edges, one clear error out of range; the re-rank's scores are q . x[candidate] in float32."""
+    from index.rerank import StoreRefine, inner_products_by_idx
+
+    x, _, _ = store.load_all()
+    rows = StoreRows(store)
+    for sel in ([0, 1199, 1200, 2999, 3000, 4999], [4999, 3, 1200, 3, 1199, 0], []):
+        sel = np.array(sel, np.int64)
+        np.testing.assert_array_equal(rows.take(sel), x[sel].astype(np.float32))
+    for bad in ([5000], [-1, 3]):
+        with pytest.raises(IndexError, match="out of range"):
+            rows.take(np.array(bad))
+    q = clustered(7, 32, seed=2)
+    pos = np.random.default_rng(0).integers(0, len(x), size=(7, 40))
+    np.testing.assert_allclose(
+        inner_products_by_idx(q, x.astype(np.float32), pos),
+        np.einsum("qe,qke->qk", q, x[pos].astype(np.float32)),
+        atol=1e-5,
+    )
+
+    class Proposals:  # a base index proposing fixed candidates (-1: none)
+        def search(self, qq, kk):
+            cand = np.where(np.arange(kk) < kk - 3, pos[:, :kk], -1)
+            return np.zeros(cand.shape, np.float32), cand
+
+    scores, ids = StoreRefine(Proposals(), rows, k_factor=4).search(q, 10)
+    exact = np.einsum("qe,qke->qk", q, x[pos[:, :37]].astype(np.float32))
+    best = np.argsort(-exact, axis=1, kind="stable")[:, :10]
+    np.testing.assert_allclose(scores, np.take_along_axis(exact, best, 1), atol=1e-5)
+    np.testing.assert_array_equal(np.sort(ids, 1), np.sort(np.take_along_axis(pos[:, :37], best, 1), 1))
