@@ -95,9 +95,12 @@ K_FACTORS = (1, 2, 4, 8, 16, 32, 64)
 BISECT_STEPS = 16
 # a bisected value counts as reaching the target when its tuning recall exceeds it by z standard
 # errors of the difference of two sample means (the held-out queries are as many as the tuning
-# ones: sqrt(2) x the tuning standard error): held out, it then misses the target about 5% of the
-# time at worst, as the doubling grid's coarse steps did not by margin alone
+# ones: sqrt(2) x the tuning standard error), so that a value picked close to the target does not
+# fail the held-out check by sampling luck; the doubling grid's own hit keeps the plain target (as
+# before bisection), so some held-out misses near the target remain possible
 CONFIDENCE_Z = 1.645
+#: candidate settings are timed this many times (the fastest run counts) before the fastest is kept
+TIMING_RUNS = 2
 #: FAISS GPU IVF indexes accept nprobe up to this
 GPU_MAX_NPROBE = 2048
 
@@ -200,6 +203,9 @@ def _set_search_param(index, name: str, value: float) -> None:
     if isinstance(index, faiss.IndexPreTransform):
         _set_search_param(index.index, name, value)
         return
+    if name == "nprobe" and isinstance(index, faiss.IndexShardsIVF):
+        # its coarse search asks for nprobe lists uncapped, its shards read nlist of them: cap it here
+        value = min(float(value), float(index.nlist))
     faiss.ParameterSpace().set_index_parameter(index, name, float(value))
 
 
@@ -334,8 +340,10 @@ def _tune(
         if not options:  # (only if a repeated search changed its recall)
             return params, r_max
         # at equal k_factor fewer probes is less work: timings decide only between k_factors
-        fewest = {o[1].get("k_factor"): o for o in options}  # options run from more to fewer probes
-        _, chosen, r = min(fewest.values(), key=lambda o: o[0])
+        fewest = list({o[1].get("k_factor"): o for o in options}.values())  # options ran from more probes
+        if len(fewest) > 1:  # one timed search is noisy: the fastest of TIMING_RUNS counts
+            fewest = [(min([sec] + [run(p)[2] for _ in range(TIMING_RUNS - 1)]), p, r) for sec, p, r in fewest]
+        _, chosen, r = min(fewest, key=lambda o: o[0])
         return chosen, r
     return best[1], best[0]
 

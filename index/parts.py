@@ -224,10 +224,13 @@ def _shared_quantizer(parts: Sequence[Any]):
         return None
     ivfs = [faiss.extract_index_ivf(p) for p in parts]
     first, nlist = ivfs[0], ivfs[0].nlist
-    centroids = first.quantizer.reconstruct_n(0, nlist)
-    for ivf in ivfs[1:]:
-        if ivf.nlist != nlist or not np.array_equal(ivf.quantizer.reconstruct_n(0, nlist), centroids):
-            return None
+    try:
+        centroids = first.quantizer.reconstruct_n(0, nlist)
+        for ivf in ivfs[1:]:
+            if ivf.nlist != nlist or not np.array_equal(ivf.quantizer.reconstruct_n(0, nlist), centroids):
+                return None
+    except RuntimeError:  # a quantizer that cannot give its centroids back: searched per part
+        return None
     return first.quantizer
 
 

@@ -198,6 +198,12 @@ def test_parts_of_one_quantizer_share_its_coarse_search(factory):
     # ids agree wherever the score is unique in its row and above the k-th (4-bit fast-scan scores tie)
     unique = np.array([[(r == v).sum() == 1 and v > r[-1] for v in r] for r in d1])
     assert unique.sum() > 40 and (i1[unique] == i2[unique]).all()
+    # nprobe above nlist: the shared coarse search is capped like one index's (was wrong results)
+    import index.faiss_index as fi
+
+    fi._set_search_param(shards, "nprobe", 64)
+    faiss.ParameterSpace().set_index_parameter(one, "nprobe", 16)
+    np.testing.assert_array_equal(shards.search(q, 10)[0], one.search(q, 10)[0])
     other = parts_of(factory, 2)[1]
     assert type(P.as_shards(parts_of(factory, 1)[1][:2] + other[:2])) is faiss.IndexShards
     assert type(P.as_shards(parts_of("OPQ8," + factory, 1)[1])) is faiss.IndexShards

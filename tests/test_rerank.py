@@ -87,7 +87,7 @@ def test_store_rows_take_any_order_and_the_rerank_scores(store):
         sel = np.array(sel, np.int64)
         np.testing.assert_array_equal(rows.take(sel), x[sel].astype(np.float32))
     for bad in ([5000], [-1, 3]):
-        with pytest.raises(IndexError, match="out of range"):
+        with pytest.raises(IndexError, match="store rows out of range"):
             rows.take(np.array(bad))
     q = clustered(7, 32, seed=2)
     pos = np.random.default_rng(0).integers(0, len(x), size=(7, 40))
