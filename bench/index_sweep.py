@@ -20,6 +20,8 @@ import argparse
 import json
 import logging
 import os
+import shlex
+import sys
 import time
 from typing import Any, Dict, List
 
@@ -155,6 +157,8 @@ def main(argv=None) -> None:
         "load_avg": os.getloadavg()[0],
     }
     lines = [
+        "Command: `python -m bench.index_sweep " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])) + "`",
+        "",
         f"Index: `{json.dumps(head)}`",
         "",
         "| nprobe | k_factor | text r@10 | text r@50 | image r@10 | image r@50 | text ms/query (k=50) "
