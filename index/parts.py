@@ -248,9 +248,7 @@ def as_shards(parts: Sequence[Any]):
         sh.metric_type = parts[0].metric_type
         faiss.add_to_referenced_objects(sh, quantizer)
     for p in parts:
-        sh.add_shard(p)
-        if quantizer is not None:
-            faiss.add_to_referenced_objects(sh, p)
+        sh.add_shard(p)  # (faiss's wrapper keeps p referenced by sh)
     return sh
 
 

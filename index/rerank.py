@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import topk
+from .vectors import chunk_runs
 
 #: the refine token of a factory string whose re-ranking vectors are read from the store
 STORE = "store"
@@ -66,15 +67,8 @@ class StoreRows:
         if rows.size and (rows.min() < 0 or rows.max() >= self.n):
             raise IndexError(f"store rows out of range [0, {self.n})")
         out = np.empty((len(rows), self.dim), np.float32)
-        ascending = bool(np.all(rows[1:] >= rows[:-1]))  # (re-ranking reads sorted unique rows)
-        order = None if ascending else np.argsort(rows, kind="stable")
-        srt = rows if order is None else rows[order]
-        bounds = np.searchsorted(srt, self.offsets)
-        for si in range(len(self.shards)):
-            lo, hi = int(bounds[si]), int(bounds[si + 1])
-            if lo < hi:
-                got = self._read(si, srt[lo:hi] - self.offsets[si])
-                out[slice(lo, hi) if order is None else order[lo:hi]] = got
+        for si, dest, local in chunk_runs(rows, self.offsets):
+            out[dest] = self._read(si, local)
         return out
 
     def _read(self, si: int, local: np.ndarray) -> np.ndarray:

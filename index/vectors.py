@@ -12,6 +12,24 @@ from .faiss_factory import _faiss
 BLOCK_ROWS = 32768
 
 
+def chunk_runs(
+    rows: np.ndarray, offsets: np.ndarray, block: Optional[int] = None
+) -> Iterator[Tuple[int, Any, np.ndarray]]:
+    """Runs of ``rows`` (global row numbers, any order) that fall in one chunk, chunk by chunk, at
+    most ``block`` rows each: (chunk index, positions of the run in ``rows`` (a slice when ``rows``
+    ascend, as the re-rank's sorted unique candidates do: no scatter), the rows local to the
+    chunk). ``offsets``: each chunk's first row, then the total."""
+    order = None if bool(np.all(rows[1:] >= rows[:-1])) else np.argsort(rows, kind="stable")
+    srt = rows if order is None else rows[order]
+    bounds = np.searchsorted(srt, offsets)
+    for i in range(len(offsets) - 1):
+        lo, hi = int(bounds[i]), int(bounds[i + 1])
+        step = block or max(1, hi - lo)
+        for a in range(lo, hi, step):
+            b = min(hi, a + step)
+            yield i, (slice(a, b) if order is None else order[a:b]), srt[a:b] - offsets[i]
+
+
 class VectorSource:
     """Row-ordered (n, dim) vectors stored in chunks (e.g. store shards), opened one at a time.
 
@@ -80,19 +98,12 @@ class VectorSource:
         if rows.size and (rows.min() < 0 or rows.max() >= self.n):
             raise IndexError("row out of range")
         out = np.empty((len(rows), self.dim), dtype=np.float32)
-        ascending = bool(np.all(rows[1:] >= rows[:-1]))  # (re-ranking reads sorted unique rows)
-        order = None if ascending else np.argsort(rows, kind="stable")
-        srt = rows if order is None else rows[order]
-        bounds = np.searchsorted(srt, self.offsets)
-        for i in range(len(self.sizes)):
-            lo, hi = int(bounds[i]), int(bounds[i + 1])
-            if lo == hi:
-                continue
-            arr = self._chunk(i)
-            for a in range(lo, hi, BLOCK_ROWS):  # bounded temporaries
-                b = min(hi, a + BLOCK_ROWS)
-                out[slice(a, b) if order is None else order[a:b]] = arr[srt[a:b] - self.offsets[i]]
-            del arr
+        arr: Any = None
+        opened = -1
+        for i, dest, local in chunk_runs(rows, self.offsets, BLOCK_ROWS):  # bounded temporaries
+            if i != opened:
+                arr, opened = self._chunk(i), i
+            out[dest] = arr[local]
         return out
 
 

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import index.faiss_index as fi
+import index.tuning as tuning
 import index.vectors as vectors
 from index.retriever import ExactRetriever
 from index.store import EmbeddingStore
@@ -420,9 +421,9 @@ def test_tuning_bisects_nprobe_below_the_doubling_grid(need):
     doubling grid alone gave 64 where 37 was needed: 1.7x the scanned lists)."""
     truth = np.arange(40 * 11).reshape(40, 11)
     ix = _StepIndex(truth, need)
-    params, r = fi._tune(ix, "IVF128,Flat", np.zeros((40, 4), np.float32), np.full(40, -1), truth, 10, 0.95, False)
+    params, r = tuning.tune(ix, "IVF128,Flat", np.zeros((40, 4), np.float32), np.full(40, -1), truth, 10, 0.95, False)
     nprobe = params["nprobe"]
-    assert r == 1.0 and need <= nprobe <= need + max(1, nprobe // fi.BISECT_STEPS)
+    assert r == 1.0 and need <= nprobe <= need + max(1, nprobe // tuning.BISECT_STEPS)
     assert max(ix.calls) == 1 << (need - 1).bit_length()  # never past the doubling grid's first hit
 
 
@@ -475,7 +476,7 @@ def test_tuning_keeps_the_fastest_setting_reaching_the_target(monkeypatch, kk_co
     monkeypatch.setattr(fi, "time", _Clock)
     truth = np.arange(40 * 11).reshape(40, 11)
     ix = _CostIndex(truth, 37, kk_cost)
-    params, r = fi._tune(
+    params, r = tuning.tune(
         ix, "IVF128,PQ8,Refine(store)", np.zeros((40, 4), np.float32), np.full(40, -1), truth, 10, 0.95, False
     )
     assert r == 1.0 and params == expect
